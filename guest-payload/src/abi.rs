@@ -1,0 +1,327 @@
+//! The guest/host ABI: memory map, ports, config block and result block.
+//!
+//! Both blocks are `#[repr(C)]` with explicit padding, so their layout is the same on both
+//! sides and they can be copied as plain bytes. Any change here bumps [`ABI_VERSION`].
+
+use core::mem::size_of;
+
+/// Bumped whenever a layout or meaning below changes.
+pub const ABI_VERSION: u32 = 1;
+
+/// Guest physical memory map. The VMM identity-maps the first [`layout::IDENTITY_MAP_BYTES`]
+/// with 2 MiB pages, so guest virtual and physical addresses are the same.
+pub mod layout {
+    /// Global descriptor table (null, code, data).
+    pub const GDT_ADDR: u64 = 0x1000;
+    /// Page-map level 4.
+    pub const PML4_ADDR: u64 = 0x2000;
+    /// Page-directory-pointer table.
+    pub const PDPT_ADDR: u64 = 0x3000;
+    /// Page directory (512 entries of 2 MiB: the first GiB).
+    pub const PD_ADDR: u64 = 0x4000;
+    /// The [`super::Config`] block the VMM writes before the first instruction.
+    pub const CONFIG_ADDR: u64 = 0x5000;
+    /// Lowest address of the guest stack.
+    pub const STACK_BOTTOM: u64 = 0x1_0000;
+    /// The initial stack pointer (the stack grows down towards [`STACK_BOTTOM`]).
+    pub const STACK_TOP: u64 = 0x8_0000;
+    /// Where the payload's loadable segments start (the linker script's base).
+    pub const PAYLOAD_START: u64 = 0x10_0000;
+    /// Loadable segments must end below this address.
+    pub const PAYLOAD_END: u64 = 0x40_0000;
+    /// The [`super::ResultHeader`] followed by the samples.
+    pub const RESULT_ADDR: u64 = 0x40_0000;
+    /// How much of guest memory the page tables map.
+    pub const IDENTITY_MAP_BYTES: u64 = 1 << 30;
+    /// Guest RAM is a whole number of these (the page-table granule).
+    pub const RAM_GRANULE: u64 = 2 << 20;
+}
+
+/// I/O ports the guest uses to talk to the VMM.
+pub mod ports {
+    /// COM1 data register: one byte of console output per write.
+    pub const CONSOLE: u16 = 0x3f8;
+    /// The guest writes a [`super::Status`] here (32-bit) when it is done.
+    pub const DONE: u16 = 0xf4;
+    /// Paravirtual CPUID: `out dx, eax` with the leaf in EAX and the subleaf in ECX; the
+    /// VMM answers in RAX–RDX before the guest resumes.
+    pub const HYPERCALL: u16 = 0xf6;
+}
+
+/// Marks a valid [`Config`] (`"VMMCONF1"` little-endian).
+pub const CONFIG_MAGIC: u64 = u64::from_le_bytes(*b"VMMCONF1");
+/// Marks a valid [`ResultHeader`] (`"VMMRSLT1"` little-endian).
+pub const RESULT_MAGIC: u64 = u64::from_le_bytes(*b"VMMRSLT1");
+
+/// Config flags (bits of [`Config::flags`]).
+pub mod flags {
+    /// Ask the VMM through the hypercall port instead of executing CPUID (paravirt).
+    pub const PARAVIRT_CPUID: u32 = 1 << 0;
+    /// Spin forever instead of measuring: exercises the VMM's watchdog.
+    pub const HANG: u32 = 1 << 1;
+    /// Execute `ud2` with no IDT: a triple fault, to exercise the VMM's fault handling.
+    pub const FAULT: u32 = 1 << 2;
+    /// Record what CPUID returns for [`super::CPUID_SNAPSHOT_LEAVES`].
+    pub const CPUID_SNAPSHOT: u32 = 1 << 3;
+}
+
+/// What the guest rings on [`ports::DONE`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Status {
+    /// Measurements are in the result block.
+    Ok = 0,
+    /// The config block's magic was wrong: the VMM did not write it.
+    BadConfigMagic = 1,
+    /// The config block was written for another ABI version.
+    AbiMismatch = 2,
+    /// The samples asked for do not fit the result area the VMM gave.
+    ResultAreaTooSmall = 3,
+    /// Iterations of zero, or no probe selected.
+    BadConfig = 4,
+}
+
+impl Status {
+    /// Decodes a status the guest wrote; `None` for a value no guest of this ABI sends.
+    pub fn from_u32(value: u32) -> Option<Self> {
+        Some(match value {
+            0 => Status::Ok,
+            1 => Status::BadConfigMagic,
+            2 => Status::AbiMismatch,
+            3 => Status::ResultAreaTooSmall,
+            4 => Status::BadConfig,
+            _ => return None,
+        })
+    }
+
+    /// One line saying what the status means.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Status::Ok => "measurements complete",
+            Status::BadConfigMagic => "the config block has no valid magic",
+            Status::AbiMismatch => "the config block was written for another ABI version",
+            Status::ResultAreaTooSmall => "the samples asked for do not fit the result area",
+            Status::BadConfig => "the config asks for no iterations or no probe",
+        }
+    }
+}
+
+/// The instructions the timing core can time, each between `lfence; rdtsc` pairs.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Probe {
+    /// CPUID with the configured leaf/subleaf (or its hypercall in paravirt mode).
+    Cpuid = 0,
+    /// A single NOP: the baseline of the classic test.
+    Nop = 1,
+    /// Nothing between the two timestamps: the measurement floor.
+    Rdtsc = 2,
+}
+
+impl Probe {
+    /// Every probe, in the order their samples are laid out in the result block.
+    pub const ALL: [Probe; 3] = [Probe::Cpuid, Probe::Nop, Probe::Rdtsc];
+
+    /// The bit of this probe in [`Config::probes`].
+    pub const fn bit(self) -> u32 {
+        1 << (self as u32)
+    }
+
+    /// The name used on the command line and in reports.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Probe::Cpuid => "cpuid",
+            Probe::Nop => "nop",
+            Probe::Rdtsc => "rdtsc",
+        }
+    }
+}
+
+/// A set of probes, as a bit mask of [`Probe::bit`].
+pub fn probes_in(mask: u32) -> impl Iterator<Item = Probe> {
+    Probe::ALL.into_iter().filter(move |p| mask & p.bit() != 0)
+}
+
+/// Leaves recorded when [`flags::CPUID_SNAPSHOT`] is set: basic, feature, extended
+/// features, XSAVE, extended range and the hypervisor range.
+pub const CPUID_SNAPSHOT_LEAVES: [(u32, u32); 8] = [
+    (0x0, 0),
+    (0x1, 0),
+    (0x7, 0),
+    (0xd, 0),
+    (0xd, 1),
+    (0x8000_0000, 0),
+    (0x8000_0001, 0),
+    (0x4000_0000, 0),
+];
+
+/// The block the VMM writes at [`layout::CONFIG_ADDR`] before the vCPU starts.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// [`CONFIG_MAGIC`].
+    pub magic: u64,
+    /// [`ABI_VERSION`].
+    pub abi_version: u32,
+    /// Bits of [`flags`].
+    pub flags: u32,
+    /// Samples kept per probe.
+    pub iterations: u32,
+    /// Samples taken and dropped before those kept, per probe.
+    pub warmup: u32,
+    /// Which probes to run: bits of [`Probe::bit`].
+    pub probes: u32,
+    /// EAX for the CPUID probe.
+    pub cpuid_leaf: u32,
+    /// ECX for the CPUID probe.
+    pub cpuid_subleaf: u32,
+    /// Explicit padding: keeps the layout free of compiler-inserted holes.
+    pub reserved: u32,
+    /// Guest-physical address of the result block.
+    pub result_addr: u64,
+    /// Bytes available at `result_addr`.
+    pub result_capacity: u64,
+}
+
+/// One CPUID answer as the guest saw it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CpuidRecord {
+    pub leaf: u32,
+    pub subleaf: u32,
+    pub eax: u32,
+    pub ebx: u32,
+    pub ecx: u32,
+    pub edx: u32,
+}
+
+/// The header the guest writes at [`Config::result_addr`]; the samples follow it, one
+/// `u64` (TSC cycles) each, `iterations` per probe, probes in [`Probe::ALL`] order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ResultHeader {
+    /// [`RESULT_MAGIC`] once the guest has written the block.
+    pub magic: u64,
+    /// The guest's [`ABI_VERSION`].
+    pub abi_version: u32,
+    /// A [`Status`].
+    pub status: u32,
+    /// Samples per probe that follow.
+    pub iterations: u32,
+    /// The probes measured (bits of [`Probe::bit`]).
+    pub probes: u32,
+    /// TSC when the guest started measuring and when it finished.
+    pub tsc_start: u64,
+    pub tsc_end: u64,
+    /// How many entries of `cpuid` are valid.
+    pub cpuid_count: u32,
+    pub reserved: u32,
+    /// CPUID answers for [`CPUID_SNAPSHOT_LEAVES`], when asked for.
+    pub cpuid: [CpuidRecord; CPUID_SNAPSHOT_LEAVES.len()],
+}
+
+// Padding-free layouts: what the VMM writes is exactly what the guest reads.
+const _: () = assert!(size_of::<Config>() == 56);
+const _: () = assert!(size_of::<CpuidRecord>() == 24);
+const _: () = assert!(size_of::<ResultHeader>() == 48 + 24 * CPUID_SNAPSHOT_LEAVES.len());
+
+impl Config {
+    /// The block's bytes, as the VMM copies them into guest memory.
+    pub fn as_bytes(&self) -> &[u8] {
+        // SAFETY: `Config` is `repr(C)`, made of integers only and has no padding (asserted
+        // above), so every byte is initialised.
+        unsafe {
+            core::slice::from_raw_parts((self as *const Self).cast::<u8>(), size_of::<Self>())
+        }
+    }
+
+    /// Bytes the result block needs: the header and every sample asked for.
+    pub fn result_bytes_needed(&self) -> u64 {
+        let probes = u64::from(self.probes.count_ones());
+        size_of::<ResultHeader>() as u64 + probes * u64::from(self.iterations) * 8
+    }
+}
+
+impl ResultHeader {
+    /// Reads a header from the bytes at the start of the result block.
+    pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        if bytes.len() < size_of::<Self>() {
+            return None;
+        }
+        // SAFETY: the length was checked; every bit pattern is a valid `ResultHeader`
+        // (integers only); `read_unaligned` copes with any alignment of `bytes`.
+        Some(unsafe { core::ptr::read_unaligned(bytes.as_ptr().cast::<Self>()) })
+    }
+
+    /// Offset of the first sample of `probe` from the start of the result block, given the
+    /// probes and iterations the header announces; `None` if the probe was not measured.
+    pub fn sample_offset(&self, probe: Probe) -> Option<u64> {
+        if self.probes & probe.bit() == 0 {
+            return None;
+        }
+        let before = probes_in(self.probes).take_while(|p| *p != probe).count() as u64;
+        Some(size_of::<Self>() as u64 + before * u64::from(self.iterations) * 8)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sample_offsets_follow_probe_order() {
+        let header = ResultHeader {
+            probes: Probe::Cpuid.bit() | Probe::Rdtsc.bit(),
+            iterations: 10,
+            ..Default::default()
+        };
+        let base = size_of::<ResultHeader>() as u64;
+        assert_eq!(header.sample_offset(Probe::Cpuid), Some(base));
+        assert_eq!(header.sample_offset(Probe::Nop), None);
+        assert_eq!(header.sample_offset(Probe::Rdtsc), Some(base + 80));
+    }
+
+    #[test]
+    fn result_bytes_count_every_selected_probe() {
+        let config = Config {
+            probes: 0b111,
+            iterations: 100,
+            ..Default::default()
+        };
+        assert_eq!(
+            config.result_bytes_needed(),
+            size_of::<ResultHeader>() as u64 + 2400
+        );
+    }
+
+    #[test]
+    fn status_round_trips_and_rejects_unknown_values() {
+        for status in [
+            Status::Ok,
+            Status::BadConfigMagic,
+            Status::AbiMismatch,
+            Status::BadConfig,
+        ] {
+            assert_eq!(Status::from_u32(status as u32), Some(status));
+        }
+        assert_eq!(Status::from_u32(99), None);
+    }
+
+    #[test]
+    fn header_round_trips_through_bytes() {
+        let header = ResultHeader {
+            magic: RESULT_MAGIC,
+            iterations: 7,
+            ..Default::default()
+        };
+        // SAFETY: plain-old-data view of a local value, as the guest writes it.
+        let bytes = unsafe {
+            core::slice::from_raw_parts(
+                (&header as *const ResultHeader).cast::<u8>(),
+                size_of::<ResultHeader>(),
+            )
+        };
+        assert_eq!(ResultHeader::from_bytes(bytes), Some(header));
+        assert_eq!(ResultHeader::from_bytes(&bytes[..10]), None);
+    }
+}

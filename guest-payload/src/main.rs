@@ -1,0 +1,120 @@
+//! The bare-metal guest: reads the config block, runs the timing core, writes the result
+//! block and rings the "done" port.
+//!
+//! The VMM starts the vCPU here already in 64-bit long mode (GDT, identity-mapped page
+//! tables, stack set up), with interrupts off and no IDT: any exception is a triple fault,
+//! which the VMM reports. There is no firmware and no runtime, hence `no_std`/`no_main`.
+#![no_std]
+#![no_main]
+
+use core::mem::size_of;
+use core::ptr;
+use guest_payload::timing::{self, CpuidPath, Request};
+use guest_payload::{flags, layout, ports, probes_in, Config, ResultHeader, Status};
+use guest_payload::{ABI_VERSION, CONFIG_MAGIC, CPUID_SNAPSHOT_LEAVES, RESULT_MAGIC};
+
+mod baremetal;
+
+/// The entry point named in the linker script (the ELF's `e_entry`).
+#[no_mangle]
+pub extern "C" fn _start() -> ! {
+    // SAFETY: the VMM wrote a `Config` at CONFIG_ADDR before starting the vCPU; we
+    // validate its magic and version before trusting anything else in it.
+    let config: Config = unsafe { ptr::read_volatile(layout::CONFIG_ADDR as *const Config) };
+    let status = run(&config);
+    ring_done(status)
+}
+
+fn run(config: &Config) -> Status {
+    if config.magic != CONFIG_MAGIC {
+        return Status::BadConfigMagic;
+    }
+    if config.abi_version != ABI_VERSION {
+        return Status::AbiMismatch;
+    }
+    if config.flags & flags::HANG != 0 {
+        console("guest: hanging on purpose\n");
+        loop {
+            core::hint::spin_loop();
+        }
+    }
+    if config.flags & flags::FAULT != 0 {
+        console("guest: faulting on purpose\n");
+        // SAFETY: deliberately raises #UD; with no IDT this becomes a triple fault.
+        unsafe { core::arch::asm!("ud2", options(noreturn)) }
+    }
+    if config.iterations == 0 || config.probes == 0 {
+        return Status::BadConfig;
+    }
+    if config.result_bytes_needed() > config.result_capacity {
+        return Status::ResultAreaTooSmall;
+    }
+    console("guest: measuring\n");
+
+    let cpuid_path = if config.flags & flags::PARAVIRT_CPUID != 0 {
+        CpuidPath::Hypercall
+    } else {
+        CpuidPath::Instruction
+    };
+    let request = Request {
+        cpuid_leaf: config.cpuid_leaf,
+        cpuid_subleaf: config.cpuid_subleaf,
+        warmup: config.warmup,
+        cpuid_path,
+    };
+    let mut header = ResultHeader {
+        abi_version: ABI_VERSION,
+        status: Status::Ok as u32,
+        iterations: config.iterations,
+        probes: config.probes,
+        tsc_start: timing::read_tsc(),
+        ..Default::default()
+    };
+
+    let iterations = config.iterations as usize;
+    let mut samples_addr = config.result_addr + size_of::<ResultHeader>() as u64;
+    for probe in probes_in(config.probes) {
+        // SAFETY: the area [result_addr, result_addr + result_capacity) is guest RAM the
+        // VMM reserved for us and nothing else aliases it; its size was checked above.
+        let samples =
+            unsafe { core::slice::from_raw_parts_mut(samples_addr as *mut u64, iterations) };
+        timing::measure(probe, &request, samples);
+        samples_addr += (iterations * size_of::<u64>()) as u64;
+    }
+
+    if config.flags & flags::CPUID_SNAPSHOT != 0 {
+        for (record, &(leaf, subleaf)) in header.cpuid.iter_mut().zip(CPUID_SNAPSHOT_LEAVES.iter())
+        {
+            *record = timing::query_cpuid(cpuid_path, leaf, subleaf);
+        }
+        header.cpuid_count = CPUID_SNAPSHOT_LEAVES.len() as u32;
+    }
+
+    header.tsc_end = timing::read_tsc();
+    // The magic goes in last, so a VMM never takes a half-written block for a whole one.
+    header.magic = RESULT_MAGIC;
+    // SAFETY: see above: the result area is ours and large enough for the header.
+    unsafe { ptr::write_volatile(config.result_addr as *mut ResultHeader, header) };
+    console("guest: done\n");
+    Status::Ok
+}
+
+fn console(text: &str) {
+    for byte in text.bytes() {
+        // SAFETY: port output to the VMM's console; no memory is touched.
+        unsafe {
+            core::arch::asm!("out dx, al", in("dx") ports::CONSOLE, in("al") byte, options(nomem, nostack))
+        };
+    }
+}
+
+fn ring_done(status: Status) -> ! {
+    loop {
+        // SAFETY: port output to the VMM's done port. The VMM stops the vCPU here; if it
+        // ever resumes us, we ring again.
+        unsafe {
+            core::arch::asm!("out dx, eax", in("dx") ports::DONE, in("eax") status as u32, options(nomem, nostack));
+            core::arch::asm!("hlt", options(nomem, nostack));
+        }
+    }
+}

@@ -1,0 +1,172 @@
+//! The guest's CPUID table, and CPUID answered from it the way KVM answers it.
+//!
+//! The table starts from `KVM_GET_SUPPORTED_CPUID`, is normalised for a single vCPU and
+//! given to KVM with `KVM_SET_CPUID2`. When the VMM itself emulates CPUID (trap-and-emulate,
+//! paravirt) it answers from the table KVM holds for the vCPU (read back with
+//! `KVM_GET_CPUID2`, so runtime bits such as OSXSAVE agree), with KVM's lookup rules
+//! (`kvm_cpuid()` in `arch/x86/kvm/cpuid.c`): same registers, whoever answers.
+
+use kvm_bindings::{kvm_cpuid_entry2, CpuId, KVM_CPUID_FLAG_SIGNIFCANT_INDEX};
+
+/// A snapshot of a vCPU's CPUID entries.
+#[derive(Clone, Debug)]
+pub struct CpuidTable {
+    entries: Vec<kvm_cpuid_entry2>,
+}
+
+/// CPUID.1:ECX bit 31, "running under a hypervisor".
+pub const HYPERVISOR_BIT: u32 = 1 << 31;
+
+impl CpuidTable {
+    pub fn new(entries: Vec<kvm_cpuid_entry2>) -> Self {
+        Self { entries }
+    }
+
+    pub fn from_kvm(cpuid: &CpuId) -> Self {
+        Self::new(cpuid.as_slice().to_vec())
+    }
+
+    pub fn entries(&self) -> &[kvm_cpuid_entry2] {
+        &self.entries
+    }
+
+    /// Makes the table describe vCPU 0 of a one-vCPU machine: APIC ID 0, one logical
+    /// processor per package. (What KVM reports is the host's view.)
+    pub fn normalise_for_single_vcpu(&mut self) {
+        for entry in &mut self.entries {
+            if entry.function == 1 {
+                // EBX[31:24] initial APIC ID, EBX[23:16] logical processors per package.
+                entry.ebx &= 0x0000_ffff;
+                entry.ebx |= 1 << 16;
+            }
+        }
+    }
+
+    /// The entry for exactly this leaf and subleaf (the subleaf only where it matters).
+    fn find(&self, leaf: u32, subleaf: u32) -> Option<&kvm_cpuid_entry2> {
+        self.entries.iter().find(|e| {
+            e.function == leaf
+                && (e.flags & KVM_CPUID_FLAG_SIGNIFCANT_INDEX == 0 || e.index == subleaf)
+        })
+    }
+
+    /// True for AMD and Hygon vendor strings: KVM answers out-of-range leaves with zeros
+    /// for these, and with the highest basic leaf for everyone else (Intel's behaviour).
+    fn amd_compatible(&self) -> bool {
+        self.find(0, 0).is_some_and(|e| {
+            let vendor = [e.ebx, e.edx, e.ecx];
+            vendor == [0x6874_7541, 0x6974_6e65, 0x444d_4163] // "AuthenticAMD"
+                || vendor == [0x6f67_7948, 0x6e65_476e, 0x656e_6975] // "HygonGenuine"
+        })
+    }
+
+    /// What CPUID(leaf, subleaf) returns in EAX, EBX, ECX, EDX.
+    pub fn lookup(&self, leaf: u32, subleaf: u32) -> [u32; 4] {
+        let regs = |e: &kvm_cpuid_entry2| [e.eax, e.ebx, e.ecx, e.edx];
+        if let Some(entry) = self.find(leaf, subleaf) {
+            return regs(entry);
+        }
+        if let Some(entry) = self.out_of_range_entry(leaf, subleaf) {
+            return regs(entry);
+        }
+        // Leaves 0xB and 0x1F pass ECX[7:0] through and report the x2APIC ID in EDX even
+        // for subleaves the table lacks.
+        if leaf == 0xb || leaf == 0x1f {
+            if let Some(entry) = self.find(leaf, 1) {
+                return [0, 0, subleaf & 0xff, entry.edx];
+            }
+        }
+        [0; 4]
+    }
+
+    /// Intel semantics: a leaf above its class's maximum reads as the highest basic leaf.
+    fn out_of_range_entry(&self, leaf: u32, subleaf: u32) -> Option<&kvm_cpuid_entry2> {
+        if self.amd_compatible() {
+            return None;
+        }
+        let basic = self.find(0, 0)?;
+        let class_base = match leaf {
+            0x4000_0000..=0x4fff_ffff => leaf & 0xffff_ff00,
+            0xc000_0000.. => 0xc000_0000,
+            _ => leaf & 0x8000_0000,
+        };
+        if self
+            .find(class_base, 0)
+            .is_some_and(|class| leaf <= class.eax)
+        {
+            return None;
+        }
+        self.find(basic.eax, subleaf)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(function: u32, index: u32, significant: bool, regs: [u32; 4]) -> kvm_cpuid_entry2 {
+        kvm_cpuid_entry2 {
+            function,
+            index,
+            flags: if significant {
+                KVM_CPUID_FLAG_SIGNIFCANT_INDEX
+            } else {
+                0
+            },
+            eax: regs[0],
+            ebx: regs[1],
+            ecx: regs[2],
+            edx: regs[3],
+            ..Default::default()
+        }
+    }
+
+    const INTEL: [u32; 3] = [0x756e_6547, 0x6c65_746e, 0x4965_6e69]; // ebx, ecx, edx of "GenuineIntel"
+    const AMD: [u32; 3] = [0x6874_7541, 0x444d_4163, 0x6974_6e65];
+
+    fn table(vendor: [u32; 3]) -> CpuidTable {
+        CpuidTable::new(vec![
+            entry(0, 0, false, [0xd, vendor[0], vendor[1], vendor[2]]),
+            entry(1, 0, false, [0x806f8, 0x0a10_0800, 0x8000_0001, 2]),
+            entry(0xd, 0, true, [7, 576, 576, 0]),
+            entry(0xd, 1, true, [0xf, 0, 0, 0]),
+            entry(0x8000_0000, 0, false, [0x8000_0008, 0, 0, 0]),
+        ])
+    }
+
+    #[test]
+    fn exact_and_indexed_leaves_come_from_their_entries() {
+        let t = table(INTEL);
+        assert_eq!(
+            t.lookup(1, 99),
+            [0x806f8, 0x0a10_0800, 0x8000_0001, 2],
+            "subleaf ignored for leaf 1"
+        );
+        assert_eq!(t.lookup(0xd, 1), [0xf, 0, 0, 0]);
+        assert_eq!(
+            t.lookup(0xd, 5),
+            [0; 4],
+            "missing subleaf of an in-range leaf reads zero"
+        );
+    }
+
+    #[test]
+    fn intel_out_of_range_leaf_reads_the_highest_basic_leaf() {
+        let t = table(INTEL);
+        assert_eq!(t.lookup(0x20, 0), t.lookup(0xd, 0));
+        assert_eq!(t.lookup(0x8000_0009, 1), t.lookup(0xd, 1));
+        assert_eq!(t.lookup(0x5, 0), [0; 4], "in range but absent");
+    }
+
+    #[test]
+    fn amd_out_of_range_leaf_reads_zero() {
+        assert_eq!(table(AMD).lookup(0x20, 0), [0; 4]);
+    }
+
+    #[test]
+    fn normalising_clears_the_apic_id() {
+        let mut t = table(INTEL);
+        t.normalise_for_single_vcpu();
+        assert_eq!(t.lookup(1, 0)[1], 0x0001_0800);
+    }
+}

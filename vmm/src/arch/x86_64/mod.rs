@@ -1,0 +1,9 @@
+//! x86-64 guest setup: what a CPU needs to run 64-bit code from its first instruction.
+//!
+//! Like Firecracker's `arch/x86_64`, one file per concern: the GDT, the identity page
+//! tables, the control and segment registers, the CPUID table.
+
+pub mod cpuid;
+pub mod gdt;
+pub mod paging;
+pub mod regs;

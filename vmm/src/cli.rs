@@ -1,0 +1,182 @@
+//! The command line: what each subcommand and option means, in `--help`.
+
+use crate::modes::Mode;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use guest_payload::Probe;
+use std::path::PathBuf;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "vmm",
+    version,
+    about = "A KVM testbed for CPUID timing: boot a tiny guest that times CPUID against NOP, and control what CPUID costs it",
+    long_about = "vmm boots a minimal guest on /dev/kvm whose timing core measures CPUID against NOP with the TSC — \
+the classic \"am I in a VM?\" test — and runs the very same timing core natively on the host for comparison.\n\n\
+Start with `vmm doctor` to see what this host's KVM can do, then `vmm run --mode hw-assist` and `vmm run --mode native`.",
+    after_help = "Exit status: 0 success, 1 a run or check failed (the message says why), 2 bad command line."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the timing core once, in a VM or natively, and report the statistics.
+    Run(RunArgs),
+    /// Check /dev/kvm, the capabilities each mode needs, the CPU and its TSC.
+    Doctor(DoctorArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// How CPUID reaches whoever answers it.
+    #[arg(long, value_enum, default_value_t = Mode::HwAssist)]
+    pub mode: Mode,
+
+    /// Samples kept per probe.
+    #[arg(long, short = 'n', default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..=i64::from(crate::measure::MAX_ITERATIONS)))]
+    pub iterations: u32,
+
+    /// Samples taken and dropped before those kept, per probe.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    pub warmup: u32,
+
+    /// CPUID leaf (EAX) the cpuid probe asks for; decimal or 0x-hex.
+    #[arg(long, default_value = "0", value_parser = parse_u32)]
+    pub leaf: u32,
+
+    /// CPUID subleaf (ECX); decimal or 0x-hex.
+    #[arg(long, default_value = "0", value_parser = parse_u32)]
+    pub subleaf: u32,
+
+    /// Probes to time, comma-separated.
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [ProbeArg::Cpuid, ProbeArg::Nop, ProbeArg::Rdtsc])]
+    pub probes: Vec<ProbeArg>,
+
+    /// Stop a guest that has not finished after this many seconds.
+    #[arg(long, default_value_t = 60.0, value_parser = parse_timeout)]
+    pub timeout: f64,
+
+    /// Load this ELF64 x86-64 payload instead of the embedded one.
+    #[arg(long, value_name = "FILE")]
+    pub payload: Option<PathBuf>,
+
+    /// Pin the native runner to this host CPU (default: the last one allowed).
+    #[arg(long)]
+    pub cpu: Option<usize>,
+
+    #[command(flatten)]
+    pub output: OutputArgs,
+
+    /// Make the guest misbehave on purpose, to see the VMM cope.
+    #[arg(long, value_enum, help_heading = "Testing the VMM")]
+    pub misbehave: Option<Misbehaviour>,
+}
+
+#[derive(Debug, Args)]
+pub struct OutputArgs {
+    /// Print one JSON document instead of the table.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Include every raw sample in the JSON.
+    #[arg(long, requires = "json")]
+    pub raw: bool,
+
+    /// Also write the raw samples to FILE as CSV (probe,index,cycles).
+    #[arg(long, value_name = "FILE")]
+    pub csv: Option<PathBuf>,
+
+    /// Show what the guest writes to its serial console (port 0x3f8) on stderr.
+    #[arg(long)]
+    pub console: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DoctorArgs {
+    /// Print the checks as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ProbeArg {
+    /// CPUID with --leaf/--subleaf.
+    Cpuid,
+    /// One NOP: the baseline.
+    Nop,
+    /// Nothing between the timestamps: the measurement floor.
+    Rdtsc,
+}
+
+impl From<ProbeArg> for Probe {
+    fn from(arg: ProbeArg) -> Self {
+        match arg {
+            ProbeArg::Cpuid => Probe::Cpuid,
+            ProbeArg::Nop => Probe::Nop,
+            ProbeArg::Rdtsc => Probe::Rdtsc,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Misbehaviour {
+    /// Spin forever instead of measuring: the watchdog must stop it.
+    Hang,
+    /// Execute ud2 with no IDT: a triple fault the VMM must report.
+    Fault,
+}
+
+/// A u32 in decimal or with a 0x prefix.
+pub fn parse_u32(text: &str) -> Result<u32, String> {
+    let parsed = match text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => text.parse(),
+    };
+    parsed.map_err(|_| format!("`{text}` is not a 32-bit number (decimal, or hex with 0x)"))
+}
+
+fn parse_timeout(text: &str) -> Result<f64, String> {
+    let seconds: f64 = text
+        .parse()
+        .map_err(|_| format!("`{text}` is not a number of seconds"))?;
+    if !(0.1..=86_400.0).contains(&seconds) {
+        return Err(format!(
+            "the timeout must be between 0.1 and 86400 seconds, not {seconds}"
+        ));
+    }
+    Ok(seconds)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn numbers_parse_in_decimal_and_hex() {
+        assert_eq!(parse_u32("0x40000000"), Ok(0x4000_0000));
+        assert_eq!(parse_u32("13"), Ok(13));
+        assert!(parse_u32("0xzz").is_err());
+        assert!(parse_u32("-1").is_err());
+    }
+
+    #[test]
+    fn absurd_values_are_refused_by_the_parser() {
+        for args in [
+            &["vmm", "run", "--iterations", "0"][..],
+            &["vmm", "run", "--iterations", "99999999999"],
+            &["vmm", "run", "--mode", "warp-drive"],
+            &["vmm", "run", "--timeout", "0"],
+            &["vmm", "run", "--probes", "cpuid,teleport"],
+        ] {
+            assert!(Cli::try_parse_from(args).is_err(), "{args:?} was accepted");
+        }
+    }
+}

@@ -1,0 +1,227 @@
+//! `vmm doctor`: can this host run vmm, and what will its figures mean?
+//! One line per check with a verdict; any failure makes the command exit non-zero.
+
+use crate::host::{self, KvmFlavour};
+use crate::measure::{self, RunSpec};
+use crate::modes::Mode;
+use crate::vm::loader::Payload;
+use guest_payload::Probe;
+use kvm_ioctls::{Cap, Kvm};
+use serde::Serialize;
+use std::time::Duration;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    Ok,
+    Warn,
+    Fail,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Check {
+    pub name: &'static str,
+    pub verdict: Verdict,
+    pub detail: String,
+}
+
+fn check(name: &'static str, verdict: Verdict, detail: impl Into<String>) -> Check {
+    Check {
+        name,
+        verdict,
+        detail: detail.into(),
+    }
+}
+
+/// The capabilities the modes rely on, and what goes missing without each.
+const CAPABILITIES: &[(Cap, &str, Verdict)] = &[
+    (
+        Cap::UserMemory,
+        "guest memory (every VM mode)",
+        Verdict::Fail,
+    ),
+    (Cap::ExtCpuid, "CPUID tables (every VM mode)", Verdict::Fail),
+    (
+        Cap::SetGuestDebug,
+        "debug traps (trap-emulate)",
+        Verdict::Warn,
+    ),
+    (
+        Cap::GetTscKhz,
+        "the guest TSC rate (ns figures)",
+        Verdict::Warn,
+    ),
+    (Cap::ImmediateExit, "prompt watchdog stops", Verdict::Warn),
+];
+
+pub fn run_checks() -> Vec<Check> {
+    let mut checks = Vec::new();
+    let cpu = host::cpu_info();
+    let (flavour, module) = host::kvm_flavour();
+
+    let kvm = if !std::path::Path::new("/dev/kvm").exists() {
+        checks.push(check(
+            "/dev/kvm",
+            Verdict::Fail,
+            "absent: load kvm_intel or kvm_amd, and enable VT-x/AMD-V in the firmware",
+        ));
+        None
+    } else {
+        match measure::open_kvm() {
+            Ok(kvm) => {
+                checks.push(check(
+                    "/dev/kvm",
+                    Verdict::Ok,
+                    "present and opened read-write",
+                ));
+                Some(kvm)
+            }
+            Err(e) => {
+                checks.push(check("/dev/kvm", Verdict::Fail, e.to_string()));
+                None
+            }
+        }
+    };
+
+    if let Some(kvm) = &kvm {
+        let version = kvm.get_api_version();
+        let verdict = if version == 12 {
+            Verdict::Ok
+        } else {
+            Verdict::Fail
+        };
+        checks.push(check(
+            "KVM API version",
+            verdict,
+            format!("{version} (vmm needs 12)"),
+        ));
+        for &(cap, needed_for, missing) in CAPABILITIES {
+            let (verdict, state) = if kvm.check_extension(cap) {
+                (Verdict::Ok, "available")
+            } else {
+                (missing, "missing")
+            };
+            checks.push(check(
+                "capability",
+                verdict,
+                format!("{cap:?}: {state} — {needed_for}"),
+            ));
+        }
+    }
+
+    let flavour_verdict = match flavour {
+        KvmFlavour::HardwareVtX | KvmFlavour::HardwareAmdV => Verdict::Ok,
+        KvmFlavour::Software => Verdict::Warn,
+        KvmFlavour::Unknown => Verdict::Fail,
+    };
+    let flavour_note = match flavour {
+        KvmFlavour::Software => {
+            ": guest instructions are emulated, so guest timings are far from a hardware VM's"
+        }
+        _ => "",
+    };
+    checks.push(check(
+        "KVM flavour",
+        flavour_verdict,
+        format!(
+            "{}{}{flavour_note}",
+            flavour.describe(),
+            module.map_or(String::new(), |m| format!(", module {m}"))
+        ),
+    ));
+    let cpu_virt = match (cpu.vmx, cpu.svm) {
+        (true, _) => (Verdict::Ok, "VT-x (vmx) in the CPU flags"),
+        (_, true) => (Verdict::Ok, "AMD-V (svm) in the CPU flags"),
+        _ => (
+            Verdict::Warn,
+            "neither vmx nor svm in the CPU flags: no hardware virtualisation",
+        ),
+    };
+    checks.push(check(
+        "CPU virtualisation",
+        cpu_virt.0,
+        format!("{} — {}", cpu.model, cpu_virt.1),
+    ));
+    checks.push(if cpu.is_vm {
+        check("host is a VM", Verdict::Warn, "yes (CPUID.1:ECX[31]): native figures include the outer hypervisor's costs, and native CPUID is itself a VM exit")
+    } else {
+        check("host is a VM", Verdict::Ok, "no: native runs are bare metal")
+    });
+    checks.push(if cpu.invariant_tsc {
+        check(
+            "invariant TSC",
+            Verdict::Ok,
+            "the TSC ticks at a constant rate",
+        )
+    } else {
+        check(
+            "invariant TSC",
+            Verdict::Warn,
+            "not advertised: cycle counts may drift with frequency changes",
+        )
+    });
+    let tsc = host::tsc_frequency(kvm.as_ref().and_then(measure::kvm_tsc_khz));
+    checks.push(check(
+        "TSC frequency",
+        Verdict::Ok,
+        format!(
+            "{:.3} GHz ({})",
+            f64::from(tsc.khz) / 1e6,
+            tsc.source.describe()
+        ),
+    ));
+
+    if let Some(kvm) = &kvm {
+        checks.push(boot_check(kvm));
+    }
+    checks
+}
+
+/// Boots the embedded payload for a handful of samples: the end-to-end check.
+fn boot_check(kvm: &Kvm) -> Check {
+    let spec = RunSpec {
+        iterations: 200,
+        warmup: 10,
+        timeout: Duration::from_secs(20),
+        ..RunSpec::new(Mode::HwAssist)
+    };
+    let result = Payload::embedded()
+        .map_err(|e| e.to_string())
+        .and_then(|payload| {
+            measure::measure(Some(kvm), &payload, &spec, None).map_err(|e| e.to_string())
+        });
+    match result {
+        Ok(m) => {
+            let median = |p: Probe| m.samples.get(&p).map_or(0, |s| crate::stats::median(s));
+            check(
+                "guest boot",
+                Verdict::Ok,
+                format!(
+                    "the embedded payload ran in hw-assist mode: setup {} µs, CPUID median {} cycles, NOP median {} cycles",
+                    m.setup.map_or(0, |d| d.as_micros()),
+                    median(Probe::Cpuid),
+                    median(Probe::Nop)
+                ),
+            )
+        }
+        Err(e) => check("guest boot", Verdict::Fail, e),
+    }
+}
+
+pub fn render(checks: &[Check]) -> String {
+    checks
+        .iter()
+        .map(|c| {
+            let verdict = match c.verdict {
+                Verdict::Ok => "ok  ",
+                Verdict::Warn => "warn",
+                Verdict::Fail => "FAIL",
+            };
+            format!("[{verdict}] {:<20} {}\n", c.name, c.detail)
+        })
+        .collect()
+}
+
+pub fn all_passed(checks: &[Check]) -> bool {
+    checks.iter().all(|c| c.verdict != Verdict::Fail)
+}

@@ -1,0 +1,199 @@
+//! What this host is: its CPU, its TSC, and which kind of KVM serves `/dev/kvm`.
+//! Everything here is detected at run time, never assumed.
+
+use serde::Serialize;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// Which implementation answers `/dev/kvm`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum KvmFlavour {
+    /// kvm_intel: VT-x.
+    HardwareVtX,
+    /// kvm_amd: AMD-V (SVM).
+    HardwareAmdV,
+    /// A KVM with no hardware virtualisation under it (kvm_pvm and the like): guest
+    /// instructions are emulated or paravirtualised, timings are not those of real VMs.
+    Software,
+    /// No KVM module found.
+    Unknown,
+}
+
+impl KvmFlavour {
+    pub fn describe(self) -> &'static str {
+        match self {
+            KvmFlavour::HardwareVtX => "hardware VT-x (kvm_intel)",
+            KvmFlavour::HardwareAmdV => "hardware AMD-V (kvm_amd)",
+            KvmFlavour::Software => "software/emulated (no VT-x/AMD-V)",
+            KvmFlavour::Unknown => "unknown (no KVM module found)",
+        }
+    }
+}
+
+/// The loaded KVM vendor module decides the flavour; a software KVM (kvm_pvm) is
+/// recognised by name, or by a KVM with neither vendor module loaded.
+pub fn kvm_flavour() -> (KvmFlavour, Option<&'static str>) {
+    kvm_flavour_from(|module| Path::new("/sys/module").join(module).exists())
+}
+
+fn kvm_flavour_from(loaded: impl Fn(&str) -> bool) -> (KvmFlavour, Option<&'static str>) {
+    for (module, flavour) in [
+        ("kvm_intel", KvmFlavour::HardwareVtX),
+        ("kvm_amd", KvmFlavour::HardwareAmdV),
+        ("kvm_pvm", KvmFlavour::Software),
+    ] {
+        if loaded(module) {
+            return (flavour, Some(module));
+        }
+    }
+    if loaded("kvm") {
+        return (KvmFlavour::Software, Some("kvm"));
+    }
+    (KvmFlavour::Unknown, None)
+}
+
+/// The host CPU as /proc/cpuinfo and CPUID describe it.
+#[derive(Clone, Debug, Serialize)]
+pub struct CpuInfo {
+    pub model: String,
+    pub vmx: bool,
+    pub svm: bool,
+    /// CPUID.1:ECX[31]: the host itself runs under a hypervisor.
+    pub is_vm: bool,
+    /// The TSC ticks at a constant rate through P- and C-states.
+    pub invariant_tsc: bool,
+    pub logical_cpus: usize,
+}
+
+pub fn cpu_info() -> CpuInfo {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |name: &str| {
+        cpuinfo
+            .lines()
+            .find(|l| l.split(':').next().is_some_and(|k| k.trim() == name))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_owned())
+    };
+    let flags = field("flags").unwrap_or_default();
+    let has = |flag: &str| flags.split_whitespace().any(|f| f == flag);
+    let leaf1 = std::arch::x86_64::__cpuid(1);
+    let max_extended = std::arch::x86_64::__cpuid(0x8000_0000).eax;
+    let invariant_cpuid =
+        max_extended >= 0x8000_0007 && std::arch::x86_64::__cpuid(0x8000_0007).edx & (1 << 8) != 0;
+    CpuInfo {
+        model: field("model name").unwrap_or_else(|| "unknown".into()),
+        vmx: has("vmx"),
+        svm: has("svm"),
+        is_vm: leaf1.ecx & (1 << 31) != 0,
+        invariant_tsc: invariant_cpuid || (has("constant_tsc") && has("nonstop_tsc")),
+        logical_cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+    }
+}
+
+/// The TSC frequency, and how it was found.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct TscFrequency {
+    pub khz: u32,
+    pub source: TscSource,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TscSource {
+    /// KVM_GET_TSC_KHZ on a vCPU: the rate the guest's TSC ticks at.
+    Kvm,
+    /// CPUID leaf 0x15 (crystal ratio) on the host.
+    CpuidLeaf15,
+    /// Counted against CLOCK_MONOTONIC for a few milliseconds.
+    Measured,
+}
+
+impl TscSource {
+    pub fn describe(self) -> &'static str {
+        match self {
+            TscSource::Kvm => "KVM_GET_TSC_KHZ",
+            TscSource::CpuidLeaf15 => "CPUID leaf 0x15",
+            TscSource::Measured => "measured against CLOCK_MONOTONIC",
+        }
+    }
+}
+
+/// KVM's figure when there is one, else the host's own.
+pub fn tsc_frequency(kvm_khz: Option<u32>) -> TscFrequency {
+    if let Some(khz) = kvm_khz.filter(|&k| k > 0) {
+        return TscFrequency {
+            khz,
+            source: TscSource::Kvm,
+        };
+    }
+    if let Some(khz) = tsc_khz_from_cpuid() {
+        return TscFrequency {
+            khz,
+            source: TscSource::CpuidLeaf15,
+        };
+    }
+    TscFrequency {
+        khz: measure_tsc_khz(Duration::from_millis(50)),
+        source: TscSource::Measured,
+    }
+}
+
+fn tsc_khz_from_cpuid() -> Option<u32> {
+    let max_basic = std::arch::x86_64::__cpuid(0).eax;
+    if max_basic < 0x15 {
+        return None;
+    }
+    let leaf = std::arch::x86_64::__cpuid(0x15);
+    if leaf.eax == 0 || leaf.ebx == 0 || leaf.ecx == 0 {
+        return None;
+    }
+    u32::try_from(u64::from(leaf.ecx) * u64::from(leaf.ebx) / u64::from(leaf.eax) / 1000).ok()
+}
+
+fn measure_tsc_khz(window: Duration) -> u32 {
+    let start = Instant::now();
+    let tsc_start = guest_payload::timing::read_tsc();
+    while start.elapsed() < window {
+        std::hint::spin_loop();
+    }
+    let cycles = guest_payload::timing::read_tsc() - tsc_start;
+    (cycles as f64 / start.elapsed().as_secs_f64() / 1000.0) as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flavour_follows_the_loaded_vendor_module() {
+        let only = |names: &'static [&'static str]| move |m: &str| names.contains(&m);
+        assert_eq!(
+            kvm_flavour_from(only(&["kvm", "kvm_intel"])).0,
+            KvmFlavour::HardwareVtX
+        );
+        assert_eq!(
+            kvm_flavour_from(only(&["kvm", "kvm_amd"])).0,
+            KvmFlavour::HardwareAmdV
+        );
+        assert_eq!(
+            kvm_flavour_from(only(&["kvm", "kvm_pvm"])),
+            (KvmFlavour::Software, Some("kvm_pvm"))
+        );
+        assert_eq!(kvm_flavour_from(only(&["kvm"])).0, KvmFlavour::Software);
+        assert_eq!(kvm_flavour_from(only(&[])).0, KvmFlavour::Unknown);
+    }
+
+    #[test]
+    fn kvm_frequency_wins_and_a_measured_one_is_plausible() {
+        assert_eq!(
+            tsc_frequency(Some(2_000_000)),
+            TscFrequency {
+                khz: 2_000_000,
+                source: TscSource::Kvm
+            }
+        );
+        let measured = measure_tsc_khz(Duration::from_millis(20));
+        assert!((100_000..10_000_000).contains(&measured), "{measured} kHz");
+    }
+}

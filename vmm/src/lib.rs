@@ -1,0 +1,26 @@
+//! `vmm`: a KVM testbed that boots a tiny guest timing CPUID against NOP, and decides how
+//! CPUID reaches the VMM and what it appears to cost, so VM-detection timing can be
+//! validated against controlled hypervisor behaviour.
+//!
+//! Architecture, one concern per module:
+//! - [`arch::x86_64`]: GDT, page tables, long-mode registers, the CPUID table;
+//! - [`vm`]: a VM with one vCPU — memory, ELF loading, the run loop, exits, watchdog;
+//! - [`modes`]: the exit handling of each `--mode`;
+//! - [`native`]: the same timing core in a pinned host thread;
+//! - [`measure`]: one run in one mode;
+//! - [`stats`], [`report`]: statistics and the table/JSON/CSV outputs;
+//! - [`host`], [`doctor`]: what this host and its KVM are and can do;
+//! - [`cli`]: the command line.
+//!
+//! The guest ABI and the timing core are in the `guest-payload` crate, shared by both sides.
+
+pub mod arch;
+pub mod cli;
+pub mod doctor;
+pub mod host;
+pub mod measure;
+pub mod modes;
+pub mod native;
+pub mod report;
+pub mod stats;
+pub mod vm;

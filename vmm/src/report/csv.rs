@@ -1,0 +1,32 @@
+//! Raw samples as CSV: one row per sample, `probe,index,cycles`.
+
+use guest_payload::Probe;
+use std::collections::BTreeMap;
+use std::io::Write;
+
+pub fn write(out: &mut dyn Write, samples: &BTreeMap<Probe, Vec<u64>>) -> std::io::Result<()> {
+    let mut out = std::io::BufWriter::new(out);
+    writeln!(out, "probe,index,cycles")?;
+    for (probe, values) in samples {
+        for (index, cycles) in values.iter().enumerate() {
+            writeln!(out, "{},{index},{cycles}", probe.name())?;
+        }
+    }
+    out.flush()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_row_per_sample_after_a_header() {
+        let samples = BTreeMap::from([(Probe::Cpuid, vec![10, 20]), (Probe::Nop, vec![3])]);
+        let mut out = Vec::new();
+        write(&mut out, &samples).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "probe,index,cycles\ncpuid,0,10\ncpuid,1,20\nnop,0,3\n"
+        );
+    }
+}

@@ -1,0 +1,248 @@
+//! Reports of a run: the JSON document (a versioned schema), the human table and raw CSV.
+
+pub mod csv;
+pub mod table;
+
+use crate::host::{CpuInfo, KvmFlavour, TscFrequency};
+use crate::measure::{Measurement, RunSpec};
+use crate::modes::Mode;
+use crate::stats::{self, Summary};
+use crate::vm::exits::ExitSummary;
+use crate::vm::loader::Payload;
+use guest_payload::Probe;
+use serde::Serialize;
+use std::collections::BTreeMap;
+
+/// Bumped when a field changes meaning or disappears (adding fields does not bump it).
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// The host as a report describes it.
+#[derive(Clone, Debug, Serialize)]
+pub struct HostReport {
+    pub cpu_model: String,
+    pub is_vm: bool,
+    pub invariant_tsc: bool,
+    pub tsc_khz: u32,
+    pub tsc_khz_source: crate::host::TscSource,
+    pub kvm: KvmReport,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct KvmReport {
+    pub flavour: KvmFlavour,
+    pub module: Option<&'static str>,
+    pub api_version: Option<i32>,
+}
+
+impl HostReport {
+    pub fn new(cpu: &CpuInfo, tsc: TscFrequency, api_version: Option<i32>) -> Self {
+        let (flavour, module) = crate::host::kvm_flavour();
+        Self {
+            cpu_model: cpu.model.clone(),
+            is_vm: cpu.is_vm,
+            invariant_tsc: cpu.invariant_tsc,
+            tsc_khz: tsc.khz,
+            tsc_khz_source: tsc.source,
+            kvm: KvmReport {
+                flavour,
+                module,
+                api_version,
+            },
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ConfigReport {
+    pub iterations: u32,
+    pub warmup: u32,
+    pub cpuid_leaf: u32,
+    pub cpuid_subleaf: u32,
+    pub probes: Vec<&'static str>,
+    pub timeout_s: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct PayloadReport {
+    pub source: String,
+    pub entry: u64,
+    /// Guest addresses of the CPUID sites found in the ELF's symbol table.
+    pub cpuid_sites: BTreeMap<&'static str, u64>,
+}
+
+/// A probe's statistics, in cycles, and the same in nanoseconds.
+#[derive(Clone, Debug, Serialize)]
+pub struct ProbeReport {
+    #[serde(flatten)]
+    pub cycles: Summary,
+    pub ns: NsSummary,
+}
+
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct NsSummary {
+    pub min: f64,
+    pub p5: f64,
+    pub median: f64,
+    pub mean: f64,
+    pub p95: f64,
+    pub p99: f64,
+    pub max: f64,
+}
+
+impl NsSummary {
+    fn new(s: &Summary, tsc_khz: u32) -> Self {
+        let ns = |cycles: f64| round2(stats::cycles_to_ns(cycles, tsc_khz));
+        Self {
+            min: ns(s.min as f64),
+            p5: ns(s.p5 as f64),
+            median: ns(s.median as f64),
+            mean: ns(s.mean),
+            p95: ns(s.p95 as f64),
+            p99: ns(s.p99 as f64),
+            max: ns(s.max as f64),
+        }
+    }
+}
+
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+/// CPUID's median cost over NOP's: the classic test's signal.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Excess {
+    pub median_cycles: i64,
+    pub median_ns: f64,
+    /// CPUID median / NOP median.
+    pub ratio: f64,
+}
+
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Timings {
+    /// VM creation to the first guest instruction (KVM_RUN); absent for native runs.
+    pub setup_us: Option<u64>,
+    pub run_us: u64,
+}
+
+/// One run, as `--json` prints it.
+#[derive(Clone, Debug, Serialize)]
+pub struct RunReport {
+    pub schema_version: u32,
+    pub vmm_version: &'static str,
+    pub mode: Mode,
+    pub host: HostReport,
+    pub payload: PayloadReport,
+    pub config: ConfigReport,
+    pub probes: BTreeMap<&'static str, ProbeReport>,
+    pub cpuid_excess_over_nop: Option<Excess>,
+    pub exits: BTreeMap<String, ExitSummary>,
+    pub timings: Timings,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub native_cpu: Option<usize>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub cpuid_snapshot: Vec<CpuidReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub samples: Option<BTreeMap<&'static str, Vec<u64>>>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct CpuidReport {
+    pub leaf: u32,
+    pub subleaf: u32,
+    pub eax: u32,
+    pub ebx: u32,
+    pub ecx: u32,
+    pub edx: u32,
+}
+
+impl RunReport {
+    pub fn new(
+        spec: &RunSpec,
+        payload: &Payload,
+        host: HostReport,
+        measurement: &Measurement,
+        include_samples: bool,
+    ) -> Self {
+        let tsc_khz = host.tsc_khz;
+        let probes: BTreeMap<&'static str, ProbeReport> = measurement
+            .samples
+            .iter()
+            .filter_map(|(probe, samples)| {
+                let cycles = stats::summarize(samples)?;
+                Some((
+                    probe.name(),
+                    ProbeReport {
+                        ns: NsSummary::new(&cycles, tsc_khz),
+                        cycles,
+                    },
+                ))
+            })
+            .collect();
+        let excess = match (
+            probes.get(Probe::Cpuid.name()),
+            probes.get(Probe::Nop.name()),
+        ) {
+            (Some(cpuid), Some(nop)) => {
+                let cycles = cpuid.cycles.median as i64 - nop.cycles.median as i64;
+                Some(Excess {
+                    median_cycles: cycles,
+                    median_ns: round2(stats::cycles_to_ns(cycles as f64, tsc_khz)),
+                    ratio: round2(cpuid.cycles.median as f64 / nop.cycles.median.max(1) as f64),
+                })
+            }
+            _ => None,
+        };
+        let cpuid_sites = guest_payload::timing::CPUID_SITE_SYMBOLS
+            .iter()
+            .filter_map(|&name| Some((name, payload.symbol(name)?)))
+            .collect();
+        Self {
+            schema_version: SCHEMA_VERSION,
+            vmm_version: env!("CARGO_PKG_VERSION"),
+            mode: spec.mode,
+            host,
+            payload: PayloadReport {
+                source: payload.source.to_string(),
+                entry: payload.entry,
+                cpuid_sites,
+            },
+            config: ConfigReport {
+                iterations: spec.iterations,
+                warmup: spec.warmup,
+                cpuid_leaf: spec.cpuid_leaf,
+                cpuid_subleaf: spec.cpuid_subleaf,
+                probes: guest_payload::probes_in(spec.probes)
+                    .map(Probe::name)
+                    .collect(),
+                timeout_s: spec.timeout.as_secs_f64(),
+            },
+            probes,
+            cpuid_excess_over_nop: excess,
+            exits: measurement.exits.summary(),
+            timings: Timings {
+                setup_us: measurement.setup.map(|d| d.as_micros() as u64),
+                run_us: measurement.run.as_micros() as u64,
+            },
+            native_cpu: measurement.native_cpu,
+            cpuid_snapshot: measurement
+                .cpuid
+                .iter()
+                .map(|r| CpuidReport {
+                    leaf: r.leaf,
+                    subleaf: r.subleaf,
+                    eax: r.eax,
+                    ebx: r.ebx,
+                    ecx: r.ecx,
+                    edx: r.edx,
+                })
+                .collect(),
+            samples: include_samples.then(|| {
+                measurement
+                    .samples
+                    .iter()
+                    .map(|(p, s)| (p.name(), s.clone()))
+                    .collect()
+            }),
+        }
+    }
+}

@@ -1,0 +1,94 @@
+//! The human-readable report of a run.
+
+use super::RunReport;
+use std::fmt::Write;
+
+/// Renders the report as aligned text tables.
+pub fn render(report: &RunReport) -> String {
+    let mut out = String::new();
+    let host = &report.host;
+    let _ = writeln!(
+        out,
+        "vmm {} — mode {}, payload {}",
+        report.vmm_version, report.mode, report.payload.source
+    );
+    let _ = writeln!(
+        out,
+        "host: {} | KVM: {} | TSC {:.3} GHz ({}){}",
+        host.cpu_model,
+        host.kvm.flavour.describe(),
+        f64::from(host.tsc_khz) / 1e6,
+        host.tsc_khz_source.describe(),
+        if host.is_vm {
+            " | the host is itself a VM"
+        } else {
+            ""
+        },
+    );
+    let _ = writeln!(
+        out,
+        "{} iterations after {} warm-up, CPUID leaf {:#x} subleaf {:#x}\n",
+        report.config.iterations,
+        report.config.warmup,
+        report.config.cpuid_leaf,
+        report.config.cpuid_subleaf
+    );
+
+    let _ = writeln!(
+        out,
+        "{:<7} {:>8} {:>10} {:>10} {:>10} {:>12} {:>10} {:>10} {:>12}",
+        "probe", "count", "min", "p5", "median", "mean", "p95", "p99", "max"
+    );
+    for (name, probe) in &report.probes {
+        let c = &probe.cycles;
+        let _ = writeln!(
+            out,
+            "{name:<7} {:>8} {:>10} {:>10} {:>10} {:>12.1} {:>10} {:>10} {:>12}   cycles",
+            c.count, c.min, c.p5, c.median, c.mean, c.p95, c.p99, c.max
+        );
+        let n = &probe.ns;
+        let _ = writeln!(
+            out,
+            "{:<7} {:>8} {:>10.1} {:>10.1} {:>10.1} {:>12.1} {:>10.1} {:>10.1} {:>12.1}   ns",
+            "", "", n.min, n.p5, n.median, n.mean, n.p95, n.p99, n.max
+        );
+    }
+    if let Some(excess) = &report.cpuid_excess_over_nop {
+        let _ = writeln!(
+            out,
+            "\nCPUID over NOP (medians): {:+} cycles, {:+.1} ns, ×{:.2}",
+            excess.median_cycles, excess.median_ns, excess.ratio
+        );
+    }
+    if !report.exits.is_empty() {
+        let _ = writeln!(
+            out,
+            "\n{:<16} {:>10} {:>22}",
+            "exits to the VMM", "count", "handler cycles (median)"
+        );
+        for (reason, exit) in &report.exits {
+            let _ = writeln!(
+                out,
+                "{reason:<16} {:>10} {:>22}",
+                exit.count, exit.handler_cycles_median
+            );
+        }
+    }
+    let timings = &report.timings;
+    match timings.setup_us {
+        Some(setup) => {
+            let _ = writeln!(
+                out,
+                "\nsetup {setup} µs (VM creation to first KVM_RUN), run {} µs",
+                timings.run_us
+            );
+        }
+        None => {
+            let cpu = report
+                .native_cpu
+                .map_or(String::new(), |cpu| format!(" on host CPU {cpu}"));
+            let _ = writeln!(out, "\nrun {} µs{cpu}", timings.run_us);
+        }
+    }
+    out
+}

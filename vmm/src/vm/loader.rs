@@ -1,0 +1,420 @@
+//! The guest payload: an ELF64 for x86-64, validated here, loaded through linux-loader.
+//!
+//! linux-loader places each `PT_LOAD` segment at its `p_paddr` and copies its file bytes,
+//! but checks neither the class nor the machine, nor that segments stay clear of the
+//! VMM's own structures. Those checks are ours, done on the bytes before anything loads.
+//! The symbol table is read too: the CPUID sites are found by name.
+
+use guest_payload::layout::{PAYLOAD_END, PAYLOAD_START};
+use linux_loader::loader::{Elf, KernelLoader};
+use std::collections::HashMap;
+use std::io::Cursor;
+use std::path::{Path, PathBuf};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+/// The payload built by `build.rs` from `guest-payload`.
+pub static EMBEDDED_PAYLOAD: &[u8] = include_bytes!(env!("VMM_GUEST_PAYLOAD_ELF"));
+
+const EM_X86_64: u16 = 62;
+const ET_EXEC: u16 = 2;
+const PT_LOAD: u32 = 1;
+const SHT_SYMTAB: u32 = 2;
+const EHDR_SIZE: usize = 64;
+const PHDR_SIZE: usize = 56;
+const SHDR_SIZE: usize = 64;
+const SYM_SIZE: usize = 24;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoaderError {
+    #[error("cannot read the payload {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the payload is not an ELF file (it does not start with \\x7fELF)")]
+    NotElf,
+    #[error("the payload is a 32-bit ELF; vmm boots 64-bit (ELF64) payloads only")]
+    NotElf64,
+    #[error("the payload is a big-endian ELF; x86-64 is little-endian")]
+    BigEndian,
+    #[error("the payload is built for {machine} (e_machine {code}), not x86-64")]
+    WrongMachine { code: u16, machine: &'static str },
+    #[error("the payload is an ELF of type {0}, not an executable (ET_EXEC): link it static and non-PIE")]
+    NotExecutable(u16),
+    #[error("the payload's ELF headers are truncated or inconsistent: {0}")]
+    Malformed(&'static str),
+    #[error("the payload has no loadable segment")]
+    NoSegments,
+    #[error("payload segment at guest address {addr:#x} ({size:#x} bytes) lies outside the payload window [{PAYLOAD_START:#x}, {PAYLOAD_END:#x}) of guest RAM")]
+    SegmentOutOfRange { addr: u64, size: u64 },
+    #[error("the payload's entry point {0:#x} is not inside any of its loadable segments")]
+    EntryOutsideSegments(u64),
+    #[error("linux-loader could not load the payload: {0}")]
+    Load(#[from] linux_loader::loader::Error),
+}
+
+/// Where a payload came from, for reports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PayloadSource {
+    Embedded,
+    File(PathBuf),
+}
+
+impl std::fmt::Display for PayloadSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PayloadSource::Embedded => write!(f, "embedded"),
+            PayloadSource::File(path) => write!(f, "{}", path.display()),
+        }
+    }
+}
+
+/// A loadable segment: guest address, bytes in memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Segment {
+    pub addr: u64,
+    pub mem_size: u64,
+}
+
+/// A validated payload, ready to load into any number of VMs.
+#[derive(Clone, Debug)]
+pub struct Payload {
+    bytes: std::borrow::Cow<'static, [u8]>,
+    pub source: PayloadSource,
+    pub entry: u64,
+    pub segments: Vec<Segment>,
+    symbols: HashMap<String, u64>,
+}
+
+impl Payload {
+    /// The payload built into this binary.
+    pub fn embedded() -> Result<Self, LoaderError> {
+        Self::parse(
+            std::borrow::Cow::Borrowed(EMBEDDED_PAYLOAD),
+            PayloadSource::Embedded,
+        )
+    }
+
+    /// A payload from a file (`--payload FILE`).
+    pub fn from_file(path: &Path) -> Result<Self, LoaderError> {
+        let bytes = std::fs::read(path).map_err(|source| LoaderError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(
+            std::borrow::Cow::Owned(bytes),
+            PayloadSource::File(path.to_owned()),
+        )
+    }
+
+    fn parse(
+        bytes: std::borrow::Cow<'static, [u8]>,
+        source: PayloadSource,
+    ) -> Result<Self, LoaderError> {
+        let b = &bytes[..];
+        if b.len() < 4 || b[..4] != *b"\x7fELF" {
+            return Err(LoaderError::NotElf);
+        }
+        if b.len() < EHDR_SIZE {
+            return Err(LoaderError::Malformed("shorter than an ELF64 header"));
+        }
+        if b[4] != 2 {
+            return Err(LoaderError::NotElf64);
+        }
+        if b[5] != 1 {
+            return Err(LoaderError::BigEndian);
+        }
+        let machine = u16_at(b, 18)?;
+        if machine != EM_X86_64 {
+            return Err(LoaderError::WrongMachine {
+                code: machine,
+                machine: machine_name(machine),
+            });
+        }
+        let elf_type = u16_at(b, 16)?;
+        if elf_type != ET_EXEC {
+            return Err(LoaderError::NotExecutable(elf_type));
+        }
+        let entry = u64_at(b, 24)?;
+        let segments = load_segments(b)?;
+        if segments.is_empty() {
+            return Err(LoaderError::NoSegments);
+        }
+        if !segments
+            .iter()
+            .any(|s| entry >= s.addr && entry < s.addr + s.mem_size)
+        {
+            return Err(LoaderError::EntryOutsideSegments(entry));
+        }
+        let symbols = symbols(b)?;
+        Ok(Self {
+            bytes,
+            source,
+            entry,
+            segments,
+            symbols,
+        })
+    }
+
+    /// The address of a global symbol, if the payload has a symbol table naming it.
+    pub fn symbol(&self, name: &str) -> Option<u64> {
+        self.symbols.get(name).copied()
+    }
+
+    /// Copies the segments into guest memory.
+    pub fn load_into(&self, memory: &GuestMemoryMmap) -> Result<(), LoaderError> {
+        Elf::load(
+            memory,
+            None,
+            &mut Cursor::new(&self.bytes[..]),
+            Some(GuestAddress(PAYLOAD_START)),
+        )?;
+        Ok(())
+    }
+}
+
+fn load_segments(b: &[u8]) -> Result<Vec<Segment>, LoaderError> {
+    let phoff = u64_at(b, 32)? as usize;
+    let phentsize = u16_at(b, 54)? as usize;
+    let phnum = u16_at(b, 56)? as usize;
+    if phnum > 0 && phentsize != PHDR_SIZE {
+        return Err(LoaderError::Malformed(
+            "program header entries are not 56 bytes",
+        ));
+    }
+    let mut segments = Vec::new();
+    for i in 0..phnum {
+        let at = phoff
+            .checked_add(i * PHDR_SIZE)
+            .ok_or(LoaderError::Malformed("program header offset overflows"))?;
+        if u32_at(b, at)? != PT_LOAD {
+            continue;
+        }
+        let (offset, paddr, file_size, mem_size) = (
+            u64_at(b, at + 8)?,
+            u64_at(b, at + 24)?,
+            u64_at(b, at + 32)?,
+            u64_at(b, at + 40)?,
+        );
+        if file_size > mem_size {
+            return Err(LoaderError::Malformed(
+                "a segment has more file bytes than memory bytes",
+            ));
+        }
+        if offset
+            .checked_add(file_size)
+            .is_none_or(|end| end > b.len() as u64)
+        {
+            return Err(LoaderError::Malformed(
+                "a segment's bytes extend past the end of the file",
+            ));
+        }
+        let end = paddr.checked_add(mem_size);
+        if paddr < PAYLOAD_START || end.is_none_or(|end| end > PAYLOAD_END) {
+            return Err(LoaderError::SegmentOutOfRange {
+                addr: paddr,
+                size: mem_size,
+            });
+        }
+        segments.push(Segment {
+            addr: paddr,
+            mem_size,
+        });
+    }
+    Ok(segments)
+}
+
+/// Global and local symbols from `.symtab`; a payload without one simply has none.
+fn symbols(b: &[u8]) -> Result<HashMap<String, u64>, LoaderError> {
+    let shoff = u64_at(b, 40)? as usize;
+    let shentsize = u16_at(b, 58)? as usize;
+    let shnum = u16_at(b, 60)? as usize;
+    let mut symbols = HashMap::new();
+    if shoff == 0 || shnum == 0 {
+        return Ok(symbols);
+    }
+    if shentsize != SHDR_SIZE {
+        return Err(LoaderError::Malformed(
+            "section header entries are not 64 bytes",
+        ));
+    }
+    let section = |i: usize| -> Result<(u32, u32, usize, usize), LoaderError> {
+        let at = shoff
+            .checked_add(i * SHDR_SIZE)
+            .ok_or(LoaderError::Malformed("section header offset overflows"))?;
+        Ok((
+            u32_at(b, at + 4)?,
+            u32_at(b, at + 40)?,
+            u64_at(b, at + 24)? as usize,
+            u64_at(b, at + 32)? as usize,
+        ))
+    };
+    for i in 0..shnum {
+        let (kind, link, offset, size) = section(i)?;
+        if kind != SHT_SYMTAB {
+            continue;
+        }
+        let (_, _, str_offset, str_size) = section(link as usize)?;
+        let strings = slice(b, str_offset, str_size)?;
+        let table = slice(b, offset, size)?;
+        for sym in table.chunks_exact(SYM_SIZE) {
+            let name_at = u32_at(sym, 0)? as usize;
+            let value = u64_at(sym, 8)?;
+            let Some(name) = strings
+                .get(name_at..)
+                .and_then(|s| s.split(|&c| c == 0).next())
+            else {
+                continue;
+            };
+            if let Ok(name) = std::str::from_utf8(name) {
+                if !name.is_empty() {
+                    symbols.insert(name.to_owned(), value);
+                }
+            }
+        }
+    }
+    Ok(symbols)
+}
+
+fn slice(b: &[u8], offset: usize, size: usize) -> Result<&[u8], LoaderError> {
+    offset
+        .checked_add(size)
+        .and_then(|end| b.get(offset..end))
+        .ok_or(LoaderError::Malformed(
+            "a section extends past the end of the file",
+        ))
+}
+
+fn u16_at(b: &[u8], at: usize) -> Result<u16, LoaderError> {
+    Ok(u16::from_le_bytes(array(b, at)?))
+}
+fn u32_at(b: &[u8], at: usize) -> Result<u32, LoaderError> {
+    Ok(u32::from_le_bytes(array(b, at)?))
+}
+fn u64_at(b: &[u8], at: usize) -> Result<u64, LoaderError> {
+    Ok(u64::from_le_bytes(array(b, at)?))
+}
+fn array<const N: usize>(b: &[u8], at: usize) -> Result<[u8; N], LoaderError> {
+    at.checked_add(N)
+        .and_then(|end| b.get(at..end))
+        .and_then(|s| s.try_into().ok())
+        .ok_or(LoaderError::Malformed(
+            "a header field lies past the end of the file",
+        ))
+}
+
+fn machine_name(code: u16) -> &'static str {
+    match code {
+        3 => "x86 (32-bit)",
+        40 => "ARM (32-bit)",
+        183 => "AArch64",
+        243 => "RISC-V",
+        8 => "MIPS",
+        20 | 21 => "PowerPC",
+        22 => "S/390",
+        _ => "another architecture",
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A minimal ELF64 executable: header, one PT_LOAD at `paddr` with `code`.
+    pub fn tiny_elf(machine: u16, paddr: u64, code: &[u8]) -> Vec<u8> {
+        let mut b = vec![0u8; EHDR_SIZE + PHDR_SIZE];
+        b[..4].copy_from_slice(b"\x7fELF");
+        b[4] = 2;
+        b[5] = 1;
+        b[6] = 1;
+        b[16..18].copy_from_slice(&ET_EXEC.to_le_bytes());
+        b[18..20].copy_from_slice(&machine.to_le_bytes());
+        b[24..32].copy_from_slice(&paddr.to_le_bytes());
+        b[32..40].copy_from_slice(&(EHDR_SIZE as u64).to_le_bytes());
+        b[52..54].copy_from_slice(&(EHDR_SIZE as u16).to_le_bytes());
+        b[54..56].copy_from_slice(&(PHDR_SIZE as u16).to_le_bytes());
+        b[56..58].copy_from_slice(&1u16.to_le_bytes());
+        let ph = EHDR_SIZE;
+        b[ph..ph + 4].copy_from_slice(&PT_LOAD.to_le_bytes());
+        let offset = (EHDR_SIZE + PHDR_SIZE) as u64;
+        for (field, value) in [
+            (8, offset),
+            (16, paddr),
+            (24, paddr),
+            (32, code.len() as u64),
+            (40, code.len() as u64),
+        ] {
+            b[ph + field..ph + field + 8].copy_from_slice(&value.to_le_bytes());
+        }
+        b.extend_from_slice(code);
+        b
+    }
+
+    fn parse(bytes: Vec<u8>) -> Result<Payload, LoaderError> {
+        Payload::parse(std::borrow::Cow::Owned(bytes), PayloadSource::Embedded)
+    }
+
+    #[test]
+    fn embedded_payload_is_valid_and_names_its_cpuid_sites() {
+        let payload = Payload::embedded().unwrap();
+        assert_eq!(payload.entry, PAYLOAD_START);
+        for name in guest_payload::timing::CPUID_SITE_SYMBOLS {
+            let addr = payload
+                .symbol(name)
+                .unwrap_or_else(|| panic!("{name} missing"));
+            assert!((PAYLOAD_START..PAYLOAD_END).contains(&addr));
+        }
+    }
+
+    #[test]
+    fn a_minimal_x86_64_executable_is_accepted() {
+        let payload = parse(tiny_elf(EM_X86_64, PAYLOAD_START, &[0xf4])).unwrap();
+        assert_eq!(
+            payload.segments,
+            vec![Segment {
+                addr: PAYLOAD_START,
+                mem_size: 1
+            }]
+        );
+    }
+
+    #[test]
+    fn bad_payloads_are_refused_with_the_reason() {
+        assert!(matches!(
+            parse(b"#!/bin/sh\necho hi\n".to_vec()),
+            Err(LoaderError::NotElf)
+        ));
+        assert!(matches!(parse(vec![]), Err(LoaderError::NotElf)));
+        assert!(matches!(
+            parse(b"\x7fELF".to_vec()),
+            Err(LoaderError::Malformed(_))
+        ));
+        let mut elf32 = tiny_elf(EM_X86_64, PAYLOAD_START, &[0xf4]);
+        elf32[4] = 1;
+        assert!(matches!(parse(elf32), Err(LoaderError::NotElf64)));
+        assert!(matches!(
+            parse(tiny_elf(183, PAYLOAD_START, &[0])),
+            Err(LoaderError::WrongMachine { code: 183, .. })
+        ));
+        assert!(matches!(
+            parse(tiny_elf(EM_X86_64, 0x1000, &[0xf4])),
+            Err(LoaderError::SegmentOutOfRange { addr: 0x1000, .. })
+        ));
+        assert!(matches!(
+            parse(tiny_elf(EM_X86_64, PAYLOAD_END - 1, &[0, 0])),
+            Err(LoaderError::SegmentOutOfRange { .. })
+        ));
+        let truncated = tiny_elf(EM_X86_64, PAYLOAD_START, &[0xf4; 64]);
+        assert!(matches!(
+            parse(truncated[..truncated.len() - 10].to_vec()),
+            Err(LoaderError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn every_truncation_of_the_embedded_payload_is_refused_without_panicking() {
+        for len in (0..EMBEDDED_PAYLOAD.len()).step_by(97) {
+            let _ = parse(EMBEDDED_PAYLOAD[..len].to_vec());
+        }
+    }
+}

@@ -1,0 +1,138 @@
+//! Guest RAM: sized from the samples asked for, and the boot structures written into it.
+
+use crate::arch::x86_64::{gdt, paging};
+use guest_payload::layout::{GDT_ADDR, IDENTITY_MAP_BYTES, RAM_GRANULE, RESULT_ADDR};
+use guest_payload::{layout, Config};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    #[error("the samples asked for need {needed} bytes of guest RAM, more than the {limit} bytes the page tables map; ask for fewer iterations")]
+    TooLarge { needed: u64, limit: u64 },
+    #[error("cannot allocate {size} bytes of guest RAM: {source}")]
+    Allocate {
+        size: u64,
+        source: vm_memory::mmap::FromRangesError,
+    },
+    #[error("cannot write {what} at guest address {addr:#x}: {source}")]
+    Write {
+        what: &'static str,
+        addr: u64,
+        source: vm_memory::GuestMemoryError,
+    },
+    #[error("cannot read the result block at guest address {addr:#x}: {source}")]
+    Read {
+        addr: u64,
+        source: vm_memory::GuestMemoryError,
+    },
+}
+
+/// Bytes of guest RAM for a run: everything below the result area, plus the result block
+/// the config asks for, rounded up to whole 2 MiB pages.
+pub fn ram_size_for(config: &Config) -> Result<u64, MemoryError> {
+    let needed = RESULT_ADDR + config.result_bytes_needed();
+    let size = needed.div_ceil(RAM_GRANULE) * RAM_GRANULE;
+    if size > IDENTITY_MAP_BYTES {
+        return Err(MemoryError::TooLarge {
+            needed,
+            limit: IDENTITY_MAP_BYTES,
+        });
+    }
+    Ok(size)
+}
+
+/// One anonymous mapping from guest address 0. The kernel hands it out zeroed, which is
+/// also what gives the payload a zeroed `.bss` (the ELF loader copies only file bytes).
+pub fn allocate(size: u64) -> Result<GuestMemoryMmap, MemoryError> {
+    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size as usize)])
+        .map_err(|source| MemoryError::Allocate { size, source })
+}
+
+/// Writes the GDT, the page tables and the config block.
+pub fn write_boot_structures(memory: &GuestMemoryMmap, config: &Config) -> Result<(), MemoryError> {
+    let gdt: Vec<u8> = gdt::table().iter().flat_map(|d| d.to_le_bytes()).collect();
+    write(memory, "the GDT", GDT_ADDR, &gdt)?;
+    for (addr, entries) in paging::identity_tables() {
+        let bytes: Vec<u8> = entries.iter().flat_map(|e| e.to_le_bytes()).collect();
+        write(memory, "a page table", addr, &bytes)?;
+    }
+    write(
+        memory,
+        "the config block",
+        layout::CONFIG_ADDR,
+        config.as_bytes(),
+    )
+}
+
+fn write(
+    memory: &GuestMemoryMmap,
+    what: &'static str,
+    addr: u64,
+    bytes: &[u8],
+) -> Result<(), MemoryError> {
+    memory
+        .write_slice(bytes, GuestAddress(addr))
+        .map_err(|source| MemoryError::Write { what, addr, source })
+}
+
+/// Copies `len` bytes out of guest RAM.
+pub fn read(memory: &GuestMemoryMmap, addr: u64, len: usize) -> Result<Vec<u8>, MemoryError> {
+    let mut bytes = vec![0u8; len];
+    memory
+        .read_slice(&mut bytes, GuestAddress(addr))
+        .map_err(|source| MemoryError::Read { addr, source })?;
+    Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ram_grows_with_samples_in_whole_large_pages() {
+        let small = Config {
+            probes: 0b111,
+            iterations: 10,
+            ..Default::default()
+        };
+        assert_eq!(ram_size_for(&small).unwrap(), RESULT_ADDR + RAM_GRANULE);
+        let big = Config {
+            probes: 0b111,
+            iterations: 1_000_000,
+            ..Default::default()
+        };
+        let size = ram_size_for(&big).unwrap();
+        assert!(size >= RESULT_ADDR + 24_000_000 && size % RAM_GRANULE == 0);
+    }
+
+    #[test]
+    fn samples_beyond_the_mapped_gigabyte_are_refused() {
+        let huge = Config {
+            probes: 0b111,
+            iterations: u32::MAX,
+            ..Default::default()
+        };
+        assert!(matches!(
+            ram_size_for(&huge),
+            Err(MemoryError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn boot_structures_land_where_the_abi_says() {
+        let config = Config {
+            magic: guest_payload::CONFIG_MAGIC,
+            iterations: 3,
+            ..Default::default()
+        };
+        let memory = allocate(ram_size_for(&config).unwrap()).unwrap();
+        write_boot_structures(&memory, &config).unwrap();
+        let back = read(&memory, layout::CONFIG_ADDR, config.as_bytes().len()).unwrap();
+        assert_eq!(back, config.as_bytes());
+        let gdt_code = read(&memory, GDT_ADDR + 8, 8).unwrap();
+        assert_eq!(
+            u64::from_le_bytes(gdt_code.try_into().unwrap()),
+            gdt::table()[1]
+        );
+    }
+}
