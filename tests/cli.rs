@@ -1,1 +1,326 @@
+//! End-to-end tests: the built `vmm` binary driven as a user would drive it.
+//!
+//! These boot real VMs. Where /dev/kvm is absent they skip, loudly; in CI (CI=true) a
+//! missing /dev/kvm is a failure, never a skip.
 
+use guest_payload::layout::PAYLOAD_START;
+use serde_json::Value;
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+use vmm::vm::loader::test_support::tiny_elf;
+use vmm::vm::loader::EM_X86_64;
+
+fn vmm(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vmm"))
+        .args(args)
+        .output()
+        .expect("run the vmm binary")
+}
+
+fn kvm_available() -> bool {
+    if std::path::Path::new("/dev/kvm").exists() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "CI must have /dev/kvm: these tests boot real VMs"
+    );
+    eprintln!("\n*** SKIPPED: /dev/kvm is absent on this machine; this test boots a real VM ***\n");
+    false
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn json_run(args: &[&str]) -> Value {
+    let output = vmm(args);
+    assert!(
+        output.status.success(),
+        "vmm {args:?} failed: {}",
+        stderr(&output)
+    );
+    serde_json::from_slice(&output.stdout).expect("--json prints one JSON document")
+}
+
+fn temp_path(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("vmm-test-{}-{name}", std::process::id()))
+}
+
+#[test]
+fn hw_assist_run_reports_every_field_and_cpuid_costs_more_than_nop() {
+    if !kvm_available() {
+        return;
+    }
+    let report = json_run(&[
+        "run",
+        "--mode",
+        "hw-assist",
+        "--iterations",
+        "500",
+        "--warmup",
+        "20",
+        "--json",
+    ]);
+    assert_eq!(report["schema_version"], 1);
+    assert_eq!(report["mode"], "hw-assist");
+    assert!(report["host"]["tsc_khz"].as_u64().unwrap() > 0);
+    assert!(report["host"]["kvm"]["flavour"].is_string());
+    assert_eq!(report["config"]["iterations"], 500);
+    for probe in ["cpuid", "nop", "rdtsc"] {
+        let stats = &report["probes"][probe];
+        assert_eq!(stats["count"], 500, "{probe}");
+        for field in ["min", "p5", "median", "mean", "p95", "p99", "max"] {
+            assert!(stats[field].is_number(), "{probe}.{field}");
+            assert!(stats["ns"][field].is_number(), "{probe}.ns.{field}");
+        }
+        assert!(
+            stats["min"].as_u64() <= stats["median"].as_u64()
+                && stats["median"].as_u64() <= stats["max"].as_u64()
+        );
+    }
+    let median = |p: &str| report["probes"][p]["median"].as_u64().unwrap();
+    assert!(
+        median("cpuid") > median("nop"),
+        "CPUID {} vs NOP {}",
+        median("cpuid"),
+        median("nop")
+    );
+    assert_eq!(report["exits"]["done-io"]["count"], 1);
+    assert!(report["exits"]["console-io"]["count"].as_u64().unwrap() > 0);
+    assert!(report["timings"]["setup_us"].as_u64().unwrap() > 0);
+    assert!(report["timings"]["run_us"].as_u64().unwrap() > 0);
+    assert!(
+        report["payload"]["cpuid_sites"]["vmm_site_cpuid_probe"]
+            .as_u64()
+            .unwrap()
+            >= PAYLOAD_START
+    );
+}
+
+#[test]
+fn native_run_measures_the_same_probes_on_a_pinned_cpu() {
+    let report = json_run(&["run", "--mode", "native", "--iterations", "2000", "--json"]);
+    assert_eq!(report["mode"], "native");
+    assert_eq!(report["probes"]["cpuid"]["count"], 2000);
+    assert!(report["native_cpu"].is_number());
+    assert!(report["timings"]["setup_us"].is_null());
+    let median = |p: &str| report["probes"][p]["median"].as_u64().unwrap();
+    assert!(median("cpuid") > median("nop"));
+}
+
+#[test]
+fn table_output_shows_each_probe_and_the_excess() {
+    if !kvm_available() {
+        return;
+    }
+    let output = vmm(&["run", "--iterations", "200"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let table = String::from_utf8_lossy(&output.stdout);
+    for expected in [
+        "cpuid",
+        "nop",
+        "rdtsc",
+        "median",
+        "CPUID over NOP",
+        "done-io",
+        "setup",
+    ] {
+        assert!(table.contains(expected), "no `{expected}` in:\n{table}");
+    }
+}
+
+#[test]
+fn raw_samples_go_to_csv_and_json() {
+    if !kvm_available() {
+        return;
+    }
+    let csv = temp_path("samples.csv");
+    let report = json_run(&[
+        "run",
+        "-n",
+        "50",
+        "--probes",
+        "cpuid,nop",
+        "--json",
+        "--raw",
+        "--csv",
+        csv.to_str().unwrap(),
+    ]);
+    assert_eq!(report["samples"]["cpuid"].as_array().unwrap().len(), 50);
+    assert!(
+        report["probes"]["rdtsc"].is_null(),
+        "rdtsc was not asked for"
+    );
+    let text = std::fs::read_to_string(&csv).unwrap();
+    std::fs::remove_file(&csv).ok();
+    let mut lines = text.lines();
+    assert_eq!(lines.next(), Some("probe,index,cycles"));
+    assert_eq!(
+        lines.clone().filter(|l| l.starts_with("cpuid,")).count(),
+        50
+    );
+    assert_eq!(lines.filter(|l| l.starts_with("nop,")).count(), 50);
+}
+
+#[test]
+fn console_output_is_shown_on_request() {
+    if !kvm_available() {
+        return;
+    }
+    let output = vmm(&["run", "-n", "10", "--console"]);
+    assert!(output.status.success());
+    assert!(
+        stderr(&output).contains("guest: measuring"),
+        "{}",
+        stderr(&output)
+    );
+}
+
+#[test]
+fn watchdog_stops_a_hanging_guest_soon_after_the_deadline() {
+    if !kvm_available() {
+        return;
+    }
+    let started = Instant::now();
+    let output = vmm(&["run", "--misbehave", "hang", "--timeout", "1"]);
+    let elapsed = started.elapsed();
+    assert!(!output.status.success());
+    assert!(
+        stderr(&output).contains("the guest hung"),
+        "{}",
+        stderr(&output)
+    );
+    assert!(
+        elapsed < Duration::from_secs(3),
+        "took {elapsed:?} for a 1 s timeout"
+    );
+}
+
+#[test]
+fn a_faulting_guest_is_reported_with_its_rip() {
+    if !kvm_available() {
+        return;
+    }
+    let output = vmm(&["run", "--misbehave", "fault"]);
+    assert!(!output.status.success());
+    let message = stderr(&output);
+    assert!(message.contains("triple-faulted at RIP 0x"), "{message}");
+}
+
+#[test]
+fn bad_payloads_are_refused_with_one_clear_line() {
+    let cases: [(&str, Vec<u8>, &str); 5] = [
+        ("text", b"not an elf at all\n".to_vec(), "not an ELF file"),
+        ("empty", Vec::new(), "not an ELF file"),
+        (
+            "aarch64",
+            tiny_elf(183, PAYLOAD_START, &[0; 4]),
+            "built for AArch64",
+        ),
+        (
+            "low-segment",
+            tiny_elf(EM_X86_64, 0x1000, &[0xf4]),
+            "outside the payload window",
+        ),
+        (
+            "huge-segment",
+            tiny_elf(EM_X86_64, 0x3f_ffff, &[0xf4; 8]),
+            "outside the payload window",
+        ),
+    ];
+    for (name, bytes, expected) in cases {
+        let path = temp_path(name);
+        std::fs::write(&path, bytes).unwrap();
+        let output = vmm(&["run", "--payload", path.to_str().unwrap()]);
+        std::fs::remove_file(&path).ok();
+        assert_eq!(output.status.code(), Some(1), "{name}");
+        let message = stderr(&output);
+        assert!(message.contains(expected), "{name}: {message}");
+        assert_eq!(
+            message.trim().lines().count(),
+            1,
+            "{name}: one line, got {message}"
+        );
+        assert!(!message.contains("panicked"), "{name}: {message}");
+    }
+    let output = vmm(&["run", "--payload", "/nonexistent/payload.elf"]);
+    assert!(stderr(&output).contains("cannot read the payload"));
+}
+
+#[test]
+fn a_payload_that_never_rings_done_is_stopped() {
+    if !kvm_available() {
+        return;
+    }
+    // `jmp .` at the entry: a valid ELF that ignores the ABI and spins.
+    let path = temp_path("spin");
+    std::fs::write(&path, tiny_elf(EM_X86_64, PAYLOAD_START, &[0xeb, 0xfe])).unwrap();
+    let output = vmm(&[
+        "run",
+        "--payload",
+        path.to_str().unwrap(),
+        "--timeout",
+        "0.5",
+    ]);
+    std::fs::remove_file(&path).ok();
+    assert!(
+        stderr(&output).contains("the guest hung"),
+        "{}",
+        stderr(&output)
+    );
+}
+
+#[test]
+fn bad_numbers_and_modes_are_usage_errors() {
+    for args in [
+        &["run", "--iterations", "0"][..],
+        &["run", "--iterations", "4000000000"],
+        &["run", "--mode", "warp-drive"],
+        &["run", "--leaf", "banana"],
+        &["run", "--timeout", "-3"],
+    ] {
+        let output = vmm(args);
+        assert_eq!(output.status.code(), Some(2), "{args:?}");
+        assert!(stderr(&output).contains("error:"), "{args:?}");
+    }
+}
+
+#[test]
+fn an_unwritable_csv_path_is_refused_before_measuring() {
+    let output = vmm(&["run", "--mode", "native", "--csv", "/nonexistent-dir/x.csv"]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(stderr(&output).contains("cannot write /nonexistent-dir/x.csv"));
+}
+
+#[test]
+fn doctor_reports_each_check_and_boots_a_guest() {
+    if !kvm_available() {
+        return;
+    }
+    let output = vmm(&["doctor", "--json"]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+    let checks: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let names: Vec<&str> = checks
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    for name in [
+        "/dev/kvm",
+        "KVM API version",
+        "KVM flavour",
+        "host is a VM",
+        "invariant TSC",
+        "TSC frequency",
+        "guest boot",
+    ] {
+        assert!(names.contains(&name), "{name} missing from {names:?}");
+    }
+}

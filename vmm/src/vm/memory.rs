@@ -102,7 +102,7 @@ mod tests {
             ..Default::default()
         };
         let size = ram_size_for(&big).unwrap();
-        assert!(size >= RESULT_ADDR + 24_000_000 && size % RAM_GRANULE == 0);
+        assert!(size >= RESULT_ADDR + 24_000_000 && size.is_multiple_of(RAM_GRANULE));
     }
 
     #[test]
