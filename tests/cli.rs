@@ -36,11 +36,7 @@ fn stderr(output: &Output) -> String {
 
 fn json_run(args: &[&str]) -> Value {
     let output = vmm(args);
-    assert!(
-        output.status.success(),
-        "vmm {args:?} failed: {}",
-        stderr(&output)
-    );
+    assert!(output.status.success(), "vmm {args:?} failed: {}", stderr(&output));
     serde_json::from_slice(&output.stdout).expect("--json prints one JSON document")
 }
 
@@ -75,10 +71,7 @@ fn hw_assist_run_reports_every_field_and_cpuid_costs_more_than_nop() {
             assert!(stats[field].is_number(), "{probe}.{field}");
             assert!(stats["ns"][field].is_number(), "{probe}.ns.{field}");
         }
-        assert!(
-            stats["min"].as_u64() <= stats["median"].as_u64()
-                && stats["median"].as_u64() <= stats["max"].as_u64()
-        );
+        assert!(stats["min"].as_u64() <= stats["median"].as_u64() && stats["median"].as_u64() <= stats["max"].as_u64());
     }
     let median = |p: &str| report["probes"][p]["median"].as_u64().unwrap();
     assert!(
@@ -118,15 +111,7 @@ fn table_output_shows_each_probe_and_the_excess() {
     let output = vmm(&["run", "--iterations", "200"]);
     assert!(output.status.success(), "{}", stderr(&output));
     let table = String::from_utf8_lossy(&output.stdout);
-    for expected in [
-        "cpuid",
-        "nop",
-        "rdtsc",
-        "median",
-        "CPUID over NOP",
-        "done-io",
-        "setup",
-    ] {
+    for expected in ["cpuid", "nop", "rdtsc", "median", "CPUID over NOP", "done-io", "setup"] {
         assert!(table.contains(expected), "no `{expected}` in:\n{table}");
     }
 }
@@ -149,18 +134,12 @@ fn raw_samples_go_to_csv_and_json() {
         csv.to_str().unwrap(),
     ]);
     assert_eq!(report["samples"]["cpuid"].as_array().unwrap().len(), 50);
-    assert!(
-        report["probes"]["rdtsc"].is_null(),
-        "rdtsc was not asked for"
-    );
+    assert!(report["probes"]["rdtsc"].is_null(), "rdtsc was not asked for");
     let text = std::fs::read_to_string(&csv).unwrap();
     std::fs::remove_file(&csv).ok();
     let mut lines = text.lines();
     assert_eq!(lines.next(), Some("probe,index,cycles"));
-    assert_eq!(
-        lines.clone().filter(|l| l.starts_with("cpuid,")).count(),
-        50
-    );
+    assert_eq!(lines.clone().filter(|l| l.starts_with("cpuid,")).count(), 50);
     assert_eq!(lines.filter(|l| l.starts_with("nop,")).count(), 50);
 }
 
@@ -171,11 +150,7 @@ fn console_output_is_shown_on_request() {
     }
     let output = vmm(&["run", "-n", "10", "--console"]);
     assert!(output.status.success());
-    assert!(
-        stderr(&output).contains("guest: measuring"),
-        "{}",
-        stderr(&output)
-    );
+    assert!(stderr(&output).contains("guest: measuring"), "{}", stderr(&output));
 }
 
 #[test]
@@ -187,15 +162,8 @@ fn watchdog_stops_a_hanging_guest_soon_after_the_deadline() {
     let output = vmm(&["run", "--misbehave", "hang", "--timeout", "1"]);
     let elapsed = started.elapsed();
     assert!(!output.status.success());
-    assert!(
-        stderr(&output).contains("the guest hung"),
-        "{}",
-        stderr(&output)
-    );
-    assert!(
-        elapsed < Duration::from_secs(3),
-        "took {elapsed:?} for a 1 s timeout"
-    );
+    assert!(stderr(&output).contains("the guest hung"), "{}", stderr(&output));
+    assert!(elapsed < Duration::from_secs(3), "took {elapsed:?} for a 1 s timeout");
 }
 
 #[test]
@@ -214,11 +182,7 @@ fn bad_payloads_are_refused_with_one_clear_line() {
     let cases: [(&str, Vec<u8>, &str); 5] = [
         ("text", b"not an elf at all\n".to_vec(), "not an ELF file"),
         ("empty", Vec::new(), "not an ELF file"),
-        (
-            "aarch64",
-            tiny_elf(183, PAYLOAD_START, &[0; 4]),
-            "built for AArch64",
-        ),
+        ("aarch64", tiny_elf(183, PAYLOAD_START, &[0; 4]), "built for AArch64"),
         (
             "low-segment",
             tiny_elf(EM_X86_64, 0x1000, &[0xf4]),
@@ -238,11 +202,7 @@ fn bad_payloads_are_refused_with_one_clear_line() {
         assert_eq!(output.status.code(), Some(1), "{name}");
         let message = stderr(&output);
         assert!(message.contains(expected), "{name}: {message}");
-        assert_eq!(
-            message.trim().lines().count(),
-            1,
-            "{name}: one line, got {message}"
-        );
+        assert_eq!(message.trim().lines().count(), 1, "{name}: one line, got {message}");
         assert!(!message.contains("panicked"), "{name}: {message}");
     }
     let output = vmm(&["run", "--payload", "/nonexistent/payload.elf"]);
@@ -257,19 +217,9 @@ fn a_payload_that_never_rings_done_is_stopped() {
     // `jmp .` at the entry: a valid ELF that ignores the ABI and spins.
     let path = temp_path("spin");
     std::fs::write(&path, tiny_elf(EM_X86_64, PAYLOAD_START, &[0xeb, 0xfe])).unwrap();
-    let output = vmm(&[
-        "run",
-        "--payload",
-        path.to_str().unwrap(),
-        "--timeout",
-        "0.5",
-    ]);
+    let output = vmm(&["run", "--payload", path.to_str().unwrap(), "--timeout", "0.5"]);
     std::fs::remove_file(&path).ok();
-    assert!(
-        stderr(&output).contains("the guest hung"),
-        "{}",
-        stderr(&output)
-    );
+    assert!(stderr(&output).contains("the guest hung"), "{}", stderr(&output));
 }
 
 #[test]
@@ -300,11 +250,7 @@ fn doctor_reports_each_check_and_boots_a_guest() {
         return;
     }
     let output = vmm(&["doctor", "--json"]);
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stdout)
-    );
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stdout));
     let checks: Value = serde_json::from_slice(&output.stdout).unwrap();
     let names: Vec<&str> = checks
         .as_array()

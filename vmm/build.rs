@@ -9,15 +9,11 @@ use std::path::PathBuf;
 use std::process::Command;
 
 fn main() {
-    let manifest_dir =
-        PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let payload_dir = manifest_dir.join("../guest-payload");
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
     for watched in ["src", "Cargo.toml"] {
-        println!(
-            "cargo:rerun-if-changed={}",
-            payload_dir.join(watched).display()
-        );
+        println!("cargo:rerun-if-changed={}", payload_dir.join(watched).display());
     }
     println!("cargo:rerun-if-changed=build.rs");
 
@@ -80,21 +76,13 @@ fn main() {
             command.env_remove(key);
         }
     }
-    let status = command
-        .status()
-        .expect("run cargo to build the guest payload");
-    assert!(
-        status.success(),
-        "building the guest payload failed: {status}"
-    );
+    let status = command.status().expect("run cargo to build the guest payload");
+    assert!(status.success(), "building the guest payload failed: {status}");
 
     let elf = target_dir.join("release/guest-payload");
     let embedded = out_dir.join("guest-payload.elf");
     std::fs::copy(&elf, &embedded).unwrap_or_else(|e| panic!("copy {}: {e}", elf.display()));
-    println!(
-        "cargo:rustc-env=VMM_GUEST_PAYLOAD_ELF={}",
-        embedded.display()
-    );
+    println!("cargo:rustc-env=VMM_GUEST_PAYLOAD_ELF={}", embedded.display());
 }
 
 fn linker_script_text() -> String {

@@ -230,9 +230,7 @@ impl Config {
     pub fn as_bytes(&self) -> &[u8] {
         // SAFETY: `Config` is `repr(C)`, made of integers only and has no padding (asserted
         // above), so every byte is initialised.
-        unsafe {
-            core::slice::from_raw_parts((self as *const Self).cast::<u8>(), size_of::<Self>())
-        }
+        unsafe { core::slice::from_raw_parts((self as *const Self).cast::<u8>(), size_of::<Self>()) }
     }
 
     /// Bytes the result block needs: the header and every sample asked for.
@@ -288,10 +286,7 @@ mod tests {
             iterations: 100,
             ..Default::default()
         };
-        assert_eq!(
-            config.result_bytes_needed(),
-            size_of::<ResultHeader>() as u64 + 2400
-        );
+        assert_eq!(config.result_bytes_needed(), size_of::<ResultHeader>() as u64 + 2400);
     }
 
     #[test]
@@ -316,10 +311,7 @@ mod tests {
         };
         // SAFETY: plain-old-data view of a local value, as the guest writes it.
         let bytes = unsafe {
-            core::slice::from_raw_parts(
-                (&header as *const ResultHeader).cast::<u8>(),
-                size_of::<ResultHeader>(),
-            )
+            core::slice::from_raw_parts((&header as *const ResultHeader).cast::<u8>(), size_of::<ResultHeader>())
         };
         assert_eq!(ResultHeader::from_bytes(bytes), Some(header));
         assert_eq!(ResultHeader::from_bytes(&bytes[..10]), None);

@@ -76,15 +76,13 @@ fn run(config: &Config) -> Status {
     for probe in probes_in(config.probes) {
         // SAFETY: the area [result_addr, result_addr + result_capacity) is guest RAM the
         // VMM reserved for us and nothing else aliases it; its size was checked above.
-        let samples =
-            unsafe { core::slice::from_raw_parts_mut(samples_addr as *mut u64, iterations) };
+        let samples = unsafe { core::slice::from_raw_parts_mut(samples_addr as *mut u64, iterations) };
         timing::measure(probe, &request, samples);
         samples_addr += (iterations * size_of::<u64>()) as u64;
     }
 
     if config.flags & flags::CPUID_SNAPSHOT != 0 {
-        for (record, &(leaf, subleaf)) in header.cpuid.iter_mut().zip(CPUID_SNAPSHOT_LEAVES.iter())
-        {
+        for (record, &(leaf, subleaf)) in header.cpuid.iter_mut().zip(CPUID_SNAPSHOT_LEAVES.iter()) {
             *record = timing::query_cpuid(cpuid_path, leaf, subleaf);
         }
         header.cpuid_count = CPUID_SNAPSHOT_LEAVES.len() as u32;
@@ -102,9 +100,7 @@ fn run(config: &Config) -> Status {
 fn console(text: &str) {
     for byte in text.bytes() {
         // SAFETY: port output to the VMM's console; no memory is touched.
-        unsafe {
-            core::arch::asm!("out dx, al", in("dx") ports::CONSOLE, in("al") byte, options(nomem, nostack))
-        };
+        unsafe { core::arch::asm!("out dx, al", in("dx") ports::CONSOLE, in("al") byte, options(nomem, nostack)) };
     }
 }
 

@@ -243,10 +243,7 @@ mod tests {
         for probe in Probe::ALL {
             let mut samples = [0u64; 64];
             measure(probe, &NATIVE, &mut samples);
-            assert!(
-                samples.iter().all(|&s| s > 0 && s < 1 << 40),
-                "{probe:?}: {samples:?}"
-            );
+            assert!(samples.iter().all(|&s| s > 0 && s < 1 << 40), "{probe:?}: {samples:?}");
         }
     }
 

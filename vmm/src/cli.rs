@@ -1,5 +1,6 @@
 //! The command line: what each subcommand and option means, in `--help`.
 
+use crate::modes::trap_emulate::Trap;
 use crate::modes::Mode;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use guest_payload::Probe;
@@ -12,7 +13,8 @@ use std::path::PathBuf;
     about = "A KVM testbed for CPUID timing: boot a tiny guest that times CPUID against NOP, and control what CPUID costs it",
     long_about = "vmm boots a minimal guest on /dev/kvm whose timing core measures CPUID against NOP with the TSC — \
 the classic \"am I in a VM?\" test — and runs the very same timing core natively on the host for comparison.\n\n\
-Start with `vmm doctor` to see what this host's KVM can do, then `vmm run --mode hw-assist` and `vmm run --mode native`.",
+Start with `vmm doctor` to see what this host's KVM can do, then compare `vmm run --mode native`, \
+`--mode hw-assist`, `--mode trap-emulate` and `--mode paravirt`.",
     after_help = "Exit status: 0 success, 1 a run or check failed (the message says why), 2 bad command line."
 )]
 pub struct Cli {
@@ -33,6 +35,10 @@ pub struct RunArgs {
     /// How CPUID reaches whoever answers it.
     #[arg(long, value_enum, default_value_t = Mode::HwAssist)]
     pub mode: Mode,
+
+    /// How trap-emulate traps CPUID.
+    #[arg(long, value_enum, default_value_t = Trap::HwBreakpoint)]
+    pub trap: Trap,
 
     /// Samples kept per probe.
     #[arg(long, short = 'n', default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..=i64::from(crate::measure::MAX_ITERATIONS)))]
@@ -66,12 +72,59 @@ pub struct RunArgs {
     #[arg(long)]
     pub cpu: Option<usize>,
 
+    /// Also record what CPUID returns for a fixed set of leaves (JSON `cpuid_snapshot`).
+    /// In trap-emulate and paravirt modes these are exits too (8 more).
+    #[arg(long)]
+    pub cpuid_snapshot: bool,
+
+    #[command(flatten)]
+    pub shaping: ShapingArgs,
+
     #[command(flatten)]
     pub output: OutputArgs,
 
     /// Make the guest misbehave on purpose, to see the VMM cope.
     #[arg(long, value_enum, help_heading = "Testing the VMM")]
     pub misbehave: Option<Misbehaviour>,
+}
+
+/// Latency shaping: what a CPUID exit handled by the VMM appears to cost the guest.
+/// Only for --mode trap-emulate and paravirt; at most one kind per run.
+#[derive(Debug, Args)]
+#[group(multiple = false)]
+#[command(next_help_heading = "Latency shaping (trap-emulate, paravirt)")]
+pub struct ShapingArgs {
+    /// Spin this many nanoseconds in the exit handler: real, wall-clock latency.
+    #[arg(long, value_name = "NS", value_parser = clap::value_parser!(u64).range(1..=1_000_000_000))]
+    pub inject_ns: Option<u64>,
+
+    /// Spin this many TSC cycles in the exit handler.
+    #[arg(long, value_name = "CYCLES", value_parser = clap::value_parser!(u64).range(1..=10_000_000_000))]
+    pub inject_cycles: Option<u64>,
+
+    /// Move the guest TSC forward by this many cycles per exit, without spending the time
+    /// (needs a KVM that honours TSC moves; probed).
+    #[arg(long, value_name = "CYCLES", value_parser = clap::value_parser!(u64).range(1..=10_000_000_000))]
+    pub virtual_inject_cycles: Option<u64>,
+
+    /// Hide the exit: move the guest TSC back so each CPUID costs the guest only the
+    /// target (needs a KVM that honours TSC moves; probed).
+    #[arg(long)]
+    pub hide: bool,
+
+    /// Target cost for --hide, in cycles [default: the native CPUID median, measured at start].
+    #[arg(long, value_name = "CYCLES", requires = "hide")]
+    pub target_cycles: Option<u64>,
+
+    /// Draw each exit's guest-visible cost from a profile: a built-in name
+    /// (vtx-hw-assist, paravirt-hypercall, kvm-userspace-exit-2012, trap-heavy-nested)
+    /// or a JSON file; see configs/profiles/README.md.
+    #[arg(long, value_name = "NAME|FILE")]
+    pub profile: Option<String>,
+
+    /// Seed for --profile draws: the same seed, the same targets.
+    #[arg(long, default_value_t = 0x5eed, requires = "profile")]
+    pub seed: u64,
 }
 
 #[derive(Debug, Args)]
@@ -175,6 +228,9 @@ mod tests {
             &["vmm", "run", "--mode", "warp-drive"],
             &["vmm", "run", "--timeout", "0"],
             &["vmm", "run", "--probes", "cpuid,teleport"],
+            &["vmm", "run", "--hide", "--inject-ns", "10"],
+            &["vmm", "run", "--target-cycles", "10"],
+            &["vmm", "run", "--trap", "jump"],
         ] {
             assert!(Cli::try_parse_from(args).is_err(), "{args:?} was accepted");
         }

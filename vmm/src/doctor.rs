@@ -35,22 +35,10 @@ fn check(name: &'static str, verdict: Verdict, detail: impl Into<String>) -> Che
 
 /// The capabilities the modes rely on, and what goes missing without each.
 const CAPABILITIES: &[(Cap, &str, Verdict)] = &[
-    (
-        Cap::UserMemory,
-        "guest memory (every VM mode)",
-        Verdict::Fail,
-    ),
+    (Cap::UserMemory, "guest memory (every VM mode)", Verdict::Fail),
     (Cap::ExtCpuid, "CPUID tables (every VM mode)", Verdict::Fail),
-    (
-        Cap::SetGuestDebug,
-        "debug traps (trap-emulate)",
-        Verdict::Warn,
-    ),
-    (
-        Cap::GetTscKhz,
-        "the guest TSC rate (ns figures)",
-        Verdict::Warn,
-    ),
+    (Cap::SetGuestDebug, "debug traps (trap-emulate)", Verdict::Warn),
+    (Cap::GetTscKhz, "the guest TSC rate (ns figures)", Verdict::Warn),
     (Cap::ImmediateExit, "prompt watchdog stops", Verdict::Warn),
 ];
 
@@ -69,11 +57,7 @@ pub fn run_checks() -> Vec<Check> {
     } else {
         match measure::open_kvm() {
             Ok(kvm) => {
-                checks.push(check(
-                    "/dev/kvm",
-                    Verdict::Ok,
-                    "present and opened read-write",
-                ));
+                checks.push(check("/dev/kvm", Verdict::Ok, "present and opened read-write"));
                 Some(kvm)
             }
             Err(e) => {
@@ -85,27 +69,15 @@ pub fn run_checks() -> Vec<Check> {
 
     if let Some(kvm) = &kvm {
         let version = kvm.get_api_version();
-        let verdict = if version == 12 {
-            Verdict::Ok
-        } else {
-            Verdict::Fail
-        };
-        checks.push(check(
-            "KVM API version",
-            verdict,
-            format!("{version} (vmm needs 12)"),
-        ));
+        let verdict = if version == 12 { Verdict::Ok } else { Verdict::Fail };
+        checks.push(check("KVM API version", verdict, format!("{version} (vmm needs 12)")));
         for &(cap, needed_for, missing) in CAPABILITIES {
             let (verdict, state) = if kvm.check_extension(cap) {
                 (Verdict::Ok, "available")
             } else {
                 (missing, "missing")
             };
-            checks.push(check(
-                "capability",
-                verdict,
-                format!("{cap:?}: {state} — {needed_for}"),
-            ));
+            checks.push(check("capability", verdict, format!("{cap:?}: {state} — {needed_for}")));
         }
     }
 
@@ -115,9 +87,7 @@ pub fn run_checks() -> Vec<Check> {
         KvmFlavour::Unknown => Verdict::Fail,
     };
     let flavour_note = match flavour {
-        KvmFlavour::Software => {
-            ": guest instructions are emulated, so guest timings are far from a hardware VM's"
-        }
+        KvmFlavour::Software => ": guest instructions are emulated, so guest timings are far from a hardware VM's",
         _ => "",
     };
     checks.push(check(
@@ -148,11 +118,7 @@ pub fn run_checks() -> Vec<Check> {
         check("host is a VM", Verdict::Ok, "no: native runs are bare metal")
     });
     checks.push(if cpu.invariant_tsc {
-        check(
-            "invariant TSC",
-            Verdict::Ok,
-            "the TSC ticks at a constant rate",
-        )
+        check("invariant TSC", Verdict::Ok, "the TSC ticks at a constant rate")
     } else {
         check(
             "invariant TSC",
@@ -164,11 +130,7 @@ pub fn run_checks() -> Vec<Check> {
     checks.push(check(
         "TSC frequency",
         Verdict::Ok,
-        format!(
-            "{:.3} GHz ({})",
-            f64::from(tsc.khz) / 1e6,
-            tsc.source.describe()
-        ),
+        format!("{:.3} GHz ({})", f64::from(tsc.khz) / 1e6, tsc.source.describe()),
     ));
 
     if let Some(kvm) = &kvm {
@@ -187,9 +149,7 @@ fn boot_check(kvm: &Kvm) -> Check {
     };
     let result = Payload::embedded()
         .map_err(|e| e.to_string())
-        .and_then(|payload| {
-            measure::measure(Some(kvm), &payload, &spec, None).map_err(|e| e.to_string())
-        });
+        .and_then(|payload| measure::measure(Some(kvm), &payload, &spec, None).map_err(|e| e.to_string()));
     match result {
         Ok(m) => {
             let median = |p: Probe| m.samples.get(&p).map_or(0, |s| crate::stats::median(s));

@@ -79,8 +79,7 @@ pub fn cpu_info() -> CpuInfo {
     let has = |flag: &str| flags.split_whitespace().any(|f| f == flag);
     let leaf1 = std::arch::x86_64::__cpuid(1);
     let max_extended = std::arch::x86_64::__cpuid(0x8000_0000).eax;
-    let invariant_cpuid =
-        max_extended >= 0x8000_0007 && std::arch::x86_64::__cpuid(0x8000_0007).edx & (1 << 8) != 0;
+    let invariant_cpuid = max_extended >= 0x8000_0007 && std::arch::x86_64::__cpuid(0x8000_0007).edx & (1 << 8) != 0;
     CpuInfo {
         model: field("model name").unwrap_or_else(|| "unknown".into()),
         vmx: has("vmx"),
@@ -168,14 +167,8 @@ mod tests {
     #[test]
     fn flavour_follows_the_loaded_vendor_module() {
         let only = |names: &'static [&'static str]| move |m: &str| names.contains(&m);
-        assert_eq!(
-            kvm_flavour_from(only(&["kvm", "kvm_intel"])).0,
-            KvmFlavour::HardwareVtX
-        );
-        assert_eq!(
-            kvm_flavour_from(only(&["kvm", "kvm_amd"])).0,
-            KvmFlavour::HardwareAmdV
-        );
+        assert_eq!(kvm_flavour_from(only(&["kvm", "kvm_intel"])).0, KvmFlavour::HardwareVtX);
+        assert_eq!(kvm_flavour_from(only(&["kvm", "kvm_amd"])).0, KvmFlavour::HardwareAmdV);
         assert_eq!(
             kvm_flavour_from(only(&["kvm", "kvm_pvm"])),
             (KvmFlavour::Software, Some("kvm_pvm"))

@@ -6,6 +6,7 @@
 //! - [`arch::x86_64`]: GDT, page tables, long-mode registers, the CPUID table;
 //! - [`vm`]: a VM with one vCPU — memory, ELF loading, the run loop, exits, watchdog;
 //! - [`modes`]: the exit handling of each `--mode`;
+//! - [`shaping`]: what a CPUID exit appears to cost (inject, hide, profiles);
 //! - [`native`]: the same timing core in a pinned host thread;
 //! - [`measure`]: one run in one mode;
 //! - [`stats`], [`report`]: statistics and the table/JSON/CSV outputs;
@@ -22,5 +23,6 @@ pub mod measure;
 pub mod modes;
 pub mod native;
 pub mod report;
+pub mod shaping;
 pub mod stats;
 pub mod vm;

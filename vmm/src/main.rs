@@ -4,10 +4,12 @@ use clap::Parser;
 use std::io::Write;
 use std::process::ExitCode;
 use std::time::Duration;
-use vmm::cli::{Cli, Command, Misbehaviour, RunArgs};
+use vmm::cli::{Cli, Command, Misbehaviour, RunArgs, ShapingArgs};
 use vmm::measure::{self, MeasureError, RunSpec};
 use vmm::modes::Mode;
 use vmm::report::{self, HostReport, RunReport};
+use vmm::shaping::profile::{Profile, ProfileError};
+use vmm::shaping::{plan, Shaping};
 use vmm::vm::loader::{LoaderError, Payload};
 use vmm::{doctor, host};
 
@@ -18,12 +20,11 @@ enum CliError {
     #[error(transparent)]
     Payload(#[from] LoaderError),
     #[error("cannot write {path}: {source}")]
-    Output {
-        path: String,
-        source: std::io::Error,
-    },
+    Output { path: String, source: std::io::Error },
     #[error("cannot encode the JSON report: {0}")]
     Json(#[from] serde_json::Error),
+    #[error(transparent)]
+    Profile(#[from] ProfileError),
     #[error("doctor found a problem that stops vmm from running guests")]
     DoctorFailed,
 }
@@ -50,16 +51,21 @@ fn run(args: &RunArgs) -> Result<(), CliError> {
     };
     // Refuse an unwritable CSV path before measuring, not after.
     let csv_file = match &args.output.csv {
-        Some(path) => Some(
-            std::fs::File::create(path).map_err(|source| CliError::Output {
-                path: path.display().to_string(),
-                source,
-            })?,
-        ),
+        Some(path) => Some(std::fs::File::create(path).map_err(|source| CliError::Output {
+            path: path.display().to_string(),
+            source,
+        })?),
         None => None,
     };
+    let kvm = match args.mode {
+        Mode::Native => measure::open_kvm().ok(),
+        _ => Some(measure::open_kvm()?),
+    };
+    let tsc = host::tsc_frequency(kvm.as_ref().and_then(measure::kvm_tsc_khz));
     let spec = RunSpec {
         mode: args.mode,
+        trap: args.trap,
+        shaping: shaping(&args.shaping, tsc.khz)?,
         iterations: args.iterations,
         warmup: args.warmup,
         cpuid_leaf: args.leaf,
@@ -73,20 +79,16 @@ fn run(args: &RunArgs) -> Result<(), CliError> {
             Some(Misbehaviour::Hang) => guest_payload::flags::HANG,
             Some(Misbehaviour::Fault) => guest_payload::flags::FAULT,
             None => 0,
+        } | if args.cpuid_snapshot {
+            guest_payload::flags::CPUID_SNAPSHOT
+        } else {
+            0
         },
         timeout: Duration::from_secs_f64(args.timeout),
         cpu: args.cpu,
     };
-    let kvm = match args.mode {
-        Mode::Native => measure::open_kvm().ok(),
-        _ => Some(measure::open_kvm()?),
-    };
     let mut stderr = std::io::stderr();
-    let console: Option<&mut dyn Write> = if args.output.console {
-        Some(&mut stderr)
-    } else {
-        None
-    };
+    let console: Option<&mut dyn Write> = if args.output.console { Some(&mut stderr) } else { None };
     let measurement = measure::measure(kvm.as_ref(), &payload, &spec, console)?;
 
     let kvm_khz = measurement
@@ -110,6 +112,29 @@ fn run(args: &RunArgs) -> Result<(), CliError> {
         })?;
     }
     Ok(())
+}
+
+fn shaping(args: &ShapingArgs, tsc_khz: u32) -> Result<Shaping, CliError> {
+    Ok(if let Some(ns) = args.inject_ns {
+        Shaping::Inject {
+            cycles: plan::ns_to_cycles(ns, tsc_khz),
+        }
+    } else if let Some(cycles) = args.inject_cycles {
+        Shaping::Inject { cycles }
+    } else if let Some(cycles) = args.virtual_inject_cycles {
+        Shaping::VirtualInject { cycles }
+    } else if args.hide {
+        Shaping::Hide {
+            target: args.target_cycles,
+        }
+    } else if let Some(profile) = &args.profile {
+        Shaping::Profile {
+            profile: Box::new(Profile::load(profile)?),
+            seed: args.seed,
+        }
+    } else {
+        Shaping::None
+    })
 }
 
 fn doctor_command(json: bool) -> Result<(), CliError> {

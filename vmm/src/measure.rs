@@ -1,11 +1,18 @@
 //! One measurement: the timing core run once in one mode, natively or in a fresh VM.
 
-use crate::modes::{hw_assist::HwAssist, CpuidExitHandler, Mode};
+use crate::host;
+use crate::modes::hw_assist::HwAssist;
+use crate::modes::paravirt::Paravirt;
+use crate::modes::trap_emulate::{Trap, TrapDelivery, TrapEmulate};
+use crate::modes::{CpuidExitHandler, Mode, ModeError};
 use crate::native::{self, NativeError};
-use crate::vm::exits::ExitStats;
+use crate::shaping::tsc::{TscMethod, TscMover};
+use crate::shaping::{plan, Shaper, Shaping, ShapingError};
+use crate::stats::{self, Summary};
+use crate::vm::exits::{ExitKind, ExitStats};
 use crate::vm::loader::Payload;
 use crate::vm::{GuestVm, VmError};
-use guest_payload::{Config, CpuidRecord, Probe, ABI_VERSION, CONFIG_MAGIC};
+use guest_payload::{flags, Config, CpuidRecord, Probe, ABI_VERSION, CONFIG_MAGIC};
 use kvm_ioctls::Kvm;
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -25,6 +32,10 @@ pub enum MeasureError {
     Vm(#[from] VmError),
     #[error(transparent)]
     Native(#[from] NativeError),
+    #[error(transparent)]
+    Mode(#[from] ModeError),
+    #[error(transparent)]
+    Shaping(#[from] ShapingError),
 }
 
 fn kvm_open_hint(error: &kvm_ioctls::Error) -> &'static str {
@@ -44,6 +55,9 @@ pub fn open_kvm() -> Result<Kvm, MeasureError> {
 #[derive(Clone, Debug, PartialEq)]
 pub struct RunSpec {
     pub mode: Mode,
+    /// How trap-emulate traps CPUID.
+    pub trap: Trap,
+    pub shaping: Shaping,
     pub iterations: u32,
     pub warmup: u32,
     pub cpuid_leaf: u32,
@@ -61,6 +75,8 @@ impl RunSpec {
     pub fn new(mode: Mode) -> Self {
         Self {
             mode,
+            trap: Trap::default(),
+            shaping: Shaping::None,
             iterations: 10_000,
             warmup: 100,
             cpuid_leaf: 0,
@@ -74,10 +90,15 @@ impl RunSpec {
 
     /// The config block this spec becomes.
     pub fn guest_config(&self) -> Config {
+        let paravirt = if self.mode == Mode::Paravirt {
+            flags::PARAVIRT_CPUID
+        } else {
+            0
+        };
         Config {
             magic: CONFIG_MAGIC,
             abi_version: ABI_VERSION,
-            flags: self.guest_flags,
+            flags: self.guest_flags | paravirt,
             iterations: self.iterations,
             warmup: self.warmup,
             probes: self.probes,
@@ -86,6 +107,34 @@ impl RunSpec {
             ..Default::default()
         }
     }
+
+    /// A short run of the CPUID probe alone, for probes and calibration.
+    fn cpuid_only(&self, iterations: u32, warmup: u32, shaping: Shaping) -> Self {
+        Self {
+            shaping,
+            iterations,
+            warmup,
+            probes: Probe::Cpuid.bit(),
+            guest_flags: 0,
+            ..self.clone()
+        }
+    }
+}
+
+/// How shaping was set up for a run: what it asked for and what it was compared with.
+#[derive(Clone, Debug)]
+pub struct ShapingOutcome {
+    pub kind: &'static str,
+    pub requested_cycles: u64,
+    /// True where the request is an addition to the baseline (inject kinds), false where
+    /// it is the guest-seen cost itself (hide, profile).
+    pub additive: bool,
+    /// The unshaped calibration run's CPUID statistics.
+    pub baseline: Summary,
+    pub residue: Option<u64>,
+    pub tsc_method: Option<TscMethod>,
+    pub profile: Option<String>,
+    pub seed: Option<u64>,
 }
 
 /// What one run measured, whatever the mode.
@@ -102,6 +151,9 @@ pub struct Measurement {
     pub console: String,
     /// The host CPU the native runner was pinned to.
     pub native_cpu: Option<usize>,
+    /// How trap-emulate's traps arrived.
+    pub trap_delivery: Option<TrapDelivery>,
+    pub shaping: Option<ShapingOutcome>,
 }
 
 /// Runs `spec` once. `kvm` is needed for the VM modes only.
@@ -114,20 +166,19 @@ pub fn measure(
     if spec.iterations == 0 || spec.iterations > MAX_ITERATIONS {
         return Err(MeasureError::Iterations(u64::from(spec.iterations)));
     }
-    let config = spec.guest_config();
-    let mut handler: Box<dyn CpuidExitHandler> = match spec.mode {
-        Mode::Native => {
-            let run = native::run(&config, spec.cpu)?;
-            return Ok(Measurement {
-                samples: run.samples,
-                cpuid: run.cpuid,
-                run: run.run,
-                native_cpu: Some(run.cpu),
-                ..Default::default()
-            });
-        }
-        Mode::HwAssist => Box::new(HwAssist),
-    };
+    if spec.shaping != Shaping::None && !matches!(spec.mode, Mode::TrapEmulate | Mode::Paravirt) {
+        return Err(ShapingError::NeedsVmmExits(spec.shaping.kind()).into());
+    }
+    if spec.mode == Mode::Native {
+        let run = native::run(&spec.guest_config(), spec.cpu)?;
+        return Ok(Measurement {
+            samples: run.samples,
+            cpuid: run.cpuid,
+            run: run.run,
+            native_cpu: Some(run.cpu),
+            ..Default::default()
+        });
+    }
     let owned_kvm;
     let kvm = match kvm {
         Some(kvm) => kvm,
@@ -136,8 +187,47 @@ pub fn measure(
             &owned_kvm
         }
     };
-    let mut vm = GuestVm::create(kvm, payload, &config)?;
-    let (setup, stats) = vm.run(handler.as_mut(), spec.timeout, console)?;
+    let trap_delivery = match spec.mode {
+        Mode::TrapEmulate => Some(probe_trap(kvm, payload, spec)?),
+        _ => None,
+    };
+    let (shaper, shaping) = match spec.shaping {
+        Shaping::None => (Shaper::none(), None),
+        _ => {
+            let (shaper, outcome) = calibrate(kvm, payload, spec)?;
+            (shaper, Some(outcome))
+        }
+    };
+    let mut measurement = run_mode(kvm, payload, spec, shaper, console)?;
+    measurement.trap_delivery = trap_delivery;
+    measurement.shaping = shaping;
+    Ok(measurement)
+}
+
+/// One VM run of `spec` with the handler its mode needs.
+fn run_mode(
+    kvm: &Kvm,
+    payload: &Payload,
+    spec: &RunSpec,
+    shaper: Shaper,
+    console: Option<&mut dyn Write>,
+) -> Result<Measurement, MeasureError> {
+    match spec.mode {
+        Mode::Native | Mode::HwAssist => run_vm(kvm, payload, spec, &mut HwAssist, console),
+        Mode::TrapEmulate => run_vm(kvm, payload, spec, &mut TrapEmulate::new(spec.trap, shaper), console),
+        Mode::Paravirt => run_vm(kvm, payload, spec, &mut Paravirt::new(shaper), console),
+    }
+}
+
+fn run_vm(
+    kvm: &Kvm,
+    payload: &Payload,
+    spec: &RunSpec,
+    handler: &mut dyn CpuidExitHandler,
+    console: Option<&mut dyn Write>,
+) -> Result<Measurement, MeasureError> {
+    let mut vm = GuestVm::create(kvm, payload, &spec.guest_config())?;
+    let (setup, stats) = vm.run(handler, spec.timeout, console)?;
     let results = vm.results()?;
     Ok(Measurement {
         samples: results.samples,
@@ -147,9 +237,140 @@ pub fn measure(
         run: stats.run,
         kvm_tsc_khz: vm.tsc_khz,
         console: stats.console,
-        native_cpu: None,
+        ..Default::default()
     })
 }
+
+/// Does this KVM deliver the trap at all? One CPUID, trapped, finds out.
+fn probe_trap(kvm: &Kvm, payload: &Payload, spec: &RunSpec) -> Result<TrapDelivery, MeasureError> {
+    let probe = spec.cpuid_only(1, 0, Shaping::None);
+    let mut handler = TrapEmulate::new(spec.trap, Shaper::none());
+    let unavailable = |why: String| {
+        MeasureError::Mode(ModeError::TrapUnavailable {
+            trap: spec.trap.name(),
+            why,
+        })
+    };
+    match run_vm(kvm, payload, &probe, &mut handler, None) {
+        Ok(_) => handler.delivery.ok_or_else(|| {
+            unavailable("the guest's CPUID ran to completion without a single debug exit (breakpoints armed with KVM_SET_GUEST_DEBUG do not fire)".into())
+        }),
+        Err(MeasureError::Vm(VmError::TripleFault { rip })) => {
+            Err(unavailable(format!("the trap became a triple fault in the guest at RIP {rip} instead of an exit to the VMM")))
+        }
+        Err(MeasureError::Vm(VmError::InternalError { what, rip })) => Err(unavailable(format!("KVM failed at RIP {rip}: {what}"))),
+        Err(other) => Err(other),
+    }
+}
+
+/// A guest-visible move this large cannot be mistaken for noise.
+const PROBE_MOVE: u64 = 1 << 32;
+
+/// Do TSC moves reach the guest? Moves the TSC during a few CPUID exits and asks the guest
+/// what it saw. Returns the method that worked.
+fn probe_tsc_moves(kvm: &Kvm, payload: &Payload, spec: &RunSpec) -> Result<TscMethod, MeasureError> {
+    let probe = spec.cpuid_only(16, 2, Shaping::VirtualInject { cycles: PROBE_MOVE });
+    let shaper = Shaper::new(probe.shaping.clone(), 0, 0);
+    let measured = run_mode(kvm, payload, &probe, shaper, None)?;
+    let seen = measured.samples.get(&Probe::Cpuid).map_or(0, |s| stats::median(s));
+    // The method the shaper used; the same choice `TscMover::open` makes on any vCPU.
+    let vm = kvm.create_vm().map_err(|source| VmError::Kvm {
+        what: "to create a VM (KVM_CREATE_VM)",
+        source,
+    })?;
+    let vcpu = vm.create_vcpu(0).map_err(|source| VmError::Kvm {
+        what: "to create a vCPU",
+        source,
+    })?;
+    let method = TscMover::open(&vcpu).map_err(ShapingError::from)?.method;
+    if seen >= PROBE_MOVE / 2 {
+        return Ok(method);
+    }
+    Err(ShapingError::NotHonoured {
+        flavour: host::kvm_flavour().0.describe(),
+        method,
+        requested: PROBE_MOVE,
+        seen,
+    }
+    .into())
+}
+
+/// Probes TSC moves where needed, then measures the unshaped cost of the same path (the
+/// baseline; with a zero TSC move where the run will move it, for the residue), and the
+/// native CPUID cost where `--hide` has no explicit target.
+fn calibrate(kvm: &Kvm, payload: &Payload, spec: &RunSpec) -> Result<(Shaper, ShapingOutcome), MeasureError> {
+    let moves_tsc = spec.shaping.moves_tsc();
+    let tsc_method = if moves_tsc {
+        Some(probe_tsc_moves(kvm, payload, spec)?)
+    } else {
+        None
+    };
+    let calibration_shaping = if moves_tsc {
+        Shaping::CalibrateResidue
+    } else {
+        Shaping::None
+    };
+    let calibration = spec.cpuid_only(
+        spec.iterations.min(CALIBRATION_ITERATIONS),
+        spec.warmup,
+        calibration_shaping.clone(),
+    );
+    let measured = run_mode(kvm, payload, &calibration, Shaper::new(calibration_shaping, 0, 0), None)?;
+    let guest_seen = measured
+        .samples
+        .get(&Probe::Cpuid)
+        .map(|s| stats::summarize(s))
+        .unwrap_or_default();
+    let baseline = guest_seen.ok_or(MeasureError::Vm(VmError::BadResults(
+        "the calibration run returned no CPUID samples",
+    )))?;
+    let exit_kind = if spec.mode == Mode::Paravirt {
+        ExitKind::CpuidHypercall
+    } else {
+        ExitKind::CpuidTrap
+    };
+    let handler_median = stats::median(measured.exits.handler_cycles(exit_kind));
+    let residue = moves_tsc.then(|| plan::residue(baseline.median, handler_median));
+
+    let native_target = match spec.shaping {
+        Shaping::Hide { target: None } => {
+            let native = native::run(
+                &spec
+                    .cpuid_only(CALIBRATION_ITERATIONS, spec.warmup, Shaping::None)
+                    .guest_config(),
+                spec.cpu,
+            )?;
+            native.samples.get(&Probe::Cpuid).map_or(0, |s| stats::median(s))
+        }
+        _ => 0,
+    };
+    let shaper = Shaper::new(spec.shaping.clone(), native_target, residue.unwrap_or(0));
+    let (requested_cycles, additive, profile, seed) = match &spec.shaping {
+        Shaping::Inject { cycles } | Shaping::VirtualInject { cycles } => (*cycles, true, None, None),
+        Shaping::Hide { target } => (target.unwrap_or(native_target), false, None, None),
+        Shaping::Profile { profile, seed } => (
+            profile.distribution.median(),
+            false,
+            Some(profile.name.clone()),
+            Some(*seed),
+        ),
+        Shaping::None | Shaping::CalibrateResidue => (0, true, None, None),
+    };
+    let outcome = ShapingOutcome {
+        kind: spec.shaping.kind(),
+        requested_cycles,
+        additive,
+        baseline,
+        residue,
+        tsc_method,
+        profile,
+        seed,
+    };
+    Ok((shaper, outcome))
+}
+
+/// Samples in calibration runs: enough for a stable median, short enough to be cheap.
+const CALIBRATION_ITERATIONS: u32 = 1_000;
 
 /// Asks KVM for its TSC rate without running anything (for native runs' reports).
 pub fn kvm_tsc_khz(kvm: &Kvm) -> Option<u32> {

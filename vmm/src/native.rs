@@ -32,8 +32,7 @@ pub fn allowed_cpus() -> Vec<usize> {
     // SAFETY: a zeroed cpu_set_t is a valid empty set; sched_getaffinity fills it.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     // SAFETY: pid 0 is this thread; the size matches the set.
-    if unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) } != 0
-    {
+    if unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) } != 0 {
         return vec![0];
     }
     // SAFETY: CPU_ISSET reads within the set for indices below CPU_SETSIZE.
@@ -64,9 +63,7 @@ fn pin_current_thread(cpu: usize) -> Result<(), NativeError> {
 pub fn run(config: &Config, cpu: Option<usize>) -> Result<NativeRun, NativeError> {
     let allowed = allowed_cpus();
     let cpu = match cpu {
-        Some(cpu) if !allowed.contains(&cpu) => {
-            return Err(NativeError::CpuNotAllowed { cpu, allowed })
-        }
+        Some(cpu) if !allowed.contains(&cpu) => return Err(NativeError::CpuNotAllowed { cpu, allowed }),
         Some(cpu) => cpu,
         None => *allowed.last().unwrap_or(&0),
     };

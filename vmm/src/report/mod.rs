@@ -4,8 +4,10 @@ pub mod csv;
 pub mod table;
 
 use crate::host::{CpuInfo, KvmFlavour, TscFrequency};
-use crate::measure::{Measurement, RunSpec};
+use crate::measure::{Measurement, RunSpec, ShapingOutcome};
+use crate::modes::trap_emulate::{Trap, TrapDelivery};
 use crate::modes::Mode;
+use crate::shaping::ShapingReport;
 use crate::stats::{self, Summary};
 use crate::vm::exits::ExitSummary;
 use crate::vm::loader::Payload;
@@ -137,12 +139,23 @@ pub struct RunReport {
     pub cpuid_excess_over_nop: Option<Excess>,
     pub exits: BTreeMap<String, ExitSummary>,
     pub timings: Timings,
+    /// trap-emulate only: the trap mechanism and how this KVM delivered it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trap: Option<TrapReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shaping: Option<ShapingReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub native_cpu: Option<usize>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub cpuid_snapshot: Vec<CpuidReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub samples: Option<BTreeMap<&'static str, Vec<u64>>>,
+}
+
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct TrapReport {
+    pub mechanism: Trap,
+    pub delivery: Option<TrapDelivery>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -178,10 +191,7 @@ impl RunReport {
                 ))
             })
             .collect();
-        let excess = match (
-            probes.get(Probe::Cpuid.name()),
-            probes.get(Probe::Nop.name()),
-        ) {
+        let excess = match (probes.get(Probe::Cpuid.name()), probes.get(Probe::Nop.name())) {
             (Some(cpuid), Some(nop)) => {
                 let cycles = cpuid.cycles.median as i64 - nop.cycles.median as i64;
                 Some(Excess {
@@ -192,6 +202,10 @@ impl RunReport {
             }
             _ => None,
         };
+        let shaping = measurement.shaping.as_ref().map(|outcome| {
+            let median = probes.get(Probe::Cpuid.name()).map_or(0, |p| p.cycles.median);
+            shaping_report(outcome, median, tsc_khz)
+        });
         let cpuid_sites = guest_payload::timing::CPUID_SITE_SYMBOLS
             .iter()
             .filter_map(|&name| Some((name, payload.symbol(name)?)))
@@ -206,23 +220,26 @@ impl RunReport {
                 entry: payload.entry,
                 cpuid_sites,
             },
+            probes,
             config: ConfigReport {
                 iterations: spec.iterations,
                 warmup: spec.warmup,
                 cpuid_leaf: spec.cpuid_leaf,
                 cpuid_subleaf: spec.cpuid_subleaf,
-                probes: guest_payload::probes_in(spec.probes)
-                    .map(Probe::name)
-                    .collect(),
+                probes: guest_payload::probes_in(spec.probes).map(Probe::name).collect(),
                 timeout_s: spec.timeout.as_secs_f64(),
             },
-            probes,
             cpuid_excess_over_nop: excess,
             exits: measurement.exits.summary(),
             timings: Timings {
                 setup_us: measurement.setup.map(|d| d.as_micros() as u64),
                 run_us: measurement.run.as_micros() as u64,
             },
+            trap: (spec.mode == Mode::TrapEmulate).then_some(TrapReport {
+                mechanism: spec.trap,
+                delivery: measurement.trap_delivery,
+            }),
+            shaping,
             native_cpu: measurement.native_cpu,
             cpuid_snapshot: measurement
                 .cpuid
@@ -236,13 +253,30 @@ impl RunReport {
                     edx: r.edx,
                 })
                 .collect(),
-            samples: include_samples.then(|| {
-                measurement
-                    .samples
-                    .iter()
-                    .map(|(p, s)| (p.name(), s.clone()))
-                    .collect()
-            }),
+            samples: include_samples.then(|| measurement.samples.iter().map(|(p, s)| (p.name(), s.clone())).collect()),
         }
+    }
+}
+
+/// Requested against achieved: for inject kinds the CPUID median over the calibration
+/// run's, for hide and profiles the guest-seen median itself.
+fn shaping_report(outcome: &ShapingOutcome, cpuid_median: u64, tsc_khz: u32) -> ShapingReport {
+    let achieved = if outcome.additive {
+        cpuid_median as i64 - outcome.baseline.median as i64
+    } else {
+        cpuid_median as i64
+    };
+    ShapingReport {
+        kind: outcome.kind,
+        requested_cycles: outcome.requested_cycles,
+        achieved_cycles: achieved,
+        requested_ns: round2(stats::cycles_to_ns(outcome.requested_cycles as f64, tsc_khz)),
+        achieved_ns: round2(stats::cycles_to_ns(achieved as f64, tsc_khz)),
+        baseline_cycles: outcome.baseline.median,
+        baseline_spread_cycles: outcome.baseline.p95 - outcome.baseline.p5,
+        residue_cycles: outcome.residue,
+        tsc_method: outcome.tsc_method,
+        profile: outcome.profile.clone(),
+        seed: outcome.seed,
     }
 }

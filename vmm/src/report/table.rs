@@ -19,19 +19,12 @@ pub fn render(report: &RunReport) -> String {
         host.kvm.flavour.describe(),
         f64::from(host.tsc_khz) / 1e6,
         host.tsc_khz_source.describe(),
-        if host.is_vm {
-            " | the host is itself a VM"
-        } else {
-            ""
-        },
+        if host.is_vm { " | the host is itself a VM" } else { "" },
     );
     let _ = writeln!(
         out,
         "{} iterations after {} warm-up, CPUID leaf {:#x} subleaf {:#x}\n",
-        report.config.iterations,
-        report.config.warmup,
-        report.config.cpuid_leaf,
-        report.config.cpuid_subleaf
+        report.config.iterations, report.config.warmup, report.config.cpuid_leaf, report.config.cpuid_subleaf
     );
 
     let _ = writeln!(
@@ -58,6 +51,30 @@ pub fn render(report: &RunReport) -> String {
             out,
             "\nCPUID over NOP (medians): {:+} cycles, {:+.1} ns, ×{:.2}",
             excess.median_cycles, excess.median_ns, excess.ratio
+        );
+    }
+    if let Some(trap) = &report.trap {
+        let delivery = match trap.delivery {
+            Some(crate::modes::trap_emulate::TrapDelivery::DebugExit) => "as debug exits (KVM_EXIT_DEBUG)",
+            Some(crate::modes::trap_emulate::TrapDelivery::EmulationFailure) => {
+                "as emulation failures at the patched int3 (this KVM emulates guest instructions)"
+            }
+            None => "not at all",
+        };
+        let _ = writeln!(out, "\ntrap: {}, delivered {delivery}", trap.mechanism.name());
+    }
+    if let Some(shaping) = &report.shaping {
+        let _ = writeln!(
+            out,
+            "shaping: {} — requested {} cycles ({:.1} ns), achieved {} cycles ({:.1} ns); baseline CPUID median {} (p95-p5 {}){}",
+            shaping.kind,
+            shaping.requested_cycles,
+            shaping.requested_ns,
+            shaping.achieved_cycles,
+            shaping.achieved_ns,
+            shaping.baseline_cycles,
+            shaping.baseline_spread_cycles,
+            shaping.residue_cycles.map_or(String::new(), |r| format!(", residue {r}")),
         );
     }
     if !report.exits.is_empty() {

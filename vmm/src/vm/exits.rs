@@ -58,10 +58,7 @@ impl ExitStats {
     }
 
     pub fn record(&mut self, kind: ExitKind, handler_cycles: u64) {
-        self.handler_cycles
-            .entry(kind)
-            .or_default()
-            .push(handler_cycles);
+        self.handler_cycles.entry(kind).or_default().push(handler_cycles);
     }
 
     pub fn count(&self, kind: ExitKind) -> u64 {

@@ -28,10 +28,7 @@ const SYM_SIZE: usize = 24;
 #[derive(Debug, thiserror::Error)]
 pub enum LoaderError {
     #[error("cannot read the payload {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("the payload is not an ELF file (it does not start with \\x7fELF)")]
     NotElf,
     #[error("the payload is a 32-bit ELF; vmm boots 64-bit (ELF64) payloads only")]
@@ -90,10 +87,7 @@ pub struct Payload {
 impl Payload {
     /// The payload built into this binary.
     pub fn embedded() -> Result<Self, LoaderError> {
-        Self::parse(
-            std::borrow::Cow::Borrowed(EMBEDDED_PAYLOAD),
-            PayloadSource::Embedded,
-        )
+        Self::parse(std::borrow::Cow::Borrowed(EMBEDDED_PAYLOAD), PayloadSource::Embedded)
     }
 
     /// A payload from a file (`--payload FILE`).
@@ -102,16 +96,10 @@ impl Payload {
             path: path.to_owned(),
             source,
         })?;
-        Self::parse(
-            std::borrow::Cow::Owned(bytes),
-            PayloadSource::File(path.to_owned()),
-        )
+        Self::parse(std::borrow::Cow::Owned(bytes), PayloadSource::File(path.to_owned()))
     }
 
-    fn parse(
-        bytes: std::borrow::Cow<'static, [u8]>,
-        source: PayloadSource,
-    ) -> Result<Self, LoaderError> {
+    fn parse(bytes: std::borrow::Cow<'static, [u8]>, source: PayloadSource) -> Result<Self, LoaderError> {
         let b = &bytes[..];
         if b.len() < 4 || b[..4] != *b"\x7fELF" {
             return Err(LoaderError::NotElf);
@@ -141,10 +129,7 @@ impl Payload {
         if segments.is_empty() {
             return Err(LoaderError::NoSegments);
         }
-        if !segments
-            .iter()
-            .any(|s| entry >= s.addr && entry < s.addr + s.mem_size)
-        {
+        if !segments.iter().any(|s| entry >= s.addr && entry < s.addr + s.mem_size) {
             return Err(LoaderError::EntryOutsideSegments(entry));
         }
         let symbols = symbols(b)?;
@@ -179,9 +164,7 @@ fn load_segments(b: &[u8]) -> Result<Vec<Segment>, LoaderError> {
     let phentsize = u16_at(b, 54)? as usize;
     let phnum = u16_at(b, 56)? as usize;
     if phnum > 0 && phentsize != PHDR_SIZE {
-        return Err(LoaderError::Malformed(
-            "program header entries are not 56 bytes",
-        ));
+        return Err(LoaderError::Malformed("program header entries are not 56 bytes"));
     }
     let mut segments = Vec::new();
     for i in 0..phnum {
@@ -202,10 +185,7 @@ fn load_segments(b: &[u8]) -> Result<Vec<Segment>, LoaderError> {
                 "a segment has more file bytes than memory bytes",
             ));
         }
-        if offset
-            .checked_add(file_size)
-            .is_none_or(|end| end > b.len() as u64)
-        {
+        if offset.checked_add(file_size).is_none_or(|end| end > b.len() as u64) {
             return Err(LoaderError::Malformed(
                 "a segment's bytes extend past the end of the file",
             ));
@@ -217,10 +197,7 @@ fn load_segments(b: &[u8]) -> Result<Vec<Segment>, LoaderError> {
                 size: mem_size,
             });
         }
-        segments.push(Segment {
-            addr: paddr,
-            mem_size,
-        });
+        segments.push(Segment { addr: paddr, mem_size });
     }
     Ok(segments)
 }
@@ -235,9 +212,7 @@ fn symbols(b: &[u8]) -> Result<HashMap<String, u64>, LoaderError> {
         return Ok(symbols);
     }
     if shentsize != SHDR_SIZE {
-        return Err(LoaderError::Malformed(
-            "section header entries are not 64 bytes",
-        ));
+        return Err(LoaderError::Malformed("section header entries are not 64 bytes"));
     }
     let section = |i: usize| -> Result<(u32, u32, usize, usize), LoaderError> {
         let at = shoff
@@ -261,10 +236,7 @@ fn symbols(b: &[u8]) -> Result<HashMap<String, u64>, LoaderError> {
         for sym in table.chunks_exact(SYM_SIZE) {
             let name_at = u32_at(sym, 0)? as usize;
             let value = u64_at(sym, 8)?;
-            let Some(name) = strings
-                .get(name_at..)
-                .and_then(|s| s.split(|&c| c == 0).next())
-            else {
+            let Some(name) = strings.get(name_at..).and_then(|s| s.split(|&c| c == 0).next()) else {
                 continue;
             };
             if let Ok(name) = std::str::from_utf8(name) {
@@ -281,9 +253,7 @@ fn slice(b: &[u8], offset: usize, size: usize) -> Result<&[u8], LoaderError> {
     offset
         .checked_add(size)
         .and_then(|end| b.get(offset..end))
-        .ok_or(LoaderError::Malformed(
-            "a section extends past the end of the file",
-        ))
+        .ok_or(LoaderError::Malformed("a section extends past the end of the file"))
 }
 
 fn u16_at(b: &[u8], at: usize) -> Result<u16, LoaderError> {
@@ -299,9 +269,7 @@ fn array<const N: usize>(b: &[u8], at: usize) -> Result<[u8; N], LoaderError> {
     at.checked_add(N)
         .and_then(|end| b.get(at..end))
         .and_then(|s| s.try_into().ok())
-        .ok_or(LoaderError::Malformed(
-            "a header field lies past the end of the file",
-        ))
+        .ok_or(LoaderError::Malformed("a header field lies past the end of the file"))
 }
 
 fn machine_name(code: u16) -> &'static str {
@@ -368,9 +336,7 @@ mod tests {
         let payload = Payload::embedded().unwrap();
         assert_eq!(payload.entry, PAYLOAD_START);
         for name in guest_payload::timing::CPUID_SITE_SYMBOLS {
-            let addr = payload
-                .symbol(name)
-                .unwrap_or_else(|| panic!("{name} missing"));
+            let addr = payload.symbol(name).unwrap_or_else(|| panic!("{name} missing"));
             assert!((PAYLOAD_START..PAYLOAD_END).contains(&addr));
         }
     }
@@ -394,10 +360,7 @@ mod tests {
             Err(LoaderError::NotElf)
         ));
         assert!(matches!(parse(vec![]), Err(LoaderError::NotElf)));
-        assert!(matches!(
-            parse(b"\x7fELF".to_vec()),
-            Err(LoaderError::Malformed(_))
-        ));
+        assert!(matches!(parse(b"\x7fELF".to_vec()), Err(LoaderError::Malformed(_))));
         let mut elf32 = tiny_elf(EM_X86_64, PAYLOAD_START, &[0xf4]);
         elf32[4] = 1;
         assert!(matches!(parse(elf32), Err(LoaderError::NotElf64)));
@@ -426,18 +389,11 @@ mod tests {
     fn embedded_payload_holds_no_sse_instruction() {
         let path = std::env::temp_dir().join(format!("vmm-payload-{}.elf", std::process::id()));
         std::fs::write(&path, EMBEDDED_PAYLOAD).unwrap();
-        let disassembly = std::process::Command::new("objdump")
-            .arg("-d")
-            .arg(&path)
-            .output();
+        let disassembly = std::process::Command::new("objdump").arg("-d").arg(&path).output();
         std::fs::remove_file(&path).ok();
-        let disassembly =
-            disassembly.expect("objdump (binutils, installed with gcc) disassembles the payload");
+        let disassembly = disassembly.expect("objdump (binutils, installed with gcc) disassembles the payload");
         let text = String::from_utf8_lossy(&disassembly.stdout);
-        assert!(
-            text.contains("vmm_site_cpuid_probe"),
-            "objdump printed no disassembly"
-        );
+        assert!(text.contains("vmm_site_cpuid_probe"), "objdump printed no disassembly");
         let sse: Vec<&str> = text.lines().filter(|l| l.contains("%xmm")).collect();
         assert!(sse.is_empty(), "SSE in the payload: {sse:?}");
     }

@@ -56,20 +56,10 @@ pub fn write_boot_structures(memory: &GuestMemoryMmap, config: &Config) -> Resul
         let bytes: Vec<u8> = entries.iter().flat_map(|e| e.to_le_bytes()).collect();
         write(memory, "a page table", addr, &bytes)?;
     }
-    write(
-        memory,
-        "the config block",
-        layout::CONFIG_ADDR,
-        config.as_bytes(),
-    )
+    write(memory, "the config block", layout::CONFIG_ADDR, config.as_bytes())
 }
 
-fn write(
-    memory: &GuestMemoryMmap,
-    what: &'static str,
-    addr: u64,
-    bytes: &[u8],
-) -> Result<(), MemoryError> {
+fn write(memory: &GuestMemoryMmap, what: &'static str, addr: u64, bytes: &[u8]) -> Result<(), MemoryError> {
     memory
         .write_slice(bytes, GuestAddress(addr))
         .map_err(|source| MemoryError::Write { what, addr, source })
@@ -112,10 +102,7 @@ mod tests {
             iterations: u32::MAX,
             ..Default::default()
         };
-        assert!(matches!(
-            ram_size_for(&huge),
-            Err(MemoryError::TooLarge { .. })
-        ));
+        assert!(matches!(ram_size_for(&huge), Err(MemoryError::TooLarge { .. })));
     }
 
     #[test]
@@ -130,9 +117,6 @@ mod tests {
         let back = read(&memory, layout::CONFIG_ADDR, config.as_bytes().len()).unwrap();
         assert_eq!(back, config.as_bytes());
         let gdt_code = read(&memory, GDT_ADDR + 8, 8).unwrap();
-        assert_eq!(
-            u64::from_le_bytes(gdt_code.try_into().unwrap()),
-            gdt::table()[1]
-        );
+        assert_eq!(u64::from_le_bytes(gdt_code.try_into().unwrap()), gdt::table()[1]);
     }
 }

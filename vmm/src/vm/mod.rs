@@ -13,12 +13,8 @@ pub mod watchdog;
 use crate::arch::x86_64::{cpuid::CpuidTable, regs};
 use crate::modes::{CpuidExitHandler, GuestContext, ModeError};
 use exits::{ExitKind, ExitStats};
-use guest_payload::{
-    layout, ports, Config, Probe, ResultHeader, Status, ABI_VERSION, RESULT_MAGIC,
-};
-use kvm_bindings::{
-    kvm_debug_exit_arch, kvm_fpu, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES,
-};
+use guest_payload::{layout, ports, Config, Probe, ResultHeader, Status, ABI_VERSION, RESULT_MAGIC};
+use kvm_bindings::{kvm_debug_exit_arch, kvm_fpu, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use loader::{LoaderError, Payload};
 use memory::MemoryError;
@@ -47,9 +43,7 @@ pub enum VmError {
     GuestHung { timeout: Duration, rip: Rip },
     #[error("the guest triple-faulted at RIP {rip} (KVM_EXIT_SHUTDOWN): an exception with no IDT to handle it")]
     TripleFault { rip: Rip },
-    #[error(
-        "KVM could not run the guest instruction at RIP {rip} (KVM_EXIT_INTERNAL_ERROR, {what})"
-    )]
+    #[error("KVM could not run the guest instruction at RIP {rip} (KVM_EXIT_INTERNAL_ERROR, {what})")]
     InternalError { what: &'static str, rip: Rip },
     #[error("KVM could not enter the guest (KVM_EXIT_FAIL_ENTRY, hardware reason {reason:#x}) at RIP {rip}")]
     FailEntry { reason: u64, rip: Rip },
@@ -128,9 +122,7 @@ impl GuestVm {
         let ram_size = memory::ram_size_for(&config)?;
         config.result_capacity = ram_size - layout::RESULT_ADDR;
 
-        let vm = kvm
-            .create_vm()
-            .map_err(kvm_err("to create a VM (KVM_CREATE_VM)"))?;
+        let vm = kvm.create_vm().map_err(kvm_err("to create a VM (KVM_CREATE_VM)"))?;
         let memory = memory::allocate(ram_size)?;
         for (slot, region) in memory.iter().enumerate() {
             let region_info = kvm_userspace_memory_region {
@@ -142,8 +134,7 @@ impl GuestVm {
             };
             // SAFETY: the region is a live mapping owned by `memory`, which outlives the VM
             // (both live in the returned GuestVm, and the VM fd is closed first).
-            unsafe { vm.set_user_memory_region(region_info) }
-                .map_err(kvm_err("the guest memory region"))?;
+            unsafe { vm.set_user_memory_region(region_info) }.map_err(kvm_err("the guest memory region"))?;
         }
         payload.load_into(&memory)?;
         memory::write_boot_structures(&memory, &config)?;
@@ -169,8 +160,7 @@ impl GuestVm {
             mxcsr: 0x1f80,
             ..Default::default()
         };
-        vcpu.set_fpu(&fpu)
-            .map_err(kvm_err("the FPU state (KVM_SET_FPU)"))?;
+        vcpu.set_fpu(&fpu).map_err(kvm_err("the FPU state (KVM_SET_FPU)"))?;
         vcpu.set_regs(&regs::entry_registers(payload.entry))
             .map_err(kvm_err("the entry registers (KVM_SET_REGS)"))?;
 
@@ -219,8 +209,8 @@ impl GuestVm {
         mut console: Option<&mut dyn Write>,
     ) -> Result<(Duration, RunStats), VmError> {
         handler.arm(&self.context())?;
-        let expected_cpuid_exits = (self.config.iterations + self.config.warmup) as usize
-            + guest_payload::CPUID_SNAPSHOT_LEAVES.len();
+        let expected_cpuid_exits =
+            (self.config.iterations + self.config.warmup) as usize + guest_payload::CPUID_SNAPSHOT_LEAVES.len();
         let mut stats = RunStats {
             exits: ExitStats::with_expected(ExitKind::CpuidTrap, expected_cpuid_exits),
             ..Default::default()
@@ -279,21 +269,24 @@ impl GuestVm {
                     };
                 }
                 Exit::IoOut {
-                    port: ports::HYPERCALL,
-                    ..
+                    port: ports::HYPERCALL, ..
                 } => {
-                    handler.on_hypercall(&self.context())?;
+                    handler.on_hypercall(&self.context(), exit_tsc)?;
                     ExitKind::CpuidHypercall
                 }
                 Exit::Debug(arch) => {
-                    handler.on_debug(&self.context(), &arch)?;
+                    handler.on_debug(&self.context(), &arch, exit_tsc)?;
                     ExitKind::CpuidTrap
+                }
+                Exit::InternalError if self.internal_suberror() == kvm_bindings::KVM_INTERNAL_ERROR_EMULATION => {
+                    match self.rip().0 {
+                        Some(at) if handler.on_emulation_failure(&self.context(), at, exit_tsc)? => ExitKind::CpuidTrap,
+                        _ => return Err(self.fatal(Exit::InternalError)),
+                    }
                 }
                 fatal => return Err(self.fatal(fatal)),
             };
-            stats
-                .exits
-                .record(kind, guest_payload::timing::read_tsc() - exit_tsc);
+            stats.exits.record(kind, guest_payload::timing::read_tsc() - exit_tsc);
         }
     }
 
@@ -313,16 +306,10 @@ impl GuestVm {
             Exit::Mmio { addr } => VmError::Mmio { addr, rip },
             Exit::Hlt => VmError::Halted { rip },
             Exit::Shutdown => VmError::TripleFault { rip },
-            Exit::InternalError => {
-                // SAFETY: the exit reason was KVM_EXIT_INTERNAL_ERROR, so `internal` is the
-                // union member KVM filled in.
-                let suberror =
-                    unsafe { self.vcpu.get_kvm_run().__bindgen_anon_1.internal.suberror };
-                VmError::InternalError {
-                    what: internal_error_name(suberror),
-                    rip,
-                }
-            }
+            Exit::InternalError => VmError::InternalError {
+                what: internal_error_name(self.internal_suberror()),
+                rip,
+            },
             Exit::FailEntry(reason) => VmError::FailEntry { reason, rip },
             Exit::Other(what) => VmError::UnexpectedExit { what, rip },
             Exit::Interrupted | Exit::Debug(_) => VmError::UnexpectedExit {
@@ -332,6 +319,13 @@ impl GuestVm {
         }
     }
 
+    /// After KVM_EXIT_INTERNAL_ERROR: which internal error.
+    fn internal_suberror(&mut self) -> u32 {
+        // SAFETY: only called for KVM_EXIT_INTERNAL_ERROR exits, where `internal` is the
+        // union member KVM filled in.
+        unsafe { self.vcpu.get_kvm_run().__bindgen_anon_1.internal.suberror }
+    }
+
     /// Reads the result block the guest wrote.
     pub fn results(&self) -> Result<GuestResults, VmError> {
         let header_bytes = memory::read(
@@ -339,8 +333,7 @@ impl GuestVm {
             self.config.result_addr,
             std::mem::size_of::<ResultHeader>(),
         )?;
-        let header =
-            ResultHeader::from_bytes(&header_bytes).ok_or(VmError::BadResults("too short"))?;
+        let header = ResultHeader::from_bytes(&header_bytes).ok_or(VmError::BadResults("too short"))?;
         if header.magic != RESULT_MAGIC {
             return Err(VmError::BadResults("the guest never wrote its magic"));
         }
@@ -421,14 +414,10 @@ impl Exit {
 
 fn internal_error_name(suberror: u32) -> &'static str {
     match suberror {
-        kvm_bindings::KVM_INTERNAL_ERROR_EMULATION => {
-            "emulation failure: the instruction is not supported here"
-        }
+        kvm_bindings::KVM_INTERNAL_ERROR_EMULATION => "emulation failure: the instruction is not supported here",
         kvm_bindings::KVM_INTERNAL_ERROR_SIMUL_EX => "an exception while delivering another",
         kvm_bindings::KVM_INTERNAL_ERROR_DELIVERY_EV => "an exception during event delivery",
-        kvm_bindings::KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON => {
-            "a hardware exit reason KVM does not handle"
-        }
+        kvm_bindings::KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON => "a hardware exit reason KVM does not handle",
         _ => "an unknown internal error",
     }
 }

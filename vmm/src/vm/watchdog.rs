@@ -32,10 +32,8 @@ extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_v
 fn install_handler() -> Result<(), WatchdogError> {
     static INSTALL: Once = Once::new();
     let mut result = Ok(());
-    INSTALL.call_once(|| {
-        result =
-            register_signal_handler(kick_signal(), on_kick).map_err(WatchdogError::SignalHandler)
-    });
+    INSTALL
+        .call_once(|| result = register_signal_handler(kick_signal(), on_kick).map_err(WatchdogError::SignalHandler));
     result
 }
 
@@ -74,16 +72,10 @@ impl Watchdog {
     }
 }
 
-fn watch(
-    target: libc::pthread_t,
-    timeout: Duration,
-    fired: &AtomicBool,
-    stop: &(Mutex<bool>, Condvar),
-) {
+fn watch(target: libc::pthread_t, timeout: Duration, fired: &AtomicBool, stop: &(Mutex<bool>, Condvar)) {
     let (lock, condvar) = stop;
     let Ok(guard) = lock.lock() else { return };
-    let Ok((mut stopped, _)) = condvar.wait_timeout_while(guard, timeout, |stopped| !*stopped)
-    else {
+    let Ok((mut stopped, _)) = condvar.wait_timeout_while(guard, timeout, |stopped| !*stopped) else {
         return;
     };
     if *stopped {

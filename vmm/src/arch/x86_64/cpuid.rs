@@ -44,10 +44,9 @@ impl CpuidTable {
 
     /// The entry for exactly this leaf and subleaf (the subleaf only where it matters).
     fn find(&self, leaf: u32, subleaf: u32) -> Option<&kvm_cpuid_entry2> {
-        self.entries.iter().find(|e| {
-            e.function == leaf
-                && (e.flags & KVM_CPUID_FLAG_SIGNIFCANT_INDEX == 0 || e.index == subleaf)
-        })
+        self.entries
+            .iter()
+            .find(|e| e.function == leaf && (e.flags & KVM_CPUID_FLAG_SIGNIFCANT_INDEX == 0 || e.index == subleaf))
     }
 
     /// True for AMD and Hygon vendor strings: KVM answers out-of-range leaves with zeros
@@ -90,10 +89,7 @@ impl CpuidTable {
             0xc000_0000.. => 0xc000_0000,
             _ => leaf & 0x8000_0000,
         };
-        if self
-            .find(class_base, 0)
-            .is_some_and(|class| leaf <= class.eax)
-        {
+        if self.find(class_base, 0).is_some_and(|class| leaf <= class.eax) {
             return None;
         }
         self.find(basic.eax, subleaf)

@@ -79,21 +79,11 @@ mod tests {
     fn segment_state_matches_its_descriptor() {
         let code = segment(&table(), CODE_INDEX);
         assert_eq!(
-            (
-                code.selector,
-                code.type_,
-                code.l,
-                code.db,
-                code.present,
-                code.s
-            ),
+            (code.selector, code.type_, code.l, code.db, code.present, code.s),
             (8, 0xb, 1, 0, 1, 1)
         );
         assert_eq!(code.limit, 0xffff_ffff);
         let data = segment(&table(), DATA_INDEX);
-        assert_eq!(
-            (data.selector, data.type_, data.l, data.db),
-            (16, 0x3, 0, 1)
-        );
+        assert_eq!((data.selector, data.type_, data.l, data.db), (16, 0x3, 0, 1));
     }
 }

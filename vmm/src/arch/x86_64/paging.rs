@@ -42,8 +42,7 @@ pub fn translate(tables: &[(u64, Vec<u64>)], virtual_address: u64) -> Option<u64
     let pml4e = lookup(root(), (virtual_address >> 39) & 0x1ff)?;
     let pdpte = lookup(pml4e & !0xfff, (virtual_address >> 30) & 0x1ff)?;
     let pde = lookup(pdpte & !0xfff, (virtual_address >> 21) & 0x1ff)?;
-    (pde & HUGE_PAGE != 0)
-        .then_some((pde & !(TWO_MIB - 1) & !(1 << 63)) | (virtual_address & (TWO_MIB - 1)))
+    (pde & HUGE_PAGE != 0).then_some((pde & !(TWO_MIB - 1) & !(1 << 63)) | (virtual_address & (TWO_MIB - 1)))
 }
 
 #[cfg(test)]

@@ -1,0 +1,231 @@
+//! Latency profiles: a target distribution of guest-visible CPUID cost, drawn per exit
+//! from a seeded generator so that a run can be reproduced exactly.
+
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProfileError {
+    #[error("no profile named `{name}` (known: {known}); or give a path to a profile JSON file")]
+    Unknown { name: String, known: String },
+    #[error("cannot read the profile {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("the profile {path} is not valid: {source}")]
+    Parse { path: PathBuf, source: serde_json::Error },
+    #[error("the profile {path} is not usable: {why}")]
+    Invalid { path: PathBuf, why: &'static str },
+}
+
+/// A profile file (see `configs/profiles/README.md`).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Profile {
+    pub name: String,
+    pub description: String,
+    /// Where the figures come from.
+    pub sources: Vec<String>,
+    pub distribution: Distribution,
+}
+
+/// Guest-visible CPUID cost, in TSC cycles.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum Distribution {
+    Fixed { cycles: u64 },
+    Normal { mean: f64, sd: f64 },
+    Empirical { cycles: Vec<u64> },
+}
+
+impl Distribution {
+    fn validate(&self) -> Result<(), &'static str> {
+        match self {
+            Distribution::Normal { mean, sd }
+                if !(mean.is_finite() && sd.is_finite() && *mean >= 0.0 && *sd >= 0.0) =>
+            {
+                Err("a normal distribution needs a finite, non-negative mean and sd")
+            }
+            Distribution::Empirical { cycles } if cycles.is_empty() => {
+                Err("an empirical distribution needs at least one value")
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// One draw; never negative.
+    pub fn sample(&self, rng: &mut SplitMix64) -> u64 {
+        match self {
+            Distribution::Fixed { cycles } => *cycles,
+            Distribution::Normal { mean, sd } => (mean + sd * rng.standard_normal()).max(0.0).round() as u64,
+            Distribution::Empirical { cycles } => cycles[(rng.next_u64() % cycles.len() as u64) as usize],
+        }
+    }
+
+    /// The distribution's median, what a run's guest-seen median should come close to.
+    pub fn median(&self) -> u64 {
+        match self {
+            Distribution::Fixed { cycles } => *cycles,
+            Distribution::Normal { mean, .. } => mean.round() as u64,
+            Distribution::Empirical { cycles } => crate::stats::median(cycles),
+        }
+    }
+}
+
+/// The profiles shipped in `configs/profiles/`, built in so `--profile NAME` works
+/// from anywhere.
+const BUILT_IN: &[(&str, &str)] = &[
+    (
+        "vtx-hw-assist",
+        include_str!("../../../configs/profiles/vtx-hw-assist.json"),
+    ),
+    (
+        "kvm-userspace-exit-2012",
+        include_str!("../../../configs/profiles/kvm-userspace-exit-2012.json"),
+    ),
+    (
+        "paravirt-hypercall",
+        include_str!("../../../configs/profiles/paravirt-hypercall.json"),
+    ),
+    (
+        "trap-heavy-nested",
+        include_str!("../../../configs/profiles/trap-heavy-nested.json"),
+    ),
+];
+
+pub fn built_in_names() -> Vec<&'static str> {
+    BUILT_IN.iter().map(|(name, _)| *name).collect()
+}
+
+impl Profile {
+    /// A built-in profile by name, or a JSON file by path.
+    pub fn load(name_or_path: &str) -> Result<Self, ProfileError> {
+        if let Some((name, text)) = BUILT_IN.iter().find(|(name, _)| *name == name_or_path) {
+            return Self::parse(text, Path::new(&format!("configs/profiles/{name}.json")));
+        }
+        let path = Path::new(name_or_path);
+        if !path.exists() && !name_or_path.contains(['/', '.']) {
+            return Err(ProfileError::Unknown {
+                name: name_or_path.to_owned(),
+                known: built_in_names().join(", "),
+            });
+        }
+        let text = std::fs::read_to_string(path).map_err(|source| ProfileError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    fn parse(text: &str, path: &Path) -> Result<Self, ProfileError> {
+        let profile: Profile = serde_json::from_str(text).map_err(|source| ProfileError::Parse {
+            path: path.to_owned(),
+            source,
+        })?;
+        profile.distribution.validate().map_err(|why| ProfileError::Invalid {
+            path: path.to_owned(),
+            why,
+        })?;
+        Ok(profile)
+    }
+}
+
+/// SplitMix64: tiny, fast, and the same sequence for the same seed on every platform.
+#[derive(Clone, Debug)]
+pub struct SplitMix64(u64);
+
+impl SplitMix64 {
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in (0, 1].
+    fn unit(&mut self) -> f64 {
+        ((self.next_u64() >> 11) + 1) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Box–Muller.
+    pub fn standard_normal(&mut self) -> f64 {
+        let (u1, u2) = (self.unit(), self.unit());
+        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_built_in_profile_loads() {
+        for name in built_in_names() {
+            let profile = Profile::load(name).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert!(!profile.sources.is_empty(), "{name} cites no source");
+        }
+    }
+
+    #[test]
+    fn the_same_seed_draws_the_same_targets() {
+        let d = Distribution::Normal {
+            mean: 1_500.0,
+            sd: 200.0,
+        };
+        let draw = |seed| {
+            let mut rng = SplitMix64::new(seed);
+            (0..100).map(|_| d.sample(&mut rng)).collect::<Vec<_>>()
+        };
+        assert_eq!(draw(7), draw(7));
+        assert_ne!(draw(7), draw(8));
+    }
+
+    #[test]
+    fn normal_draws_have_the_asked_mean_and_spread() {
+        let d = Distribution::Normal {
+            mean: 10_000.0,
+            sd: 1_000.0,
+        };
+        let mut rng = SplitMix64::new(1);
+        let draws: Vec<f64> = (0..20_000).map(|_| d.sample(&mut rng) as f64).collect();
+        let mean = draws.iter().sum::<f64>() / draws.len() as f64;
+        let sd = (draws.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / draws.len() as f64).sqrt();
+        assert!((mean - 10_000.0).abs() < 50.0, "mean {mean}");
+        assert!((sd - 1_000.0).abs() < 50.0, "sd {sd}");
+    }
+
+    #[test]
+    fn empirical_and_fixed_draw_only_their_values() {
+        let mut rng = SplitMix64::new(3);
+        let d = Distribution::Empirical { cycles: vec![5, 7, 9] };
+        assert!((0..200).all(|_| [5, 7, 9].contains(&d.sample(&mut rng))));
+        assert_eq!(Distribution::Fixed { cycles: 42 }.sample(&mut rng), 42);
+        assert_eq!(d.median(), 7);
+        assert_eq!(
+            Distribution::Normal { mean: -5.0, sd: 0.0 }.sample(&mut rng),
+            0,
+            "never negative"
+        );
+    }
+
+    #[test]
+    fn bad_profiles_are_refused_with_the_reason() {
+        let bad = Profile::parse(
+            r#"{"name":"x","description":"","sources":[],"distribution":{"kind":"empirical","cycles":[]}}"#,
+            Path::new("x.json"),
+        );
+        assert!(matches!(bad, Err(ProfileError::Invalid { .. })));
+        let typo = Profile::parse(
+            r#"{"name":"x","description":"","sources":[],"distribution":{"kind":"gamma"}}"#,
+            Path::new("x.json"),
+        );
+        assert!(matches!(typo, Err(ProfileError::Parse { .. })));
+        assert!(matches!(
+            Profile::load("no-such-profile"),
+            Err(ProfileError::Unknown { .. })
+        ));
+    }
+}
