@@ -25,7 +25,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the timing core once, in a VM or natively, and report the statistics.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Check /dev/kvm, the capabilities each mode needs, the CPU and its TSC.
     Doctor(DoctorArgs),
 }
@@ -91,25 +91,25 @@ pub struct RunArgs {
 /// Latency shaping: what a CPUID exit handled by the VMM appears to cost the guest.
 /// Only for --mode trap-emulate and paravirt; at most one kind per run.
 #[derive(Debug, Args)]
-#[group(multiple = false)]
+#[group(skip)]
 #[command(next_help_heading = "Latency shaping (trap-emulate, paravirt)")]
 pub struct ShapingArgs {
     /// Spin this many nanoseconds in the exit handler: real, wall-clock latency.
-    #[arg(long, value_name = "NS", value_parser = clap::value_parser!(u64).range(1..=1_000_000_000))]
+    #[arg(long, group = "shaping-kind", value_name = "NS", value_parser = clap::value_parser!(u64).range(1..=1_000_000_000))]
     pub inject_ns: Option<u64>,
 
     /// Spin this many TSC cycles in the exit handler.
-    #[arg(long, value_name = "CYCLES", value_parser = clap::value_parser!(u64).range(1..=10_000_000_000))]
+    #[arg(long, group = "shaping-kind", value_name = "CYCLES", value_parser = clap::value_parser!(u64).range(1..=10_000_000_000))]
     pub inject_cycles: Option<u64>,
 
     /// Move the guest TSC forward by this many cycles per exit, without spending the time
     /// (needs a KVM that honours TSC moves; probed).
-    #[arg(long, value_name = "CYCLES", value_parser = clap::value_parser!(u64).range(1..=10_000_000_000))]
+    #[arg(long, group = "shaping-kind", value_name = "CYCLES", value_parser = clap::value_parser!(u64).range(1..=10_000_000_000))]
     pub virtual_inject_cycles: Option<u64>,
 
     /// Hide the exit: move the guest TSC back so each CPUID costs the guest only the
     /// target (needs a KVM that honours TSC moves; probed).
-    #[arg(long)]
+    #[arg(long, group = "shaping-kind")]
     pub hide: bool,
 
     /// Target cost for --hide, in cycles [default: the native CPUID median, measured at start].
@@ -119,7 +119,7 @@ pub struct ShapingArgs {
     /// Draw each exit's guest-visible cost from a profile: a built-in name
     /// (vtx-hw-assist, paravirt-hypercall, kvm-userspace-exit-2012, trap-heavy-nested)
     /// or a JSON file; see configs/profiles/README.md.
-    #[arg(long, value_name = "NAME|FILE")]
+    #[arg(long, group = "shaping-kind", value_name = "NAME|FILE")]
     pub profile: Option<String>,
 
     /// Seed for --profile draws: the same seed, the same targets.

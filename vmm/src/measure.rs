@@ -9,7 +9,7 @@ use crate::native::{self, NativeError};
 use crate::shaping::tsc::{TscMethod, TscMover};
 use crate::shaping::{plan, Shaper, Shaping, ShapingError};
 use crate::stats::{self, Summary};
-use crate::vm::exits::{ExitKind, ExitStats};
+use crate::vm::exits::ExitStats;
 use crate::vm::loader::Payload;
 use crate::vm::{GuestVm, VmError};
 use guest_payload::{flags, Config, CpuidRecord, Probe, ABI_VERSION, CONFIG_MAGIC};
@@ -154,6 +154,8 @@ pub struct Measurement {
     /// How trap-emulate's traps arrived.
     pub trap_delivery: Option<TrapDelivery>,
     pub shaping: Option<ShapingOutcome>,
+    /// Calibration runs: handler cycles at the point where shaping measures them.
+    pub calibration_handler_cycles: Vec<u64>,
 }
 
 /// Runs `spec` once. `kvm` is needed for the VM modes only.
@@ -214,8 +216,18 @@ fn run_mode(
 ) -> Result<Measurement, MeasureError> {
     match spec.mode {
         Mode::Native | Mode::HwAssist => run_vm(kvm, payload, spec, &mut HwAssist, console),
-        Mode::TrapEmulate => run_vm(kvm, payload, spec, &mut TrapEmulate::new(spec.trap, shaper), console),
-        Mode::Paravirt => run_vm(kvm, payload, spec, &mut Paravirt::new(shaper), console),
+        Mode::TrapEmulate => {
+            let mut handler = TrapEmulate::new(spec.trap, shaper);
+            let mut measured = run_vm(kvm, payload, spec, &mut handler, console)?;
+            measured.calibration_handler_cycles = handler.shaper().calibration_handler_cycles().to_vec();
+            Ok(measured)
+        }
+        Mode::Paravirt => {
+            let mut handler = Paravirt::new(shaper);
+            let mut measured = run_vm(kvm, payload, spec, &mut handler, console)?;
+            measured.calibration_handler_cycles = handler.shaper().calibration_handler_cycles().to_vec();
+            Ok(measured)
+        }
     }
 }
 
@@ -324,13 +336,10 @@ fn calibrate(kvm: &Kvm, payload: &Payload, spec: &RunSpec) -> Result<(Shaper, Sh
     let baseline = guest_seen.ok_or(MeasureError::Vm(VmError::BadResults(
         "the calibration run returned no CPUID samples",
     )))?;
-    let exit_kind = if spec.mode == Mode::Paravirt {
-        ExitKind::CpuidHypercall
-    } else {
-        ExitKind::CpuidTrap
-    };
-    let handler_median = stats::median(measured.exits.handler_cycles(exit_kind));
-    let residue = moves_tsc.then(|| plan::residue(baseline.median, handler_median));
+    let residue = moves_tsc.then(|| {
+        let guest_seen = measured.samples.get(&Probe::Cpuid).map_or(&[][..], |s| s.as_slice());
+        plan::residue(guest_seen, &measured.calibration_handler_cycles)
+    });
 
     let native_target = match spec.shaping {
         Shaping::Hide { target: None } => {

@@ -49,7 +49,8 @@ pub enum Shaping {
     Hide { target: Option<u64> },
     /// Make each exit cost a target drawn from the profile.
     Profile { profile: Box<Profile>, seed: u64 },
-    /// Move the TSC by zero: calibration runs take the same path as shaped ones.
+    /// Move the TSC back and forth by one cycle: calibration runs take the same path as
+    /// shaped ones.
     CalibrateResidue,
 }
 
@@ -82,6 +83,8 @@ pub struct Shaper {
     residue: u64,
     rng: SplitMix64,
     tsc: Option<TscMover>,
+    /// Calibration only: handler cycles up to the point where shaping measures them.
+    calibration_handler_cycles: Vec<u64>,
 }
 
 impl Shaper {
@@ -101,6 +104,7 @@ impl Shaper {
             residue,
             rng: SplitMix64::new(seed),
             tsc: None,
+            calibration_handler_cycles: Vec::new(),
         }
     }
 
@@ -114,6 +118,11 @@ impl Shaper {
             self.tsc = Some(TscMover::open(vcpu)?);
         }
         Ok(())
+    }
+
+    /// Calibration runs: the handler cycles each exit had spent when shaping ran.
+    pub fn calibration_handler_cycles(&self) -> &[u64] {
+        &self.calibration_handler_cycles
     }
 
     pub fn tsc_method(&self) -> Option<TscMethod> {
@@ -130,7 +139,19 @@ impl Shaper {
                 return Ok(());
             }
             Shaping::VirtualInject { cycles } => *cycles as i64,
-            Shaping::CalibrateResidue => 0,
+            Shaping::CalibrateResidue => {
+                // Measured exactly where Hide measures it, so that the residue covers the
+                // TSC write that follows (an ioctl: thousands of cycles, more when nested).
+                self.calibration_handler_cycles.push(now() - exit_tsc);
+                // Alternate +1/-1: KVM takes a cheaper path for a write that leaves the
+                // offset unchanged ("matched" in kvm_arch_tsc_set_attr), and a shaped run
+                // never does, so calibration must change it too. One cycle is noise.
+                if self.calibration_handler_cycles.len() % 2 == 1 {
+                    1
+                } else {
+                    -1
+                }
+            }
             Shaping::Hide { .. } => plan::hide_adjustment(self.target, now() - exit_tsc, self.residue),
             Shaping::Profile { profile, .. } => {
                 let target = profile.distribution.sample(&mut self.rng);

@@ -12,9 +12,18 @@ pub fn hide_adjustment(target: u64, handler: u64, residue: u64) -> i64 {
 }
 
 /// The kernel entry/exit residue: what the guest saw beyond what the handler spent, from
-/// a calibration run that moved the TSC by zero through the same path (medians, cycles).
-pub fn residue(guest_seen_median: u64, handler_median: u64) -> u64 {
-    guest_seen_median.saturating_sub(handler_median)
+/// a calibration run that took the same path. The guest's samples and the VMM's exits
+/// pair one to one, in order (the exits of the warm-up samples come first), so the
+/// residue is the median of per-exit differences — not a difference of medians, which is
+/// biased when handler time and guest-seen cost move together, as they do.
+pub fn residue(guest_seen: &[u64], handler: &[u64]) -> u64 {
+    let warmup_exits = handler.len().saturating_sub(guest_seen.len());
+    let differences: Vec<u64> = guest_seen
+        .iter()
+        .zip(&handler[warmup_exits..])
+        .map(|(g, h)| g.saturating_sub(*h))
+        .collect();
+    crate::stats::median(&differences)
 }
 
 /// Spins until the TSC read by `now` reaches `start + cycles`; returns the cycles spent.
@@ -82,8 +91,10 @@ mod tests {
             residue: 3_300,
         };
         // Calibration: move by zero, observe the guest's cost and the handler's.
-        let seen = vcpu.trapped_cpuid(13_000, |_| 0);
-        let calibrated = residue(seen, 13_000);
+        let handlers = [13_000, 90_000, 15_000, 400_000, 14_000];
+        let seen: Vec<u64> = handlers.iter().map(|&h| vcpu.trapped_cpuid(h, |_| 0)).collect();
+        // Two warm-up exits the guest did not keep come first.
+        let calibrated = residue(&seen[2..], &handlers);
         assert_eq!(calibrated, 3_300);
         assert_eq!(
             vcpu.trapped_cpuid(20_000, |h| hide_adjustment(1_200, h, calibrated)),
@@ -107,7 +118,8 @@ mod tests {
     fn a_target_above_the_natural_cost_moves_the_tsc_forward() {
         assert_eq!(hide_adjustment(50_000, 10_000, 5_000), 35_000);
         assert_eq!(hide_adjustment(0, 10_000, 5_000), -15_000);
-        assert_eq!(residue(100, 500), 0, "never negative");
+        assert_eq!(residue(&[100], &[500]), 0, "never negative");
+        assert_eq!(residue(&[], &[]), 0);
     }
 
     #[test]

@@ -166,3 +166,38 @@ mod tests {
         assert_eq!(t.lookup(1, 0)[1], 0x0001_0800);
     }
 }
+
+/// Fields of a CPUID answer that legitimately differ between two correct answers for the
+/// same vCPU: (leaf, register index 0..4 for EAX..EDX, mask of the bits, why).
+pub const VARIABLE_FIELDS: &[(u32, usize, u32, &str)] = &[
+    (
+        0x1,
+        1,
+        0xff00_0000,
+        "EBX[31:24]: initial APIC ID of the CPU that ran it",
+    ),
+    (0xb, 3, 0xffff_ffff, "EDX: x2APIC ID of the CPU that ran it"),
+    (0x1f, 3, 0xffff_ffff, "EDX: x2APIC ID of the CPU that ran it"),
+];
+
+/// The registers of an answer with the [`VARIABLE_FIELDS`] of its leaf cleared.
+pub fn masked(leaf: u32, regs: [u32; 4]) -> [u32; 4] {
+    let mut regs = regs;
+    for &(field_leaf, register, mask, _) in VARIABLE_FIELDS {
+        if field_leaf == leaf {
+            regs[register] &= !mask;
+        }
+    }
+    regs
+}
+
+#[cfg(test)]
+mod masking_tests {
+    use super::*;
+
+    #[test]
+    fn only_the_apic_id_is_masked_from_leaf_one() {
+        assert_eq!(masked(1, [1, 0x0a10_0800, 3, 4]), [1, 0x0010_0800, 3, 4]);
+        assert_eq!(masked(0, [1, 0xffff_ffff, 3, 4]), [1, 0xffff_ffff, 3, 4]);
+    }
+}
