@@ -4,41 +4,14 @@
 //! missing /dev/kvm is a failure, never a skip.
 
 use guest_payload::layout::PAYLOAD_START;
+mod common;
+
+use common::{json_run, kvm_available, stderr, vmm};
 use serde_json::Value;
 use std::path::PathBuf;
-use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 use vmm::vm::loader::test_support::tiny_elf;
 use vmm::vm::loader::EM_X86_64;
-
-fn vmm(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vmm"))
-        .args(args)
-        .output()
-        .expect("run the vmm binary")
-}
-
-fn kvm_available() -> bool {
-    if std::path::Path::new("/dev/kvm").exists() {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "CI must have /dev/kvm: these tests boot real VMs"
-    );
-    eprintln!("\n*** SKIPPED: /dev/kvm is absent on this machine; this test boots a real VM ***\n");
-    false
-}
-
-fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
-}
-
-fn json_run(args: &[&str]) -> Value {
-    let output = vmm(args);
-    assert!(output.status.success(), "vmm {args:?} failed: {}", stderr(&output));
-    serde_json::from_slice(&output.stdout).expect("--json prints one JSON document")
-}
 
 fn temp_path(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("vmm-test-{}-{name}", std::process::id()))

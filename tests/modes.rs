@@ -1,38 +1,11 @@
 //! End-to-end tests of the CPUID paths and latency shaping, on this machine's KVM.
 //! (What needs a KVM that honours TSC moves is in `nested_svm.rs`.)
 
+mod common;
+
+use common::{json_run, kvm_available, vmm};
 use serde_json::Value;
-use std::process::{Command, Output};
 use vmm::arch::x86_64::cpuid::masked;
-
-fn vmm(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vmm"))
-        .args(args)
-        .output()
-        .expect("run the vmm binary")
-}
-
-fn kvm_available() -> bool {
-    if std::path::Path::new("/dev/kvm").exists() {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "CI must have /dev/kvm: these tests boot real VMs"
-    );
-    eprintln!("\n*** SKIPPED: /dev/kvm is absent on this machine; this test boots a real VM ***\n");
-    false
-}
-
-fn json_run(args: &[&str]) -> Value {
-    let output = vmm(args);
-    assert!(
-        output.status.success(),
-        "vmm {args:?} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).expect("--json prints one JSON document")
-}
 
 fn hardware_kvm() -> bool {
     ["kvm_intel", "kvm_amd"]

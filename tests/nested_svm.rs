@@ -10,21 +10,9 @@
 //! vary by tens of thousands run to run, so tolerances follow the issue: hide within 10%
 //! of the target or of the calibrated residue, virtual inject within 5%.
 
-use serde_json::Value;
-use std::process::Command;
+mod common;
 
-fn json_run(args: &[&str]) -> Value {
-    let output = Command::new(env!("CARGO_BIN_EXE_vmm"))
-        .args(args)
-        .output()
-        .expect("run vmm");
-    assert!(
-        output.status.success(),
-        "vmm {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).expect("JSON")
-}
+use common::{json_run, vmm};
 
 #[test]
 #[ignore = "needs a KVM that honours TSC moves: run under ../shared/nested-svm/run (see .ci/run)"]
@@ -101,10 +89,7 @@ fn virtual_injection_adds_cycles_the_guest_sees_but_the_clock_does_not() {
 #[ignore = "needs a KVM where debug traps do not fire: run under ../shared/nested-svm/run (see .ci/run)"]
 fn trap_emulate_is_refused_where_traps_are_not_delivered() {
     for trap in ["hw-breakpoint", "int3-patch"] {
-        let output = Command::new(env!("CARGO_BIN_EXE_vmm"))
-            .args(["run", "--mode", "trap-emulate", "--trap", trap, "-n", "20"])
-            .output()
-            .unwrap();
+        let output = vmm(&["run", "--mode", "trap-emulate", "--trap", trap, "-n", "20"]);
         assert_eq!(output.status.code(), Some(1), "{trap}");
         let message = String::from_utf8_lossy(&output.stderr);
         assert!(

@@ -186,6 +186,7 @@ pub struct Config {
 /// One CPUID answer as the guest saw it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct CpuidRecord {
     pub leaf: u32,
     pub subleaf: u32,

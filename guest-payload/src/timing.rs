@@ -22,24 +22,26 @@ global_asm!(
     r#"
     .pushsection .text.vmm_timing,"ax",@progbits
 
-    # u64 vmm_sample_cpuid(u32 leaf /* edi */, u32 subleaf /* esi */)
-    .globl vmm_sample_cpuid
-    vmm_sample_cpuid:
-        push rbx
+    # rax = TSC, ordered after everything before it (clobbers rdx)
+    .macro TSC_TO_RAX
         lfence
         rdtsc
         shl rdx, 32
         or rax, rdx
+    .endm
+
+    # u64 vmm_sample_cpuid(u32 leaf /* edi */, u32 subleaf /* esi */)
+    .globl vmm_sample_cpuid
+    vmm_sample_cpuid:
+        push rbx
+        TSC_TO_RAX
         mov r8, rax
         mov eax, edi
         mov ecx, esi
     .globl vmm_site_cpuid_probe
     vmm_site_cpuid_probe:
         cpuid
-        lfence
-        rdtsc
-        shl rdx, 32
-        or rax, rdx
+        TSC_TO_RAX
         sub rax, r8
         pop rbx
         ret
@@ -48,10 +50,7 @@ global_asm!(
     .globl vmm_sample_hypercall
     vmm_sample_hypercall:
         push rbx
-        lfence
-        rdtsc
-        shl rdx, 32
-        or rax, rdx
+        TSC_TO_RAX
         mov r8, rax
         mov eax, edi
         mov ecx, esi
@@ -59,10 +58,7 @@ global_asm!(
     .globl vmm_site_hypercall_probe
     vmm_site_hypercall_probe:
         out dx, eax
-        lfence
-        rdtsc
-        shl rdx, 32
-        or rax, rdx
+        TSC_TO_RAX
         sub rax, r8
         pop rbx
         ret
@@ -70,33 +66,21 @@ global_asm!(
     # u64 vmm_sample_nop(void)
     .globl vmm_sample_nop
     vmm_sample_nop:
-        lfence
-        rdtsc
-        shl rdx, 32
-        or rax, rdx
+        TSC_TO_RAX
         mov r8, rax
     .globl vmm_site_nop_probe
     vmm_site_nop_probe:
         nop
-        lfence
-        rdtsc
-        shl rdx, 32
-        or rax, rdx
+        TSC_TO_RAX
         sub rax, r8
         ret
 
     # u64 vmm_sample_rdtsc(void): nothing between the timestamps
     .globl vmm_sample_rdtsc
     vmm_sample_rdtsc:
-        lfence
-        rdtsc
-        shl rdx, 32
-        or rax, rdx
+        TSC_TO_RAX
         mov r8, rax
-        lfence
-        rdtsc
-        shl rdx, 32
-        or rax, rdx
+        TSC_TO_RAX
         sub rax, r8
         ret
 
@@ -136,12 +120,10 @@ global_asm!(
     # u64 vmm_read_tsc(void)
     .globl vmm_read_tsc
     vmm_read_tsc:
-        lfence
-        rdtsc
-        shl rdx, 32
-        or rax, rdx
+        TSC_TO_RAX
         ret
 
+    .purgem TSC_TO_RAX
     .popsection
     "#,
     hypercall_port = const ports::HYPERCALL,

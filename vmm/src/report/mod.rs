@@ -147,7 +147,7 @@ pub struct RunReport {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub native_cpu: Option<usize>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub cpuid_snapshot: Vec<CpuidReport>,
+    pub cpuid_snapshot: Vec<guest_payload::CpuidRecord>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub samples: Option<BTreeMap<&'static str, Vec<u64>>>,
 }
@@ -156,16 +156,6 @@ pub struct RunReport {
 pub struct TrapReport {
     pub mechanism: Trap,
     pub delivery: Option<TrapDelivery>,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-pub struct CpuidReport {
-    pub leaf: u32,
-    pub subleaf: u32,
-    pub eax: u32,
-    pub ebx: u32,
-    pub ecx: u32,
-    pub edx: u32,
 }
 
 impl RunReport {
@@ -241,18 +231,7 @@ impl RunReport {
             }),
             shaping,
             native_cpu: measurement.native_cpu,
-            cpuid_snapshot: measurement
-                .cpuid
-                .iter()
-                .map(|r| CpuidReport {
-                    leaf: r.leaf,
-                    subleaf: r.subleaf,
-                    eax: r.eax,
-                    ebx: r.ebx,
-                    ecx: r.ecx,
-                    edx: r.edx,
-                })
-                .collect(),
+            cpuid_snapshot: measurement.cpuid.clone(),
             samples: include_samples.then(|| measurement.samples.iter().map(|(p, s)| (p.name(), s.clone())).collect()),
         }
     }

@@ -1,0 +1,37 @@
+//! Helpers shared by the end-to-end tests: run the built `vmm` binary as a user would.
+#![allow(dead_code)] // each test binary uses its own subset
+
+use serde_json::Value;
+use std::process::{Command, Output};
+
+pub fn vmm(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vmm"))
+        .args(args)
+        .output()
+        .expect("run the vmm binary")
+}
+
+/// These tests boot real VMs. Where /dev/kvm is absent they skip, loudly; in CI
+/// (CI=true) a missing /dev/kvm is a failure, never a skip.
+pub fn kvm_available() -> bool {
+    if std::path::Path::new("/dev/kvm").exists() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "CI must have /dev/kvm: these tests boot real VMs"
+    );
+    eprintln!("\n*** SKIPPED: /dev/kvm is absent on this machine; this test boots a real VM ***\n");
+    false
+}
+
+pub fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// Runs `vmm ARGS` (which must include --json), expects success, parses the report.
+pub fn json_run(args: &[&str]) -> Value {
+    let output = vmm(args);
+    assert!(output.status.success(), "vmm {args:?} failed: {}", stderr(&output));
+    serde_json::from_slice(&output.stdout).expect("--json prints one JSON document")
+}
