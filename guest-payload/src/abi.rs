@@ -6,7 +6,7 @@
 use core::mem::size_of;
 
 /// Bumped whenever a layout or meaning below changes.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// Guest physical memory map. The VMM identity-maps the first [`layout::IDENTITY_MAP_BYTES`]
 /// with 2 MiB pages, so guest virtual and physical addresses are the same.
@@ -61,7 +61,8 @@ pub mod flags {
     pub const HANG: u32 = 1 << 1;
     /// Execute `ud2` with no IDT: a triple fault, to exercise the VMM's fault handling.
     pub const FAULT: u32 = 1 << 2;
-    /// Record what CPUID returns for [`super::CPUID_SNAPSHOT_LEAVES`].
+    /// Record what CPUID returns for [`super::CPUID_SNAPSHOT_LEAVES`] and read the bytes
+    /// of the CPUID sites (the guest's view of its own code).
     pub const CPUID_SNAPSHOT: u32 = 1 << 3;
 }
 
@@ -116,11 +117,13 @@ pub enum Probe {
     Nop = 1,
     /// Nothing between the two timestamps: the measurement floor.
     Rdtsc = 2,
+    /// Eight LFENCEs: a serialising baseline (the cpuid-lfence-ratio rule's).
+    Lfence8 = 3,
 }
 
 impl Probe {
     /// Every probe, in the order their samples are laid out in the result block.
-    pub const ALL: [Probe; 3] = [Probe::Cpuid, Probe::Nop, Probe::Rdtsc];
+    pub const ALL: [Probe; 4] = [Probe::Cpuid, Probe::Nop, Probe::Rdtsc, Probe::Lfence8];
 
     /// The bit of this probe in [`Config::probes`].
     pub const fn bit(self) -> u32 {
@@ -133,6 +136,7 @@ impl Probe {
             Probe::Cpuid => "cpuid",
             Probe::Nop => "nop",
             Probe::Rdtsc => "rdtsc",
+            Probe::Lfence8 => "lfence8",
         }
     }
 }
@@ -216,7 +220,11 @@ pub struct ResultHeader {
     pub tsc_end: u64,
     /// How many entries of `cpuid` are valid.
     pub cpuid_count: u32,
-    pub reserved: u32,
+    /// Non-zero when `site_bytes` was filled in.
+    pub site_bytes_valid: u32,
+    /// The first two bytes at each CPUID site (`timing::CPUID_SITE_SYMBOLS` order), as
+    /// the guest reads its own code: `0f a2` unless someone patched it.
+    pub site_bytes: [[u8; 2]; 4],
     /// CPUID answers for [`CPUID_SNAPSHOT_LEAVES`], when asked for.
     pub cpuid: [CpuidRecord; CPUID_SNAPSHOT_LEAVES.len()],
 }
@@ -224,7 +232,7 @@ pub struct ResultHeader {
 // Padding-free layouts: what the VMM writes is exactly what the guest reads.
 const _: () = assert!(size_of::<Config>() == 56);
 const _: () = assert!(size_of::<CpuidRecord>() == 24);
-const _: () = assert!(size_of::<ResultHeader>() == 48 + 24 * CPUID_SNAPSHOT_LEAVES.len());
+const _: () = assert!(size_of::<ResultHeader>() == 56 + 24 * CPUID_SNAPSHOT_LEAVES.len());
 
 impl Config {
     /// The block's bytes, as the VMM copies them into guest memory.

@@ -86,6 +86,9 @@ fn run(config: &Config) -> Status {
             *record = timing::query_cpuid(cpuid_path, leaf, subleaf);
         }
         header.cpuid_count = CPUID_SNAPSHOT_LEAVES.len() as u32;
+        let sites = timing::cpuid_site_bytes();
+        header.site_bytes[..sites.len()].copy_from_slice(&sites);
+        header.site_bytes_valid = 1;
     }
 
     header.tsc_end = timing::read_tsc();

@@ -12,9 +12,12 @@
 use crate::abi::{ports, CpuidRecord, Probe};
 use core::arch::global_asm;
 
-/// The global symbols of every instruction that asks for CPUID, in the order the VMM
+/// The global symbols of every instruction that executes CPUID, in the order the VMM
 /// traps them. Keep in sync with the labels in the assembly below.
 pub const CPUID_SITE_SYMBOLS: [&str; 2] = ["vmm_site_cpuid_probe", "vmm_site_cpuid_query"];
+/// The hypercall (`out`) that answers snapshot queries in paravirt mode, told apart from
+/// the timed one so the reports can count them separately.
+pub const HYPERCALL_QUERY_SITE_SYMBOL: &str = "vmm_site_hypercall_query";
 /// The encoding of CPUID, what a CPUID site holds when nobody patched it.
 pub const CPUID_OPCODE: [u8; 2] = [0x0f, 0xa2];
 
@@ -75,6 +78,18 @@ global_asm!(
         sub rax, r8
         ret
 
+    # u64 vmm_sample_lfence8(void): eight serialising fences
+    .globl vmm_sample_lfence8
+    vmm_sample_lfence8:
+        TSC_TO_RAX
+        mov r8, rax
+        .rept 8
+        lfence
+        .endr
+        TSC_TO_RAX
+        sub rax, r8
+        ret
+
     # u64 vmm_sample_rdtsc(void): nothing between the timestamps
     .globl vmm_sample_rdtsc
     vmm_sample_rdtsc:
@@ -109,6 +124,8 @@ global_asm!(
         mov eax, edi
         mov ecx, esi
         mov dx, {hypercall_port}
+    .globl vmm_site_hypercall_query
+    vmm_site_hypercall_query:
         out dx, eax
         mov [r8], eax
         mov [r8 + 4], ebx
@@ -134,6 +151,9 @@ extern "C" {
     fn vmm_sample_hypercall(leaf: u32, subleaf: u32) -> u64;
     fn vmm_sample_nop() -> u64;
     fn vmm_sample_rdtsc() -> u64;
+    fn vmm_sample_lfence8() -> u64;
+    static vmm_site_cpuid_probe: u8;
+    static vmm_site_cpuid_query: u8;
     fn vmm_cpuid_query(leaf: u32, subleaf: u32, out: *mut [u32; 4]);
     fn vmm_hypercall_query(leaf: u32, subleaf: u32, out: *mut [u32; 4]);
     fn vmm_read_tsc() -> u64;
@@ -172,6 +192,7 @@ pub fn measure(probe: Probe, request: &Request, out: &mut [u64]) {
                 (Probe::Cpuid, CpuidPath::Hypercall) => vmm_sample_hypercall(leaf, subleaf),
                 (Probe::Nop, _) => vmm_sample_nop(),
                 (Probe::Rdtsc, _) => vmm_sample_rdtsc(),
+                (Probe::Lfence8, _) => vmm_sample_lfence8(),
             }
         }
     };
@@ -200,6 +221,18 @@ pub fn query_cpuid(path: CpuidPath, leaf: u32, subleaf: u32) -> CpuidRecord {
         ebx: regs[1],
         ecx: regs[2],
         edx: regs[3],
+    }
+}
+
+/// The first two bytes of each CPUID site in this binary's own code, in
+/// [`CPUID_SITE_SYMBOLS`] order: what a guest checking its code integrity sees.
+pub fn cpuid_site_bytes() -> [[u8; 2]; 2] {
+    // SAFETY: the symbols label instructions in our own text section, readable and at
+    // least two bytes long (`cpuid` is `0f a2`); volatile, since a hypervisor may have
+    // patched them behind the compiler's back.
+    unsafe {
+        [&raw const vmm_site_cpuid_probe, &raw const vmm_site_cpuid_query]
+            .map(|site| [core::ptr::read_volatile(site), core::ptr::read_volatile(site.add(1))])
     }
 }
 
@@ -237,6 +270,11 @@ mod tests {
             (leaf0.eax, leaf0.ebx, leaf0.ecx, leaf0.edx),
             (expected.eax, expected.ebx, expected.ecx, expected.edx)
         );
+    }
+
+    #[test]
+    fn unpatched_sites_hold_cpuid() {
+        assert_eq!(cpuid_site_bytes(), [CPUID_OPCODE; 2]);
     }
 
     #[test]

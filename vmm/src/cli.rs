@@ -57,7 +57,7 @@ pub struct RunArgs {
     pub subleaf: u32,
 
     /// Probes to time, comma-separated.
-    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [ProbeArg::Cpuid, ProbeArg::Nop, ProbeArg::Rdtsc])]
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [ProbeArg::Cpuid, ProbeArg::Nop, ProbeArg::Rdtsc, ProbeArg::Lfence8])]
     pub probes: Vec<ProbeArg>,
 
     /// Stop a guest that has not finished after this many seconds.
@@ -71,11 +71,6 @@ pub struct RunArgs {
     /// Pin the native runner to this host CPU (default: the last one allowed).
     #[arg(long)]
     pub cpu: Option<usize>,
-
-    /// Also record what CPUID returns for a fixed set of leaves (JSON `cpuid_snapshot`).
-    /// In trap-emulate and paravirt modes these are exits too (8 more).
-    #[arg(long)]
-    pub cpuid_snapshot: bool,
 
     #[command(flatten)]
     pub shaping: ShapingArgs,
@@ -161,6 +156,8 @@ pub enum ProbeArg {
     Nop,
     /// Nothing between the timestamps: the measurement floor.
     Rdtsc,
+    /// Eight LFENCEs: the serialising baseline of the cpuid-lfence-ratio rule.
+    Lfence8,
 }
 
 impl From<ProbeArg> for Probe {
@@ -169,6 +166,7 @@ impl From<ProbeArg> for Probe {
             ProbeArg::Cpuid => Probe::Cpuid,
             ProbeArg::Nop => Probe::Nop,
             ProbeArg::Rdtsc => Probe::Rdtsc,
+            ProbeArg::Lfence8 => Probe::Lfence8,
         }
     }
 }

@@ -79,13 +79,10 @@ fn run(args: &RunArgs) -> Result<(), CliError> {
             Some(Misbehaviour::Hang) => guest_payload::flags::HANG,
             Some(Misbehaviour::Fault) => guest_payload::flags::FAULT,
             None => 0,
-        } | if args.cpuid_snapshot {
-            guest_payload::flags::CPUID_SNAPSHOT
-        } else {
-            0
         },
         timeout: Duration::from_secs_f64(args.timeout),
         cpu: args.cpu,
+        snapshot: true,
     };
     let mut stderr = std::io::stderr();
     let console: Option<&mut dyn Write> = if args.output.console { Some(&mut stderr) } else { None };

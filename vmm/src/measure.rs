@@ -64,8 +64,11 @@ pub struct RunSpec {
     pub cpuid_subleaf: u32,
     /// Bits of `Probe::bit`.
     pub probes: u32,
-    /// Extra bits of `guest_payload::flags` (a deliberate hang or fault, a CPUID snapshot).
+    /// Extra bits of `guest_payload::flags` (a deliberate hang or fault).
     pub guest_flags: u32,
+    /// Record CPUID leaves and the CPUID sites' bytes as the guest sees them (the
+    /// non-timing signals of the detector). Its CPUIDs are counted apart from the probe's.
+    pub snapshot: bool,
     pub timeout: Duration,
     /// Host CPU for the native runner.
     pub cpu: Option<usize>,
@@ -83,6 +86,7 @@ impl RunSpec {
             cpuid_subleaf: 0,
             probes: Probe::ALL.iter().map(|p| p.bit()).sum(),
             guest_flags: 0,
+            snapshot: true,
             timeout: Duration::from_secs(60),
             cpu: None,
         }
@@ -98,7 +102,7 @@ impl RunSpec {
         Config {
             magic: CONFIG_MAGIC,
             abi_version: ABI_VERSION,
-            flags: self.guest_flags | paravirt,
+            flags: self.guest_flags | paravirt | if self.snapshot { flags::CPUID_SNAPSHOT } else { 0 },
             iterations: self.iterations,
             warmup: self.warmup,
             probes: self.probes,
@@ -111,6 +115,7 @@ impl RunSpec {
     /// A short run of the CPUID probe alone, for probes and calibration.
     fn cpuid_only(&self, iterations: u32, warmup: u32, shaping: Shaping) -> Self {
         Self {
+            snapshot: false,
             shaping,
             iterations,
             warmup,
@@ -142,6 +147,8 @@ pub struct ShapingOutcome {
 pub struct Measurement {
     pub samples: BTreeMap<Probe, Vec<u64>>,
     pub cpuid: Vec<CpuidRecord>,
+    /// The CPUID sites' bytes as the measured code read them.
+    pub site_bytes: Vec<[u8; 2]>,
     pub exits: ExitStats,
     /// VM creation to the first KVM_RUN (VM modes only).
     pub setup: Option<Duration>,
@@ -176,6 +183,7 @@ pub fn measure(
         return Ok(Measurement {
             samples: run.samples,
             cpuid: run.cpuid,
+            site_bytes: run.site_bytes,
             run: run.run,
             native_cpu: Some(run.cpu),
             ..Default::default()
@@ -244,6 +252,7 @@ fn run_vm(
     Ok(Measurement {
         samples: results.samples,
         cpuid: results.cpuid,
+        site_bytes: results.site_bytes,
         exits: stats.exits,
         setup: Some(setup),
         run: stats.run,

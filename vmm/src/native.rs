@@ -23,6 +23,8 @@ pub enum NativeError {
 pub struct NativeRun {
     pub samples: BTreeMap<Probe, Vec<u64>>,
     pub cpuid: Vec<CpuidRecord>,
+    /// This binary's own CPUID sites, read as a guest reads its code.
+    pub site_bytes: Vec<[u8; 2]>,
     pub cpu: usize,
     pub run: Duration,
 }
@@ -85,17 +87,20 @@ pub fn run(config: &Config, cpu: Option<usize>) -> Result<NativeRun, NativeError
                 timing::measure(probe, &request, &mut out);
                 samples.insert(probe, out);
             }
-            let cpuid = if config.flags & guest_payload::flags::CPUID_SNAPSHOT != 0 {
-                CPUID_SNAPSHOT_LEAVES
+            let snapshot = config.flags & guest_payload::flags::CPUID_SNAPSHOT != 0;
+            let (cpuid, site_bytes) = if snapshot {
+                let cpuid = CPUID_SNAPSHOT_LEAVES
                     .iter()
                     .map(|&(leaf, sub)| timing::query_cpuid(CpuidPath::Instruction, leaf, sub))
-                    .collect()
+                    .collect();
+                (cpuid, timing::cpuid_site_bytes().to_vec())
             } else {
-                Vec::new()
+                (Vec::new(), Vec::new())
             };
             Ok(NativeRun {
                 samples,
                 cpuid,
+                site_bytes,
                 cpu,
                 run: started.elapsed(),
             })

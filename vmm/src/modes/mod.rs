@@ -8,6 +8,7 @@
 //! | `paravirt` | the guest asks the VMM by hypercall instead | the VMM |
 
 use crate::arch::x86_64::cpuid::CpuidTable;
+use crate::vm::exits::ExitKind;
 use crate::vm::loader::Payload;
 use kvm_bindings::kvm_debug_exit_arch;
 use kvm_ioctls::VcpuFd;
@@ -59,7 +60,7 @@ pub enum ModeError {
         what: &'static str,
         source: kvm_ioctls::Error,
     },
-    #[error("the payload has no symbol `{0}`: trap-emulate finds the CPUID sites by name in the ELF's symbol table")]
+    #[error("the payload has no symbol `{0}`: the VMM finds the CPUID sites by name in the ELF's symbol table")]
     MissingSite(&'static str),
     #[error("the payload has {sites} CPUID sites but x86 has only {slots} debug address registers (DR0-DR3); use --trap int3-patch")]
     TooManySites { sites: usize, slots: usize },
@@ -88,8 +89,9 @@ pub struct GuestContext<'a> {
 }
 
 /// Answers the CPUID the guest asked for (leaf in EAX, subleaf in ECX) from the vCPU's
-/// table, exactly as KVM would, and moves RIP on by `advance_rip` bytes.
-pub(crate) fn answer_cpuid(guest: &GuestContext, advance_rip: u64) -> Result<(), ModeError> {
+/// table, exactly as KVM would, and moves RIP on by `advance_rip` bytes. Returns the RIP
+/// the exit stopped at.
+pub(crate) fn answer_cpuid(guest: &GuestContext, advance_rip: u64) -> Result<u64, ModeError> {
     let mut regs = guest.vcpu.get_regs().map_err(|source| ModeError::Kvm {
         what: "KVM_GET_REGS",
         source,
@@ -100,11 +102,13 @@ pub(crate) fn answer_cpuid(guest: &GuestContext, advance_rip: u64) -> Result<(),
     regs.rbx = u64::from(ebx);
     regs.rcx = u64::from(ecx);
     regs.rdx = u64::from(edx);
+    let rip = regs.rip;
     regs.rip += advance_rip;
     guest.vcpu.set_regs(&regs).map_err(|source| ModeError::Kvm {
         what: "KVM_SET_REGS",
         source,
-    })
+    })?;
+    Ok(rip)
 }
 
 /// The VMM side of a mode: exits that only some modes expect. `exit_tsc` is the host TSC
@@ -115,8 +119,14 @@ pub trait CpuidExitHandler {
         Ok(())
     }
 
-    /// A debug exit (hardware breakpoint or `int3`): emulate the CPUID it caught.
-    fn on_debug(&mut self, _guest: &GuestContext, exit: &kvm_debug_exit_arch, _exit_tsc: u64) -> Result<(), ModeError> {
+    /// A debug exit (hardware breakpoint or `int3`): emulate the CPUID it caught, and
+    /// say which kind of CPUID exit it was.
+    fn on_debug(
+        &mut self,
+        _guest: &GuestContext,
+        exit: &kvm_debug_exit_arch,
+        _exit_tsc: u64,
+    ) -> Result<ExitKind, ModeError> {
         Err(ModeError::UnexpectedDebugExit {
             rip: exit.pc,
             exception: exit.exception,
@@ -124,14 +134,19 @@ pub trait CpuidExitHandler {
     }
 
     /// An `out` to the hypercall port: answer the CPUID it asks for.
-    fn on_hypercall(&mut self, _guest: &GuestContext, _exit_tsc: u64) -> Result<(), ModeError> {
+    fn on_hypercall(&mut self, _guest: &GuestContext, _exit_tsc: u64) -> Result<ExitKind, ModeError> {
         Err(ModeError::UnexpectedHypercall)
     }
 
     /// KVM could not emulate the instruction at `rip`. An emulating KVM reports a patched
-    /// `int3` this way (its emulator cannot run INT in long mode): returns true if this
-    /// was one of ours and has been handled as the trap.
-    fn on_emulation_failure(&mut self, _guest: &GuestContext, _rip: u64, _exit_tsc: u64) -> Result<bool, ModeError> {
-        Ok(false)
+    /// `int3` this way (its emulator cannot run INT in long mode): returns the exit's kind
+    /// if this was one of ours and has been handled as the trap.
+    fn on_emulation_failure(
+        &mut self,
+        _guest: &GuestContext,
+        _rip: u64,
+        _exit_tsc: u64,
+    ) -> Result<Option<ExitKind>, ModeError> {
+        Ok(None)
     }
 }

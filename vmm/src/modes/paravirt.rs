@@ -6,15 +6,23 @@
 
 use super::{answer_cpuid, CpuidExitHandler, GuestContext, ModeError};
 use crate::shaping::Shaper;
+use crate::vm::exits::ExitKind;
+use guest_payload::timing::HYPERCALL_QUERY_SITE_SYMBOL;
 
 pub struct Paravirt {
     shaper: Shaper,
+    /// The snapshot's hypercall instruction, to count it apart from the timed one.
+    query_site: Option<u64>,
     pub hypercalls: u64,
 }
 
 impl Paravirt {
     pub fn new(shaper: Shaper) -> Self {
-        Self { shaper, hypercalls: 0 }
+        Self {
+            shaper,
+            query_site: None,
+            hypercalls: 0,
+        }
     }
 
     pub fn shaper(&self) -> &Shaper {
@@ -24,13 +32,20 @@ impl Paravirt {
 
 impl CpuidExitHandler for Paravirt {
     fn arm(&mut self, guest: &GuestContext) -> Result<(), ModeError> {
+        self.query_site = guest.payload.symbol(HYPERCALL_QUERY_SITE_SYMBOL);
         Ok(self.shaper.arm(guest.vcpu)?)
     }
 
-    fn on_hypercall(&mut self, guest: &GuestContext, exit_tsc: u64) -> Result<(), ModeError> {
-        answer_cpuid(guest, 0)?;
+    fn on_hypercall(&mut self, guest: &GuestContext, exit_tsc: u64) -> Result<ExitKind, ModeError> {
+        let rip = answer_cpuid(guest, 0)?;
         self.hypercalls += 1;
         self.shaper.after_exit(guest.vcpu, exit_tsc)?;
-        Ok(())
+        // RIP is at the one-byte `out`, or past it where KVM completed it before exiting.
+        let is_query = self.query_site.is_some_and(|site| rip == site || rip == site + 1);
+        Ok(if is_query {
+            ExitKind::CpuidQueryHypercall
+        } else {
+            ExitKind::CpuidHypercall
+        })
     }
 }

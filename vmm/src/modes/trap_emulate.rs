@@ -15,6 +15,7 @@
 
 use super::{answer_cpuid, CpuidExitHandler, GuestContext, ModeError};
 use crate::shaping::Shaper;
+use crate::vm::exits::ExitKind;
 use guest_payload::timing::{CPUID_OPCODE, CPUID_SITE_SYMBOLS};
 use kvm_bindings::{
     kvm_debug_exit_arch, kvm_guest_debug, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_USE_HW_BP, KVM_GUESTDBG_USE_SW_BP,
@@ -99,7 +100,7 @@ impl TrapEmulate {
         site: u64,
         delivery: TrapDelivery,
         exit_tsc: u64,
-    ) -> Result<(), ModeError> {
+    ) -> Result<ExitKind, ModeError> {
         let mut regs = guest.vcpu.get_regs().map_err(|source| ModeError::Kvm {
             what: "KVM_GET_REGS",
             source,
@@ -116,7 +117,12 @@ impl TrapEmulate {
         self.delivery.get_or_insert(delivery);
         self.traps += 1;
         self.shaper.after_exit(guest.vcpu, exit_tsc)?;
-        Ok(())
+        // The first site is the timed probe; the others answer the guest's snapshot.
+        Ok(if Some(&site) == self.sites.first() {
+            ExitKind::CpuidTrap
+        } else {
+            ExitKind::CpuidQueryTrap
+        })
     }
 }
 
@@ -170,7 +176,12 @@ impl CpuidExitHandler for TrapEmulate {
         Ok(self.shaper.arm(guest.vcpu)?)
     }
 
-    fn on_debug(&mut self, guest: &GuestContext, exit: &kvm_debug_exit_arch, exit_tsc: u64) -> Result<(), ModeError> {
+    fn on_debug(
+        &mut self,
+        guest: &GuestContext,
+        exit: &kvm_debug_exit_arch,
+        exit_tsc: u64,
+    ) -> Result<ExitKind, ModeError> {
         let expected_vector = match self.trap {
             Trap::HwBreakpoint => DEBUG_VECTOR,
             Trap::Int3Patch => BREAKPOINT_VECTOR,
@@ -186,15 +197,20 @@ impl CpuidExitHandler for TrapEmulate {
         }
     }
 
-    fn on_emulation_failure(&mut self, guest: &GuestContext, rip: u64, exit_tsc: u64) -> Result<bool, ModeError> {
+    fn on_emulation_failure(
+        &mut self,
+        guest: &GuestContext,
+        rip: u64,
+        exit_tsc: u64,
+    ) -> Result<Option<ExitKind>, ModeError> {
         if self.trap != Trap::Int3Patch {
-            return Ok(false);
+            return Ok(None);
         }
         match self.site_of(rip) {
             Some(site) => self
                 .emulate(guest, site, TrapDelivery::EmulationFailure, exit_tsc)
-                .map(|()| true),
-            None => Ok(false),
+                .map(Some),
+            None => Ok(None),
         }
     }
 }

@@ -148,6 +148,10 @@ pub struct RunReport {
     pub native_cpu: Option<usize>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub cpuid_snapshot: Vec<guest_payload::CpuidRecord>,
+    /// The first bytes of each CPUID site as the measured code read them (`[15, 162]` is
+    /// `0f a2`, CPUID; anything else was patched).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub cpuid_site_bytes: Vec<[u8; 2]>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub samples: Option<BTreeMap<&'static str, Vec<u64>>>,
 }
@@ -232,6 +236,7 @@ impl RunReport {
             shaping,
             native_cpu: measurement.native_cpu,
             cpuid_snapshot: measurement.cpuid.clone(),
+            cpuid_site_bytes: measurement.site_bytes.clone(),
             samples: include_samples.then(|| measurement.samples.iter().map(|(p, s)| (p.name(), s.clone())).collect()),
         }
     }

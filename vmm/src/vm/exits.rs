@@ -12,6 +12,10 @@ pub enum ExitKind {
     CpuidTrap,
     /// A paravirtual CPUID hypercall on the hypercall port.
     CpuidHypercall,
+    /// A trapped CPUID of the guest's snapshot of its CPUID leaves (not a timed sample).
+    CpuidQueryTrap,
+    /// A hypercall of the guest's CPUID snapshot (not a timed sample).
+    CpuidQueryHypercall,
     /// A byte of console output.
     Console,
     /// The guest rang the done port.
@@ -27,6 +31,8 @@ impl ExitKind {
         match self {
             ExitKind::CpuidTrap => "cpuid-trap",
             ExitKind::CpuidHypercall => "cpuid-hypercall",
+            ExitKind::CpuidQueryTrap => "cpuid-query-trap",
+            ExitKind::CpuidQueryHypercall => "cpuid-query-hypercall",
             ExitKind::Console => "console-io",
             ExitKind::Done => "done-io",
             ExitKind::Signal => "signal",

@@ -87,6 +87,8 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
 pub struct GuestResults {
     pub samples: BTreeMap<Probe, Vec<u64>>,
     pub cpuid: Vec<guest_payload::CpuidRecord>,
+    /// The bytes at each CPUID site as the guest read its own code (with the snapshot).
+    pub site_bytes: Vec<[u8; 2]>,
     /// TSC cycles from the guest's first measurement to its last.
     pub guest_tsc_elapsed: u64,
 }
@@ -270,18 +272,16 @@ impl GuestVm {
                 }
                 Exit::IoOut {
                     port: ports::HYPERCALL, ..
-                } => {
-                    handler.on_hypercall(&self.context(), exit_tsc)?;
-                    ExitKind::CpuidHypercall
-                }
-                Exit::Debug(arch) => {
-                    handler.on_debug(&self.context(), &arch, exit_tsc)?;
-                    ExitKind::CpuidTrap
-                }
+                } => handler.on_hypercall(&self.context(), exit_tsc)?,
+                Exit::Debug(arch) => handler.on_debug(&self.context(), &arch, exit_tsc)?,
                 Exit::InternalError if self.internal_suberror() == kvm_bindings::KVM_INTERNAL_ERROR_EMULATION => {
-                    match self.rip().0 {
-                        Some(at) if handler.on_emulation_failure(&self.context(), at, exit_tsc)? => ExitKind::CpuidTrap,
-                        _ => return Err(self.fatal(Exit::InternalError)),
+                    let handled = match self.rip().0 {
+                        Some(at) => handler.on_emulation_failure(&self.context(), at, exit_tsc)?,
+                        None => None,
+                    };
+                    match handled {
+                        Some(kind) => kind,
+                        None => return Err(self.fatal(Exit::InternalError)),
                     }
                 }
                 fatal => return Err(self.fatal(fatal)),
@@ -366,6 +366,10 @@ impl GuestVm {
         }
         let count = (header.cpuid_count as usize).min(header.cpuid.len());
         results.cpuid = header.cpuid[..count].to_vec();
+        if header.site_bytes_valid != 0 {
+            let sites = guest_payload::timing::CPUID_SITE_SYMBOLS.len();
+            results.site_bytes = header.site_bytes[..sites].to_vec();
+        }
         Ok(results)
     }
 }
