@@ -67,7 +67,7 @@ fn all_four_vm_paths_return_identical_cpuid_registers() {
         return;
     }
     let snapshot = |mode: &[&str]| -> Vec<(u64, u64, [u32; 4])> {
-        let report = run_mode(mode, &["-n", "10", "--warmup", "0"]));
+        let report = run_mode(mode, &["-n", "10", "--warmup", "0"]);
         report["cpuid_snapshot"]
             .as_array()
             .expect("a cpuid_snapshot")
@@ -96,9 +96,10 @@ fn snapshot_queries_are_counted_apart_from_the_timed_cpuids() {
         return;
     }
     let extra = guest_payload::CPUID_SNAPSHOT_LEAVES.len() as u64;
-    for (mode, timed, query) in
-        [(TRAP_EMULATE_HW, "cpuid-trap", "cpuid-query-trap"), (PARAVIRT, "cpuid-hypercall", "cpuid-query-hypercall")]
-    {
+    for (mode, timed, query) in [
+        (TRAP_EMULATE_HW, "cpuid-trap", "cpuid-query-trap"),
+        (PARAVIRT, "cpuid-hypercall", "cpuid-query-hypercall"),
+    ] {
         let report = run_mode(mode, &["-n", "50", "--warmup", "5"]);
         assert_eq!(report["exits"][timed]["count"].as_u64(), Some(55), "{mode:?}");
         assert_eq!(report["exits"][query]["count"].as_u64(), Some(extra), "{mode:?}");
@@ -111,7 +112,12 @@ fn only_the_int3_patch_leaves_a_trace_in_the_guests_code() {
         return;
     }
     let cpuid = serde_json::json!([[0x0f, 0xa2], [0x0f, 0xa2]]);
-    for mode in [&["--mode", "native"][..], &["--mode", "hw-assist"], TRAP_EMULATE_HW, PARAVIRT] {
+    for mode in [
+        &["--mode", "native"][..],
+        &["--mode", "hw-assist"],
+        TRAP_EMULATE_HW,
+        PARAVIRT,
+    ] {
         assert_eq!(run_mode(mode, &["-n", "10"])["cpuid_site_bytes"], cpuid, "{mode:?}");
     }
     let patched = serde_json::json!([[0xcc, 0x90], [0xcc, 0x90]]);
