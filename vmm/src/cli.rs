@@ -26,8 +26,96 @@ pub struct Cli {
 pub enum Command {
     /// Run the timing core once, in a VM or natively, and report the statistics.
     Run(Box<RunArgs>),
+    /// Native and every VM mode back to back: one table side by side, with each rule's verdict.
+    Compare(CompareArgs),
+    /// Measure this host natively (and in hw-assist, where KVM is there) and save the
+    /// calibration the detector rules read with --calibration.
+    Calibrate(CalibrateArgs),
+    /// Score every detector rule over a matrix of modes × shaping × busyness.
+    Validate(ValidateArgs),
     /// Check /dev/kvm, the capabilities each mode needs, the CPU and its TSC.
     Doctor(DoctorArgs),
+}
+
+/// What the detector rules are judged against, and what runs alongside.
+#[derive(Debug, Args)]
+pub struct DetectorArgs {
+    /// Calibration file from `vmm calibrate`; without one the rules use documented defaults
+    /// and say they are uncalibrated.
+    #[arg(long, value_name = "FILE")]
+    pub calibration: Option<PathBuf>,
+
+    /// Host threads burning CPU while the run measures (the seed's "busyness").
+    #[arg(long, default_value_t = 0, value_name = "N", value_parser = clap::value_parser!(u16).range(0..=256))]
+    pub busy: u16,
+}
+
+#[derive(Debug, Args)]
+pub struct CompareArgs {
+    /// Samples kept per probe, in each mode.
+    #[arg(long, short = 'n', default_value_t = 5_000, value_parser = clap::value_parser!(u32).range(1..=i64::from(crate::measure::MAX_ITERATIONS)))]
+    pub iterations: u32,
+
+    /// Samples dropped first, per probe.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    pub warmup: u32,
+
+    /// Stop any guest that has not finished after this many seconds.
+    #[arg(long, default_value_t = 60.0, value_parser = parse_timeout)]
+    pub timeout: f64,
+
+    #[command(flatten)]
+    pub detector: DetectorArgs,
+
+    /// Print one JSON document instead of the table.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Draw the runs on the NOP/CPUID plane, and CPUID histograms, as SVG.
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct CalibrateArgs {
+    /// Where to write the calibration.
+    #[arg(long, short = 'o', default_value = "calibration.json", value_name = "FILE")]
+    pub out: PathBuf,
+
+    /// Runs per mode.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(2..=1000))]
+    pub runs: u32,
+
+    /// Samples per probe in each run.
+    #[arg(long, short = 'n', default_value_t = 2_000, value_parser = clap::value_parser!(u32).range(10..=i64::from(crate::measure::MAX_ITERATIONS)))]
+    pub iterations: u32,
+
+    /// Skip the hw-assist runs (the seed line then keeps its default).
+    #[arg(long)]
+    pub native_only: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ValidateArgs {
+    /// The experiment matrix (see configs/README.md): modes × shaping × busyness × repeats.
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+
+    /// Calibration file from `vmm calibrate` (else the rules' defaults).
+    #[arg(long, value_name = "FILE")]
+    pub calibration: Option<PathBuf>,
+
+    /// Print one JSON document instead of the table.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Also write the confusion matrices as Markdown.
+    #[arg(long, value_name = "FILE.md")]
+    pub markdown: Option<PathBuf>,
+
+    /// Draw every run on the NOP/CPUID plane, and CPUID histograms per mode, as SVG.
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -74,6 +162,9 @@ pub struct RunArgs {
 
     #[command(flatten)]
     pub shaping: ShapingArgs,
+
+    #[command(flatten)]
+    pub detector: DetectorArgs,
 
     #[command(flatten)]
     pub output: OutputArgs,
@@ -139,6 +230,11 @@ pub struct OutputArgs {
     /// Show what the guest writes to its serial console (port 0x3f8) on stderr.
     #[arg(long)]
     pub console: bool,
+
+    /// Draw the run on the NOP/CPUID plane with each rule's line, and its CPUID
+    /// histogram, as SVG.
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -229,6 +325,9 @@ mod tests {
             &["vmm", "run", "--hide", "--inject-ns", "10"],
             &["vmm", "run", "--target-cycles", "10"],
             &["vmm", "run", "--trap", "jump"],
+            &["vmm", "run", "--busy", "100000"],
+            &["vmm", "validate"],
+            &["vmm", "calibrate", "--runs", "1"],
         ] {
             assert!(Cli::try_parse_from(args).is_err(), "{args:?} was accepted");
         }

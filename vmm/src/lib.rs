@@ -8,16 +8,22 @@
 //! - [`modes`]: the exit handling of each `--mode`;
 //! - [`shaping`]: what a CPUID exit appears to cost (inject, hide, profiles);
 //! - [`native`]: the same timing core in a pinned host thread;
-//! - [`measure`]: one run in one mode;
+//! - [`measure`]: one run in one mode; [`experiment`]: runs measured, judged and reported;
+//! - [`detector`]: the rules that judge a run virtual or native;
 //! - [`stats`], [`report`]: statistics and the table/JSON/CSV outputs;
 //! - [`host`], [`doctor`]: what this host and its KVM are and can do;
-//! - [`cli`]: the command line.
+//! - [`validation`]: the experiment matrix and the rules' confusion matrices;
+//! - [`cli`], [`commands`]: the command line and what each subcommand does.
 //!
 //! The guest ABI and the timing core are in the `guest-payload` crate, shared by both sides.
 
 pub mod arch;
+pub mod busy;
 pub mod cli;
+pub mod commands;
+pub mod detector;
 pub mod doctor;
+pub mod experiment;
 pub mod host;
 pub mod measure;
 pub mod modes;
@@ -25,4 +31,5 @@ pub mod native;
 pub mod report;
 pub mod shaping;
 pub mod stats;
+pub mod validation;
 pub mod vm;

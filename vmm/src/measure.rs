@@ -1,5 +1,6 @@
 //! One measurement: the timing core run once in one mode, natively or in a fresh VM.
 
+use crate::busy::Busy;
 use crate::host;
 use crate::modes::hw_assist::HwAssist;
 use crate::modes::paravirt::Paravirt;
@@ -36,6 +37,8 @@ pub enum MeasureError {
     Mode(#[from] ModeError),
     #[error(transparent)]
     Shaping(#[from] ShapingError),
+    #[error("cannot start the --busy threads: {0}")]
+    Busy(std::io::Error),
 }
 
 fn kvm_open_hint(error: &kvm_ioctls::Error) -> &'static str {
@@ -72,6 +75,8 @@ pub struct RunSpec {
     pub timeout: Duration,
     /// Host CPU for the native runner.
     pub cpu: Option<usize>,
+    /// Host threads burning CPU while the run measures.
+    pub busy: usize,
 }
 
 impl RunSpec {
@@ -89,6 +94,7 @@ impl RunSpec {
             snapshot: true,
             timeout: Duration::from_secs(60),
             cpu: None,
+            busy: 0,
         }
     }
 
@@ -178,6 +184,8 @@ pub fn measure(
     if spec.shaping != Shaping::None && !matches!(spec.mode, Mode::TrapEmulate | Mode::Paravirt) {
         return Err(ShapingError::NeedsVmmExits(spec.shaping.kind()).into());
     }
+    // Started before anything is measured and stopped (on drop) after everything is.
+    let _busy = Busy::start(spec.busy).map_err(MeasureError::Busy)?;
     if spec.mode == Mode::Native {
         let run = native::run(&spec.guest_config(), spec.cpu)?;
         return Ok(Measurement {

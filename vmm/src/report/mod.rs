@@ -1,8 +1,10 @@
 //! Reports of a run: the JSON document (a versioned schema), the human table and raw CSV.
 
 pub mod csv;
+pub mod plot;
 pub mod table;
 
+use crate::detector::RuleVerdict;
 use crate::host::{CpuInfo, KvmFlavour, TscFrequency};
 use crate::measure::{Measurement, RunSpec, ShapingOutcome};
 use crate::modes::trap_emulate::{Trap, TrapDelivery};
@@ -62,6 +64,8 @@ pub struct ConfigReport {
     pub cpuid_subleaf: u32,
     pub probes: Vec<&'static str>,
     pub timeout_s: f64,
+    /// Host threads burning CPU during the run (--busy).
+    pub busy: usize,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -138,6 +142,8 @@ pub struct RunReport {
     pub probes: BTreeMap<&'static str, ProbeReport>,
     pub cpuid_excess_over_nop: Option<Excess>,
     pub exits: BTreeMap<String, ExitSummary>,
+    /// Every detector rule's verdict on this run.
+    pub verdicts: Vec<RuleVerdict>,
     pub timings: Timings,
     /// trap-emulate only: the trap mechanism and how this KVM delivered it.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -168,6 +174,7 @@ impl RunReport {
         payload: &Payload,
         host: HostReport,
         measurement: &Measurement,
+        verdicts: Vec<RuleVerdict>,
         include_samples: bool,
     ) -> Self {
         let tsc_khz = host.tsc_khz;
@@ -222,9 +229,11 @@ impl RunReport {
                 cpuid_subleaf: spec.cpuid_subleaf,
                 probes: guest_payload::probes_in(spec.probes).map(Probe::name).collect(),
                 timeout_s: spec.timeout.as_secs_f64(),
+                busy: spec.busy,
             },
             cpuid_excess_over_nop: excess,
             exits: measurement.exits.summary(),
+            verdicts,
             timings: Timings {
                 setup_us: measurement.setup.map(|d| d.as_micros() as u64),
                 run_us: measurement.run.as_micros() as u64,

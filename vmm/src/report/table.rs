@@ -91,6 +91,19 @@ pub fn render(report: &RunReport) -> String {
             );
         }
     }
+    if !report.verdicts.is_empty() {
+        let _ = writeln!(out, "\n{:<19} {:<8} {:>8}  why", "detector rule", "verdict", "score");
+        for v in &report.verdicts {
+            let _ = writeln!(
+                out,
+                "{:<19} {:<8} {:>8.2}  {}",
+                v.rule,
+                v.verdict.name(),
+                v.score,
+                v.why
+            );
+        }
+    }
     let timings = &report.timings;
     match timings.setup_us {
         Some(setup) => {

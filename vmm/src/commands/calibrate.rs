@@ -1,0 +1,64 @@
+//! `vmm calibrate`: native runs of this host (and hw-assist runs, where KVM is there, for
+//! the seed line's virtual cluster), saved for the detector rules.
+
+use super::{load_calibration, CommandError};
+use crate::cli::CalibrateArgs;
+use crate::detector::calibration::{Calibration, RunPoint};
+use crate::experiment::Session;
+use crate::measure::RunSpec;
+use crate::modes::Mode;
+use crate::vm::loader::Payload;
+use indicatif::{ProgressBar, ProgressStyle};
+
+pub fn calibrate(args: &CalibrateArgs) -> Result<(), CommandError> {
+    // Fail on an unwritable path now, not after the runs.
+    super::create_output(Some(&args.out))?;
+    let session = Session::open(Payload::embedded()?, load_calibration(None)?);
+    let mut modes = vec![Mode::Native];
+    if !args.native_only && session.kvm().is_some() {
+        modes.push(Mode::HwAssist);
+    }
+    let progress = progress_bar(u64::from(args.runs) * modes.len() as u64, "calibrating");
+    let mut points = [Vec::new(), Vec::new()];
+    for (i, &mode) in modes.iter().enumerate() {
+        let spec = RunSpec {
+            iterations: args.iterations,
+            ..RunSpec::new(mode)
+        };
+        for _ in 0..args.runs {
+            let (report, measurement) = session.run(&spec, false, None)?;
+            if let Some(point) = RunPoint::from_samples(&measurement.samples, report.host.tsc_khz) {
+                points[i].push(point);
+            }
+            progress.inc(1);
+        }
+    }
+    progress.finish_and_clear();
+    let [native, virtual_runs] = points;
+    let host = serde_json::to_value(&session.host)?;
+    let calibration = Calibration::from_runs(host, args.iterations, native, virtual_runs);
+    calibration.save(&args.out)?;
+    let p10 = calibration.robust_excess_p10_ns;
+    println!(
+        "calibration written to {}: {} native runs (CPUID over the floor, p10: {:.0} ± {:.0} ns), {} hw-assist runs; seed line log10(CPUID) = {:.3} + {:.3} × log10(NOP)",
+        args.out.display(),
+        calibration.native_runs.len(),
+        p10.mean,
+        p10.sd,
+        calibration.virtual_runs.len(),
+        calibration.seed_line.intercept,
+        calibration.seed_line.slope,
+    );
+    Ok(())
+}
+
+/// A progress bar on stderr (hidden when stderr is not a terminal).
+pub fn progress_bar(len: u64, what: &'static str) -> ProgressBar {
+    let bar = ProgressBar::new(len);
+    if let Ok(style) = ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} runs, {elapsed} elapsed, ~{eta} left")
+    {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_message(what);
+    bar
+}

@@ -1,0 +1,153 @@
+//! `vmm compare`: native and each VM mode back to back, side by side, with every rule's
+//! verdict — the "next to real native runs" view.
+
+use super::{create_output, load_calibration, CommandError};
+use crate::cli::CompareArgs;
+use crate::detector::RULES;
+use crate::experiment::Session;
+use crate::measure::RunSpec;
+use crate::modes::trap_emulate::Trap;
+use crate::modes::Mode;
+use crate::report::{plot, HostReport, RunReport};
+use crate::vm::loader::Payload;
+use guest_payload::Probe;
+use serde::Serialize;
+use std::fmt::Write;
+use std::time::Duration;
+
+/// The columns of the comparison: every path CPUID can take.
+pub const PATHS: [(&str, Mode, Trap); 5] = [
+    ("native", Mode::Native, Trap::HwBreakpoint),
+    ("hw-assist", Mode::HwAssist, Trap::HwBreakpoint),
+    ("trap:hw-bp", Mode::TrapEmulate, Trap::HwBreakpoint),
+    ("trap:int3", Mode::TrapEmulate, Trap::Int3Patch),
+    ("paravirt", Mode::Paravirt, Trap::HwBreakpoint),
+];
+
+#[derive(Serialize)]
+struct Refusal {
+    path: &'static str,
+    why: String,
+}
+
+#[derive(Serialize)]
+struct CompareReport<'a> {
+    schema_version: u32,
+    host: &'a HostReport,
+    calibrated: bool,
+    runs: Vec<&'a RunReport>,
+    refused: Vec<Refusal>,
+}
+
+pub fn compare(args: &CompareArgs) -> Result<(), CommandError> {
+    let calibration = load_calibration(args.detector.calibration.as_deref())?;
+    let plot_file = create_output(args.plot.as_deref())?;
+    let session = Session::open(Payload::embedded()?, calibration);
+    let mut columns = Vec::new();
+    let mut refused = Vec::new();
+    let mut plot_runs = Vec::new();
+    for (label, mode, trap) in PATHS {
+        let spec = RunSpec {
+            trap,
+            iterations: args.iterations,
+            warmup: args.warmup,
+            timeout: Duration::from_secs_f64(args.timeout),
+            busy: usize::from(args.detector.busy),
+            ..RunSpec::new(mode)
+        };
+        match session.run(&spec, false, None) {
+            Ok((report, measurement)) => {
+                plot_runs.push(plot::PlotRun::new(label, &measurement.samples));
+                columns.push((label, report));
+            }
+            // A path this host cannot take is part of the comparison, not the end of it.
+            Err(error) => refused.push(Refusal {
+                path: label,
+                why: error.to_string(),
+            }),
+        }
+    }
+    if columns.is_empty() {
+        return Err(CommandError::NothingMeasured);
+    }
+    if args.json {
+        let report = CompareReport {
+            schema_version: crate::report::SCHEMA_VERSION,
+            host: &session.host,
+            calibrated: session.calibration.calibrated,
+            runs: columns.iter().map(|(_, r)| r).collect(),
+            refused,
+        };
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!(
+            "{}",
+            render(&session.host, &columns, &refused, session.calibration.calibrated)
+        );
+    }
+    if let (Some(file), Some(path)) = (plot_file, &args.plot) {
+        plot::write(file, path, &plot_runs, &session.calibration)?;
+    }
+    Ok(())
+}
+
+fn render(host: &HostReport, columns: &[(&str, RunReport)], refused: &[Refusal], calibrated: bool) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "host: {} | KVM: {}{} | detector {}\n",
+        host.cpu_model,
+        host.kvm.flavour.describe(),
+        if host.is_vm { " | the host is itself a VM" } else { "" },
+        if calibrated {
+            "calibrated"
+        } else {
+            "uncalibrated (defaults)"
+        }
+    );
+    let _ = write!(out, "{:<28}", "median (cycles)");
+    for (label, _) in columns {
+        let _ = write!(out, " {label:>18}");
+    }
+    let _ = writeln!(out);
+    for probe in Probe::ALL {
+        let _ = write!(out, "{:<28}", probe.name());
+        for (_, report) in columns {
+            let cell = report
+                .probes
+                .get(probe.name())
+                .map_or("—".to_owned(), |p| p.cycles.median.to_string());
+            let _ = write!(out, " {cell:>18}");
+        }
+        let _ = writeln!(out);
+    }
+    let _ = write!(out, "{:<28}", "CPUID/NOP");
+    for (_, report) in columns {
+        let cell = report
+            .cpuid_excess_over_nop
+            .map_or("—".to_owned(), |e| format!("×{:.2}", e.ratio));
+        let _ = write!(out, " {cell:>18}");
+    }
+    let _ = writeln!(out, "\n");
+    let _ = write!(out, "{:<28}", "verdict (score)");
+    for (label, _) in columns {
+        let _ = write!(out, " {label:>18}");
+    }
+    let _ = writeln!(out);
+    for rule in RULES {
+        let _ = write!(out, "{rule:<28}");
+        for (_, report) in columns {
+            let cell = report
+                .verdicts
+                .iter()
+                .find(|v| v.rule == rule)
+                .map_or("—".to_owned(), |v| format!("{} ({:.2})", v.verdict.name(), v.score));
+            let _ = write!(out, " {cell:>18}");
+        }
+        let _ = writeln!(out);
+    }
+    for refusal in refused {
+        let _ = writeln!(out, "\n{}: refused — {}", refusal.path, refusal.why);
+    }
+    out
+}

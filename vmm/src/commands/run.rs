@@ -1,0 +1,91 @@
+//! `vmm run`: one run, in one mode, reported as a table or JSON, optionally CSV and SVG.
+
+use super::{create_output, load_calibration, CommandError};
+use crate::cli::{Misbehaviour, RunArgs, ShapingArgs};
+use crate::experiment::Session;
+use crate::measure::RunSpec;
+use crate::report::{self, plot};
+use crate::shaping::profile::Profile;
+use crate::shaping::{plan, Shaping};
+use crate::vm::loader::Payload;
+use std::io::Write;
+use std::time::Duration;
+
+pub fn run(args: &RunArgs) -> Result<(), CommandError> {
+    let payload = match &args.payload {
+        Some(path) => Payload::from_file(path)?,
+        None => Payload::embedded()?,
+    };
+    let calibration = load_calibration(args.detector.calibration.as_deref())?;
+    // Refuse unwritable output paths before measuring, not after.
+    let csv_file = create_output(args.output.csv.as_deref())?;
+    let plot_file = create_output(args.output.plot.as_deref())?;
+    let session = Session::open(payload, calibration);
+    let spec = RunSpec {
+        mode: args.mode,
+        trap: args.trap,
+        shaping: shaping(&args.shaping, session.tsc.khz)?,
+        iterations: args.iterations,
+        warmup: args.warmup,
+        cpuid_leaf: args.leaf,
+        cpuid_subleaf: args.subleaf,
+        probes: args
+            .probes
+            .iter()
+            .map(|&p| guest_payload::Probe::from(p).bit())
+            .fold(0, |a, b| a | b),
+        guest_flags: match args.misbehave {
+            Some(Misbehaviour::Hang) => guest_payload::flags::HANG,
+            Some(Misbehaviour::Fault) => guest_payload::flags::FAULT,
+            None => 0,
+        },
+        timeout: Duration::from_secs_f64(args.timeout),
+        cpu: args.cpu,
+        busy: usize::from(args.detector.busy),
+        ..RunSpec::new(args.mode)
+    };
+    let mut stderr = std::io::stderr();
+    let console: Option<&mut dyn Write> = if args.output.console { Some(&mut stderr) } else { None };
+    let (report, measurement) = session.run(&spec, args.output.raw, console)?;
+
+    if args.output.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report::table::render(&report));
+    }
+    if let (Some(mut file), Some(path)) = (csv_file, &args.output.csv) {
+        report::csv::write(&mut file, &measurement.samples).map_err(|source| CommandError::Output {
+            path: path.display().to_string(),
+            source,
+        })?;
+    }
+    if let (Some(file), Some(path)) = (plot_file, &args.output.plot) {
+        let runs = [plot::PlotRun::new(report.mode.name(), &measurement.samples)];
+        plot::write(file, path, &runs, &session.calibration)?;
+    }
+    Ok(())
+}
+
+/// The shaping the options ask for; --inject-ns is converted at the run's TSC rate.
+pub fn shaping(args: &ShapingArgs, tsc_khz: u32) -> Result<Shaping, CommandError> {
+    Ok(if let Some(ns) = args.inject_ns {
+        Shaping::Inject {
+            cycles: plan::ns_to_cycles(ns, tsc_khz),
+        }
+    } else if let Some(cycles) = args.inject_cycles {
+        Shaping::Inject { cycles }
+    } else if let Some(cycles) = args.virtual_inject_cycles {
+        Shaping::VirtualInject { cycles }
+    } else if args.hide {
+        Shaping::Hide {
+            target: args.target_cycles,
+        }
+    } else if let Some(profile) = &args.profile {
+        Shaping::Profile {
+            profile: Box::new(Profile::load(profile)?),
+            seed: args.seed,
+        }
+    } else {
+        Shaping::None
+    })
+}

@@ -1,0 +1,81 @@
+//! The detector: rules that look at one run and say virtual, native or unsure, with a score
+//! and one line of why. Timing rules side by side with the non-timing signals:
+//!
+//! | rule | what it looks at | from |
+//! |---|---|---|
+//! | `seed-line` | (NOP, CPUID) medians against a dividing line | the seed article |
+//! | `fixed-threshold` | mean of 10 CPUID(0) timings, VM unless 0 < mean < 1000 | pafish, al-khaser |
+//! | `cpuid-lfence-ratio` | trimmed mean CPUID(0) over 8×LFENCE, VM at 2.5 | VMAware |
+//! | `robust` | low quantile and median of CPUID over the floor, in ns, vs native calibration | vmm |
+//! | `hypervisor-bit` | CPUID.1:ECX[31] and the 0x40000000 vendor leaf | CPUID itself |
+//! | `code-integrity` | the bytes of the guest's own CPUID sites | the int3-patch trace |
+
+pub mod calibration;
+pub mod rules;
+
+pub use calibration::Calibration;
+use guest_payload::{CpuidRecord, Probe};
+use serde::Serialize;
+use std::collections::BTreeMap;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    Virtual,
+    Native,
+    Unsure,
+}
+
+impl Verdict {
+    pub fn name(self) -> &'static str {
+        match self {
+            Verdict::Virtual => "virtual",
+            Verdict::Native => "native",
+            Verdict::Unsure => "unsure",
+        }
+    }
+}
+
+/// One rule's answer for one run.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct RuleVerdict {
+    pub rule: &'static str,
+    pub verdict: Verdict,
+    /// Higher means more virtual; each rule documents its scale.
+    pub score: f64,
+    /// 0..1: how far the evidence is from the rule's boundary, given its spread.
+    pub confidence: f64,
+    pub why: String,
+}
+
+/// What the rules see of a run.
+#[derive(Clone, Copy, Debug)]
+pub struct Evidence<'a> {
+    pub samples: &'a BTreeMap<Probe, Vec<u64>>,
+    pub cpuid: &'a [CpuidRecord],
+    pub site_bytes: &'a [[u8; 2]],
+    pub tsc_khz: u32,
+    pub cpuid_leaf: u32,
+}
+
+/// Every rule's names, in the order they are reported.
+pub const RULES: [&str; 6] = [
+    "seed-line",
+    "fixed-threshold",
+    "cpuid-lfence-ratio",
+    "robust",
+    "hypervisor-bit",
+    "code-integrity",
+];
+
+/// Applies every rule to one run.
+pub fn evaluate(evidence: &Evidence, calibration: &Calibration) -> Vec<RuleVerdict> {
+    vec![
+        rules::seed_line(evidence, calibration),
+        rules::fixed_threshold(evidence),
+        rules::cpuid_lfence_ratio(evidence),
+        rules::robust(evidence, calibration),
+        rules::hypervisor_bit(evidence),
+        rules::code_integrity(evidence),
+    ]
+}

@@ -1,0 +1,424 @@
+//! The rules. Each is a plain function of the evidence (and the calibration where it needs
+//! one), so each can be fed synthetic samples in tests.
+
+use super::calibration::{Calibration, RunPoint};
+use super::{Evidence, RuleVerdict, Verdict};
+use crate::stats;
+use guest_payload::Probe;
+
+fn verdict(rule: &'static str, verdict: Verdict, score: f64, confidence: f64, why: String) -> RuleVerdict {
+    RuleVerdict {
+        rule,
+        verdict,
+        score: round3(score),
+        confidence: round3(confidence.clamp(0.0, 1.0)),
+        why,
+    }
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+fn missing(rule: &'static str, what: &str) -> RuleVerdict {
+    verdict(rule, Verdict::Unsure, 0.0, 0.0, format!("no {what} in this run"))
+}
+
+/// Confidence from how far `distance` is past a boundary, in units of `scale`.
+fn confidence_from(distance: f64, scale: f64) -> f64 {
+    1.0 - (-distance.abs() / scale.max(1e-9)).exp()
+}
+
+fn leaf_note(evidence: &Evidence) -> String {
+    if evidence.cpuid_leaf == 0 {
+        String::new()
+    } else {
+        format!(
+            " (measured on leaf {:#x}; the rule is defined on leaf 0)",
+            evidence.cpuid_leaf
+        )
+    }
+}
+
+/// The seed article: where the run's (NOP, CPUID) medians fall against a dividing line.
+/// Score: height above the line in decades of CPUID cost.
+pub fn seed_line(evidence: &Evidence, calibration: &Calibration) -> RuleVerdict {
+    const RULE: &str = "seed-line";
+    let (Some(cpuid), Some(nop)) = (evidence.samples.get(&Probe::Cpuid), evidence.samples.get(&Probe::Nop)) else {
+        return missing(RULE, "CPUID or NOP samples");
+    };
+    let (cpuid, nop) = (stats::median(cpuid), stats::median(nop));
+    let line = calibration.seed_line;
+    let height = line.height_above(nop, cpuid);
+    // Within 0.05 decades (~12%) of the line: too close to call.
+    let margin = 0.05;
+    let v = if height > margin {
+        Verdict::Virtual
+    } else if height < -margin {
+        Verdict::Native
+    } else {
+        Verdict::Unsure
+    };
+    let source = if calibration.calibrated {
+        "the calibrated line"
+    } else {
+        "the default line CPUID = 20 × NOP"
+    };
+    let why = format!(
+        "median CPUID {cpuid} cycles at NOP {nop}: {:.2} decades {} {source} ({:.0} cycles there)",
+        height.abs(),
+        if height >= 0.0 { "above" } else { "below" },
+        line.cpuid_at(nop as f64)
+    );
+    verdict(RULE, v, height, confidence_from(height, 0.2), why)
+}
+
+/// pafish / al-khaser: the plain mean of 10 timings of `rdtsc; cpuid(0); rdtsc`; a VM
+/// unless 0 < mean < 1000 cycles. Score: mean / 1000.
+pub fn fixed_threshold(evidence: &Evidence) -> RuleVerdict {
+    const RULE: &str = "fixed-threshold";
+    const TIMINGS: usize = 10;
+    const THRESHOLD: f64 = 1000.0;
+    let Some(cpuid) = evidence.samples.get(&Probe::Cpuid).filter(|s| s.len() >= TIMINGS) else {
+        return missing(RULE, "10 CPUID samples");
+    };
+    let mean = cpuid[..TIMINGS].iter().map(|&c| c as f64).sum::<f64>() / TIMINGS as f64;
+    let native = mean > 0.0 && mean < THRESHOLD;
+    let why = format!(
+        "mean of the first 10 CPUID timings {mean:.0} cycles {} 1000{}",
+        if native { "<" } else { ">=" },
+        leaf_note(evidence)
+    );
+    let v = if native { Verdict::Native } else { Verdict::Virtual };
+    verdict(
+        RULE,
+        v,
+        mean / THRESHOLD,
+        confidence_from((mean / THRESHOLD).ln(), 0.3),
+        why,
+    )
+}
+
+/// Trimmed mean: the middle 80%.
+fn trimmed_mean(samples: &[u64]) -> f64 {
+    let mut sorted = samples.to_vec();
+    sorted.sort_unstable();
+    let cut = sorted.len() / 10;
+    let kept = &sorted[cut..sorted.len() - cut];
+    kept.iter().map(|&c| c as f64).sum::<f64>() / kept.len().max(1) as f64
+}
+
+/// VMAware: trimmed mean of CPUID(0) against a serialising baseline (8 × LFENCE); a ratio
+/// of 2.5 or more is a VM. Score: the ratio.
+pub fn cpuid_lfence_ratio(evidence: &Evidence) -> RuleVerdict {
+    const RULE: &str = "cpuid-lfence-ratio";
+    const THRESHOLD: f64 = 2.5;
+    let (Some(cpuid), Some(lfence)) = (
+        evidence.samples.get(&Probe::Cpuid),
+        evidence.samples.get(&Probe::Lfence8),
+    ) else {
+        return missing(RULE, "CPUID or 8×LFENCE samples");
+    };
+    if cpuid.is_empty() || lfence.is_empty() {
+        return missing(RULE, "CPUID or 8×LFENCE samples");
+    }
+    let ratio = trimmed_mean(cpuid) / trimmed_mean(lfence).max(1.0);
+    let v = if ratio >= THRESHOLD {
+        Verdict::Virtual
+    } else {
+        Verdict::Native
+    };
+    let why = format!(
+        "trimmed mean CPUID / 8×LFENCE = {ratio:.2} {} 2.5{}",
+        if ratio >= THRESHOLD { ">=" } else { "<" },
+        leaf_note(evidence)
+    );
+    verdict(RULE, v, ratio, confidence_from((ratio / THRESHOLD).ln(), 0.3), why)
+}
+
+/// Ours: CPUID's 10th percentile and median over the measurement floor, in ns, against
+/// this host's native runs. Score: z of the 10th-percentile excess (the low quantile is
+/// what busy hosts and interrupts cannot push down). Virtual from z = 4, native below 2.
+/// Confidence shrinks as the run's own spread grows.
+pub fn robust(evidence: &Evidence, calibration: &Calibration) -> RuleVerdict {
+    const RULE: &str = "robust";
+    let Some(point) = RunPoint::from_samples(evidence.samples, evidence.tsc_khz) else {
+        return missing(RULE, "CPUID samples or a floor (rdtsc/NOP)");
+    };
+    let native = calibration.robust_excess_p10_ns;
+    // A floor under the native spread: a few ns, or 5% of the mean.
+    let scale = native.sd.max(native.mean.abs() * 0.05).max(5.0);
+    let z = (point.excess_p10_ns - native.mean) / scale;
+    let z_median = (point.excess_median_ns - calibration.robust_excess_median_ns.mean) / scale;
+    let v = if z >= 4.0 {
+        Verdict::Virtual
+    } else if z < 2.0 {
+        Verdict::Native
+    } else {
+        Verdict::Unsure
+    };
+    // The run's spread: how far the median sits above the low quantile, relative to the
+    // excess itself. Noisy runs (busy hosts) get less confidence.
+    let spread = ((point.excess_median_ns - point.excess_p10_ns) / point.excess_p10_ns.abs().max(1.0)).max(0.0);
+    let distance = if v == Verdict::Virtual { z - 4.0 } else { 2.0 - z };
+    let confidence = confidence_from(distance.max(0.0), 2.0) / (1.0 + spread);
+    let source = if calibration.calibrated {
+        "this host's native calibration"
+    } else {
+        "the uncalibrated default"
+    };
+    let why = format!(
+        "CPUID over the floor: p10 {:.0} ns, median {:.0} ns, against {source} {:.0} ± {:.0} ns (z {z:.1}, median z {z_median:.1})",
+        point.excess_p10_ns, point.excess_median_ns, native.mean, native.sd
+    );
+    verdict(RULE, v, z, confidence, why)
+}
+
+/// Known hypervisor vendor signatures of CPUID leaf 0x40000000 (EBX, ECX, EDX).
+const HYPERVISOR_VENDORS: &[&[u8; 12]] = &[
+    b"KVMKVMKVM\0\0\0",
+    b"Microsoft Hv",
+    b"VMwareVMware",
+    b"XenVMMXenVMM",
+    b"TCGTCGTCGTCG",
+    b"VBoxVBoxVBox",
+    b" lrpepyh  vr",
+    b"bhyve bhyve ",
+    b"ACRNACRNACRN",
+    b"LinuxPVM\0\0\0\0",
+];
+
+/// CPUID.1:ECX[31] and the vendor signature of leaf 0x40000000, as the guest saw them.
+/// Score: 1 for each that says "virtual".
+pub fn hypervisor_bit(evidence: &Evidence) -> RuleVerdict {
+    const RULE: &str = "hypervisor-bit";
+    let leaf = |n: u32| evidence.cpuid.iter().find(|r| r.leaf == n && r.subleaf == 0);
+    let Some(leaf1) = leaf(1) else {
+        return missing(RULE, "CPUID snapshot");
+    };
+    let bit = leaf1.ecx & (1 << 31) != 0;
+    let vendor = leaf(0x4000_0000).map(|r| {
+        let mut bytes = [0u8; 12];
+        bytes[..4].copy_from_slice(&r.ebx.to_le_bytes());
+        bytes[4..8].copy_from_slice(&r.ecx.to_le_bytes());
+        bytes[8..].copy_from_slice(&r.edx.to_le_bytes());
+        bytes
+    });
+    let known_vendor = vendor.filter(|v| HYPERVISOR_VENDORS.contains(&v));
+    let printable = |v: &[u8; 12]| {
+        v.iter()
+            .map(|&b| {
+                if b.is_ascii_graphic() || b == b' ' {
+                    b as char
+                } else {
+                    '.'
+                }
+            })
+            .collect::<String>()
+    };
+    let why = format!(
+        "CPUID.1:ECX[31] {}; leaf 0x40000000 vendor {}",
+        if bit { "set" } else { "clear" },
+        match (&known_vendor, &vendor) {
+            (Some(v), _) => format!("\"{}\" (a hypervisor)", printable(v)),
+            (None, Some(v)) => format!("\"{}\" (not a known hypervisor)", printable(v)),
+            (None, None) => "not recorded".to_owned(),
+        }
+    );
+    let score = f64::from(u8::from(bit)) + f64::from(u8::from(known_vendor.is_some()));
+    let v = if score > 0.0 { Verdict::Virtual } else { Verdict::Native };
+    verdict(RULE, v, score, if score > 0.0 { 1.0 } else { 0.5 }, why)
+}
+
+/// The guest reads its own CPUID sites: anything but `0f a2` means the hypervisor patched
+/// its code (int3-patch), whatever the timing says. Score: patched sites.
+pub fn code_integrity(evidence: &Evidence) -> RuleVerdict {
+    const RULE: &str = "code-integrity";
+    if evidence.site_bytes.is_empty() {
+        return missing(RULE, "record of the CPUID sites' bytes");
+    }
+    let opcode = guest_payload::timing::CPUID_OPCODE;
+    let patched: Vec<String> = evidence
+        .site_bytes
+        .iter()
+        .enumerate()
+        .filter(|(_, bytes)| **bytes != opcode)
+        .map(|(i, b)| format!("site {i} reads {:02x} {:02x}", b[0], b[1]))
+        .collect();
+    if patched.is_empty() {
+        let why = format!(
+            "all {} CPUID sites read 0f a2: the code is as compiled",
+            evidence.site_bytes.len()
+        );
+        return verdict(RULE, Verdict::Native, 0.0, 0.5, why);
+    }
+    let why = format!(
+        "{}, not 0f a2 (CPUID): the code was patched under the guest",
+        patched.join(", ")
+    );
+    verdict(RULE, Verdict::Virtual, patched.len() as f64, 1.0, why)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::detector::calibration::Spread;
+    use crate::detector::{evaluate, Calibration};
+    use crate::shaping::profile::SplitMix64;
+    use guest_payload::CpuidRecord;
+    use std::collections::BTreeMap;
+
+    const TSC_KHZ: u32 = 3_000_000;
+
+    /// Samples around `center` with the given spread and an occasional large outlier.
+    fn noisy(center: u64, spread: u64, rng: &mut SplitMix64) -> Vec<u64> {
+        (0..1000)
+            .map(|i| {
+                let jitter = rng.next_u64() % (spread + 1);
+                if i % 97 == 0 {
+                    center * 20
+                } else {
+                    center + jitter
+                }
+            })
+            .collect()
+    }
+
+    fn samples(cpuid: u64, nop: u64, floor: u64, lfence: u64, spread: u64) -> BTreeMap<Probe, Vec<u64>> {
+        let mut rng = SplitMix64::new(cpuid ^ nop);
+        BTreeMap::from([
+            (Probe::Cpuid, noisy(cpuid, spread, &mut rng)),
+            (Probe::Nop, noisy(nop, spread / 10, &mut rng)),
+            (Probe::Rdtsc, noisy(floor, spread / 10, &mut rng)),
+            (Probe::Lfence8, noisy(lfence, spread / 10, &mut rng)),
+        ])
+    }
+
+    fn leaves(hypervisor: bool) -> Vec<CpuidRecord> {
+        let ecx = if hypervisor { 1 << 31 } else { 0 };
+        let mut records = vec![CpuidRecord {
+            leaf: 1,
+            ecx,
+            ..Default::default()
+        }];
+        if hypervisor {
+            // "KVMKVMKVM\0\0\0"
+            records.push(CpuidRecord {
+                leaf: 0x4000_0000,
+                ebx: 0x4b4d_564b,
+                ecx: 0x564b_4d56,
+                edx: 0x4d,
+                ..Default::default()
+            });
+        }
+        records
+    }
+
+    /// A native calibration like a bare-metal 3 GHz host: CPUID ~150 cycles over the floor.
+    fn bare_metal_calibration() -> Calibration {
+        let mut calibration = Calibration::uncalibrated();
+        calibration.calibrated = true;
+        calibration.robust_excess_p10_ns = Spread { mean: 50.0, sd: 5.0 };
+        calibration.robust_excess_median_ns = Spread { mean: 55.0, sd: 5.0 };
+        calibration
+    }
+
+    fn run(
+        samples: &BTreeMap<Probe, Vec<u64>>,
+        cpuid: &[CpuidRecord],
+        sites: &[[u8; 2]],
+    ) -> BTreeMap<&'static str, Verdict> {
+        let evidence = Evidence {
+            samples,
+            cpuid,
+            site_bytes: sites,
+            tsc_khz: TSC_KHZ,
+            cpuid_leaf: 0,
+        };
+        evaluate(&evidence, &bare_metal_calibration())
+            .into_iter()
+            .map(|v| (v.rule, v.verdict))
+            .collect()
+    }
+
+    const INTACT: [[u8; 2]; 2] = [[0x0f, 0xa2], [0x0f, 0xa2]];
+
+    #[test]
+    fn clearly_native_samples_are_native_by_every_rule() {
+        // CPUID 200 cycles, NOP/floor 40, 8 LFENCEs 120.
+        let verdicts = run(&samples(200, 40, 40, 120, 10), &leaves(false), &INTACT);
+        for rule in super::super::RULES {
+            assert_eq!(verdicts[rule], Verdict::Native, "{rule}");
+        }
+    }
+
+    #[test]
+    fn clearly_virtual_samples_are_virtual_by_every_timing_rule() {
+        // A trapped CPUID: 40,000 cycles against the same NOP and fences.
+        let verdicts = run(&samples(40_000, 40, 40, 120, 2_000), &leaves(true), &INTACT);
+        for rule in [
+            "seed-line",
+            "fixed-threshold",
+            "cpuid-lfence-ratio",
+            "robust",
+            "hypervisor-bit",
+        ] {
+            assert_eq!(verdicts[rule], Verdict::Virtual, "{rule}");
+        }
+        assert_eq!(
+            verdicts["code-integrity"],
+            Verdict::Native,
+            "a hardware trap leaves the code intact"
+        );
+    }
+
+    #[test]
+    fn hidden_exits_fool_timing_but_not_the_signals() {
+        // The VMM hid the exit: CPUID looks native, but the patch and CPUID bits remain.
+        let patched = [[0xcc, 0x90], [0xcc, 0x90]];
+        let verdicts = run(&samples(200, 40, 40, 120, 10), &leaves(true), &patched);
+        assert_eq!(verdicts["robust"], Verdict::Native);
+        assert_eq!(verdicts["fixed-threshold"], Verdict::Native);
+        assert_eq!(verdicts["hypervisor-bit"], Verdict::Virtual);
+        assert_eq!(verdicts["code-integrity"], Verdict::Virtual);
+    }
+
+    #[test]
+    fn noisy_native_samples_fool_the_mean_but_not_the_low_quantile() {
+        // Native CPUID with heavy interference: a third of samples inflated 10x.
+        let mut noisy_native = samples(200, 40, 40, 120, 30);
+        if let Some(cpuid) = noisy_native.get_mut(&Probe::Cpuid) {
+            for (i, s) in cpuid.iter_mut().enumerate() {
+                if i % 3 == 0 {
+                    *s *= 10;
+                }
+            }
+        }
+        let verdicts = run(&noisy_native, &leaves(false), &INTACT);
+        assert_eq!(
+            verdicts["fixed-threshold"],
+            Verdict::Virtual,
+            "the first ten include inflated samples"
+        );
+        assert_eq!(verdicts["robust"], Verdict::Native, "p10 ignores the interference");
+    }
+
+    #[test]
+    fn a_run_between_the_clusters_is_unsure_to_the_robust_rule() {
+        // CPUID excess ~ 3 native sds above the native mean: neither clearly side.
+        let floor = 40;
+        let cycles_for_ns = |ns: f64| (ns * f64::from(TSC_KHZ) / 1e6) as u64;
+        let between = samples(floor + cycles_for_ns(50.0 + 3.0 * 5.0), floor, floor, 120, 0);
+        let verdicts = run(&between, &leaves(false), &INTACT);
+        assert_eq!(verdicts["robust"], Verdict::Unsure);
+    }
+
+    #[test]
+    fn runs_without_the_evidence_are_unsure_not_wrong() {
+        let only_nop = BTreeMap::from([(Probe::Nop, vec![40; 100])]);
+        let verdicts = run(&only_nop, &[], &[]);
+        for rule in super::super::RULES {
+            assert_eq!(verdicts[rule], Verdict::Unsure, "{rule}");
+        }
+    }
+}

@@ -1,0 +1,306 @@
+//! SVG plots: the runs as points on the (NOP, CPUID) plane, coloured by mode, with each
+//! timing rule's dividing line — the seed article's graph — and below it a histogram of
+//! CPUID cost per mode on a log axis.
+
+use crate::commands::CommandError;
+use crate::detector::Calibration;
+use crate::stats;
+use guest_payload::Probe;
+use plotters::prelude::*;
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Write;
+use std::path::Path;
+
+/// One run, as the plot needs it.
+#[derive(Clone, Debug)]
+pub struct PlotRun {
+    pub label: String,
+    pub nop_median: u64,
+    pub cpuid_median: u64,
+    pub floor_median: u64,
+    pub lfence8_median: Option<u64>,
+    pub cpuid: Vec<u64>,
+}
+
+impl PlotRun {
+    pub fn new(label: &str, samples: &BTreeMap<Probe, Vec<u64>>) -> Self {
+        let median = |p: Probe| samples.get(&p).map(|s| stats::median(s));
+        let nop = median(Probe::Nop).unwrap_or(1);
+        Self {
+            label: label.to_owned(),
+            nop_median: nop,
+            cpuid_median: median(Probe::Cpuid).unwrap_or(1),
+            floor_median: median(Probe::Rdtsc).unwrap_or(nop),
+            lfence8_median: median(Probe::Lfence8),
+            cpuid: samples.get(&Probe::Cpuid).cloned().unwrap_or_default(),
+        }
+    }
+}
+
+const PALETTE: [RGBColor; 8] = [
+    RGBColor(31, 119, 180),
+    RGBColor(214, 39, 40),
+    RGBColor(44, 160, 44),
+    RGBColor(255, 127, 14),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(23, 190, 207),
+];
+
+/// Writes the SVG to `file` (already created, so a bad path failed before any run).
+pub fn write(mut file: File, path: &Path, runs: &[PlotRun], calibration: &Calibration) -> Result<(), CommandError> {
+    let svg = render(runs, calibration).map_err(|why| CommandError::Plot {
+        path: path.display().to_string(),
+        why,
+    })?;
+    file.write_all(svg.as_bytes()).map_err(|source| CommandError::Output {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// The labels in order of first appearance, each with its colour.
+fn colours(runs: &[PlotRun]) -> Vec<(String, RGBColor)> {
+    let mut labels: Vec<String> = Vec::new();
+    for run in runs {
+        if !labels.contains(&run.label) {
+            labels.push(run.label.clone());
+        }
+    }
+    labels
+        .into_iter()
+        .enumerate()
+        .map(|(i, l)| (l, PALETTE[i % PALETTE.len()]))
+        .collect()
+}
+
+fn bounds(values: impl Iterator<Item = f64>) -> (f64, f64) {
+    let (lo, hi) = values.fold((f64::MAX, f64::MIN), |(lo, hi), v| (lo.min(v), hi.max(v)));
+    if lo > hi {
+        return (1.0, 10.0);
+    }
+    ((lo / 2.0).max(1.0), (hi * 2.0).max(lo * 4.0).max(10.0))
+}
+
+/// The SVG text. Run points are circles; legend markers are squares, so the points can be
+/// counted.
+pub fn render(runs: &[PlotRun], calibration: &Calibration) -> Result<String, String> {
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (1000, 1200)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| e.to_string())?;
+        let (top, bottom) = root.split_vertically(700);
+        scatter(&top, runs, calibration).map_err(|e| e.to_string())?;
+        histogram(&bottom, runs).map_err(|e| e.to_string())?;
+        root.present().map_err(|e| e.to_string())?;
+    }
+    Ok(svg)
+}
+
+type Area<'a> = DrawingArea<SVGBackend<'a>, plotters::coord::Shift>;
+type DrawResult = Result<(), Box<dyn std::error::Error>>;
+
+fn scatter(area: &Area, runs: &[PlotRun], calibration: &Calibration) -> DrawResult {
+    let (x_lo, x_hi) = bounds(runs.iter().map(|r| r.nop_median.max(1) as f64));
+    let (y_lo, y_hi) = bounds(runs.iter().map(|r| r.cpuid_median.max(1) as f64).chain([1000.0]));
+    let mut chart = ChartBuilder::on(area)
+        .caption(
+            "Runs on the (NOP, CPUID) plane, with each timing rule's line",
+            ("sans-serif", 22),
+        )
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(70)
+        .build_cartesian_2d((x_lo..x_hi).log_scale(), (y_lo..y_hi).log_scale())?;
+    chart
+        .configure_mesh()
+        .x_desc("NOP median (TSC cycles, log)")
+        .y_desc("CPUID median (TSC cycles, log)")
+        .x_label_formatter(&|v| format!("{v:.0}"))
+        .y_label_formatter(&|v| format!("{v:.0}"))
+        .label_style(("sans-serif", 14))
+        .draw()?;
+
+    let xs: Vec<f64> = (0..=100)
+        .map(|i| x_lo * (x_hi / x_lo).powf(f64::from(i) / 100.0))
+        .collect();
+    let line = calibration.seed_line;
+    let seed_label = if calibration.calibrated {
+        "seed-line (calibrated)"
+    } else {
+        "seed-line (default: 20 × NOP)"
+    };
+    chart
+        .draw_series(LineSeries::new(
+            // Only the part of the line inside the plot: clamping would draw false flats.
+            xs.iter()
+                .map(|&x| (x, line.cpuid_at(x)))
+                .filter(|&(_, y)| (y_lo..=y_hi).contains(&y)),
+            BLACK.stroke_width(2),
+        ))?
+        .label(seed_label)
+        .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], BLACK.stroke_width(2)));
+    let horizontal = |y: f64| [(x_lo, y), (x_hi, y)];
+    chart
+        .draw_series(LineSeries::new(
+            horizontal(1000.0),
+            RGBColor(120, 120, 120).stroke_width(2),
+        ))?
+        .label("fixed-threshold (mean 1000)")
+        .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], RGBColor(120, 120, 120).stroke_width(2)));
+    let lfences: Vec<u64> = runs.iter().filter_map(|r| r.lfence8_median).collect();
+    if !lfences.is_empty() {
+        let y = 2.5 * stats::median(&lfences) as f64;
+        chart
+            .draw_series(DashedLineSeries::new(
+                horizontal(y.clamp(y_lo, y_hi)),
+                8,
+                4,
+                RGBColor(200, 120, 0).stroke_width(2),
+            ))?
+            .label("cpuid-lfence-ratio (2.5 × 8 LFENCE)")
+            .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], RGBColor(200, 120, 0).stroke_width(2)));
+    }
+    let floors: Vec<u64> = runs.iter().map(|r| r.floor_median).collect();
+    if !floors.is_empty() {
+        // robust: virtual from 4 native sds over the native excess, above the floor.
+        let native = calibration.robust_excess_p10_ns;
+        let excess_ns = native.mean + 4.0 * native.sd.max(native.mean.abs() * 0.05).max(5.0);
+        let khz = calibration
+            .host
+            .get("tsc_khz")
+            .and_then(|v| v.as_f64())
+            .unwrap_or(2_500_000.0);
+        let y = stats::median(&floors) as f64 + excess_ns * khz / 1e6;
+        chart
+            .draw_series(DashedLineSeries::new(
+                horizontal(y.clamp(y_lo, y_hi)),
+                3,
+                3,
+                RGBColor(0, 128, 128).stroke_width(2),
+            ))?
+            .label("robust (floor + native excess + 4 sd)")
+            .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], RGBColor(0, 128, 128).stroke_width(2)));
+    }
+    for (label, colour) in colours(runs) {
+        let points: Vec<(f64, f64)> = runs
+            .iter()
+            .filter(|r| r.label == label)
+            .map(|r| (r.nop_median.max(1) as f64, r.cpuid_median.max(1) as f64))
+            .collect();
+        chart
+            .draw_series(points.into_iter().map(move |p| Circle::new(p, 5, colour.filled())))?
+            .label(label)
+            .legend(move |(x, y)| Rectangle::new([(x + 5, y - 5), (x + 15, y + 5)], colour.filled()));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 14))
+        .draw()?;
+    Ok(())
+}
+
+fn histogram(area: &Area, runs: &[PlotRun]) -> DrawResult {
+    const BINS: usize = 60;
+    let all = runs.iter().flat_map(|r| r.cpuid.iter().map(|&c| c.max(1) as f64));
+    let (lo, hi) = bounds(all);
+    let edge = |i: usize| lo * (hi / lo).powf(i as f64 / BINS as f64);
+    let mut series = Vec::new();
+    let mut y_max = 1.0f64;
+    for (label, colour) in colours(runs) {
+        let mut counts = vec![0u64; BINS];
+        let mut total = 0u64;
+        for run in runs.iter().filter(|r| r.label == label) {
+            for &c in &run.cpuid {
+                let position = ((c.max(1) as f64 / lo).ln() / (hi / lo).ln() * BINS as f64) as usize;
+                counts[position.min(BINS - 1)] += 1;
+                total += 1;
+            }
+        }
+        let fractions: Vec<f64> = counts.iter().map(|&c| c as f64 / total.max(1) as f64 * 100.0).collect();
+        y_max = fractions.iter().copied().fold(y_max, f64::max);
+        series.push((label, colour, fractions));
+    }
+    let mut chart = ChartBuilder::on(area)
+        .caption("CPUID cost per mode", ("sans-serif", 22))
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(70)
+        .build_cartesian_2d((lo..hi).log_scale(), 0.0..y_max * 1.1)?;
+    chart
+        .configure_mesh()
+        .x_desc("CPUID sample (TSC cycles, log)")
+        .x_label_formatter(&|v| format!("{v:.0}"))
+        .y_desc("% of the mode's samples")
+        .label_style(("sans-serif", 14))
+        .draw()?;
+    for (label, colour, fractions) in series {
+        let steps = fractions
+            .iter()
+            .enumerate()
+            .flat_map(|(i, &f)| [(edge(i), f), (edge(i + 1), f)]);
+        chart
+            .draw_series(LineSeries::new(steps, colour.stroke_width(2)))?
+            .label(label)
+            .legend(move |(x, y)| Rectangle::new([(x + 5, y - 5), (x + 15, y + 5)], colour.filled()));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 14))
+        .draw()?;
+    Ok(())
+}
+
+/// The text of every `<text>` element of an SVG, trimmed: what a reader sees written.
+pub fn svg_texts(svg: &str) -> Vec<String> {
+    svg.split("<text")
+        .skip(1)
+        .filter_map(|element| {
+            let body = &element[element.find('>')? + 1..];
+            Some(body[..body.find("</text>")?].trim().to_owned())
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(label: &str, nop: u64, cpuid: u64) -> PlotRun {
+        PlotRun {
+            label: label.into(),
+            nop_median: nop,
+            cpuid_median: cpuid,
+            floor_median: nop,
+            lfence8_median: Some(nop * 3),
+            cpuid: vec![cpuid; 50],
+        }
+    }
+
+    #[test]
+    fn one_point_per_run_and_the_legend_names_each_mode() {
+        let runs = [
+            run("native", 49, 2_300),
+            run("native", 50, 2_400),
+            run("hw-assist", 11_000, 16_000),
+            run("paravirt", 12_000, 38_000),
+        ];
+        let svg = render(&runs, &Calibration::uncalibrated()).unwrap();
+        assert_eq!(svg.matches("<circle").count(), runs.len());
+        let texts = svg_texts(&svg);
+        for mode in ["native", "hw-assist", "paravirt"] {
+            // Once in each legend: the scatter's and the histogram's.
+            assert_eq!(texts.iter().filter(|t| *t == mode).count(), 2, "legends lack {mode}: {texts:?}");
+        }
+        assert!(svg.contains("seed-line"));
+        assert!(svg.contains("NOP median"));
+    }
+}
