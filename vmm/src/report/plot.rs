@@ -298,7 +298,11 @@ mod tests {
         let texts = svg_texts(&svg);
         for mode in ["native", "hw-assist", "paravirt"] {
             // Once in each legend: the scatter's and the histogram's.
-            assert_eq!(texts.iter().filter(|t| *t == mode).count(), 2, "legends lack {mode}: {texts:?}");
+            assert_eq!(
+                texts.iter().filter(|t| *t == mode).count(),
+                2,
+                "legends lack {mode}: {texts:?}"
+            );
         }
         assert!(svg.contains("seed-line"));
         assert!(svg.contains("NOP median"));

@@ -1,0 +1,216 @@
+//! End-to-end tests of the detector, calibrate, compare, validate and plots.
+
+mod common;
+
+use common::{json_run, kvm_available, stderr, vmm};
+use serde_json::Value;
+use std::path::PathBuf;
+use vmm::report::plot::svg_texts;
+
+fn temp_path(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("vmm-detector-test-{}-{name}", std::process::id()))
+}
+
+fn verdict<'a>(report: &'a Value, rule: &str) -> &'a Value {
+    report["verdicts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["rule"] == rule)
+        .unwrap_or_else(|| panic!("no {rule}"))
+}
+
+#[test]
+fn every_run_carries_every_rules_verdict() {
+    if !kvm_available() {
+        return;
+    }
+    let report = json_run(&[
+        "run",
+        "--mode",
+        "trap-emulate",
+        "--trap",
+        "int3-patch",
+        "-n",
+        "200",
+        "--json",
+    ]);
+    for rule in vmm::detector::RULES {
+        let v = verdict(&report, rule);
+        assert!(
+            ["virtual", "native", "unsure"].contains(&v["verdict"].as_str().unwrap()),
+            "{rule}"
+        );
+        assert!(
+            v["score"].is_number() && !v["why"].as_str().unwrap().is_empty(),
+            "{rule}"
+        );
+    }
+    assert_eq!(
+        verdict(&report, "code-integrity")["verdict"],
+        "virtual",
+        "int3-patch leaves cc 90 behind"
+    );
+    assert_eq!(
+        verdict(&report, "hypervisor-bit")["verdict"],
+        "virtual",
+        "KVM sets CPUID.1:ECX[31]"
+    );
+    assert!(verdict(&report, "robust")["why"]
+        .as_str()
+        .unwrap()
+        .contains("uncalibrated"));
+}
+
+#[test]
+fn calibrate_writes_what_the_rules_then_read() {
+    if !kvm_available() {
+        return;
+    }
+    let path = temp_path("calibration.json");
+    let output = vmm(&["calibrate", "--out", path.to_str().unwrap(), "--runs", "3", "-n", "500"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let calibration: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    assert_eq!(calibration["native_runs"].as_array().unwrap().len(), 3);
+    assert_eq!(calibration["virtual_runs"].as_array().unwrap().len(), 3);
+    let report = json_run(&[
+        "run",
+        "--mode",
+        "native",
+        "-n",
+        "500",
+        "--calibration",
+        path.to_str().unwrap(),
+        "--json",
+    ]);
+    std::fs::remove_file(&path).ok();
+    let robust = verdict(&report, "robust");
+    assert!(robust["why"]
+        .as_str()
+        .unwrap()
+        .contains("this host's native calibration"));
+    assert_eq!(
+        robust["verdict"], "native",
+        "a native run against its own host's calibration"
+    );
+}
+
+#[test]
+fn bad_calibration_and_config_files_are_refused_clearly() {
+    let bad = temp_path("bad.json");
+    std::fs::write(&bad, "{ not json").unwrap();
+    let output = vmm(&["run", "--mode", "native", "--calibration", bad.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(stderr(&output).contains("is not valid"), "{}", stderr(&output));
+    let output = vmm(&["validate", "--config", bad.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(stderr(&output).contains("validation config"), "{}", stderr(&output));
+    std::fs::remove_file(&bad).ok();
+    let output = vmm(&["validate", "--config", "/nonexistent/matrix.json"]);
+    assert!(stderr(&output).contains("cannot read the validation config"));
+}
+
+#[test]
+fn busy_threads_are_recorded_in_the_run() {
+    let report = json_run(&["run", "--mode", "native", "-n", "200", "--busy", "1", "--json"]);
+    assert_eq!(report["config"]["busy"], 1);
+}
+
+#[test]
+fn compare_puts_every_path_side_by_side_and_plots_one_point_each() {
+    if !kvm_available() {
+        return;
+    }
+    let plot = temp_path("compare.svg");
+    let output = vmm(&["compare", "-n", "300", "--json", "--plot", plot.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let runs = report["runs"].as_array().unwrap();
+    let refused = report["refused"].as_array().unwrap();
+    assert_eq!(runs.len() + refused.len(), 5, "native, hw-assist, both traps, paravirt");
+    assert!(runs.iter().all(|r| r["verdicts"].as_array().unwrap().len() == 6));
+    let svg = std::fs::read_to_string(&plot).unwrap();
+    std::fs::remove_file(&plot).ok();
+    assert_eq!(svg.matches("<circle").count(), runs.len());
+    let texts = svg_texts(&svg);
+    for label in ["native", "hw-assist", "paravirt"] {
+        assert!(texts.iter().any(|t| t == label), "legend lacks {label}");
+    }
+}
+
+/// The acceptance run: the shipped small matrix, scored per rule.
+#[test]
+fn validation_scores_every_rule_and_the_signals_do_their_job() {
+    if !kvm_available() {
+        return;
+    }
+    let calibration = temp_path("validate-calibration.json");
+    let output = vmm(&[
+        "calibrate",
+        "--out",
+        calibration.to_str().unwrap(),
+        "--runs",
+        "5",
+        "-n",
+        "1000",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let (markdown, plot) = (temp_path("validation.md"), temp_path("validation.svg"));
+    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/validation.json");
+    let report = json_run(&[
+        "validate",
+        "--config",
+        config,
+        "--calibration",
+        calibration.to_str().unwrap(),
+        "--json",
+        "--markdown",
+        markdown.to_str().unwrap(),
+        "--plot",
+        plot.to_str().unwrap(),
+    ]);
+    std::fs::remove_file(&calibration).ok();
+    let cells = report["cells"].as_array().unwrap();
+    let ran: Vec<&Value> = cells.iter().filter(|c| c["refused"].is_null()).collect();
+    assert!(ran.len() >= 10, "most cells ran");
+
+    for cell in &ran {
+        let rate = cell["rules"]["code-integrity"]["flagged_rate"].as_f64().unwrap();
+        let int3 = cell["mode"] == "trap-emulate:int3-patch";
+        assert_eq!(rate, if int3 { 1.0 } else { 0.0 }, "code-integrity on {}", cell["mode"]);
+    }
+    // robust separates trap-emulate from hw-assist: every trap run scores above every
+    // hw-assist run (same busyness, no shaping).
+    let scores = |mode: &str, bound: &str| -> Vec<f64> {
+        ran.iter()
+            .filter(|c| c["mode"] == mode && c["shaping"] == "none")
+            .map(|c| c["rules"]["robust"][bound].as_f64().unwrap())
+            .collect()
+    };
+    let hw_assist_max = scores("hw-assist", "score_max").into_iter().fold(f64::MIN, f64::max);
+    let trap_min = scores("trap-emulate:hw-breakpoint", "score_min")
+        .into_iter()
+        .fold(f64::MAX, f64::min);
+    assert!(
+        trap_min > hw_assist_max,
+        "robust: trap-emulate from {trap_min}, hw-assist up to {hw_assist_max}"
+    );
+
+    for rule in vmm::detector::RULES {
+        let c = &report["confusion"][rule];
+        assert!(c["tpr"].is_number(), "{rule} has a TPR");
+    }
+    if report["host_is_vm"] == true {
+        assert!(report["native_truth"]
+            .as_str()
+            .unwrap()
+            .contains("the host is itself a VM"));
+    }
+    let text = std::fs::read_to_string(&markdown).unwrap();
+    assert!(text.contains("## Confusion matrices") && text.contains("| code-integrity |"));
+    let svg = std::fs::read_to_string(&plot).unwrap();
+    std::fs::remove_file(&markdown).ok();
+    std::fs::remove_file(&plot).ok();
+    let runs: u64 = ran.iter().map(|c| c["runs"].as_u64().unwrap()).sum();
+    assert_eq!(svg.matches("<circle").count() as u64, runs, "one point per run");
+}
