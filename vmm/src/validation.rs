@@ -436,11 +436,7 @@ pub fn render_table(report: &ValidationReport) -> String {
                 let _ = writeln!(out, " refused: {}", headline(why));
             }
             None => {
-                for rule in RULES {
-                    let cell_rate = cell
-                        .rules
-                        .get(rule)
-                        .map_or("—".into(), |r| format!("{:.2}", r.flagged_rate));
+                for cell_rate in flagged_rates(cell) {
                     let _ = write!(out, " {cell_rate:>9}");
                 }
                 let _ = writeln!(out);
@@ -448,6 +444,15 @@ pub fn render_table(report: &ValidationReport) -> String {
         }
     }
     out
+}
+
+/// Each rule's share of the cell's runs flagged virtual, in `RULES` order.
+fn flagged_rates(cell: &CellResult) -> impl Iterator<Item = String> + '_ {
+    RULES.iter().map(|rule| {
+        cell.rules
+            .get(rule)
+            .map_or("—".into(), |r| format!("{:.2}", r.flagged_rate))
+    })
 }
 
 /// The first clause of a refusal, for a table row (the JSON keeps the whole reason).
@@ -526,11 +531,7 @@ pub fn render_markdown(report: &ValidationReport) -> String {
                 }
             }
             None => {
-                for rule in RULES {
-                    let cell_rate = cell
-                        .rules
-                        .get(rule)
-                        .map_or("—".into(), |r| format!("{:.2}", r.flagged_rate));
+                for cell_rate in flagged_rates(cell) {
                     let _ = write!(out, " {cell_rate} |");
                 }
             }

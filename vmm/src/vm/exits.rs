@@ -56,10 +56,13 @@ pub struct ExitSummary {
 }
 
 impl ExitStats {
-    /// Sizes the per-kind lists up front so the exit path never reallocates while timing.
-    pub fn with_expected(kind: ExitKind, count: usize) -> Self {
+    /// Sizes the lists of the timed CPUID exits up front (whichever kind the mode takes),
+    /// so the exit path does not reallocate while the guest is timing.
+    pub fn with_expected_cpuid_exits(count: usize) -> Self {
         let mut stats = Self::default();
-        stats.handler_cycles.insert(kind, Vec::with_capacity(count));
+        for kind in [ExitKind::CpuidTrap, ExitKind::CpuidHypercall] {
+            stats.handler_cycles.insert(kind, Vec::with_capacity(count));
+        }
         stats
     }
 
@@ -96,7 +99,7 @@ mod tests {
 
     #[test]
     fn summary_counts_and_takes_the_median_per_kind() {
-        let mut stats = ExitStats::with_expected(ExitKind::CpuidTrap, 3);
+        let mut stats = ExitStats::with_expected_cpuid_exits(3);
         for cycles in [10, 30, 20] {
             stats.record(ExitKind::CpuidTrap, cycles);
         }
@@ -111,5 +114,9 @@ mod tests {
         );
         assert_eq!(summary["done-io"].count, 1);
         assert!(!summary.contains_key("console-io"));
+        assert!(
+            !summary.contains_key("cpuid-hypercall"),
+            "preallocated but empty: not reported"
+        );
     }
 }
