@@ -6,13 +6,50 @@
 //! ```
 //!
 //! They are `#[ignore]`d in ordinary runs: this machine's software KVM ignores TSC moves
-//! (`modes.rs` checks the refusal there). Exits under QEMU's TCG cost ~200,000 cycles and
-//! vary by tens of thousands run to run, so tolerances follow the issue: hide within 10%
-//! of the target or of the calibrated residue, virtual inject within 5%.
+//! (`modes.rs` checks the refusal there). Exits under QEMU's TCG cost ~200,000 cycles, and
+//! on a loaded host that cost drifts by tens of percent over seconds. vmm measures its
+//! calibration again after each shaped run and reports the drift; these tests judge only
+//! runs whose calibration held steady (drift under 10%), trying up to five times, and
+//! fail if the host never holds still. Tolerances follow the issue: hide within 10% of the
+//! target or of the calibrated residue, virtual inject within 5%.
 
 mod common;
 
 use common::{json_run, vmm};
+use serde_json::Value;
+
+const STEADY: f64 = 0.10;
+/// Steady runs whose median is judged: one VM that falls into nested SVM's occasional
+/// slow mode (exits twice as dear, docs/shaping.md) cannot decide the result.
+const RUNS: usize = 5;
+const ATTEMPTS: usize = 10;
+
+/// [`RUNS`] runs of `args` whose calibration drifted less than [`STEADY`], each reduced
+/// by `measure` to one number; returns the median of those numbers and the last report.
+fn median_of_steady_runs(args: &[&str], measure: impl Fn(&Value) -> f64) -> (f64, Value) {
+    let mut values = Vec::new();
+    let mut drifts = Vec::new();
+    for _ in 0..ATTEMPTS {
+        let report = json_run(args);
+        let drift = report["shaping"]["calibration_drift"]
+            .as_f64()
+            .expect("shaped runs report their drift");
+        if drift < STEADY {
+            values.push(measure(&report));
+            if values.len() == RUNS {
+                values.sort_by(f64::total_cmp);
+                eprintln!("steady runs: {values:?}; unsteady drifts skipped: {drifts:?}");
+                return (values[RUNS / 2], report);
+            }
+        } else {
+            drifts.push(drift);
+        }
+    }
+    panic!(
+        "the host never held still: {} steady runs of {ATTEMPTS}, drifts {drifts:?}",
+        values.len()
+    );
+}
 
 #[test]
 #[ignore = "needs a KVM that honours TSC moves: run under ../shared/nested-svm/run (see .ci/run)"]
@@ -23,61 +60,46 @@ fn hide_brings_the_hypercall_cost_to_the_target() {
     ]);
     let natural = plain["probes"]["cpuid"]["median"].as_u64().unwrap();
     let target = natural / 2;
-    let report = json_run(&[
-        "run",
-        "--mode",
-        "paravirt",
-        "-n",
-        "300",
-        "--warmup",
-        "10",
-        "--probes",
-        "cpuid",
-        "--hide",
-        "--target-cycles",
-        &target.to_string(),
-        "--json",
-    ]);
+    let target_text = target.to_string();
+    let args = [
+        "run", "--mode", "paravirt", "-n", "300", "--warmup", "10", "--probes", "cpuid", "--hide",
+    ];
+    let args: Vec<&str> = args
+        .into_iter()
+        .chain(["--target-cycles", &target_text, "--json"])
+        .collect();
+    let (achieved, report) = median_of_steady_runs(&args, |r| r["shaping"]["achieved_cycles"].as_f64().unwrap());
     let shaping = &report["shaping"];
     assert_eq!(shaping["kind"], "hide");
     assert_eq!(shaping["tsc_method"], "vcpu-tsc-offset");
-    let achieved = shaping["achieved_cycles"].as_i64().unwrap();
-    let residue = shaping["residue_cycles"].as_u64().unwrap() as f64;
-    let error = (achieved - target as i64).abs() as f64;
+    let residue = shaping["residue_cycles"].as_f64().unwrap();
+    let error = (achieved - target as f64).abs();
     assert!(
         error <= 0.1 * target as f64 || error <= 0.1 * residue,
-        "target {target}, guest saw {achieved} (residue {residue}, natural {natural})"
+        "target {target}, the guest saw {achieved} (median of steady runs; residue {residue}, natural {natural})"
     );
-    assert!(achieved < natural as i64, "hiding made the exit look cheaper");
+    assert!(achieved < natural as f64, "hiding made the exit look cheaper");
 }
 
 #[test]
 #[ignore = "needs a KVM that honours TSC moves: run under ../shared/nested-svm/run (see .ci/run)"]
 fn virtual_injection_adds_cycles_the_guest_sees_but_the_clock_does_not() {
-    let n: i64 = 200_000;
-    let report = json_run(&[
-        "run",
-        "--mode",
-        "paravirt",
-        "-n",
-        "300",
-        "--warmup",
-        "10",
-        "--probes",
-        "cpuid",
-        "--virtual-inject-cycles",
-        &n.to_string(),
-        "--json",
-    ]);
-    let shaping = &report["shaping"];
-    let achieved = shaping["achieved_cycles"].as_i64().unwrap();
+    let n = 500_000.0;
+    let args = [
+        "run", "--mode", "paravirt", "-n", "300", "--warmup", "10", "--probes", "cpuid",
+    ];
+    let args: Vec<&str> = args
+        .into_iter()
+        .chain(["--virtual-inject-cycles", "500000", "--json"])
+        .collect();
+    let (achieved, report) = median_of_steady_runs(&args, |r| r["shaping"]["achieved_cycles"].as_f64().unwrap());
     assert!(
-        (achieved - n).abs() as f64 <= 0.05 * n as f64,
-        "asked {n}, the guest saw {achieved} more"
+        (achieved - n).abs() <= 0.05 * n,
+        "asked {n}, the guest saw {achieved} more (median of steady runs)"
     );
     // Wall clock: the handler did not spend the injected cycles.
     let handler = report["exits"]["cpuid-hypercall"]["handler_cycles_median"]
-        .as_i64()
+        .as_f64()
         .unwrap();
     assert!(
         handler < n,

@@ -8,7 +8,7 @@ use crate::modes::trap_emulate::{Trap, TrapDelivery, TrapEmulate};
 use crate::modes::{CpuidExitHandler, Mode, ModeError};
 use crate::native::{self, NativeError};
 use crate::shaping::tsc::{TscMethod, TscMover};
-use crate::shaping::{plan, Shaper, Shaping, ShapingError};
+use crate::shaping::{plan, Shaper, Shaping, ShapingError, CALIBRATION_MOVE};
 use crate::stats::{self, Summary};
 use crate::vm::exits::ExitStats;
 use crate::vm::loader::Payload;
@@ -143,6 +143,9 @@ pub struct ShapingOutcome {
     /// The unshaped calibration run's CPUID statistics.
     pub baseline: Summary,
     pub residue: Option<u64>,
+    /// The same calibration, measured again after the shaped run: how far the host drifted
+    /// while it ran (a loaded host, an emulated one, changes its exit costs over seconds).
+    pub after: Option<CalibrationRound>,
     pub tsc_method: Option<TscMethod>,
     pub profile: Option<String>,
     pub seed: Option<u64>,
@@ -218,7 +221,13 @@ pub fn measure(
     };
     let mut measurement = run_mode(kvm, payload, spec, shaper, console)?;
     measurement.trap_delivery = trap_delivery;
-    measurement.shaping = shaping;
+    measurement.shaping = match shaping {
+        Some(outcome) => Some(ShapingOutcome {
+            after: Some(calibration_round(kvm, payload, spec)?),
+            ..outcome
+        }),
+        None => None,
+    };
     Ok(measurement)
 }
 
@@ -334,29 +343,16 @@ fn calibrate(kvm: &Kvm, payload: &Payload, spec: &RunSpec) -> Result<(Shaper, Sh
     } else {
         None
     };
-    let calibration_shaping = if moves_tsc {
-        Shaping::CalibrateResidue
-    } else {
-        Shaping::None
-    };
-    let calibration = spec.cpuid_only(
-        spec.iterations.min(CALIBRATION_ITERATIONS),
-        spec.warmup,
-        calibration_shaping.clone(),
-    );
-    let measured = run_mode(kvm, payload, &calibration, Shaper::new(calibration_shaping, 0, 0), None)?;
-    let guest_seen = measured
-        .samples
-        .get(&Probe::Cpuid)
-        .map(|s| stats::summarize(s))
-        .unwrap_or_default();
-    let baseline = guest_seen.ok_or(MeasureError::Vm(VmError::BadResults(
-        "the calibration run returned no CPUID samples",
-    )))?;
-    let residue = moves_tsc.then(|| {
-        let guest_seen = measured.samples.get(&Probe::Cpuid).map_or(&[][..], |s| s.as_slice());
-        plan::residue(guest_seen, &measured.calibration_handler_cycles)
-    });
+    // Several short rounds; the residue and the baseline are each the rounds' median, so
+    // one VM that ran while the host was loaded does not skew the shaped run.
+    let rounds = (0..CALIBRATION_ROUNDS)
+        .map(|_| calibration_round(kvm, payload, spec))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut baselines: Vec<Summary> = rounds.iter().map(|r| r.baseline).collect();
+    baselines.sort_by_key(|b| b.median);
+    let baseline = baselines[baselines.len() / 2];
+    let residues: Vec<u64> = rounds.iter().map(|r| r.residue).collect();
+    let residue = moves_tsc.then(|| stats::median(&residues));
 
     let native_target = match spec.shaping {
         Shaping::Hide { target: None } => {
@@ -388,6 +384,7 @@ fn calibrate(kvm: &Kvm, payload: &Payload, spec: &RunSpec) -> Result<(Shaper, Sh
         additive,
         baseline,
         residue,
+        after: None,
         tsc_method,
         profile,
         seed,
@@ -395,8 +392,50 @@ fn calibrate(kvm: &Kvm, payload: &Payload, spec: &RunSpec) -> Result<(Shaper, Sh
     Ok((shaper, outcome))
 }
 
+/// One calibration run: the unshaped cost of the path, and the residue the shaping
+/// arithmetic needs (measured through the same TSC-write path where the run moves the TSC).
+#[derive(Clone, Copy, Debug)]
+pub struct CalibrationRound {
+    pub baseline: Summary,
+    pub residue: u64,
+}
+
+fn calibration_round(kvm: &Kvm, payload: &Payload, spec: &RunSpec) -> Result<CalibrationRound, MeasureError> {
+    let shaping = if spec.shaping.moves_tsc() {
+        Shaping::CalibrateResidue
+    } else {
+        Shaping::None
+    };
+    let calibration = spec.cpuid_only(
+        spec.iterations.min(CALIBRATION_ITERATIONS),
+        spec.warmup,
+        shaping.clone(),
+    );
+    let moved = if shaping == Shaping::CalibrateResidue {
+        CALIBRATION_MOVE
+    } else {
+        0
+    };
+    let measured = run_mode(kvm, payload, &calibration, Shaper::new(shaping, 0, 0), None)?;
+    // What the guest would have seen without the calibration's own TSC move.
+    let guest_seen: Vec<u64> = measured
+        .samples
+        .get(&Probe::Cpuid)
+        .map_or(Vec::new(), |s| s.iter().map(|c| c.wrapping_sub(moved)).collect());
+    let guest_seen = guest_seen.as_slice();
+    let baseline = stats::summarize(guest_seen).ok_or(MeasureError::Vm(VmError::BadResults(
+        "the calibration run returned no CPUID samples",
+    )))?;
+    Ok(CalibrationRound {
+        baseline,
+        residue: plan::residue(guest_seen, &measured.calibration_handler_cycles),
+    })
+}
+
 /// Samples in calibration runs: enough for a stable median, short enough to be cheap.
 const CALIBRATION_ITERATIONS: u32 = 1_000;
+/// Calibration runs per shaped run (odd: the median round is kept).
+const CALIBRATION_ROUNDS: usize = 3;
 
 /// Asks KVM for its TSC rate without running anything (for native runs' reports).
 pub fn kvm_tsc_khz(kvm: &Kvm) -> Option<u32> {

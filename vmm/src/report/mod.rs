@@ -254,11 +254,21 @@ impl RunReport {
 /// Requested against achieved: for inject kinds the CPUID median over the calibration
 /// run's, for hide and profiles the guest-seen median itself.
 fn shaping_report(outcome: &ShapingOutcome, cpuid_median: u64, tsc_khz: u32) -> ShapingReport {
+    let before = outcome.baseline.median as i64;
+    let after = outcome.after.map(|a| a.baseline.median as i64);
+    let baseline = after.map_or(before, |after| (before + after) / 2);
     let achieved = if outcome.additive {
-        cpuid_median as i64 - outcome.baseline.median as i64
+        cpuid_median as i64 - baseline
     } else {
         cpuid_median as i64
     };
+    let change = |before: u64, after: u64| (after as f64 - before as f64).abs() / (before.max(1) as f64);
+    let residue_after = outcome.after.filter(|_| outcome.residue.is_some()).map(|a| a.residue);
+    let drift = outcome.after.map(|a| {
+        let baseline_drift = change(outcome.baseline.median, a.baseline.median);
+        let residue_drift = outcome.residue.zip(residue_after).map_or(0.0, |(r, a)| change(r, a));
+        round2(baseline_drift.max(residue_drift))
+    });
     ShapingReport {
         kind: outcome.kind,
         requested_cycles: outcome.requested_cycles,
@@ -268,6 +278,9 @@ fn shaping_report(outcome: &ShapingOutcome, cpuid_median: u64, tsc_khz: u32) -> 
         baseline_cycles: outcome.baseline.median,
         baseline_spread_cycles: outcome.baseline.p95 - outcome.baseline.p5,
         residue_cycles: outcome.residue,
+        baseline_after_cycles: outcome.after.map(|a| a.baseline.median),
+        residue_after_cycles: residue_after,
+        calibration_drift: drift,
         tsc_method: outcome.tsc_method,
         profile: outcome.profile.clone(),
         seed: outcome.seed,

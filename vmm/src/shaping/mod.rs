@@ -35,6 +35,12 @@ pub enum ShapingError {
     NeedsVmmExits(&'static str),
 }
 
+/// The TSC move of every calibration exit. Writes that change the offset take a different
+/// kernel path from writes that do not (KVM's "matched" TSC writes), and on nested SVM
+/// tiny moves were seen to leave a whole VM's exits twice as dear now and then; moves of
+/// this size never were (docs/shaping.md).
+pub const CALIBRATION_MOVE: u64 = 100_000;
+
 /// What to do to each CPUID exit.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub enum Shaping {
@@ -49,8 +55,8 @@ pub enum Shaping {
     Hide { target: Option<u64> },
     /// Make each exit cost a target drawn from the profile.
     Profile { profile: Box<Profile>, seed: u64 },
-    /// Move the TSC back and forth by one cycle: calibration runs take the same path as
-    /// shaped ones.
+    /// Move the TSC forward by [`CALIBRATION_MOVE`] on every exit: calibration runs take
+    /// the same kernel path as shaped ones, and the move is subtracted afterwards.
     CalibrateResidue,
 }
 
@@ -143,14 +149,7 @@ impl Shaper {
                 // Measured exactly where Hide measures it, so that the residue covers the
                 // TSC write that follows (an ioctl: thousands of cycles, more when nested).
                 self.calibration_handler_cycles.push(now() - exit_tsc);
-                // Alternate +1/-1: KVM takes a cheaper path for a write that leaves the
-                // offset unchanged ("matched" in kvm_arch_tsc_set_attr), and a shaped run
-                // never does, so calibration must change it too. One cycle is noise.
-                if self.calibration_handler_cycles.len() % 2 == 1 {
-                    1
-                } else {
-                    -1
-                }
+                CALIBRATION_MOVE as i64
             }
             Shaping::Hide { .. } => plan::hide_adjustment(self.target, now() - exit_tsc, self.residue),
             Shaping::Profile { profile, .. } => {
@@ -171,8 +170,9 @@ pub struct ShapingReport {
     pub kind: &'static str,
     /// Inject and virtual inject: cycles added; hide and profile: the guest-seen target.
     pub requested_cycles: u64,
-    /// The same, as measured: the CPUID median over the unshaped calibration run's, or
-    /// the guest-seen median.
+    /// The same, as measured: the CPUID median over the unshaped calibration runs' (the
+    /// mean of the baselines before and after, which cancels a steady drift), or the
+    /// guest-seen median.
     pub achieved_cycles: i64,
     pub requested_ns: f64,
     pub achieved_ns: f64,
@@ -182,6 +182,12 @@ pub struct ShapingReport {
     pub baseline_spread_cycles: u64,
     /// Kernel entry/exit residue calibrated at start (TSC-moving kinds).
     pub residue_cycles: Option<u64>,
+    /// The baseline and residue measured again after the run, and the larger of their
+    /// relative changes: above ~0.1 the host's exit costs moved while the run measured,
+    /// and `achieved` says more about the host than about the shaping.
+    pub baseline_after_cycles: Option<u64>,
+    pub residue_after_cycles: Option<u64>,
+    pub calibration_drift: Option<f64>,
     pub tsc_method: Option<TscMethod>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub profile: Option<String>,
