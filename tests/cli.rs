@@ -6,7 +6,7 @@
 use guest_payload::layout::PAYLOAD_START;
 mod common;
 
-use common::{json_run, kvm_available, stderr, vmm};
+use common::{json_run, kvm_available, stderr, timing_lock, vmm};
 use serde_json::Value;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -19,6 +19,7 @@ fn temp_path(name: &str) -> PathBuf {
 
 #[test]
 fn hw_assist_run_reports_every_field_and_cpuid_costs_more_than_nop() {
+    let _timing = timing_lock();
     if !kvm_available() {
         return;
     }
@@ -67,6 +68,7 @@ fn hw_assist_run_reports_every_field_and_cpuid_costs_more_than_nop() {
 
 #[test]
 fn native_run_measures_the_same_probes_on_a_pinned_cpu() {
+    let _timing = timing_lock();
     let report = json_run(&["run", "--mode", "native", "--iterations", "2000", "--json"]);
     assert_eq!(report["mode"], "native");
     assert_eq!(report["probes"]["cpuid"]["count"], 2000);
@@ -128,6 +130,7 @@ fn console_output_is_shown_on_request() {
 
 #[test]
 fn watchdog_stops_a_hanging_guest_soon_after_the_deadline() {
+    let _timing = timing_lock();
     if !kvm_available() {
         return;
     }

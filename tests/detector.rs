@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{json_run, kvm_available, stderr, vmm};
+use common::{json_run, kvm_available, stderr, timing_lock, vmm};
 use serde_json::Value;
 use std::path::PathBuf;
 use vmm::report::plot::svg_texts;
@@ -22,6 +22,7 @@ fn verdict<'a>(report: &'a Value, rule: &str) -> &'a Value {
 
 #[test]
 fn every_run_carries_every_rules_verdict() {
+    let _timing = timing_lock();
     if !kvm_available() {
         return;
     }
@@ -64,6 +65,7 @@ fn every_run_carries_every_rules_verdict() {
 
 #[test]
 fn calibrate_writes_what_the_rules_then_read() {
+    let _timing = timing_lock();
     if !kvm_available() {
         return;
     }
@@ -118,6 +120,7 @@ fn busy_threads_are_recorded_in_the_run() {
 
 #[test]
 fn compare_puts_every_path_side_by_side_and_plots_one_point_each() {
+    let _timing = timing_lock();
     if !kvm_available() {
         return;
     }
@@ -141,6 +144,7 @@ fn compare_puts_every_path_side_by_side_and_plots_one_point_each() {
 /// The acceptance run: the shipped small matrix, scored per rule.
 #[test]
 fn validation_scores_every_rule_and_the_signals_do_their_job() {
+    let _timing = timing_lock();
     if !kvm_available() {
         return;
     }

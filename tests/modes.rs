@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{json_run, kvm_available, vmm};
+use common::{json_run, kvm_available, timing_lock, vmm};
 use serde_json::Value;
 use vmm::arch::x86_64::cpuid::masked;
 
@@ -26,6 +26,7 @@ fn run_mode(mode: &[&str], extra: &[&str]) -> Value {
 
 #[test]
 fn every_vmm_handled_mode_reports_one_exit_per_cpuid_sample() {
+    let _timing = timing_lock();
     if !kvm_available() {
         return;
     }
@@ -128,6 +129,7 @@ fn only_the_int3_patch_leaves_a_trace_in_the_guests_code() {
 /// run by X, within 10% plus that run's own spread.
 #[test]
 fn injected_latency_shows_up_in_the_guest_median() {
+    let _timing = timing_lock();
     if !kvm_available() {
         return;
     }

@@ -3,6 +3,14 @@
 
 use serde_json::Value;
 use std::process::{Command, Output};
+use std::sync::{Mutex, MutexGuard};
+
+/// Tests whose assertions compare timings take this, so that no other test of the same
+/// binary loads the machine while they measure (the test harness runs tests in parallel).
+pub fn timing_lock() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 
 pub fn vmm(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_vmm"))

@@ -146,8 +146,7 @@ pub fn robust(evidence: &Evidence, calibration: &Calibration) -> RuleVerdict {
         return missing(RULE, "CPUID samples or a floor (rdtsc/NOP)");
     };
     let native = calibration.robust_excess_p10_ns;
-    // A floor under the native spread: a few ns, or 5% of the mean.
-    let scale = native.sd.max(native.mean.abs() * 0.05).max(5.0);
+    let scale = robust_scale(native.sd, native.mean);
     let z = (point.excess_p10_ns - native.mean) / scale;
     let z_median = (point.excess_median_ns - calibration.robust_excess_median_ns.mean) / scale;
     let v = if z >= 4.0 {
@@ -172,6 +171,14 @@ pub fn robust(evidence: &Evidence, calibration: &Calibration) -> RuleVerdict {
         point.excess_p10_ns, point.excess_median_ns, native.mean, native.sd
     );
     verdict(RULE, v, z, confidence, why)
+}
+
+/// The unit of the robust rule's z: the native runs' spread, but never under 10% of the
+/// native excess (nor 5 ns). A calibration takes seconds; on a host that is itself a VM,
+/// native CPUID is an exit of the outer hypervisor and its cost moves with the host's load
+/// by more than those seconds show.
+pub fn robust_scale(native_sd: f64, native_mean: f64) -> f64 {
+    native_sd.max(native_mean.abs() * 0.10).max(5.0)
 }
 
 /// Known hypervisor vendor signatures of CPUID leaf 0x40000000 (EBX, ECX, EDX).

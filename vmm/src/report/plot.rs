@@ -167,7 +167,7 @@ fn scatter(area: &Area, runs: &[PlotRun], calibration: &Calibration) -> DrawResu
     if !floors.is_empty() {
         // robust: virtual from 4 native sds over the native excess, above the floor.
         let native = calibration.robust_excess_p10_ns;
-        let excess_ns = native.mean + 4.0 * native.sd.max(native.mean.abs() * 0.05).max(5.0);
+        let excess_ns = native.mean + 4.0 * crate::detector::rules::robust_scale(native.sd, native.mean);
         let khz = calibration
             .host
             .get("tsc_khz")
