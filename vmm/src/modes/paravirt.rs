@@ -13,7 +13,6 @@ pub struct Paravirt {
     shaper: Shaper,
     /// The snapshot's hypercall instruction, to count it apart from the timed one.
     query_site: Option<u64>,
-    pub hypercalls: u64,
 }
 
 impl Paravirt {
@@ -21,7 +20,6 @@ impl Paravirt {
         Self {
             shaper,
             query_site: None,
-            hypercalls: 0,
         }
     }
 
@@ -38,7 +36,6 @@ impl CpuidExitHandler for Paravirt {
 
     fn on_hypercall(&mut self, guest: &GuestContext, exit_tsc: u64) -> Result<ExitKind, ModeError> {
         let rip = answer_cpuid(guest, 0)?;
-        self.hypercalls += 1;
         self.shaper.after_exit(guest.vcpu, exit_tsc)?;
         // RIP is at the one-byte `out`, or past it where KVM completed it before exiting.
         let is_query = self.query_site.is_some_and(|site| rip == site || rip == site + 1);

@@ -68,7 +68,6 @@ pub struct TrapEmulate {
     shaper: Shaper,
     /// How the traps arrived (the first one decides).
     pub delivery: Option<TrapDelivery>,
-    pub traps: u64,
 }
 
 impl TrapEmulate {
@@ -78,7 +77,6 @@ impl TrapEmulate {
             sites: Vec::new(),
             shaper,
             delivery: None,
-            traps: 0,
         }
     }
 
@@ -115,7 +113,6 @@ impl TrapEmulate {
         }
         answer_cpuid(guest, CPUID_OPCODE.len() as u64)?;
         self.delivery.get_or_insert(delivery);
-        self.traps += 1;
         self.shaper.after_exit(guest.vcpu, exit_tsc)?;
         // The first site is the timed probe; the others answer the guest's snapshot.
         Ok(if Some(&site) == self.sites.first() {

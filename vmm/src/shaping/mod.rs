@@ -131,10 +131,6 @@ impl Shaper {
         &self.calibration_handler_cycles
     }
 
-    pub fn tsc_method(&self) -> Option<TscMethod> {
-        self.tsc.as_ref().map(|t| t.method)
-    }
-
     /// Called at the end of each CPUID exit, after the answer is in the registers.
     pub fn after_exit(&mut self, vcpu: &VcpuFd, exit_tsc: u64) -> Result<(), ShapingError> {
         let now = guest_payload::timing::read_tsc;

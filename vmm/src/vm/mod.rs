@@ -89,8 +89,6 @@ pub struct GuestResults {
     pub cpuid: Vec<guest_payload::CpuidRecord>,
     /// The bytes at each CPUID site as the guest read its own code (with the snapshot).
     pub site_bytes: Vec<[u8; 2]>,
-    /// TSC cycles from the guest's first measurement to its last.
-    pub guest_tsc_elapsed: u64,
 }
 
 /// How a run went, seen from the VMM.
@@ -344,10 +342,7 @@ impl GuestVm {
                 "the guest measured something other than what was asked",
             ));
         }
-        let mut results = GuestResults {
-            guest_tsc_elapsed: header.tsc_end.wrapping_sub(header.tsc_start),
-            ..Default::default()
-        };
+        let mut results = GuestResults::default();
         for probe in guest_payload::probes_in(header.probes) {
             let offset = header
                 .sample_offset(probe)
