@@ -223,7 +223,7 @@ pub fn measure(
     measurement.trap_delivery = trap_delivery;
     measurement.shaping = match shaping {
         Some(outcome) => Some(ShapingOutcome {
-            after: Some(calibration_round(kvm, payload, spec)?),
+            after: Some(calibration_rounds(kvm, payload, spec)?),
             ..outcome
         }),
         None => None,
@@ -343,16 +343,9 @@ fn calibrate(kvm: &Kvm, payload: &Payload, spec: &RunSpec) -> Result<(Shaper, Sh
     } else {
         None
     };
-    // Several short rounds; the residue and the baseline are each the rounds' median, so
-    // one VM that ran while the host was loaded does not skew the shaped run.
-    let rounds = (0..CALIBRATION_ROUNDS)
-        .map(|_| calibration_round(kvm, payload, spec))
-        .collect::<Result<Vec<_>, _>>()?;
-    let mut baselines: Vec<Summary> = rounds.iter().map(|r| r.baseline).collect();
-    baselines.sort_by_key(|b| b.median);
-    let baseline = baselines[baselines.len() / 2];
-    let residues: Vec<u64> = rounds.iter().map(|r| r.residue).collect();
-    let residue = moves_tsc.then(|| stats::median(&residues));
+    let calibrated = calibration_rounds(kvm, payload, spec)?;
+    let baseline = calibrated.baseline;
+    let residue = moves_tsc.then_some(calibrated.residue);
 
     let native_target = match spec.shaping {
         Shaping::Hide { target: None } => {
@@ -429,6 +422,22 @@ fn calibration_round(kvm: &Kvm, payload: &Payload, spec: &RunSpec) -> Result<Cal
     Ok(CalibrationRound {
         baseline,
         residue: plan::residue(guest_seen, &measured.calibration_handler_cycles),
+    })
+}
+
+/// [`CALIBRATION_ROUNDS`] calibration runs; the residue and the baseline are each their
+/// median, so one VM that ran while the host was loaded (or, on nested SVM, in its
+/// occasional slow mode) does not decide the calibration.
+fn calibration_rounds(kvm: &Kvm, payload: &Payload, spec: &RunSpec) -> Result<CalibrationRound, MeasureError> {
+    let rounds = (0..CALIBRATION_ROUNDS)
+        .map(|_| calibration_round(kvm, payload, spec))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut baselines: Vec<Summary> = rounds.iter().map(|r| r.baseline).collect();
+    baselines.sort_by_key(|b| b.median);
+    let residues: Vec<u64> = rounds.iter().map(|r| r.residue).collect();
+    Ok(CalibrationRound {
+        baseline: baselines[baselines.len() / 2],
+        residue: stats::median(&residues),
     })
 }
 
