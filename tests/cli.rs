@@ -6,7 +6,7 @@
 use guest_payload::layout::PAYLOAD_START;
 mod common;
 
-use common::{json_run, kvm_available, stderr, timing_lock, vmm};
+use common::{json_run, stderr, timing_lock, vm_test, vmm};
 use serde_json::Value;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -19,10 +19,7 @@ fn temp_path(name: &str) -> PathBuf {
 
 #[test]
 fn hw_assist_run_reports_every_field_and_cpuid_costs_more_than_nop() {
-    let _timing = timing_lock();
-    if !kvm_available() {
-        return;
-    }
+    let Some(_vm) = vm_test() else { return };
     let report = json_run(&[
         "run",
         "--mode",
@@ -80,9 +77,7 @@ fn native_run_measures_the_same_probes_on_a_pinned_cpu() {
 
 #[test]
 fn table_output_shows_each_probe_and_the_excess() {
-    if !kvm_available() {
-        return;
-    }
+    let Some(_vm) = vm_test() else { return };
     let output = vmm(&["run", "--iterations", "200"]);
     assert!(output.status.success(), "{}", stderr(&output));
     let table = String::from_utf8_lossy(&output.stdout);
@@ -93,9 +88,7 @@ fn table_output_shows_each_probe_and_the_excess() {
 
 #[test]
 fn raw_samples_go_to_csv_and_json() {
-    if !kvm_available() {
-        return;
-    }
+    let Some(_vm) = vm_test() else { return };
     let csv = temp_path("samples.csv");
     let report = json_run(&[
         "run",
@@ -120,9 +113,7 @@ fn raw_samples_go_to_csv_and_json() {
 
 #[test]
 fn console_output_is_shown_on_request() {
-    if !kvm_available() {
-        return;
-    }
+    let Some(_vm) = vm_test() else { return };
     let output = vmm(&["run", "-n", "10", "--console"]);
     assert!(output.status.success());
     assert!(stderr(&output).contains("guest: measuring"), "{}", stderr(&output));
@@ -130,10 +121,7 @@ fn console_output_is_shown_on_request() {
 
 #[test]
 fn watchdog_stops_a_hanging_guest_soon_after_the_deadline() {
-    let _timing = timing_lock();
-    if !kvm_available() {
-        return;
-    }
+    let Some(_vm) = vm_test() else { return };
     let started = Instant::now();
     let output = vmm(&["run", "--misbehave", "hang", "--timeout", "1"]);
     let elapsed = started.elapsed();
@@ -144,9 +132,7 @@ fn watchdog_stops_a_hanging_guest_soon_after_the_deadline() {
 
 #[test]
 fn a_faulting_guest_is_reported_with_its_rip() {
-    if !kvm_available() {
-        return;
-    }
+    let Some(_vm) = vm_test() else { return };
     let output = vmm(&["run", "--misbehave", "fault"]);
     assert!(!output.status.success());
     let message = stderr(&output);
@@ -187,9 +173,7 @@ fn bad_payloads_are_refused_with_one_clear_line() {
 
 #[test]
 fn a_payload_that_never_rings_done_is_stopped() {
-    if !kvm_available() {
-        return;
-    }
+    let Some(_vm) = vm_test() else { return };
     // `jmp .` at the entry: a valid ELF that ignores the ABI and spins.
     let path = temp_path("spin");
     std::fs::write(&path, tiny_elf(EM_X86_64, PAYLOAD_START, &[0xeb, 0xfe])).unwrap();
@@ -222,9 +206,7 @@ fn an_unwritable_csv_path_is_refused_before_measuring() {
 
 #[test]
 fn doctor_reports_each_check_and_boots_a_guest() {
-    if !kvm_available() {
-        return;
-    }
+    let Some(_vm) = vm_test() else { return };
     let output = vmm(&["doctor", "--json"]);
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stdout));
     let checks: Value = serde_json::from_slice(&output.stdout).unwrap();

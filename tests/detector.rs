@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{json_run, kvm_available, stderr, timing_lock, vmm};
+use common::{json_run, stderr, timing_lock, vm_test, vmm};
 use serde_json::Value;
 use std::path::PathBuf;
 use vmm::report::plot::svg_texts;
@@ -22,10 +22,7 @@ fn verdict<'a>(report: &'a Value, rule: &str) -> &'a Value {
 
 #[test]
 fn every_run_carries_every_rules_verdict() {
-    let _timing = timing_lock();
-    if !kvm_available() {
-        return;
-    }
+    let Some(_vm) = vm_test() else { return };
     let report = json_run(&[
         "run",
         "--mode",
@@ -65,10 +62,7 @@ fn every_run_carries_every_rules_verdict() {
 
 #[test]
 fn calibrate_writes_what_the_rules_then_read() {
-    let _timing = timing_lock();
-    if !kvm_available() {
-        return;
-    }
+    let Some(_vm) = vm_test() else { return };
     let path = temp_path("calibration.json");
     let output = vmm(&["calibrate", "--out", path.to_str().unwrap(), "--runs", "3", "-n", "500"]);
     assert!(output.status.success(), "{}", stderr(&output));
@@ -114,16 +108,15 @@ fn bad_calibration_and_config_files_are_refused_clearly() {
 
 #[test]
 fn busy_threads_are_recorded_in_the_run() {
+    // It loads a CPU: the timing tests must not measure meanwhile.
+    let _timing = timing_lock();
     let report = json_run(&["run", "--mode", "native", "-n", "200", "--busy", "1", "--json"]);
     assert_eq!(report["config"]["busy"], 1);
 }
 
 #[test]
 fn compare_puts_every_path_side_by_side_and_plots_one_point_each() {
-    let _timing = timing_lock();
-    if !kvm_available() {
-        return;
-    }
+    let Some(_vm) = vm_test() else { return };
     let plot = temp_path("compare.svg");
     let output = vmm(&["compare", "-n", "300", "--json", "--plot", plot.to_str().unwrap()]);
     assert!(output.status.success(), "{}", stderr(&output));
@@ -144,10 +137,7 @@ fn compare_puts_every_path_side_by_side_and_plots_one_point_each() {
 /// The acceptance run: the shipped small matrix, scored per rule.
 #[test]
 fn validation_scores_every_rule_and_the_signals_do_their_job() {
-    let _timing = timing_lock();
-    if !kvm_available() {
-        return;
-    }
+    let Some(_vm) = vm_test() else { return };
     let calibration = temp_path("validate-calibration.json");
     let output = vmm(&[
         "calibrate",

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{json_run, kvm_available, timing_lock, vmm};
+use common::{json_run, vm_test, vmm};
 use serde_json::Value;
 use vmm::arch::x86_64::cpuid::masked;
 
@@ -26,10 +26,7 @@ fn run_mode(mode: &[&str], extra: &[&str]) -> Value {
 
 #[test]
 fn every_vmm_handled_mode_reports_one_exit_per_cpuid_sample() {
-    let _timing = timing_lock();
-    if !kvm_available() {
-        return;
-    }
+    let Some(_vm) = vm_test() else { return };
     for (mode, exit) in [
         (TRAP_EMULATE_HW, "cpuid-trap"),
         (TRAP_EMULATE_INT3, "cpuid-trap"),
@@ -49,9 +46,7 @@ fn every_vmm_handled_mode_reports_one_exit_per_cpuid_sample() {
 
 #[test]
 fn the_trap_report_names_the_mechanism_and_its_delivery() {
-    if !kvm_available() {
-        return;
-    }
+    let Some(_vm) = vm_test() else { return };
     let hw = run_mode(TRAP_EMULATE_HW, &["-n", "20"]);
     assert_eq!(hw["trap"]["mechanism"], "hw-breakpoint");
     assert_eq!(hw["trap"]["delivery"], "debug-exit");
@@ -64,9 +59,7 @@ fn the_trap_report_names_the_mechanism_and_its_delivery() {
 /// Point 3 of the issue: whoever answers, the guest sees the same registers.
 #[test]
 fn all_four_vm_paths_return_identical_cpuid_registers() {
-    if !kvm_available() {
-        return;
-    }
+    let Some(_vm) = vm_test() else { return };
     let snapshot = |mode: &[&str]| -> Vec<(u64, u64, [u32; 4])> {
         let report = run_mode(mode, &["-n", "10", "--warmup", "0"]);
         report["cpuid_snapshot"]
@@ -93,9 +86,7 @@ fn all_four_vm_paths_return_identical_cpuid_registers() {
 
 #[test]
 fn snapshot_queries_are_counted_apart_from_the_timed_cpuids() {
-    if !kvm_available() {
-        return;
-    }
+    let Some(_vm) = vm_test() else { return };
     let extra = guest_payload::CPUID_SNAPSHOT_LEAVES.len() as u64;
     for (mode, timed, query) in [
         (TRAP_EMULATE_HW, "cpuid-trap", "cpuid-query-trap"),
@@ -109,9 +100,7 @@ fn snapshot_queries_are_counted_apart_from_the_timed_cpuids() {
 
 #[test]
 fn only_the_int3_patch_leaves_a_trace_in_the_guests_code() {
-    if !kvm_available() {
-        return;
-    }
+    let Some(_vm) = vm_test() else { return };
     let cpuid = serde_json::json!([[0x0f, 0xa2], [0x0f, 0xa2]]);
     for mode in [
         &["--mode", "native"][..],
@@ -129,10 +118,7 @@ fn only_the_int3_patch_leaves_a_trace_in_the_guests_code() {
 /// run by X, within 10% plus that run's own spread.
 #[test]
 fn injected_latency_shows_up_in_the_guest_median() {
-    let _timing = timing_lock();
-    if !kvm_available() {
-        return;
-    }
+    let Some(_vm) = vm_test() else { return };
     for (mode, inject_ns) in [(TRAP_EMULATE_HW, 20_000u64), (PARAVIRT, 60_000)] {
         let report = run_mode(mode, &["-n", "1000", "--inject-ns", &inject_ns.to_string()]);
         let shaping = &report["shaping"];
@@ -151,10 +137,10 @@ fn injected_latency_shows_up_in_the_guest_median() {
 
 #[test]
 fn tsc_shaping_is_refused_where_tsc_moves_are_not_honoured() {
-    if !kvm_available() || hardware_kvm() {
-        // On hardware KVM the moves work; nested_svm.rs tests them.
+    // On hardware KVM the moves work; nested_svm.rs tests them.
+    let Some(_vm) = vm_test().filter(|_| !hardware_kvm()) else {
         return;
-    }
+    };
     for shaping in [
         &["--hide"][..],
         &["--virtual-inject-cycles", "5000"],

@@ -5,8 +5,9 @@ use serde_json::Value;
 use std::process::{Command, Output};
 use std::sync::{Mutex, MutexGuard};
 
-/// Tests whose assertions compare timings take this, so that no other test of the same
-/// binary loads the machine while they measure (the test harness runs tests in parallel).
+/// Tests whose assertions compare timings take this, and so do tests that load the machine
+/// (--busy, long matrices), so that nothing loads it while a timing test measures (the test
+/// harness runs a binary's tests in parallel).
 pub fn timing_lock() -> MutexGuard<'static, ()> {
     static LOCK: Mutex<()> = Mutex::new(());
     LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -31,6 +32,12 @@ pub fn kvm_available() -> bool {
     );
     eprintln!("\n*** SKIPPED: /dev/kvm is absent on this machine; this test boots a real VM ***\n");
     false
+}
+
+/// For a test that boots VMs: `None` (a loud skip) without /dev/kvm, else the timing lock
+/// held for the test's length — a VM burns a CPU, and timing tests must not share one.
+pub fn vm_test() -> Option<MutexGuard<'static, ()>> {
+    kvm_available().then(timing_lock)
 }
 
 pub fn stderr(output: &Output) -> String {

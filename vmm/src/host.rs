@@ -63,7 +63,6 @@ pub struct CpuInfo {
     pub is_vm: bool,
     /// The TSC ticks at a constant rate through P- and C-states.
     pub invariant_tsc: bool,
-    pub logical_cpus: usize,
 }
 
 pub fn cpu_info() -> CpuInfo {
@@ -86,7 +85,6 @@ pub fn cpu_info() -> CpuInfo {
         svm: has("svm"),
         is_vm: leaf1.ecx & (1 << 31) != 0,
         invariant_tsc: invariant_cpuid || (has("constant_tsc") && has("nonstop_tsc")),
-        logical_cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
     }
 }
 

@@ -7,7 +7,7 @@ use crate::modes::paravirt::Paravirt;
 use crate::modes::trap_emulate::{Trap, TrapDelivery, TrapEmulate};
 use crate::modes::{CpuidExitHandler, Mode, ModeError};
 use crate::native::{self, NativeError};
-use crate::shaping::tsc::{TscMethod, TscMover};
+use crate::shaping::tsc::TscMethod;
 use crate::shaping::{plan, Shaper, Shaping, ShapingError, CALIBRATION_MOVE};
 use crate::stats::{self, Summary};
 use crate::vm::exits::ExitStats;
@@ -140,15 +140,23 @@ pub struct ShapingOutcome {
     /// True where the request is an addition to the baseline (inject kinds), false where
     /// it is the guest-seen cost itself (hide, profile).
     pub additive: bool,
-    /// The unshaped calibration run's CPUID statistics.
-    pub baseline: Summary,
-    pub residue: Option<u64>,
+    /// The unshaped cost of the path, measured before the shaped run.
+    pub before: CalibrationRound,
     /// The same calibration, measured again after the shaped run: how far the host drifted
     /// while it ran (a loaded host, an emulated one, changes its exit costs over seconds).
     pub after: Option<CalibrationRound>,
+    /// How the run moved the TSC; `None` for kinds that do not (inject).
     pub tsc_method: Option<TscMethod>,
     pub profile: Option<String>,
     pub seed: Option<u64>,
+}
+
+impl ShapingOutcome {
+    /// The residues before and after: they mean something only where the TSC moved.
+    pub fn residues(&self) -> Option<(u64, Option<u64>)> {
+        self.tsc_method
+            .map(|_| (self.before.residue, self.after.map(|a| a.residue)))
+    }
 }
 
 /// What one run measured, whatever the mode.
@@ -164,7 +172,6 @@ pub struct Measurement {
     pub run: Duration,
     /// The guest TSC rate KVM reported (VM modes only).
     pub kvm_tsc_khz: Option<u32>,
-    pub console: String,
     /// The host CPU the native runner was pinned to.
     pub native_cpu: Option<usize>,
     /// How trap-emulate's traps arrived.
@@ -172,6 +179,8 @@ pub struct Measurement {
     pub shaping: Option<ShapingOutcome>,
     /// Calibration runs: handler cycles at the point where shaping measures them.
     pub calibration_handler_cycles: Vec<u64>,
+    /// How the run moved the guest TSC, where it did.
+    pub tsc_method: Option<TscMethod>,
 }
 
 /// Runs `spec` once. `kvm` is needed for the VM modes only.
@@ -241,18 +250,8 @@ fn run_mode(
 ) -> Result<Measurement, MeasureError> {
     match spec.mode {
         Mode::Native | Mode::HwAssist => run_vm(kvm, payload, spec, &mut HwAssist, console),
-        Mode::TrapEmulate => {
-            let mut handler = TrapEmulate::new(spec.trap, shaper);
-            let mut measured = run_vm(kvm, payload, spec, &mut handler, console)?;
-            measured.calibration_handler_cycles = handler.shaper().calibration_handler_cycles().to_vec();
-            Ok(measured)
-        }
-        Mode::Paravirt => {
-            let mut handler = Paravirt::new(shaper);
-            let mut measured = run_vm(kvm, payload, spec, &mut handler, console)?;
-            measured.calibration_handler_cycles = handler.shaper().calibration_handler_cycles().to_vec();
-            Ok(measured)
-        }
+        Mode::TrapEmulate => run_vm(kvm, payload, spec, &mut TrapEmulate::new(spec.trap, shaper), console),
+        Mode::Paravirt => run_vm(kvm, payload, spec, &mut Paravirt::new(shaper), console),
     }
 }
 
@@ -274,7 +273,10 @@ fn run_vm(
         setup: Some(setup),
         run: stats.run,
         kvm_tsc_khz: vm.tsc_khz,
-        console: stats.console,
+        calibration_handler_cycles: handler
+            .shaper()
+            .map_or(Vec::new(), |s| s.calibration_handler_cycles().to_vec()),
+        tsc_method: handler.shaper().and_then(Shaper::tsc_method),
         ..Default::default()
     })
 }
@@ -311,16 +313,9 @@ fn probe_tsc_moves(kvm: &Kvm, payload: &Payload, spec: &RunSpec) -> Result<TscMe
     let shaper = Shaper::new(probe.shaping.clone(), 0, 0);
     let measured = run_mode(kvm, payload, &probe, shaper, None)?;
     let seen = measured.samples.get(&Probe::Cpuid).map_or(0, |s| stats::median(s));
-    // The method the shaper used; the same choice `TscMover::open` makes on any vCPU.
-    let vm = kvm.create_vm().map_err(|source| VmError::Kvm {
-        what: "to create a VM (KVM_CREATE_VM)",
-        source,
-    })?;
-    let vcpu = vm.create_vcpu(0).map_err(|source| VmError::Kvm {
-        what: "to create a vCPU",
-        source,
-    })?;
-    let method = TscMover::open(&vcpu).map_err(ShapingError::from)?.method;
+    let method = measured
+        .tsc_method
+        .ok_or(MeasureError::Vm(VmError::BadResults("the TSC probe moved no TSC")))?;
     if seen >= PROBE_MOVE / 2 {
         return Ok(method);
     }
@@ -333,9 +328,9 @@ fn probe_tsc_moves(kvm: &Kvm, payload: &Payload, spec: &RunSpec) -> Result<TscMe
     .into())
 }
 
-/// Probes TSC moves where needed, then measures the unshaped cost of the same path (the
-/// baseline; with a zero TSC move where the run will move it, for the residue), and the
-/// native CPUID cost where `--hide` has no explicit target.
+/// Probes TSC moves where needed, then measures the unshaped cost of the same path in
+/// [`CALIBRATION_ROUNDS`] rounds (the baseline, and the residue through the same TSC-write
+/// path the run will take), and the native CPUID cost where `--hide` has no explicit target.
 fn calibrate(kvm: &Kvm, payload: &Payload, spec: &RunSpec) -> Result<(Shaper, ShapingOutcome), MeasureError> {
     let moves_tsc = spec.shaping.moves_tsc();
     let tsc_method = if moves_tsc {
@@ -343,9 +338,8 @@ fn calibrate(kvm: &Kvm, payload: &Payload, spec: &RunSpec) -> Result<(Shaper, Sh
     } else {
         None
     };
-    let calibrated = calibration_rounds(kvm, payload, spec)?;
-    let baseline = calibrated.baseline;
-    let residue = moves_tsc.then_some(calibrated.residue);
+    let before = calibration_rounds(kvm, payload, spec)?;
+    let residue = if moves_tsc { before.residue } else { 0 };
 
     let native_target = match spec.shaping {
         Shaping::Hide { target: None } => {
@@ -359,7 +353,7 @@ fn calibrate(kvm: &Kvm, payload: &Payload, spec: &RunSpec) -> Result<(Shaper, Sh
         }
         _ => 0,
     };
-    let shaper = Shaper::new(spec.shaping.clone(), native_target, residue.unwrap_or(0));
+    let shaper = Shaper::new(spec.shaping.clone(), native_target, residue);
     let (requested_cycles, additive, profile, seed) = match &spec.shaping {
         Shaping::Inject { cycles } | Shaping::VirtualInject { cycles } => (*cycles, true, None, None),
         Shaping::Hide { target } => (target.unwrap_or(native_target), false, None, None),
@@ -375,8 +369,7 @@ fn calibrate(kvm: &Kvm, payload: &Payload, spec: &RunSpec) -> Result<(Shaper, Sh
         kind: spec.shaping.kind(),
         requested_cycles,
         additive,
-        baseline,
-        residue,
+        before,
         after: None,
         tsc_method,
         profile,

@@ -379,6 +379,21 @@ impl ValidationReport {
     }
 }
 
+/// TP, FN, FP, TN, unsure on virtual, unsure on native, TPR, FPR: one rule's row, in the
+/// order both renderings use.
+fn confusion_row(c: &Confusion) -> [String; 8] {
+    [
+        c.true_positive.to_string(),
+        c.false_negative.to_string(),
+        c.false_positive.to_string(),
+        c.true_negative.to_string(),
+        c.unsure_on_virtual.to_string(),
+        c.unsure_on_native.to_string(),
+        rate(c.tpr),
+        rate(c.fpr),
+    ]
+}
+
 fn rate(rate: Option<f64>) -> String {
     rate.map_or("—".into(), |r| format!("{:.2}", r))
 }
@@ -403,17 +418,10 @@ pub fn render_table(report: &ValidationReport) -> String {
         "rule", "TP", "FN", "FP", "TN", "unsure+", "unsure-", "TPR", "FPR"
     );
     for (rule, c) in &report.confusion {
+        let [tp, fn_, fp, tn, unsure_v, unsure_n, tpr, fpr] = confusion_row(c);
         let _ = writeln!(
             out,
-            "{rule:<19} {:>5} {:>5} {:>5} {:>5} {:>8} {:>8} {:>6} {:>6}",
-            c.true_positive,
-            c.false_negative,
-            c.false_positive,
-            c.true_negative,
-            c.unsure_on_virtual,
-            c.unsure_on_native,
-            rate(c.tpr),
-            rate(c.fpr)
+            "{rule:<19} {tp:>5} {fn_:>5} {fp:>5} {tn:>5} {unsure_v:>8} {unsure_n:>8} {tpr:>6} {fpr:>6}"
         );
     }
     let _ = writeln!(out, "\nshare of runs flagged virtual, per cell (truth in brackets):");
@@ -489,18 +497,7 @@ pub fn render_markdown(report: &ValidationReport) -> String {
     );
     let _ = writeln!(out, "## Confusion matrices\n\n| rule | TP | FN | FP | TN | unsure (virtual) | unsure (native) | TPR | FPR |\n|---|---|---|---|---|---|---|---|---|");
     for (rule, c) in &report.confusion {
-        let _ = writeln!(
-            out,
-            "| {rule} | {} | {} | {} | {} | {} | {} | {} | {} |",
-            c.true_positive,
-            c.false_negative,
-            c.false_positive,
-            c.true_negative,
-            c.unsure_on_virtual,
-            c.unsure_on_native,
-            rate(c.tpr),
-            rate(c.fpr)
-        );
+        let _ = writeln!(out, "| {rule} | {} |", confusion_row(c).join(" | "));
     }
     let _ = write!(
         out,

@@ -60,7 +60,11 @@ pub fn run(args: &RunArgs) -> Result<(), CommandError> {
         })?;
     }
     if let (Some(file), Some(path)) = (plot_file, &args.output.plot) {
-        let runs = [plot::PlotRun::new(report.mode.name(), &measurement.samples)];
+        let runs = [plot::PlotRun::new(
+            report.mode.name(),
+            &measurement.samples,
+            report.host.tsc_khz,
+        )];
         plot::write(file, path, &runs, &session.calibration)?;
     }
     Ok(())

@@ -40,7 +40,11 @@ pub fn validate(args: &ValidateArgs) -> Result<(), CommandError> {
                 Ok((report, measurement)) => {
                     let median = |p: Probe| report.probes.get(p.name()).map(|s| s.cycles.median);
                     accumulator.add(&report.verdicts, median(Probe::Cpuid), median(Probe::Nop));
-                    plot_runs.push(plot::PlotRun::new(&cell.mode_label(), &measurement.samples));
+                    plot_runs.push(plot::PlotRun::new(
+                        &cell.mode_label(),
+                        &measurement.samples,
+                        report.host.tsc_khz,
+                    ));
                     progress.inc(1);
                 }
                 // Refused before anything ran (a capability this host lacks): the cell is

@@ -73,12 +73,20 @@ pub fn seed_line(evidence: &Evidence, calibration: &Calibration) -> RuleVerdict 
     verdict(RULE, v, height, confidence_from(height, 0.2), why)
 }
 
+/// fixed-threshold: a VM unless the mean is below this many cycles.
+pub const FIXED_THRESHOLD_CYCLES: f64 = 1000.0;
+/// cpuid-lfence-ratio: a VM from this ratio up.
+pub const LFENCE_RATIO_VIRTUAL: f64 = 2.5;
+/// robust: virtual from this z up, native below [`ROBUST_NATIVE_Z`], unsure between.
+pub const ROBUST_VIRTUAL_Z: f64 = 4.0;
+pub const ROBUST_NATIVE_Z: f64 = 2.0;
+
 /// pafish / al-khaser: the plain mean of 10 timings of `rdtsc; cpuid(0); rdtsc`; a VM
 /// unless 0 < mean < 1000 cycles. Score: mean / 1000.
 pub fn fixed_threshold(evidence: &Evidence) -> RuleVerdict {
     const RULE: &str = "fixed-threshold";
     const TIMINGS: usize = 10;
-    const THRESHOLD: f64 = 1000.0;
+    const THRESHOLD: f64 = FIXED_THRESHOLD_CYCLES;
     let Some(cpuid) = evidence.samples.get(&Probe::Cpuid).filter(|s| s.len() >= TIMINGS) else {
         return missing(RULE, "10 CPUID samples");
     };
@@ -112,7 +120,7 @@ fn trimmed_mean(samples: &[u64]) -> f64 {
 /// of 2.5 or more is a VM. Score: the ratio.
 pub fn cpuid_lfence_ratio(evidence: &Evidence) -> RuleVerdict {
     const RULE: &str = "cpuid-lfence-ratio";
-    const THRESHOLD: f64 = 2.5;
+    const THRESHOLD: f64 = LFENCE_RATIO_VIRTUAL;
     let (Some(cpuid), Some(lfence)) = (
         evidence.samples.get(&Probe::Cpuid),
         evidence.samples.get(&Probe::Lfence8),
@@ -149,9 +157,9 @@ pub fn robust(evidence: &Evidence, calibration: &Calibration) -> RuleVerdict {
     let scale = robust_scale(native.sd, native.mean);
     let z = (point.excess_p10_ns - native.mean) / scale;
     let z_median = (point.excess_median_ns - calibration.robust_excess_median_ns.mean) / scale;
-    let v = if z >= 4.0 {
+    let v = if z >= ROBUST_VIRTUAL_Z {
         Verdict::Virtual
-    } else if z < 2.0 {
+    } else if z < ROBUST_NATIVE_Z {
         Verdict::Native
     } else {
         Verdict::Unsure
@@ -159,7 +167,11 @@ pub fn robust(evidence: &Evidence, calibration: &Calibration) -> RuleVerdict {
     // The run's spread: how far the median sits above the low quantile, relative to the
     // excess itself. Noisy runs (busy hosts) get less confidence.
     let spread = ((point.excess_median_ns - point.excess_p10_ns) / point.excess_p10_ns.abs().max(1.0)).max(0.0);
-    let distance = if v == Verdict::Virtual { z - 4.0 } else { 2.0 - z };
+    let distance = if v == Verdict::Virtual {
+        z - ROBUST_VIRTUAL_Z
+    } else {
+        ROBUST_NATIVE_Z - z
+    };
     let confidence = confidence_from(distance.max(0.0), 2.0) / (1.0 + spread);
     let source = if calibration.calibrated {
         "this host's native calibration"
@@ -179,6 +191,12 @@ pub fn robust(evidence: &Evidence, calibration: &Calibration) -> RuleVerdict {
 /// by more than those seconds show.
 pub fn robust_scale(native_sd: f64, native_mean: f64) -> f64 {
     native_sd.max(native_mean.abs() * 0.10).max(5.0)
+}
+
+/// The CPUID excess over the floor, in ns, from which `robust` says virtual.
+pub fn robust_virtual_excess_ns(calibration: &Calibration) -> f64 {
+    let native = calibration.robust_excess_p10_ns;
+    native.mean + ROBUST_VIRTUAL_Z * robust_scale(native.sd, native.mean)
 }
 
 /// Known hypervisor vendor signatures of CPUID leaf 0x40000000 (EBX, ECX, EDX).

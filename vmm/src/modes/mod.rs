@@ -138,6 +138,11 @@ pub trait CpuidExitHandler {
         Err(ModeError::UnexpectedHypercall)
     }
 
+    /// The shaper of a mode that shapes its exits, for what it learnt during the run.
+    fn shaper(&self) -> Option<&crate::shaping::Shaper> {
+        None
+    }
+
     /// KVM could not emulate the instruction at `rip`. An emulating KVM reports a patched
     /// `int3` this way (its emulator cannot run INT in long mode): returns the exit's kind
     /// if this was one of ours and has been handled as the trap.

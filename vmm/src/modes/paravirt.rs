@@ -22,13 +22,13 @@ impl Paravirt {
             query_site: None,
         }
     }
-
-    pub fn shaper(&self) -> &Shaper {
-        &self.shaper
-    }
 }
 
 impl CpuidExitHandler for Paravirt {
+    fn shaper(&self) -> Option<&Shaper> {
+        Some(&self.shaper)
+    }
+
     fn arm(&mut self, guest: &GuestContext) -> Result<(), ModeError> {
         self.query_site = guest.payload.symbol(HYPERCALL_QUERY_SITE_SYMBOL);
         Ok(self.shaper.arm(guest.vcpu)?)

@@ -80,10 +80,6 @@ impl TrapEmulate {
         }
     }
 
-    pub fn shaper(&self) -> &Shaper {
-        &self.shaper
-    }
-
     /// The site a trap at `pc` belongs to. A #BP may report the address after the int3.
     fn site_of(&self, pc: u64) -> Option<u64> {
         self.sites
@@ -124,6 +120,10 @@ impl TrapEmulate {
 }
 
 impl CpuidExitHandler for TrapEmulate {
+    fn shaper(&self) -> Option<&Shaper> {
+        Some(&self.shaper)
+    }
+
     fn arm(&mut self, guest: &GuestContext) -> Result<(), ModeError> {
         self.sites = CPUID_SITE_SYMBOLS
             .iter()

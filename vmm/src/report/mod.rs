@@ -254,19 +254,23 @@ impl RunReport {
 /// Requested against achieved: for inject kinds the CPUID median over the calibration
 /// run's, for hide and profiles the guest-seen median itself.
 fn shaping_report(outcome: &ShapingOutcome, cpuid_median: u64, tsc_khz: u32) -> ShapingReport {
-    let before = outcome.baseline.median as i64;
-    let after = outcome.after.map(|a| a.baseline.median as i64);
-    let baseline = after.map_or(before, |after| (before + after) / 2);
+    let (before, after) = (&outcome.before, outcome.after.as_ref());
+    let baseline = after.map_or(before.baseline.median, |a| {
+        (before.baseline.median + a.baseline.median) / 2
+    });
     let achieved = if outcome.additive {
-        cpuid_median as i64 - baseline
+        cpuid_median as i64 - baseline as i64
     } else {
         cpuid_median as i64
     };
     let change = |before: u64, after: u64| (after as f64 - before as f64).abs() / (before.max(1) as f64);
-    let residue_after = outcome.after.filter(|_| outcome.residue.is_some()).map(|a| a.residue);
-    let drift = outcome.after.map(|a| {
-        let baseline_drift = change(outcome.baseline.median, a.baseline.median);
-        let residue_drift = outcome.residue.zip(residue_after).map_or(0.0, |(r, a)| change(r, a));
+    let residues = outcome.residues();
+    let drift = after.map(|a| {
+        let baseline_drift = change(before.baseline.median, a.baseline.median);
+        let residue_drift = match residues {
+            Some((r, Some(r_after))) => change(r, r_after),
+            _ => 0.0,
+        };
         round2(baseline_drift.max(residue_drift))
     });
     ShapingReport {
@@ -275,11 +279,11 @@ fn shaping_report(outcome: &ShapingOutcome, cpuid_median: u64, tsc_khz: u32) -> 
         achieved_cycles: achieved,
         requested_ns: round2(stats::cycles_to_ns(outcome.requested_cycles as f64, tsc_khz)),
         achieved_ns: round2(stats::cycles_to_ns(achieved as f64, tsc_khz)),
-        baseline_cycles: outcome.baseline.median,
-        baseline_spread_cycles: outcome.baseline.p95 - outcome.baseline.p5,
-        residue_cycles: outcome.residue,
-        baseline_after_cycles: outcome.after.map(|a| a.baseline.median),
-        residue_after_cycles: residue_after,
+        baseline_cycles: before.baseline.median,
+        baseline_spread_cycles: before.baseline.p95 - before.baseline.p5,
+        residue_cycles: residues.map(|(r, _)| r),
+        baseline_after_cycles: after.map(|a| a.baseline.median),
+        residue_after_cycles: residues.and_then(|(_, a)| a),
         calibration_drift: drift,
         tsc_method: outcome.tsc_method,
         profile: outcome.profile.clone(),

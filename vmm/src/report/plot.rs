@@ -3,6 +3,7 @@
 //! CPUID cost per mode on a log axis.
 
 use crate::commands::CommandError;
+use crate::detector::rules::{robust_virtual_excess_ns, FIXED_THRESHOLD_CYCLES, LFENCE_RATIO_VIRTUAL};
 use crate::detector::Calibration;
 use crate::stats;
 use guest_payload::Probe;
@@ -21,10 +22,12 @@ pub struct PlotRun {
     pub floor_median: u64,
     pub lfence8_median: Option<u64>,
     pub cpuid: Vec<u64>,
+    /// The run's TSC rate, to put ns thresholds on a cycles axis.
+    pub tsc_khz: u32,
 }
 
 impl PlotRun {
-    pub fn new(label: &str, samples: &BTreeMap<Probe, Vec<u64>>) -> Self {
+    pub fn new(label: &str, samples: &BTreeMap<Probe, Vec<u64>>, tsc_khz: u32) -> Self {
         let median = |p: Probe| samples.get(&p).map(|s| stats::median(s));
         let nop = median(Probe::Nop).unwrap_or(1);
         Self {
@@ -34,6 +37,7 @@ impl PlotRun {
             floor_median: median(Probe::Rdtsc).unwrap_or(nop),
             lfence8_median: median(Probe::Lfence8),
             cpuid: samples.get(&Probe::Cpuid).cloned().unwrap_or_default(),
+            tsc_khz,
         }
     }
 }
@@ -104,7 +108,11 @@ type DrawResult = Result<(), Box<dyn std::error::Error>>;
 
 fn scatter(area: &Area, runs: &[PlotRun], calibration: &Calibration) -> DrawResult {
     let (x_lo, x_hi) = bounds(runs.iter().map(|r| r.nop_median.max(1) as f64));
-    let (y_lo, y_hi) = bounds(runs.iter().map(|r| r.cpuid_median.max(1) as f64).chain([1000.0]));
+    let (y_lo, y_hi) = bounds(
+        runs.iter()
+            .map(|r| r.cpuid_median.max(1) as f64)
+            .chain([FIXED_THRESHOLD_CYCLES]),
+    );
     let mut chart = ChartBuilder::on(area)
         .caption(
             "Runs on the (NOP, CPUID) plane, with each timing rule's line",
@@ -145,14 +153,14 @@ fn scatter(area: &Area, runs: &[PlotRun], calibration: &Calibration) -> DrawResu
     let horizontal = |y: f64| [(x_lo, y), (x_hi, y)];
     chart
         .draw_series(LineSeries::new(
-            horizontal(1000.0),
+            horizontal(FIXED_THRESHOLD_CYCLES),
             RGBColor(120, 120, 120).stroke_width(2),
         ))?
-        .label("fixed-threshold (mean 1000)")
+        .label(format!("fixed-threshold (mean {FIXED_THRESHOLD_CYCLES})"))
         .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], RGBColor(120, 120, 120).stroke_width(2)));
     let lfences: Vec<u64> = runs.iter().filter_map(|r| r.lfence8_median).collect();
     if !lfences.is_empty() {
-        let y = 2.5 * stats::median(&lfences) as f64;
+        let y = LFENCE_RATIO_VIRTUAL * stats::median(&lfences) as f64;
         chart
             .draw_series(DashedLineSeries::new(
                 horizontal(y.clamp(y_lo, y_hi)),
@@ -160,20 +168,15 @@ fn scatter(area: &Area, runs: &[PlotRun], calibration: &Calibration) -> DrawResu
                 4,
                 RGBColor(200, 120, 0).stroke_width(2),
             ))?
-            .label("cpuid-lfence-ratio (2.5 × 8 LFENCE)")
+            .label(format!("cpuid-lfence-ratio ({LFENCE_RATIO_VIRTUAL} × 8 LFENCE)"))
             .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], RGBColor(200, 120, 0).stroke_width(2)));
     }
     let floors: Vec<u64> = runs.iter().map(|r| r.floor_median).collect();
     if !floors.is_empty() {
-        // robust: virtual from 4 native sds over the native excess, above the floor.
-        let native = calibration.robust_excess_p10_ns;
-        let excess_ns = native.mean + 4.0 * crate::detector::rules::robust_scale(native.sd, native.mean);
-        let khz = calibration
-            .host
-            .get("tsc_khz")
-            .and_then(|v| v.as_f64())
-            .unwrap_or(2_500_000.0);
-        let y = stats::median(&floors) as f64 + excess_ns * khz / 1e6;
+        // robust's threshold is in ns over the floor; the runs' TSC rate puts it in cycles.
+        let khz: Vec<u64> = runs.iter().map(|r| u64::from(r.tsc_khz)).collect();
+        let y =
+            stats::median(&floors) as f64 + robust_virtual_excess_ns(calibration) * stats::median(&khz) as f64 / 1e6;
         chart
             .draw_series(DashedLineSeries::new(
                 horizontal(y.clamp(y_lo, y_hi)),
@@ -181,7 +184,7 @@ fn scatter(area: &Area, runs: &[PlotRun], calibration: &Calibration) -> DrawResu
                 3,
                 RGBColor(0, 128, 128).stroke_width(2),
             ))?
-            .label("robust (floor + native excess + 4 sd)")
+            .label("robust (floor + its virtual threshold)")
             .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], RGBColor(0, 128, 128).stroke_width(2)));
     }
     for (label, colour) in colours(runs) {
@@ -282,6 +285,7 @@ mod tests {
             floor_median: nop,
             lfence8_median: Some(nop * 3),
             cpuid: vec![cpuid; 50],
+            tsc_khz: 2_500_000,
         }
     }
 

@@ -126,6 +126,11 @@ impl Shaper {
         Ok(())
     }
 
+    /// How it moved the TSC, if it did.
+    pub fn tsc_method(&self) -> Option<TscMethod> {
+        self.tsc.as_ref().map(|t| t.method)
+    }
+
     /// Calibration runs: the handler cycles each exit had spent when shaping ran.
     pub fn calibration_handler_cycles(&self) -> &[u64] {
         &self.calibration_handler_cycles

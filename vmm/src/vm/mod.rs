@@ -96,7 +96,6 @@ pub struct GuestResults {
 pub struct RunStats {
     pub exits: ExitStats,
     pub run: Duration,
-    pub console: String,
 }
 
 /// A VM with one vCPU, set up and ready to run the payload once.
@@ -246,9 +245,6 @@ impl GuestVm {
                     ..
                 } => {
                     let byte = value as u8;
-                    if stats.console.len() < 64 * 1024 {
-                        stats.console.push(char::from(byte));
-                    }
                     if let Some(out) = console.as_mut() {
                         let _ = out.write_all(&[byte]);
                     }
