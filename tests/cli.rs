@@ -30,21 +30,25 @@ fn hw_assist_run_reports_every_field_and_cpuid_costs_more_than_nop() {
         "20",
         "--json",
     ]);
-    assert_eq!(report["schema_version"], 1);
+    assert_eq!(report["schema_version"], 2);
     assert_eq!(report["mode"], "hw-assist");
+    assert_eq!(report["path"], "hw-assist");
+    assert!(report["register_access"].is_string());
     assert!(report["host"]["tsc_khz"].as_u64().unwrap() > 0);
     assert!(report["host"]["kvm"]["flavour"].is_string());
     assert_eq!(report["config"]["iterations"], 500);
     for probe in ["cpuid", "nop", "rdtsc"] {
         let stats = &report["probes"][probe];
         assert_eq!(stats["count"], 500, "{probe}");
+        assert_eq!(stats["backwards"], 0, "{probe}: hw-assist moves no TSC");
+        assert_eq!(stats["max_backwards_cycles"], 0, "{probe}");
         for field in ["min", "p5", "median", "mean", "p95", "p99", "max"] {
             assert!(stats[field].is_number(), "{probe}.{field}");
             assert!(stats["ns"][field].is_number(), "{probe}.ns.{field}");
         }
-        assert!(stats["min"].as_u64() <= stats["median"].as_u64() && stats["median"].as_u64() <= stats["max"].as_u64());
+        assert!(stats["min"].as_i64() <= stats["median"].as_i64() && stats["median"].as_i64() <= stats["max"].as_i64());
     }
-    let median = |p: &str| report["probes"][p]["median"].as_u64().unwrap();
+    let median = |p: &str| report["probes"][p]["median"].as_i64().unwrap();
     assert!(
         median("cpuid") > median("nop"),
         "CPUID {} vs NOP {}",

@@ -128,8 +128,12 @@ fn compare_puts_every_path_side_by_side_and_plots_one_point_each() {
     let report: Value = serde_json::from_slice(&output.stdout).unwrap();
     let runs = report["runs"].as_array().unwrap();
     let refused = report["refused"].as_array().unwrap();
-    assert_eq!(runs.len() + refused.len(), 5, "native, hw-assist, both traps, paravirt");
-    assert!(runs.iter().all(|r| r["verdicts"].as_array().unwrap().len() == 6));
+    assert_eq!(
+        runs.len() + refused.len(),
+        6,
+        "native, hw-assist, three traps, paravirt"
+    );
+    assert!(runs.iter().all(|r| r["verdicts"].as_array().unwrap().len() == 7));
     let svg = std::fs::read_to_string(&plot).unwrap();
     std::fs::remove_file(&plot).ok();
     assert_eq!(svg.matches("<circle").count(), runs.len());

@@ -15,6 +15,7 @@ fn hardware_kvm() -> bool {
 
 const TRAP_EMULATE_HW: &[&str] = &["--mode", "trap-emulate", "--trap", "hw-breakpoint"];
 const TRAP_EMULATE_INT3: &[&str] = &["--mode", "trap-emulate", "--trap", "int3-patch"];
+const TRAP_EMULATE_IO: &[&str] = &["--mode", "trap-emulate", "--trap", "io-patch"];
 const PARAVIRT: &[&str] = &["--mode", "paravirt"];
 
 fn run_mode(mode: &[&str], extra: &[&str]) -> Value {
@@ -30,6 +31,7 @@ fn every_vmm_handled_mode_reports_one_exit_per_cpuid_sample() {
     for (mode, exit) in [
         (TRAP_EMULATE_HW, "cpuid-trap"),
         (TRAP_EMULATE_INT3, "cpuid-trap"),
+        (TRAP_EMULATE_IO, "cpuid-trap"),
         (PARAVIRT, "cpuid-hypercall"),
     ] {
         let report = run_mode(mode, &["--iterations", "300", "--warmup", "20"]);
@@ -39,7 +41,7 @@ fn every_vmm_handled_mode_reports_one_exit_per_cpuid_sample() {
             "{mode:?}"
         );
         assert_eq!(report["probes"]["cpuid"]["count"], 300);
-        let median = |p: &str| report["probes"][p]["median"].as_u64().unwrap();
+        let median = |p: &str| report["probes"][p]["median"].as_i64().unwrap();
         assert!(median("cpuid") > median("nop"), "{mode:?}");
     }
 }
@@ -53,6 +55,10 @@ fn the_trap_report_names_the_mechanism_and_its_delivery() {
     let int3 = run_mode(TRAP_EMULATE_INT3, &["-n", "20"]);
     assert_eq!(int3["trap"]["mechanism"], "int3-patch");
     assert!(int3["trap"]["delivery"].is_string());
+    let io = run_mode(TRAP_EMULATE_IO, &["-n", "20"]);
+    assert_eq!(io["trap"]["mechanism"], "io-patch");
+    assert_eq!(io["trap"]["delivery"], "port-io");
+    assert_eq!(io["path"], "trap-emulate:io-patch");
     assert!(run_mode(PARAVIRT, &["-n", "20"])["trap"].is_null());
 }
 
@@ -79,7 +85,7 @@ fn all_four_vm_paths_return_identical_cpuid_registers() {
         reference.iter().any(|(leaf, _, regs)| *leaf == 0 && regs[0] > 0),
         "leaf 0 gives the max leaf"
     );
-    for mode in [TRAP_EMULATE_HW, TRAP_EMULATE_INT3, PARAVIRT] {
+    for mode in [TRAP_EMULATE_HW, TRAP_EMULATE_INT3, TRAP_EMULATE_IO, PARAVIRT] {
         assert_eq!(snapshot(mode), reference, "{mode:?} answers differently from KVM");
     }
 }
@@ -90,6 +96,7 @@ fn snapshot_queries_are_counted_apart_from_the_timed_cpuids() {
     let extra = guest_payload::CPUID_SNAPSHOT_LEAVES.len() as u64;
     for (mode, timed, query) in [
         (TRAP_EMULATE_HW, "cpuid-trap", "cpuid-query-trap"),
+        (TRAP_EMULATE_IO, "cpuid-trap", "cpuid-query-trap"),
         (PARAVIRT, "cpuid-hypercall", "cpuid-query-hypercall"),
     ] {
         let report = run_mode(mode, &["-n", "50", "--warmup", "5"]);
@@ -99,7 +106,7 @@ fn snapshot_queries_are_counted_apart_from_the_timed_cpuids() {
 }
 
 #[test]
-fn only_the_int3_patch_leaves_a_trace_in_the_guests_code() {
+fn only_the_patching_traps_leave_a_trace_in_the_guests_code() {
     let Some(_vm) = vm_test() else { return };
     let cpuid = serde_json::json!([[0x0f, 0xa2], [0x0f, 0xa2]]);
     for mode in [
@@ -112,6 +119,15 @@ fn only_the_int3_patch_leaves_a_trace_in_the_guests_code() {
     }
     let patched = serde_json::json!([[0xcc, 0x90], [0xcc, 0x90]]);
     assert_eq!(run_mode(TRAP_EMULATE_INT3, &["-n", "10"])["cpuid_site_bytes"], patched);
+    let io = run_mode(TRAP_EMULATE_IO, &["-n", "10"]);
+    assert_eq!(io["cpuid_site_bytes"], serde_json::json!([[0xe6, 0xf7], [0xe6, 0xf7]]));
+    let integrity = io["verdicts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["rule"] == "code-integrity")
+        .cloned();
+    assert_eq!(integrity.unwrap()["verdict"], "virtual");
 }
 
 /// Injecting X raises the CPUID median over the same invocation's un-injected calibration
@@ -181,4 +197,35 @@ fn unknown_or_malformed_profiles_are_refused() {
     std::fs::remove_file(&path).ok();
     assert_eq!(output.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&output.stderr).contains("is not usable"));
+}
+
+/// A report must never name a payload it did not run.
+#[test]
+fn native_mode_refuses_a_payload_it_cannot_run_natively() {
+    let Some(_vm) = vm_test() else { return };
+    let path = std::env::temp_dir().join(format!("vmm-test-{}-payload.elf", std::process::id()));
+    std::fs::write(&path, vmm::vm::loader::EMBEDDED_PAYLOAD).unwrap();
+    let file = path.to_str().unwrap();
+    let output = vmm(&["run", "--mode", "native", "--payload", file, "-n", "10"]);
+    assert_eq!(output.status.code(), Some(1));
+    let message = String::from_utf8_lossy(&output.stderr);
+    assert!(message.contains("cannot run the payload"), "{message}");
+    // The same file in a VM runs, and the report names it.
+    let report = json_run(&["run", "--mode", "hw-assist", "--payload", file, "-n", "10", "--json"]);
+    std::fs::remove_file(&path).ok();
+    assert_eq!(report["payload"]["source"], file);
+}
+
+/// A payload that faults on its own is reported as faulting, not as a trap KVM failed to
+/// deliver.
+#[test]
+fn a_payload_that_faults_is_not_blamed_on_the_trap() {
+    let Some(_vm) = vm_test() else { return };
+    for trap in ["int3-patch", "io-patch"] {
+        let output = vmm(&["run", "--mode", "trap-emulate", "--trap", trap, "--misbehave", "fault"]);
+        assert_eq!(output.status.code(), Some(1));
+        let message = String::from_utf8_lossy(&output.stderr);
+        assert!(message.contains("triple-faulted"), "{trap}: {message}");
+        assert!(!message.contains("not delivered"), "{trap}: {message}");
+    }
 }

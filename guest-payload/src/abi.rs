@@ -6,7 +6,7 @@
 use core::mem::size_of;
 
 /// Bumped whenever a layout or meaning below changes.
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 
 /// Guest physical memory map. The VMM identity-maps the first [`layout::IDENTITY_MAP_BYTES`]
 /// with 2 MiB pages, so guest virtual and physical addresses are the same.
@@ -46,7 +46,16 @@ pub mod ports {
     /// Paravirtual CPUID: `out dx, eax` with the leaf in EAX and the subleaf in ECX; the
     /// VMM answers in RAX–RDX before the guest resumes.
     pub const HYPERCALL: u16 = 0xf6;
+    /// Where `--trap io-patch` sends a patched CPUID: the VMM rewrites `0f a2` into
+    /// `out imm8, al` (`e6 f7`), two bytes like CPUID, and emulates CPUID on the exit.
+    /// An 8-bit port, so that it fits the immediate form.
+    pub const CPUID_TRAP: u8 = 0xf7;
 }
+
+/// One timing sample: the second timestamp minus the first, in TSC cycles, *signed*. A
+/// negative sample means the guest's TSC ran backwards between the two reads, which no
+/// bare-metal TSC does: it is reported as such, never wrapped into a huge positive count.
+pub type Cycles = i64;
 
 /// Marks a valid [`Config`] (`"VMMCONF1"` little-endian).
 pub const CONFIG_MAGIC: u64 = u64::from_le_bytes(*b"VMMCONF1");
@@ -201,7 +210,7 @@ pub struct CpuidRecord {
 }
 
 /// The header the guest writes at [`Config::result_addr`]; the samples follow it, one
-/// `u64` (TSC cycles) each, `iterations` per probe, probes in [`Probe::ALL`] order.
+/// [`Cycles`] (a signed 64-bit TSC difference) each, `iterations` per probe, probes in [`Probe::ALL`] order.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ResultHeader {
@@ -245,7 +254,7 @@ impl Config {
     /// Bytes the result block needs: the header and every sample asked for.
     pub fn result_bytes_needed(&self) -> u64 {
         let probes = u64::from(self.probes.count_ones());
-        size_of::<ResultHeader>() as u64 + probes * u64::from(self.iterations) * 8
+        size_of::<ResultHeader>() as u64 + probes * u64::from(self.iterations) * size_of::<Cycles>() as u64
     }
 }
 
@@ -267,7 +276,7 @@ impl ResultHeader {
             return None;
         }
         let before = probes_in(self.probes).take_while(|p| *p != probe).count() as u64;
-        Some(size_of::<Self>() as u64 + before * u64::from(self.iterations) * 8)
+        Some(size_of::<Self>() as u64 + before * u64::from(self.iterations) * size_of::<Cycles>() as u64)
     }
 }
 

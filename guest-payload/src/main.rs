@@ -10,7 +10,7 @@
 use core::mem::size_of;
 use core::ptr;
 use guest_payload::timing::{self, CpuidPath, Request};
-use guest_payload::{flags, layout, ports, probes_in, Config, ResultHeader, Status};
+use guest_payload::{flags, layout, ports, probes_in, Config, Cycles, ResultHeader, Status};
 use guest_payload::{ABI_VERSION, CONFIG_MAGIC, CPUID_SNAPSHOT_LEAVES, RESULT_MAGIC};
 
 mod baremetal;
@@ -76,9 +76,9 @@ fn run(config: &Config) -> Status {
     for probe in probes_in(config.probes) {
         // SAFETY: the area [result_addr, result_addr + result_capacity) is guest RAM the
         // VMM reserved for us and nothing else aliases it; its size was checked above.
-        let samples = unsafe { core::slice::from_raw_parts_mut(samples_addr as *mut u64, iterations) };
+        let samples = unsafe { core::slice::from_raw_parts_mut(samples_addr as *mut Cycles, iterations) };
         timing::measure(probe, &request, samples);
-        samples_addr += (iterations * size_of::<u64>()) as u64;
+        samples_addr += (iterations * size_of::<Cycles>()) as u64;
     }
 
     if config.flags & flags::CPUID_SNAPSHOT != 0 {

@@ -6,10 +6,14 @@
 //! (`vmm_site_*`) that exists exactly once in the binary, so the VMM can find the CPUID
 //! sites in the guest ELF to trap them (hardware breakpoints, `int3` patches).
 //!
-//! `rdtscp` is not used: some KVMs cannot emulate it in the guest (see DESIGN.md); the
-//! `lfence` before each `rdtsc` orders it after everything earlier.
+//! `rdtscp` is not used: some KVMs cannot emulate it in the guest (an emulating KVM fails
+//! on it; see `docs/README.md`); the `lfence` before each `rdtsc` orders it after
+//! everything earlier.
+//!
+//! A sample is `end - start` as a signed [`Cycles`]: where a hypervisor moved the guest's
+//! TSC back during the probe, the sample is negative, and says so.
 
-use crate::abi::{ports, CpuidRecord, Probe};
+use crate::abi::{ports, CpuidRecord, Cycles, Probe};
 use core::arch::global_asm;
 
 /// The global symbols of every instruction that executes CPUID, in the order the VMM
@@ -33,7 +37,7 @@ global_asm!(
         or rax, rdx
     .endm
 
-    # u64 vmm_sample_cpuid(u32 leaf /* edi */, u32 subleaf /* esi */)
+    # i64 vmm_sample_cpuid(u32 leaf /* edi */, u32 subleaf /* esi */)
     .globl vmm_sample_cpuid
     vmm_sample_cpuid:
         push rbx
@@ -49,7 +53,7 @@ global_asm!(
         pop rbx
         ret
 
-    # u64 vmm_sample_hypercall(u32 leaf /* edi */, u32 subleaf /* esi */)
+    # i64 vmm_sample_hypercall(u32 leaf /* edi */, u32 subleaf /* esi */)
     .globl vmm_sample_hypercall
     vmm_sample_hypercall:
         push rbx
@@ -66,7 +70,7 @@ global_asm!(
         pop rbx
         ret
 
-    # u64 vmm_sample_nop(void)
+    # i64 vmm_sample_nop(void)
     .globl vmm_sample_nop
     vmm_sample_nop:
         TSC_TO_RAX
@@ -78,7 +82,7 @@ global_asm!(
         sub rax, r8
         ret
 
-    # u64 vmm_sample_lfence8(void): eight serialising fences
+    # i64 vmm_sample_lfence8(void): eight serialising fences
     .globl vmm_sample_lfence8
     vmm_sample_lfence8:
         TSC_TO_RAX
@@ -90,7 +94,7 @@ global_asm!(
         sub rax, r8
         ret
 
-    # u64 vmm_sample_rdtsc(void): nothing between the timestamps
+    # i64 vmm_sample_rdtsc(void): nothing between the timestamps
     .globl vmm_sample_rdtsc
     vmm_sample_rdtsc:
         TSC_TO_RAX
@@ -147,11 +151,11 @@ global_asm!(
 );
 
 extern "C" {
-    fn vmm_sample_cpuid(leaf: u32, subleaf: u32) -> u64;
-    fn vmm_sample_hypercall(leaf: u32, subleaf: u32) -> u64;
-    fn vmm_sample_nop() -> u64;
-    fn vmm_sample_rdtsc() -> u64;
-    fn vmm_sample_lfence8() -> u64;
+    fn vmm_sample_cpuid(leaf: u32, subleaf: u32) -> Cycles;
+    fn vmm_sample_hypercall(leaf: u32, subleaf: u32) -> Cycles;
+    fn vmm_sample_nop() -> Cycles;
+    fn vmm_sample_rdtsc() -> Cycles;
+    fn vmm_sample_lfence8() -> Cycles;
     static vmm_site_cpuid_probe: u8;
     static vmm_site_cpuid_query: u8;
     fn vmm_cpuid_query(leaf: u32, subleaf: u32, out: *mut [u32; 4]);
@@ -180,9 +184,9 @@ pub struct Request {
 }
 
 /// Times `probe` `out.len()` times after `request.warmup` dropped samples; each sample is
-/// in TSC cycles.
-pub fn measure(probe: Probe, request: &Request, out: &mut [u64]) {
-    let sample = || -> u64 {
+/// in TSC cycles, negative where the TSC ran backwards.
+pub fn measure(probe: Probe, request: &Request, out: &mut [Cycles]) {
+    let sample = || -> Cycles {
         let (leaf, subleaf) = (request.cpuid_leaf, request.cpuid_subleaf);
         // SAFETY: the routines above only touch registers (rbx is saved and restored) and
         // follow the System V calling convention.
@@ -256,7 +260,7 @@ mod tests {
     #[test]
     fn every_native_probe_fills_its_buffer_with_positive_cycle_counts() {
         for probe in Probe::ALL {
-            let mut samples = [0u64; 64];
+            let mut samples = [0 as Cycles; 64];
             measure(probe, &NATIVE, &mut samples);
             assert!(samples.iter().all(|&s| s > 0 && s < 1 << 40), "{probe:?}: {samples:?}");
         }

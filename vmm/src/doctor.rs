@@ -2,11 +2,12 @@
 //! One line per check with a verdict; any failure makes the command exit non-zero.
 
 use crate::host::{self, KvmFlavour};
-use crate::measure::{self, RunSpec};
-use crate::modes::Mode;
+use crate::measure::{Measurer, RunSpec};
+use crate::modes::Path;
 use crate::vm::loader::Payload;
+use crate::vm::vcpu::RegisterAccess;
 use guest_payload::Probe;
-use kvm_ioctls::{Cap, Kvm};
+use kvm_ioctls::Cap;
 use serde::Serialize;
 use std::time::Duration;
 
@@ -55,10 +56,11 @@ pub fn run_checks() -> Vec<Check> {
         ));
         None
     } else {
-        match measure::open_kvm() {
-            Ok(kvm) => {
+        let measurer = Measurer::open();
+        match measurer.kvm() {
+            Ok(_) => {
                 checks.push(check("/dev/kvm", Verdict::Ok, "present and opened read-write"));
-                Some(kvm)
+                Some(measurer)
             }
             Err(e) => {
                 checks.push(check("/dev/kvm", Verdict::Fail, e.to_string()));
@@ -67,7 +69,8 @@ pub fn run_checks() -> Vec<Check> {
         }
     };
 
-    if let Some(kvm) = &kvm {
+    if let Some(context) = kvm.as_ref().and_then(|m| m.kvm().ok()) {
+        let kvm = &context.kvm;
         let version = kvm.get_api_version();
         let verdict = if version == 12 { Verdict::Ok } else { Verdict::Fail };
         checks.push(check("KVM API version", verdict, format!("{version} (vmm needs 12)")));
@@ -79,6 +82,11 @@ pub fn run_checks() -> Vec<Check> {
             };
             checks.push(check("capability", verdict, format!("{cap:?}: {state} — {needed_for}")));
         }
+        let access = match context.registers {
+            RegisterAccess::SyncRegs => "KVM_CAP_SYNC_REGS: registers travel in kvm_run, no ioctl per exit",
+            RegisterAccess::Ioctls => "no KVM_CAP_SYNC_REGS for the general registers: one KVM_GET_REGS (and at most one KVM_SET_REGS) per emulated exit",
+        };
+        checks.push(check("exit path", Verdict::Ok, access));
     }
 
     let flavour_verdict = match flavour {
@@ -126,30 +134,30 @@ pub fn run_checks() -> Vec<Check> {
             "not advertised: cycle counts may drift with frequency changes",
         )
     });
-    let tsc = host::tsc_frequency(kvm.as_ref().and_then(measure::kvm_tsc_khz));
+    let tsc = host::tsc_frequency(kvm.as_ref().and_then(|m| m.kvm().ok()).and_then(|k| k.tsc_khz));
     checks.push(check(
         "TSC frequency",
         Verdict::Ok,
         format!("{:.3} GHz ({})", f64::from(tsc.khz) / 1e6, tsc.source.describe()),
     ));
 
-    if let Some(kvm) = &kvm {
-        checks.push(boot_check(kvm));
+    if let Some(measurer) = &kvm {
+        checks.push(boot_check(measurer));
     }
     checks
 }
 
 /// Boots the embedded payload for a handful of samples: the end-to-end check.
-fn boot_check(kvm: &Kvm) -> Check {
+fn boot_check(measurer: &Measurer) -> Check {
     let spec = RunSpec {
         iterations: 200,
         warmup: 10,
         timeout: Duration::from_secs(20),
-        ..RunSpec::new(Mode::HwAssist)
+        ..RunSpec::new(Path::HwAssist)
     };
     let result = Payload::embedded()
         .map_err(|e| e.to_string())
-        .and_then(|payload| measure::measure(Some(kvm), &payload, &spec, None).map_err(|e| e.to_string()));
+        .and_then(|payload| measurer.measure(&payload, &spec, None).map_err(|e| e.to_string()));
     match result {
         Ok(m) => {
             let median = |p: Probe| m.samples.get(&p).map_or(0, |s| crate::stats::median(s));

@@ -1,9 +1,9 @@
 //! The native runner: the same timing core as the guest, in a host thread pinned to one
 //! CPU, so that native and guest samples come from identical instructions.
 
+use crate::vm::ProbeSamples;
 use guest_payload::timing::{self, CpuidPath, Request};
-use guest_payload::{probes_in, Config, CpuidRecord, Probe, CPUID_SNAPSHOT_LEAVES};
-use std::collections::BTreeMap;
+use guest_payload::{probes_in, Config, CpuidRecord, Cycles, CPUID_SNAPSHOT_LEAVES};
 use std::time::{Duration, Instant};
 
 #[derive(Debug, thiserror::Error)]
@@ -21,7 +21,7 @@ pub enum NativeError {
 /// What a native run measured.
 #[derive(Clone, Debug)]
 pub struct NativeRun {
-    pub samples: BTreeMap<Probe, Vec<u64>>,
+    pub samples: ProbeSamples,
     pub cpuid: Vec<CpuidRecord>,
     /// This binary's own CPUID sites, read as a guest reads its code.
     pub site_bytes: Vec<[u8; 2]>,
@@ -81,9 +81,9 @@ pub fn run(config: &Config, cpu: Option<usize>) -> Result<NativeRun, NativeError
                 warmup: config.warmup,
                 cpuid_path: CpuidPath::Instruction,
             };
-            let mut samples = BTreeMap::new();
+            let mut samples = ProbeSamples::new();
             for probe in probes_in(config.probes) {
-                let mut out = vec![0u64; config.iterations as usize];
+                let mut out: Vec<Cycles> = vec![0; config.iterations as usize];
                 timing::measure(probe, &request, &mut out);
                 samples.insert(probe, out);
             }

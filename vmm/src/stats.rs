@@ -1,29 +1,38 @@
 //! Summary statistics of cycle samples. Percentiles use the nearest-rank method: every
 //! reported value is a sample that was actually measured.
+//!
+//! Samples are signed ([`Cycles`]): a negative sample is a TSC that ran backwards inside
+//! the probe. The summaries keep its sign and count such samples apart.
 
+use guest_payload::Cycles;
 use serde::Serialize;
 
 /// The figures reported per probe, in TSC cycles.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
 pub struct Summary {
     pub count: u64,
-    pub min: u64,
-    pub p5: u64,
-    pub median: u64,
+    pub min: Cycles,
+    pub p5: Cycles,
+    pub median: Cycles,
     pub mean: f64,
-    pub p95: u64,
-    pub p99: u64,
-    pub max: u64,
+    pub p95: Cycles,
+    pub p99: Cycles,
+    pub max: Cycles,
+    /// Samples whose second timestamp read below the first: the guest's TSC ran backwards.
+    pub backwards: u64,
+    /// The largest such step back, in cycles (0 when none).
+    pub max_backwards_cycles: u64,
 }
 
 /// `None` for an empty sample set.
-pub fn summarize(samples: &[u64]) -> Option<Summary> {
+pub fn summarize(samples: &[Cycles]) -> Option<Summary> {
     if samples.is_empty() {
         return None;
     }
     let mut sorted = samples.to_vec();
     sorted.sort_unstable();
-    let sum: u128 = sorted.iter().map(|&s| u128::from(s)).sum();
+    let sum: i128 = sorted.iter().map(|&s| i128::from(s)).sum();
+    let backwards = sorted.iter().take_while(|&&s| s < 0).count() as u64;
     Some(Summary {
         count: sorted.len() as u64,
         min: sorted[0],
@@ -33,23 +42,30 @@ pub fn summarize(samples: &[u64]) -> Option<Summary> {
         p95: percentile_of_sorted(&sorted, 95.0),
         p99: percentile_of_sorted(&sorted, 99.0),
         max: sorted[sorted.len() - 1],
+        backwards,
+        max_backwards_cycles: if backwards > 0 { sorted[0].unsigned_abs() } else { 0 },
     })
 }
 
-/// Nearest-rank percentile of an ascending slice (0 for an empty one).
-pub fn percentile_of_sorted(sorted: &[u64], percent: f64) -> u64 {
+/// Nearest-rank percentile of an ascending slice (the default value for an empty one).
+pub fn percentile_of_sorted<T: Copy + Default>(sorted: &[T], percent: f64) -> T {
     if sorted.is_empty() {
-        return 0;
+        return T::default();
     }
     let rank = ((percent / 100.0) * sorted.len() as f64).ceil() as usize;
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
-/// Nearest-rank median (0 for an empty slice).
-pub fn median(samples: &[u64]) -> u64 {
-    let mut sorted = samples.to_vec();
+/// Nearest-rank percentile of unsorted values.
+pub fn percentile<T: Copy + Default + Ord>(values: &[T], percent: f64) -> T {
+    let mut sorted = values.to_vec();
     sorted.sort_unstable();
-    percentile_of_sorted(&sorted, 50.0)
+    percentile_of_sorted(&sorted, percent)
+}
+
+/// Nearest-rank median (the default value for an empty slice).
+pub fn median<T: Copy + Default + Ord>(values: &[T]) -> T {
+    percentile(values, 50.0)
 }
 
 /// Cycles to nanoseconds at `tsc_khz`.
@@ -63,13 +79,14 @@ mod tests {
 
     #[test]
     fn summary_of_one_to_one_hundred() {
-        let samples: Vec<u64> = (1..=100).rev().collect();
+        let samples: Vec<Cycles> = (1..=100).rev().collect();
         let s = summarize(&samples).unwrap();
         assert_eq!(
             (s.count, s.min, s.p5, s.median, s.p95, s.p99, s.max),
             (100, 1, 5, 50, 95, 99, 100)
         );
         assert_eq!(s.mean, 50.5);
+        assert_eq!((s.backwards, s.max_backwards_cycles), (0, 0));
     }
 
     #[test]
@@ -84,18 +101,31 @@ mod tests {
 
     #[test]
     fn percentiles_are_measured_values_and_robust_to_an_outlier() {
-        let mut samples = vec![100u64; 99];
+        let mut samples = vec![100; 99];
         samples.push(1_000_000);
         let s = summarize(&samples).unwrap();
         assert_eq!((s.median, s.p99, s.max), (100, 100, 1_000_000));
         assert!(s.mean > 10_000.0);
         assert_eq!(median(&[3, 1, 2, 4]), 2);
+        assert_eq!(median::<u64>(&[]), 0);
     }
 
     #[test]
-    fn huge_cycle_counts_do_not_overflow_the_mean() {
-        let s = summarize(&[u64::MAX, u64::MAX]).unwrap();
-        assert_eq!(s.mean, u64::MAX as f64);
+    fn a_tsc_that_ran_backwards_stays_negative_and_is_counted() {
+        // What the guest records when its TSC is moved back by more than the probe cost:
+        // end - start below zero. Wrapped into a u64 this read 1.8e19.
+        let s = summarize(&[120, -13_000, 95, -40, 101]).unwrap();
+        assert_eq!((s.min, s.median, s.max), (-13_000, 95, 120));
+        assert_eq!((s.backwards, s.max_backwards_cycles), (2, 13_000));
+        assert!(s.mean < 0.0);
+    }
+
+    #[test]
+    fn extreme_cycle_counts_do_not_overflow_the_mean() {
+        let s = summarize(&[i64::MAX, i64::MAX]).unwrap();
+        assert_eq!(s.mean, i64::MAX as f64);
+        let s = summarize(&[i64::MIN]).unwrap();
+        assert_eq!(s.max_backwards_cycles, 1 << 63);
     }
 
     #[test]

@@ -6,10 +6,10 @@
 //! say so, because then a rule flagging native runs is right, not a false positive.
 
 use crate::detector::{RuleVerdict, Verdict, RULES};
-use crate::modes::trap_emulate::Trap;
-use crate::modes::Mode;
+use crate::modes::{Mode, Path as CpuidPath};
 use crate::shaping::profile::{Profile, ProfileError};
 use crate::shaping::{plan, Shaping};
+use guest_payload::Cycles;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -37,8 +37,9 @@ pub struct MatrixConfig {
     pub iterations: u32,
     #[serde(default = "default_warmup")]
     pub warmup: u32,
-    /// `native`, `hw-assist`, `trap-emulate` (= `trap-emulate:hw-breakpoint`),
-    /// `trap-emulate:int3-patch`, `paravirt`.
+    /// Paths, spelled as `modes::Path` spells them: `native`, `hw-assist`, `trap-emulate`
+    /// (= `trap-emulate:hw-breakpoint`), `trap-emulate:int3-patch`, `trap-emulate:io-patch`,
+    /// `paravirt`.
     pub modes: Vec<String>,
     /// `none`, `inject-ns:N`, `inject-cycles:N`, `virtual-inject-cycles:N`, `hide`,
     /// `hide:C`, `profile:NAME`. Shaping applies to trap-emulate and paravirt cells only.
@@ -62,36 +63,16 @@ fn default_busy() -> Vec<u16> {
 /// One cell of the matrix.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Cell {
-    pub mode: Mode,
-    pub trap: Trap,
+    pub path: CpuidPath,
     pub shaping_label: String,
     pub shaping: Shaping,
     pub busy: u16,
 }
 
 impl Cell {
-    pub fn mode_label(&self) -> String {
-        match (self.mode, self.trap) {
-            (Mode::TrapEmulate, Trap::HwBreakpoint) => "trap-emulate:hw-breakpoint".into(),
-            (Mode::TrapEmulate, Trap::Int3Patch) => "trap-emulate:int3-patch".into(),
-            (mode, _) => mode.name().into(),
-        }
-    }
-
     pub fn label(&self) -> String {
-        format!("{} | {} | busy {}", self.mode_label(), self.shaping_label, self.busy)
+        format!("{} | {} | busy {}", self.path, self.shaping_label, self.busy)
     }
-}
-
-fn parse_mode(text: &str) -> Option<(Mode, Trap)> {
-    Some(match text {
-        "native" => (Mode::Native, Trap::default()),
-        "hw-assist" => (Mode::HwAssist, Trap::default()),
-        "trap-emulate" | "trap-emulate:hw-breakpoint" => (Mode::TrapEmulate, Trap::HwBreakpoint),
-        "trap-emulate:int3-patch" => (Mode::TrapEmulate, Trap::Int3Patch),
-        "paravirt" => (Mode::Paravirt, Trap::default()),
-        _ => return None,
-    })
 }
 
 fn parse_shaping(text: &str, tsc_khz: u32) -> Result<Option<Shaping>, ProfileError> {
@@ -141,10 +122,8 @@ impl MatrixConfig {
         if config.modes.is_empty() || config.shaping.is_empty() || config.busy.is_empty() {
             return Err(invalid("modes, shaping and busy each need at least one value".into()));
         }
-        if let Some(bad) = config.modes.iter().find(|m| parse_mode(m).is_none()) {
-            return Err(invalid(format!(
-                "unknown mode `{bad}` (native, hw-assist, trap-emulate, trap-emulate:int3-patch, paravirt)"
-            )));
+        if let Some(Err(why)) = config.modes.iter().map(|m| m.parse::<CpuidPath>()).find(Result::is_err) {
+            return Err(invalid(why));
         }
         if let Some(&busy) = config.busy.iter().find(|&&b| b > 256) {
             return Err(invalid(format!("busy {busy} is more than 256 threads")));
@@ -157,23 +136,21 @@ impl MatrixConfig {
     pub fn cells(&self, tsc_khz: u32, path: &Path) -> Result<Vec<Cell>, ValidationError> {
         let mut cells = Vec::new();
         for mode_text in &self.modes {
-            let (mode, trap) = parse_mode(mode_text).ok_or_else(|| ValidationError::Invalid {
+            let cpuid_path: CpuidPath = mode_text.parse().map_err(|why| ValidationError::Invalid {
                 path: path.to_owned(),
-                why: format!("unknown mode `{mode_text}`"),
+                why,
             })?;
             for shaping_text in &self.shaping {
                 let shaping = parse_shaping(shaping_text, tsc_khz)?.ok_or_else(|| ValidationError::Invalid {
                     path: path.to_owned(),
                     why: format!("unknown shaping `{shaping_text}` (none, inject-ns:N, inject-cycles:N, virtual-inject-cycles:N, hide, hide:C, profile:NAME)"),
                 })?;
-                let vmm_handled = matches!(mode, Mode::TrapEmulate | Mode::Paravirt);
-                if shaping != Shaping::None && !vmm_handled {
+                if shaping != Shaping::None && !cpuid_path.vmm_handles_cpuid() {
                     continue;
                 }
                 for &busy in &self.busy {
                     cells.push(Cell {
-                        mode,
-                        trap,
+                        path: cpuid_path,
                         shaping_label: shaping_text.clone(),
                         shaping: shaping.clone(),
                         busy,
@@ -241,8 +218,8 @@ pub struct CellResult {
     pub failed_runs: u32,
     pub rules: BTreeMap<&'static str, CellRule>,
     /// Median CPUID and NOP medians over the cell's runs.
-    pub cpuid_median: Option<u64>,
-    pub nop_median: Option<u64>,
+    pub cpuid_median: Option<Cycles>,
+    pub nop_median: Option<Cycles>,
 }
 
 /// A rule's confusion matrix over every cell that ran.
@@ -287,8 +264,8 @@ impl Confusion {
 pub struct CellAccumulator {
     truth: Verdict,
     verdicts: BTreeMap<&'static str, (VerdictCounts, Vec<f64>)>,
-    cpuid_medians: Vec<u64>,
-    nop_medians: Vec<u64>,
+    cpuid_medians: Vec<Cycles>,
+    nop_medians: Vec<Cycles>,
     runs: u32,
 }
 
@@ -303,7 +280,7 @@ impl CellAccumulator {
         }
     }
 
-    pub fn add(&mut self, verdicts: &[RuleVerdict], cpuid_median: Option<u64>, nop_median: Option<u64>) {
+    pub fn add(&mut self, verdicts: &[RuleVerdict], cpuid_median: Option<Cycles>, nop_median: Option<Cycles>) {
         self.runs += 1;
         for v in verdicts {
             let entry = self.verdicts.entry(v.rule).or_default();
@@ -331,9 +308,9 @@ impl CellAccumulator {
                 (rule, cell_rule)
             })
             .collect();
-        let median = |v: &[u64]| (!v.is_empty()).then(|| crate::stats::median(v));
+        let median = |v: &[Cycles]| (!v.is_empty()).then(|| crate::stats::median(v));
         CellResult {
-            mode: cell.mode_label(),
+            mode: cell.path.to_string(),
             shaping: cell.shaping_label.clone(),
             busy: cell.busy,
             truth: self.truth,
@@ -558,7 +535,7 @@ mod tests {
         assert_eq!(cells.len(), 2 + 2 + 6 + 6);
         assert!(cells
             .iter()
-            .filter(|c| c.mode == Mode::Native)
+            .filter(|c| c.path == CpuidPath::Native)
             .all(|c| c.shaping == Shaping::None));
         assert!(cells.iter().any(|c| c.shaping == Shaping::Inject { cycles: 2_000 }));
     }

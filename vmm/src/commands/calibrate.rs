@@ -6,7 +6,7 @@ use crate::cli::CalibrateArgs;
 use crate::detector::calibration::{Calibration, RunPoint};
 use crate::experiment::Session;
 use crate::measure::RunSpec;
-use crate::modes::Mode;
+use crate::modes::Path;
 use crate::vm::loader::Payload;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -14,9 +14,9 @@ pub fn calibrate(args: &CalibrateArgs) -> Result<(), CommandError> {
     // Fail on an unwritable path now, not after the runs.
     super::create_output(Some(&args.out))?;
     let session = Session::open(Payload::embedded()?, load_calibration(None)?);
-    let mut modes = vec![Mode::Native];
-    if !args.native_only && session.kvm().is_some() {
-        modes.push(Mode::HwAssist);
+    let mut modes = vec![Path::Native];
+    if !args.native_only && session.measurer.kvm().is_ok() {
+        modes.push(Path::HwAssist);
     }
     let progress = progress_bar(u64::from(args.runs) * modes.len() as u64, "calibrating");
     let mut points = [Vec::new(), Vec::new()];

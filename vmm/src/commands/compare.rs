@@ -6,8 +6,7 @@ use crate::cli::CompareArgs;
 use crate::detector::RULES;
 use crate::experiment::Session;
 use crate::measure::RunSpec;
-use crate::modes::trap_emulate::Trap;
-use crate::modes::Mode;
+use crate::modes::Path;
 use crate::report::{plot, HostReport, RunReport};
 use crate::vm::loader::Payload;
 use guest_payload::Probe;
@@ -15,14 +14,19 @@ use serde::Serialize;
 use std::fmt::Write;
 use std::time::Duration;
 
-/// The columns of the comparison: every path CPUID can take.
-pub const PATHS: [(&str, Mode, Trap); 5] = [
-    ("native", Mode::Native, Trap::HwBreakpoint),
-    ("hw-assist", Mode::HwAssist, Trap::HwBreakpoint),
-    ("trap:hw-bp", Mode::TrapEmulate, Trap::HwBreakpoint),
-    ("trap:int3", Mode::TrapEmulate, Trap::Int3Patch),
-    ("paravirt", Mode::Paravirt, Trap::HwBreakpoint),
-];
+/// A short column label for each path.
+fn label(path: Path) -> &'static str {
+    match path {
+        Path::Native => "native",
+        Path::HwAssist => "hw-assist",
+        Path::TrapEmulate(trap) => match trap {
+            crate::modes::trap_emulate::Trap::HwBreakpoint => "trap:hw-bp",
+            crate::modes::trap_emulate::Trap::Int3Patch => "trap:int3",
+            crate::modes::trap_emulate::Trap::IoPatch => "trap:io",
+        },
+        Path::Paravirt => "paravirt",
+    }
+}
 
 #[derive(Serialize)]
 struct Refusal {
@@ -46,14 +50,14 @@ pub fn compare(args: &CompareArgs) -> Result<(), CommandError> {
     let mut columns = Vec::new();
     let mut refused = Vec::new();
     let mut plot_runs = Vec::new();
-    for (label, mode, trap) in PATHS {
+    for path in Path::ALL {
+        let label = label(path);
         let spec = RunSpec {
-            trap,
             iterations: args.iterations,
             warmup: args.warmup,
             timeout: Duration::from_secs_f64(args.timeout),
             busy: usize::from(args.detector.busy),
-            ..RunSpec::new(mode)
+            ..RunSpec::new(path)
         };
         match session.run(&spec, false, None) {
             Ok((report, measurement)) => {

@@ -4,6 +4,7 @@ use super::{create_output, load_calibration, CommandError};
 use crate::cli::{Misbehaviour, RunArgs, ShapingArgs};
 use crate::experiment::Session;
 use crate::measure::RunSpec;
+use crate::modes::Path;
 use crate::report::{self, plot};
 use crate::shaping::profile::Profile;
 use crate::shaping::{plan, Shaping};
@@ -22,8 +23,6 @@ pub fn run(args: &RunArgs) -> Result<(), CommandError> {
     let plot_file = create_output(args.output.plot.as_deref())?;
     let session = Session::open(payload, calibration);
     let spec = RunSpec {
-        mode: args.mode,
-        trap: args.trap,
         shaping: shaping(&args.shaping, session.tsc.khz)?,
         iterations: args.iterations,
         warmup: args.warmup,
@@ -42,7 +41,7 @@ pub fn run(args: &RunArgs) -> Result<(), CommandError> {
         timeout: Duration::from_secs_f64(args.timeout),
         cpu: args.cpu,
         busy: usize::from(args.detector.busy),
-        ..RunSpec::new(args.mode)
+        ..RunSpec::new(Path::new(args.mode, args.trap))
     };
     let mut stderr = std::io::stderr();
     let console: Option<&mut dyn Write> = if args.output.console { Some(&mut stderr) } else { None };

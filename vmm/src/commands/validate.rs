@@ -26,14 +26,13 @@ pub fn validate(args: &ValidateArgs) -> Result<(), CommandError> {
     let mut plot_runs = Vec::new();
     for cell in &cells {
         let spec = RunSpec {
-            trap: cell.trap,
             shaping: cell.shaping.clone(),
             iterations: config.iterations,
             warmup: config.warmup,
             busy: usize::from(cell.busy),
-            ..RunSpec::new(cell.mode)
+            ..RunSpec::new(cell.path)
         };
-        let mut accumulator = CellAccumulator::new(ground_truth(cell.mode, host_is_vm));
+        let mut accumulator = CellAccumulator::new(ground_truth(cell.path.mode(), host_is_vm));
         let (mut refused, mut failed) = (None, 0);
         for repeat in 0..config.repeats {
             match session.run(&spec, false, None) {
@@ -41,7 +40,7 @@ pub fn validate(args: &ValidateArgs) -> Result<(), CommandError> {
                     let median = |p: Probe| report.probes.get(p.name()).map(|s| s.cycles.median);
                     accumulator.add(&report.verdicts, median(Probe::Cpuid), median(Probe::Nop));
                     plot_runs.push(plot::PlotRun::new(
-                        &cell.mode_label(),
+                        cell.path.name(),
                         &measurement.samples,
                         report.host.tsc_khz,
                     ));
@@ -106,6 +105,6 @@ fn is_refusal(error: &MeasureError) -> bool {
         error,
         MeasureError::Shaping(_)
             | MeasureError::Mode(crate::modes::ModeError::TrapUnavailable { .. })
-            | MeasureError::OpenKvm(_)
+            | MeasureError::Kvm(_)
     )
 }

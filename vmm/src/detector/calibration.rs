@@ -3,9 +3,9 @@
 //! say that they are uncalibrated.
 
 use crate::stats;
-use guest_payload::Probe;
+use crate::vm::ProbeSamples;
+use guest_payload::{Cycles, Probe};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// Bumped when a field changes meaning.
@@ -28,8 +28,8 @@ pub enum CalibrationError {
 /// The figures of one run that calibration keeps.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RunPoint {
-    pub nop_median: u64,
-    pub cpuid_median: u64,
+    pub nop_median: Cycles,
+    pub cpuid_median: Cycles,
     /// CPUID's 10th percentile minus the floor's median, in ns.
     pub excess_p10_ns: f64,
     /// CPUID's median minus the floor's median, in ns.
@@ -38,7 +38,7 @@ pub struct RunPoint {
 
 impl RunPoint {
     /// `None` where the run lacks the CPUID probe or any floor (rdtsc or nop).
-    pub fn from_samples(samples: &BTreeMap<Probe, Vec<u64>>, tsc_khz: u32) -> Option<Self> {
+    pub fn from_samples(samples: &ProbeSamples, tsc_khz: u32) -> Option<Self> {
         let cpuid = samples.get(&Probe::Cpuid)?;
         let floor = samples.get(&Probe::Rdtsc).or_else(|| samples.get(&Probe::Nop))?;
         let nop = samples.get(&Probe::Nop).unwrap_or(floor);
@@ -120,7 +120,7 @@ impl Line {
     }
 
     /// log10(CPUID) above the line at this NOP, in decades.
-    pub fn height_above(&self, nop: u64, cpuid: u64) -> f64 {
+    pub fn height_above(&self, nop: Cycles, cpuid: Cycles) -> f64 {
         (cpuid.max(1) as f64).log10() - (self.intercept + self.slope * (nop.max(1) as f64).log10())
     }
 
@@ -223,7 +223,7 @@ impl Calibration {
 mod tests {
     use super::*;
 
-    fn point(nop: u64, cpuid: u64) -> RunPoint {
+    fn point(nop: Cycles, cpuid: Cycles) -> RunPoint {
         RunPoint {
             nop_median: nop,
             cpuid_median: cpuid,

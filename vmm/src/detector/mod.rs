@@ -8,15 +8,16 @@
 //! | `cpuid-lfence-ratio` | trimmed mean CPUID(0) over 8×LFENCE, VM at 2.5 | VMAware |
 //! | `robust` | low quantile and median of CPUID over the floor, in ns, vs native calibration | vmm |
 //! | `hypervisor-bit` | CPUID.1:ECX[31] and the 0x40000000 vendor leaf | CPUID itself |
-//! | `code-integrity` | the bytes of the guest's own CPUID sites | the int3-patch trace |
+//! | `code-integrity` | the bytes of the guest's own CPUID sites | the patching traps' trace |
+//! | `tsc-monotonic` | any sample whose TSC ran backwards | what a hider leaves behind |
 
 pub mod calibration;
 pub mod rules;
 
+use crate::vm::ProbeSamples;
 pub use calibration::Calibration;
-use guest_payload::{CpuidRecord, Probe};
+use guest_payload::CpuidRecord;
 use serde::Serialize;
-use std::collections::BTreeMap;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -51,7 +52,7 @@ pub struct RuleVerdict {
 /// What the rules see of a run.
 #[derive(Clone, Copy, Debug)]
 pub struct Evidence<'a> {
-    pub samples: &'a BTreeMap<Probe, Vec<u64>>,
+    pub samples: &'a ProbeSamples,
     pub cpuid: &'a [CpuidRecord],
     pub site_bytes: &'a [[u8; 2]],
     pub tsc_khz: u32,
@@ -59,13 +60,14 @@ pub struct Evidence<'a> {
 }
 
 /// Every rule's names, in the order they are reported.
-pub const RULES: [&str; 6] = [
+pub const RULES: [&str; 7] = [
     "seed-line",
     "fixed-threshold",
     "cpuid-lfence-ratio",
     "robust",
     "hypervisor-bit",
     "code-integrity",
+    "tsc-monotonic",
 ];
 
 /// Applies every rule to one run.
@@ -77,5 +79,6 @@ pub fn evaluate(evidence: &Evidence, calibration: &Calibration) -> Vec<RuleVerdi
         rules::robust(evidence, calibration),
         rules::hypervisor_bit(evidence),
         rules::code_integrity(evidence),
+        rules::tsc_monotonic(evidence),
     ]
 }

@@ -4,7 +4,7 @@
 use super::calibration::{Calibration, RunPoint};
 use super::{Evidence, RuleVerdict, Verdict};
 use crate::stats;
-use guest_payload::Probe;
+use guest_payload::{Cycles, Probe};
 
 fn verdict(rule: &'static str, verdict: Verdict, score: f64, confidence: f64, why: String) -> RuleVerdict {
     RuleVerdict {
@@ -108,7 +108,7 @@ pub fn fixed_threshold(evidence: &Evidence) -> RuleVerdict {
 }
 
 /// Trimmed mean: the middle 80%.
-fn trimmed_mean(samples: &[u64]) -> f64 {
+fn trimmed_mean(samples: &[Cycles]) -> f64 {
     let mut sorted = samples.to_vec();
     sorted.sort_unstable();
     let cut = sorted.len() / 10;
@@ -284,22 +284,55 @@ pub fn code_integrity(evidence: &Evidence) -> RuleVerdict {
     verdict(RULE, Verdict::Virtual, patched.len() as f64, 1.0, why)
 }
 
+/// A TSC that runs backwards: any sample, of any probe, whose second timestamp read below
+/// its first. A bare-metal TSC is monotonic on one CPU; a hypervisor that moves the
+/// guest's TSC back by more than an exit cost (careless hiding) leaves exactly this, and
+/// a detector that sees it needs no timing threshold. Score: samples that ran backwards.
+pub fn tsc_monotonic(evidence: &Evidence) -> RuleVerdict {
+    const RULE: &str = "tsc-monotonic";
+    if evidence.samples.values().all(Vec::is_empty) {
+        return missing(RULE, "samples");
+    }
+    let mut backwards = 0u64;
+    let mut worst = 0u64;
+    let mut probes = Vec::new();
+    for (probe, samples) in evidence.samples {
+        let here: Vec<Cycles> = samples.iter().copied().filter(|&s| s < 0).collect();
+        if !here.is_empty() {
+            backwards += here.len() as u64;
+            worst = worst.max(here.iter().map(|s| s.unsigned_abs()).max().unwrap_or(0));
+            probes.push(probe.name());
+        }
+    }
+    if backwards == 0 {
+        let total: usize = evidence.samples.values().map(Vec::len).sum();
+        let why = format!("all {total} samples moved forward: the TSC never ran backwards");
+        return verdict(RULE, Verdict::Native, 0.0, 0.5, why);
+    }
+    let why = format!(
+        "{backwards} samples ran backwards ({}), by up to {worst} cycles: a TSC moved back under the guest",
+        probes.join(", ")
+    );
+    verdict(RULE, Verdict::Virtual, backwards as f64, 1.0, why)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::detector::calibration::Spread;
     use crate::detector::{evaluate, Calibration};
     use crate::shaping::profile::SplitMix64;
+    use crate::vm::ProbeSamples;
     use guest_payload::CpuidRecord;
     use std::collections::BTreeMap;
 
     const TSC_KHZ: u32 = 3_000_000;
 
     /// Samples around `center` with the given spread and an occasional large outlier.
-    fn noisy(center: u64, spread: u64, rng: &mut SplitMix64) -> Vec<u64> {
+    fn noisy(center: Cycles, spread: u64, rng: &mut SplitMix64) -> Vec<Cycles> {
         (0..1000)
             .map(|i| {
-                let jitter = rng.next_u64() % (spread + 1);
+                let jitter = (rng.next_u64() % (spread + 1)) as Cycles;
                 if i % 97 == 0 {
                     center * 20
                 } else {
@@ -309,8 +342,8 @@ mod tests {
             .collect()
     }
 
-    fn samples(cpuid: u64, nop: u64, floor: u64, lfence: u64, spread: u64) -> BTreeMap<Probe, Vec<u64>> {
-        let mut rng = SplitMix64::new(cpuid ^ nop);
+    fn samples(cpuid: Cycles, nop: Cycles, floor: Cycles, lfence: Cycles, spread: u64) -> ProbeSamples {
+        let mut rng = SplitMix64::new((cpuid ^ nop) as u64);
         BTreeMap::from([
             (Probe::Cpuid, noisy(cpuid, spread, &mut rng)),
             (Probe::Nop, noisy(nop, spread / 10, &mut rng)),
@@ -348,11 +381,7 @@ mod tests {
         calibration
     }
 
-    fn run(
-        samples: &BTreeMap<Probe, Vec<u64>>,
-        cpuid: &[CpuidRecord],
-        sites: &[[u8; 2]],
-    ) -> BTreeMap<&'static str, Verdict> {
+    fn run(samples: &ProbeSamples, cpuid: &[CpuidRecord], sites: &[[u8; 2]]) -> BTreeMap<&'static str, Verdict> {
         let evidence = Evidence {
             samples,
             cpuid,
@@ -432,7 +461,7 @@ mod tests {
     fn a_run_between_the_clusters_is_unsure_to_the_robust_rule() {
         // CPUID excess ~ 3 native sds above the native mean: neither clearly side.
         let floor = 40;
-        let cycles_for_ns = |ns: f64| (ns * f64::from(TSC_KHZ) / 1e6) as u64;
+        let cycles_for_ns = |ns: f64| (ns * f64::from(TSC_KHZ) / 1e6) as Cycles;
         let between = samples(floor + cycles_for_ns(50.0 + 3.0 * 5.0), floor, floor, 120, 0);
         let verdicts = run(&between, &leaves(false), &INTACT);
         assert_eq!(verdicts["robust"], Verdict::Unsure);
@@ -443,7 +472,40 @@ mod tests {
         let only_nop = BTreeMap::from([(Probe::Nop, vec![40; 100])]);
         let verdicts = run(&only_nop, &[], &[]);
         for rule in super::super::RULES {
-            assert_eq!(verdicts[rule], Verdict::Unsure, "{rule}");
+            // Any samples at all are evidence of whether the TSC ran backwards.
+            let expected = if rule == "tsc-monotonic" {
+                Verdict::Native
+            } else {
+                Verdict::Unsure
+            };
+            assert_eq!(verdicts[rule], expected, "{rule}");
         }
+        let nothing = run(&ProbeSamples::new(), &[], &[]);
+        assert_eq!(nothing["tsc-monotonic"], Verdict::Unsure);
+    }
+
+    #[test]
+    fn a_tsc_that_ran_backwards_is_a_vm_whatever_the_timing_says() {
+        // Hidden exits that look native to every timing rule, but one sample stepped back.
+        let mut hidden = samples(200, 40, 40, 120, 10);
+        if let Some(cpuid) = hidden.get_mut(&Probe::Cpuid) {
+            cpuid[500] = -12_974;
+        }
+        let evidence = Evidence {
+            samples: &hidden,
+            cpuid: &[],
+            site_bytes: &[],
+            tsc_khz: TSC_KHZ,
+            cpuid_leaf: 0,
+        };
+        let verdict = tsc_monotonic(&evidence);
+        assert_eq!(verdict.verdict, Verdict::Virtual);
+        assert_eq!(verdict.score, 1.0);
+        assert!(
+            verdict.why.contains("12974") && verdict.why.contains("cpuid"),
+            "{}",
+            verdict.why
+        );
+        assert_eq!(run(&hidden, &leaves(false), &INTACT)["robust"], Verdict::Native);
     }
 }

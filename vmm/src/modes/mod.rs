@@ -6,17 +6,24 @@
 //! | `hw-assist` | VM exit, emulated inside KVM | KVM (userspace never sees it) |
 //! | `trap-emulate` | traps to this VMM, emulated from its CPUID table | the VMM |
 //! | `paravirt` | the guest asks the VMM by hypercall instead | the VMM |
+//!
+//! [`handle_exit`] dispatches one exit, whatever the mode, to the mode's
+//! [`CpuidExitHandler`]: a free function over the [`Vcpu`] trait, so every path is
+//! unit-tested with made-up exits and a simulated vCPU.
 
 use crate::arch::x86_64::cpuid::CpuidTable;
-use crate::vm::exits::ExitKind;
-use crate::vm::loader::Payload;
-use kvm_bindings::kvm_debug_exit_arch;
-use kvm_ioctls::VcpuFd;
-use vm_memory::GuestMemoryMmap;
+use crate::vm::exits::{Exit, ExitHandler, ExitKind, Flow, HandlerError};
+use crate::vm::vcpu::{Vcpu, VcpuError};
+use guest_payload::ports;
+use kvm_bindings::kvm_regs;
+use std::io::Write;
+use std::str::FromStr;
 
 pub mod hw_assist;
 pub mod paravirt;
 pub mod trap_emulate;
+
+use trap_emulate::Trap;
 
 /// The `--mode` values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, clap::ValueEnum, serde::Serialize)]
@@ -49,20 +56,116 @@ impl std::fmt::Display for Mode {
     }
 }
 
+/// One path CPUID can take: a mode, and for trap-emulate its trap. One spelling, shared
+/// by `run`, `compare` and `validate`: `native`, `hw-assist`, `trap-emulate:hw-breakpoint`
+/// (`trap-emulate` alone means that), `trap-emulate:int3-patch`, `trap-emulate:io-patch`,
+/// `paravirt`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Path {
+    Native,
+    HwAssist,
+    TrapEmulate(Trap),
+    Paravirt,
+}
+
+impl Path {
+    /// Every path, in the order the comparison shows them.
+    pub const ALL: [Path; 6] = [
+        Path::Native,
+        Path::HwAssist,
+        Path::TrapEmulate(Trap::HwBreakpoint),
+        Path::TrapEmulate(Trap::Int3Patch),
+        Path::TrapEmulate(Trap::IoPatch),
+        Path::Paravirt,
+    ];
+
+    /// `mode` with `trap` where the mode traps (the trap is ignored by the other modes).
+    pub fn new(mode: Mode, trap: Trap) -> Self {
+        match mode {
+            Mode::Native => Path::Native,
+            Mode::HwAssist => Path::HwAssist,
+            Mode::TrapEmulate => Path::TrapEmulate(trap),
+            Mode::Paravirt => Path::Paravirt,
+        }
+    }
+
+    pub fn mode(self) -> Mode {
+        match self {
+            Path::Native => Mode::Native,
+            Path::HwAssist => Mode::HwAssist,
+            Path::TrapEmulate(_) => Mode::TrapEmulate,
+            Path::Paravirt => Mode::Paravirt,
+        }
+    }
+
+    pub fn trap(self) -> Option<Trap> {
+        match self {
+            Path::TrapEmulate(trap) => Some(trap),
+            _ => None,
+        }
+    }
+
+    /// True where this VMM handles the CPUID exits (and so can shape them).
+    pub fn vmm_handles_cpuid(self) -> bool {
+        matches!(self, Path::TrapEmulate(_) | Path::Paravirt)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Path::Native => "native",
+            Path::HwAssist => "hw-assist",
+            Path::TrapEmulate(Trap::HwBreakpoint) => "trap-emulate:hw-breakpoint",
+            Path::TrapEmulate(Trap::Int3Patch) => "trap-emulate:int3-patch",
+            Path::TrapEmulate(Trap::IoPatch) => "trap-emulate:io-patch",
+            Path::Paravirt => "paravirt",
+        }
+    }
+
+    /// The spellings [`FromStr`] takes, for messages.
+    pub fn spellings() -> String {
+        Path::ALL.map(Path::name).join(", ")
+    }
+}
+
+impl std::fmt::Display for Path {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Path {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        if text == "trap-emulate" {
+            return Ok(Path::TrapEmulate(Trap::HwBreakpoint));
+        }
+        Path::ALL
+            .into_iter()
+            .find(|path| path.name() == text)
+            .ok_or_else(|| format!("unknown path `{text}` ({})", Path::spellings()))
+    }
+}
+
+impl serde::Serialize for Path {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.name())
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ModeError {
     #[error("unexpected debug exit at RIP {rip:#x} (exception {exception}): this mode arms no trap there")]
     UnexpectedDebugExit { rip: u64, exception: u32 },
     #[error("the guest used the paravirtual hypercall port, but this mode does not offer it")]
     UnexpectedHypercall,
-    #[error("KVM refused {what}: {source}")]
-    Kvm {
-        what: &'static str,
-        source: kvm_ioctls::Error,
-    },
+    #[error("the guest wrote to the io-patch trap port {port:#x} at RIP {rip:#x}, where this VMM patched no CPUID")]
+    UnexpectedIoTrap { port: u16, rip: u64 },
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
     #[error("the payload has no symbol `{0}`: the VMM finds the CPUID sites by name in the ELF's symbol table")]
     MissingSite(&'static str),
-    #[error("the payload has {sites} CPUID sites but x86 has only {slots} debug address registers (DR0-DR3); use --trap int3-patch")]
+    #[error("the payload has {sites} CPUID sites but x86 has only {slots} debug address registers (DR0-DR3); use --trap int3-patch or io-patch")]
     TooManySites { sites: usize, slots: usize },
     #[error(
         "the bytes at CPUID site {addr:#x} are {found:02x?}, not CPUID (0f a2): the payload does not match its symbols"
@@ -73,85 +176,212 @@ pub enum ModeError {
         addr: u64,
         source: vm_memory::GuestMemoryError,
     },
-    #[error("{trap} traps are not delivered by this KVM: {why}. trap-emulate is unavailable here; use --mode paravirt, or the other --trap")]
+    #[error("{trap} traps are not delivered by this KVM: {why}. Use --trap io-patch (port I/O reaches the VMM on every KVM) or --mode paravirt")]
     TrapUnavailable { trap: &'static str, why: String },
+    #[error("the payload made no paravirtual hypercall (port {port:#x}): it is not enlightened for paravirt, so this run would measure nothing of that path")]
+    NoHypercalls { port: u16 },
+    #[error("the payload's timed CPUID never trapped to the VMM ({exits} trap exits): trap-emulate measured nothing of its path")]
+    NoTraps { exits: u64 },
     #[error(transparent)]
     Shaping(#[from] crate::shaping::ShapingError),
 }
 
-/// What a mode's handler may touch while the vCPU is stopped.
-pub struct GuestContext<'a> {
-    pub vcpu: &'a VcpuFd,
-    pub memory: &'a GuestMemoryMmap,
-    /// The table KVM answers CPUID from, read back after setup.
-    pub cpuid: &'a CpuidTable,
-    pub payload: &'a Payload,
-}
-
-/// Answers the CPUID the guest asked for (leaf in EAX, subleaf in ECX) from the vCPU's
-/// table, exactly as KVM would, and moves RIP on by `advance_rip` bytes. Returns the RIP
-/// the exit stopped at.
-pub(crate) fn answer_cpuid(guest: &GuestContext, advance_rip: u64) -> Result<u64, ModeError> {
-    let mut regs = guest.vcpu.get_regs().map_err(|source| ModeError::Kvm {
-        what: "KVM_GET_REGS",
-        source,
-    })?;
-    let [eax, ebx, ecx, edx] = guest.cpuid.lookup(regs.rax as u32, regs.rcx as u32);
-    // CPUID writes 32-bit results, which clear the upper halves in 64-bit mode.
+/// Answers the CPUID in `regs` (leaf in EAX, subleaf in ECX) from `table`, exactly as KVM
+/// would: CPUID writes 32-bit results, which clear the upper halves in 64-bit mode.
+pub fn answer_cpuid(table: &CpuidTable, regs: &mut kvm_regs) {
+    let [eax, ebx, ecx, edx] = table.lookup(regs.rax as u32, regs.rcx as u32);
     regs.rax = u64::from(eax);
     regs.rbx = u64::from(ebx);
     regs.rcx = u64::from(ecx);
     regs.rdx = u64::from(edx);
-    let rip = regs.rip;
-    regs.rip += advance_rip;
-    guest.vcpu.set_regs(&regs).map_err(|source| ModeError::Kvm {
-        what: "KVM_SET_REGS",
-        source,
-    })?;
-    Ok(rip)
 }
 
-/// The VMM side of a mode: exits that only some modes expect. `exit_tsc` is the host TSC
-/// when KVM_RUN returned, for latency shaping.
+/// The VMM side of a mode: the exits only some modes expect. `exit_tsc` is the host TSC
+/// when KVM_RUN returned, for latency shaping. Each returns the kind of CPUID exit it
+/// handled.
 pub trait CpuidExitHandler {
-    /// Called once before the vCPU first runs: arm traps, patch code.
-    fn arm(&mut self, _guest: &GuestContext) -> Result<(), ModeError> {
+    /// Called once before the vCPU first runs: arm traps, patch code, open TSC moves.
+    fn arm(&mut self, _vcpu: &mut dyn Vcpu) -> Result<(), ModeError> {
         Ok(())
     }
 
-    /// A debug exit (hardware breakpoint or `int3`): emulate the CPUID it caught, and
-    /// say which kind of CPUID exit it was.
+    /// A debug exit (hardware breakpoint or `int3`).
     fn on_debug(
         &mut self,
-        _guest: &GuestContext,
-        exit: &kvm_debug_exit_arch,
+        _vcpu: &mut dyn Vcpu,
+        pc: u64,
+        exception: u32,
         _exit_tsc: u64,
     ) -> Result<ExitKind, ModeError> {
-        Err(ModeError::UnexpectedDebugExit {
-            rip: exit.pc,
-            exception: exit.exception,
+        Err(ModeError::UnexpectedDebugExit { rip: pc, exception })
+    }
+
+    /// An `out` to the paravirtual hypercall port.
+    fn on_hypercall(&mut self, _vcpu: &mut dyn Vcpu, _exit_tsc: u64) -> Result<ExitKind, ModeError> {
+        Err(ModeError::UnexpectedHypercall)
+    }
+
+    /// An `out` to the io-patch trap port: a patched CPUID.
+    fn on_io_trap(&mut self, vcpu: &mut dyn Vcpu, _exit_tsc: u64) -> Result<ExitKind, ModeError> {
+        Err(ModeError::UnexpectedIoTrap {
+            port: u16::from(ports::CPUID_TRAP),
+            rip: vcpu.regs()?.rip,
         })
     }
 
-    /// An `out` to the hypercall port: answer the CPUID it asks for.
-    fn on_hypercall(&mut self, _guest: &GuestContext, _exit_tsc: u64) -> Result<ExitKind, ModeError> {
-        Err(ModeError::UnexpectedHypercall)
+    /// KVM could not emulate the instruction at the exit's RIP. An emulating KVM reports
+    /// a patched `int3` this way (its emulator cannot run INT in long mode): the kind of
+    /// exit if this was one of ours and has been handled as the trap, `None` otherwise.
+    fn on_emulation_failure(&mut self, _vcpu: &mut dyn Vcpu, _exit_tsc: u64) -> Result<Option<ExitKind>, ModeError> {
+        Ok(None)
     }
 
     /// The shaper of a mode that shapes its exits, for what it learnt during the run.
     fn shaper(&self) -> Option<&crate::shaping::Shaper> {
         None
     }
+}
 
-    /// KVM could not emulate the instruction at `rip`. An emulating KVM reports a patched
-    /// `int3` this way (its emulator cannot run INT in long mode): returns the exit's kind
-    /// if this was one of ours and has been handled as the trap.
-    fn on_emulation_failure(
-        &mut self,
-        _guest: &GuestContext,
-        _rip: u64,
-        _exit_tsc: u64,
-    ) -> Result<Option<ExitKind>, ModeError> {
-        Ok(None)
+/// One exit, dispatched: the ABI's own ports (console, done) first, then the mode's.
+pub fn handle_exit(
+    mode: &mut dyn CpuidExitHandler,
+    console: &mut Option<&mut dyn Write>,
+    vcpu: &mut dyn Vcpu,
+    exit: &Exit,
+    exit_tsc: u64,
+) -> Result<Flow, ModeError> {
+    const IO_TRAP_PORT: u16 = ports::CPUID_TRAP as u16;
+    let kind = match *exit {
+        Exit::Interrupted => ExitKind::Signal,
+        Exit::IoOut {
+            port: ports::CONSOLE,
+            value,
+        } => {
+            if let Some(out) = console.as_mut() {
+                // The console is a convenience: a closed stderr must not end the run.
+                let _ = out.write_all(&[value as u8]);
+            }
+            ExitKind::Console
+        }
+        Exit::IoOut {
+            port: ports::DONE,
+            value,
+        } => return Ok(Flow::Done { status: value }),
+        Exit::IoOut {
+            port: ports::HYPERCALL, ..
+        } => mode.on_hypercall(vcpu, exit_tsc)?,
+        Exit::IoOut { port: IO_TRAP_PORT, .. } => mode.on_io_trap(vcpu, exit_tsc)?,
+        Exit::Debug { pc, exception } => mode.on_debug(vcpu, pc, exception, exit_tsc)?,
+        Exit::InternalError {
+            suberror: kvm_bindings::KVM_INTERNAL_ERROR_EMULATION,
+        } => match mode.on_emulation_failure(vcpu, exit_tsc)? {
+            Some(kind) => kind,
+            None => return Ok(Flow::Fatal),
+        },
+        _ => return Ok(Flow::Fatal),
+    };
+    Ok(Flow::Continue(kind))
+}
+
+/// A mode's handler and the console, as the VM's [`ExitHandler`].
+pub struct ModeExits<'m, 'c> {
+    pub mode: &'m mut dyn CpuidExitHandler,
+    pub console: Option<&'c mut dyn Write>,
+}
+
+impl ExitHandler for ModeExits<'_, '_> {
+    fn arm(&mut self, vcpu: &mut dyn Vcpu) -> Result<(), HandlerError> {
+        Ok(self.mode.arm(vcpu)?)
+    }
+
+    fn handle(&mut self, vcpu: &mut dyn Vcpu, exit: &Exit, exit_tsc: u64) -> Result<Flow, HandlerError> {
+        Ok(handle_exit(self.mode, &mut self.console, vcpu, exit, exit_tsc)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vm::vcpu::sim::SimVcpu;
+
+    #[test]
+    fn every_path_has_one_spelling_that_round_trips() {
+        for path in Path::ALL {
+            assert_eq!(path.name().parse::<Path>(), Ok(path));
+            assert_eq!(Path::new(path.mode(), path.trap().unwrap_or_default()), path);
+        }
+        assert_eq!("trap-emulate".parse(), Ok(Path::TrapEmulate(Trap::HwBreakpoint)));
+        let error = "warp-drive".parse::<Path>().unwrap_err();
+        assert!(error.contains("trap-emulate:io-patch"), "{error}");
+    }
+
+    #[test]
+    fn console_done_and_unknown_exits_are_dispatched_whatever_the_mode() {
+        let mut vcpu = SimVcpu::new();
+        let mut mode = hw_assist::HwAssist;
+        let mut written = Vec::new();
+        let mut console: Option<&mut dyn Write> = Some(&mut written);
+        let mut dispatch = |exit: Exit, vcpu: &mut SimVcpu| handle_exit(&mut mode, &mut console, vcpu, &exit, 0);
+        let byte = Exit::IoOut {
+            port: ports::CONSOLE,
+            value: u32::from(b'x'),
+        };
+        assert_eq!(dispatch(byte, &mut vcpu).unwrap(), Flow::Continue(ExitKind::Console));
+        let done = Exit::IoOut {
+            port: ports::DONE,
+            value: 3,
+        };
+        assert_eq!(dispatch(done, &mut vcpu).unwrap(), Flow::Done { status: 3 });
+        assert_eq!(
+            dispatch(Exit::Interrupted, &mut vcpu).unwrap(),
+            Flow::Continue(ExitKind::Signal)
+        );
+        for fatal in [
+            Exit::Hlt,
+            Exit::Shutdown,
+            Exit::Mmio { addr: 1 },
+            Exit::IoIn { port: 0x60 },
+        ] {
+            assert_eq!(dispatch(fatal, &mut vcpu).unwrap(), Flow::Fatal);
+        }
+        assert_eq!(written, b"x");
+    }
+
+    #[test]
+    fn hw_assist_refuses_exits_only_the_vmm_paths_expect() {
+        let mut vcpu = SimVcpu::new();
+        let mut mode = hw_assist::HwAssist;
+        let mut console = None;
+        let hypercall = Exit::IoOut {
+            port: ports::HYPERCALL,
+            value: 0,
+        };
+        assert!(matches!(
+            handle_exit(&mut mode, &mut console, &mut vcpu, &hypercall, 0),
+            Err(ModeError::UnexpectedHypercall)
+        ));
+        let trap = Exit::IoOut {
+            port: u16::from(ports::CPUID_TRAP),
+            value: 0,
+        };
+        assert!(matches!(
+            handle_exit(&mut mode, &mut console, &mut vcpu, &trap, 0),
+            Err(ModeError::UnexpectedIoTrap { .. })
+        ));
+        let debug = Exit::Debug {
+            pc: 0x1234,
+            exception: 1,
+        };
+        assert!(matches!(
+            handle_exit(&mut mode, &mut console, &mut vcpu, &debug, 0),
+            Err(ModeError::UnexpectedDebugExit { rip: 0x1234, .. })
+        ));
+        let failure = Exit::InternalError {
+            suberror: kvm_bindings::KVM_INTERNAL_ERROR_EMULATION,
+        };
+        assert_eq!(
+            handle_exit(&mut mode, &mut console, &mut vcpu, &failure, 0).unwrap(),
+            Flow::Fatal
+        );
     }
 }

@@ -4,23 +4,35 @@
 //! from the same table KVM would use. KVM completes the OUT (moves RIP past it) on the
 //! next KVM_RUN, so RIP is left as it is.
 
-use super::{answer_cpuid, CpuidExitHandler, GuestContext, ModeError};
+use super::{answer_cpuid, CpuidExitHandler, ModeError};
+use crate::arch::x86_64::cpuid::CpuidTable;
 use crate::shaping::Shaper;
 use crate::vm::exits::ExitKind;
-use guest_payload::timing::HYPERCALL_QUERY_SITE_SYMBOL;
+use crate::vm::vcpu::Vcpu;
 
 pub struct Paravirt {
+    cpuid: CpuidTable,
     shaper: Shaper,
     /// The snapshot's hypercall instruction, to count it apart from the timed one.
     query_site: Option<u64>,
+    /// Leave the hypercall unanswered: the bare port I/O round trip (benches).
+    bare: bool,
 }
 
 impl Paravirt {
-    pub fn new(shaper: Shaper) -> Self {
+    pub fn new(cpuid: CpuidTable, query_site: Option<u64>, shaper: Shaper) -> Self {
         Self {
+            cpuid,
             shaper,
-            query_site: None,
+            query_site,
+            bare: false,
         }
+    }
+
+    /// Hypercalls taken and left unanswered, unshaped: the exit path's floor.
+    pub fn bare(mut self) -> Self {
+        self.bare = true;
+        self
     }
 }
 
@@ -29,14 +41,19 @@ impl CpuidExitHandler for Paravirt {
         Some(&self.shaper)
     }
 
-    fn arm(&mut self, guest: &GuestContext) -> Result<(), ModeError> {
-        self.query_site = guest.payload.symbol(HYPERCALL_QUERY_SITE_SYMBOL);
-        Ok(self.shaper.arm(guest.vcpu)?)
+    fn arm(&mut self, vcpu: &mut dyn Vcpu) -> Result<(), ModeError> {
+        Ok(self.shaper.arm(vcpu)?)
     }
 
-    fn on_hypercall(&mut self, guest: &GuestContext, exit_tsc: u64) -> Result<ExitKind, ModeError> {
-        let rip = answer_cpuid(guest, 0)?;
-        self.shaper.after_exit(guest.vcpu, exit_tsc)?;
+    fn on_hypercall(&mut self, vcpu: &mut dyn Vcpu, exit_tsc: u64) -> Result<ExitKind, ModeError> {
+        if self.bare {
+            return Ok(ExitKind::CpuidHypercall);
+        }
+        let mut regs = vcpu.regs()?;
+        let rip = regs.rip;
+        answer_cpuid(&self.cpuid, &mut regs);
+        vcpu.set_regs(&regs)?;
+        self.shaper.after_exit(vcpu, exit_tsc)?;
         // RIP is at the one-byte `out`, or past it where KVM completed it before exiting.
         let is_query = self.query_site.is_some_and(|site| rip == site || rip == site + 1);
         Ok(if is_query {
@@ -44,5 +61,44 @@ impl CpuidExitHandler for Paravirt {
         } else {
             ExitKind::CpuidHypercall
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::modes::handle_exit;
+    use crate::vm::exits::{Exit, Flow};
+    use crate::vm::vcpu::sim::SimVcpu;
+    use guest_payload::ports;
+    use kvm_bindings::kvm_cpuid_entry2;
+
+    #[test]
+    fn a_hypercall_is_answered_in_place_and_the_snapshot_counted_apart() {
+        let table = CpuidTable::new(vec![kvm_cpuid_entry2 {
+            function: 0x4000_0000,
+            eax: 0x4000_0001,
+            ebx: 0x4b4d_564b,
+            ..Default::default()
+        }]);
+        let mut handler = Paravirt::new(table, Some(0x10_0500), Shaper::none());
+        let mut vcpu = SimVcpu::new();
+        handler.arm(&mut vcpu).unwrap();
+        let hypercall = Exit::IoOut {
+            port: ports::HYPERCALL,
+            value: 0x4000_0000,
+        };
+        for (rip, kind) in [
+            (0x10_0100, ExitKind::CpuidHypercall),
+            (0x10_0500, ExitKind::CpuidQueryHypercall),
+            (0x10_0501, ExitKind::CpuidQueryHypercall),
+        ] {
+            vcpu.regs.rip = rip;
+            vcpu.regs.rax = 0x4000_0000;
+            let flow = handle_exit(&mut handler, &mut None, &mut vcpu, &hypercall, 0).unwrap();
+            assert_eq!(flow, Flow::Continue(kind));
+            assert_eq!((vcpu.regs.rax, vcpu.regs.rbx), (0x4000_0001, 0x4b4d_564b));
+            assert_eq!(vcpu.regs.rip, rip, "KVM completes the out itself");
+        }
     }
 }

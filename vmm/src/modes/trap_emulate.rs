@@ -3,37 +3,47 @@
 //! trap-and-emulate hypervisor does with a sensitive instruction.
 //!
 //! KVM answers CPUID in the kernel and never exits to userspace for it, so the trap is
-//! made one of two ways (`--trap`):
+//! made one of three ways (`--trap`):
 //! - `hw-breakpoint`: an execution breakpoint in DR0–DR3 on each CPUID site, armed with
 //!   KVM_SET_GUEST_DEBUG. It fires *before* the instruction runs (a debug exit, vector 1)
 //!   and leaves the guest's code untouched.
 //! - `int3-patch`: the VMM overwrites each `0f a2` with `cc 90` (int3; nop) and takes the
-//!   #BP (vector 3). The classic code-patching approach — and a trace the guest can find
-//!   by reading its own code. An emulating KVM cannot run INT in long mode at all and
-//!   reports the `int3` as an emulation failure at the site; that is the same trap,
-//!   delivered differently, and is handled the same way.
+//!   #BP (vector 3). An emulating KVM cannot run INT in long mode at all and reports the
+//!   `int3` as an emulation failure at the site; that is the same trap, delivered
+//!   differently, and is handled the same way.
+//! - `io-patch`: the VMM overwrites each `0f a2` with `e6 f7` (`out 0xf7, al`), two bytes
+//!   like CPUID, as a binary translator rewrites a sensitive instruction. Port I/O reaches
+//!   userspace on every KVM (nested SVM included, where the other two traps do not), and
+//!   KVM itself moves RIP past the `out` when the guest re-enters.
+//!
+//! Both patches are a trace the guest can find by reading its own code: Popek and
+//! Goldberg's equivalence, broken (the `code-integrity` rule looks for it).
 
-use super::{answer_cpuid, CpuidExitHandler, GuestContext, ModeError};
+use super::{answer_cpuid, CpuidExitHandler, ModeError};
+use crate::arch::x86_64::cpuid::CpuidTable;
 use crate::shaping::Shaper;
 use crate::vm::exits::ExitKind;
+use crate::vm::loader::Payload;
+use crate::vm::vcpu::Vcpu;
+use guest_payload::ports;
 use guest_payload::timing::{CPUID_OPCODE, CPUID_SITE_SYMBOLS};
-use kvm_bindings::{
-    kvm_debug_exit_arch, kvm_guest_debug, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_USE_HW_BP, KVM_GUESTDBG_USE_SW_BP,
-};
+use kvm_bindings::{kvm_guest_debug, kvm_regs, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_USE_HW_BP, KVM_GUESTDBG_USE_SW_BP};
 use serde::Serialize;
 use vm_memory::{Bytes, GuestAddress};
 
 /// x86 has four debug address registers, DR0–DR3.
 pub const DEBUG_ADDRESS_REGISTERS: usize = 4;
-/// What replaces CPUID at a patched site: `int3; nop`, the same length.
+/// What replaces CPUID at a site patched for `int3-patch`: `int3; nop`, the same length.
 pub const INT3_PATCH: [u8; 2] = [0xcc, 0x90];
+/// What replaces CPUID at a site patched for `io-patch`: `out imm8, al` to the trap port.
+pub const IO_PATCH: [u8; 2] = [0xe6, ports::CPUID_TRAP];
 const DEBUG_VECTOR: u32 = 1;
 const BREAKPOINT_VECTOR: u32 = 3;
 /// DR7 bit 10 reads as one.
 const DR7_FIXED: u64 = 1 << 10;
 
 /// The `--trap` values.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, clap::ValueEnum, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Trap {
     /// Debug-register execution breakpoints on the CPUID sites; the code is untouched.
@@ -41,6 +51,9 @@ pub enum Trap {
     HwBreakpoint,
     /// Patch each CPUID into `int3; nop` and handle the breakpoint exception.
     Int3Patch,
+    /// Patch each CPUID into `out 0xf7, al` and emulate it on the port I/O exit: works on
+    /// every KVM.
+    IoPatch,
 }
 
 impl Trap {
@@ -48,7 +61,28 @@ impl Trap {
         match self {
             Trap::HwBreakpoint => "hw-breakpoint",
             Trap::Int3Patch => "int3-patch",
+            Trap::IoPatch => "io-patch",
         }
+    }
+
+    /// The bytes written over each CPUID, for the traps that patch code.
+    pub const fn patch(self) -> Option<[u8; 2]> {
+        match self {
+            Trap::HwBreakpoint => None,
+            Trap::Int3Patch => Some(INT3_PATCH),
+            Trap::IoPatch => Some(IO_PATCH),
+        }
+    }
+
+    /// Whether an exit at `rip` belongs to the trap at `site`: a #BP may report the
+    /// address after the `int3`, and a port I/O exit the address after the `out`.
+    fn covers(self, site: u64, rip: u64) -> bool {
+        let after = match self {
+            Trap::HwBreakpoint => 0,
+            Trap::Int3Patch => 1,
+            Trap::IoPatch => 2,
+        };
+        rip == site || rip == site + after
     }
 }
 
@@ -56,66 +90,112 @@ impl Trap {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum TrapDelivery {
-    /// KVM_EXIT_DEBUG, as hardware KVM delivers both kinds of trap.
+    /// KVM_EXIT_DEBUG, as hardware KVM delivers breakpoints and `int3`.
     DebugExit,
     /// KVM_EXIT_INTERNAL_ERROR (emulation failure) at a patched `int3`: an emulating KVM.
     EmulationFailure,
+    /// KVM_EXIT_IO at a patched `out`.
+    PortIo,
+}
+
+impl TrapDelivery {
+    pub const fn describe(self) -> &'static str {
+        match self {
+            TrapDelivery::DebugExit => "as debug exits (KVM_EXIT_DEBUG)",
+            TrapDelivery::EmulationFailure => {
+                "as emulation failures at the patched int3 (this KVM emulates guest instructions)"
+            }
+            TrapDelivery::PortIo => "as port I/O exits (KVM_EXIT_IO) at the patched out",
+        }
+    }
+}
+
+/// The guest addresses of the payload's CPUID sites, the timed probe's first.
+pub fn cpuid_sites(payload: &Payload) -> Result<Vec<u64>, ModeError> {
+    CPUID_SITE_SYMBOLS
+        .iter()
+        .map(|&name| payload.symbol(name).ok_or(ModeError::MissingSite(name)))
+        .collect()
 }
 
 pub struct TrapEmulate {
     trap: Trap,
     sites: Vec<u64>,
+    cpuid: CpuidTable,
     shaper: Shaper,
+    /// Advance past the CPUID without answering it: the exit path's floor (benches).
+    bare: bool,
     /// How the traps arrived (the first one decides).
     pub delivery: Option<TrapDelivery>,
 }
 
 impl TrapEmulate {
-    pub fn new(trap: Trap, shaper: Shaper) -> Self {
+    pub fn new(trap: Trap, sites: Vec<u64>, cpuid: CpuidTable, shaper: Shaper) -> Self {
         Self {
             trap,
-            sites: Vec::new(),
+            sites,
+            cpuid,
             shaper,
+            bare: false,
             delivery: None,
         }
     }
 
-    /// The site a trap at `pc` belongs to. A #BP may report the address after the int3.
-    fn site_of(&self, pc: u64) -> Option<u64> {
-        self.sites
-            .iter()
-            .copied()
-            .find(|&site| pc == site || (self.trap == Trap::Int3Patch && pc == site + 1))
+    /// Traps armed as usual, but each trapped CPUID is only stepped over: no answer, no
+    /// shaping. What is left is the bare round trip of the trap's exit.
+    pub fn bare(mut self) -> Self {
+        self.bare = true;
+        self
     }
 
-    fn emulate(
-        &mut self,
-        guest: &GuestContext,
-        site: u64,
-        delivery: TrapDelivery,
-        exit_tsc: u64,
-    ) -> Result<ExitKind, ModeError> {
-        let mut regs = guest.vcpu.get_regs().map_err(|source| ModeError::Kvm {
-            what: "KVM_GET_REGS",
-            source,
-        })?;
-        if regs.rip != site {
-            // Put RIP on the site so that answering it moves RIP past the 2-byte patch.
-            regs.rip = site;
-            guest.vcpu.set_regs(&regs).map_err(|source| ModeError::Kvm {
-                what: "KVM_SET_REGS",
-                source,
-            })?;
-        }
-        answer_cpuid(guest, CPUID_OPCODE.len() as u64)?;
-        self.delivery.get_or_insert(delivery);
-        self.shaper.after_exit(guest.vcpu, exit_tsc)?;
+    /// The site a trap at `rip` belongs to (an exact match first: sites may be adjacent).
+    fn site_of(&self, rip: u64) -> Option<u64> {
+        let sites = self.sites.iter().copied();
+        sites
+            .clone()
+            .find(|&site| site == rip)
+            .or_else(|| sites.clone().find(|&site| self.trap.covers(site, rip)))
+    }
+
+    /// True where `rip` is at or just after one of the trapped sites.
+    pub fn is_site(&self, rip: u64) -> bool {
+        self.site_of(rip).is_some()
+    }
+
+    fn kind_of(&self, site: u64) -> ExitKind {
         // The first site is the timed probe; the others answer the guest's snapshot.
-        Ok(if Some(&site) == self.sites.first() {
+        if Some(&site) == self.sites.first() {
             ExitKind::CpuidTrap
         } else {
             ExitKind::CpuidQueryTrap
-        })
+        }
+    }
+
+    /// Answers the CPUID trapped at `site` in one register write; `step_over` moves RIP
+    /// past it (KVM does that itself for a port I/O exit).
+    fn emulate(
+        &mut self,
+        vcpu: &mut dyn Vcpu,
+        mut regs: kvm_regs,
+        site: u64,
+        step_over: bool,
+        delivery: TrapDelivery,
+        exit_tsc: u64,
+    ) -> Result<ExitKind, ModeError> {
+        self.delivery.get_or_insert(delivery);
+        if !self.bare {
+            answer_cpuid(&self.cpuid, &mut regs);
+        }
+        if step_over {
+            regs.rip = site + CPUID_OPCODE.len() as u64;
+        }
+        if !self.bare || step_over {
+            vcpu.set_regs(&regs)?;
+        }
+        if !self.bare {
+            self.shaper.after_exit(vcpu, exit_tsc)?;
+        }
+        Ok(self.kind_of(site))
     }
 }
 
@@ -124,15 +204,10 @@ impl CpuidExitHandler for TrapEmulate {
         Some(&self.shaper)
     }
 
-    fn arm(&mut self, guest: &GuestContext) -> Result<(), ModeError> {
-        self.sites = CPUID_SITE_SYMBOLS
-            .iter()
-            .map(|&name| guest.payload.symbol(name).ok_or(ModeError::MissingSite(name)))
-            .collect::<Result<_, _>>()?;
+    fn arm(&mut self, vcpu: &mut dyn Vcpu) -> Result<(), ModeError> {
         for &site in &self.sites {
             let mut found = [0u8; 2];
-            guest
-                .memory
+            vcpu.memory()
                 .read_slice(&mut found, GuestAddress(site))
                 .map_err(|source| ModeError::Memory { addr: site, source })?;
             if found != CPUID_OPCODE {
@@ -155,59 +230,261 @@ impl CpuidExitHandler for TrapEmulate {
                     // Global enable for this slot; R/W and LEN zero: break on execution.
                     debug.arch.debugreg[7] |= 1 << (2 * slot + 1);
                 }
+                vcpu.set_guest_debug(&debug)?;
             }
-            Trap::Int3Patch => {
+            Trap::Int3Patch | Trap::IoPatch => {
+                let patch = self.trap.patch().unwrap_or(CPUID_OPCODE);
                 for &site in &self.sites {
-                    guest
-                        .memory
-                        .write_slice(&INT3_PATCH, GuestAddress(site))
+                    vcpu.memory()
+                        .write_slice(&patch, GuestAddress(site))
                         .map_err(|source| ModeError::Memory { addr: site, source })?;
                 }
-                debug.control = KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_SW_BP;
+                if self.trap == Trap::Int3Patch {
+                    debug.control = KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_SW_BP;
+                    vcpu.set_guest_debug(&debug)?;
+                }
             }
         }
-        guest.vcpu.set_guest_debug(&debug).map_err(|source| ModeError::Kvm {
-            what: "KVM_SET_GUEST_DEBUG",
-            source,
-        })?;
-        Ok(self.shaper.arm(guest.vcpu)?)
+        Ok(self.shaper.arm(vcpu)?)
     }
 
-    fn on_debug(
-        &mut self,
-        guest: &GuestContext,
-        exit: &kvm_debug_exit_arch,
-        exit_tsc: u64,
-    ) -> Result<ExitKind, ModeError> {
+    fn on_debug(&mut self, vcpu: &mut dyn Vcpu, pc: u64, exception: u32, exit_tsc: u64) -> Result<ExitKind, ModeError> {
         let expected_vector = match self.trap {
-            Trap::HwBreakpoint => DEBUG_VECTOR,
-            Trap::Int3Patch => BREAKPOINT_VECTOR,
+            Trap::HwBreakpoint => Some(DEBUG_VECTOR),
+            Trap::Int3Patch => Some(BREAKPOINT_VECTOR),
+            Trap::IoPatch => None,
         };
-        match self.site_of(exit.pc) {
-            Some(site) if exit.exception == expected_vector => {
-                self.emulate(guest, site, TrapDelivery::DebugExit, exit_tsc)
+        match self.site_of(pc) {
+            Some(site) if Some(exception) == expected_vector => {
+                let regs = vcpu.regs()?;
+                self.emulate(vcpu, regs, site, true, TrapDelivery::DebugExit, exit_tsc)
             }
-            _ => Err(ModeError::UnexpectedDebugExit {
-                rip: exit.pc,
-                exception: exit.exception,
+            _ => Err(ModeError::UnexpectedDebugExit { rip: pc, exception }),
+        }
+    }
+
+    fn on_io_trap(&mut self, vcpu: &mut dyn Vcpu, exit_tsc: u64) -> Result<ExitKind, ModeError> {
+        if self.bare && self.trap == Trap::IoPatch {
+            // Nothing to do at all: KVM completes the `out` on re-entry.
+            self.delivery.get_or_insert(TrapDelivery::PortIo);
+            return Ok(ExitKind::CpuidTrap);
+        }
+        let regs = vcpu.regs()?;
+        match self.site_of(regs.rip) {
+            Some(site) if self.trap == Trap::IoPatch => {
+                self.emulate(vcpu, regs, site, false, TrapDelivery::PortIo, exit_tsc)
+            }
+            _ => Err(ModeError::UnexpectedIoTrap {
+                port: u16::from(ports::CPUID_TRAP),
+                rip: regs.rip,
             }),
         }
     }
 
-    fn on_emulation_failure(
-        &mut self,
-        guest: &GuestContext,
-        rip: u64,
-        exit_tsc: u64,
-    ) -> Result<Option<ExitKind>, ModeError> {
+    fn on_emulation_failure(&mut self, vcpu: &mut dyn Vcpu, exit_tsc: u64) -> Result<Option<ExitKind>, ModeError> {
         if self.trap != Trap::Int3Patch {
             return Ok(None);
         }
-        match self.site_of(rip) {
+        let regs = vcpu.regs()?;
+        match self.site_of(regs.rip) {
             Some(site) => self
-                .emulate(guest, site, TrapDelivery::EmulationFailure, exit_tsc)
+                .emulate(vcpu, regs, site, true, TrapDelivery::EmulationFailure, exit_tsc)
                 .map(Some),
             None => Ok(None),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::modes::handle_exit;
+    use crate::vm::exits::{Exit, Flow};
+    use crate::vm::vcpu::sim::SimVcpu;
+    use kvm_bindings::kvm_cpuid_entry2;
+
+    const PROBE_SITE: u64 = 0x10_0100;
+    const QUERY_SITE: u64 = 0x10_0200;
+
+    fn table() -> CpuidTable {
+        CpuidTable::new(vec![kvm_cpuid_entry2 {
+            function: 0,
+            eax: 0xd,
+            ebx: 0x6874_7541,
+            ecx: 0x444d_4163,
+            edx: 0x6974_6e65,
+            ..Default::default()
+        }])
+    }
+
+    /// A simulated vCPU whose code holds CPUID at both sites, stopped at `rip` with a
+    /// CPUID(0) request in its registers.
+    fn vcpu_at(rip: u64) -> SimVcpu {
+        let mut vcpu = SimVcpu::new();
+        for site in [PROBE_SITE, QUERY_SITE] {
+            vcpu.memory.write_slice(&CPUID_OPCODE, GuestAddress(site)).unwrap();
+        }
+        vcpu.regs.rip = rip;
+        vcpu.regs.rax = 0xffff_ffff_0000_0000;
+        vcpu.regs.rcx = 0;
+        vcpu
+    }
+
+    fn armed(trap: Trap, vcpu: &mut SimVcpu) -> TrapEmulate {
+        let mut handler = TrapEmulate::new(trap, vec![PROBE_SITE, QUERY_SITE], table(), Shaper::none());
+        handler.arm(vcpu).unwrap();
+        handler
+    }
+
+    fn dispatch(handler: &mut TrapEmulate, vcpu: &mut SimVcpu, exit: Exit) -> Result<Flow, ModeError> {
+        handle_exit(handler, &mut None, vcpu, &exit, 0)
+    }
+
+    fn answered_leaf0(vcpu: &SimVcpu) -> bool {
+        (vcpu.regs.rax, vcpu.regs.rbx, vcpu.regs.rcx, vcpu.regs.rdx) == (0xd, 0x6874_7541, 0x444d_4163, 0x6974_6e65)
+    }
+
+    #[test]
+    fn a_hardware_breakpoint_is_answered_and_stepped_over_in_one_register_write() {
+        let mut vcpu = vcpu_at(PROBE_SITE);
+        let mut handler = armed(Trap::HwBreakpoint, &mut vcpu);
+        let debug = vcpu.debug.expect("breakpoints armed");
+        assert_eq!(debug.arch.debugreg[0], PROBE_SITE);
+        assert_eq!(debug.arch.debugreg[1], QUERY_SITE);
+        assert_eq!(debug.arch.debugreg[7] & 0b1010, 0b1010, "slots 0 and 1 enabled");
+        let exit = Exit::Debug {
+            pc: PROBE_SITE,
+            exception: 1,
+        };
+        assert_eq!(
+            dispatch(&mut handler, &mut vcpu, exit).unwrap(),
+            Flow::Continue(ExitKind::CpuidTrap)
+        );
+        assert!(answered_leaf0(&vcpu), "upper halves cleared, registers from the table");
+        assert_eq!(vcpu.regs.rip, PROBE_SITE + 2);
+        assert_eq!(
+            (vcpu.regs_reads.get(), vcpu.regs_writes),
+            (1, 1),
+            "one read, one write per exit"
+        );
+        assert_eq!(handler.delivery, Some(TrapDelivery::DebugExit));
+    }
+
+    #[test]
+    fn io_patch_rewrites_each_cpuid_into_an_out_and_leaves_rip_to_kvm() {
+        let mut vcpu = vcpu_at(QUERY_SITE);
+        let mut handler = armed(Trap::IoPatch, &mut vcpu);
+        for site in [PROBE_SITE, QUERY_SITE] {
+            let mut code = [0u8; 2];
+            vcpu.memory.read_slice(&mut code, GuestAddress(site)).unwrap();
+            assert_eq!(code, [0xe6, 0xf7], "out 0xf7, al");
+        }
+        assert!(vcpu.debug.is_none(), "no debug traps for io-patch");
+        let exit = Exit::IoOut {
+            port: u16::from(ports::CPUID_TRAP),
+            value: 0,
+        };
+        assert_eq!(
+            dispatch(&mut handler, &mut vcpu, exit.clone()).unwrap(),
+            Flow::Continue(ExitKind::CpuidQueryTrap)
+        );
+        assert!(answered_leaf0(&vcpu));
+        assert_eq!(vcpu.regs.rip, QUERY_SITE, "KVM steps over the out on re-entry");
+        assert_eq!(handler.delivery, Some(TrapDelivery::PortIo));
+        // A KVM that completed the out before exiting reports the RIP after it.
+        vcpu.regs.rip = PROBE_SITE + 2;
+        assert_eq!(
+            dispatch(&mut handler, &mut vcpu, exit.clone()).unwrap(),
+            Flow::Continue(ExitKind::CpuidTrap)
+        );
+        // An out to the trap port from anywhere else is no CPUID of ours.
+        vcpu.regs.rip = 0x10_0300;
+        assert!(matches!(
+            dispatch(&mut handler, &mut vcpu, exit),
+            Err(ModeError::UnexpectedIoTrap { rip: 0x10_0300, .. })
+        ));
+    }
+
+    #[test]
+    fn int3_patch_takes_breakpoints_and_an_emulating_kvms_failures_at_its_sites() {
+        let mut vcpu = vcpu_at(PROBE_SITE);
+        let mut handler = armed(Trap::Int3Patch, &mut vcpu);
+        let mut code = [0u8; 2];
+        vcpu.memory.read_slice(&mut code, GuestAddress(PROBE_SITE)).unwrap();
+        assert_eq!(code, INT3_PATCH);
+        let breakpoint = Exit::Debug {
+            pc: PROBE_SITE + 1,
+            exception: 3,
+        };
+        assert_eq!(
+            dispatch(&mut handler, &mut vcpu, breakpoint).unwrap(),
+            Flow::Continue(ExitKind::CpuidTrap)
+        );
+        assert_eq!(vcpu.regs.rip, PROBE_SITE + 2);
+
+        let failure = Exit::InternalError {
+            suberror: kvm_bindings::KVM_INTERNAL_ERROR_EMULATION,
+        };
+        vcpu.regs.rip = QUERY_SITE;
+        assert_eq!(
+            dispatch(&mut handler, &mut vcpu, failure.clone()).unwrap(),
+            Flow::Continue(ExitKind::CpuidQueryTrap)
+        );
+        // An emulation failure elsewhere is the guest's own problem, reported as fatal.
+        vcpu.regs.rip = 0x10_0300;
+        assert_eq!(dispatch(&mut handler, &mut vcpu, failure).unwrap(), Flow::Fatal);
+    }
+
+    #[test]
+    fn a_trap_of_the_wrong_kind_or_place_is_refused() {
+        let mut vcpu = vcpu_at(PROBE_SITE);
+        let mut handler = armed(Trap::HwBreakpoint, &mut vcpu);
+        let wrong_vector = Exit::Debug {
+            pc: PROBE_SITE,
+            exception: 3,
+        };
+        assert!(dispatch(&mut handler, &mut vcpu, wrong_vector).is_err());
+        let wrong_place = Exit::Debug { pc: 0x42, exception: 1 };
+        assert!(dispatch(&mut handler, &mut vcpu, wrong_place).is_err());
+    }
+
+    #[test]
+    fn sites_that_do_not_hold_cpuid_or_too_many_for_dr0_dr3_are_refused_before_the_run() {
+        let mut vcpu = vcpu_at(PROBE_SITE);
+        vcpu.memory
+            .write_slice(&[0x90, 0x90], GuestAddress(QUERY_SITE))
+            .unwrap();
+        let mut handler = TrapEmulate::new(Trap::IoPatch, vec![PROBE_SITE, QUERY_SITE], table(), Shaper::none());
+        assert!(matches!(
+            handler.arm(&mut vcpu),
+            Err(ModeError::NotCpuid { addr: QUERY_SITE, .. })
+        ));
+
+        let mut vcpu = SimVcpu::new();
+        let sites: Vec<u64> = (0..5).map(|i| 0x10_0000 + 16 * i).collect();
+        for &site in &sites {
+            vcpu.memory.write_slice(&CPUID_OPCODE, GuestAddress(site)).unwrap();
+        }
+        let mut handler = TrapEmulate::new(Trap::HwBreakpoint, sites.clone(), table(), Shaper::none());
+        assert!(matches!(
+            handler.arm(&mut vcpu),
+            Err(ModeError::TooManySites { sites: 5, slots: 4 })
+        ));
+        let mut patched = TrapEmulate::new(Trap::IoPatch, sites, table(), Shaper::none());
+        assert!(patched.arm(&mut vcpu).is_ok(), "patching traps any number of sites");
+    }
+
+    #[test]
+    fn a_bare_trap_steps_over_without_answering() {
+        let mut vcpu = vcpu_at(PROBE_SITE);
+        let mut handler = TrapEmulate::new(Trap::HwBreakpoint, vec![PROBE_SITE], table(), Shaper::none()).bare();
+        handler.arm(&mut vcpu).unwrap();
+        let exit = Exit::Debug {
+            pc: PROBE_SITE,
+            exception: 1,
+        };
+        dispatch(&mut handler, &mut vcpu, exit).unwrap();
+        assert_eq!(vcpu.regs.rip, PROBE_SITE + 2);
+        assert_eq!(vcpu.regs.rax, 0xffff_ffff_0000_0000, "not answered");
     }
 }

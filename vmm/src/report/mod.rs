@@ -6,19 +6,21 @@ pub mod table;
 
 use crate::detector::RuleVerdict;
 use crate::host::{CpuInfo, KvmFlavour, TscFrequency};
-use crate::measure::{Measurement, RunSpec, ShapingOutcome};
+use crate::measure::{Measurement, RunSpec};
 use crate::modes::trap_emulate::{Trap, TrapDelivery};
-use crate::modes::Mode;
-use crate::shaping::ShapingReport;
+use crate::modes::{Mode, Path};
+use crate::shaping::report::ShapingReport;
 use crate::stats::{self, Summary};
 use crate::vm::exits::ExitSummary;
 use crate::vm::loader::Payload;
+use crate::vm::vcpu::RegisterAccess;
 use guest_payload::Probe;
 use serde::Serialize;
 use std::collections::BTreeMap;
 
 /// Bumped when a field changes meaning or disappears (adding fields does not bump it).
-pub const SCHEMA_VERSION: u32 = 1;
+/// 2: samples and cycle statistics are signed (a TSC that ran backwards is negative).
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// The host as a report describes it.
 #[derive(Clone, Debug, Serialize)]
@@ -136,6 +138,8 @@ pub struct RunReport {
     pub schema_version: u32,
     pub vmm_version: &'static str,
     pub mode: Mode,
+    /// The mode and, for trap-emulate, its trap, in the one spelling `validate` takes.
+    pub path: Path,
     pub host: HostReport,
     pub payload: PayloadReport,
     pub config: ConfigReport,
@@ -148,6 +152,9 @@ pub struct RunReport {
     /// trap-emulate only: the trap mechanism and how this KVM delivered it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub trap: Option<TrapReport>,
+    /// How registers travelled at each exit: KVM_CAP_SYNC_REGS or the ioctls (VM modes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub register_access: Option<RegisterAccess>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub shaping: Option<ShapingReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -159,7 +166,7 @@ pub struct RunReport {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub cpuid_site_bytes: Vec<[u8; 2]>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub samples: Option<BTreeMap<&'static str, Vec<u64>>>,
+    pub samples: Option<BTreeMap<&'static str, Vec<guest_payload::Cycles>>>,
 }
 
 #[derive(Clone, Copy, Debug, Serialize)]
@@ -194,7 +201,7 @@ impl RunReport {
             .collect();
         let excess = match (probes.get(Probe::Cpuid.name()), probes.get(Probe::Nop.name())) {
             (Some(cpuid), Some(nop)) => {
-                let cycles = cpuid.cycles.median as i64 - nop.cycles.median as i64;
+                let cycles = cpuid.cycles.median.saturating_sub(nop.cycles.median);
                 Some(Excess {
                     median_cycles: cycles,
                     median_ns: round2(stats::cycles_to_ns(cycles as f64, tsc_khz)),
@@ -203,10 +210,12 @@ impl RunReport {
             }
             _ => None,
         };
-        let shaping = measurement.shaping.as_ref().map(|outcome| {
-            let median = probes.get(Probe::Cpuid.name()).map_or(0, |p| p.cycles.median);
-            shaping_report(outcome, median, tsc_khz)
-        });
+        let shaping = match (&measurement.shaping, probes.get(Probe::Cpuid.name())) {
+            (Some(outcome), Some(cpuid)) => {
+                Some(ShapingReport::new(outcome, &cpuid.cycles, &measurement.shaped, tsc_khz))
+            }
+            _ => None,
+        };
         let cpuid_sites = guest_payload::timing::CPUID_SITE_SYMBOLS
             .iter()
             .filter_map(|&name| Some((name, payload.symbol(name)?)))
@@ -214,7 +223,8 @@ impl RunReport {
         Self {
             schema_version: SCHEMA_VERSION,
             vmm_version: env!("CARGO_PKG_VERSION"),
-            mode: spec.mode,
+            mode: spec.path.mode(),
+            path: spec.path,
             host,
             payload: PayloadReport {
                 source: payload.source.to_string(),
@@ -238,55 +248,16 @@ impl RunReport {
                 setup_us: measurement.setup.map(|d| d.as_micros() as u64),
                 run_us: measurement.run.as_micros() as u64,
             },
-            trap: (spec.mode == Mode::TrapEmulate).then_some(TrapReport {
-                mechanism: spec.trap,
+            trap: spec.path.trap().map(|mechanism| TrapReport {
+                mechanism,
                 delivery: measurement.trap_delivery,
             }),
+            register_access: measurement.register_access,
             shaping,
             native_cpu: measurement.native_cpu,
             cpuid_snapshot: measurement.cpuid.clone(),
             cpuid_site_bytes: measurement.site_bytes.clone(),
             samples: include_samples.then(|| measurement.samples.iter().map(|(p, s)| (p.name(), s.clone())).collect()),
         }
-    }
-}
-
-/// Requested against achieved: for inject kinds the CPUID median over the calibration
-/// run's, for hide and profiles the guest-seen median itself.
-fn shaping_report(outcome: &ShapingOutcome, cpuid_median: u64, tsc_khz: u32) -> ShapingReport {
-    let (before, after) = (&outcome.before, outcome.after.as_ref());
-    let baseline = after.map_or(before.baseline.median, |a| {
-        (before.baseline.median + a.baseline.median) / 2
-    });
-    let achieved = if outcome.additive {
-        cpuid_median as i64 - baseline as i64
-    } else {
-        cpuid_median as i64
-    };
-    let change = |before: u64, after: u64| (after as f64 - before as f64).abs() / (before.max(1) as f64);
-    let residues = outcome.residues();
-    let drift = after.map(|a| {
-        let baseline_drift = change(before.baseline.median, a.baseline.median);
-        let residue_drift = match residues {
-            Some((r, Some(r_after))) => change(r, r_after),
-            _ => 0.0,
-        };
-        round2(baseline_drift.max(residue_drift))
-    });
-    ShapingReport {
-        kind: outcome.kind,
-        requested_cycles: outcome.requested_cycles,
-        achieved_cycles: achieved,
-        requested_ns: round2(stats::cycles_to_ns(outcome.requested_cycles as f64, tsc_khz)),
-        achieved_ns: round2(stats::cycles_to_ns(achieved as f64, tsc_khz)),
-        baseline_cycles: before.baseline.median,
-        baseline_spread_cycles: before.baseline.p95 - before.baseline.p5,
-        residue_cycles: residues.map(|(r, _)| r),
-        baseline_after_cycles: after.map(|a| a.baseline.median),
-        residue_after_cycles: residues.and_then(|(_, a)| a),
-        calibration_drift: drift,
-        tsc_method: outcome.tsc_method,
-        profile: outcome.profile.clone(),
-        seed: outcome.seed,
     }
 }

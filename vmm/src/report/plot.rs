@@ -6,9 +6,9 @@ use crate::commands::CommandError;
 use crate::detector::rules::{robust_virtual_excess_ns, FIXED_THRESHOLD_CYCLES, LFENCE_RATIO_VIRTUAL};
 use crate::detector::Calibration;
 use crate::stats;
-use guest_payload::Probe;
+use crate::vm::ProbeSamples;
+use guest_payload::{Cycles, Probe};
 use plotters::prelude::*;
-use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Write;
 use std::path::Path;
@@ -17,17 +17,17 @@ use std::path::Path;
 #[derive(Clone, Debug)]
 pub struct PlotRun {
     pub label: String,
-    pub nop_median: u64,
-    pub cpuid_median: u64,
-    pub floor_median: u64,
-    pub lfence8_median: Option<u64>,
-    pub cpuid: Vec<u64>,
+    pub nop_median: Cycles,
+    pub cpuid_median: Cycles,
+    pub floor_median: Cycles,
+    pub lfence8_median: Option<Cycles>,
+    pub cpuid: Vec<Cycles>,
     /// The run's TSC rate, to put ns thresholds on a cycles axis.
     pub tsc_khz: u32,
 }
 
 impl PlotRun {
-    pub fn new(label: &str, samples: &BTreeMap<Probe, Vec<u64>>, tsc_khz: u32) -> Self {
+    pub fn new(label: &str, samples: &ProbeSamples, tsc_khz: u32) -> Self {
         let median = |p: Probe| samples.get(&p).map(|s| stats::median(s));
         let nop = median(Probe::Nop).unwrap_or(1);
         Self {
@@ -158,7 +158,7 @@ fn scatter(area: &Area, runs: &[PlotRun], calibration: &Calibration) -> DrawResu
         ))?
         .label(format!("fixed-threshold (mean {FIXED_THRESHOLD_CYCLES})"))
         .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], RGBColor(120, 120, 120).stroke_width(2)));
-    let lfences: Vec<u64> = runs.iter().filter_map(|r| r.lfence8_median).collect();
+    let lfences: Vec<Cycles> = runs.iter().filter_map(|r| r.lfence8_median).collect();
     if !lfences.is_empty() {
         let y = LFENCE_RATIO_VIRTUAL * stats::median(&lfences) as f64;
         chart
@@ -171,7 +171,7 @@ fn scatter(area: &Area, runs: &[PlotRun], calibration: &Calibration) -> DrawResu
             .label(format!("cpuid-lfence-ratio ({LFENCE_RATIO_VIRTUAL} × 8 LFENCE)"))
             .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], RGBColor(200, 120, 0).stroke_width(2)));
     }
-    let floors: Vec<u64> = runs.iter().map(|r| r.floor_median).collect();
+    let floors: Vec<Cycles> = runs.iter().map(|r| r.floor_median).collect();
     if !floors.is_empty() {
         // robust's threshold is in ns over the floor; the runs' TSC rate puts it in cycles.
         let khz: Vec<u64> = runs.iter().map(|r| u64::from(r.tsc_khz)).collect();
@@ -210,7 +210,11 @@ fn scatter(area: &Area, runs: &[PlotRun], calibration: &Calibration) -> DrawResu
 
 fn histogram(area: &Area, runs: &[PlotRun]) -> DrawResult {
     const BINS: usize = 60;
-    let all = runs.iter().flat_map(|r| r.cpuid.iter().map(|&c| c.max(1) as f64));
+    // A log axis has no room for samples that ran backwards: they are counted in the
+    // legend instead, never drawn as if they were tiny positive costs.
+    let all = runs
+        .iter()
+        .flat_map(|r| r.cpuid.iter().filter(|&&c| c > 0).map(|&c| c as f64));
     let (lo, hi) = bounds(all);
     let edge = |i: usize| lo * (hi / lo).powf(i as f64 / BINS as f64);
     let mut series = Vec::new();
@@ -218,8 +222,13 @@ fn histogram(area: &Area, runs: &[PlotRun]) -> DrawResult {
     for (label, colour) in colours(runs) {
         let mut counts = vec![0u64; BINS];
         let mut total = 0u64;
+        let mut backwards = 0u64;
         for run in runs.iter().filter(|r| r.label == label) {
             for &c in &run.cpuid {
+                if c <= 0 {
+                    backwards += u64::from(c < 0);
+                    continue;
+                }
                 let position = ((c.max(1) as f64 / lo).ln() / (hi / lo).ln() * BINS as f64) as usize;
                 counts[position.min(BINS - 1)] += 1;
                 total += 1;
@@ -227,6 +236,11 @@ fn histogram(area: &Area, runs: &[PlotRun]) -> DrawResult {
         }
         let fractions: Vec<f64> = counts.iter().map(|&c| c as f64 / total.max(1) as f64 * 100.0).collect();
         y_max = fractions.iter().copied().fold(y_max, f64::max);
+        let label = if backwards > 0 {
+            format!("{label} ({backwards} samples ran backwards, not drawn)")
+        } else {
+            label
+        };
         series.push((label, colour, fractions));
     }
     let mut chart = ChartBuilder::on(area)
@@ -277,7 +291,7 @@ pub fn svg_texts(svg: &str) -> Vec<String> {
 mod tests {
     use super::*;
 
-    fn run(label: &str, nop: u64, cpuid: u64) -> PlotRun {
+    fn run(label: &str, nop: Cycles, cpuid: Cycles) -> PlotRun {
         PlotRun {
             label: label.into(),
             nop_median: nop,

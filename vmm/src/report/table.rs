@@ -54,13 +54,7 @@ pub fn render(report: &RunReport) -> String {
         );
     }
     if let Some(trap) = &report.trap {
-        let delivery = match trap.delivery {
-            Some(crate::modes::trap_emulate::TrapDelivery::DebugExit) => "as debug exits (KVM_EXIT_DEBUG)",
-            Some(crate::modes::trap_emulate::TrapDelivery::EmulationFailure) => {
-                "as emulation failures at the patched int3 (this KVM emulates guest instructions)"
-            }
-            None => "not at all",
-        };
+        let delivery = trap.delivery.map_or("not at all", |d| d.describe());
         let _ = writeln!(out, "\ntrap: {}, delivered {delivery}", trap.mechanism.name());
     }
     if let Some(shaping) = &report.shaping {

@@ -2,24 +2,26 @@
 //!
 //! - `Inject`: spin in the exit handler — real, wall-clock latency;
 //! - `VirtualInject`: move the guest TSC forward, without spending the time;
-//! - `Hide`: move the guest TSC back by what the exit cost beyond a target;
+//! - `Hide`: move the guest TSC back by what the exit provably cost beyond a target;
 //! - `Profile`: like `Hide`, with a target drawn per exit from a distribution.
 //!
-//! The arithmetic is in [`plan`], tested on a simulated clock; [`tsc`] moves the TSC.
+//! Everything about shaping lives here: the per-exit [`Shaper`], the arithmetic
+//! ([`plan`], tested on a simulated clock), the probes and calibration rounds that set it
+//! up ([`calibration`]) and what a report says about it ([`report`]).
 
+pub mod calibration;
 pub mod plan;
 pub mod profile;
-pub mod tsc;
+pub mod report;
 
-use kvm_ioctls::VcpuFd;
+use crate::vm::tsc::TscMethod;
+use crate::vm::vcpu::{Vcpu, VcpuError};
 use profile::{Profile, SplitMix64};
-use serde::Serialize;
-use tsc::{TscError, TscMethod, TscMover};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ShapingError {
     #[error("cannot move the guest TSC: {0}")]
-    Tsc(#[from] TscError),
+    Vcpu(#[from] VcpuError),
     #[error(
         "TSC moves are not honoured by this KVM ({flavour}): a {requested}-cycle move through {method:?} \
          left the guest-seen cost at {seen} cycles, so --hide, --virtual-inject-cycles and --profile cannot work here. \
@@ -29,7 +31,7 @@ pub enum ShapingError {
         flavour: &'static str,
         method: TscMethod,
         requested: u64,
-        seen: u64,
+        seen: i64,
     },
     #[error("{0} shapes exits the VMM handles: use --mode trap-emulate or --mode paravirt")]
     NeedsVmmExits(&'static str),
@@ -50,10 +52,10 @@ pub enum Shaping {
     Inject { cycles: u64 },
     /// Move the guest TSC forward by this many cycles.
     VirtualInject { cycles: u64 },
-    /// Make every exit cost the guest `target` cycles (`None`: the native CPUID median,
-    /// measured at start).
+    /// Make every exit cost the guest at least `target` cycles, as close to it as can be
+    /// proved (`None`: the native CPUID median, measured at start).
     Hide { target: Option<u64> },
-    /// Make each exit cost a target drawn from the profile.
+    /// Make each exit cost a target drawn from the profile (at least).
     Profile { profile: Box<Profile>, seed: u64 },
     /// Move the TSC forward by [`CALIBRATION_MOVE`] on every exit: calibration runs take
     /// the same kernel path as shaped ones, and the move is subtracted afterwards.
@@ -81,21 +83,31 @@ impl Shaping {
     }
 }
 
+/// What the shaper did at each CPUID exit it shaped, in order.
+#[derive(Clone, Debug, Default)]
+pub struct ShapedExits {
+    /// Host cycles from KVM_RUN's return to the moment the TSC was moved (or the spin
+    /// began): the part of each exit known exactly.
+    pub handler_cycles: Vec<u64>,
+    /// The TSC move of each exit (negative: time taken back from the guest).
+    pub moves: Vec<i64>,
+}
+
 /// Applies a [`Shaping`] to each exit of one vCPU.
 pub struct Shaper {
     shaping: Shaping,
     /// Hide's target once resolved.
     target: u64,
-    residue: u64,
+    /// What hiding may take back of the kernel's part of each exit.
+    residue_lower_bound: u64,
     rng: SplitMix64,
-    tsc: Option<TscMover>,
-    /// Calibration only: handler cycles up to the point where shaping measures them.
-    calibration_handler_cycles: Vec<u64>,
+    tsc_method: Option<TscMethod>,
+    exits: ShapedExits,
 }
 
 impl Shaper {
-    /// `target` resolves `Hide { target: None }`; `residue` comes from calibration.
-    pub fn new(shaping: Shaping, target: u64, residue: u64) -> Self {
+    /// `target` resolves `Hide { target: None }`; the residue bound comes from calibration.
+    pub fn new(shaping: Shaping, target: u64, residue_lower_bound: u64) -> Self {
         let seed = match &shaping {
             Shaping::Profile { seed, .. } => *seed,
             _ => 0,
@@ -107,10 +119,10 @@ impl Shaper {
         Self {
             shaping,
             target,
-            residue,
+            residue_lower_bound,
             rng: SplitMix64::new(seed),
-            tsc: None,
-            calibration_handler_cycles: Vec::new(),
+            tsc_method: None,
+            exits: ShapedExits::default(),
         }
     }
 
@@ -118,80 +130,131 @@ impl Shaper {
         Self::new(Shaping::None, 0, 0)
     }
 
-    /// Opens the TSC mover, once, before the vCPU runs.
-    pub fn arm(&mut self, vcpu: &VcpuFd) -> Result<(), ShapingError> {
+    /// Opens TSC moves, once, before the vCPU runs; sizes the per-exit records.
+    pub fn arm(&mut self, vcpu: &mut dyn Vcpu) -> Result<(), ShapingError> {
         if self.shaping.moves_tsc() {
-            self.tsc = Some(TscMover::open(vcpu)?);
+            self.tsc_method = Some(vcpu.enable_tsc_moves()?);
         }
         Ok(())
     }
 
     /// How it moved the TSC, if it did.
     pub fn tsc_method(&self) -> Option<TscMethod> {
-        self.tsc.as_ref().map(|t| t.method)
+        self.tsc_method
     }
 
-    /// Calibration runs: the handler cycles each exit had spent when shaping ran.
-    pub fn calibration_handler_cycles(&self) -> &[u64] {
-        &self.calibration_handler_cycles
+    /// What it did at each exit.
+    pub fn exits(&self) -> &ShapedExits {
+        &self.exits
     }
 
     /// Called at the end of each CPUID exit, after the answer is in the registers.
-    pub fn after_exit(&mut self, vcpu: &VcpuFd, exit_tsc: u64) -> Result<(), ShapingError> {
-        let now = guest_payload::timing::read_tsc;
+    pub fn after_exit(&mut self, vcpu: &mut dyn Vcpu, exit_tsc: u64) -> Result<(), ShapingError> {
+        if self.shaping == Shaping::None {
+            return Ok(());
+        }
+        let handler = vcpu.now().saturating_sub(exit_tsc);
         let delta = match &self.shaping {
-            Shaping::None => return Ok(()),
+            Shaping::None => 0,
             Shaping::Inject { cycles } => {
-                plan::spin_until(now(), *cycles, now);
-                return Ok(());
+                plan::spin_until(vcpu.now(), *cycles, || vcpu.now());
+                0
             }
-            Shaping::VirtualInject { cycles } => *cycles as i64,
-            Shaping::CalibrateResidue => {
-                // Measured exactly where Hide measures it, so that the residue covers the
-                // TSC write that follows (an ioctl: thousands of cycles, more when nested).
-                self.calibration_handler_cycles.push(now() - exit_tsc);
-                CALIBRATION_MOVE as i64
-            }
-            Shaping::Hide { .. } => plan::hide_adjustment(self.target, now() - exit_tsc, self.residue),
+            Shaping::VirtualInject { cycles } => i64::try_from(*cycles).unwrap_or(i64::MAX),
+            Shaping::CalibrateResidue => CALIBRATION_MOVE as i64,
+            Shaping::Hide { .. } => plan::hide_adjustment(self.target, handler, self.residue_lower_bound),
             Shaping::Profile { profile, .. } => {
                 let target = profile.distribution.sample(&mut self.rng);
-                plan::hide_adjustment(target, now() - exit_tsc, self.residue)
+                plan::hide_adjustment(target, handler, self.residue_lower_bound)
             }
         };
-        match self.tsc.as_mut() {
-            Some(tsc) => Ok(tsc.move_by(vcpu, delta)?),
-            None => Ok(()),
+        self.exits.handler_cycles.push(handler);
+        self.exits.moves.push(delta);
+        if self.shaping.moves_tsc() {
+            vcpu.move_tsc(delta)?;
         }
+        Ok(())
     }
 }
 
-/// What the report says about shaping.
-#[derive(Clone, Debug, Serialize)]
-pub struct ShapingReport {
-    pub kind: &'static str,
-    /// Inject and virtual inject: cycles added; hide and profile: the guest-seen target.
-    pub requested_cycles: u64,
-    /// The same, as measured: the CPUID median over the unshaped calibration runs' (the
-    /// mean of the baselines before and after, which cancels a steady drift), or the
-    /// guest-seen median.
-    pub achieved_cycles: i64,
-    pub requested_ns: f64,
-    pub achieved_ns: f64,
-    /// The guest-seen CPUID median of the unshaped calibration run in this invocation.
-    pub baseline_cycles: u64,
-    /// p95 - p5 of the calibration run: the noise the comparison lives with.
-    pub baseline_spread_cycles: u64,
-    /// Kernel entry/exit residue calibrated at start (TSC-moving kinds).
-    pub residue_cycles: Option<u64>,
-    /// The baseline and residue measured again after the run, and the larger of their
-    /// relative changes: above ~0.1 the host's exit costs moved while the run measured,
-    /// and `achieved` says more about the host than about the shaping.
-    pub baseline_after_cycles: Option<u64>,
-    pub residue_after_cycles: Option<u64>,
-    pub calibration_drift: Option<f64>,
-    pub tsc_method: Option<TscMethod>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub profile: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub seed: Option<u64>,
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vm::vcpu::sim::SimVcpu;
+
+    /// One exit on a simulated vCPU: the kernel's part before the handler runs, then
+    /// `handler` cycles of VMM work, then the shaper. Returns what the guest's two
+    /// timestamps around the CPUID read.
+    fn exit(vcpu: &mut SimVcpu, shaper: &mut Shaper, kernel: u64, handler: u64) -> i64 {
+        let before = vcpu.guest_tsc();
+        vcpu.advance(kernel);
+        let exit_tsc = vcpu.host_tsc.get();
+        vcpu.advance(handler);
+        shaper.after_exit(vcpu, exit_tsc).unwrap();
+        vcpu.guest_tsc() - before
+    }
+
+    #[test]
+    fn hide_takes_back_exactly_the_provable_part() {
+        let mut vcpu = SimVcpu::new();
+        vcpu.clock_step = 3;
+        let mut shaper = Shaper::new(Shaping::Hide { target: None }, 60, 4_000);
+        shaper.arm(&mut vcpu).unwrap();
+        for (kernel, handler) in [(4_000, 700), (4_900, 20_000), (4_000, 150)] {
+            let seen = exit(&mut vcpu, &mut shaper, kernel, handler);
+            assert_eq!(seen, 60 + (kernel as i64 - 4_000), "kernel {kernel} handler {handler}");
+        }
+        assert_eq!(shaper.exits().moves.len(), 3);
+        assert!(shaper.exits().moves.iter().all(|&m| m < 0));
+    }
+
+    #[test]
+    fn virtual_inject_moves_forward_and_inject_spins_on_the_vcpus_clock() {
+        let mut vcpu = SimVcpu::new();
+        let mut shaper = Shaper::new(Shaping::VirtualInject { cycles: 1_000_000 }, 0, 0);
+        shaper.arm(&mut vcpu).unwrap();
+        assert_eq!(exit(&mut vcpu, &mut shaper, 5_000, 1_000), 1_006_000);
+
+        let mut vcpu = SimVcpu::new();
+        vcpu.clock_step = 100;
+        let mut shaper = Shaper::new(Shaping::Inject { cycles: 10_000 }, 0, 0);
+        shaper.arm(&mut vcpu).unwrap();
+        let seen = exit(&mut vcpu, &mut shaper, 5_000, 1_000);
+        assert!((16_000..16_500).contains(&seen), "{seen}");
+        assert_eq!(vcpu.tsc_moves, None, "inject never touches the TSC");
+    }
+
+    #[test]
+    fn a_profile_draws_each_target_and_never_undercuts_it() {
+        let profile = Profile {
+            name: "p".into(),
+            description: String::new(),
+            sources: vec![],
+            distribution: profile::Distribution::Empirical {
+                cycles: vec![1_000, 2_000, 3_000],
+            },
+        };
+        let mut vcpu = SimVcpu::new();
+        let mut shaper = Shaper::new(
+            Shaping::Profile {
+                profile: Box::new(profile),
+                seed: 9,
+            },
+            0,
+            10_000,
+        );
+        shaper.arm(&mut vcpu).unwrap();
+        let seen: Vec<i64> = (0..50).map(|i| exit(&mut vcpu, &mut shaper, 10_000 + i, 777)).collect();
+        assert!(seen.iter().all(|&s| s >= 1_000));
+        assert!(seen.iter().any(|&s| s < 2_000) && seen.iter().any(|&s| s >= 3_000));
+    }
+
+    #[test]
+    fn no_shaping_does_nothing_and_records_nothing() {
+        let mut vcpu = SimVcpu::new();
+        let mut shaper = Shaper::none();
+        shaper.arm(&mut vcpu).unwrap();
+        assert_eq!(exit(&mut vcpu, &mut shaper, 5_000, 1_000), 6_000);
+        assert!(shaper.exits().moves.is_empty());
+    }
 }

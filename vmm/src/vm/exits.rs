@@ -1,9 +1,99 @@
-//! Exit accounting: how many exits of each kind a run took, and how long the VMM spent
-//! handling each (from KVM_RUN returning to the next KVM_RUN, in TSC cycles).
+//! Exits: what KVM_RUN returned (copied out of `kvm_run`), the handler interface the run
+//! loop hands them to, and the accounting of how many exits of each kind a run took and
+//! how long the VMM spent on each (from KVM_RUN returning to the next KVM_RUN, in TSC
+//! cycles).
 
+use super::vcpu::Vcpu;
 use crate::stats;
+use kvm_ioctls::VcpuExit;
 use serde::Serialize;
 use std::collections::BTreeMap;
+
+/// A KVM exit, copied out of the shared `kvm_run` page so the vCPU can be used again.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// `out`: the port and up to four bytes of data, little-endian.
+    IoOut {
+        port: u16,
+        value: u32,
+    },
+    IoIn {
+        port: u16,
+    },
+    Mmio {
+        addr: u64,
+    },
+    /// KVM_EXIT_DEBUG: where, and which exception (1: debug, 3: breakpoint).
+    Debug {
+        pc: u64,
+        exception: u32,
+    },
+    Hlt,
+    Shutdown,
+    /// KVM_EXIT_INTERNAL_ERROR with its suberror (1: emulation failure).
+    InternalError {
+        suberror: u32,
+    },
+    FailEntry(u64),
+    /// KVM_RUN returned early for a signal (the watchdog's kick).
+    Interrupted,
+    Other(String),
+}
+
+impl Exit {
+    /// Copies an exit out of `kvm_run`. The internal error's suberror is filled in by the
+    /// caller, which still holds the vCPU.
+    pub fn from_kvm(exit: Result<VcpuExit<'_>, kvm_ioctls::Error>) -> Self {
+        match exit {
+            Ok(VcpuExit::IoOut(port, data)) => {
+                let mut value = [0u8; 4];
+                let len = data.len().min(4);
+                value[..len].copy_from_slice(&data[..len]);
+                Exit::IoOut {
+                    port,
+                    value: u32::from_le_bytes(value),
+                }
+            }
+            Ok(VcpuExit::IoIn(port, _)) => Exit::IoIn { port },
+            Ok(VcpuExit::MmioRead(addr, _) | VcpuExit::MmioWrite(addr, _)) => Exit::Mmio { addr },
+            Ok(VcpuExit::Debug(arch)) => Exit::Debug {
+                pc: arch.pc,
+                exception: arch.exception,
+            },
+            Ok(VcpuExit::Hlt) => Exit::Hlt,
+            Ok(VcpuExit::Shutdown) => Exit::Shutdown,
+            Ok(VcpuExit::InternalError) => Exit::InternalError { suberror: 0 },
+            Ok(VcpuExit::FailEntry(reason, _)) => Exit::FailEntry(reason),
+            Ok(VcpuExit::Intr) => Exit::Interrupted,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Exit::Interrupted,
+            Ok(other) => Exit::Other(format!("{other:?}")),
+            Err(e) => Exit::Other(format!("KVM_RUN failed: {e}")),
+        }
+    }
+}
+
+/// What the run loop does after a handler looked at an exit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flow {
+    /// Handled: count it as this kind and re-enter the guest.
+    Continue(ExitKind),
+    /// The guest rang "done" with this status.
+    Done { status: u32 },
+    /// Not an exit the handler takes: the run ends with an error naming it.
+    Fatal,
+}
+
+/// An error of a handler, kept whole so callers can look inside.
+pub type HandlerError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Whoever handles a VM's exits (the modes, in `crate::modes`). The run loop knows no
+/// mode: it hands each exit over and does what the [`Flow`] says.
+pub trait ExitHandler {
+    /// Called once before the vCPU first runs: arm traps, patch code, open TSC moves.
+    fn arm(&mut self, vcpu: &mut dyn Vcpu) -> Result<(), HandlerError>;
+    /// One exit; `exit_tsc` is the host TSC read as KVM_RUN returned.
+    fn handle(&mut self, vcpu: &mut dyn Vcpu, exit: &Exit, exit_tsc: u64) -> Result<Flow, HandlerError>;
+}
 
 /// Why KVM_RUN returned, in the words the reports use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

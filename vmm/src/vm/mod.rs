@@ -2,26 +2,30 @@
 //!
 //! Setup order (each step in its own module): RAM sized from the samples asked for
 //! (`memory`), the payload's segments (`loader`), the GDT, page tables and config block,
-//! the CPUID table, then long-mode registers. The run loop dispatches exits; exits that
-//! only some modes expect go to that mode's [`CpuidExitHandler`].
+//! the CPUID table (from the process's [`kvm::KvmContext`]), then long-mode registers.
+//! The run loop hands every exit to an [`exits::ExitHandler`] and does what it says: the
+//! VM knows no mode (those live in `crate::modes`).
 
 pub mod exits;
+pub mod kvm;
 pub mod loader;
 pub mod memory;
+pub mod tsc;
+pub mod vcpu;
 pub mod watchdog;
 
 use crate::arch::x86_64::{cpuid::CpuidTable, regs};
-use crate::modes::{CpuidExitHandler, GuestContext, ModeError};
-use exits::{ExitKind, ExitStats};
-use guest_payload::{layout, ports, Config, Probe, ResultHeader, Status, ABI_VERSION, RESULT_MAGIC};
-use kvm_bindings::{kvm_debug_exit_arch, kvm_fpu, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
-use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use exits::{Exit, ExitHandler, ExitKind, ExitStats, Flow, HandlerError};
+use guest_payload::{layout, Config, Cycles, Probe, ResultHeader, Status, ABI_VERSION, RESULT_MAGIC};
+use kvm::KvmContext;
+use kvm_bindings::{kvm_fpu, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::VmFd;
 use loader::{LoaderError, Payload};
 use memory::MemoryError;
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::time::{Duration, Instant};
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vcpu::{KvmVcpu, RegisterAccess, Vcpu, VcpuError};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use watchdog::{Watchdog, WatchdogError};
 
 #[derive(Debug, thiserror::Error)]
@@ -32,13 +36,16 @@ pub enum VmError {
         source: kvm_ioctls::Error,
     },
     #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error(transparent)]
     Memory(#[from] MemoryError),
     #[error(transparent)]
     Loader(#[from] LoaderError),
     #[error(transparent)]
     Watchdog(#[from] WatchdogError),
+    /// The exit handler's own error (a mode's), kept whole.
     #[error(transparent)]
-    Mode(#[from] ModeError),
+    Handler(HandlerError),
     #[error("the guest hung: it did not ring \"done\" within {timeout:?} (stopped at RIP {rip}); raise --timeout if the run is just long")]
     GuestHung { timeout: Duration, rip: Rip },
     #[error("the guest triple-faulted at RIP {rip} (KVM_EXIT_SHUTDOWN): an exception with no IDT to handle it")]
@@ -65,6 +72,23 @@ pub enum VmError {
     BadResults(&'static str),
 }
 
+impl VmError {
+    /// The RIP a fatal exit stopped at, where the error names one.
+    pub fn rip(&self) -> Option<u64> {
+        match self {
+            VmError::GuestHung { rip, .. }
+            | VmError::TripleFault { rip }
+            | VmError::InternalError { rip, .. }
+            | VmError::FailEntry { rip, .. }
+            | VmError::UnexpectedPort { rip, .. }
+            | VmError::Mmio { rip, .. }
+            | VmError::Halted { rip }
+            | VmError::UnexpectedExit { rip, .. } => rip.0,
+            _ => None,
+        }
+    }
+}
+
 /// A guest RIP for messages; unknown if the registers could not be read.
 #[derive(Clone, Copy, Debug)]
 pub struct Rip(pub Option<u64>);
@@ -82,10 +106,13 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::Kvm { what, source }
 }
 
+/// The samples of one run, per probe.
+pub type ProbeSamples = BTreeMap<Probe, Vec<Cycles>>;
+
 /// What one guest measured.
 #[derive(Clone, Debug, Default)]
 pub struct GuestResults {
-    pub samples: BTreeMap<Probe, Vec<u64>>,
+    pub samples: ProbeSamples,
     pub cpuid: Vec<guest_payload::CpuidRecord>,
     /// The bytes at each CPUID site as the guest read its own code (with the snapshot).
     pub site_bytes: Vec<[u8; 2]>,
@@ -95,33 +122,31 @@ pub struct GuestResults {
 #[derive(Clone, Debug, Default)]
 pub struct RunStats {
     pub exits: ExitStats,
+    /// VM creation to the first KVM_RUN.
+    pub setup: Duration,
     pub run: Duration,
 }
 
 /// A VM with one vCPU, set up and ready to run the payload once.
 pub struct GuestVm {
     // Field order is drop order: the vCPU before the VM that owns it.
-    vcpu: VcpuFd,
+    vcpu: KvmVcpu,
     _vm: VmFd,
-    memory: GuestMemoryMmap,
-    payload: Payload,
     config: Config,
     cpuid: CpuidTable,
     created: Instant,
-    /// The vCPU's TSC frequency as KVM reports it, if it does.
-    pub tsc_khz: Option<u32>,
 }
 
 impl GuestVm {
     /// Creates the VM, loads `payload` and writes `config` (its result area is set here).
-    pub fn create(kvm: &Kvm, payload: &Payload, config: &Config) -> Result<Self, VmError> {
+    pub fn create(kvm: &KvmContext, payload: &Payload, config: &Config) -> Result<Self, VmError> {
         let created = Instant::now();
         let mut config = *config;
         config.result_addr = layout::RESULT_ADDR;
         let ram_size = memory::ram_size_for(&config)?;
         config.result_capacity = ram_size - layout::RESULT_ADDR;
 
-        let vm = kvm.create_vm().map_err(kvm_err("to create a VM (KVM_CREATE_VM)"))?;
+        let vm = kvm.kvm.create_vm().map_err(kvm_err("to create a VM (KVM_CREATE_VM)"))?;
         let memory = memory::allocate(ram_size)?;
         for (slot, region) in memory.iter().enumerate() {
             let region_info = kvm_userspace_memory_region {
@@ -139,17 +164,8 @@ impl GuestVm {
         memory::write_boot_structures(&memory, &config)?;
 
         let vcpu = vm.create_vcpu(0).map_err(kvm_err("to create a vCPU"))?;
-        let mut supported = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
-        let mut table = CpuidTable::from_kvm(&supported);
-        table.normalise_for_single_vcpu();
-        for (slot, entry) in supported.as_mut_slice().iter_mut().zip(table.entries()) {
-            *slot = *entry;
-        }
-        vcpu.set_cpuid2(&supported)
+        vcpu.set_cpuid2(&kvm.cpuid)
             .map_err(kvm_err("the CPUID table (KVM_SET_CPUID2)"))?;
-
         let mut sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
         regs::setup_long_mode(&mut sregs);
         vcpu.set_sregs(&sregs)
@@ -163,21 +179,23 @@ impl GuestVm {
         vcpu.set_regs(&regs::entry_registers(payload.entry))
             .map_err(kvm_err("the entry registers (KVM_SET_REGS)"))?;
 
-        // Read the table back now that CR4 is set: KVM keeps runtime bits (OSXSAVE...)
-        // in it, and emulation must answer exactly what KVM would.
-        let cpuid = vcpu
-            .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
-            .map_err(kvm_err("KVM_GET_CPUID2"))?;
-        let tsc_khz = vcpu.get_tsc_khz().ok().filter(|&khz| khz > 0);
+        // The table as KVM holds it now that CR4 is set (runtime bits such as OSXSAVE):
+        // emulation must answer exactly what KVM would. The same for every VM built alike.
+        let cpuid = match kvm.cpuid_in_guest.get() {
+            Some(table) => table.clone(),
+            None => {
+                let read = vcpu
+                    .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+                    .map_err(kvm_err("KVM_GET_CPUID2"))?;
+                kvm.cpuid_in_guest.get_or_init(|| CpuidTable::from_kvm(&read)).clone()
+            }
+        };
         Ok(Self {
-            vcpu,
+            vcpu: KvmVcpu::new(vcpu, memory, kvm.registers),
             _vm: vm,
-            memory,
-            payload: payload.clone(),
             config,
-            cpuid: CpuidTable::from_kvm(&cpuid),
+            cpuid,
             created,
-            tsc_khz,
         })
     }
 
@@ -186,47 +204,36 @@ impl GuestVm {
         &self.cpuid
     }
 
-    fn context(&self) -> GuestContext<'_> {
-        GuestContext {
-            vcpu: &self.vcpu,
-            memory: &self.memory,
-            cpuid: &self.cpuid,
-            payload: &self.payload,
-        }
+    /// How registers travel at an exit in this VM.
+    pub fn register_access(&self) -> RegisterAccess {
+        self.vcpu.access()
     }
 
-    fn rip(&self) -> Rip {
-        Rip(self.vcpu.get_regs().ok().map(|r| r.rip))
+    fn rip(&mut self) -> Rip {
+        Rip(self.vcpu.regs().ok().map(|r| r.rip))
     }
 
-    /// Runs the guest until it rings "done", a fatal exit, or the watchdog. Returns the
-    /// setup time (VM creation to the first KVM_RUN) with the run's statistics.
-    pub fn run(
-        &mut self,
-        handler: &mut dyn CpuidExitHandler,
-        timeout: Duration,
-        mut console: Option<&mut dyn Write>,
-    ) -> Result<(Duration, RunStats), VmError> {
-        handler.arm(&self.context())?;
-        let expected_cpuid_exits = (self.config.iterations + self.config.warmup) as usize;
+    /// Runs the guest until it rings "done", a fatal exit, or the watchdog.
+    pub fn run(&mut self, handler: &mut dyn ExitHandler, timeout: Duration) -> Result<RunStats, VmError> {
+        handler.arm(&mut self.vcpu).map_err(VmError::Handler)?;
+        let expected_cpuid_exits = (self.config.iterations as usize).saturating_add(self.config.warmup as usize);
         let mut stats = RunStats {
             exits: ExitStats::with_expected_cpuid_exits(expected_cpuid_exits),
             ..Default::default()
         };
         let watchdog = Watchdog::arm(timeout)?;
-        let setup = self.created.elapsed();
+        stats.setup = self.created.elapsed();
         let started = Instant::now();
-        let result = self.run_loop(handler, &watchdog, &mut stats, &mut console);
+        let result = self.run_loop(handler, &watchdog, &mut stats);
         stats.run = started.elapsed();
-        result.map(|()| (setup, stats))
+        result.map(|()| stats)
     }
 
     fn run_loop(
         &mut self,
-        handler: &mut dyn CpuidExitHandler,
+        handler: &mut dyn ExitHandler,
         watchdog: &Watchdog,
         stats: &mut RunStats,
-        console: &mut Option<&mut dyn Write>,
     ) -> Result<(), VmError> {
         loop {
             if watchdog.fired() {
@@ -235,51 +242,27 @@ impl GuestVm {
                     rip: self.rip(),
                 });
             }
-            let exit = Exit::from_kvm(self.vcpu.run());
+            let exit = self.vcpu.run()?;
             let exit_tsc = guest_payload::timing::read_tsc();
-            let kind = match exit {
-                Exit::Interrupted => ExitKind::Signal,
-                Exit::IoOut {
-                    port: ports::CONSOLE,
-                    value,
-                    ..
-                } => {
-                    let byte = value as u8;
-                    if let Some(out) = console.as_mut() {
-                        let _ = out.write_all(&[byte]);
-                    }
-                    ExitKind::Console
-                }
-                Exit::IoOut {
-                    port: ports::DONE,
-                    value,
-                    ..
-                } => {
-                    stats
-                        .exits
-                        .record(ExitKind::Done, guest_payload::timing::read_tsc() - exit_tsc);
-                    return match Status::from_u32(value) {
+            let flow = handler
+                .handle(&mut self.vcpu, &exit, exit_tsc)
+                .map_err(VmError::Handler)?;
+            match flow {
+                Flow::Continue(kind) => stats
+                    .exits
+                    .record(kind, guest_payload::timing::read_tsc().saturating_sub(exit_tsc)),
+                Flow::Done { status } => {
+                    stats.exits.record(
+                        ExitKind::Done,
+                        guest_payload::timing::read_tsc().saturating_sub(exit_tsc),
+                    );
+                    return match Status::from_u32(status) {
                         Some(Status::Ok) => Ok(()),
-                        _ => Err(VmError::GuestStatus { value }),
+                        _ => Err(VmError::GuestStatus { value: status }),
                     };
                 }
-                Exit::IoOut {
-                    port: ports::HYPERCALL, ..
-                } => handler.on_hypercall(&self.context(), exit_tsc)?,
-                Exit::Debug(arch) => handler.on_debug(&self.context(), &arch, exit_tsc)?,
-                Exit::InternalError if self.internal_suberror() == kvm_bindings::KVM_INTERNAL_ERROR_EMULATION => {
-                    let handled = match self.rip().0 {
-                        Some(at) => handler.on_emulation_failure(&self.context(), at, exit_tsc)?,
-                        None => None,
-                    };
-                    match handled {
-                        Some(kind) => kind,
-                        None => return Err(self.fatal(Exit::InternalError)),
-                    }
-                }
-                fatal => return Err(self.fatal(fatal)),
-            };
-            stats.exits.record(kind, guest_payload::timing::read_tsc() - exit_tsc);
+                Flow::Fatal => return Err(self.fatal(exit)),
+            }
         }
     }
 
@@ -299,33 +282,23 @@ impl GuestVm {
             Exit::Mmio { addr } => VmError::Mmio { addr, rip },
             Exit::Hlt => VmError::Halted { rip },
             Exit::Shutdown => VmError::TripleFault { rip },
-            Exit::InternalError => VmError::InternalError {
-                what: internal_error_name(self.internal_suberror()),
+            Exit::InternalError { suberror } => VmError::InternalError {
+                what: internal_error_name(suberror),
                 rip,
             },
             Exit::FailEntry(reason) => VmError::FailEntry { reason, rip },
             Exit::Other(what) => VmError::UnexpectedExit { what, rip },
-            Exit::Interrupted | Exit::Debug(_) => VmError::UnexpectedExit {
+            Exit::Interrupted | Exit::Debug { .. } => VmError::UnexpectedExit {
                 what: format!("{exit:?}"),
                 rip,
             },
         }
     }
 
-    /// After KVM_EXIT_INTERNAL_ERROR: which internal error.
-    fn internal_suberror(&mut self) -> u32 {
-        // SAFETY: only called for KVM_EXIT_INTERNAL_ERROR exits, where `internal` is the
-        // union member KVM filled in.
-        unsafe { self.vcpu.get_kvm_run().__bindgen_anon_1.internal.suberror }
-    }
-
     /// Reads the result block the guest wrote.
     pub fn results(&self) -> Result<GuestResults, VmError> {
-        let header_bytes = memory::read(
-            &self.memory,
-            self.config.result_addr,
-            std::mem::size_of::<ResultHeader>(),
-        )?;
+        let memory = self.vcpu.memory();
+        let header_bytes = memory::read(memory, self.config.result_addr, std::mem::size_of::<ResultHeader>())?;
         let header = ResultHeader::from_bytes(&header_bytes).ok_or(VmError::BadResults("too short"))?;
         if header.magic != RESULT_MAGIC {
             return Err(VmError::BadResults("the guest never wrote its magic"));
@@ -344,13 +317,13 @@ impl GuestVm {
                 .sample_offset(probe)
                 .ok_or(VmError::BadResults("a probe without samples"))?;
             let bytes = memory::read(
-                &self.memory,
+                memory,
                 self.config.result_addr + offset,
-                header.iterations as usize * 8,
+                header.iterations as usize * std::mem::size_of::<Cycles>(),
             )?;
             let samples = bytes
-                .chunks_exact(8)
-                .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
+                .chunks_exact(std::mem::size_of::<Cycles>())
+                .map(|c| Cycles::from_le_bytes(c.try_into().unwrap_or_default()))
                 .collect();
             results.samples.insert(probe, samples);
         }
@@ -361,48 +334,6 @@ impl GuestVm {
             results.site_bytes = header.site_bytes[..sites].to_vec();
         }
         Ok(results)
-    }
-}
-
-/// A KVM exit, copied out of the shared `kvm_run` page so the vCPU can be used again.
-#[derive(Debug)]
-enum Exit {
-    IoOut { port: u16, value: u32 },
-    IoIn { port: u16 },
-    Mmio { addr: u64 },
-    Debug(kvm_debug_exit_arch),
-    Hlt,
-    Shutdown,
-    InternalError,
-    FailEntry(u64),
-    Interrupted,
-    Other(String),
-}
-
-impl Exit {
-    fn from_kvm(exit: Result<VcpuExit<'_>, kvm_ioctls::Error>) -> Self {
-        match exit {
-            Ok(VcpuExit::IoOut(port, data)) => {
-                let mut value = [0u8; 4];
-                let len = data.len().min(4);
-                value[..len].copy_from_slice(&data[..len]);
-                Exit::IoOut {
-                    port,
-                    value: u32::from_le_bytes(value),
-                }
-            }
-            Ok(VcpuExit::IoIn(port, _)) => Exit::IoIn { port },
-            Ok(VcpuExit::MmioRead(addr, _) | VcpuExit::MmioWrite(addr, _)) => Exit::Mmio { addr },
-            Ok(VcpuExit::Debug(arch)) => Exit::Debug(arch),
-            Ok(VcpuExit::Hlt) => Exit::Hlt,
-            Ok(VcpuExit::Shutdown) => Exit::Shutdown,
-            Ok(VcpuExit::InternalError) => Exit::InternalError,
-            Ok(VcpuExit::FailEntry(reason, _)) => Exit::FailEntry(reason),
-            Ok(VcpuExit::Intr) => Exit::Interrupted,
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Exit::Interrupted,
-            Ok(other) => Exit::Other(format!("{other:?}")),
-            Err(e) => Exit::Other(format!("KVM_RUN failed: {e}")),
-        }
     }
 }
 

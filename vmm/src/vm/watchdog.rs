@@ -1,14 +1,14 @@
 //! The watchdog: a guest that never rings "done" must not hang the VMM.
 //!
-//! At the deadline a helper thread kicks the vCPU thread out of KVM_RUN with a signal
-//! (KVM_RUN returns EINTR), and keeps kicking every few milliseconds until the vCPU thread
-//! has noticed: a single signal could land while that thread is in userspace, just before
-//! it enters KVM_RUN again.
+//! One thread per process watches every armed run (started on first use, never per VM).
+//! At a run's deadline it kicks that run's vCPU thread out of KVM_RUN with a signal
+//! (KVM_RUN returns EINTR), and keeps kicking every few milliseconds until the run is
+//! disarmed: a single signal could land while the vCPU thread is in userspace, just
+//! before it enters KVM_RUN again.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, Once};
-use std::thread::JoinHandle;
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex, Once, OnceLock};
+use std::time::{Duration, Instant};
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 const KICK_INTERVAL: Duration = Duration::from_millis(5);
@@ -18,7 +18,7 @@ pub enum WatchdogError {
     #[error("cannot install the vCPU kick signal handler: {0}")]
     SignalHandler(vmm_sys_util::errno::Error),
     #[error("cannot start the watchdog thread: {0}")]
-    Thread(std::io::Error),
+    Thread(String),
 }
 
 fn kick_signal() -> libc::c_int {
@@ -37,11 +37,78 @@ fn install_handler() -> Result<(), WatchdogError> {
     result
 }
 
-/// Armed for one run of one vCPU thread (the thread that arms it).
-pub struct Watchdog {
+/// One armed run.
+struct Job {
+    id: u64,
+    thread: libc::pthread_t,
+    deadline: Instant,
     fired: Arc<AtomicBool>,
-    stop: Arc<(Mutex<bool>, Condvar)>,
-    thread: Option<JoinHandle<()>>,
+}
+
+#[derive(Default)]
+struct Jobs {
+    next_id: u64,
+    armed: Vec<Job>,
+}
+
+/// The process's watchdog thread and what it watches.
+struct Service {
+    jobs: Mutex<Jobs>,
+    changed: Condvar,
+}
+
+fn service() -> Result<&'static Service, WatchdogError> {
+    static SERVICE: OnceLock<Result<&'static Service, String>> = OnceLock::new();
+    SERVICE
+        .get_or_init(|| {
+            let service: &'static Service = Box::leak(Box::new(Service {
+                jobs: Mutex::new(Jobs::default()),
+                changed: Condvar::new(),
+            }));
+            std::thread::Builder::new()
+                .name("vmm-watchdog".into())
+                .spawn(move || watch(service))
+                .map(|_| service)
+                .map_err(|e| e.to_string())
+        })
+        .clone()
+        .map_err(WatchdogError::Thread)
+}
+
+fn watch(service: &Service) {
+    let Ok(mut jobs) = service.jobs.lock() else { return };
+    loop {
+        let now = Instant::now();
+        let mut next_wake = None::<Instant>;
+        for job in &jobs.armed {
+            if job.deadline <= now {
+                job.fired.store(true, Ordering::Release);
+                // SAFETY: `thread` is a vCPU thread that is alive while its job is armed
+                // (disarming removes the job under this lock before the thread can exit);
+                // the signal has a handler installed.
+                unsafe { libc::pthread_kill(job.thread, kick_signal()) };
+                next_wake = Some(next_wake.map_or(now + KICK_INTERVAL, |w| w.min(now + KICK_INTERVAL)));
+            } else {
+                next_wake = Some(next_wake.map_or(job.deadline, |w| w.min(job.deadline)));
+            }
+        }
+        jobs = match next_wake {
+            Some(wake) => match service.changed.wait_timeout(jobs, wake.saturating_duration_since(now)) {
+                Ok((guard, _)) => guard,
+                Err(_) => return,
+            },
+            None => match service.changed.wait(jobs) {
+                Ok(guard) => guard,
+                Err(_) => return,
+            },
+        };
+    }
+}
+
+/// Armed for one run of one vCPU thread (the thread that arms it); disarmed on drop.
+pub struct Watchdog {
+    id: u64,
+    fired: Arc<AtomicBool>,
     pub timeout: Duration,
 }
 
@@ -49,21 +116,21 @@ impl Watchdog {
     /// Starts counting now; the calling thread is the one kicked at the deadline.
     pub fn arm(timeout: Duration) -> Result<Self, WatchdogError> {
         install_handler()?;
-        // SAFETY: pthread_self has no preconditions.
-        let target = unsafe { libc::pthread_self() };
+        let service = service()?;
         let fired = Arc::new(AtomicBool::new(false));
-        let stop = Arc::new((Mutex::new(false), Condvar::new()));
-        let (thread_fired, thread_stop) = (fired.clone(), stop.clone());
-        let thread = std::thread::Builder::new()
-            .name("vmm-watchdog".into())
-            .spawn(move || watch(target, timeout, &thread_fired, &thread_stop))
-            .map_err(WatchdogError::Thread)?;
-        Ok(Self {
-            fired,
-            stop,
-            thread: Some(thread),
-            timeout,
-        })
+        let mut jobs = service.jobs.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        jobs.next_id += 1;
+        let id = jobs.next_id;
+        jobs.armed.push(Job {
+            id,
+            // SAFETY: pthread_self has no preconditions.
+            thread: unsafe { libc::pthread_self() },
+            deadline: Instant::now() + timeout,
+            fired: fired.clone(),
+        });
+        drop(jobs);
+        service.changed.notify_all();
+        Ok(Self { id, fired, timeout })
     }
 
     /// True once the deadline has passed.
@@ -72,36 +139,13 @@ impl Watchdog {
     }
 }
 
-fn watch(target: libc::pthread_t, timeout: Duration, fired: &AtomicBool, stop: &(Mutex<bool>, Condvar)) {
-    let (lock, condvar) = stop;
-    let Ok(guard) = lock.lock() else { return };
-    let Ok((mut stopped, _)) = condvar.wait_timeout_while(guard, timeout, |stopped| !*stopped) else {
-        return;
-    };
-    if *stopped {
-        return;
-    }
-    fired.store(true, Ordering::Release);
-    while !*stopped {
-        // SAFETY: `target` is the vCPU thread, alive until it disarms us (Drop joins this
-        // thread first); the signal has a handler installed.
-        unsafe { libc::pthread_kill(target, kick_signal()) };
-        match condvar.wait_timeout(stopped, KICK_INTERVAL) {
-            Ok((guard, _)) => stopped = guard,
-            Err(_) => return,
-        }
-    }
-}
-
 impl Drop for Watchdog {
     fn drop(&mut self) {
-        let (lock, condvar) = &*self.stop;
-        if let Ok(mut stopped) = lock.lock() {
-            *stopped = true;
-        }
-        condvar.notify_all();
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+        if let Ok(service) = service() {
+            let mut jobs = service.jobs.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            jobs.armed.retain(|job| job.id != self.id);
+            drop(jobs);
+            service.changed.notify_all();
         }
     }
 }
@@ -109,30 +153,52 @@ impl Drop for Watchdog {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Instant;
+
+    /// Sleeps in a blocking call (as KVM_RUN blocks) until it is interrupted or `limit`
+    /// passes; returns when it was interrupted, if it was.
+    fn blocked_until_kicked(limit: Duration) -> Option<Duration> {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            // SAFETY: plain sleep; returns non-zero when a signal interrupts it.
+            if unsafe { libc::usleep(20_000) } != 0 {
+                return Some(start.elapsed());
+            }
+        }
+        None
+    }
 
     #[test]
     fn fires_after_the_deadline_and_interrupts_a_blocking_call() {
         let watchdog = Watchdog::arm(Duration::from_millis(50)).unwrap();
-        let start = Instant::now();
-        // A blocking syscall stands in for KVM_RUN: the kick makes it return EINTR.
-        let mut interrupted = false;
-        while start.elapsed() < Duration::from_secs(5) {
-            // SAFETY: plain sleep.
-            if unsafe { libc::usleep(1_000_000) } != 0 {
-                interrupted = true;
-                break;
-            }
-        }
-        assert!(interrupted, "the blocking call was never interrupted");
+        let kicked = blocked_until_kicked(Duration::from_secs(5)).expect("the blocking call was never interrupted");
         assert!(watchdog.fired());
-        assert!(start.elapsed() < Duration::from_secs(2));
+        assert!(
+            kicked >= Duration::from_millis(45),
+            "kicked before the deadline: {kicked:?}"
+        );
+        assert!(kicked < Duration::from_secs(2));
     }
 
     #[test]
-    fn disarmed_in_time_it_never_fires() {
-        let watchdog = Watchdog::arm(Duration::from_secs(60)).unwrap();
+    fn disarmed_in_time_it_never_fires_nor_kicks() {
+        let watchdog = Watchdog::arm(Duration::from_millis(150)).unwrap();
+        assert_eq!(blocked_until_kicked(Duration::from_millis(100)), None, "kicked early");
         assert!(!watchdog.fired());
         drop(watchdog);
+        // Past the old deadline: a disarmed watchdog must leave the thread alone.
+        assert_eq!(
+            blocked_until_kicked(Duration::from_millis(200)),
+            None,
+            "kicked after disarming"
+        );
+    }
+
+    #[test]
+    fn runs_armed_one_after_another_share_one_thread_and_each_fires() {
+        for _ in 0..3 {
+            let watchdog = Watchdog::arm(Duration::from_millis(20)).unwrap();
+            assert!(blocked_until_kicked(Duration::from_secs(2)).is_some());
+            assert!(watchdog.fired());
+        }
     }
 }

@@ -1,0 +1,254 @@
+//! The vCPU as exit handling sees it: its registers, its TSC, guest memory and the host's
+//! clock, behind a small trait. The modes' handlers and the shaper take `&mut dyn Vcpu`,
+//! so each is unit-tested with a simulated vCPU (`sim`), without /dev/kvm.
+//!
+//! [`KvmVcpu`] is the real one. It reads the general registers at most once per exit:
+//! through `KVM_CAP_SYNC_REGS` where KVM offers it (KVM copies them into the shared
+//! `kvm_run` page on every exit and takes them back when marked dirty: no ioctl at all),
+//! else with one KVM_GET_REGS, and one KVM_SET_REGS before re-entry only if they changed.
+
+use super::exits::Exit;
+use super::tsc::{TscError, TscMethod, TscMover};
+use kvm_bindings::{kvm_guest_debug, kvm_regs};
+use kvm_ioctls::{SyncReg, VcpuFd};
+use vm_memory::GuestMemoryMmap;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    #[error("KVM refused {what}: {source}")]
+    Kvm {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("cannot move the guest TSC: {0}")]
+    Tsc(#[from] TscError),
+    #[error("the guest TSC was moved before TSC moves were enabled for this vCPU")]
+    TscMovesNotEnabled,
+}
+
+/// What a handler may do to the vCPU while it is stopped in an exit.
+pub trait Vcpu {
+    /// The general registers at this exit.
+    fn regs(&mut self) -> Result<kvm_regs, VcpuError>;
+    /// Replaces the general registers; they reach the guest when it re-enters.
+    fn set_regs(&mut self, regs: &kvm_regs) -> Result<(), VcpuError>;
+    fn memory(&self) -> &GuestMemoryMmap;
+    fn set_guest_debug(&mut self, debug: &kvm_guest_debug) -> Result<(), VcpuError>;
+    /// Prepares TSC moves (once, before the run) and says how they will be made.
+    fn enable_tsc_moves(&mut self) -> Result<TscMethod, VcpuError>;
+    /// Makes the guest's TSC read `delta` cycles later (earlier if negative).
+    fn move_tsc(&mut self, delta: i64) -> Result<(), VcpuError>;
+    /// The host's TSC now: the clock exit handling measures itself with.
+    fn now(&self) -> u64;
+}
+
+/// How the registers travel between KVM and the VMM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RegisterAccess {
+    /// KVM_CAP_SYNC_REGS: in the shared `kvm_run` page, no ioctl per exit.
+    SyncRegs,
+    /// KVM_GET_REGS once per exit that needs them, KVM_SET_REGS once if they changed.
+    Ioctls,
+}
+
+/// A KVM vCPU with its guest memory.
+pub struct KvmVcpu {
+    fd: VcpuFd,
+    memory: GuestMemoryMmap,
+    access: RegisterAccess,
+    /// Ioctl access: the registers read at this exit, and whether a handler changed them.
+    cached: Option<kvm_regs>,
+    dirty: bool,
+    tsc: Option<TscMover>,
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
+    move |source| VcpuError::Kvm { what, source }
+}
+
+impl KvmVcpu {
+    pub fn new(mut fd: VcpuFd, memory: GuestMemoryMmap, access: RegisterAccess) -> Self {
+        if access == RegisterAccess::SyncRegs {
+            fd.set_sync_valid_reg(SyncReg::Register);
+        }
+        Self {
+            fd,
+            memory,
+            access,
+            cached: None,
+            dirty: false,
+            tsc: None,
+        }
+    }
+
+    pub fn fd(&self) -> &VcpuFd {
+        &self.fd
+    }
+
+    pub fn access(&self) -> RegisterAccess {
+        self.access
+    }
+
+    /// Enters the guest until the next exit, copied out of `kvm_run`. Registers a handler
+    /// changed are written back first.
+    pub fn run(&mut self) -> Result<Exit, VcpuError> {
+        if self.dirty {
+            if let Some(regs) = self.cached {
+                self.fd.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
+            }
+            self.dirty = false;
+        }
+        self.cached = None;
+        let exit = Exit::from_kvm(self.fd.run());
+        Ok(match exit {
+            Exit::InternalError { .. } => Exit::InternalError {
+                // SAFETY: KVM_EXIT_INTERNAL_ERROR: `internal` is the union member KVM filled.
+                suberror: unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror },
+            },
+            other => other,
+        })
+    }
+}
+
+impl Vcpu for KvmVcpu {
+    fn regs(&mut self) -> Result<kvm_regs, VcpuError> {
+        match self.access {
+            RegisterAccess::SyncRegs => Ok(self.fd.sync_regs_mut().regs),
+            RegisterAccess::Ioctls => match self.cached {
+                Some(regs) => Ok(regs),
+                None => {
+                    let regs = self.fd.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
+                    self.cached = Some(regs);
+                    Ok(regs)
+                }
+            },
+        }
+    }
+
+    fn set_regs(&mut self, regs: &kvm_regs) -> Result<(), VcpuError> {
+        match self.access {
+            RegisterAccess::SyncRegs => {
+                self.fd.sync_regs_mut().regs = *regs;
+                self.fd.set_sync_dirty_reg(SyncReg::Register);
+            }
+            RegisterAccess::Ioctls => {
+                self.cached = Some(*regs);
+                self.dirty = true;
+            }
+        }
+        Ok(())
+    }
+
+    fn memory(&self) -> &GuestMemoryMmap {
+        &self.memory
+    }
+
+    fn set_guest_debug(&mut self, debug: &kvm_guest_debug) -> Result<(), VcpuError> {
+        self.fd.set_guest_debug(debug).map_err(kvm_err("KVM_SET_GUEST_DEBUG"))
+    }
+
+    fn enable_tsc_moves(&mut self) -> Result<TscMethod, VcpuError> {
+        let mover = TscMover::open(&self.fd)?;
+        let method = mover.method;
+        self.tsc = Some(mover);
+        Ok(method)
+    }
+
+    fn move_tsc(&mut self, delta: i64) -> Result<(), VcpuError> {
+        let mover = self.tsc.as_mut().ok_or(VcpuError::TscMovesNotEnabled)?;
+        Ok(mover.move_by(&self.fd, delta)?)
+    }
+
+    fn now(&self) -> u64 {
+        guest_payload::timing::read_tsc()
+    }
+}
+
+/// A simulated vCPU for unit tests: registers, a TSC offset, real guest memory, and a
+/// host clock that moves only when told to (each call to `now` can cost some cycles, as
+/// reading a real TSC does).
+#[cfg(test)]
+pub mod sim {
+    use super::*;
+    use std::cell::Cell;
+
+    pub struct SimVcpu {
+        pub regs: kvm_regs,
+        pub memory: GuestMemoryMmap,
+        pub debug: Option<kvm_guest_debug>,
+        /// Guest TSC minus host TSC.
+        pub tsc_offset: i64,
+        pub tsc_moves: Option<TscMethod>,
+        pub host_tsc: Cell<u64>,
+        /// Cycles each reading of the clock costs.
+        pub clock_step: u64,
+        pub regs_reads: Cell<u32>,
+        pub regs_writes: u32,
+    }
+
+    impl Default for SimVcpu {
+        fn default() -> Self {
+            Self::new()
+        }
+    }
+
+    impl SimVcpu {
+        pub fn new() -> Self {
+            Self {
+                regs: kvm_regs::default(),
+                memory: crate::vm::memory::allocate(guest_payload::layout::RESULT_ADDR + (2 << 20))
+                    .expect("a few MiB of anonymous memory"),
+                debug: None,
+                tsc_offset: 0,
+                tsc_moves: None,
+                host_tsc: Cell::new(1 << 40),
+                clock_step: 0,
+                regs_reads: Cell::new(0),
+                regs_writes: 0,
+            }
+        }
+
+        pub fn advance(&self, cycles: u64) {
+            self.host_tsc.set(self.host_tsc.get() + cycles);
+        }
+
+        pub fn guest_tsc(&self) -> i64 {
+            self.host_tsc.get() as i64 + self.tsc_offset
+        }
+    }
+
+    impl Vcpu for SimVcpu {
+        fn regs(&mut self) -> Result<kvm_regs, VcpuError> {
+            self.regs_reads.set(self.regs_reads.get() + 1);
+            Ok(self.regs)
+        }
+        fn set_regs(&mut self, regs: &kvm_regs) -> Result<(), VcpuError> {
+            self.regs_writes += 1;
+            self.regs = *regs;
+            Ok(())
+        }
+        fn memory(&self) -> &GuestMemoryMmap {
+            &self.memory
+        }
+        fn set_guest_debug(&mut self, debug: &kvm_guest_debug) -> Result<(), VcpuError> {
+            self.debug = Some(*debug);
+            Ok(())
+        }
+        fn enable_tsc_moves(&mut self) -> Result<TscMethod, VcpuError> {
+            self.tsc_moves = Some(TscMethod::VcpuTscOffset);
+            Ok(TscMethod::VcpuTscOffset)
+        }
+        fn move_tsc(&mut self, delta: i64) -> Result<(), VcpuError> {
+            if self.tsc_moves.is_none() {
+                return Err(VcpuError::TscMovesNotEnabled);
+            }
+            self.tsc_offset += delta;
+            Ok(())
+        }
+        fn now(&self) -> u64 {
+            self.advance(self.clock_step);
+            self.host_tsc.get()
+        }
+    }
+}
