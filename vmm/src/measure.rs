@@ -325,14 +325,20 @@ impl Measurer {
             Err(MeasureError::Mode(ModeError::NoTraps { .. })) => {
                 return Err(unavailable("the guest's CPUID ran to completion without a single trap exit (breakpoints armed with KVM_SET_GUEST_DEBUG do not fire)".into()))
             }
-            Err(MeasureError::Vm(error @ VmError::TripleFault { .. })) if at_a_site(&error) => {
-                return Err(unavailable(format!(
-                    "the trap became a triple fault in the guest at RIP {:#x} instead of an exit to the VMM",
-                    error.rip().unwrap_or_default()
-                )))
-            }
-            Err(MeasureError::Vm(error @ VmError::InternalError { .. })) if at_a_site(&error) => {
-                return Err(unavailable(format!("KVM failed at the trapped site: {error}")))
+            Err(MeasureError::Vm(error @ (VmError::TripleFault { .. } | VmError::InternalError { .. }))) => {
+                // Blame the trap only if the trap is what broke the run: at a trapped site,
+                // or (a triple fault resets RIP) where the same run without the trap
+                // completes.
+                let untrapped = RunSpec {
+                    path: Path::HwAssist,
+                    ..probe.clone()
+                };
+                if at_a_site(&error) || self.run_vm(payload, &untrapped, Shaper::none(), None).is_ok() {
+                    return Err(unavailable(format!(
+                        "with the trap armed the guest stopped ({error}), and without it the same code runs"
+                    )));
+                }
+                return Err(MeasureError::Vm(error));
             }
             Err(other) => return Err(other),
         };
