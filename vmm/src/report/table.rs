@@ -46,6 +46,17 @@ pub fn render(report: &RunReport) -> String {
             "", "", n.min, n.p5, n.median, n.mean, n.p95, n.p99, n.max
         );
     }
+    for (name, probe) in &report.probes {
+        let c = &probe.cycles;
+        if c.backwards > 0 {
+            let _ = writeln!(
+                out,
+                "\n{name}: the guest's TSC ran BACKWARDS in {} of {} samples (by up to {} cycles): \
+                 negative samples are real, not wrapped — a TSC moved back under the guest",
+                c.backwards, c.count, c.max_backwards_cycles
+            );
+        }
+    }
     if let Some(excess) = &report.cpuid_excess_over_nop {
         let _ = writeln!(
             out,
@@ -60,16 +71,30 @@ pub fn render(report: &RunReport) -> String {
     if let Some(shaping) = &report.shaping {
         let _ = writeln!(
             out,
-            "shaping: {} — requested {} cycles ({:.1} ns), achieved {} cycles ({:.1} ns); baseline CPUID median {} (p95-p5 {}){}",
+            "shaping: {} — requested {} cycles ({:.1} ns), achieved median {} cycles ({:.1} ns, p5 {}, p95 {}); \
+             baseline CPUID median {} (p95-p5 {}){}",
             shaping.kind,
             shaping.requested_cycles,
             shaping.requested_ns,
             shaping.achieved_cycles,
             shaping.achieved_ns,
+            shaping.achieved_p5_cycles,
+            shaping.achieved_p95_cycles,
             shaping.baseline_cycles,
             shaping.baseline_spread_cycles,
-            shaping.residue_cycles.map_or(String::new(), |r| format!(", residue {r}")),
+            match (shaping.residue_cycles, shaping.residue_lower_bound_cycles) {
+                (Some(r), Some(lower)) => format!(", residue {r} (provable lower bound {lower})"),
+                _ => String::new(),
+            },
         );
+        if let (Some(hidden), Some(fraction)) = (shaping.hidden_cycles_median, shaping.hidden_fraction) {
+            let _ = writeln!(
+                out,
+                "hidden: {hidden} cycles per exit (median), {:.0}% of the unshaped cost; {} samples ran backwards",
+                fraction * 100.0,
+                shaping.backwards_samples
+            );
+        }
     }
     if !report.exits.is_empty() {
         let _ = writeln!(
