@@ -6,7 +6,7 @@
 use core::mem::size_of;
 
 /// Bumped whenever a layout or meaning below changes.
-pub const ABI_VERSION: u32 = 3;
+pub const ABI_VERSION: u32 = 4;
 
 /// Guest physical memory map. The VMM identity-maps the first [`layout::IDENTITY_MAP_BYTES`]
 /// with 2 MiB pages, so guest virtual and physical addresses are the same.
@@ -61,6 +61,38 @@ pub type Cycles = i64;
 pub const CONFIG_MAGIC: u64 = u64::from_le_bytes(*b"VMMCONF1");
 /// Marks a valid [`ResultHeader`] (`"VMMRSLT1"` little-endian).
 pub const RESULT_MAGIC: u64 = u64::from_le_bytes(*b"VMMRSLT1");
+/// Marks a [`PayloadInfo`] (`"VMMINFO1"` little-endian).
+pub const PAYLOAD_INFO_MAGIC: u64 = u64::from_le_bytes(*b"VMMINFO1");
+/// The symbol of a payload's [`PayloadInfo`]: what it declares before it runs.
+pub const PAYLOAD_INFO_SYMBOL: &str = "vmm_payload_info";
+
+/// What a payload can do (bits of [`PayloadInfo::capabilities`]). The VMM reads them from
+/// the ELF before running it and refuses what the payload cannot do.
+pub mod capabilities {
+    /// It asks for CPUID by hypercall when the config sets `flags::PARAVIRT_CPUID`.
+    pub const PARAVIRT_CPUID: u32 = 1 << 0;
+    /// It reports its own verdict in the result block.
+    pub const VERDICT: u32 = 1 << 1;
+    /// It honours `Config::probes` and `Config::iterations` like the built-in timing
+    /// core (other payloads report what they measured, which may be less).
+    pub const TIMING_CORE: u32 = 1 << 2;
+    /// It fills the CPUID snapshot and site bytes when `flags::CPUID_SNAPSHOT` is set.
+    pub const CPUID_SNAPSHOT: u32 = 1 << 3;
+}
+
+/// What a payload declares about itself, at the symbol [`PAYLOAD_INFO_SYMBOL`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PayloadInfo {
+    /// [`PAYLOAD_INFO_MAGIC`].
+    pub magic: u64,
+    /// The [`ABI_VERSION`] it was built against.
+    pub abi_version: u32,
+    /// Bits of [`capabilities`].
+    pub capabilities: u32,
+    /// A short name for reports, NUL-padded.
+    pub name: [u8; 32],
+}
 
 /// Config flags (bits of [`Config::flags`]).
 pub mod flags {
@@ -74,6 +106,32 @@ pub mod flags {
     /// of the CPUID sites (the guest's view of its own code).
     pub const CPUID_SNAPSHOT: u32 = 1 << 3;
 }
+
+/// A payload's own verdict, in [`ResultHeader::verdict`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PayloadVerdict {
+    /// The payload reported none.
+    None = 0,
+    Virtual = 1,
+    Native = 2,
+    Unsure = 3,
+}
+
+impl PayloadVerdict {
+    pub fn from_u32(value: u32) -> Option<Self> {
+        Some(match value {
+            0 => PayloadVerdict::None,
+            1 => PayloadVerdict::Virtual,
+            2 => PayloadVerdict::Native,
+            3 => PayloadVerdict::Unsure,
+            _ => return None,
+        })
+    }
+}
+
+/// Bytes of [`ResultHeader::reason`], its NUL terminator included.
+pub const REASON_BYTES: usize = 120;
 
 /// What the guest rings on [`ports::DONE`].
 #[repr(u32)]
@@ -128,11 +186,22 @@ pub enum Probe {
     Rdtsc = 2,
     /// Eight LFENCEs: a serialising baseline (the cpuid-lfence-ratio rule's).
     Lfence8 = 3,
+    /// `rdtsc; cpuid; rdtsc` with no fence and no warm-up, measured first: CPUID timed
+    /// the way pafish and al-khaser time it (the fixed-threshold rule's).
+    CpuidUnfenced = 4,
 }
 
 impl Probe {
-    /// Every probe, in the order their samples are laid out in the result block.
-    pub const ALL: [Probe; 4] = [Probe::Cpuid, Probe::Nop, Probe::Rdtsc, Probe::Lfence8];
+    /// Every probe, in the order they are measured and their samples are laid out in the
+    /// result block. The unfenced probe comes first: it takes no warm-up, as the
+    /// detectors it reproduces take none.
+    pub const ALL: [Probe; 5] = [
+        Probe::CpuidUnfenced,
+        Probe::Cpuid,
+        Probe::Nop,
+        Probe::Rdtsc,
+        Probe::Lfence8,
+    ];
 
     /// The bit of this probe in [`Config::probes`].
     pub const fn bit(self) -> u32 {
@@ -146,6 +215,15 @@ impl Probe {
             Probe::Nop => "nop",
             Probe::Rdtsc => "rdtsc",
             Probe::Lfence8 => "lfence8",
+            Probe::CpuidUnfenced => "cpuid-unfenced",
+        }
+    }
+
+    /// Warm-up samples taken before this probe's kept ones.
+    pub const fn warmup(self, configured: u32) -> u32 {
+        match self {
+            Probe::CpuidUnfenced => 0,
+            _ => configured,
         }
     }
 }
@@ -188,8 +266,9 @@ pub struct Config {
     pub cpuid_leaf: u32,
     /// ECX for the CPUID probe.
     pub cpuid_subleaf: u32,
-    /// Explicit padding: keeps the layout free of compiler-inserted holes.
-    pub reserved: u32,
+    /// The TSC rate in kHz as the VMM knows it (0: unknown): lets a payload turn
+    /// durations into cycles (a detector that sleeps between samples spins this long).
+    pub tsc_khz: u32,
     /// Guest-physical address of the result block.
     pub result_addr: u64,
     /// Bytes available at `result_addr`.
@@ -212,7 +291,7 @@ pub struct CpuidRecord {
 /// The header the guest writes at [`Config::result_addr`]; the samples follow it, one
 /// [`Cycles`] (a signed 64-bit TSC difference) each, `iterations` per probe, probes in [`Probe::ALL`] order.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct ResultHeader {
     /// [`RESULT_MAGIC`] once the guest has written the block.
     pub magic: u64,
@@ -236,12 +315,45 @@ pub struct ResultHeader {
     pub site_bytes: [[u8; 2]; 4],
     /// CPUID answers for [`CPUID_SNAPSHOT_LEAVES`], when asked for.
     pub cpuid: [CpuidRecord; CPUID_SNAPSHOT_LEAVES.len()],
+    /// The payload's own verdict, a [`PayloadVerdict`] (0: none reported).
+    pub verdict: u32,
+    /// Explicit padding.
+    pub reserved: u32,
+    /// The payload's score for its verdict in thousandths (its own scale; higher is more
+    /// virtual). An integer: guests are built without floating point (no SSE, no x87 on
+    /// an emulating KVM).
+    pub score_milli: i64,
+    /// One line of why, UTF-8, NUL-terminated.
+    pub reason: [u8; REASON_BYTES],
+}
+
+impl Default for ResultHeader {
+    fn default() -> Self {
+        Self {
+            magic: 0,
+            abi_version: 0,
+            status: 0,
+            iterations: 0,
+            probes: 0,
+            tsc_start: 0,
+            tsc_end: 0,
+            cpuid_count: 0,
+            site_bytes_valid: 0,
+            site_bytes: [[0; 2]; 4],
+            cpuid: [CpuidRecord::default(); CPUID_SNAPSHOT_LEAVES.len()],
+            verdict: 0,
+            reserved: 0,
+            score_milli: 0,
+            reason: [0; REASON_BYTES],
+        }
+    }
 }
 
 // Padding-free layouts: what the VMM writes is exactly what the guest reads.
 const _: () = assert!(size_of::<Config>() == 56);
 const _: () = assert!(size_of::<CpuidRecord>() == 24);
-const _: () = assert!(size_of::<ResultHeader>() == 56 + 24 * CPUID_SNAPSHOT_LEAVES.len());
+const _: () = assert!(size_of::<ResultHeader>() == 56 + 24 * CPUID_SNAPSHOT_LEAVES.len() + 16 + REASON_BYTES);
+const _: () = assert!(size_of::<PayloadInfo>() == 48);
 
 impl Config {
     /// The block's bytes, as the VMM copies them into guest memory.
@@ -258,6 +370,23 @@ impl Config {
     }
 }
 
+impl PayloadInfo {
+    /// Reads the info from the bytes at its symbol.
+    pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        if bytes.len() < size_of::<Self>() {
+            return None;
+        }
+        // SAFETY: the length was checked; every bit pattern is a valid `PayloadInfo`.
+        Some(unsafe { core::ptr::read_unaligned(bytes.as_ptr().cast::<Self>()) })
+    }
+
+    /// The name, up to its first NUL.
+    pub fn name_text(&self) -> &[u8] {
+        let end = self.name.iter().position(|&b| b == 0).unwrap_or(self.name.len());
+        &self.name[..end]
+    }
+}
+
 impl ResultHeader {
     /// Reads a header from the bytes at the start of the result block.
     pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
@@ -267,6 +396,12 @@ impl ResultHeader {
         // SAFETY: the length was checked; every bit pattern is a valid `ResultHeader`
         // (integers only); `read_unaligned` copes with any alignment of `bytes`.
         Some(unsafe { core::ptr::read_unaligned(bytes.as_ptr().cast::<Self>()) })
+    }
+
+    /// The reason the payload gave, up to its NUL.
+    pub fn reason_text(&self) -> &[u8] {
+        let end = self.reason.iter().position(|&b| b == 0).unwrap_or(self.reason.len());
+        &self.reason[..end]
     }
 
     /// Offset of the first sample of `probe` from the start of the result block, given the

@@ -12,7 +12,13 @@
 #[cfg(not(target_arch = "x86_64"))]
 compile_error!("guest-payload measures x86-64 instructions (CPUID, RDTSC): build it for x86_64");
 
+#[cfg(any(test, feature = "std"))]
+extern crate std;
+
 pub mod abi;
+/// The generated C header and linker script of the guest SDK (needs `std`).
+#[cfg(any(test, feature = "std"))]
+pub mod sdk;
 pub mod timing;
 
 pub use abi::*;

@@ -10,10 +10,22 @@
 use core::mem::size_of;
 use core::ptr;
 use guest_payload::timing::{self, CpuidPath, Request};
+use guest_payload::{
+    capabilities, PayloadInfo, ABI_VERSION, CONFIG_MAGIC, CPUID_SNAPSHOT_LEAVES, PAYLOAD_INFO_MAGIC, RESULT_MAGIC,
+};
 use guest_payload::{flags, layout, ports, probes_in, Config, Cycles, ResultHeader, Status};
-use guest_payload::{ABI_VERSION, CONFIG_MAGIC, CPUID_SNAPSHOT_LEAVES, RESULT_MAGIC};
 
 mod baremetal;
+
+/// What this payload declares to the VMM before it runs (read from the ELF).
+#[no_mangle]
+#[used]
+pub static vmm_payload_info: PayloadInfo = PayloadInfo {
+    magic: PAYLOAD_INFO_MAGIC,
+    abi_version: ABI_VERSION,
+    capabilities: capabilities::PARAVIRT_CPUID | capabilities::TIMING_CORE | capabilities::CPUID_SNAPSHOT,
+    name: *b"vmm timing core\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0",
+};
 
 /// The entry point named in the linker script (the ELF's `e_entry`).
 #[no_mangle]

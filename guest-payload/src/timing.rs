@@ -16,9 +16,16 @@
 use crate::abi::{ports, CpuidRecord, Cycles, Probe};
 use core::arch::global_asm;
 
-/// The global symbols of every instruction that executes CPUID, in the order the VMM
-/// traps them. Keep in sync with the labels in the assembly below.
-pub const CPUID_SITE_SYMBOLS: [&str; 2] = ["vmm_site_cpuid_probe", "vmm_site_cpuid_query"];
+/// The global symbols of every instruction that executes CPUID, in the order the guest
+/// reports their bytes. Keep in sync with the labels in the assembly below. (The VMM
+/// finds CPUID sites by decoding the code; the symbols name them in reports.)
+pub const CPUID_SITE_SYMBOLS: [&str; 3] = [
+    "vmm_site_cpuid_probe",
+    "vmm_site_cpuid_unfenced",
+    "vmm_site_cpuid_query",
+];
+/// The CPUID of the guest's snapshot (not a timed sample), counted apart.
+pub const CPUID_QUERY_SITE_SYMBOL: &str = "vmm_site_cpuid_query";
 /// The hypercall (`out`) that answers snapshot queries in paravirt mode, told apart from
 /// the timed one so the reports can count them separately.
 pub const HYPERCALL_QUERY_SITE_SYMBOL: &str = "vmm_site_hypercall_query";
@@ -49,6 +56,45 @@ global_asm!(
     vmm_site_cpuid_probe:
         cpuid
         TSC_TO_RAX
+        sub rax, r8
+        pop rbx
+        ret
+
+    # rax = TSC, unordered: what detectors that use a bare rdtsc read (clobbers rdx)
+    .macro BARE_TSC_TO_RAX
+        rdtsc
+        shl rdx, 32
+        or rax, rdx
+    .endm
+
+    # i64 vmm_sample_cpuid_unfenced(u32 leaf /* edi */, u32 subleaf /* esi */):
+    # rdtsc; cpuid; rdtsc with no fence, as pafish and al-khaser time it
+    .globl vmm_sample_cpuid_unfenced
+    vmm_sample_cpuid_unfenced:
+        push rbx
+        BARE_TSC_TO_RAX
+        mov r8, rax
+        mov eax, edi
+        mov ecx, esi
+    .globl vmm_site_cpuid_unfenced
+    vmm_site_cpuid_unfenced:
+        cpuid
+        BARE_TSC_TO_RAX
+        sub rax, r8
+        pop rbx
+        ret
+
+    # i64 vmm_sample_hypercall_unfenced(u32 leaf /* edi */, u32 subleaf /* esi */)
+    .globl vmm_sample_hypercall_unfenced
+    vmm_sample_hypercall_unfenced:
+        push rbx
+        BARE_TSC_TO_RAX
+        mov r8, rax
+        mov eax, edi
+        mov ecx, esi
+        mov dx, {hypercall_port}
+        out dx, eax
+        BARE_TSC_TO_RAX
         sub rax, r8
         pop rbx
         ret
@@ -145,6 +191,7 @@ global_asm!(
         ret
 
     .purgem TSC_TO_RAX
+    .purgem BARE_TSC_TO_RAX
     .popsection
     "#,
     hypercall_port = const ports::HYPERCALL,
@@ -156,7 +203,10 @@ extern "C" {
     fn vmm_sample_nop() -> Cycles;
     fn vmm_sample_rdtsc() -> Cycles;
     fn vmm_sample_lfence8() -> Cycles;
+    fn vmm_sample_cpuid_unfenced(leaf: u32, subleaf: u32) -> Cycles;
+    fn vmm_sample_hypercall_unfenced(leaf: u32, subleaf: u32) -> Cycles;
     static vmm_site_cpuid_probe: u8;
+    static vmm_site_cpuid_unfenced: u8;
     static vmm_site_cpuid_query: u8;
     fn vmm_cpuid_query(leaf: u32, subleaf: u32, out: *mut [u32; 4]);
     fn vmm_hypercall_query(leaf: u32, subleaf: u32, out: *mut [u32; 4]);
@@ -197,10 +247,12 @@ pub fn measure(probe: Probe, request: &Request, out: &mut [Cycles]) {
                 (Probe::Nop, _) => vmm_sample_nop(),
                 (Probe::Rdtsc, _) => vmm_sample_rdtsc(),
                 (Probe::Lfence8, _) => vmm_sample_lfence8(),
+                (Probe::CpuidUnfenced, CpuidPath::Instruction) => vmm_sample_cpuid_unfenced(leaf, subleaf),
+                (Probe::CpuidUnfenced, CpuidPath::Hypercall) => vmm_sample_hypercall_unfenced(leaf, subleaf),
             }
         }
     };
-    for _ in 0..request.warmup {
+    for _ in 0..probe.warmup(request.warmup) {
         core::hint::black_box(sample());
     }
     for slot in out.iter_mut() {
@@ -230,13 +282,17 @@ pub fn query_cpuid(path: CpuidPath, leaf: u32, subleaf: u32) -> CpuidRecord {
 
 /// The first two bytes of each CPUID site in this binary's own code, in
 /// [`CPUID_SITE_SYMBOLS`] order: what a guest checking its code integrity sees.
-pub fn cpuid_site_bytes() -> [[u8; 2]; 2] {
+pub fn cpuid_site_bytes() -> [[u8; 2]; 3] {
     // SAFETY: the symbols label instructions in our own text section, readable and at
     // least two bytes long (`cpuid` is `0f a2`); volatile, since a hypervisor may have
     // patched them behind the compiler's back.
     unsafe {
-        [&raw const vmm_site_cpuid_probe, &raw const vmm_site_cpuid_query]
-            .map(|site| [core::ptr::read_volatile(site), core::ptr::read_volatile(site.add(1))])
+        [
+            &raw const vmm_site_cpuid_probe,
+            &raw const vmm_site_cpuid_unfenced,
+            &raw const vmm_site_cpuid_query,
+        ]
+        .map(|site| [core::ptr::read_volatile(site), core::ptr::read_volatile(site.add(1))])
     }
 }
 
@@ -278,7 +334,7 @@ mod tests {
 
     #[test]
     fn unpatched_sites_hold_cpuid() {
-        assert_eq!(cpuid_site_bytes(), [CPUID_OPCODE; 2]);
+        assert_eq!(cpuid_site_bytes(), [CPUID_OPCODE; 3]);
     }
 
     #[test]

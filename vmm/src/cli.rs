@@ -254,6 +254,8 @@ pub enum ProbeArg {
     Rdtsc,
     /// Eight LFENCEs: the serialising baseline of the cpuid-lfence-ratio rule.
     Lfence8,
+    /// `rdtsc; cpuid; rdtsc` unfenced, no warm-up, measured first (as pafish times CPUID).
+    CpuidUnfenced,
 }
 
 impl From<ProbeArg> for Probe {
@@ -263,6 +265,7 @@ impl From<ProbeArg> for Probe {
             ProbeArg::Nop => Probe::Nop,
             ProbeArg::Rdtsc => Probe::Rdtsc,
             ProbeArg::Lfence8 => Probe::Lfence8,
+            ProbeArg::CpuidUnfenced => Probe::CpuidUnfenced,
         }
     }
 }

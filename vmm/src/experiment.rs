@@ -47,6 +47,7 @@ impl Session {
             site_bytes: &measurement.site_bytes,
             tsc_khz: self.host.tsc_khz,
             cpuid_leaf: spec.cpuid_leaf,
+            payload: measurement.verdict.as_ref(),
         };
         let verdicts = detector::evaluate(&evidence, &self.calibration);
         let report = RunReport::new(

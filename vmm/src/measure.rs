@@ -7,7 +7,7 @@
 use crate::busy::Busy;
 use crate::modes::hw_assist::HwAssist;
 use crate::modes::paravirt::Paravirt;
-use crate::modes::trap_emulate::{self, Trap, TrapDelivery, TrapEmulate};
+use crate::modes::trap_emulate::{Trap, TrapDelivery, TrapEmulate};
 use crate::modes::{CpuidExitHandler, ModeError, ModeExits, Path};
 use crate::native::{self, NativeError};
 use crate::shaping::calibration::{self, ShapingOutcome};
@@ -17,8 +17,8 @@ use crate::vm::kvm::{KvmContext, KvmError};
 use crate::vm::loader::{Payload, PayloadSource};
 use crate::vm::tsc::TscMethod;
 use crate::vm::vcpu::RegisterAccess;
-use crate::vm::{GuestVm, ProbeSamples, VmError};
-use guest_payload::timing::HYPERCALL_QUERY_SITE_SYMBOL;
+use crate::vm::{GuestVm, PayloadVerdictReport, ProbeSamples, VmError};
+use guest_payload::timing::{CPUID_QUERY_SITE_SYMBOL, HYPERCALL_QUERY_SITE_SYMBOL};
 use guest_payload::{flags, ports, Config, CpuidRecord, Probe, ABI_VERSION, CONFIG_MAGIC};
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -36,10 +36,21 @@ pub enum MeasureError {
     #[error("iterations must be between 1 and {MAX_ITERATIONS}, not {0}")]
     Iterations(u64),
     #[error(
-        "--mode native runs the embedded timing core in a host thread; it cannot run the payload {0}. \
-         Measure that payload in a VM mode, or run its native build yourself"
+        "--mode native runs a payload's native twin, and {payload} has none: no executable {twin}. \
+         Build it with the SDK (`make` builds NAME.elf and NAME.native side by side; docs/sdk.md)"
     )]
-    NativeForeignPayload(String),
+    NoNativeTwin { payload: String, twin: String },
+    #[error("the payload {payload} declares ABI version {found} (vmm_payload_info); this vmm speaks ABI {ABI_VERSION}: rebuild it with this SDK")]
+    PayloadAbi { payload: String, found: u32 },
+    #[error(
+        "the payload {payload} ({name}) does not declare {what} in vmm_payload_info, so --mode {mode} cannot run it"
+    )]
+    PayloadCannot {
+        payload: String,
+        name: String,
+        what: &'static str,
+        mode: &'static str,
+    },
     #[error(transparent)]
     Vm(#[from] VmError),
     #[error(transparent)]
@@ -151,6 +162,8 @@ pub struct Measurement {
     pub register_access: Option<RegisterAccess>,
     /// The host CPU the native runner was pinned to.
     pub native_cpu: Option<usize>,
+    /// The payload's own verdict, where it reported one.
+    pub verdict: Option<PayloadVerdictReport>,
     /// How trap-emulate's traps arrived.
     pub trap_delivery: Option<TrapDelivery>,
     pub shaping: Option<ShapingOutcome>,
@@ -188,6 +201,15 @@ impl Measurer {
         }
     }
 
+    /// The config with the TSC rate the payload may use to turn time into cycles.
+    fn with_tsc_rate(&self, config: Config) -> Config {
+        let khz = self.kvm.as_ref().ok().and_then(|k| k.tsc_khz);
+        Config {
+            tsc_khz: khz.unwrap_or_else(|| crate::host::tsc_frequency(None).khz),
+            ..config
+        }
+    }
+
     /// The KVM context, or why there is none.
     pub fn kvm(&self) -> Result<&KvmContext, MeasureError> {
         self.kvm.as_ref().map_err(|error| match error {
@@ -209,17 +231,29 @@ impl Measurer {
         if spec.shaping != Shaping::None && !spec.path.vmm_handles_cpuid() {
             return Err(ShapingError::NeedsVmmExits(spec.shaping.kind()).into());
         }
-        if spec.path == Path::Native && payload.source != PayloadSource::Embedded {
-            return Err(MeasureError::NativeForeignPayload(payload.source.to_string()));
-        }
+        check_declaration(payload, spec)?;
         // Started before anything is measured and stopped (on drop) after everything is.
         let _busy = Busy::start(spec.busy).map_err(MeasureError::Busy)?;
         if spec.path == Path::Native {
-            let run = native::run(&spec.guest_config(), spec.cpu)?;
+            let config = self.with_tsc_rate(spec.guest_config());
+            let run = match &payload.source {
+                PayloadSource::Embedded => native::run(&config, spec.cpu)?,
+                PayloadSource::File(path) => {
+                    let twin = native::twin_of(path);
+                    if !twin.is_file() {
+                        return Err(MeasureError::NoNativeTwin {
+                            payload: path.display().to_string(),
+                            twin: twin.display().to_string(),
+                        });
+                    }
+                    native::run_twin(&twin, &config, spec.cpu, spec.timeout)?
+                }
+            };
             return Ok(Measurement {
                 samples: run.samples,
                 cpuid: run.cpuid,
                 site_bytes: run.site_bytes,
+                verdict: run.verdict,
                 run: run.run,
                 native_cpu: Some(run.cpu),
                 ..Default::default()
@@ -257,12 +291,18 @@ impl Measurer {
         shaper: Shaper,
         console: Option<&mut dyn Write>,
     ) -> Result<Measurement, MeasureError> {
-        let mut vm = GuestVm::create(self.kvm()?, payload, &spec.guest_config())?;
+        let mut vm = GuestVm::create(self.kvm()?, payload, &self.with_tsc_rate(spec.guest_config()))?;
         let cpuid = vm.cpuid_table().clone();
         let mut handler = match spec.path {
             Path::Native | Path::HwAssist => PathHandler::HwAssist(HwAssist),
             Path::TrapEmulate(trap) => {
-                let handler = TrapEmulate::new(trap, trap_emulate::cpuid_sites(payload)?, cpuid, shaper);
+                let handler = TrapEmulate::new(
+                    trap,
+                    payload.cpuid_sites.clone(),
+                    payload.symbol(CPUID_QUERY_SITE_SYMBOL),
+                    cpuid,
+                    shaper,
+                );
                 PathHandler::Trap(if spec.bare_exits { handler.bare() } else { handler })
             }
             Path::Paravirt => {
@@ -278,6 +318,7 @@ impl Measurer {
             spec.timeout,
         )?;
         let results = vm.results()?;
+        check_timing_core(payload, spec, &results.samples)?;
         let trap_delivery = match &handler {
             PathHandler::Trap(trap) => trap.delivery,
             _ => None,
@@ -287,6 +328,7 @@ impl Measurer {
             samples: results.samples,
             cpuid: results.cpuid,
             site_bytes: results.site_bytes,
+            verdict: results.verdict,
             exits: stats.exits,
             setup: Some(stats.setup),
             run: stats.run,
@@ -311,7 +353,7 @@ impl Measurer {
             bare_exits: false,
             ..spec.cpuid_only(1, 0, Shaping::None)
         };
-        let sites = trap_emulate::cpuid_sites(payload)?;
+        let sites = &payload.cpuid_sites;
         let at_a_site = |error: &VmError| {
             error
                 .rip()
@@ -354,6 +396,47 @@ impl Measurer {
     pub(crate) fn remember_tsc_method(&self, payload: &Payload, path: Path, method: TscMethod) {
         self.tsc_moves.borrow_mut().insert((payload_key(payload), path), method);
     }
+}
+
+/// What the payload declared against what the run asks of it, before anything runs. A
+/// payload that declares nothing may still run where nothing is asked of it.
+fn check_declaration(payload: &Payload, spec: &RunSpec) -> Result<(), MeasureError> {
+    let name = payload.info.map_or("declares nothing".to_owned(), |i| {
+        String::from_utf8_lossy(i.name_text()).into_owned()
+    });
+    if let Some(info) = payload.info {
+        if info.magic != guest_payload::PAYLOAD_INFO_MAGIC || info.abi_version != ABI_VERSION {
+            return Err(MeasureError::PayloadAbi {
+                payload: payload.source.to_string(),
+                found: info.abi_version,
+            });
+        }
+    }
+    let capabilities = payload.info.map_or(0, |i| i.capabilities);
+    if spec.path == Path::Paravirt && capabilities & guest_payload::capabilities::PARAVIRT_CPUID == 0 {
+        return Err(MeasureError::PayloadCannot {
+            payload: payload.source.to_string(),
+            name,
+            what: "paravirtual CPUID (VMM_CAP_PARAVIRT_CPUID)",
+            mode: "paravirt",
+        });
+    }
+    Ok(())
+}
+
+/// A payload that declares the timing core must report exactly what it was asked for.
+fn check_timing_core(payload: &Payload, spec: &RunSpec, samples: &ProbeSamples) -> Result<(), VmError> {
+    let declared = payload
+        .info
+        .is_some_and(|i| i.capabilities & guest_payload::capabilities::TIMING_CORE != 0);
+    let complete = guest_payload::probes_in(spec.probes)
+        .all(|probe| samples.get(&probe).is_some_and(|s| s.len() == spec.iterations as usize));
+    if declared && (!complete || samples.len() != spec.probes.count_ones() as usize) {
+        return Err(VmError::BadResults(
+            "the guest measured something other than what was asked",
+        ));
+    }
+    Ok(())
 }
 
 /// A run on a VMM path whose CPUID never reached the VMM measured something else: say so.

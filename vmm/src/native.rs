@@ -4,6 +4,7 @@
 use crate::vm::ProbeSamples;
 use guest_payload::timing::{self, CpuidPath, Request};
 use guest_payload::{probes_in, Config, CpuidRecord, Cycles, CPUID_SNAPSHOT_LEAVES};
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 #[derive(Debug, thiserror::Error)]
@@ -16,6 +17,18 @@ pub enum NativeError {
     Thread(std::io::Error),
     #[error("the measuring thread panicked")]
     Panicked,
+    #[error("cannot run the native twin {twin}: {source}")]
+    Twin { twin: String, source: std::io::Error },
+    #[error("the native twin {twin} ran past --timeout ({timeout:?}) and was killed")]
+    TwinHung { twin: String, timeout: Duration },
+    #[error("the native twin {twin} failed ({status}){stderr}")]
+    TwinFailed {
+        twin: String,
+        status: String,
+        stderr: String,
+    },
+    #[error("the native twin {twin}'s result block is not valid: {why}")]
+    TwinResults { twin: String, why: String },
 }
 
 /// What a native run measured.
@@ -27,6 +40,8 @@ pub struct NativeRun {
     pub site_bytes: Vec<[u8; 2]>,
     pub cpu: usize,
     pub run: Duration,
+    /// The payload's own verdict (native twins of SDK payloads).
+    pub verdict: Option<crate::vm::PayloadVerdictReport>,
 }
 
 /// The CPUs this process may run on.
@@ -103,10 +118,158 @@ pub fn run(config: &Config, cpu: Option<usize>) -> Result<NativeRun, NativeError
                 site_bytes,
                 cpu,
                 run: started.elapsed(),
+                verdict: None,
             })
         })
         .map_err(NativeError::Thread)?;
     thread.join().map_err(|_| NativeError::Panicked)?
+}
+
+/// Where a payload's native twin lives, by the SDK's convention: `NAME.elf` has its twin
+/// in `NAME.native` beside it (any other name: the name with `.native` appended).
+pub fn twin_of(payload: &Path) -> PathBuf {
+    match payload.extension() {
+        Some(ext) if ext == "elf" => payload.with_extension("native"),
+        _ => {
+            let mut name = payload.as_os_str().to_owned();
+            name.push(".native");
+            PathBuf::from(name)
+        }
+    }
+}
+
+/// The largest result file a twin may write (the same bound as guest RAM).
+const MAX_TWIN_RESULT: u64 = guest_payload::layout::IDENTITY_MAP_BYTES;
+
+/// Runs a payload's native twin pinned to one CPU, as `TWIN CONFIG_FILE RESULT_FILE`,
+/// stopped at `timeout`; reads the result block it wrote in the guest's format.
+pub fn run_twin(twin: &Path, config: &Config, cpu: Option<usize>, timeout: Duration) -> Result<NativeRun, NativeError> {
+    let allowed = allowed_cpus();
+    let cpu = match cpu {
+        Some(cpu) if !allowed.contains(&cpu) => return Err(NativeError::CpuNotAllowed { cpu, allowed }),
+        Some(cpu) => cpu,
+        None => *allowed.last().unwrap_or(&0),
+    };
+    let name = twin.display().to_string();
+    let io = |source| NativeError::Twin {
+        twin: name.clone(),
+        source,
+    };
+    let config = Config {
+        result_capacity: config.result_bytes_needed(),
+        ..*config
+    };
+    let dir = scratch_dir().map_err(io)?;
+    let (config_file, result_file) = (dir.path.join("config"), dir.path.join("result"));
+    std::fs::write(&config_file, config.as_bytes()).map_err(io)?;
+    let mut command = std::process::Command::new(twin);
+    command
+        .arg(&config_file)
+        .arg(&result_file)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    // SAFETY: between fork and exec only async-signal-safe calls: sched_setaffinity on the
+    // child itself, with a set built before the fork.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        command.pre_exec(move || {
+            if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let started = Instant::now();
+    let mut child = command.spawn().map_err(io)?;
+    let status = loop {
+        if let Some(status) = child.try_wait().map_err(io)? {
+            break status;
+        }
+        if started.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(NativeError::TwinHung { twin: name, timeout });
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    let run = started.elapsed();
+    if !status.success() {
+        let mut stderr = String::new();
+        if let Some(mut pipe) = child.stderr.take() {
+            use std::io::Read;
+            let _ = pipe.by_ref().take(4096).read_to_string(&mut stderr);
+        }
+        let stderr = stderr.trim();
+        return Err(NativeError::TwinFailed {
+            twin: name,
+            status: status.to_string(),
+            stderr: if stderr.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", stderr.escape_debug())
+            },
+        });
+    }
+    let bytes = read_capped(&result_file, MAX_TWIN_RESULT).map_err(io)?;
+    let results = crate::vm::parse_results(&config, |offset, len| {
+        let start = usize::try_from(offset).map_err(|_| crate::vm::VmError::BadResults("a sample offset overflows"))?;
+        start
+            .checked_add(len)
+            .and_then(|end| bytes.get(start..end))
+            .map(<[u8]>::to_vec)
+            .ok_or(crate::vm::VmError::BadResults(
+                "the result file is shorter than its header says",
+            ))
+    })
+    .map_err(|e| NativeError::TwinResults {
+        twin: name.clone(),
+        why: e.to_string(),
+    })?;
+    Ok(NativeRun {
+        samples: results.samples,
+        cpuid: results.cpuid,
+        site_bytes: results.site_bytes,
+        cpu,
+        run,
+        verdict: results.verdict,
+    })
+}
+
+/// A file's bytes, refused past `cap`.
+fn read_capped(path: &Path, cap: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?.take(cap + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > cap {
+        return Err(std::io::Error::other(format!("larger than {cap} bytes")));
+    }
+    Ok(bytes)
+}
+
+/// A private directory removed on drop.
+struct ScratchDir {
+    path: PathBuf,
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+fn scratch_dir() -> std::io::Result<ScratchDir> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let path = std::env::temp_dir().join(format!(
+        "vmm-twin-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir(&path)?;
+    Ok(ScratchDir { path })
 }
 
 #[cfg(test)]
@@ -126,6 +289,38 @@ mod tests {
         assert_eq!(run.cpu, cpu);
         assert_eq!(run.samples.len(), 3);
         assert!(run.samples.values().all(|s| s.len() == 200));
+    }
+
+    #[test]
+    fn twins_sit_beside_their_payloads() {
+        assert_eq!(twin_of(Path::new("/x/pafish.elf")), PathBuf::from("/x/pafish.native"));
+        assert_eq!(twin_of(Path::new("detector")), PathBuf::from("detector.native"));
+    }
+
+    #[test]
+    fn a_twin_that_fails_or_hangs_is_reported_as_such() {
+        let config = Config {
+            magic: guest_payload::CONFIG_MAGIC,
+            abi_version: guest_payload::ABI_VERSION,
+            iterations: 1,
+            probes: 1,
+            ..Default::default()
+        };
+        let failed = run_twin(Path::new("/bin/false"), &config, None, Duration::from_secs(5));
+        assert!(matches!(failed, Err(NativeError::TwinFailed { .. })), "{failed:?}");
+        let silent = run_twin(Path::new("/bin/true"), &config, None, Duration::from_secs(5));
+        assert!(
+            matches!(silent, Err(NativeError::Twin { .. })),
+            "no result file: {silent:?}"
+        );
+        let script = std::env::temp_dir().join(format!("vmm-test-{}-sleep.sh", std::process::id()));
+        std::fs::write(&script, "#!/bin/sh\nexec sleep 30\n").unwrap();
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let started = Instant::now();
+        let hung = run_twin(&script, &config, None, Duration::from_millis(200));
+        std::fs::remove_file(&script).ok();
+        assert!(matches!(hung, Err(NativeError::TwinHung { .. })), "{hung:?}");
+        assert!(started.elapsed() < Duration::from_secs(5));
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! metal native, on a host that is itself a VM (`doctor` knows), virtual — and the reports
 //! say so, because then a rule flagging native runs is right, not a false positive.
 
-use crate::detector::{RuleVerdict, Verdict, RULES};
+use crate::detector::{rule_columns, RuleVerdict, Verdict, RULES};
 use crate::modes::{Mode, Path as CpuidPath};
 use crate::shaping::profile::{Profile, ProfileError};
 use crate::shaping::{plan, Shaping};
@@ -347,9 +347,7 @@ impl ValidationReport {
             RULES.iter().map(|&r| (r, Confusion::default())).collect();
         for cell in cells {
             for (rule, result) in &cell.rules {
-                if let Some(c) = confusion.get_mut(rule) {
-                    c.add(cell.truth, result.counts);
-                }
+                confusion.entry(rule).or_default().add(cell.truth, result.counts);
             }
         }
         confusion
@@ -401,9 +399,10 @@ pub fn render_table(report: &ValidationReport) -> String {
             "{rule:<19} {tp:>5} {fn_:>5} {fp:>5} {tn:>5} {unsure_v:>8} {unsure_n:>8} {tpr:>6} {fpr:>6}"
         );
     }
+    let columns = rule_columns(report.confusion.keys().copied());
     let _ = writeln!(out, "\nshare of runs flagged virtual, per cell (truth in brackets):");
     let _ = write!(out, "{:<66}", "cell");
-    for rule in RULES {
+    for rule in &columns {
         let _ = write!(out, " {:>9}", short(rule));
     }
     let _ = writeln!(out);
@@ -421,7 +420,7 @@ pub fn render_table(report: &ValidationReport) -> String {
                 let _ = writeln!(out, " refused: {}", headline(why));
             }
             None => {
-                for cell_rate in flagged_rates(cell) {
+                for cell_rate in flagged_rates(cell, &columns) {
                     let _ = write!(out, " {cell_rate:>9}");
                 }
                 let _ = writeln!(out);
@@ -431,9 +430,9 @@ pub fn render_table(report: &ValidationReport) -> String {
     out
 }
 
-/// Each rule's share of the cell's runs flagged virtual, in `RULES` order.
-fn flagged_rates(cell: &CellResult) -> impl Iterator<Item = String> + '_ {
-    RULES.iter().map(|rule| {
+/// Each rule's share of the cell's runs flagged virtual, in `columns` order.
+fn flagged_rates<'a>(cell: &'a CellResult, columns: &'a [&'static str]) -> impl Iterator<Item = String> + 'a {
+    columns.iter().map(|rule| {
         cell.rules
             .get(rule)
             .map_or("—".into(), |r| format!("{:.2}", r.flagged_rate))
@@ -452,6 +451,7 @@ fn short(rule: &str) -> &str {
         "cpuid-lfence-ratio" => "lfence",
         "hypervisor-bit" => "hv-bit",
         "code-integrity" => "integrity",
+        "tsc-monotonic" => "monotonic",
         other => other,
     }
 }
@@ -476,15 +476,16 @@ pub fn render_markdown(report: &ValidationReport) -> String {
     for (rule, c) in &report.confusion {
         let _ = writeln!(out, "| {rule} | {} |", confusion_row(c).join(" | "));
     }
+    let columns = rule_columns(report.confusion.keys().copied());
     let _ = write!(
         out,
         "\n## Share of runs flagged virtual, per cell\n\n| mode | shaping | busy | truth |"
     );
-    for rule in RULES {
+    for rule in &columns {
         let _ = write!(out, " {rule} |");
     }
     let _ = write!(out, "\n|---|---|---|---|");
-    for _ in RULES {
+    for _ in &columns {
         let _ = write!(out, "---|");
     }
     let _ = writeln!(out);
@@ -500,12 +501,12 @@ pub fn render_markdown(report: &ValidationReport) -> String {
         match &cell.refused {
             Some(why) => {
                 let _ = write!(out, " refused: {} |", why.replace('|', "/"));
-                for _ in 1..RULES.len() {
+                for _ in 1..columns.len() {
                     let _ = write!(out, " |");
                 }
             }
             None => {
-                for cell_rate in flagged_rates(cell) {
+                for cell_rate in flagged_rates(cell, &columns) {
                     let _ = write!(out, " {cell_rate} |");
                 }
             }

@@ -3,7 +3,7 @@
 
 use super::{create_output, load_calibration, CommandError};
 use crate::cli::CompareArgs;
-use crate::detector::RULES;
+use crate::detector::rule_columns;
 use crate::experiment::Session;
 use crate::measure::RunSpec;
 use crate::modes::Path;
@@ -138,7 +138,8 @@ fn render(host: &HostReport, columns: &[(&str, RunReport)], refused: &[Refusal],
         let _ = write!(out, " {label:>18}");
     }
     let _ = writeln!(out);
-    for rule in RULES {
+    let rules = rule_columns(columns.iter().flat_map(|(_, r)| r.verdicts.iter().map(|v| v.rule)));
+    for rule in rules {
         let _ = write!(out, "{rule:<28}");
         for (_, report) in columns {
             let cell = report

@@ -10,6 +10,9 @@
 //! | `hypervisor-bit` | CPUID.1:ECX[31] and the 0x40000000 vendor leaf | CPUID itself |
 //! | `code-integrity` | the bytes of the guest's own CPUID sites | the patching traps' trace |
 //! | `tsc-monotonic` | any sample whose TSC ran backwards | what a hider leaves behind |
+//!
+//! A payload that reports its own verdict (SDK payloads, `VMM_CAP_VERDICT`) is judged
+//! beside them as the rule `payload`.
 
 pub mod calibration;
 pub mod rules;
@@ -57,6 +60,21 @@ pub struct Evidence<'a> {
     pub site_bytes: &'a [[u8; 2]],
     pub tsc_khz: u32,
     pub cpuid_leaf: u32,
+    /// The payload's own verdict, where it reported one.
+    pub payload: Option<&'a crate::vm::PayloadVerdictReport>,
+}
+
+/// The name under which a payload's own verdict is reported and scored.
+pub const PAYLOAD_RULE: &str = "payload";
+
+/// The rules of a set of runs, in report order: the built-in ones, then `payload` where
+/// any run reported its own verdict.
+pub fn rule_columns<'a>(verdicts: impl IntoIterator<Item = &'a str>) -> Vec<&'static str> {
+    let mut columns = RULES.to_vec();
+    if verdicts.into_iter().any(|rule| rule == PAYLOAD_RULE) {
+        columns.push(PAYLOAD_RULE);
+    }
+    columns
 }
 
 /// Every rule's names, in the order they are reported.
@@ -72,7 +90,7 @@ pub const RULES: [&str; 7] = [
 
 /// Applies every rule to one run.
 pub fn evaluate(evidence: &Evidence, calibration: &Calibration) -> Vec<RuleVerdict> {
-    vec![
+    [
         rules::seed_line(evidence, calibration),
         rules::fixed_threshold(evidence),
         rules::cpuid_lfence_ratio(evidence),
@@ -81,4 +99,24 @@ pub fn evaluate(evidence: &Evidence, calibration: &Calibration) -> Vec<RuleVerdi
         rules::code_integrity(evidence),
         rules::tsc_monotonic(evidence),
     ]
+    .into_iter()
+    .chain(evidence.payload.map(payload_verdict))
+    .collect()
+}
+
+/// The payload's verdict as a rule's: its own score, full confidence in its own word.
+fn payload_verdict(report: &crate::vm::PayloadVerdictReport) -> RuleVerdict {
+    use guest_payload::PayloadVerdict;
+    let verdict = match report.verdict {
+        PayloadVerdict::Virtual => Verdict::Virtual,
+        PayloadVerdict::Native => Verdict::Native,
+        PayloadVerdict::Unsure | PayloadVerdict::None => Verdict::Unsure,
+    };
+    RuleVerdict {
+        rule: PAYLOAD_RULE,
+        verdict,
+        score: if report.score.is_finite() { report.score } else { 0.0 },
+        confidence: 1.0,
+        why: format!("the payload says: {}", report.reason),
+    }
 }

@@ -388,6 +388,7 @@ mod tests {
             site_bytes: sites,
             tsc_khz: TSC_KHZ,
             cpuid_leaf: 0,
+            payload: None,
         };
         evaluate(&evidence, &bare_metal_calibration())
             .into_iter()
@@ -497,6 +498,7 @@ mod tests {
             site_bytes: &[],
             tsc_khz: TSC_KHZ,
             cpuid_leaf: 0,
+            payload: None,
         };
         let verdict = tsc_monotonic(&evidence);
         assert_eq!(verdict.verdict, Verdict::Virtual);

@@ -163,9 +163,9 @@ pub enum ModeError {
     UnexpectedIoTrap { port: u16, rip: u64 },
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
-    #[error("the payload has no symbol `{0}`: the VMM finds the CPUID sites by name in the ELF's symbol table")]
-    MissingSite(&'static str),
-    #[error("the payload has {sites} CPUID sites but x86 has only {slots} debug address registers (DR0-DR3); use --trap int3-patch or io-patch")]
+    #[error("the payload's code holds no CPUID instruction: trap-emulate has nothing to trap")]
+    NoCpuidSites,
+    #[error("the payload has {sites} CPUID sites but x86 has only {slots} debug address registers (DR0-DR3); use --trap int3-patch or io-patch, which trap any number")]
     TooManySites { sites: usize, slots: usize },
     #[error(
         "the bytes at CPUID site {addr:#x} are {found:02x?}, not CPUID (0f a2): the payload does not match its symbols"

@@ -23,10 +23,9 @@ use super::{answer_cpuid, CpuidExitHandler, ModeError};
 use crate::arch::x86_64::cpuid::CpuidTable;
 use crate::shaping::Shaper;
 use crate::vm::exits::ExitKind;
-use crate::vm::loader::Payload;
 use crate::vm::vcpu::Vcpu;
 use guest_payload::ports;
-use guest_payload::timing::{CPUID_OPCODE, CPUID_SITE_SYMBOLS};
+use guest_payload::timing::CPUID_OPCODE;
 use kvm_bindings::{kvm_guest_debug, kvm_regs, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_USE_HW_BP, KVM_GUESTDBG_USE_SW_BP};
 use serde::Serialize;
 use vm_memory::{Bytes, GuestAddress};
@@ -110,17 +109,12 @@ impl TrapDelivery {
     }
 }
 
-/// The guest addresses of the payload's CPUID sites, the timed probe's first.
-pub fn cpuid_sites(payload: &Payload) -> Result<Vec<u64>, ModeError> {
-    CPUID_SITE_SYMBOLS
-        .iter()
-        .map(|&name| payload.symbol(name).ok_or(ModeError::MissingSite(name)))
-        .collect()
-}
-
 pub struct TrapEmulate {
     trap: Trap,
+    /// Every CPUID the payload's code holds (decoded from the ELF).
     sites: Vec<u64>,
+    /// The site of the guest's CPUID snapshot, counted apart from the timed ones.
+    query_site: Option<u64>,
     cpuid: CpuidTable,
     shaper: Shaper,
     /// Advance past the CPUID without answering it: the exit path's floor (benches).
@@ -130,10 +124,11 @@ pub struct TrapEmulate {
 }
 
 impl TrapEmulate {
-    pub fn new(trap: Trap, sites: Vec<u64>, cpuid: CpuidTable, shaper: Shaper) -> Self {
+    pub fn new(trap: Trap, sites: Vec<u64>, query_site: Option<u64>, cpuid: CpuidTable, shaper: Shaper) -> Self {
         Self {
             trap,
             sites,
+            query_site,
             cpuid,
             shaper,
             bare: false,
@@ -163,11 +158,10 @@ impl TrapEmulate {
     }
 
     fn kind_of(&self, site: u64) -> ExitKind {
-        // The first site is the timed probe; the others answer the guest's snapshot.
-        if Some(&site) == self.sites.first() {
-            ExitKind::CpuidTrap
-        } else {
+        if Some(site) == self.query_site {
             ExitKind::CpuidQueryTrap
+        } else {
+            ExitKind::CpuidTrap
         }
     }
 
@@ -205,6 +199,9 @@ impl CpuidExitHandler for TrapEmulate {
     }
 
     fn arm(&mut self, vcpu: &mut dyn Vcpu) -> Result<(), ModeError> {
+        if self.sites.is_empty() {
+            return Err(ModeError::NoCpuidSites);
+        }
         for &site in &self.sites {
             let mut found = [0u8; 2];
             vcpu.memory()
@@ -331,7 +328,13 @@ mod tests {
     }
 
     fn armed(trap: Trap, vcpu: &mut SimVcpu) -> TrapEmulate {
-        let mut handler = TrapEmulate::new(trap, vec![PROBE_SITE, QUERY_SITE], table(), Shaper::none());
+        let mut handler = TrapEmulate::new(
+            trap,
+            vec![PROBE_SITE, QUERY_SITE],
+            Some(QUERY_SITE),
+            table(),
+            Shaper::none(),
+        );
         handler.arm(vcpu).unwrap();
         handler
     }
@@ -454,7 +457,13 @@ mod tests {
         vcpu.memory
             .write_slice(&[0x90, 0x90], GuestAddress(QUERY_SITE))
             .unwrap();
-        let mut handler = TrapEmulate::new(Trap::IoPatch, vec![PROBE_SITE, QUERY_SITE], table(), Shaper::none());
+        let mut handler = TrapEmulate::new(
+            Trap::IoPatch,
+            vec![PROBE_SITE, QUERY_SITE],
+            Some(QUERY_SITE),
+            table(),
+            Shaper::none(),
+        );
         assert!(matches!(
             handler.arm(&mut vcpu),
             Err(ModeError::NotCpuid { addr: QUERY_SITE, .. })
@@ -465,19 +474,21 @@ mod tests {
         for &site in &sites {
             vcpu.memory.write_slice(&CPUID_OPCODE, GuestAddress(site)).unwrap();
         }
-        let mut handler = TrapEmulate::new(Trap::HwBreakpoint, sites.clone(), table(), Shaper::none());
+        let mut handler = TrapEmulate::new(Trap::HwBreakpoint, sites.clone(), None, table(), Shaper::none());
         assert!(matches!(
             handler.arm(&mut vcpu),
             Err(ModeError::TooManySites { sites: 5, slots: 4 })
         ));
-        let mut patched = TrapEmulate::new(Trap::IoPatch, sites, table(), Shaper::none());
+        let mut patched = TrapEmulate::new(Trap::IoPatch, sites, None, table(), Shaper::none());
         assert!(patched.arm(&mut vcpu).is_ok(), "patching traps any number of sites");
+        let mut nothing = TrapEmulate::new(Trap::IoPatch, vec![], None, table(), Shaper::none());
+        assert!(matches!(nothing.arm(&mut vcpu), Err(ModeError::NoCpuidSites)));
     }
 
     #[test]
     fn a_bare_trap_steps_over_without_answering() {
         let mut vcpu = vcpu_at(PROBE_SITE);
-        let mut handler = TrapEmulate::new(Trap::HwBreakpoint, vec![PROBE_SITE], table(), Shaper::none()).bare();
+        let mut handler = TrapEmulate::new(Trap::HwBreakpoint, vec![PROBE_SITE], None, table(), Shaper::none()).bare();
         handler.arm(&mut vcpu).unwrap();
         let exit = Exit::Debug {
             pc: PROBE_SITE,

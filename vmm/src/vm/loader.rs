@@ -3,9 +3,13 @@
 //! linux-loader places each `PT_LOAD` segment at its `p_paddr` and copies its file bytes,
 //! but checks neither the class nor the machine, nor that segments stay clear of the
 //! VMM's own structures. Those checks are ours, done on the bytes before anything loads.
-//! The symbol table is read too: the CPUID sites are found by name.
+//! The symbol table is read too (reports name the sites by it), the executable segments
+//! are decoded with a real x86 decoder (iced-x86) to find every CPUID instruction, and
+//! the payload's `vmm_payload_info` says what it declares about itself.
 
 use guest_payload::layout::{PAYLOAD_END, PAYLOAD_START};
+use guest_payload::{PayloadInfo, PAYLOAD_INFO_SYMBOL};
+use iced_x86::{Code, Decoder, DecoderOptions};
 use linux_loader::loader::{Elf, KernelLoader};
 use std::collections::HashMap;
 use std::io::Cursor;
@@ -19,6 +23,8 @@ pub static EMBEDDED_PAYLOAD: &[u8] = include_bytes!(env!("VMM_GUEST_PAYLOAD_ELF"
 pub const EM_X86_64: u16 = 62;
 const ET_EXEC: u16 = 2;
 const PT_LOAD: u32 = 1;
+/// `p_flags` bit: the segment is executable.
+const PF_X: u32 = 1;
 const SHT_SYMTAB: u32 = 2;
 const EHDR_SIZE: usize = 64;
 const PHDR_SIZE: usize = 56;
@@ -67,11 +73,14 @@ impl std::fmt::Display for PayloadSource {
     }
 }
 
-/// A loadable segment: guest address, bytes in memory.
+/// A loadable segment: guest address, bytes in memory, where its bytes are in the file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Segment {
     pub addr: u64,
     pub mem_size: u64,
+    pub file_offset: u64,
+    pub file_size: u64,
+    pub executable: bool,
 }
 
 /// A validated payload, ready to load into any number of VMs.
@@ -82,6 +91,11 @@ pub struct Payload {
     pub entry: u64,
     pub segments: Vec<Segment>,
     symbols: HashMap<String, u64>,
+    /// Every CPUID instruction (`0f a2`) found by decoding the executable segments, in
+    /// address order.
+    pub cpuid_sites: Vec<u64>,
+    /// What the payload declares (`vmm_payload_info`), if it declares anything.
+    pub info: Option<PayloadInfo>,
 }
 
 impl Payload {
@@ -133,13 +147,29 @@ impl Payload {
             return Err(LoaderError::EntryOutsideSegments(entry));
         }
         let symbols = symbols(b)?;
+        let cpuid_sites = decode_cpuid_sites(b, &segments);
+        let info = symbols
+            .get(PAYLOAD_INFO_SYMBOL)
+            .and_then(|&addr| file_bytes_at(b, &segments, addr, std::mem::size_of::<PayloadInfo>()))
+            .and_then(PayloadInfo::from_bytes);
         Ok(Self {
             bytes,
             source,
             entry,
             segments,
             symbols,
+            cpuid_sites,
+            info,
         })
+    }
+
+    /// The name of the symbol at `addr`, if the symbol table names one there.
+    pub fn symbol_at(&self, addr: u64) -> Option<&str> {
+        self.symbols
+            .iter()
+            .filter(|(_, &value)| value == addr)
+            .map(|(name, _)| name.as_str())
+            .min()
     }
 
     /// The address of a global symbol, if the payload has a symbol table naming it.
@@ -197,9 +227,41 @@ fn load_segments(b: &[u8]) -> Result<Vec<Segment>, LoaderError> {
                 size: mem_size,
             });
         }
-        segments.push(Segment { addr: paddr, mem_size });
+        let flags = u32_at(b, at + 4)?;
+        segments.push(Segment {
+            addr: paddr,
+            mem_size,
+            file_offset: offset,
+            file_size,
+            executable: flags & PF_X != 0,
+        });
     }
     Ok(segments)
+}
+
+/// Every CPUID in the executable segments, by a linear sweep with a real decoder (data
+/// mixed into code could hide or fake a site; compilers do not put data in `.text`).
+fn decode_cpuid_sites(b: &[u8], segments: &[Segment]) -> Vec<u64> {
+    let mut sites = Vec::new();
+    for segment in segments.iter().filter(|s| s.executable) {
+        let Some(code) = slice(b, segment.file_offset as usize, segment.file_size as usize).ok() else {
+            continue;
+        };
+        let decoder = Decoder::with_ip(64, code, segment.addr, DecoderOptions::NONE);
+        sites.extend(decoder.into_iter().filter(|i| i.code() == Code::Cpuid).map(|i| i.ip()));
+    }
+    sites.sort_unstable();
+    sites
+}
+
+/// `len` file bytes at guest address `addr`, if a segment holds them in the file.
+fn file_bytes_at<'b>(b: &'b [u8], segments: &[Segment], addr: u64, len: usize) -> Option<&'b [u8]> {
+    let end = addr.checked_add(len as u64)?;
+    let segment = segments
+        .iter()
+        .find(|s| addr >= s.addr && s.addr.checked_add(s.file_size).is_some_and(|s_end| end <= s_end))?;
+    let offset = segment.file_offset.checked_add(addr - segment.addr)?;
+    slice(b, usize::try_from(offset).ok()?, len).ok()
 }
 
 /// Global and local symbols from `.symtab`; a payload without one simply has none.
@@ -307,6 +369,7 @@ pub mod test_support {
         b[56..58].copy_from_slice(&1u16.to_le_bytes());
         let ph = EHDR_SIZE;
         b[ph..ph + 4].copy_from_slice(&PT_LOAD.to_le_bytes());
+        b[ph + 4..ph + 8].copy_from_slice(&(PF_X | 4).to_le_bytes());
         let offset = (EHDR_SIZE + PHDR_SIZE) as u64;
         for (field, value) in [
             (8, offset),
@@ -332,13 +395,35 @@ mod tests {
     }
 
     #[test]
-    fn embedded_payload_is_valid_and_names_its_cpuid_sites() {
+    fn embedded_payload_is_valid_and_its_decoded_sites_are_its_named_ones() {
         let payload = Payload::embedded().unwrap();
         assert_eq!(payload.entry, PAYLOAD_START);
-        for name in guest_payload::timing::CPUID_SITE_SYMBOLS {
-            let addr = payload.symbol(name).unwrap_or_else(|| panic!("{name} missing"));
-            assert!((PAYLOAD_START..PAYLOAD_END).contains(&addr));
-        }
+        let mut named: Vec<u64> = guest_payload::timing::CPUID_SITE_SYMBOLS
+            .iter()
+            .map(|name| payload.symbol(name).unwrap_or_else(|| panic!("{name} missing")))
+            .collect();
+        named.sort_unstable();
+        assert_eq!(
+            payload.cpuid_sites, named,
+            "the decoder finds exactly the labelled CPUIDs"
+        );
+        let info = payload.info.expect("the embedded payload declares itself");
+        assert_eq!(info.abi_version, guest_payload::ABI_VERSION);
+        assert_eq!(info.name_text(), b"vmm timing core");
+        assert_eq!(
+            payload.symbol_at(named[0]).map(|s| s.starts_with("vmm_site_cpuid")),
+            Some(true)
+        );
+    }
+
+    #[test]
+    fn cpuid_sites_are_decoded_not_pattern_matched() {
+        // nop; cpuid; mov eax, 0x00a20f00 (holds the bytes 0f a2 inside an immediate);
+        // cpuid; ret
+        let code = [0x90, 0x0f, 0xa2, 0xb8, 0x00, 0x0f, 0xa2, 0x00, 0x0f, 0xa2, 0xc3];
+        let payload = parse(tiny_elf(EM_X86_64, PAYLOAD_START, &code)).unwrap();
+        assert_eq!(payload.cpuid_sites, vec![PAYLOAD_START + 1, PAYLOAD_START + 8]);
+        assert!(payload.info.is_none(), "no symbol table, no declaration");
     }
 
     #[test]
@@ -348,7 +433,10 @@ mod tests {
             payload.segments,
             vec![Segment {
                 addr: PAYLOAD_START,
-                mem_size: 1
+                mem_size: 1,
+                file_offset: (EHDR_SIZE + PHDR_SIZE) as u64,
+                file_size: 1,
+                executable: true,
             }]
         );
     }
@@ -396,6 +484,13 @@ mod tests {
         assert!(text.contains("vmm_site_cpuid_probe"), "objdump printed no disassembly");
         let sse: Vec<&str> = text.lines().filter(|l| l.contains("%xmm")).collect();
         assert!(sse.is_empty(), "SSE in the payload: {sse:?}");
+        // Nor x87: an f64 in an ABI struct once made the compiler copy it with fldl/fstpl,
+        // which the emulating KVM cannot run either.
+        let x87: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains("\tfld") || l.contains("\tfst"))
+            .collect();
+        assert!(x87.is_empty(), "x87 in the payload: {x87:?}");
     }
 
     #[test]

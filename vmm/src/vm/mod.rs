@@ -116,6 +116,8 @@ pub struct GuestResults {
     pub cpuid: Vec<guest_payload::CpuidRecord>,
     /// The bytes at each CPUID site as the guest read its own code (with the snapshot).
     pub site_bytes: Vec<[u8; 2]>,
+    /// The payload's own verdict, where it reported one.
+    pub verdict: Option<PayloadVerdictReport>,
 }
 
 /// How a run went, seen from the VMM.
@@ -298,43 +300,86 @@ impl GuestVm {
     /// Reads the result block the guest wrote.
     pub fn results(&self) -> Result<GuestResults, VmError> {
         let memory = self.vcpu.memory();
-        let header_bytes = memory::read(memory, self.config.result_addr, std::mem::size_of::<ResultHeader>())?;
-        let header = ResultHeader::from_bytes(&header_bytes).ok_or(VmError::BadResults("too short"))?;
-        if header.magic != RESULT_MAGIC {
-            return Err(VmError::BadResults("the guest never wrote its magic"));
-        }
-        if header.abi_version != ABI_VERSION {
-            return Err(VmError::BadResults("the guest speaks another ABI version"));
-        }
-        if header.iterations != self.config.iterations || header.probes != self.config.probes {
-            return Err(VmError::BadResults(
-                "the guest measured something other than what was asked",
-            ));
-        }
-        let mut results = GuestResults::default();
-        for probe in guest_payload::probes_in(header.probes) {
-            let offset = header
-                .sample_offset(probe)
-                .ok_or(VmError::BadResults("a probe without samples"))?;
-            let bytes = memory::read(
-                memory,
-                self.config.result_addr + offset,
-                header.iterations as usize * std::mem::size_of::<Cycles>(),
-            )?;
-            let samples = bytes
-                .chunks_exact(std::mem::size_of::<Cycles>())
-                .map(|c| Cycles::from_le_bytes(c.try_into().unwrap_or_default()))
-                .collect();
-            results.samples.insert(probe, samples);
-        }
-        let count = (header.cpuid_count as usize).min(header.cpuid.len());
-        results.cpuid = header.cpuid[..count].to_vec();
-        if header.site_bytes_valid != 0 {
-            let sites = guest_payload::timing::CPUID_SITE_SYMBOLS.len();
-            results.site_bytes = header.site_bytes[..sites].to_vec();
-        }
-        Ok(results)
+        let base = self.config.result_addr;
+        parse_results(&self.config, |offset, len| {
+            let addr = base
+                .checked_add(offset)
+                .ok_or(VmError::BadResults("a sample offset overflows"))?;
+            Ok(memory::read(memory, addr, len)?)
+        })
     }
+}
+
+/// A payload's own verdict, as it reported it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PayloadVerdictReport {
+    pub verdict: guest_payload::PayloadVerdict,
+    pub score: f64,
+    /// Its reason, with anything but printable ASCII shown escaped.
+    pub reason: String,
+}
+
+/// Parses a result block, wherever it lives (guest memory, a native twin's file): `read`
+/// returns `len` bytes at `offset` from the block's start. The payload may report fewer
+/// probes and samples than the config asked for (a detector measures what it measures),
+/// never more than the area the VMM gave it.
+pub fn parse_results(
+    config: &Config,
+    read: impl Fn(u64, usize) -> Result<Vec<u8>, VmError>,
+) -> Result<GuestResults, VmError> {
+    let header_bytes = read(0, std::mem::size_of::<ResultHeader>())?;
+    let header = ResultHeader::from_bytes(&header_bytes).ok_or(VmError::BadResults("too short"))?;
+    if header.magic != RESULT_MAGIC {
+        return Err(VmError::BadResults("the guest never wrote its magic"));
+    }
+    if header.abi_version != ABI_VERSION {
+        return Err(VmError::BadResults("the guest speaks another ABI version"));
+    }
+    if header.probes & !config.probes != 0 {
+        return Err(VmError::BadResults("the guest reported probes it was not asked for"));
+    }
+    let reported = Config {
+        probes: header.probes,
+        iterations: header.iterations,
+        ..*config
+    };
+    if reported.result_bytes_needed() > config.result_capacity {
+        return Err(VmError::BadResults(
+            "the guest reported more samples than its result area holds",
+        ));
+    }
+    let mut results = GuestResults::default();
+    for probe in guest_payload::probes_in(header.probes) {
+        let offset = header
+            .sample_offset(probe)
+            .ok_or(VmError::BadResults("a probe without samples"))?;
+        let bytes = read(offset, header.iterations as usize * std::mem::size_of::<Cycles>())?;
+        let samples = bytes
+            .chunks_exact(std::mem::size_of::<Cycles>())
+            .map(|c| Cycles::from_le_bytes(c.try_into().unwrap_or_default()))
+            .collect();
+        results.samples.insert(probe, samples);
+    }
+    let count = (header.cpuid_count as usize).min(header.cpuid.len());
+    results.cpuid = header.cpuid[..count].to_vec();
+    if header.site_bytes_valid != 0 {
+        let sites = guest_payload::timing::CPUID_SITE_SYMBOLS.len();
+        results.site_bytes = header.site_bytes[..sites].to_vec();
+    }
+    results.verdict = match guest_payload::PayloadVerdict::from_u32(header.verdict) {
+        Some(guest_payload::PayloadVerdict::None) => None,
+        Some(verdict) => Some(PayloadVerdictReport {
+            verdict,
+            score: header.score_milli as f64 / 1000.0,
+            reason: header.reason_text().escape_ascii().to_string(),
+        }),
+        None => {
+            return Err(VmError::BadResults(
+                "the guest reported a verdict this VMM does not know",
+            ))
+        }
+    };
+    Ok(results)
 }
 
 fn internal_error_name(suberror: u32) -> &'static str {

@@ -1,0 +1,192 @@
+/* vmm guest ABI for C. Generated from guest-payload/src/abi.rs by guest-payload/src/sdk.rs:
+ * do not edit; regenerate with `VMM_SDK_BLESS=1 cargo test -p guest-payload sdk`.
+ * docs/sdk.md says what the VMM demands of a payload, in order. */
+#ifndef VMM_ABI_H
+#define VMM_ABI_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* Bumped whenever a layout or meaning changes. */
+#define VMM_ABI_VERSION 0x4u
+
+/* Guest physical memory map (identity-mapped: virtual == physical). */
+/* The config block the VMM writes before the first instruction. */
+#define VMM_CONFIG_ADDR 0x5000ull
+/* Lowest address of the guest stack. */
+#define VMM_STACK_BOTTOM 0x10000ull
+/* The initial stack pointer. */
+#define VMM_STACK_TOP 0x80000ull
+/* Where loadable segments may start. */
+#define VMM_PAYLOAD_START 0x100000ull
+/* Loadable segments must end below this. */
+#define VMM_PAYLOAD_END 0x400000ull
+/* The result header, followed by the samples. */
+#define VMM_RESULT_ADDR 0x400000ull
+
+/* I/O ports. */
+/* One byte of console output per `out`. */
+#define VMM_PORT_CONSOLE 0x3f8u
+/* A 32-bit status (enum vmm_status) when done. */
+#define VMM_PORT_DONE 0xf4u
+/* Paravirtual CPUID: `out dx, eax`, leaf in EAX, subleaf in ECX; answer in EAX-EDX. */
+#define VMM_PORT_HYPERCALL 0xf6u
+/* Reserved for the VMM's io-patch trap: do not use. */
+#define VMM_PORT_CPUID_TRAP 0xf7u
+
+/* Magics (little-endian ASCII). */
+/* "VMMCONF1" */
+#define VMM_CONFIG_MAGIC 0x31464e4f434d4d56ull
+/* "VMMRSLT1" */
+#define VMM_RESULT_MAGIC 0x31544c53524d4d56ull
+/* "VMMINFO1" */
+#define VMM_PAYLOAD_INFO_MAGIC 0x314f464e494d4d56ull
+
+/* Config flags. */
+/* Ask for CPUID by hypercall instead of executing it. */
+#define VMM_FLAG_PARAVIRT_CPUID 0x1u
+/* Spin forever (tests the VMM's watchdog). */
+#define VMM_FLAG_HANG 0x2u
+/* Fault on purpose (tests the VMM's fault handling). */
+#define VMM_FLAG_FAULT 0x4u
+/* Fill the CPUID snapshot and the site bytes. */
+#define VMM_FLAG_CPUID_SNAPSHOT 0x8u
+
+/* Payload capabilities (struct vmm_payload_info.capabilities). */
+/* Honours VMM_FLAG_PARAVIRT_CPUID. */
+#define VMM_CAP_PARAVIRT_CPUID 0x1u
+/* Reports its own verdict. */
+#define VMM_CAP_VERDICT 0x2u
+/* Honours config.probes and config.iterations. */
+#define VMM_CAP_TIMING_CORE 0x4u
+/* Honours VMM_FLAG_CPUID_SNAPSHOT. */
+#define VMM_CAP_CPUID_SNAPSHOT 0x8u
+
+/* Probes: bit (1 << probe) in config.probes; samples laid out in VMM_PROBE_ORDER. */
+/* cpuid-unfenced */
+#define VMM_PROBE_CPUID_UNFENCED 0x4u
+/* cpuid */
+#define VMM_PROBE_CPUID 0x0u
+/* nop */
+#define VMM_PROBE_NOP 0x1u
+/* rdtsc */
+#define VMM_PROBE_RDTSC 0x2u
+/* lfence8 */
+#define VMM_PROBE_LFENCE8 0x3u
+/* The order samples follow in the result block. */
+#define VMM_PROBE_ORDER { 4, 0, 1, 2, 3 }
+#define VMM_PROBE_COUNT 5u
+
+/* What the payload rings on VMM_PORT_DONE. */
+enum vmm_status {
+    VMM_STATUS_OK = 0, /* measurements complete */
+    VMM_STATUS_BAD_CONFIG_MAGIC = 1, /* the config block has no valid magic */
+    VMM_STATUS_ABI_MISMATCH = 2, /* the config block was written for another ABI version */
+    VMM_STATUS_RESULT_AREA_TOO_SMALL = 3, /* the samples asked for do not fit the result area */
+    VMM_STATUS_BAD_CONFIG = 4, /* the config asks for no iterations or no probe */
+};
+
+/* A payload's own verdict (result header .verdict). */
+enum vmm_verdict {
+    VMM_VERDICT_NONE = 0,
+    VMM_VERDICT_VIRTUAL = 1,
+    VMM_VERDICT_NATIVE = 2,
+    VMM_VERDICT_UNSURE = 3,
+};
+
+#define VMM_REASON_BYTES 120u
+#define VMM_SNAPSHOT_LEAVES 8u
+
+/* Written by the VMM at VMM_CONFIG_ADDR before the first instruction. */
+struct vmm_config {
+    uint64_t magic;
+    uint32_t abi_version;
+    uint32_t flags;
+    uint32_t iterations;
+    uint32_t warmup;
+    uint32_t probes;
+    uint32_t cpuid_leaf;
+    uint32_t cpuid_subleaf;
+    uint32_t tsc_khz;
+    uint64_t result_addr;
+    uint64_t result_capacity;
+};
+_Static_assert(sizeof(struct vmm_config) == 56, "vmm_config size");
+_Static_assert(offsetof(struct vmm_config, magic) == 0, "vmm_config.magic");
+_Static_assert(offsetof(struct vmm_config, abi_version) == 8, "vmm_config.abi_version");
+_Static_assert(offsetof(struct vmm_config, flags) == 12, "vmm_config.flags");
+_Static_assert(offsetof(struct vmm_config, iterations) == 16, "vmm_config.iterations");
+_Static_assert(offsetof(struct vmm_config, warmup) == 20, "vmm_config.warmup");
+_Static_assert(offsetof(struct vmm_config, probes) == 24, "vmm_config.probes");
+_Static_assert(offsetof(struct vmm_config, cpuid_leaf) == 28, "vmm_config.cpuid_leaf");
+_Static_assert(offsetof(struct vmm_config, cpuid_subleaf) == 32, "vmm_config.cpuid_subleaf");
+_Static_assert(offsetof(struct vmm_config, tsc_khz) == 36, "vmm_config.tsc_khz");
+_Static_assert(offsetof(struct vmm_config, result_addr) == 40, "vmm_config.result_addr");
+_Static_assert(offsetof(struct vmm_config, result_capacity) == 48, "vmm_config.result_capacity");
+
+/* One CPUID answer as the guest saw it. */
+struct vmm_cpuid_record {
+    uint32_t leaf;
+    uint32_t subleaf;
+    uint32_t eax;
+    uint32_t ebx;
+    uint32_t ecx;
+    uint32_t edx;
+};
+_Static_assert(sizeof(struct vmm_cpuid_record) == 24, "vmm_cpuid_record size");
+_Static_assert(offsetof(struct vmm_cpuid_record, leaf) == 0, "vmm_cpuid_record.leaf");
+_Static_assert(offsetof(struct vmm_cpuid_record, subleaf) == 4, "vmm_cpuid_record.subleaf");
+_Static_assert(offsetof(struct vmm_cpuid_record, eax) == 8, "vmm_cpuid_record.eax");
+_Static_assert(offsetof(struct vmm_cpuid_record, ebx) == 12, "vmm_cpuid_record.ebx");
+_Static_assert(offsetof(struct vmm_cpuid_record, ecx) == 16, "vmm_cpuid_record.ecx");
+_Static_assert(offsetof(struct vmm_cpuid_record, edx) == 20, "vmm_cpuid_record.edx");
+
+/* Written by the payload at config.result_addr; int64_t samples follow it (signed: negative when the TSC ran backwards), `iterations` per probe in `probes`, in VMM_PROBE_ORDER. Write `magic` last. */
+struct vmm_result_header {
+    uint64_t magic;
+    uint32_t abi_version;
+    uint32_t status;
+    uint32_t iterations;
+    uint32_t probes;
+    uint64_t tsc_start;
+    uint64_t tsc_end;
+    uint32_t cpuid_count;
+    uint32_t site_bytes_valid;
+    uint8_t site_bytes[4][2];
+    struct vmm_cpuid_record cpuid[VMM_SNAPSHOT_LEAVES];
+    uint32_t verdict;
+    uint32_t reserved;
+    int64_t score_milli;
+    char reason[VMM_REASON_BYTES];
+};
+_Static_assert(sizeof(struct vmm_result_header) == 384, "vmm_result_header size");
+_Static_assert(offsetof(struct vmm_result_header, magic) == 0, "vmm_result_header.magic");
+_Static_assert(offsetof(struct vmm_result_header, abi_version) == 8, "vmm_result_header.abi_version");
+_Static_assert(offsetof(struct vmm_result_header, status) == 12, "vmm_result_header.status");
+_Static_assert(offsetof(struct vmm_result_header, iterations) == 16, "vmm_result_header.iterations");
+_Static_assert(offsetof(struct vmm_result_header, probes) == 20, "vmm_result_header.probes");
+_Static_assert(offsetof(struct vmm_result_header, tsc_start) == 24, "vmm_result_header.tsc_start");
+_Static_assert(offsetof(struct vmm_result_header, tsc_end) == 32, "vmm_result_header.tsc_end");
+_Static_assert(offsetof(struct vmm_result_header, cpuid_count) == 40, "vmm_result_header.cpuid_count");
+_Static_assert(offsetof(struct vmm_result_header, site_bytes_valid) == 44, "vmm_result_header.site_bytes_valid");
+_Static_assert(offsetof(struct vmm_result_header, site_bytes) == 48, "vmm_result_header.site_bytes");
+_Static_assert(offsetof(struct vmm_result_header, cpuid) == 56, "vmm_result_header.cpuid");
+_Static_assert(offsetof(struct vmm_result_header, verdict) == 248, "vmm_result_header.verdict");
+_Static_assert(offsetof(struct vmm_result_header, reserved) == 252, "vmm_result_header.reserved");
+_Static_assert(offsetof(struct vmm_result_header, score_milli) == 256, "vmm_result_header.score_milli");
+_Static_assert(offsetof(struct vmm_result_header, reason) == 264, "vmm_result_header.reason");
+
+/* What a payload declares, at the global symbol `vmm_payload_info`. */
+struct vmm_payload_info {
+    uint64_t magic;
+    uint32_t abi_version;
+    uint32_t capabilities;
+    char name[32];
+};
+_Static_assert(sizeof(struct vmm_payload_info) == 48, "vmm_payload_info size");
+_Static_assert(offsetof(struct vmm_payload_info, magic) == 0, "vmm_payload_info.magic");
+_Static_assert(offsetof(struct vmm_payload_info, abi_version) == 8, "vmm_payload_info.abi_version");
+_Static_assert(offsetof(struct vmm_payload_info, capabilities) == 12, "vmm_payload_info.capabilities");
+_Static_assert(offsetof(struct vmm_payload_info, name) == 16, "vmm_payload_info.name");
+
+#endif /* VMM_ABI_H */

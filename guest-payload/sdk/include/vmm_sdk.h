@@ -1,0 +1,60 @@
+/* vmm guest SDK: write a VM detector once, run it as a vmm guest and as a native Linux
+ * program from the same source. See docs/sdk.md.
+ *
+ * A detector defines `vmm_detect()` and declares itself with `VMM_PAYLOAD(...)`; the SDK
+ * supplies the entry point of each build (lib/start_guest.c: the bare-metal `_start` the
+ * VMM jumps to; lib/start_native.c: a `main` that reads the config from a file and writes
+ * the result block to another), and these helpers. */
+#ifndef VMM_SDK_H
+#define VMM_SDK_H
+
+#include "vmm_abi.h"
+
+/* Declares the payload to the VMM (read from the ELF before it runs): a name for reports
+ * and what it can do (VMM_CAP_* bits). Use exactly once, at file scope. */
+#define VMM_PAYLOAD(name_literal, caps)                                                     \
+    __attribute__((used)) const struct vmm_payload_info vmm_payload_info = {               \
+        VMM_PAYLOAD_INFO_MAGIC, VMM_ABI_VERSION, (caps), name_literal}
+
+/* One run, as the detector sees it. */
+struct vmm_run {
+    const struct vmm_config *config;
+    struct vmm_result_header *result;
+    /* What the payload will report: set with vmm_begin(). */
+    uint32_t probes;
+    uint32_t iterations;
+};
+
+/* The detector: measure, record samples, optionally report a verdict. Returns a
+ * `enum vmm_status` (VMM_STATUS_OK when it measured). */
+int vmm_detect(struct vmm_run *run);
+
+/* Declares the probes (bits 1 << VMM_PROBE_*) and samples per probe the payload will
+ * report; checks they fit the result area. Returns VMM_STATUS_OK or why not. */
+int vmm_begin(struct vmm_run *run, uint32_t probes, uint32_t iterations);
+/* Where the samples of `probe` go (after vmm_begin); NULL if it was not declared. */
+int64_t *vmm_samples(struct vmm_run *run, unsigned probe);
+/* The payload's own verdict: enum vmm_verdict, a score in thousandths (higher: more
+ * virtual; integers only, guests have no floating point) and one line of why
+ * (truncated to VMM_REASON_BYTES - 1). */
+void vmm_verdict(struct vmm_run *run, enum vmm_verdict verdict, int64_t score_milli, const char *reason);
+
+/* The TSC, unordered (`rdtsc`) and ordered after earlier instructions (`lfence; rdtsc`). */
+uint64_t vmm_rdtsc(void);
+uint64_t vmm_rdtsc_fenced(void);
+/* `rdtscp`: returns 0 and sets *ok = 0 where it cannot run (checked with CPUID first;
+ * an emulating KVM that fails on it anyway stops the guest, and the VMM says where). */
+uint64_t vmm_rdtscp(uint32_t *aux, int *ok);
+/* CPUID: the instruction, or in a guest whose config asks for paravirt, the hypercall. */
+void vmm_cpuid(const struct vmm_run *run, uint32_t leaf, uint32_t subleaf, uint32_t regs[4]);
+/* Spins for `ms` milliseconds of TSC time (config.tsc_khz); returns 0 if the rate is unknown. */
+int vmm_spin_ms(const struct vmm_run *run, uint32_t ms);
+/* A line of text: the guest's serial console, or the native twin's stderr. */
+void vmm_print(const char *text);
+/* 1 in the guest build, 0 in the native twin. */
+int vmm_in_guest(void);
+
+/* Small string helpers (no libc in the guest). */
+void vmm_format_u64(char *out, uint64_t value);
+
+#endif /* VMM_SDK_H */

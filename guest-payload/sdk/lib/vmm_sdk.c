@@ -1,0 +1,151 @@
+/* The SDK's helpers, compiled into both builds (VMM_GUEST set for the guest). */
+#include "vmm_sdk.h"
+
+#ifdef VMM_GUEST
+static inline void outb(uint16_t port, uint8_t value) {
+    __asm__ volatile("out %0, %1" : : "a"(value), "Nd"(port));
+}
+#else
+#include <stdio.h>
+#include <string.h>
+#endif
+
+int vmm_in_guest(void) {
+#ifdef VMM_GUEST
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* No libgcc in the guest: count bits by hand. */
+static unsigned bits(uint32_t mask) {
+    unsigned n = 0;
+    for (; mask; mask &= mask - 1)
+        n++;
+    return n;
+}
+
+static uint64_t sample_bytes(uint32_t probes, uint32_t iterations) {
+    return (uint64_t)bits(probes) * iterations * sizeof(int64_t);
+}
+
+int vmm_begin(struct vmm_run *run, uint32_t probes, uint32_t iterations) {
+    if (probes == 0 || iterations == 0)
+        return VMM_STATUS_BAD_CONFIG;
+    if (sizeof(struct vmm_result_header) + sample_bytes(probes, iterations) > run->config->result_capacity)
+        return VMM_STATUS_RESULT_AREA_TOO_SMALL;
+    run->probes = probes;
+    run->iterations = iterations;
+    return VMM_STATUS_OK;
+}
+
+int64_t *vmm_samples(struct vmm_run *run, unsigned probe) {
+    static const unsigned order[] = VMM_PROBE_ORDER;
+    if (probe >= 32 || !(run->probes & (1u << probe)))
+        return 0;
+    uint64_t before = 0;
+    for (unsigned i = 0; i < VMM_PROBE_COUNT && order[i] != probe; i++)
+        if (run->probes & (1u << order[i]))
+            before++;
+    return (int64_t *)((char *)run->result + sizeof(struct vmm_result_header)) + before * run->iterations;
+}
+
+void vmm_verdict(struct vmm_run *run, enum vmm_verdict verdict, int64_t score_milli, const char *reason) {
+    run->result->verdict = verdict;
+    run->result->score_milli = score_milli;
+    unsigned i = 0;
+    for (; reason && reason[i] && i < VMM_REASON_BYTES - 1; i++)
+        run->result->reason[i] = reason[i];
+    for (; i < VMM_REASON_BYTES; i++)
+        run->result->reason[i] = 0;
+}
+
+uint64_t vmm_rdtsc(void) {
+    uint32_t lo, hi;
+    __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+    return ((uint64_t)hi << 32) | lo;
+}
+
+uint64_t vmm_rdtsc_fenced(void) {
+    uint32_t lo, hi;
+    __asm__ volatile("lfence; rdtsc" : "=a"(lo), "=d"(hi) : : "memory");
+    return ((uint64_t)hi << 32) | lo;
+}
+
+static void cpuid_instruction(uint32_t leaf, uint32_t subleaf, uint32_t regs[4]) {
+    __asm__ volatile("cpuid" : "=a"(regs[0]), "=b"(regs[1]), "=c"(regs[2]), "=d"(regs[3]) : "a"(leaf), "c"(subleaf));
+}
+
+uint64_t vmm_rdtscp(uint32_t *aux, int *ok) {
+    uint32_t regs[4];
+    cpuid_instruction(0x80000001u, 0, regs);
+    /* CPUID.80000001H:EDX[27] advertises RDTSCP. */
+    if (!(regs[3] & (1u << 27))) {
+        *ok = 0;
+        return 0;
+    }
+    uint32_t lo, hi, c;
+    __asm__ volatile("rdtscp" : "=a"(lo), "=d"(hi), "=c"(c));
+    *aux = c;
+    *ok = 1;
+    return ((uint64_t)hi << 32) | lo;
+}
+
+void vmm_cpuid(const struct vmm_run *run, uint32_t leaf, uint32_t subleaf, uint32_t regs[4]) {
+#ifdef VMM_GUEST
+    if (run->config->flags & VMM_FLAG_PARAVIRT_CPUID) {
+        __asm__ volatile("out %%eax, %%dx"
+                         : "=a"(regs[0]), "=b"(regs[1]), "=c"(regs[2]), "=d"(regs[3])
+                         : "a"(leaf), "c"(subleaf), "d"((uint32_t)VMM_PORT_HYPERCALL));
+        return;
+    }
+#else
+    (void)run;
+#endif
+    cpuid_instruction(leaf, subleaf, regs);
+}
+
+int vmm_spin_ms(const struct vmm_run *run, uint32_t ms) {
+    uint64_t khz = run->config->tsc_khz;
+    if (khz == 0)
+        return 0;
+    uint64_t end = vmm_rdtsc() + khz * ms;
+    while (vmm_rdtsc() < end)
+        __asm__ volatile("pause");
+    return 1;
+}
+
+void vmm_print(const char *text) {
+#ifdef VMM_GUEST
+    for (; *text; text++)
+        outb(VMM_PORT_CONSOLE, (uint8_t)*text);
+#else
+    fputs(text, stderr);
+#endif
+}
+
+void vmm_format_u64(char *out, uint64_t value) {
+    char digits[21];
+    int n = 0;
+    do {
+        digits[n++] = (char)('0' + value % 10);
+        value /= 10;
+    } while (value);
+    while (n)
+        *out++ = digits[--n];
+    *out = 0;
+}
+
+#ifdef VMM_GUEST
+/* What a freestanding compiler may emit calls to. */
+void *memcpy(void *dest, const void *src, size_t n) {
+    __asm__ volatile("rep movsb" : "+D"(dest), "+S"(src), "+c"(n) : : "memory");
+    return dest;
+}
+void *memset(void *dest, int value, size_t n) {
+    void *d = dest;
+    __asm__ volatile("rep stosb" : "+D"(d), "+c"(n) : "a"(value) : "memory");
+    return dest;
+}
+#endif
