@@ -184,6 +184,10 @@ fn shaping_needs_a_mode_whose_exits_the_vmm_handles() {
         assert_eq!(output.status.code(), Some(1));
         assert!(String::from_utf8_lossy(&output.stderr).contains("use --mode trap-emulate or --mode paravirt"));
     }
+    // Shaping without the probe it shapes would calibrate and then report nothing.
+    let output = vmm(&["run", "--mode", "paravirt", "--hide", "--probes", "nop", "-n", "10"]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("add cpuid to --probes"));
 }
 
 #[test]
@@ -222,16 +226,30 @@ fn native_mode_refuses_a_payload_it_cannot_run_natively() {
     assert_eq!(report["payload"]["source"], file);
 }
 
-/// A payload that faults on its own is reported as faulting, not as a trap KVM failed to
-/// deliver.
+/// A payload that faults on its own, right after a trapped CPUID, is reported as faulting,
+/// not as a trap KVM failed to deliver.
 #[test]
-fn a_payload_that_faults_is_not_blamed_on_the_trap() {
+fn a_payload_that_faults_after_a_cpuid_is_not_blamed_on_the_trap() {
     let Some(_vm) = vm_test() else { return };
-    for trap in ["int3-patch", "io-patch"] {
-        let output = vmm(&["run", "--mode", "trap-emulate", "--trap", trap, "--misbehave", "fault"]);
+    use vmm::vm::loader::{test_support::tiny_elf, EM_X86_64};
+    // cpuid; ud2 at the entry: the fault is at the instruction after the trapped site.
+    let path = std::env::temp_dir().join(format!("vmm-test-{}-cpuid-ud2.elf", std::process::id()));
+    let code = [0x0f, 0xa2, 0x0f, 0x0b];
+    std::fs::write(&path, tiny_elf(EM_X86_64, guest_payload::layout::PAYLOAD_START, &code)).unwrap();
+    for trap in ["hw-breakpoint", "io-patch"] {
+        let output = vmm(&[
+            "run",
+            "--mode",
+            "trap-emulate",
+            "--trap",
+            trap,
+            "--payload",
+            path.to_str().unwrap(),
+        ]);
         assert_eq!(output.status.code(), Some(1));
         let message = String::from_utf8_lossy(&output.stderr);
         assert!(message.contains("triple-faulted"), "{trap}: {message}");
         assert!(!message.contains("not delivered"), "{trap}: {message}");
     }
+    std::fs::remove_file(&path).ok();
 }

@@ -142,6 +142,28 @@ impl RunSpec {
         }
     }
 
+    /// CPUID exits the built-in timing core takes: each sample and warm-up of both CPUID
+    /// probes, and the snapshot's queries.
+    pub fn expected_cpuid_exits(&self) -> usize {
+        let (n, w) = (self.iterations as usize, self.warmup as usize);
+        let fenced = if self.probes & Probe::Cpuid.bit() != 0 {
+            n + w
+        } else {
+            0
+        };
+        let unfenced = if self.probes & Probe::CpuidUnfenced.bit() != 0 {
+            n
+        } else {
+            0
+        };
+        let snapshot = if self.snapshot {
+            guest_payload::CPUID_SNAPSHOT_LEAVES.len()
+        } else {
+            0
+        };
+        fenced + unfenced + snapshot
+    }
+
     fn measures_cpuid(&self) -> bool {
         self.probes & Probe::Cpuid.bit() != 0 && self.guest_flags == 0
     }
@@ -231,6 +253,9 @@ impl Measurer {
         if spec.shaping != Shaping::None && !spec.path.vmm_handles_cpuid() {
             return Err(ShapingError::NeedsVmmExits(spec.shaping.kind()).into());
         }
+        if spec.shaping != Shaping::None && spec.probes & Probe::Cpuid.bit() == 0 {
+            return Err(ShapingError::NeedsCpuidProbe(spec.shaping.kind()).into());
+        }
         check_declaration(payload, spec)?;
         // Started before anything is measured and stopped (on drop) after everything is.
         let _busy = Busy::start(spec.busy).map_err(MeasureError::Busy)?;
@@ -292,6 +317,9 @@ impl Measurer {
         console: Option<&mut dyn Write>,
     ) -> Result<Measurement, MeasureError> {
         let mut vm = GuestVm::create(self.kvm()?, payload, &self.with_tsc_rate(spec.guest_config()))?;
+        // Sized before the run: no reallocation inside an exit hide must account for.
+        let mut shaper = shaper;
+        shaper.reserve(spec.expected_cpuid_exits());
         let cpuid = vm.cpuid_table().clone();
         let mut handler = match spec.path {
             Path::Native | Path::HwAssist => PathHandler::HwAssist(HwAssist),
@@ -353,20 +381,21 @@ impl Measurer {
             bare_exits: false,
             ..spec.cpuid_only(1, 0, Shaping::None)
         };
+        // At the site itself (an int3 may report the byte after it), never the instruction
+        // after: `cpuid; rdtscp` failing on the rdtscp is the payload's own doing.
         let sites = &payload.cpuid_sites;
         let at_a_site = |error: &VmError| {
-            error
-                .rip()
-                .is_some_and(|rip| sites.iter().any(|&site| (site..=site + 2).contains(&rip)))
+            error.rip().is_some_and(|rip| {
+                sites
+                    .iter()
+                    .any(|&site| rip == site || (trap == Trap::Int3Patch && rip == site + 1))
+            })
         };
         let unavailable = |why: String| MeasureError::Mode(ModeError::TrapUnavailable { trap: trap.name(), why });
+        const NO_TRAP: &str = "the guest's CPUID ran to completion without a single trap exit (breakpoints armed with KVM_SET_GUEST_DEBUG do not fire)";
         let delivery = match self.run_vm(payload, &probe, Shaper::none(), None) {
-            Ok(measured) => measured.trap_delivery.ok_or_else(|| {
-                unavailable("the guest's CPUID ran to completion without a single trap exit (breakpoints armed with KVM_SET_GUEST_DEBUG do not fire)".into())
-            })?,
-            Err(MeasureError::Mode(ModeError::NoTraps { .. })) => {
-                return Err(unavailable("the guest's CPUID ran to completion without a single trap exit (breakpoints armed with KVM_SET_GUEST_DEBUG do not fire)".into()))
-            }
+            Ok(measured) => measured.trap_delivery.ok_or_else(|| unavailable(NO_TRAP.into()))?,
+            Err(MeasureError::Mode(ModeError::NoTraps { .. })) => return Err(unavailable(NO_TRAP.into())),
             Err(MeasureError::Vm(error @ (VmError::TripleFault { .. } | VmError::InternalError { .. }))) => {
                 // Blame the trap only if the trap is what broke the run: at a trapped site,
                 // or (a triple fault resets RIP) where the same run without the trap

@@ -60,7 +60,7 @@ pub fn run(args: &RunArgs) -> Result<(), CommandError> {
     }
     if let (Some(file), Some(path)) = (plot_file, &args.output.plot) {
         let runs = [plot::PlotRun::new(
-            report.mode.name(),
+            report.path.name(),
             &measurement.samples,
             report.host.tsc_khz,
         )];

@@ -152,11 +152,6 @@ impl TrapEmulate {
             .or_else(|| sites.clone().find(|&site| self.trap.covers(site, rip)))
     }
 
-    /// True where `rip` is at or just after one of the trapped sites.
-    pub fn is_site(&self, rip: u64) -> bool {
-        self.site_of(rip).is_some()
-    }
-
     fn kind_of(&self, site: u64) -> ExitKind {
         if Some(site) == self.query_site {
             ExitKind::CpuidQueryTrap

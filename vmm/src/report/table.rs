@@ -83,7 +83,7 @@ pub fn render(report: &RunReport) -> String {
             shaping.baseline_cycles,
             shaping.baseline_spread_cycles,
             match (shaping.residue_cycles, shaping.residue_lower_bound_cycles) {
-                (Some(r), Some(lower)) => format!(", residue {r} (provable lower bound {lower})"),
+                (Some(r), Some(lower)) => format!(", residue {r} (calibrated lower bound {lower})"),
                 _ => String::new(),
             },
         );

@@ -35,6 +35,8 @@ pub enum ShapingError {
     },
     #[error("{0} shapes exits the VMM handles: use --mode trap-emulate or --mode paravirt")]
     NeedsVmmExits(&'static str),
+    #[error("{0} shapes the CPUID probe's exits, and --probes leaves it out: add cpuid to --probes")]
+    NeedsCpuidProbe(&'static str),
 }
 
 /// The TSC move of every calibration exit. Writes that change the offset take a different
@@ -130,7 +132,15 @@ impl Shaper {
         Self::new(Shaping::None, 0, 0)
     }
 
-    /// Opens TSC moves, once, before the vCPU runs; sizes the per-exit records.
+    /// Room for this many exits in the per-exit records, reserved before the run.
+    pub fn reserve(&mut self, exits: usize) {
+        if self.shaping != Shaping::None {
+            self.exits.handler_cycles.reserve(exits);
+            self.exits.moves.reserve(exits);
+        }
+    }
+
+    /// Opens TSC moves, once, before the vCPU runs.
     pub fn arm(&mut self, vcpu: &mut dyn Vcpu) -> Result<(), ShapingError> {
         if self.shaping.moves_tsc() {
             self.tsc_method = Some(vcpu.enable_tsc_moves()?);

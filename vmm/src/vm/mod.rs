@@ -178,7 +178,8 @@ impl GuestVm {
             ..Default::default()
         };
         vcpu.set_fpu(&fpu).map_err(kvm_err("the FPU state (KVM_SET_FPU)"))?;
-        vcpu.set_regs(&regs::entry_registers(payload.entry))
+        let entry = regs::entry_registers(payload.entry);
+        vcpu.set_regs(&entry)
             .map_err(kvm_err("the entry registers (KVM_SET_REGS)"))?;
 
         // The table as KVM holds it now that CR4 is set (runtime bits such as OSXSAVE):
@@ -193,7 +194,7 @@ impl GuestVm {
             }
         };
         Ok(Self {
-            vcpu: KvmVcpu::new(vcpu, memory, kvm.registers),
+            vcpu: KvmVcpu::new(vcpu, memory, kvm.registers, entry),
             _vm: vm,
             config,
             cpuid,
@@ -249,6 +250,7 @@ impl GuestVm {
             let flow = handler
                 .handle(&mut self.vcpu, &exit, exit_tsc)
                 .map_err(VmError::Handler)?;
+            self.vcpu.flush()?;
             match flow {
                 Flow::Continue(kind) => stats
                     .exits

@@ -68,9 +68,12 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
 }
 
 impl KvmVcpu {
-    pub fn new(mut fd: VcpuFd, memory: GuestMemoryMmap, access: RegisterAccess) -> Self {
+    /// `entry` are the registers the vCPU starts with (already set with KVM_SET_REGS):
+    /// the shared page holds them too until KVM first fills it, so nothing reads zeros.
+    pub fn new(mut fd: VcpuFd, memory: GuestMemoryMmap, access: RegisterAccess, entry: kvm_regs) -> Self {
         if access == RegisterAccess::SyncRegs {
             fd.set_sync_valid_reg(SyncReg::Register);
+            fd.sync_regs_mut().regs = entry;
         }
         Self {
             fd,
@@ -82,23 +85,26 @@ impl KvmVcpu {
         }
     }
 
-    pub fn fd(&self) -> &VcpuFd {
-        &self.fd
-    }
-
     pub fn access(&self) -> RegisterAccess {
         self.access
     }
 
-    /// Enters the guest until the next exit, copied out of `kvm_run`. Registers a handler
-    /// changed are written back first.
-    pub fn run(&mut self) -> Result<Exit, VcpuError> {
+    /// Writes back registers a handler changed (ioctl access; sync regs travel with the
+    /// next KVM_RUN). The run loop calls it before it stops timing the exit.
+    pub fn flush(&mut self) -> Result<(), VcpuError> {
         if self.dirty {
             if let Some(regs) = self.cached {
                 self.fd.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
             }
             self.dirty = false;
         }
+        Ok(())
+    }
+
+    /// Enters the guest until the next exit, copied out of `kvm_run`. Registers a handler
+    /// changed are written back first.
+    pub fn run(&mut self) -> Result<Exit, VcpuError> {
+        self.flush()?;
         self.cached = None;
         let exit = Exit::from_kvm(self.fd.run());
         Ok(match exit {

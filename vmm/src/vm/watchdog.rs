@@ -76,7 +76,8 @@ fn service() -> Result<&'static Service, WatchdogError> {
 }
 
 fn watch(service: &Service) {
-    let Ok(mut jobs) = service.jobs.lock() else { return };
+    // A panic elsewhere while holding the lock must not stop every later watchdog.
+    let mut jobs = service.jobs.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     loop {
         let now = Instant::now();
         let mut next_wake = None::<Instant>;
@@ -92,15 +93,17 @@ fn watch(service: &Service) {
                 next_wake = Some(next_wake.map_or(job.deadline, |w| w.min(job.deadline)));
             }
         }
+        // A kick sent just before a run disarms can still land after: harmless (the
+        // handler does nothing), at worst one `signal` exit in the next run on that thread.
         jobs = match next_wake {
             Some(wake) => match service.changed.wait_timeout(jobs, wake.saturating_duration_since(now)) {
                 Ok((guard, _)) => guard,
-                Err(_) => return,
+                Err(poisoned) => poisoned.into_inner().0,
             },
-            None => match service.changed.wait(jobs) {
-                Ok(guard) => guard,
-                Err(_) => return,
-            },
+            None => service
+                .changed
+                .wait(jobs)
+                .unwrap_or_else(|poisoned| poisoned.into_inner()),
         };
     }
 }
@@ -110,6 +113,9 @@ pub struct Watchdog {
     id: u64,
     fired: Arc<AtomicBool>,
     pub timeout: Duration,
+    /// Not Send: it must be dropped (disarmed) on the thread it kicks, which is alive
+    /// until then; moved elsewhere, a kick could reach a thread that has exited.
+    _same_thread: std::marker::PhantomData<*const ()>,
 }
 
 impl Watchdog {
@@ -130,7 +136,12 @@ impl Watchdog {
         });
         drop(jobs);
         service.changed.notify_all();
-        Ok(Self { id, fired, timeout })
+        Ok(Self {
+            id,
+            fired,
+            timeout,
+            _same_thread: std::marker::PhantomData,
+        })
     }
 
     /// True once the deadline has passed.
@@ -181,13 +192,13 @@ mod tests {
 
     #[test]
     fn disarmed_in_time_it_never_fires_nor_kicks() {
-        let watchdog = Watchdog::arm(Duration::from_millis(150)).unwrap();
+        let watchdog = Watchdog::arm(Duration::from_millis(600)).unwrap();
         assert_eq!(blocked_until_kicked(Duration::from_millis(100)), None, "kicked early");
         assert!(!watchdog.fired());
         drop(watchdog);
         // Past the old deadline: a disarmed watchdog must leave the thread alone.
         assert_eq!(
-            blocked_until_kicked(Duration::from_millis(200)),
+            blocked_until_kicked(Duration::from_millis(800)),
             None,
             "kicked after disarming"
         );
