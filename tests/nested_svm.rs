@@ -55,10 +55,10 @@ fn median_of_steady_runs(args: &[&str], measure: impl Fn(&Value) -> f64) -> (f64
 /// Hiding as a user types it: `--hide`, default target (the native CPUID median, tens of
 /// cycles inside QEMU, far below the residue's noise of ~100,000). Over five runs no
 /// sample may run backwards — the invariant — and the median must hide most of the exit.
-/// Measured here, median over five runs against the unhidden median: 0.05–0.36 on
-/// paravirt, 0.35–0.48 on io-patch (single runs reach 0.02), varying by session with
-/// QEMU's slow mode (docs/shaping.md); the test asks for under 0.6 so that one slow
-/// session cannot fail CI. The invariant has no such slack.
+/// The bound hide takes back is deliberately conservative (docs/shaping.md), so what stays
+/// visible is a large share of QEMU's noisy kernel path: the test asks that the median
+/// hide a fifth of the exit or more (under 0.8 of the unhidden median) so that a slow
+/// session cannot fail CI. The invariant has no slack.
 fn hide_at_the_default_target(path: &[&str]) {
     let mut achieved = Vec::new();
     let mut unhidden = Vec::new();
@@ -82,8 +82,8 @@ fn hide_at_the_default_target(path: &[&str]) {
     let (achieved, unhidden) = (median(achieved), median(unhidden));
     eprintln!("{path:?}: hidden CPUID median {achieved}, unhidden {unhidden}");
     assert!(
-        achieved < unhidden * 0.6,
-        "{path:?}: hidden CPUID median {achieved} is not under 60% of the unhidden {unhidden}"
+        achieved < unhidden * 0.8,
+        "{path:?}: hidden CPUID median {achieved} is not under 80% of the unhidden {unhidden}"
     );
 }
 
