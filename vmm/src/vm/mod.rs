@@ -322,9 +322,9 @@ pub struct PayloadVerdictReport {
 }
 
 /// Parses a result block, wherever it lives (guest memory, a native twin's file): `read`
-/// returns `len` bytes at `offset` from the block's start. The payload may report fewer
-/// probes and samples than the config asked for (a detector measures what it measures),
-/// never more than the area the VMM gave it.
+/// returns `len` bytes at `offset` from the block's start. A payload reports the probes
+/// and samples it measured (a detector measures what it measures: the timing core is held
+/// to exactly what was asked elsewhere), never more than the area the VMM gave it.
 pub fn parse_results(
     config: &Config,
     read: impl Fn(u64, usize) -> Result<Vec<u8>, VmError>,
@@ -337,8 +337,8 @@ pub fn parse_results(
     if header.abi_version != ABI_VERSION {
         return Err(VmError::BadResults("the guest speaks another ABI version"));
     }
-    if header.probes & !config.probes != 0 {
-        return Err(VmError::BadResults("the guest reported probes it was not asked for"));
+    if header.probes & !guest_payload::Probe::ALL.iter().fold(0, |all, p| all | p.bit()) != 0 {
+        return Err(VmError::BadResults("the guest reported a probe this VMM does not know"));
     }
     let reported = Config {
         probes: header.probes,
