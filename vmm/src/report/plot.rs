@@ -188,11 +188,19 @@ fn scatter(area: &Area, runs: &[PlotRun], calibration: &Calibration) -> DrawResu
             .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], RGBColor(0, 128, 128).stroke_width(2)));
     }
     for (label, colour) in colours(runs) {
-        let points: Vec<(f64, f64)> = runs
-            .iter()
-            .filter(|r| r.label == label)
-            .map(|r| (r.nop_median.max(1) as f64, r.cpuid_median.max(1) as f64))
+        let of_label = || runs.iter().filter(|r| r.label == label);
+        // A median at or below zero (a TSC run backwards) has no place on a log axis:
+        // counted in the legend, never drawn as if it were a tiny cost.
+        let points: Vec<(f64, f64)> = of_label()
+            .filter(|r| r.nop_median > 0 && r.cpuid_median > 0)
+            .map(|r| (r.nop_median as f64, r.cpuid_median as f64))
             .collect();
+        let undrawn = of_label().count() - points.len();
+        let label = if undrawn > 0 {
+            format!("{label} ({undrawn} runs with a median at or below zero, not drawn)")
+        } else {
+            label
+        };
         chart
             .draw_series(points.into_iter().map(move |p| Circle::new(p, 5, colour.filled())))?
             .label(label)
@@ -324,5 +332,29 @@ mod tests {
         }
         assert!(svg.contains("seed-line"));
         assert!(svg.contains("NOP median"));
+    }
+
+    #[test]
+    fn runs_whose_tsc_ran_backwards_are_counted_not_drawn_as_cheap() {
+        let mut backwards = run("hide", 40, -12_974);
+        backwards.cpuid = vec![-12_974, 80, -5, 90];
+        let runs = [run("native", 49, 2_300), backwards];
+        let svg = render(&runs, &Calibration::uncalibrated()).unwrap();
+        assert_eq!(
+            svg.matches("<circle").count(),
+            1,
+            "only the native run has a place on the log axes"
+        );
+        let texts = svg_texts(&svg);
+        assert!(
+            texts
+                .iter()
+                .any(|t| t.contains("1 runs with a median at or below zero, not drawn")),
+            "{texts:?}"
+        );
+        assert!(
+            texts.iter().any(|t| t.contains("2 samples ran backwards, not drawn")),
+            "{texts:?}"
+        );
     }
 }
