@@ -75,15 +75,21 @@ fn pin_current_thread(cpu: usize) -> Result<(), NativeError> {
     Ok(())
 }
 
+/// The CPU a native run is pinned to: the one asked for if this process may use it, else
+/// the last one allowed (away from CPU 0's interrupt load).
+fn measuring_cpu(asked: Option<usize>) -> Result<usize, NativeError> {
+    let allowed = allowed_cpus();
+    match asked {
+        Some(cpu) if !allowed.contains(&cpu) => Err(NativeError::CpuNotAllowed { cpu, allowed }),
+        Some(cpu) => Ok(cpu),
+        None => Ok(*allowed.last().unwrap_or(&0)),
+    }
+}
+
 /// Runs the timing core on the host as `config` asks, pinned to `cpu` (default: the last
 /// CPU this process may use, away from CPU 0's interrupt load).
 pub fn run(config: &Config, cpu: Option<usize>) -> Result<NativeRun, NativeError> {
-    let allowed = allowed_cpus();
-    let cpu = match cpu {
-        Some(cpu) if !allowed.contains(&cpu) => return Err(NativeError::CpuNotAllowed { cpu, allowed }),
-        Some(cpu) => cpu,
-        None => *allowed.last().unwrap_or(&0),
-    };
+    let cpu = measuring_cpu(cpu)?;
     let config = *config;
     let thread = std::thread::Builder::new()
         .name("vmm-native".into())
@@ -144,12 +150,7 @@ const MAX_TWIN_RESULT: u64 = guest_payload::layout::IDENTITY_MAP_BYTES;
 /// Runs a payload's native twin pinned to one CPU, as `TWIN CONFIG_FILE RESULT_FILE`,
 /// stopped at `timeout`; reads the result block it wrote in the guest's format.
 pub fn run_twin(twin: &Path, config: &Config, cpu: Option<usize>, timeout: Duration) -> Result<NativeRun, NativeError> {
-    let allowed = allowed_cpus();
-    let cpu = match cpu {
-        Some(cpu) if !allowed.contains(&cpu) => return Err(NativeError::CpuNotAllowed { cpu, allowed }),
-        Some(cpu) => cpu,
-        None => *allowed.last().unwrap_or(&0),
-    };
+    let cpu = measuring_cpu(cpu)?;
     let name = twin.display().to_string();
     let io = |source| NativeError::Twin {
         twin: name.clone(),

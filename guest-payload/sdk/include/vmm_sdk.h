@@ -54,6 +54,10 @@ void vmm_print(const char *text);
 /* 1 in the guest build, 0 in the native twin. */
 int vmm_in_guest(void);
 
+/* Used by the SDK's entry points: runs vmm_detect() and fills the result header around
+ * it (status, what was reported, TSC at start and end; the magic last, on success). */
+int vmm_run_detector(struct vmm_run *run);
+
 /* Small string helpers (no libc in the guest). */
 void vmm_format_u64(char *out, uint64_t value);
 

@@ -16,20 +16,6 @@ __attribute__((section(".text._start"), noreturn)) void _start(void) {
         ring_done(VMM_STATUS_BAD_CONFIG_MAGIC);
     if (config->abi_version != VMM_ABI_VERSION)
         ring_done(VMM_STATUS_ABI_MISMATCH);
-    struct vmm_result_header *result = (struct vmm_result_header *)config->result_addr;
-    struct vmm_run run = {config, result, 0, 0};
-    result->verdict = VMM_VERDICT_NONE;
-    result->tsc_start = vmm_rdtsc_fenced();
-    int status = vmm_detect(&run);
-    result->tsc_end = vmm_rdtsc_fenced();
-    result->abi_version = VMM_ABI_VERSION;
-    result->status = (uint32_t)status;
-    result->iterations = run.iterations;
-    result->probes = run.probes;
-    if (status == VMM_STATUS_OK) {
-        /* The magic goes in last: the VMM never takes a half-written block for a whole. */
-        __asm__ volatile("" : : : "memory");
-        result->magic = VMM_RESULT_MAGIC;
-    }
-    ring_done((uint32_t)status);
+    struct vmm_run run = {config, (struct vmm_result_header *)config->result_addr, 0, 0};
+    ring_done((uint32_t)vmm_run_detector(&run));
 }

@@ -6,7 +6,6 @@
 #include "vmm_sdk.h"
 #include <stdio.h>
 #include <stdlib.h>
-#include <string.h>
 
 /* The largest result area a twin allocates, whatever the config says. */
 #define MAX_RESULT_BYTES (1ull << 30)
@@ -37,14 +36,7 @@ int main(int argc, char **argv) {
         return 2;
     }
     struct vmm_run run = {&config, result, 0, 0};
-    result->tsc_start = vmm_rdtsc_fenced();
-    int status = vmm_detect(&run);
-    result->tsc_end = vmm_rdtsc_fenced();
-    result->abi_version = VMM_ABI_VERSION;
-    result->status = (uint32_t)status;
-    result->iterations = run.iterations;
-    result->probes = run.probes;
-    result->magic = status == VMM_STATUS_OK ? VMM_RESULT_MAGIC : 0;
+    int status = vmm_run_detector(&run);
     size_t bytes = sizeof *result + (size_t)__builtin_popcount(run.probes) * run.iterations * sizeof(int64_t);
     FILE *out = fopen(argv[2], "wb");
     if (!out || fwrite(result, 1, bytes, out) != bytes || fclose(out) != 0) {

@@ -51,6 +51,24 @@ int64_t *vmm_samples(struct vmm_run *run, unsigned probe) {
     return (int64_t *)((char *)run->result + sizeof(struct vmm_result_header)) + before * run->iterations;
 }
 
+int vmm_run_detector(struct vmm_run *run) {
+    struct vmm_result_header *result = run->result;
+    result->verdict = VMM_VERDICT_NONE;
+    result->tsc_start = vmm_rdtsc_fenced();
+    int status = vmm_detect(run);
+    result->tsc_end = vmm_rdtsc_fenced();
+    result->abi_version = VMM_ABI_VERSION;
+    result->status = (uint32_t)status;
+    result->iterations = run->iterations;
+    result->probes = run->probes;
+    if (status == VMM_STATUS_OK) {
+        /* The magic goes in last: the VMM never takes a half-written block for a whole. */
+        __asm__ volatile("" : : : "memory");
+        result->magic = VMM_RESULT_MAGIC;
+    }
+    return status;
+}
+
 void vmm_verdict(struct vmm_run *run, enum vmm_verdict verdict, int64_t score_milli, const char *reason) {
     run->result->verdict = verdict;
     run->result->score_milli = score_milli;

@@ -74,8 +74,14 @@ pub struct ConfigReport {
 pub struct PayloadReport {
     pub source: String,
     pub entry: u64,
-    /// Guest addresses of the CPUID sites found in the ELF's symbol table.
+    /// Guest addresses of the timing core's CPUID sites, by their symbols.
     pub cpuid_sites: BTreeMap<&'static str, u64>,
+    /// Every CPUID the VMM found by decoding the payload's code (what trap-emulate traps),
+    /// symbols or not.
+    pub decoded_cpuid_sites: Vec<u64>,
+    /// The name the payload declares in `vmm_payload_info`; absent if it declares nothing.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub declared_name: Option<String>,
 }
 
 /// A probe's statistics, in cycles, and the same in nanoseconds.
@@ -230,6 +236,10 @@ impl RunReport {
                 source: payload.source.to_string(),
                 entry: payload.entry,
                 cpuid_sites,
+                decoded_cpuid_sites: payload.cpuid_sites.clone(),
+                declared_name: payload
+                    .info
+                    .map(|info| String::from_utf8_lossy(info.name_text()).escape_debug().to_string()),
             },
             probes,
             config: ConfigReport {
