@@ -1,28 +1,26 @@
-//! The guest SDK end to end: a C payload built with `make` as a stock Linux box would, run
-//! on every path, its CPUID sites found by decoding (it has no vmm_site_* symbols), and its
-//! native twin run by `--mode native`.
+//! The guest SDK end to end: C payloads built with `make` as a stock Linux box would, run
+//! on every path, their CPUID sites found by decoding (they have no vmm_site_* symbols),
+//! their native twins run by `--mode native`, their own verdicts reported by `run`,
+//! `compare` and `validate` beside the built-in rules.
 
 mod common;
 
-use common::{json_run, stderr, vm_test, vmm};
-use std::path::PathBuf;
+use common::{build_example, json_run, stderr, verdict_of, vm_test, vmm};
 
-/// Builds an SDK example with make and returns the path of its guest ELF.
-fn build_example(name: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../guest-payload/examples")
-        .join(name);
-    let output = std::process::Command::new("make")
-        .arg("-C")
-        .arg(&dir)
-        .output()
-        .expect("make (installed by .ci/run with gcc)");
-    assert!(
-        output.status.success(),
-        "make {name}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    dir.join(format!("{name}.elf"))
+/// Every path, as `run` spells it.
+const PATHS: [&[&str]; 6] = [
+    &["--mode", "native"],
+    &["--mode", "hw-assist"],
+    &["--mode", "trap-emulate", "--trap", "hw-breakpoint"],
+    &["--mode", "trap-emulate", "--trap", "int3-patch"],
+    &["--mode", "trap-emulate", "--trap", "io-patch"],
+    &["--mode", "paravirt"],
+];
+
+fn run_payload(payload: &str, path: &[&str]) -> std::process::Output {
+    let mut args = vec!["run", "--payload", payload, "--json"];
+    args.extend_from_slice(path);
+    vmm(&args)
 }
 
 #[test]
@@ -70,38 +68,224 @@ fn a_c_payload_with_five_cpuids_and_no_symbols_is_trapped_at_every_site() {
     }
 }
 
-/// pafish's CPUID check, reproduced with the SDK: its own verdict is reported beside the
-/// built-in rules on every path, natively through its twin.
+/// `inspect` reads the file and boots nothing: the same five sites, and what each path
+/// would do, with the same refusals a run gives.
 #[test]
-fn the_pafish_reproduction_reports_its_verdict_on_every_path() {
-    let Some(_vm) = vm_test() else { return };
-    let elf = build_example("pafish-rdtsc-vmexit");
-    let payload = elf.to_str().unwrap();
-    for mode in [
-        &["--mode", "hw-assist"][..],
-        &["--mode", "native"],
-        &["--mode", "paravirt"],
-        &["--mode", "trap-emulate", "--trap", "io-patch"],
-        &["--mode", "trap-emulate", "--trap", "int3-patch"],
-    ] {
-        let mut args = vec!["run", "--payload", payload, "--json"];
-        args.extend_from_slice(mode);
-        let report = json_run(&args);
-        let verdict = report["verdicts"]
+fn inspect_lists_the_sites_and_what_each_path_would_do() {
+    let elf = build_example("five-cpuids");
+    let output = vmm(&["inspect", elf.to_str().unwrap(), "--json"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["cpuid_sites"].as_array().map(Vec::len), Some(5));
+    assert_eq!(report["declaration"]["name"], "five cpuids");
+    let plan = |path: &str| {
+        report["paths"]
             .as_array()
             .unwrap()
             .iter()
-            .find(|v| v["rule"] == "payload")
+            .find(|p| p["path"] == path)
             .cloned()
-            .unwrap_or_else(|| panic!("{mode:?}: no payload verdict"));
-        assert!(
-            verdict["why"].as_str().unwrap().contains("mean of 10"),
-            "{mode:?}: {verdict}"
-        );
-        assert!(
-            ["virtual", "native"].contains(&verdict["verdict"].as_str().unwrap()),
-            "{mode:?}"
-        );
-        assert_eq!(report["probes"]["cpuid-unfenced"]["count"], 10, "{mode:?}");
+            .unwrap_or_else(|| panic!("no {path} in {report}"))
+    };
+    assert_eq!(plan("trap-emulate:hw-breakpoint")["runs"], false);
+    assert!(plan("trap-emulate:hw-breakpoint")["what"]
+        .as_str()
+        .unwrap()
+        .contains("5 CPUID sites"));
+    assert_eq!(plan("trap-emulate:io-patch")["runs"], true);
+    assert_eq!(plan("paravirt")["runs"], false, "it does not declare paravirt CPUID");
+    assert!(plan("native")["what"].as_str().unwrap().contains("five-cpuids.native"));
+    let text = vmm(&["inspect", elf.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("CPUID sites found by decoding the executable segments: 5"),
+        "{text}"
+    );
+    // Not an ELF: the loader's own message, exit 1.
+    let output = vmm(&["inspect", "Cargo.toml"]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(stderr(&output).contains("not an ELF"), "{}", stderr(&output));
+}
+
+/// pafish's and al-khaser's CPUID check (one source, `mean_of_ten.c`): the payload's own
+/// verdict on every path, natively through its twin, measured as they measure (ten
+/// unfenced samples), and the built-in fixed-threshold rule, which follows the same
+/// formula on the timing core's unfenced probe, agrees with it wherever both ran.
+#[test]
+fn the_mean_of_ten_cpuid_checks_report_their_verdict_on_every_path() {
+    let Some(_vm) = vm_test() else { return };
+    for (example, name) in [
+        ("pafish-rdtsc-vmexit", "pafish rdtsc_force_vmexit 0.6"),
+        ("al-khaser-rdtsc-diff-vmexit", "al-khaser rdtsc_diff_vmexit 1.0"),
+    ] {
+        let elf = build_example(example);
+        let payload = elf.to_str().unwrap();
+        for path in PATHS {
+            let output = run_payload(payload, path);
+            assert!(output.status.success(), "{example} {path:?}: {}", stderr(&output));
+            let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+            assert_eq!(report["payload"]["declared_name"], name);
+            let verdict = verdict_of(&report, "payload");
+            let why = verdict["why"].as_str().unwrap();
+            assert!(why.contains("rdtsc;cpuid(0);rdtsc mean of 10 = "), "{path:?}: {why}");
+            assert!(["virtual", "native"].contains(&verdict["verdict"].as_str().unwrap()));
+            assert_eq!(report["probes"]["cpuid-unfenced"]["count"], 10, "{path:?}");
+            // The payload's score is its mean in thousands; the rule reads the same samples.
+            assert_eq!(
+                verdict_of(&report, "fixed-threshold")["verdict"],
+                verdict["verdict"],
+                "{example} {path:?}: the built-in rule and the original's formula disagree"
+            );
+        }
     }
+}
+
+/// pafish's `rdtsc; rdtsc` check times no CPUID: it runs natively and in hw-assist, and the
+/// paths that need a CPUID to reach the VMM refuse it, saying why.
+#[test]
+fn the_pafish_rdtsc_check_runs_where_it_means_something_and_is_refused_elsewhere() {
+    let Some(_vm) = vm_test() else { return };
+    let elf = build_example("pafish-rdtsc");
+    let payload = elf.to_str().unwrap();
+    for path in &PATHS[..2] {
+        let report = json_run(&[&["run", "--payload", payload, "--json"][..], path].concat());
+        let why = verdict_of(&report, "payload")["why"].as_str().unwrap().to_owned();
+        assert!(
+            why.contains("rdtsc;rdtsc mean of 10 = ") && why.contains("750"),
+            "{why}"
+        );
+        assert_eq!(report["probes"]["rdtsc"]["count"], 10);
+    }
+    for (path, reason) in [
+        (PATHS[2], "holds no CPUID instruction"),
+        (PATHS[4], "holds no CPUID instruction"),
+        (PATHS[5], "does not declare paravirtual CPUID"),
+    ] {
+        let output = run_payload(payload, path);
+        assert_eq!(output.status.code(), Some(1), "{path:?}");
+        assert!(stderr(&output).contains(reason), "{path:?}: {}", stderr(&output));
+    }
+}
+
+/// VMAware v2.6.0's TIMER executes rdtscp and declares it. Where this KVM can run rdtscp
+/// in a guest (hardware KVM, nested SVM) it reports its verdict; where it cannot (this
+/// machine's emulating KVM) every VM path is refused, naming rdtscp, before anything
+/// runs. Its native twin runs either way.
+#[test]
+fn vmaware_timer_2_6_runs_natively_and_is_refused_where_a_guest_cannot_run_rdtscp() {
+    let Some(_vm) = vm_test() else { return };
+    let elf = build_example("vmaware-timer-2.6");
+    let payload = elf.to_str().unwrap();
+    let native = json_run(&["run", "--mode", "native", "--payload", payload, "--json"]);
+    let why = verdict_of(&native, "payload")["why"].as_str().unwrap().to_owned();
+    assert!(why.contains("TIMER 2.6.0"), "{why}");
+    assert_eq!(native["probes"]["cpuid"]["count"], 1000);
+
+    let doctor = vmm(&["doctor", "--json"]);
+    let checks: serde_json::Value = serde_json::from_slice(&doctor.stdout).unwrap();
+    let rdtscp = checks
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "rdtscp in a guest")
+        .expect("doctor probes rdtscp in a guest");
+    for path in &PATHS[1..] {
+        let output = run_payload(payload, path);
+        if rdtscp["verdict"] == "ok" {
+            assert!(output.status.success(), "{path:?}: {}", stderr(&output));
+        } else {
+            assert_eq!(output.status.code(), Some(1), "{path:?}");
+            let message = stderr(&output);
+            assert!(
+                message.contains("cannot run rdtscp in a guest") && message.contains("rdtscp (0f 01 f9)"),
+                "{path:?}: {message}"
+            );
+        }
+    }
+}
+
+/// A payload that executes rdtscp without declaring it meets the emulating KVM's failure
+/// mid-run: the error names the instruction, decoded from guest memory.
+#[test]
+fn an_instruction_kvm_cannot_run_is_named_in_the_error() {
+    let Some(_vm) = vm_test() else { return };
+    use vmm::vm::loader::{test_support::tiny_elf, EM_X86_64};
+    let doctor = String::from_utf8_lossy(&vmm(&["doctor"]).stdout).into_owned();
+    if !doctor.contains("[warn] rdtscp in a guest") {
+        eprintln!("this KVM runs rdtscp in a guest: there is no emulation failure to name");
+        return;
+    }
+    // rdtscp; hlt
+    let path = std::env::temp_dir().join(format!("vmm-test-{}-rdtscp.elf", std::process::id()));
+    let code = [0x0f, 0x01, 0xf9, 0xf4];
+    std::fs::write(&path, tiny_elf(EM_X86_64, guest_payload::layout::PAYLOAD_START, &code)).unwrap();
+    let output = vmm(&["run", "--mode", "hw-assist", "--payload", path.to_str().unwrap()]);
+    std::fs::remove_file(&path).ok();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        stderr(&output).contains("at RIP 0x100000, rdtscp (0f 01 f9)"),
+        "{}",
+        stderr(&output)
+    );
+}
+
+/// The payload's verdict is a column of `compare` and a rule of `validate`'s confusion
+/// matrix, counted over every run of every cell it ran in.
+#[test]
+fn the_payload_verdict_is_scored_by_compare_and_validate() {
+    let Some(_vm) = vm_test() else { return };
+    let elf = build_example("pafish-rdtsc-vmexit");
+    let payload = elf.to_str().unwrap();
+
+    let compare = json_run(&["compare", "--payload", payload, "-n", "10", "--json"]);
+    for run in compare["runs"].as_array().unwrap() {
+        assert_eq!(verdict_of(run, "payload")["rule"], "payload");
+        assert_eq!(run["payload"]["source"], payload);
+    }
+    let table = vmm(&["compare", "--payload", payload, "-n", "10"]);
+    assert!(String::from_utf8_lossy(&table.stdout).contains("\npayload "));
+
+    let config = std::env::temp_dir().join(format!("vmm-test-{}-payload-matrix.json", std::process::id()));
+    std::fs::write(
+        &config,
+        r#"{"description": "the pafish payload on every path", "repeats": 2, "iterations": 10, "warmup": 0,
+            "modes": ["native", "hw-assist", "trap-emulate:hw-breakpoint", "trap-emulate:int3-patch", "trap-emulate:io-patch", "paravirt"]}"#,
+    )
+    .unwrap();
+    let output = vmm(&[
+        "validate",
+        "--config",
+        config.to_str().unwrap(),
+        "--payload",
+        payload,
+        "--json",
+    ]);
+    std::fs::remove_file(&config).ok();
+    assert!(output.status.success(), "{}", stderr(&output));
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert!(report["payload"]
+        .as_str()
+        .unwrap()
+        .contains("pafish rdtsc_force_vmexit 0.6"));
+    let ran: u64 = report["cells"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["refused"].is_null())
+        .map(|c| c["runs"].as_u64().expect("cells count their runs"))
+        .sum();
+    assert_eq!(ran, 12, "six paths, two repeats each: {}", report["cells"]);
+    let payload_rule = &report["confusion"]["payload"];
+    let counted: u64 = [
+        "true_positive",
+        "false_negative",
+        "false_positive",
+        "true_negative",
+        "unsure_on_virtual",
+        "unsure_on_native",
+    ]
+    .iter()
+    .map(|k| payload_rule[k].as_u64().unwrap())
+    .sum();
+    assert_eq!(counted, ran, "every run's payload verdict is scored: {payload_rule}");
 }

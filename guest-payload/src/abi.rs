@@ -6,7 +6,7 @@
 use core::mem::size_of;
 
 /// Bumped whenever a layout or meaning below changes.
-pub const ABI_VERSION: u32 = 4;
+pub const ABI_VERSION: u32 = 5;
 
 /// Guest physical memory map. The VMM identity-maps the first [`layout::IDENTITY_MAP_BYTES`]
 /// with 2 MiB pages, so guest virtual and physical addresses are the same.
@@ -78,6 +78,9 @@ pub mod capabilities {
     pub const TIMING_CORE: u32 = 1 << 2;
     /// It fills the CPUID snapshot and site bytes when `flags::CPUID_SNAPSHOT` is set.
     pub const CPUID_SNAPSHOT: u32 = 1 << 3;
+    /// It executes `rdtscp`. The VMM first probes whether this KVM can run `rdtscp` in a
+    /// guest (an emulating KVM may fail on it) and refuses the run, saying so, where not.
+    pub const RDTSCP: u32 = 1 << 4;
 }
 
 /// What a payload declares about itself, at the symbol [`PAYLOAD_INFO_SYMBOL`].
@@ -184,7 +187,7 @@ pub enum Probe {
     Nop = 1,
     /// Nothing between the two timestamps: the measurement floor.
     Rdtsc = 2,
-    /// Eight LFENCEs: a serialising baseline (the cpuid-lfence-ratio rule's).
+    /// Eight LFENCEs: a serialising baseline (the tsc-lfence-ratio rule's).
     Lfence8 = 3,
     /// `rdtsc; cpuid; rdtsc` with no fence and no warm-up, measured first: CPUID timed
     /// the way pafish and al-khaser time it (the fixed-threshold rule's).

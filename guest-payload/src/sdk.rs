@@ -196,6 +196,12 @@ pub fn c_header() -> String {
         capabilities::CPUID_SNAPSHOT,
         "Honours VMM_FLAG_CPUID_SNAPSHOT.",
     );
+    define(
+        &mut out,
+        "VMM_CAP_RDTSCP",
+        capabilities::RDTSCP,
+        "Executes rdtscp: the VMM probes that this KVM can run it in a guest, and refuses the run where not.",
+    );
     out.push_str("\n/* Probes: bit (1 << probe) in config.probes; samples laid out in VMM_PROBE_ORDER. */\n");
     for probe in Probe::ALL {
         let name = probe.name().to_uppercase().replace('-', "_");

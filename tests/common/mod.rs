@@ -50,3 +50,30 @@ pub fn json_run(args: &[&str]) -> Value {
     assert!(output.status.success(), "vmm {args:?} failed: {}", stderr(&output));
     serde_json::from_slice(&output.stdout).expect("--json prints one JSON document")
 }
+
+/// Builds an SDK example with make, as a stock Linux box would, and returns the path of
+/// its guest ELF (its native twin sits beside it).
+pub fn build_example(name: &str) -> std::path::PathBuf {
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../guest-payload/examples")
+        .join(name);
+    let output = Command::new("make")
+        .arg("-C")
+        .arg(&dir)
+        .output()
+        .expect("make (installed by .ci/run with gcc)");
+    assert!(
+        output.status.success(),
+        "make {name}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    dir.join(format!("{name}.elf"))
+}
+
+/// The verdict of `rule` in a run's JSON report.
+pub fn verdict_of<'a>(report: &'a Value, rule: &str) -> &'a Value {
+    report["verdicts"]
+        .as_array()
+        .and_then(|verdicts| verdicts.iter().find(|v| v["rule"] == rule))
+        .unwrap_or_else(|| panic!("no {rule} verdict in {report}"))
+}

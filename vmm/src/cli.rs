@@ -35,6 +35,20 @@ pub enum Command {
     Validate(ValidateArgs),
     /// Check /dev/kvm, the capabilities each mode needs, the CPU and its TSC.
     Doctor(DoctorArgs),
+    /// Show what the VMM sees in a payload before running it: segments, entry, its
+    /// declaration, every CPUID site found by decoding, and what each path would do.
+    Inspect(InspectArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// The payload: a static x86-64 ELF64 (e.g. built with the SDK, docs/sdk.md).
+    #[arg(value_name = "FILE")]
+    pub file: PathBuf,
+
+    /// Print one JSON document instead of the text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// What the detector rules are judged against, and what runs alongside.
@@ -66,6 +80,11 @@ pub struct CompareArgs {
 
     #[command(flatten)]
     pub detector: DetectorArgs,
+
+    /// Boot this ELF64 x86-64 payload (e.g. a detector built with the SDK, docs/sdk.md)
+    /// instead of the embedded timing core; native runs use its twin, FILE.native.
+    #[arg(long, value_name = "FILE")]
+    pub payload: Option<PathBuf>,
 
     /// Print one JSON document instead of the table.
     #[arg(long)]
@@ -104,6 +123,12 @@ pub struct ValidateArgs {
     /// Calibration file from `vmm calibrate` (else the rules' defaults).
     #[arg(long, value_name = "FILE")]
     pub calibration: Option<PathBuf>,
+
+    /// Boot this ELF64 x86-64 payload (e.g. a detector built with the SDK, docs/sdk.md)
+    /// in every cell instead of the embedded timing core; native cells use its twin,
+    /// FILE.native. Its own verdict is scored as the rule `payload`.
+    #[arg(long, value_name = "FILE")]
+    pub payload: Option<PathBuf>,
 
     /// Print one JSON document instead of the table.
     #[arg(long)]
@@ -144,8 +169,9 @@ pub struct RunArgs {
     #[arg(long, default_value = "0", value_parser = parse_u32)]
     pub subleaf: u32,
 
-    /// Probes to time, comma-separated.
-    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [ProbeArg::Cpuid, ProbeArg::Nop, ProbeArg::Rdtsc, ProbeArg::Lfence8])]
+    /// Probes to time, comma-separated. `cpuid-unfenced` is what fixed-threshold reads (as
+    /// pafish and al-khaser time CPUID); `lfence8` is tsc-lfence-ratio's baseline.
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [ProbeArg::CpuidUnfenced, ProbeArg::Cpuid, ProbeArg::Nop, ProbeArg::Rdtsc, ProbeArg::Lfence8])]
     pub probes: Vec<ProbeArg>,
 
     /// Stop a guest that has not finished after this many seconds.
@@ -252,7 +278,7 @@ pub enum ProbeArg {
     Nop,
     /// Nothing between the timestamps: the measurement floor.
     Rdtsc,
-    /// Eight LFENCEs: the serialising baseline of the cpuid-lfence-ratio rule.
+    /// Eight LFENCEs: the serialising baseline of the tsc-lfence-ratio rule.
     Lfence8,
     /// `rdtsc; cpuid; rdtsc` unfenced, no warm-up, measured first (as pafish times CPUID).
     CpuidUnfenced,

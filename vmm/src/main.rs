@@ -16,6 +16,7 @@ fn main() -> ExitCode {
         Command::Calibrate(args) => commands::calibrate::calibrate(args),
         Command::Validate(args) => commands::validate::validate(args),
         Command::Doctor(args) => doctor_command(args.json),
+        Command::Inspect(args) => commands::inspect::inspect(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -7,7 +7,7 @@
 use crate::busy::Busy;
 use crate::modes::hw_assist::HwAssist;
 use crate::modes::paravirt::Paravirt;
-use crate::modes::trap_emulate::{Trap, TrapDelivery, TrapEmulate};
+use crate::modes::trap_emulate::{self, Trap, TrapDelivery, TrapEmulate};
 use crate::modes::{CpuidExitHandler, ModeError, ModeExits, Path};
 use crate::native::{self, NativeError};
 use crate::shaping::calibration::{self, ShapingOutcome};
@@ -51,6 +51,11 @@ pub enum MeasureError {
         what: &'static str,
         mode: &'static str,
     },
+    #[error(
+        "the payload {payload} ({name}) executes rdtscp (VMM_CAP_RDTSCP), and this KVM cannot run rdtscp in a guest: \
+         a probe VM of `rdtscp` alone stopped ({why}). Run it on hardware KVM or under ../shared/nested-svm/run"
+    )]
+    RdtscpUnavailable { payload: String, name: String, why: String },
     #[error(transparent)]
     Vm(#[from] VmError),
     #[error(transparent)]
@@ -61,6 +66,30 @@ pub enum MeasureError {
     Shaping(#[from] ShapingError),
     #[error("cannot start the --busy threads: {0}")]
     Busy(std::io::Error),
+}
+
+impl MeasureError {
+    /// "This host, or this payload, cannot take that path", known before anything was
+    /// measured: `validate` and `compare` report it as refused, not as a failed run.
+    pub fn is_refusal(&self) -> bool {
+        let mode_refusal = |error: &ModeError| {
+            matches!(
+                error,
+                ModeError::TrapUnavailable { .. } | ModeError::TooManySites { .. } | ModeError::NoCpuidSites
+            )
+        };
+        match self {
+            MeasureError::Kvm(_)
+            | MeasureError::Shaping(_)
+            | MeasureError::NoNativeTwin { .. }
+            | MeasureError::PayloadAbi { .. }
+            | MeasureError::PayloadCannot { .. }
+            | MeasureError::RdtscpUnavailable { .. } => true,
+            MeasureError::Mode(error) => mode_refusal(error),
+            MeasureError::Vm(VmError::Handler(error)) => error.downcast_ref::<ModeError>().is_some_and(mode_refusal),
+            _ => false,
+        }
+    }
 }
 
 /// What to run.
@@ -202,6 +231,8 @@ pub struct Measurer {
     traps: RefCell<HashMap<(String, Trap), TrapDelivery>>,
     /// TSC move methods found to work, per payload and path.
     tsc_moves: RefCell<HashMap<(String, Path), TscMethod>>,
+    /// Whether a guest can run `rdtscp` here (`Err`: why not), once probed.
+    rdtscp: RefCell<Option<Result<(), String>>>,
 }
 
 /// What distinguishes one payload from another for probes.
@@ -220,6 +251,7 @@ impl Measurer {
             kvm,
             traps: RefCell::default(),
             tsc_moves: RefCell::default(),
+            rdtscp: RefCell::default(),
         }
     }
 
@@ -256,23 +288,21 @@ impl Measurer {
         if spec.shaping != Shaping::None && spec.probes & Probe::Cpuid.bit() == 0 {
             return Err(ShapingError::NeedsCpuidProbe(spec.shaping.kind()).into());
         }
-        check_declaration(payload, spec)?;
+        preflight(payload, spec)?;
+        if spec.path != Path::Native && declares(payload, guest_payload::capabilities::RDTSCP) {
+            self.rdtscp_in_guest().map_err(|why| MeasureError::RdtscpUnavailable {
+                payload: payload.source.to_string(),
+                name: declared_name(payload),
+                why,
+            })?;
+        }
         // Started before anything is measured and stopped (on drop) after everything is.
         let _busy = Busy::start(spec.busy).map_err(MeasureError::Busy)?;
         if spec.path == Path::Native {
             let config = self.with_tsc_rate(spec.guest_config());
-            let run = match &payload.source {
-                PayloadSource::Embedded => native::run(&config, spec.cpu)?,
-                PayloadSource::File(path) => {
-                    let twin = native::twin_of(path);
-                    if !twin.is_file() {
-                        return Err(MeasureError::NoNativeTwin {
-                            payload: path.display().to_string(),
-                            twin: twin.display().to_string(),
-                        });
-                    }
-                    native::run_twin(&twin, &config, spec.cpu, spec.timeout)?
-                }
+            let run = match native_twin(payload)? {
+                None => native::run(&config, spec.cpu)?,
+                Some(twin) => native::run_twin(&twin, &config, spec.cpu, spec.timeout)?,
             };
             return Ok(Measurement {
                 samples: run.samples,
@@ -417,6 +447,36 @@ impl Measurer {
         Ok(delivery)
     }
 
+    /// Can a guest run `rdtscp` on this KVM? A VM of `rdtscp; out done` finds out, once
+    /// per process. An emulating KVM may advertise RDTSCP in CPUID and still fail on it.
+    pub fn rdtscp_in_guest(&self) -> Result<(), String> {
+        if let Some(known) = self.rdtscp.borrow().as_ref() {
+            return known.clone();
+        }
+        // rdtscp; xor eax, eax; out 0xf4, eax (done, status ok); hlt
+        const CODE: [u8; 8] = [0x0f, 0x01, 0xf9, 0x31, 0xc0, 0xe7, ports::DONE as u8, 0xf4];
+        let outcome = (|| -> Result<(), MeasureError> {
+            let probe = Payload::generated("rdtscp probe", &CODE).map_err(VmError::from)?;
+            let config = self.with_tsc_rate(
+                RunSpec::new(Path::HwAssist)
+                    .cpuid_only(1, 0, Shaping::None)
+                    .guest_config(),
+            );
+            let mut vm = GuestVm::create(self.kvm()?, &probe, &config)?;
+            vm.run(
+                &mut ModeExits {
+                    mode: &mut HwAssist,
+                    console: None,
+                },
+                Duration::from_secs(5),
+            )?;
+            Ok(())
+        })()
+        .map_err(|error| error.to_string());
+        *self.rdtscp.borrow_mut() = Some(outcome.clone());
+        outcome
+    }
+
     /// The TSC move method already found to work for this payload and path.
     pub(crate) fn known_tsc_method(&self, payload: &Payload, path: Path) -> Option<TscMethod> {
         self.tsc_moves.borrow().get(&(payload_key(payload), path)).copied()
@@ -427,12 +487,54 @@ impl Measurer {
     }
 }
 
+/// Everything that refuses `spec` for `payload` without running anything: what the payload
+/// declares, a native twin where one is needed, sites the trap can take. `inspect` asks
+/// the same for every path.
+pub fn preflight(payload: &Payload, spec: &RunSpec) -> Result<(), MeasureError> {
+    check_declaration(payload, spec)?;
+    match spec.path {
+        Path::Native => native_twin(payload).map(|_| ()),
+        Path::TrapEmulate(trap) => Ok(trap_emulate::check_sites(trap, payload.cpuid_sites.len())?),
+        Path::HwAssist | Path::Paravirt => Ok(()),
+    }
+}
+
+/// The native twin a native run of `payload` executes; `None` for the embedded timing
+/// core, which runs in a host thread of this process.
+pub fn native_twin(payload: &Payload) -> Result<Option<std::path::PathBuf>, MeasureError> {
+    match &payload.source {
+        PayloadSource::Embedded => Ok(None),
+        PayloadSource::Generated(what) => Err(MeasureError::NoNativeTwin {
+            payload: (*what).to_owned(),
+            twin: "(a generated probe has none)".to_owned(),
+        }),
+        PayloadSource::File(path) => {
+            let twin = native::twin_of(path);
+            if !twin.is_file() {
+                return Err(MeasureError::NoNativeTwin {
+                    payload: path.display().to_string(),
+                    twin: twin.display().to_string(),
+                });
+            }
+            Ok(Some(twin))
+        }
+    }
+}
+
+/// Does the payload declare this capability bit?
+fn declares(payload: &Payload, capability: u32) -> bool {
+    payload.info.is_some_and(|i| i.capabilities & capability != 0)
+}
+
+/// The name a payload declares, for messages.
+fn declared_name(payload: &Payload) -> String {
+    payload.declared_name().unwrap_or_else(|| "declares nothing".to_owned())
+}
+
 /// What the payload declared against what the run asks of it, before anything runs. A
 /// payload that declares nothing may still run where nothing is asked of it.
 fn check_declaration(payload: &Payload, spec: &RunSpec) -> Result<(), MeasureError> {
-    let name = payload.info.map_or("declares nothing".to_owned(), |i| {
-        String::from_utf8_lossy(i.name_text()).into_owned()
-    });
+    let name = declared_name(payload);
     if let Some(info) = payload.info {
         if info.magic != guest_payload::PAYLOAD_INFO_MAGIC || info.abi_version != ABI_VERSION {
             return Err(MeasureError::PayloadAbi {
@@ -441,8 +543,7 @@ fn check_declaration(payload: &Payload, spec: &RunSpec) -> Result<(), MeasureErr
             });
         }
     }
-    let capabilities = payload.info.map_or(0, |i| i.capabilities);
-    if spec.path == Path::Paravirt && capabilities & guest_payload::capabilities::PARAVIRT_CPUID == 0 {
+    if spec.path == Path::Paravirt && !declares(payload, guest_payload::capabilities::PARAVIRT_CPUID) {
         return Err(MeasureError::PayloadCannot {
             payload: payload.source.to_string(),
             name,
@@ -455,9 +556,7 @@ fn check_declaration(payload: &Payload, spec: &RunSpec) -> Result<(), MeasureErr
 
 /// A payload that declares the timing core must report exactly what it was asked for.
 fn check_timing_core(payload: &Payload, spec: &RunSpec, samples: &ProbeSamples) -> Result<(), VmError> {
-    let declared = payload
-        .info
-        .is_some_and(|i| i.capabilities & guest_payload::capabilities::TIMING_CORE != 0);
+    let declared = declares(payload, guest_payload::capabilities::TIMING_CORE);
     let complete = guest_payload::probes_in(spec.probes)
         .all(|probe| samples.get(&probe).is_some_and(|s| s.len() == spec.iterations as usize));
     if declared && (!complete || samples.len() != spec.probes.count_ones() as usize) {

@@ -330,6 +330,8 @@ pub struct ValidationReport {
     pub schema_version: u32,
     pub config: String,
     pub description: String,
+    /// The payload every cell ran: where it came from and the name it declares.
+    pub payload: String,
     pub host: serde_json::Value,
     pub host_is_vm: bool,
     /// What the native cells are labelled, and why.
@@ -377,6 +379,7 @@ fn rate(rate: Option<f64>) -> String {
 pub fn render_table(report: &ValidationReport) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "validation: {} — {}", report.config, report.description);
+    let _ = writeln!(out, "payload: {}", report.payload);
     let _ = writeln!(
         out,
         "native cells are labelled {}; detector {}\n",
@@ -448,7 +451,7 @@ fn headline(why: &str) -> &str {
 fn short(rule: &str) -> &str {
     match rule {
         "fixed-threshold" => "fixed",
-        "cpuid-lfence-ratio" => "lfence",
+        "tsc-lfence-ratio" => "lfence",
         "hypervisor-bit" => "hv-bit",
         "code-integrity" => "integrity",
         "tsc-monotonic" => "monotonic",
@@ -459,7 +462,11 @@ fn short(rule: &str) -> &str {
 /// The same as Markdown.
 pub fn render_markdown(report: &ValidationReport) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "# Validation: {}\n\n{}\n", report.config, report.description);
+    let _ = writeln!(
+        out,
+        "# Validation: {}\n\n{}\n\nPayload: {}.\n",
+        report.config, report.description, report.payload
+    );
     let _ = writeln!(
         out,
         "{} repeats of {} iterations per cell. Native cells are labelled {}. Detector {}.\n",

@@ -8,7 +8,7 @@
 #include <stdint.h>
 
 /* Bumped whenever a layout or meaning changes. */
-#define VMM_ABI_VERSION 0x4u
+#define VMM_ABI_VERSION 0x5u
 
 /* Guest physical memory map (identity-mapped: virtual == physical). */
 /* The config block the VMM writes before the first instruction. */
@@ -61,6 +61,8 @@
 #define VMM_CAP_TIMING_CORE 0x4u
 /* Honours VMM_FLAG_CPUID_SNAPSHOT. */
 #define VMM_CAP_CPUID_SNAPSHOT 0x8u
+/* Executes rdtscp: the VMM probes that this KVM can run it in a guest, and refuses the run where not. */
+#define VMM_CAP_RDTSCP 0x10u
 
 /* Probes: bit (1 << probe) in config.probes; samples laid out in VMM_PROBE_ORDER. */
 /* cpuid-unfenced */

@@ -42,13 +42,19 @@ void vmm_verdict(struct vmm_run *run, enum vmm_verdict verdict, int64_t score_mi
 /* The TSC, unordered (`rdtsc`) and ordered after earlier instructions (`lfence; rdtsc`). */
 uint64_t vmm_rdtsc(void);
 uint64_t vmm_rdtsc_fenced(void);
-/* `rdtscp`: returns 0 and sets *ok = 0 where it cannot run (checked with CPUID first;
- * an emulating KVM that fails on it anyway stops the guest, and the VMM says where). */
-uint64_t vmm_rdtscp(uint32_t *aux, int *ok);
+/* Does the CPU advertise RDTSCP (CPUID.80000001H:EDX[27])? A payload that executes it
+ * declares VMM_CAP_RDTSCP: the VMM then probes that this KVM can run it in a guest (an
+ * emulating KVM may advertise it and still fail on it) and refuses the run where not. */
+int vmm_has_rdtscp(const struct vmm_run *run);
+/* `rdtscp`: the TSC once earlier instructions have executed; *aux gets IA32_TSC_AUX. */
+uint64_t vmm_rdtscp(uint32_t *aux);
 /* CPUID: the instruction, or in a guest whose config asks for paravirt, the hypercall. */
 void vmm_cpuid(const struct vmm_run *run, uint32_t leaf, uint32_t subleaf, uint32_t regs[4]);
 /* Spins for `ms` milliseconds of TSC time (config.tsc_khz); returns 0 if the rate is unknown. */
 int vmm_spin_ms(const struct vmm_run *run, uint32_t ms);
+/* Sleeps as a detector's Sleep(ms) does: the native twin gives up the CPU (nanosleep); the
+ * guest, which has no OS to sleep in, spins (vmm_spin_ms). Returns 0 if it could not. */
+int vmm_sleep_ms(const struct vmm_run *run, uint32_t ms);
 /* A line of text: the guest's serial console, or the native twin's stderr. */
 void vmm_print(const char *text);
 /* 1 in the guest build, 0 in the native twin. */
@@ -60,5 +66,12 @@ int vmm_run_detector(struct vmm_run *run);
 
 /* Small string helpers (no libc in the guest). */
 void vmm_format_u64(char *out, uint64_t value);
+/* A reason line built piece by piece, never past VMM_REASON_BYTES - 1 characters. */
+struct vmm_text {
+    char text[VMM_REASON_BYTES];
+    unsigned length;
+};
+void vmm_text_add(struct vmm_text *line, const char *piece);
+void vmm_text_add_u64(struct vmm_text *line, uint64_t value);
 
 #endif /* VMM_SDK_H */

@@ -8,6 +8,8 @@ static inline void outb(uint16_t port, uint8_t value) {
 #else
 #include <stdio.h>
 #include <string.h>
+#include <errno.h>
+#include <time.h>
 #endif
 
 int vmm_in_guest(void) {
@@ -95,18 +97,10 @@ static void cpuid_instruction(uint32_t leaf, uint32_t subleaf, uint32_t regs[4])
     __asm__ volatile("cpuid" : "=a"(regs[0]), "=b"(regs[1]), "=c"(regs[2]), "=d"(regs[3]) : "a"(leaf), "c"(subleaf));
 }
 
-uint64_t vmm_rdtscp(uint32_t *aux, int *ok) {
-    uint32_t regs[4];
-    cpuid_instruction(0x80000001u, 0, regs);
-    /* CPUID.80000001H:EDX[27] advertises RDTSCP. */
-    if (!(regs[3] & (1u << 27))) {
-        *ok = 0;
-        return 0;
-    }
+uint64_t vmm_rdtscp(uint32_t *aux) {
     uint32_t lo, hi, c;
     __asm__ volatile("rdtscp" : "=a"(lo), "=d"(hi), "=c"(c));
     *aux = c;
-    *ok = 1;
     return ((uint64_t)hi << 32) | lo;
 }
 
@@ -124,6 +118,12 @@ void vmm_cpuid(const struct vmm_run *run, uint32_t leaf, uint32_t subleaf, uint3
     cpuid_instruction(leaf, subleaf, regs);
 }
 
+int vmm_has_rdtscp(const struct vmm_run *run) {
+    uint32_t regs[4];
+    vmm_cpuid(run, 0x80000001u, 0, regs);
+    return (regs[3] & (1u << 27)) != 0;
+}
+
 int vmm_spin_ms(const struct vmm_run *run, uint32_t ms) {
     uint64_t khz = run->config->tsc_khz;
     if (khz == 0)
@@ -132,6 +132,19 @@ int vmm_spin_ms(const struct vmm_run *run, uint32_t ms) {
     while (vmm_rdtsc() < end)
         __asm__ volatile("pause");
     return 1;
+}
+
+int vmm_sleep_ms(const struct vmm_run *run, uint32_t ms) {
+#ifdef VMM_GUEST
+    return vmm_spin_ms(run, ms);
+#else
+    (void)run;
+    struct timespec left = {ms / 1000, (long)(ms % 1000) * 1000000L};
+    int slept;
+    while ((slept = nanosleep(&left, &left)) != 0 && errno == EINTR)
+        ;
+    return slept == 0;
+#endif
 }
 
 void vmm_print(const char *text) {
@@ -153,6 +166,18 @@ void vmm_format_u64(char *out, uint64_t value) {
     while (n)
         *out++ = digits[--n];
     *out = 0;
+}
+
+void vmm_text_add(struct vmm_text *line, const char *piece) {
+    for (; piece && *piece && line->length < VMM_REASON_BYTES - 1; piece++)
+        line->text[line->length++] = *piece;
+    line->text[line->length] = 0;
+}
+
+void vmm_text_add_u64(struct vmm_text *line, uint64_t value) {
+    char digits[21];
+    vmm_format_u64(digits, value);
+    vmm_text_add(line, digits);
 }
 
 #ifdef VMM_GUEST

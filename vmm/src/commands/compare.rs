@@ -1,14 +1,13 @@
 //! `vmm compare`: native and each VM mode back to back, side by side, with every rule's
 //! verdict — the "next to real native runs" view.
 
-use super::{create_output, load_calibration, CommandError};
+use super::{create_output, load_calibration, load_payload, CommandError};
 use crate::cli::CompareArgs;
 use crate::detector::rule_columns;
 use crate::experiment::Session;
 use crate::measure::RunSpec;
 use crate::modes::Path;
 use crate::report::{plot, HostReport, RunReport};
-use crate::vm::loader::Payload;
 use guest_payload::Probe;
 use serde::Serialize;
 use std::fmt::Write;
@@ -46,7 +45,7 @@ struct CompareReport<'a> {
 pub fn compare(args: &CompareArgs) -> Result<(), CommandError> {
     let calibration = load_calibration(args.detector.calibration.as_deref())?;
     let plot_file = create_output(args.plot.as_deref())?;
-    let session = Session::open(Payload::embedded()?, calibration);
+    let session = Session::open(load_payload(args.payload.as_deref())?, calibration);
     let mut columns = Vec::new();
     let mut refused = Vec::new();
     let mut plot_runs = Vec::new();

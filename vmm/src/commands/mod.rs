@@ -2,6 +2,7 @@
 
 pub mod calibrate;
 pub mod compare;
+pub mod inspect;
 pub mod run;
 pub mod validate;
 
@@ -10,7 +11,7 @@ use crate::detector::Calibration;
 use crate::measure::MeasureError;
 use crate::shaping::profile::ProfileError;
 use crate::validation::ValidationError;
-use crate::vm::loader::LoaderError;
+use crate::vm::loader::{LoaderError, Payload};
 use std::fs::File;
 use std::path::Path;
 
@@ -43,6 +44,14 @@ pub fn load_calibration(path: Option<&Path>) -> Result<Calibration, CommandError
     Ok(match path {
         Some(path) => Calibration::load(path)?,
         None => Calibration::uncalibrated(),
+    })
+}
+
+/// The payload at `path`, or the embedded timing core.
+pub fn load_payload(path: Option<&Path>) -> Result<Payload, CommandError> {
+    Ok(match path {
+        Some(path) => Payload::from_file(path)?,
+        None => Payload::embedded()?,
     })
 }
 

@@ -1,6 +1,6 @@
 //! `vmm run`: one run, in one mode, reported as a table or JSON, optionally CSV and SVG.
 
-use super::{create_output, load_calibration, CommandError};
+use super::{create_output, load_calibration, load_payload, CommandError};
 use crate::cli::{Misbehaviour, RunArgs, ShapingArgs};
 use crate::experiment::Session;
 use crate::measure::RunSpec;
@@ -8,15 +8,11 @@ use crate::modes::Path;
 use crate::report::{self, plot};
 use crate::shaping::profile::Profile;
 use crate::shaping::{plan, Shaping};
-use crate::vm::loader::Payload;
 use std::io::Write;
 use std::time::Duration;
 
 pub fn run(args: &RunArgs) -> Result<(), CommandError> {
-    let payload = match &args.payload {
-        Some(path) => Payload::from_file(path)?,
-        None => Payload::embedded()?,
-    };
+    let payload = load_payload(args.payload.as_deref())?;
     let calibration = load_calibration(args.detector.calibration.as_deref())?;
     // Refuse unwritable output paths before measuring, not after.
     let csv_file = create_output(args.output.csv.as_deref())?;

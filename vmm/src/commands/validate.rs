@@ -2,13 +2,12 @@
 //! cell's ground truth.
 
 use super::calibrate::progress_bar;
-use super::{create_output, load_calibration, CommandError};
+use super::{create_output, load_calibration, load_payload, CommandError};
 use crate::cli::ValidateArgs;
 use crate::experiment::Session;
-use crate::measure::{MeasureError, RunSpec};
+use crate::measure::RunSpec;
 use crate::report::plot;
 use crate::validation::{ground_truth, render_markdown, render_table, CellAccumulator, MatrixConfig, ValidationReport};
-use crate::vm::loader::Payload;
 use guest_payload::Probe;
 use std::io::Write;
 
@@ -17,7 +16,7 @@ pub fn validate(args: &ValidateArgs) -> Result<(), CommandError> {
     let calibration = load_calibration(args.calibration.as_deref())?;
     let markdown_file = create_output(args.markdown.as_deref())?;
     let plot_file = create_output(args.plot.as_deref())?;
-    let session = Session::open(Payload::embedded()?, calibration);
+    let session = Session::open(load_payload(args.payload.as_deref())?, calibration);
     let cells = config.cells(session.tsc.khz, &args.config)?;
     let host_is_vm = session.host.is_vm;
 
@@ -48,7 +47,7 @@ pub fn validate(args: &ValidateArgs) -> Result<(), CommandError> {
                 }
                 // Refused before anything ran (a capability this host lacks): the cell is
                 // reported as refused and its other repeats are not attempted.
-                Err(error) if repeat == 0 && is_refusal(&error) => {
+                Err(error) if repeat == 0 && error.is_refusal() => {
                     refused = Some(error.to_string());
                     progress.inc(u64::from(config.repeats));
                     break;
@@ -68,6 +67,7 @@ pub fn validate(args: &ValidateArgs) -> Result<(), CommandError> {
         schema_version: crate::report::SCHEMA_VERSION,
         config: args.config.display().to_string(),
         description: config.description.clone(),
+        payload: session.payload.describe(),
         host: serde_json::to_value(&session.host)?,
         host_is_vm,
         native_truth: if host_is_vm {
@@ -97,14 +97,4 @@ pub fn validate(args: &ValidateArgs) -> Result<(), CommandError> {
         plot::write(file, path, &plot_runs, &session.calibration)?;
     }
     Ok(())
-}
-
-/// Errors that mean "this host cannot do that", found by a probe before measuring.
-fn is_refusal(error: &MeasureError) -> bool {
-    matches!(
-        error,
-        MeasureError::Shaping(_)
-            | MeasureError::Mode(crate::modes::ModeError::TrapUnavailable { .. })
-            | MeasureError::Kvm(_)
-    )
 }

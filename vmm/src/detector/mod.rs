@@ -4,8 +4,8 @@
 //! | rule | what it looks at | from |
 //! |---|---|---|
 //! | `seed-line` | (NOP, CPUID) medians against a dividing line | the seed article |
-//! | `fixed-threshold` | mean of 10 CPUID(0) timings, VM unless 0 < mean < 1000 | pafish, al-khaser |
-//! | `cpuid-lfence-ratio` | trimmed mean CPUID(0) over 8×LFENCE, VM at 2.5 | VMAware |
+//! | `fixed-threshold` | integer mean of the first 10 unfenced `rdtsc; cpuid(0); rdtsc`, VM unless 0 < mean < 1000 | pafish v0.6, al-khaser v1.0.0 (faithful) |
+//! | `tsc-lfence-ratio` | trimmed mean CPUID(0) over 8×LFENCE on the TSC, VM at 2.5 | in the spirit of VMAware `TIMER` |
 //! | `robust` | low quantile and median of CPUID over the floor, in ns, vs native calibration | vmm |
 //! | `hypervisor-bit` | CPUID.1:ECX[31] and the 0x40000000 vendor leaf | CPUID itself |
 //! | `code-integrity` | the bytes of the guest's own CPUID sites | the patching traps' trace |
@@ -81,7 +81,7 @@ pub fn rule_columns<'a>(verdicts: impl IntoIterator<Item = &'a str>) -> Vec<&'st
 pub const RULES: [&str; 7] = [
     "seed-line",
     "fixed-threshold",
-    "cpuid-lfence-ratio",
+    "tsc-lfence-ratio",
     "robust",
     "hypervisor-bit",
     "code-integrity",
@@ -93,7 +93,7 @@ pub fn evaluate(evidence: &Evidence, calibration: &Calibration) -> Vec<RuleVerdi
     [
         rules::seed_line(evidence, calibration),
         rules::fixed_threshold(evidence),
-        rules::cpuid_lfence_ratio(evidence),
+        rules::tsc_lfence_ratio(evidence),
         rules::robust(evidence, calibration),
         rules::hypervisor_bit(evidence),
         rules::code_integrity(evidence),

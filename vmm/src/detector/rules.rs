@@ -75,36 +75,51 @@ pub fn seed_line(evidence: &Evidence, calibration: &Calibration) -> RuleVerdict 
 
 /// fixed-threshold: a VM unless the mean is below this many cycles.
 pub const FIXED_THRESHOLD_CYCLES: f64 = 1000.0;
-/// cpuid-lfence-ratio: a VM from this ratio up.
+/// tsc-lfence-ratio: a VM from this ratio up.
 pub const LFENCE_RATIO_VIRTUAL: f64 = 2.5;
 /// robust: virtual from this z up, native below [`ROBUST_NATIVE_Z`], unsure between.
 pub const ROBUST_VIRTUAL_Z: f64 = 4.0;
 pub const ROBUST_NATIVE_Z: f64 = 2.0;
 
-/// pafish / al-khaser: the plain mean of 10 timings of `rdtsc; cpuid(0); rdtsc`; a VM
-/// unless 0 < mean < 1000 cycles. Score: mean / 1000.
+/// pafish `cpu_rdtsc_force_vmexit` (v0.6) and al-khaser `rdtsc_diff_vmexit` (v1.0.0), as
+/// they measure: the first 10 samples of the unfenced probe (`rdtsc; cpuid(0); rdtsc`, no
+/// LFENCE, no warm-up), summed as unsigned 64-bit differences and divided by 10 in integer
+/// arithmetic; a VM unless 0 < mean < 1000 cycles. A backwards sample wraps in their
+/// unsigned arithmetic to nearly 2^64, far above 1000: a VM, said in words. Score:
+/// mean / 1000.
 pub fn fixed_threshold(evidence: &Evidence) -> RuleVerdict {
     const RULE: &str = "fixed-threshold";
     const TIMINGS: usize = 10;
-    const THRESHOLD: f64 = FIXED_THRESHOLD_CYCLES;
-    let Some(cpuid) = evidence.samples.get(&Probe::Cpuid).filter(|s| s.len() >= TIMINGS) else {
-        return missing(RULE, "10 CPUID samples");
+    const THRESHOLD: u64 = FIXED_THRESHOLD_CYCLES as u64;
+    let Some(first) = evidence
+        .samples
+        .get(&Probe::CpuidUnfenced)
+        .and_then(|s| s.get(..TIMINGS))
+    else {
+        return missing(RULE, "10 unfenced CPUID samples (the cpuid-unfenced probe)");
     };
-    let mean = cpuid[..TIMINGS].iter().map(|&c| c as f64).sum::<f64>() / TIMINGS as f64;
-    let native = mean > 0.0 && mean < THRESHOLD;
+    if let Some(&backwards) = first.iter().find(|&&c| c < 0) {
+        let why = format!(
+            "a timing ran backwards ({backwards} cycles): the original's unsigned difference wraps to ~1.8e19, so its mean is >= 1000{}",
+            leaf_note(evidence)
+        );
+        return verdict(RULE, Verdict::Virtual, f64::from(u32::MAX), 1.0, why);
+    }
+    // Non-negative, so the casts are exact; ten i64s cannot overflow a u128.
+    let mean = (first.iter().map(|&c| c as u128).sum::<u128>() / TIMINGS as u128) as u64;
+    let native = mean > 0 && mean < THRESHOLD;
     let why = format!(
-        "mean of the first 10 CPUID timings {mean:.0} cycles {} 1000{}",
-        if native { "<" } else { ">=" },
+        "integer mean of the first 10 unfenced rdtsc;cpuid;rdtsc timings {mean} cycles: {}{}",
+        if native {
+            "0 < mean < 1000"
+        } else {
+            "not 0 < mean < 1000"
+        },
         leaf_note(evidence)
     );
     let v = if native { Verdict::Native } else { Verdict::Virtual };
-    verdict(
-        RULE,
-        v,
-        mean / THRESHOLD,
-        confidence_from((mean / THRESHOLD).ln(), 0.3),
-        why,
-    )
+    let ratio = mean as f64 / THRESHOLD as f64;
+    verdict(RULE, v, ratio, confidence_from(ratio.max(1e-3).ln(), 0.3), why)
 }
 
 /// Trimmed mean: the middle 80%.
@@ -116,10 +131,13 @@ fn trimmed_mean(samples: &[Cycles]) -> f64 {
     kept.iter().map(|&c| c as f64).sum::<f64>() / kept.len().max(1) as f64
 }
 
-/// VMAware: trimmed mean of CPUID(0) against a serialising baseline (8 × LFENCE); a ratio
-/// of 2.5 or more is a VM. Score: the ratio.
-pub fn cpuid_lfence_ratio(evidence: &Evidence) -> RuleVerdict {
-    const RULE: &str = "cpuid-lfence-ratio";
+/// In the spirit of VMAware's `TIMER` (v2.7.0), not a reproduction of it: the trimmed mean
+/// (middle 80%) of CPUID against that of a serialising baseline (8 × LFENCE), both on the
+/// guest's TSC; a ratio of 2.5 or more is a VM. VMAware counts on a counter thread, not the
+/// TSC, interleaves the two, takes 30–70k pairs, keeps the densest cluster and says VM at
+/// 3.5 (docs/detector.md). Score: the ratio.
+pub fn tsc_lfence_ratio(evidence: &Evidence) -> RuleVerdict {
+    const RULE: &str = "tsc-lfence-ratio";
     const THRESHOLD: f64 = LFENCE_RATIO_VIRTUAL;
     let (Some(cpuid), Some(lfence)) = (
         evidence.samples.get(&Probe::Cpuid),
@@ -345,6 +363,7 @@ mod tests {
     fn samples(cpuid: Cycles, nop: Cycles, floor: Cycles, lfence: Cycles, spread: u64) -> ProbeSamples {
         let mut rng = SplitMix64::new((cpuid ^ nop) as u64);
         BTreeMap::from([
+            (Probe::CpuidUnfenced, noisy(cpuid, spread, &mut rng)),
             (Probe::Cpuid, noisy(cpuid, spread, &mut rng)),
             (Probe::Nop, noisy(nop, spread / 10, &mut rng)),
             (Probe::Rdtsc, noisy(floor, spread / 10, &mut rng)),
@@ -414,7 +433,7 @@ mod tests {
         for rule in [
             "seed-line",
             "fixed-threshold",
-            "cpuid-lfence-ratio",
+            "tsc-lfence-ratio",
             "robust",
             "hypervisor-bit",
         ] {
@@ -442,10 +461,12 @@ mod tests {
     fn noisy_native_samples_fool_the_mean_but_not_the_low_quantile() {
         // Native CPUID with heavy interference: a third of samples inflated 10x.
         let mut noisy_native = samples(200, 40, 40, 120, 30);
-        if let Some(cpuid) = noisy_native.get_mut(&Probe::Cpuid) {
-            for (i, s) in cpuid.iter_mut().enumerate() {
-                if i % 3 == 0 {
-                    *s *= 10;
+        for probe in [Probe::Cpuid, Probe::CpuidUnfenced] {
+            if let Some(cpuid) = noisy_native.get_mut(&probe) {
+                for (i, s) in cpuid.iter_mut().enumerate() {
+                    if i % 3 == 0 {
+                        *s *= 10;
+                    }
                 }
             }
         }
@@ -456,6 +477,47 @@ mod tests {
             "the first ten include inflated samples"
         );
         assert_eq!(verdicts["robust"], Verdict::Native, "p10 ignores the interference");
+    }
+
+    fn fixed(unfenced: Option<Vec<Cycles>>, fenced: Vec<Cycles>) -> RuleVerdict {
+        let mut samples = BTreeMap::from([(Probe::Cpuid, fenced)]);
+        if let Some(unfenced) = unfenced {
+            samples.insert(Probe::CpuidUnfenced, unfenced);
+        }
+        let evidence = Evidence {
+            samples: &samples,
+            cpuid: &[],
+            site_bytes: &[],
+            tsc_khz: TSC_KHZ,
+            cpuid_leaf: 0,
+            payload: None,
+        };
+        fixed_threshold(&evidence)
+    }
+
+    #[test]
+    fn fixed_threshold_measures_as_pafish_does() {
+        // Integer mean of the first ten unfenced timings: 9,999 / 10 = 999 is native...
+        let mut just_under = vec![1000; 10];
+        just_under[0] = 999;
+        let verdict = fixed(Some(just_under.clone()), vec![50_000; 10]);
+        assert_eq!(verdict.verdict, Verdict::Native, "{}", verdict.why);
+        assert!(verdict.why.contains("999 cycles"), "{}", verdict.why);
+        // ...the fenced probe is not what it reads, and samples past the tenth do not count.
+        just_under.extend([1_000_000; 90]);
+        assert_eq!(fixed(Some(just_under), vec![]).verdict, Verdict::Native);
+        assert_eq!(fixed(Some(vec![1000; 10]), vec![]).verdict, Verdict::Virtual);
+        // A mean of zero is a VM to pafish (0 < mean is required).
+        assert_eq!(fixed(Some(vec![0; 10]), vec![]).verdict, Verdict::Virtual);
+        // A backwards timing wraps in the original's unsigned arithmetic: a VM, in words.
+        let mut backwards = vec![100; 10];
+        backwards[3] = -5;
+        let verdict = fixed(Some(backwards), vec![]);
+        assert_eq!(verdict.verdict, Verdict::Virtual);
+        assert!(verdict.why.contains("ran backwards"), "{}", verdict.why);
+        // Without the unfenced probe (or with fewer than ten) it says so, whatever else ran.
+        assert_eq!(fixed(None, vec![100; 1000]).verdict, Verdict::Unsure);
+        assert_eq!(fixed(Some(vec![100; 9]), vec![]).verdict, Verdict::Unsure);
     }
 
     #[test]

@@ -188,15 +188,27 @@ impl TrapEmulate {
     }
 }
 
+/// Can `trap` trap this many CPUID sites? Checked before any VM exists, and again at arm.
+pub fn check_sites(trap: Trap, sites: usize) -> Result<(), ModeError> {
+    if sites == 0 {
+        return Err(ModeError::NoCpuidSites);
+    }
+    if trap == Trap::HwBreakpoint && sites > DEBUG_ADDRESS_REGISTERS {
+        return Err(ModeError::TooManySites {
+            sites,
+            slots: DEBUG_ADDRESS_REGISTERS,
+        });
+    }
+    Ok(())
+}
+
 impl CpuidExitHandler for TrapEmulate {
     fn shaper(&self) -> Option<&Shaper> {
         Some(&self.shaper)
     }
 
     fn arm(&mut self, vcpu: &mut dyn Vcpu) -> Result<(), ModeError> {
-        if self.sites.is_empty() {
-            return Err(ModeError::NoCpuidSites);
-        }
+        check_sites(self.trap, self.sites.len())?;
         for &site in &self.sites {
             let mut found = [0u8; 2];
             vcpu.memory()
@@ -209,12 +221,6 @@ impl CpuidExitHandler for TrapEmulate {
         let mut debug = kvm_guest_debug::default();
         match self.trap {
             Trap::HwBreakpoint => {
-                if self.sites.len() > DEBUG_ADDRESS_REGISTERS {
-                    return Err(ModeError::TooManySites {
-                        sites: self.sites.len(),
-                        slots: DEBUG_ADDRESS_REGISTERS,
-                    });
-                }
                 debug.control = KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP;
                 debug.arch.debugreg[7] = DR7_FIXED;
                 for (slot, &site) in self.sites.iter().enumerate() {

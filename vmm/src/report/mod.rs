@@ -82,6 +82,9 @@ pub struct PayloadReport {
     /// The name the payload declares in `vmm_payload_info`; absent if it declares nothing.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub declared_name: Option<String>,
+    /// Whether it declares the timing core (`VMM_CAP_TIMING_CORE`): measures exactly the
+    /// probes and iterations asked. Other payloads measure what they measure.
+    pub timing_core: bool,
 }
 
 /// A probe's statistics, in cycles, and the same in nanoseconds.
@@ -237,9 +240,10 @@ impl RunReport {
                 entry: payload.entry,
                 cpuid_sites,
                 decoded_cpuid_sites: payload.cpuid_sites.clone(),
-                declared_name: payload
+                declared_name: payload.declared_name(),
+                timing_core: payload
                     .info
-                    .map(|info| String::from_utf8_lossy(info.name_text()).escape_debug().to_string()),
+                    .is_some_and(|i| i.capabilities & guest_payload::capabilities::TIMING_CORE != 0),
             },
             probes,
             config: ConfigReport {

@@ -168,7 +168,7 @@ fn scatter(area: &Area, runs: &[PlotRun], calibration: &Calibration) -> DrawResu
                 4,
                 RGBColor(200, 120, 0).stroke_width(2),
             ))?
-            .label(format!("cpuid-lfence-ratio ({LFENCE_RATIO_VIRTUAL} × 8 LFENCE)"))
+            .label(format!("tsc-lfence-ratio ({LFENCE_RATIO_VIRTUAL} × 8 LFENCE)"))
             .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], RGBColor(200, 120, 0).stroke_width(2)));
     }
     let floors: Vec<Cycles> = runs.iter().map(|r| r.floor_median).collect();

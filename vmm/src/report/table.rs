@@ -21,11 +21,19 @@ pub fn render(report: &RunReport) -> String {
         host.tsc_khz_source.describe(),
         if host.is_vm { " | the host is itself a VM" } else { "" },
     );
-    let _ = writeln!(
-        out,
-        "{} iterations after {} warm-up, CPUID leaf {:#x} subleaf {:#x}\n",
+    let asked = format!(
+        "{} iterations after {} warm-up, CPUID leaf {:#x} subleaf {:#x}",
         report.config.iterations, report.config.warmup, report.config.cpuid_leaf, report.config.cpuid_subleaf
     );
+    if report.payload.timing_core {
+        let _ = writeln!(out, "{asked}\n");
+    } else {
+        let _ = writeln!(
+            out,
+            "offered {asked}; the payload ({}) measures what it measures (it does not declare VMM_CAP_TIMING_CORE)\n",
+            report.payload.declared_name.as_deref().unwrap_or("declares nothing")
+        );
+    }
 
     let _ = writeln!(
         out,

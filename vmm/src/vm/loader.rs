@@ -9,7 +9,6 @@
 
 use guest_payload::layout::{PAYLOAD_END, PAYLOAD_START};
 use guest_payload::{PayloadInfo, PAYLOAD_INFO_SYMBOL};
-use iced_x86::{Code, Decoder, DecoderOptions};
 use linux_loader::loader::{Elf, KernelLoader};
 use std::collections::HashMap;
 use std::io::Cursor;
@@ -62,6 +61,8 @@ pub enum LoaderError {
 pub enum PayloadSource {
     Embedded,
     File(PathBuf),
+    /// A few instructions the VMM made itself, to probe what this KVM can run.
+    Generated(&'static str),
 }
 
 impl std::fmt::Display for PayloadSource {
@@ -69,6 +70,7 @@ impl std::fmt::Display for PayloadSource {
         match self {
             PayloadSource::Embedded => write!(f, "embedded"),
             PayloadSource::File(path) => write!(f, "{}", path.display()),
+            PayloadSource::Generated(what) => write!(f, "generated ({what})"),
         }
     }
 }
@@ -111,6 +113,12 @@ impl Payload {
             source,
         })?;
         Self::parse(std::borrow::Cow::Owned(bytes), PayloadSource::File(path.to_owned()))
+    }
+
+    /// A payload of `code` alone at [`PAYLOAD_START`], made by the VMM for a probe.
+    pub fn generated(what: &'static str, code: &[u8]) -> Result<Self, LoaderError> {
+        let image = elf_image(EM_X86_64, PAYLOAD_START, code);
+        Self::parse(std::borrow::Cow::Owned(image), PayloadSource::Generated(what))
     }
 
     fn parse(bytes: std::borrow::Cow<'static, [u8]>, source: PayloadSource) -> Result<Self, LoaderError> {
@@ -161,6 +169,20 @@ impl Payload {
             cpuid_sites,
             info,
         })
+    }
+
+    /// The name it declares, if it declares one.
+    pub fn declared_name(&self) -> Option<String> {
+        self.info
+            .map(|i| String::from_utf8_lossy(i.name_text()).escape_debug().to_string())
+    }
+
+    /// Where it came from and the name it declares, for reports.
+    pub fn describe(&self) -> String {
+        match self.declared_name() {
+            Some(name) => format!("{} (\"{name}\")", self.source),
+            None => format!("{} (declares nothing)", self.source),
+        }
     }
 
     /// The name of the symbol at `addr`, if the symbol table names one there.
@@ -247,8 +269,7 @@ fn decode_cpuid_sites(b: &[u8], segments: &[Segment]) -> Vec<u64> {
         let Some(code) = slice(b, segment.file_offset as usize, segment.file_size as usize).ok() else {
             continue;
         };
-        let decoder = Decoder::with_ip(64, code, segment.addr, DecoderOptions::NONE);
-        sites.extend(decoder.into_iter().filter(|i| i.code() == Code::Cpuid).map(|i| i.ip()));
+        sites.extend(crate::arch::x86_64::decode::cpuid_sites(code, segment.addr));
     }
     sites.sort_unstable();
     sites
@@ -347,41 +368,44 @@ fn machine_name(code: u16) -> &'static str {
     }
 }
 
+/// A minimal ELF64 executable: header, one executable PT_LOAD at `paddr` holding `code`.
+fn elf_image(machine: u16, paddr: u64, code: &[u8]) -> Vec<u8> {
+    let mut b = vec![0u8; EHDR_SIZE + PHDR_SIZE];
+    b[..4].copy_from_slice(b"\x7fELF");
+    b[4] = 2;
+    b[5] = 1;
+    b[6] = 1;
+    b[16..18].copy_from_slice(&ET_EXEC.to_le_bytes());
+    b[18..20].copy_from_slice(&machine.to_le_bytes());
+    b[24..32].copy_from_slice(&paddr.to_le_bytes());
+    b[32..40].copy_from_slice(&(EHDR_SIZE as u64).to_le_bytes());
+    b[52..54].copy_from_slice(&(EHDR_SIZE as u16).to_le_bytes());
+    b[54..56].copy_from_slice(&(PHDR_SIZE as u16).to_le_bytes());
+    b[56..58].copy_from_slice(&1u16.to_le_bytes());
+    let ph = EHDR_SIZE;
+    b[ph..ph + 4].copy_from_slice(&PT_LOAD.to_le_bytes());
+    b[ph + 4..ph + 8].copy_from_slice(&(PF_X | 4).to_le_bytes());
+    let offset = (EHDR_SIZE + PHDR_SIZE) as u64;
+    for (field, value) in [
+        (8, offset),
+        (16, paddr),
+        (24, paddr),
+        (32, code.len() as u64),
+        (40, code.len() as u64),
+    ] {
+        b[ph + field..ph + field + 8].copy_from_slice(&value.to_le_bytes());
+    }
+    b.extend_from_slice(code);
+    b
+}
+
 /// Hand-made ELF files for tests (here and in `tests/`), so bad payloads can be built
 /// without a cross toolchain.
 #[doc(hidden)]
 pub mod test_support {
-    use super::*;
-
     /// A minimal ELF64 executable: header, one PT_LOAD at `paddr` with `code`.
     pub fn tiny_elf(machine: u16, paddr: u64, code: &[u8]) -> Vec<u8> {
-        let mut b = vec![0u8; EHDR_SIZE + PHDR_SIZE];
-        b[..4].copy_from_slice(b"\x7fELF");
-        b[4] = 2;
-        b[5] = 1;
-        b[6] = 1;
-        b[16..18].copy_from_slice(&ET_EXEC.to_le_bytes());
-        b[18..20].copy_from_slice(&machine.to_le_bytes());
-        b[24..32].copy_from_slice(&paddr.to_le_bytes());
-        b[32..40].copy_from_slice(&(EHDR_SIZE as u64).to_le_bytes());
-        b[52..54].copy_from_slice(&(EHDR_SIZE as u16).to_le_bytes());
-        b[54..56].copy_from_slice(&(PHDR_SIZE as u16).to_le_bytes());
-        b[56..58].copy_from_slice(&1u16.to_le_bytes());
-        let ph = EHDR_SIZE;
-        b[ph..ph + 4].copy_from_slice(&PT_LOAD.to_le_bytes());
-        b[ph + 4..ph + 8].copy_from_slice(&(PF_X | 4).to_le_bytes());
-        let offset = (EHDR_SIZE + PHDR_SIZE) as u64;
-        for (field, value) in [
-            (8, offset),
-            (16, paddr),
-            (24, paddr),
-            (32, code.len() as u64),
-            (40, code.len() as u64),
-        ] {
-            b[ph + field..ph + field + 8].copy_from_slice(&value.to_le_bytes());
-        }
-        b.extend_from_slice(code);
-        b
+        super::elf_image(machine, paddr, code)
     }
 }
 

@@ -14,7 +14,7 @@ pub mod tsc;
 pub mod vcpu;
 pub mod watchdog;
 
-use crate::arch::x86_64::{cpuid::CpuidTable, regs};
+use crate::arch::x86_64::{cpuid::CpuidTable, decode, regs};
 use exits::{Exit, ExitHandler, ExitKind, ExitStats, Flow, HandlerError};
 use guest_payload::{layout, Config, Cycles, Probe, ResultHeader, Status, ABI_VERSION, RESULT_MAGIC};
 use kvm::KvmContext;
@@ -50,8 +50,13 @@ pub enum VmError {
     GuestHung { timeout: Duration, rip: Rip },
     #[error("the guest triple-faulted at RIP {rip} (KVM_EXIT_SHUTDOWN): an exception with no IDT to handle it")]
     TripleFault { rip: Rip },
-    #[error("KVM could not run the guest instruction at RIP {rip} (KVM_EXIT_INTERNAL_ERROR, {what})")]
-    InternalError { what: &'static str, rip: Rip },
+    #[error("KVM could not run the guest instruction at RIP {rip}{} (KVM_EXIT_INTERNAL_ERROR, {what})", .instruction.as_ref().map_or(String::new(), |i| format!(", {i}")))]
+    InternalError {
+        what: &'static str,
+        rip: Rip,
+        /// The instruction there, decoded from guest memory (e.g. `rdtscp (0f 01 f9)`).
+        instruction: Option<String>,
+    },
     #[error("KVM could not enter the guest (KVM_EXIT_FAIL_ENTRY, hardware reason {reason:#x}) at RIP {rip}")]
     FailEntry { reason: u64, rip: Rip },
     #[error("the guest did {direction} on port {port:#x} at RIP {rip}: no device there")]
@@ -289,6 +294,7 @@ impl GuestVm {
             Exit::InternalError { suberror } => VmError::InternalError {
                 what: internal_error_name(suberror),
                 rip,
+                instruction: rip.0.and_then(|rip| self.instruction_at(rip)),
             },
             Exit::FailEntry(reason) => VmError::FailEntry { reason, rip },
             Exit::Other(what) => VmError::UnexpectedExit { what, rip },
@@ -297,6 +303,14 @@ impl GuestVm {
                 rip,
             },
         }
+    }
+
+    /// The guest instruction at `rip`, decoded, for messages.
+    fn instruction_at(&self, rip: u64) -> Option<String> {
+        let bytes = memory::read(self.vcpu.memory(), rip, decode::MAX_INSTRUCTION_BYTES)
+            .or_else(|_| memory::read(self.vcpu.memory(), rip, 1))
+            .ok()?;
+        decode::describe(&bytes, rip)
     }
 
     /// Reads the result block the guest wrote.

@@ -1,9 +1,10 @@
 //! x86-64 guest setup: what a CPU needs to run 64-bit code from its first instruction.
 //!
 //! Like Firecracker's `arch/x86_64`, one file per concern: the GDT, the identity page
-//! tables, the control and segment registers, the CPUID table.
+//! tables, the control and segment registers, the CPUID table, instruction decoding.
 
 pub mod cpuid;
+pub mod decode;
 pub mod gdt;
 pub mod paging;
 pub mod regs;
