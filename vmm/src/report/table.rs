@@ -37,20 +37,20 @@ pub fn render(report: &RunReport) -> String {
 
     let _ = writeln!(
         out,
-        "{:<7} {:>8} {:>10} {:>10} {:>10} {:>12} {:>10} {:>10} {:>12}",
+        "{:<14} {:>8} {:>10} {:>10} {:>10} {:>12} {:>10} {:>10} {:>12}",
         "probe", "count", "min", "p5", "median", "mean", "p95", "p99", "max"
     );
     for (name, probe) in &report.probes {
         let c = &probe.cycles;
         let _ = writeln!(
             out,
-            "{name:<7} {:>8} {:>10} {:>10} {:>10} {:>12.1} {:>10} {:>10} {:>12}   cycles",
+            "{name:<14} {:>8} {:>10} {:>10} {:>10} {:>12.1} {:>10} {:>10} {:>12}   cycles",
             c.count, c.min, c.p5, c.median, c.mean, c.p95, c.p99, c.max
         );
         let n = &probe.ns;
         let _ = writeln!(
             out,
-            "{:<7} {:>8} {:>10.1} {:>10.1} {:>10.1} {:>12.1} {:>10.1} {:>10.1} {:>12.1}   ns",
+            "{:<14} {:>8} {:>10.1} {:>10.1} {:>10.1} {:>12.1} {:>10.1} {:>10.1} {:>12.1}   ns",
             "", "", n.min, n.p5, n.median, n.mean, n.p95, n.p99, n.max
         );
     }
