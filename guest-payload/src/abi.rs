@@ -177,6 +177,11 @@ impl Status {
     }
 }
 
+/// A native twin (the SDK's Linux build of a payload) exits with this plus its [`Status`]
+/// when the detector stops with a status other than ok, as a guest rings it on the done
+/// port; 0 when it measured; 2 when it could not read its config or write its results.
+pub const NATIVE_TWIN_STATUS_BASE: u32 = 10;
+
 /// The instructions the timing core can time, each between `lfence; rdtsc` pairs.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

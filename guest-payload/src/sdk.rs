@@ -171,6 +171,13 @@ pub fn c_header() -> String {
         flags::CPUID_SNAPSHOT,
         "Fill the CPUID snapshot and the site bytes.",
     );
+    out.push_str("\n/* Native twins. */\n");
+    define(
+        &mut out,
+        "VMM_NATIVE_TWIN_STATUS_BASE",
+        NATIVE_TWIN_STATUS_BASE,
+        "A native twin exits with this plus its status when the detector stops with one other than ok.",
+    );
     out.push_str("\n/* Payload capabilities (struct vmm_payload_info.capabilities). */\n");
     define(
         &mut out,

@@ -27,6 +27,8 @@ pub enum NativeError {
         status: String,
         stderr: String,
     },
+    #[error("the native twin {twin} stopped with status {value}: {}", guest_payload::Status::from_u32(*.value).map_or("a status this VMM does not know", guest_payload::Status::describe))]
+    TwinStatus { twin: String, value: u32 },
     #[error("the native twin {twin}'s result block is not valid: {why}")]
     TwinResults { twin: String, why: String },
 }
@@ -157,7 +159,10 @@ pub fn run_twin(twin: &Path, config: &Config, cpu: Option<usize>, timeout: Durat
         source,
     };
     let config = Config {
-        result_capacity: config.result_bytes_needed(),
+        result_capacity: crate::vm::memory::result_capacity_for(config).map_err(|e| NativeError::TwinResults {
+            twin: name.clone(),
+            why: e.to_string(),
+        })?,
         ..*config
     };
     let dir = scratch_dir().map_err(io)?;
@@ -197,6 +202,19 @@ pub fn run_twin(twin: &Path, config: &Config, cpu: Option<usize>, timeout: Durat
         std::thread::sleep(Duration::from_millis(2));
     };
     let run = started.elapsed();
+    // The SDK's twin exits with NATIVE_TWIN_STATUS_BASE + status when the detector stopped with
+    // a status other than ok, as a guest rings it on the done port.
+    if let Some(value) = status
+        .code()
+        .and_then(|code| {
+            u32::try_from(code)
+                .ok()?
+                .checked_sub(guest_payload::NATIVE_TWIN_STATUS_BASE)
+        })
+        .filter(|&value| guest_payload::Status::from_u32(value).is_some())
+    {
+        return Err(NativeError::TwinStatus { twin: name, value });
+    }
     if !status.success() {
         let mut stderr = String::new();
         if let Some(mut pipe) = child.stderr.take() {
@@ -314,6 +332,18 @@ mod tests {
             matches!(silent, Err(NativeError::Twin { .. })),
             "no result file: {silent:?}"
         );
+        // A detector that stopped with a status (3: its samples do not fit) says which.
+        let stopped = std::env::temp_dir().join(format!("vmm-test-{}-status.sh", std::process::id()));
+        std::fs::write(&stopped, "#!/bin/sh\nexit 13\n").unwrap();
+        std::fs::set_permissions(&stopped, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let status = run_twin(&stopped, &config, None, Duration::from_secs(5));
+        std::fs::remove_file(&stopped).ok();
+        match status {
+            Err(error @ NativeError::TwinStatus { value: 3, .. }) => {
+                assert!(error.to_string().contains("do not fit the result area"), "{error}")
+            }
+            other => panic!("{other:?}"),
+        }
         let script = std::env::temp_dir().join(format!("vmm-test-{}-sleep.sh", std::process::id()));
         std::fs::write(&script, "#!/bin/sh\nexec sleep 30\n").unwrap();
         std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();

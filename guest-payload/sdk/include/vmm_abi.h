@@ -52,6 +52,10 @@
 /* Fill the CPUID snapshot and the site bytes. */
 #define VMM_FLAG_CPUID_SNAPSHOT 0x8u
 
+/* Native twins. */
+/* A native twin exits with this plus its status when the detector stops with one other than ok. */
+#define VMM_NATIVE_TWIN_STATUS_BASE 0xau
+
 /* Payload capabilities (struct vmm_payload_info.capabilities). */
 /* Honours VMM_FLAG_PARAVIRT_CPUID. */
 #define VMM_CAP_PARAVIRT_CPUID 0x1u

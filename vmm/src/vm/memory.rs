@@ -41,6 +41,12 @@ pub fn ram_size_for(config: &Config) -> Result<u64, MemoryError> {
     Ok(size)
 }
 
+/// Bytes a payload may write at the result address: the rest of the guest's RAM. A native
+/// twin gets the same, so a payload that measures its own counts fits both or neither.
+pub fn result_capacity_for(config: &Config) -> Result<u64, MemoryError> {
+    Ok(ram_size_for(config)? - RESULT_ADDR)
+}
+
 /// One anonymous mapping from guest address 0. The kernel hands it out zeroed, which is
 /// also what gives the payload a zeroed `.bss` (the ELF loader copies only file bytes).
 pub fn allocate(size: u64) -> Result<GuestMemoryMmap, MemoryError> {

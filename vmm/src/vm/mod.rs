@@ -151,7 +151,7 @@ impl GuestVm {
         let mut config = *config;
         config.result_addr = layout::RESULT_ADDR;
         let ram_size = memory::ram_size_for(&config)?;
-        config.result_capacity = ram_size - layout::RESULT_ADDR;
+        config.result_capacity = memory::result_capacity_for(&config)?;
 
         let vm = kvm.kvm.create_vm().map_err(kvm_err("to create a VM (KVM_CREATE_VM)"))?;
         let memory = memory::allocate(ram_size)?;
