@@ -31,8 +31,12 @@ pub enum Command {
     /// Measure this host natively (and in hw-assist, where KVM is there) and save the
     /// calibration the detector rules read with --calibration.
     Calibrate(CalibrateArgs),
-    /// Score every detector rule over a matrix of modes × shaping × busyness.
+    /// Score every detector rule over a matrix of modes × shaping × busyness (or a shard of
+    /// it), optionally as a CI gate (--require, --junit).
     Validate(ValidateArgs),
+    /// Add validation reports of one matrix (shards, or other hosts) into one report, with
+    /// a per-host table beside the total.
+    Merge(MergeArgs),
     /// Check /dev/kvm, the capabilities each mode needs, the CPU and its TSC.
     Doctor(DoctorArgs),
     /// Show what the VMM sees in a payload before running it: segments, entry, its
@@ -141,6 +145,59 @@ pub struct ValidateArgs {
     /// Draw every run on the NOP/CPUID plane, and CPUID histograms per mode, as SVG.
     #[arg(long, value_name = "FILE.svg")]
     pub plot: Option<PathBuf>,
+
+    /// Also write the JSON report to FILE (what `vmm merge` reads).
+    #[arg(long, short = 'o', value_name = "FILE.json")]
+    pub output: Option<PathBuf>,
+
+    /// Write one JUnit test case per cell × rule (and per requirement), for CI systems.
+    #[arg(long, value_name = "FILE.xml")]
+    pub junit: Option<PathBuf>,
+
+    /// Fail (exit 1, naming each) unless the requirement holds over the whole validation:
+    /// RULE:tpr>=X or RULE:fpr<=X, e.g. robust:tpr>=0.99. Repeat for more; the matrix's
+    /// `requirements` are judged too.
+    #[arg(long, value_name = "RULE:METRIC>=X")]
+    pub require: Vec<String>,
+
+    /// Run only shard K of N (1-based) of the matrix's jobs (cell × repeat): every job runs
+    /// in exactly one of N shards; `vmm merge` adds their reports up. `auto` reads the
+    /// shard from the batch engine: VMM_SHARD_INDEX (0-based) or Kubernetes'
+    /// JOB_COMPLETION_INDEX with VMM_SHARD_COUNT, or Slurm's SLURM_ARRAY_TASK_ID.
+    #[arg(long, value_name = "K/N|auto")]
+    pub shard: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct MergeArgs {
+    /// Validation reports (`vmm validate -o FILE` or `--json`) of one matrix: shards of
+    /// it, or whole runs on other hosts.
+    #[arg(required = true, value_name = "REPORT.json")]
+    pub reports: Vec<PathBuf>,
+
+    /// Write the merged JSON report to FILE.
+    #[arg(long, short = 'o', value_name = "FILE.json")]
+    pub output: Option<PathBuf>,
+
+    /// Print the merged JSON report instead of the table.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Also write the merged confusion matrices, per host and in total, as Markdown.
+    #[arg(long, value_name = "FILE.md")]
+    pub markdown: Option<PathBuf>,
+
+    /// Draw every merged run on the NOP/CPUID plane, and CPUID histograms, as SVG.
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<PathBuf>,
+
+    /// Write one JUnit test case per cell × rule (and per requirement).
+    #[arg(long, value_name = "FILE.xml")]
+    pub junit: Option<PathBuf>,
+
+    /// Fail unless the requirement holds over the merged validation (as `validate --require`).
+    #[arg(long, value_name = "RULE:METRIC>=X")]
+    pub require: Vec<String>,
 }
 
 #[derive(Debug, Args)]

@@ -63,6 +63,10 @@ pub struct CpuInfo {
     pub is_vm: bool,
     /// The TSC ticks at a constant rate through P- and C-states.
     pub invariant_tsc: bool,
+    /// The microcode revision /proc/cpuinfo reports, where it does.
+    pub microcode: Option<String>,
+    /// The running kernel's release.
+    pub kernel: Option<String>,
 }
 
 pub fn cpu_info() -> CpuInfo {
@@ -85,6 +89,10 @@ pub fn cpu_info() -> CpuInfo {
         svm: has("svm"),
         is_vm: leaf1.ecx & (1 << 31) != 0,
         invariant_tsc: invariant_cpuid || (has("constant_tsc") && has("nonstop_tsc")),
+        microcode: field("microcode"),
+        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .ok()
+            .map(|r| r.trim().to_owned()),
     }
 }
 

@@ -15,6 +15,7 @@ fn main() -> ExitCode {
         Command::Compare(args) => commands::compare::compare(args),
         Command::Calibrate(args) => commands::calibrate::calibrate(args),
         Command::Validate(args) => commands::validate::validate(args),
+        Command::Merge(args) => commands::validate::merge(args),
         Command::Doctor(args) => doctor_command(args.json),
         Command::Inspect(args) => commands::inspect::inspect(args),
     };

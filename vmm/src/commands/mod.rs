@@ -37,6 +37,14 @@ pub enum CommandError {
     DoctorFailed,
     #[error("every mode was refused on this host; nothing was measured")]
     NothingMeasured,
+    #[error("{0}")]
+    Requirement(String),
+    #[error("--shard: {0}")]
+    Shard(String),
+    #[error("{runs} run(s) failed, in: {cells} (the report keeps every other run)")]
+    RunsFailed { runs: usize, cells: String },
+    #[error("unmet requirements: {0}")]
+    RequirementsUnmet(String),
 }
 
 /// The calibration at `path`, or the documented defaults.

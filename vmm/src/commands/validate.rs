@@ -1,29 +1,133 @@
-//! `vmm validate`: every cell of the matrix, repeated, every rule scored against the
-//! cell's ground truth.
+//! `vmm validate`: every cell of the matrix (or a shard's slice of it), repeated, every rule
+//! scored against the cell's ground truth; `vmm merge`: shard and host reports as one.
+//! Both can gate CI (`--require`) and write JUnit.
 
 use super::calibrate::progress_bar;
 use super::{create_output, load_calibration, load_payload, CommandError};
-use crate::cli::ValidateArgs;
+use crate::cli::{MergeArgs, ValidateArgs};
 use crate::experiment::Session;
 use crate::measure::RunSpec;
 use crate::report::plot;
-use crate::validation::{ground_truth, render_markdown, render_table, CellAccumulator, MatrixConfig, ValidationReport};
-use guest_payload::Probe;
+use crate::validation::gate::{self, Requirement};
+use crate::validation::report::{CellSpec, Failure, HostIdentity, HostRecord, Refusal, RunRecord, ValidationInputs};
+use crate::validation::{ground_truth, merge, render_markdown, render_table, MatrixConfig, Shard, ValidationReport};
+use std::fs::File;
 use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// The report's outputs, created before anything runs so a bad path costs no run.
+struct Outputs {
+    markdown: Option<(File, PathBuf)>,
+    plot: Option<(File, PathBuf)>,
+    junit: Option<(File, PathBuf)>,
+    json: Option<(File, PathBuf)>,
+}
+
+impl Outputs {
+    fn create(
+        markdown: Option<&Path>,
+        plot: Option<&Path>,
+        junit: Option<&Path>,
+        json: Option<&Path>,
+    ) -> Result<Self, CommandError> {
+        let open = |path: Option<&Path>| -> Result<Option<(File, PathBuf)>, CommandError> {
+            Ok(create_output(path)?.zip(path.map(Path::to_owned)))
+        };
+        Ok(Self {
+            markdown: open(markdown)?,
+            plot: open(plot)?,
+            junit: open(junit)?,
+            json: open(json)?,
+        })
+    }
+
+    /// Prints and writes `report`, then fails if a run failed or a requirement is unmet.
+    fn finish(
+        self,
+        report: &ValidationReport,
+        print_json: bool,
+        calibration: &crate::detector::Calibration,
+    ) -> Result<(), CommandError> {
+        if print_json {
+            println!("{}", serde_json::to_string_pretty(report)?);
+        } else {
+            print!("{}", render_table(report));
+        }
+        let write = |file: Option<(File, PathBuf)>, text: String| -> Result<(), CommandError> {
+            if let Some((mut file, path)) = file {
+                file.write_all(text.as_bytes()).map_err(|source| CommandError::Output {
+                    path: path.display().to_string(),
+                    source,
+                })?;
+            }
+            Ok(())
+        };
+        write(self.markdown, render_markdown(report))?;
+        write(self.junit, gate::junit(report))?;
+        write(self.json, serde_json::to_string_pretty(report)?)?;
+        if let Some((file, path)) = self.plot {
+            plot::write(file, &path, &report.plot_runs(), calibration)?;
+        }
+        if !report.inputs.failures.is_empty() {
+            let cells: std::collections::BTreeSet<String> = report
+                .inputs
+                .failures
+                .iter()
+                .filter_map(|f| report.inputs.matrix_cells.get(f.cell))
+                .map(|c| format!("{} | {} | busy {}", c.mode, c.shaping, c.busy))
+                .collect();
+            return Err(CommandError::RunsFailed {
+                runs: report.inputs.failures.len(),
+                cells: cells.into_iter().collect::<Vec<_>>().join("; "),
+            });
+        }
+        let unmet = report.unmet_requirements();
+        if !unmet.is_empty() {
+            return Err(CommandError::RequirementsUnmet(
+                unmet.iter().map(|r| r.why.clone()).collect::<Vec<_>>().join("; "),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn requirements(texts: &[String]) -> Result<Vec<Requirement>, CommandError> {
+    texts
+        .iter()
+        .map(|text| {
+            text.parse()
+                .map_err(|why| CommandError::Requirement(format!("--require `{text}`: {why}")))
+        })
+        .collect()
+}
 
 pub fn validate(args: &ValidateArgs) -> Result<(), CommandError> {
     let config = MatrixConfig::load(&args.config)?;
+    let extra = requirements(&args.require)?;
+    let shard = match &args.shard {
+        Some(text) => text.parse::<Shard>().map_err(CommandError::Shard)?,
+        None => Shard::WHOLE,
+    };
     let calibration = load_calibration(args.calibration.as_deref())?;
-    let markdown_file = create_output(args.markdown.as_deref())?;
-    let plot_file = create_output(args.plot.as_deref())?;
+    let outputs = Outputs::create(
+        args.markdown.as_deref(),
+        args.plot.as_deref(),
+        args.junit.as_deref(),
+        args.output.as_deref(),
+    )?;
     let session = Session::open(load_payload(args.payload.as_deref())?, calibration);
     let cells = config.cells(session.tsc.khz, &args.config)?;
-    let host_is_vm = session.host.is_vm;
+    let host = HostIdentity::new(&session.host, session.calibration.calibrated);
+    let repeats = config.repeats;
+    let job = |cell: usize, repeat: u32| cell as u64 * u64::from(repeats) + u64::from(repeat);
+    let jobs: u64 = (0..cells.len())
+        .flat_map(|c| (0..repeats).map(move |r| (c, r)))
+        .filter(|&(c, r)| shard.takes(job(c, r)))
+        .count() as u64;
 
-    let progress = progress_bar(cells.len() as u64 * u64::from(config.repeats), "validating");
-    let mut results = Vec::with_capacity(cells.len());
-    let mut plot_runs = Vec::new();
-    for cell in &cells {
+    let progress = progress_bar(jobs, "validating");
+    let (mut runs, mut refusals, mut failures) = (Vec::new(), Vec::new(), Vec::new());
+    for (index, cell) in cells.iter().enumerate() {
         let spec = RunSpec {
             shaping: cell.shaping.clone(),
             iterations: config.iterations,
@@ -31,70 +135,86 @@ pub fn validate(args: &ValidateArgs) -> Result<(), CommandError> {
             busy: usize::from(cell.busy),
             ..RunSpec::new(cell.path)
         };
-        let mut accumulator = CellAccumulator::new(ground_truth(cell.path.mode(), host_is_vm));
-        let (mut refused, mut failed) = (None, 0);
-        for repeat in 0..config.repeats {
+        let truth = ground_truth(cell.path.mode(), host.nested);
+        let mine: Vec<u32> = (0..repeats).filter(|&r| shard.takes(job(index, r))).collect();
+        for (nth, &repeat) in mine.iter().enumerate() {
             match session.run(&spec, false, None) {
                 Ok((report, measurement)) => {
-                    let median = |p: Probe| report.probes.get(p.name()).map(|s| s.cycles.median);
-                    accumulator.add(&report.verdicts, median(Probe::Cpuid), median(Probe::Nop));
-                    plot_runs.push(plot::PlotRun::new(
-                        cell.path.name(),
+                    runs.push(RunRecord::new(
+                        (index, repeat, 0),
+                        truth,
+                        &report.verdicts,
                         &measurement.samples,
                         report.host.tsc_khz,
                     ));
                     progress.inc(1);
                 }
-                // Refused before anything ran (a capability this host lacks): the cell is
-                // reported as refused and its other repeats are not attempted.
-                Err(error) if repeat == 0 && error.is_refusal() => {
-                    refused = Some(error.to_string());
-                    progress.inc(u64::from(config.repeats));
+                // Refused before anything ran (a capability this host or payload lacks):
+                // the cell's other jobs in this shard are not attempted.
+                Err(error) if nth == 0 && error.is_refusal() => {
+                    refusals.push(Refusal {
+                        cell: index,
+                        host: 0,
+                        jobs: mine.len() as u32,
+                        why: error.to_string(),
+                    });
+                    progress.inc(mine.len() as u64);
                     break;
                 }
                 Err(error) => {
                     progress.suspend(|| eprintln!("vmm: {}: run {} failed: {error}", cell.label(), repeat + 1));
-                    failed += 1;
+                    failures.push(Failure {
+                        cell: index,
+                        repeat,
+                        host: 0,
+                        why: error.to_string(),
+                    });
                     progress.inc(1);
                 }
             }
         }
-        results.push(accumulator.finish(cell, refused, failed));
     }
     progress.finish_and_clear();
 
-    let report = ValidationReport {
+    let inputs = ValidationInputs {
         schema_version: crate::report::SCHEMA_VERSION,
         config: args.config.display().to_string(),
-        description: config.description.clone(),
+        matrix_cells: cells
+            .iter()
+            .map(|c| CellSpec {
+                mode: c.path.to_string(),
+                shaping: c.shaping_label.clone(),
+                busy: c.busy,
+            })
+            .collect(),
+        matrix: config,
         payload: session.payload.describe(),
-        host: serde_json::to_value(&session.host)?,
-        host_is_vm,
-        native_truth: if host_is_vm {
-            "virtual: the host is itself a VM (CPUID.1:ECX[31]), so its native runs are virtualised".into()
-        } else {
-            "native: the host runs on bare metal".into()
-        },
-        calibrated: session.calibration.calibrated,
-        repeats: config.repeats,
-        iterations: config.iterations,
-        confusion: ValidationReport::confusion_of(&results),
-        cells: results,
+        payload_digest: session.payload.digest(),
+        hosts: vec![HostRecord {
+            identity: host,
+            shards: vec![shard],
+        }],
+        runs,
+        refusals,
+        failures,
     };
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        print!("{}", render_table(&report));
+    let report = ValidationReport::assemble(inputs, &extra);
+    outputs.finish(&report, args.json, &session.calibration)
+}
+
+pub fn merge(args: &MergeArgs) -> Result<(), CommandError> {
+    let extra = requirements(&args.require)?;
+    let outputs = Outputs::create(
+        args.markdown.as_deref(),
+        args.plot.as_deref(),
+        args.junit.as_deref(),
+        args.output.as_deref(),
+    )?;
+    let mut reports = Vec::with_capacity(args.reports.len());
+    for path in &args.reports {
+        reports.push((path.clone(), merge::read(path)?));
     }
-    if let (Some(mut file), Some(path)) = (markdown_file, &args.markdown) {
-        file.write_all(render_markdown(&report).as_bytes())
-            .map_err(|source| CommandError::Output {
-                path: path.display().to_string(),
-                source,
-            })?;
-    }
-    if let (Some(file), Some(path)) = (plot_file, &args.plot) {
-        plot::write(file, path, &plot_runs, &session.calibration)?;
-    }
-    Ok(())
+    let report = ValidationReport::assemble(merge::merge(reports)?, &extra);
+    // Plots of merged reports draw each run's sketch; the rules' lines are the defaults'.
+    outputs.finish(&report, args.json, &crate::detector::Calibration::uncalibrated())
 }

@@ -20,9 +20,9 @@ pub mod rules;
 use crate::vm::ProbeSamples;
 pub use calibration::Calibration;
 use guest_payload::CpuidRecord;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Verdict {
     Virtual,

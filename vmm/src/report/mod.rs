@@ -20,12 +20,18 @@ use std::collections::BTreeMap;
 
 /// Bumped when a field changes meaning or disappears (adding fields does not bump it).
 /// 2: samples and cycle statistics are signed (a TSC that ran backwards is negative).
-pub const SCHEMA_VERSION: u32 = 2;
+/// 3: validation reports keep every run as a record (what `vmm merge` adds up), rules are
+///    keyed by name, and the matrix itself is part of the report.
+pub const SCHEMA_VERSION: u32 = 3;
 
 /// The host as a report describes it.
 #[derive(Clone, Debug, Serialize)]
 pub struct HostReport {
     pub cpu_model: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub microcode: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<String>,
     pub is_vm: bool,
     pub invariant_tsc: bool,
     pub tsc_khz: u32,
@@ -45,6 +51,8 @@ impl HostReport {
         let (flavour, module) = crate::host::kvm_flavour();
         Self {
             cpu_model: cpu.model.clone(),
+            microcode: cpu.microcode.clone(),
+            kernel: cpu.kernel.clone(),
             is_vm: cpu.is_vm,
             invariant_tsc: cpu.invariant_tsc,
             tsc_khz: tsc.khz,

@@ -177,6 +177,15 @@ impl Payload {
             .map(|i| String::from_utf8_lossy(i.name_text()).escape_debug().to_string())
     }
 
+    /// A digest of its bytes (FNV-1a, 64 bits): enough to tell two payloads apart in
+    /// reports that are merged, not a cryptographic hash.
+    pub fn digest(&self) -> String {
+        let hash = self.bytes.iter().fold(0xcbf2_9ce4_8422_2325_u64, |hash, &byte| {
+            (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+        });
+        format!("fnv1a64:{hash:016x}")
+    }
+
     /// Where it came from and the name it declares, for reports.
     pub fn describe(&self) -> String {
         match self.declared_name() {

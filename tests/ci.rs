@@ -1,0 +1,299 @@
+//! Validation as CI uses it: shards merged back into the whole, hosts side by side,
+//! requirements as a gate, JUnit for the CI system.
+
+mod common;
+
+use common::{stderr, vm_test, vmm};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+/// A scratch directory for one test's files, removed at the end.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("vmm-ci-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+
+    fn path(&self, file: &str) -> String {
+        self.0.join(file).to_str().unwrap().to_owned()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Every VM path, shaping that runs here and shaping that is refused here (TSC moves), and
+/// a profile (seeded draws): 3 repeats of few samples.
+const MATRIX: &str = r#"{"description": "sharding test", "repeats": 3, "iterations": 50, "warmup": 5,
+  "modes": ["native", "hw-assist", "trap-emulate:int3-patch", "trap-emulate:io-patch", "paravirt"],
+  "shaping": ["none", "inject-ns:20000", "hide", "profile:vtx-hw-assist"]}"#;
+
+fn read(path: &str) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn validate(args: &[&str]) -> std::process::Output {
+    vmm(&[&["validate"][..], args].concat())
+}
+
+/// (cell, repeat) of every run, sorted.
+fn jobs(report: &Value) -> Vec<(u64, u64)> {
+    let mut jobs: Vec<(u64, u64)> = report["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["cell"].as_u64().unwrap(), r["repeat"].as_u64().unwrap()))
+        .collect();
+    jobs.sort_unstable();
+    jobs
+}
+
+#[test]
+fn three_shards_merged_are_the_unsharded_run() {
+    let Some(_vm) = vm_test() else { return };
+    let dir = Scratch::new("shards");
+    let config = dir.path("matrix.json");
+    std::fs::write(&config, MATRIX).unwrap();
+    let whole = dir.path("whole.json");
+    let output = validate(&["--config", &config, "-o", &whole]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let mut shards = Vec::new();
+    for k in 1..=3 {
+        let shard = dir.path(&format!("shard{k}.json"));
+        let output = validate(&["--config", &config, "--shard", &format!("{k}/3"), "-o", &shard]);
+        assert!(output.status.success(), "shard {k}: {}", stderr(&output));
+        shards.push(shard);
+    }
+    let merged = dir.path("merged.json");
+    let output = vmm(&[
+        &["merge"][..],
+        &shards.iter().map(String::as_str).collect::<Vec<_>>(),
+        &["-o", &merged],
+    ]
+    .concat());
+    assert!(output.status.success(), "{}", stderr(&output));
+    let (whole, merged) = (read(&whole), read(&merged));
+
+    // The same runs: every cell × repeat that ran once, exactly once across the shards.
+    assert_eq!(jobs(&merged), jobs(&whole));
+    assert!(!jobs(&whole).is_empty());
+    // The same refusals (hide and the profile need TSC moves here), job for job.
+    let refused = |r: &Value| -> u64 { r["coverage"][0]["refused"].as_u64().unwrap() };
+    assert_eq!(refused(&merged), refused(&whole));
+    assert_eq!(merged["coverage"][0]["missing"], 0, "{}", merged["coverage"]);
+    // The same cells with the same run counts, and each rule judged the same number of runs.
+    let cells = |r: &Value| -> Vec<(String, String, u64)> {
+        r["cells"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| {
+                let label = format!("{} | {}", c["mode"], c["shaping"]);
+                (
+                    label,
+                    c["truth"].as_str().unwrap().to_owned(),
+                    c["runs"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(cells(&merged), cells(&whole));
+    // Rules whose verdict does not depend on timing noise agree count for count.
+    for rule in ["fixed-threshold", "hypervisor-bit", "code-integrity", "tsc-monotonic"] {
+        for key in ["true_positive", "false_negative", "false_positive", "true_negative"] {
+            assert_eq!(
+                merged["confusion"][rule][key], whole["confusion"][rule][key],
+                "{rule} {key}"
+            );
+        }
+    }
+    // A shard given twice is refused, naming the run.
+    let output = vmm(&["merge", &shards[0], &shards[1], &shards[0]]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(stderr(&output).contains("a shard given twice"), "{}", stderr(&output));
+    // A report of another matrix is refused.
+    let other = dir.path("other.json");
+    std::fs::write(&config, MATRIX.replace("\"repeats\": 3", "\"repeats\": 1")).unwrap();
+    assert!(validate(&["--config", &config, "--shard", "1/3", "-o", &other])
+        .status
+        .success());
+    let output = vmm(&["merge", &shards[0], &other]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(stderr(&output).contains("its matrix differs"), "{}", stderr(&output));
+    // And one of another schema version, by its version.
+    let mut old = read(&shards[1]);
+    old["schema_version"] = 2.into();
+    std::fs::write(&other, old.to_string()).unwrap();
+    let output = vmm(&["merge", &shards[0], &other]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(stderr(&output).contains("schema version is 2"), "{}", stderr(&output));
+}
+
+#[test]
+fn merging_two_hosts_shows_both_in_the_per_host_table() {
+    let Some(_vm) = vm_test() else { return };
+    let dir = Scratch::new("hosts");
+    let config = dir.path("matrix.json");
+    std::fs::write(
+        &config,
+        r#"{"description": "two hosts", "repeats": 2, "iterations": 50, "warmup": 5, "modes": ["native", "hw-assist"]}"#,
+    )
+    .unwrap();
+    let (a, b) = (dir.path("a.json"), dir.path("b.json"));
+    assert!(validate(&["--config", &config, "-o", &a]).status.success());
+    assert!(validate(&["--config", &config, "-o", &b]).status.success());
+    // The second report as another host would write it: a bare-metal Intel machine.
+    let mut other = read(&b);
+    other["hosts"][0]["cpu_model"] = "Intel(R) Xeon(R) Gold 6338".into();
+    other["hosts"][0]["nested"] = false.into();
+    // There its native runs are native ground truth (cell 0 is the native cell).
+    for run in other["runs"].as_array_mut().unwrap() {
+        if run["cell"] == 0 {
+            run["truth"] = "native".into();
+        }
+    }
+    std::fs::write(&b, other.to_string()).unwrap();
+    let markdown = dir.path("merged.md");
+    let output = vmm(&["merge", &a, &b, "--json", "--markdown", &markdown]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let merged: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(merged["hosts"].as_array().unwrap().len(), 2);
+    assert_eq!(merged["per_host"].as_array().unwrap().len(), 2);
+    let total = |rule: &str, key: &str| merged["confusion"][rule][key].as_u64().unwrap();
+    let per_host =
+        |host: usize, rule: &str, key: &str| merged["per_host"][host]["confusion"][rule][key].as_u64().unwrap();
+    for key in ["true_positive", "false_negative", "false_positive", "true_negative"] {
+        assert_eq!(
+            total("hypervisor-bit", key),
+            per_host(0, "hypervisor-bit", key) + per_host(1, "hypervisor-bit", key),
+            "{key}: the total is the hosts' sum"
+        );
+    }
+    // The bare-metal host's native runs are native truth: an FPR exists now, and the
+    // native cell has a row per truth.
+    assert!(merged["confusion"]["hypervisor-bit"]["fpr"].is_number());
+    let native_rows = merged["cells"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["mode"] == "native")
+        .count();
+    assert_eq!(native_rows, 2, "{}", merged["cells"]);
+    let text = std::fs::read_to_string(&markdown).unwrap();
+    assert!(
+        text.contains("AMD") && text.contains("Intel(R) Xeon(R) Gold 6338"),
+        "{text}"
+    );
+    assert!(text.contains("### Host 1"), "{text}");
+}
+
+#[test]
+fn requirements_gate_the_exit_status_and_junit_reports_every_cell_and_rule() {
+    let Some(_vm) = vm_test() else { return };
+    let dir = Scratch::new("gate");
+    let config = dir.path("matrix.json");
+    std::fs::write(
+        &config,
+        r#"{"description": "gate", "repeats": 2, "iterations": 50, "warmup": 5,
+            "modes": ["hw-assist", "trap-emulate:io-patch", "paravirt"], "shaping": ["none", "hide"]}"#,
+    )
+    .unwrap();
+    // Holds here: the hypervisor bit is set in every VM.
+    let output = validate(&["--config", &config, "--require", "hypervisor-bit:tpr>=0.99"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    // Does not: io-patch is the only patching path here, one cell in three.
+    let junit = dir.path("junit.xml");
+    let json = dir.path("report.json");
+    let output = validate(&[
+        "--config",
+        &config,
+        "--require",
+        "hypervisor-bit:tpr>=0.99",
+        "--require",
+        "code-integrity:tpr>=0.9",
+        "--junit",
+        &junit,
+        "-o",
+        &json,
+    ]);
+    assert_eq!(output.status.code(), Some(1));
+    let message = stderr(&output);
+    assert!(message.contains("code-integrity TPR 0.3333 fails >= 0.9"), "{message}");
+    assert!(
+        !message.contains("hypervisor-bit TPR"),
+        "only the unmet one is named: {message}"
+    );
+    // The outputs were written all the same: nothing measured is lost to a failed gate.
+    let report = read(&json);
+    assert_eq!(report["requirements"].as_array().unwrap().len(), 2);
+    let xml = std::fs::read_to_string(&junit).unwrap();
+    // 3 cells ran × 7 rules, 2 refused (hide), 2 requirements.
+    assert_eq!(xml.matches("<testcase ").count(), 3 * 7 + 2 + 2, "{xml}");
+    assert_eq!(xml.matches("<skipped ").count(), 2, "{xml}");
+    assert!(
+        xml.contains("classname=\"requirements\" name=\"code-integrity:tpr&gt;=0.9\""),
+        "{xml}"
+    );
+    assert!(xml.contains("tests=\"25\""), "{xml}");
+    // A requirement the tool cannot parse is refused before anything runs.
+    let output = validate(&["--config", &config, "--require", "robust:speed>=1"]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(stderr(&output).contains("unknown metric"), "{}", stderr(&output));
+    // So is one in the matrix file.
+    std::fs::write(
+        &config,
+        r#"{"description": "gate", "repeats": 1, "iterations": 10, "modes": ["hw-assist"], "requirements": ["nope:tpr>=1"]}"#,
+    )
+    .unwrap();
+    let output = validate(&["--config", &config]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(stderr(&output).contains("unknown rule `nope`"), "{}", stderr(&output));
+}
+
+#[test]
+fn shard_auto_reads_the_batch_engine() {
+    let Some(_vm) = vm_test() else { return };
+    let dir = Scratch::new("auto");
+    let config = dir.path("matrix.json");
+    std::fs::write(
+        &config,
+        r#"{"description": "auto", "repeats": 4, "iterations": 10, "warmup": 0, "modes": ["hw-assist"]}"#,
+    )
+    .unwrap();
+    let run = |env: &[(&str, &str)]| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_vmm"))
+            .args(["validate", "--config", &config, "--shard", "auto", "--json"])
+            .env_remove("JOB_COMPLETION_INDEX")
+            .env_remove("SLURM_ARRAY_TASK_ID")
+            .env_remove("VMM_SHARD_INDEX")
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        (
+            output.status.code(),
+            serde_json::from_slice::<Value>(&output.stdout).ok(),
+            stderr(&output),
+        )
+    };
+    // A Kubernetes Indexed Job, pod 1 of 2: jobs 1 and 3.
+    let (code, report, _) = run(&[("JOB_COMPLETION_INDEX", "1"), ("VMM_SHARD_COUNT", "2")]);
+    assert_eq!(code, Some(0));
+    assert_eq!(jobs(&report.unwrap()), vec![(0, 1), (0, 3)]);
+    // A Slurm array --array=1-4, task 4: job 3 alone.
+    let (_, report, _) = run(&[
+        ("SLURM_ARRAY_TASK_ID", "4"),
+        ("SLURM_ARRAY_TASK_MIN", "1"),
+        ("SLURM_ARRAY_TASK_COUNT", "4"),
+    ]);
+    assert_eq!(jobs(&report.unwrap()), vec![(0, 3)]);
+    let (code, _, message) = run(&[]);
+    assert_eq!(code, Some(1));
+    assert!(message.contains("JOB_COMPLETION_INDEX"), "{message}");
+    assert!(Path::new(&config).exists());
+}

@@ -1,0 +1,324 @@
+//! Validation as a CI gate: requirements on the confusion matrix (`--require
+//! 'robust:tpr>=0.99'`, or `requirements` in the matrix), and JUnit XML with one test case
+//! per cell × rule, so CI systems show the result natively.
+
+use super::report::{CellResult, Confusion, ValidationReport};
+use crate::detector::{Verdict, PAYLOAD_RULE, RULES};
+use serde::{Deserialize, Serialize};
+use std::fmt::Write;
+
+/// What a rule must achieve over the whole validation: `RULE:METRIC OP VALUE`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Requirement {
+    pub rule: String,
+    pub metric: Metric,
+    pub at_least: bool,
+    pub value: f64,
+    text: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Metric {
+    /// True positives over virtual runs.
+    Tpr,
+    /// False positives over native runs.
+    Fpr,
+}
+
+impl std::str::FromStr for Requirement {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let form = "write RULE:tpr>=X or RULE:fpr<=X, e.g. robust:tpr>=0.99";
+        let (rule, condition) = text.split_once(':').ok_or_else(|| format!("no `:` ({form})"))?;
+        let known = RULES.contains(&rule) || rule == PAYLOAD_RULE;
+        if !known {
+            return Err(format!(
+                "unknown rule `{rule}` (rules: {}, {PAYLOAD_RULE})",
+                RULES.join(", ")
+            ));
+        }
+        let (metric, rest) = if let Some(rest) = condition.strip_prefix("tpr") {
+            (Metric::Tpr, rest)
+        } else if let Some(rest) = condition.strip_prefix("fpr") {
+            (Metric::Fpr, rest)
+        } else {
+            return Err(format!("unknown metric in `{condition}` ({form})"));
+        };
+        let (at_least, value) = if let Some(v) = rest.strip_prefix(">=") {
+            (true, v)
+        } else if let Some(v) = rest.strip_prefix("<=") {
+            (false, v)
+        } else {
+            return Err(format!("no >= or <= in `{condition}` ({form})"));
+        };
+        let value: f64 = value
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{}` is not a number", value.trim()))?;
+        if !(0.0..=1.0).contains(&value) {
+            return Err(format!("a rate is between 0 and 1, not {value}"));
+        }
+        Ok(Self {
+            rule: rule.to_owned(),
+            metric,
+            at_least,
+            value,
+            text: text.to_owned(),
+        })
+    }
+}
+
+impl std::fmt::Display for Requirement {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+/// One requirement, judged.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct RequirementResult {
+    pub requirement: String,
+    pub met: bool,
+    /// The figure it was judged on; absent when there was none to judge.
+    pub actual: Option<f64>,
+    pub why: String,
+}
+
+/// Judges each requirement on the report's confusion matrices. A rate that cannot be
+/// measured (no native runs for an FPR: every host is itself a VM) does not pass.
+pub fn judge(
+    requirements: &[Requirement],
+    confusion: &std::collections::BTreeMap<String, Confusion>,
+) -> Vec<RequirementResult> {
+    requirements
+        .iter()
+        .map(|req| {
+            let metric_name = match req.metric {
+                Metric::Tpr => "TPR",
+                Metric::Fpr => "FPR",
+            };
+            let actual = confusion.get(&req.rule).and_then(|c| match req.metric {
+                Metric::Tpr => c.tpr,
+                Metric::Fpr => c.fpr,
+            });
+            let (met, why) = match actual {
+                None => (
+                    false,
+                    format!(
+                        "{} has no {metric_name} here: no {} runs were judged",
+                        req.rule,
+                        if req.metric == Metric::Tpr {
+                            "virtual"
+                        } else {
+                            "native (bare-metal)"
+                        }
+                    ),
+                ),
+                Some(actual) => {
+                    let met = if req.at_least {
+                        actual >= req.value
+                    } else {
+                        actual <= req.value
+                    };
+                    let op = if req.at_least { ">=" } else { "<=" };
+                    (
+                        met,
+                        format!(
+                            "{} {metric_name} {actual:.4} {} {op} {}",
+                            req.rule,
+                            if met { "holds" } else { "fails" },
+                            req.value
+                        ),
+                    )
+                }
+            };
+            RequirementResult {
+                requirement: req.to_string(),
+                met,
+                actual,
+                why,
+            }
+        })
+        .collect()
+}
+
+fn escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&apos;"),
+            c if (c as u32) < 0x20 && c != '\n' && c != '\t' => {
+                let _ = write!(out, "\\u{{{:x}}}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// One test case per cell × rule (failed when any run's verdict is not the cell's truth),
+/// a skipped one per refused cell, an error per cell with failed runs, and one per
+/// requirement.
+pub fn junit(report: &ValidationReport) -> String {
+    let mut cases = String::new();
+    let (mut tests, mut failures, mut errors, mut skipped) = (0, 0, 0, 0);
+    let mut case = |classname: &str, name: &str, body: Option<String>| {
+        let _ = write!(
+            cases,
+            "    <testcase classname=\"{}\" name=\"{}\"",
+            escape(classname),
+            escape(name)
+        );
+        match body {
+            None => cases.push_str("/>\n"),
+            Some(body) => {
+                let _ = writeln!(cases, ">\n      {body}\n    </testcase>");
+            }
+        }
+    };
+    for cell in &report.cells {
+        let class = cell_class(cell);
+        if let Some(why) = &cell.refused {
+            tests += 1;
+            skipped += 1;
+            case(
+                &class,
+                "cell",
+                Some(format!("<skipped message=\"refused: {}\"/>", escape(why))),
+            );
+            continue;
+        }
+        if cell.failed_runs > 0 {
+            tests += 1;
+            errors += 1;
+            let message = format!(
+                "{} of the cell's runs failed (see the report's failures)",
+                cell.failed_runs
+            );
+            case(
+                &class,
+                "runs",
+                Some(format!("<error message=\"{}\"/>", escape(&message))),
+            );
+        }
+        for (rule, result) in &cell.rules {
+            tests += 1;
+            let counts = result.counts;
+            let right = match cell.truth {
+                Verdict::Native => counts.native,
+                _ => counts.virtual_,
+            };
+            if right == counts.total() {
+                case(&class, rule, None);
+            } else {
+                failures += 1;
+                let message = format!(
+                    "{right} of {} runs judged {} (truth): {} virtual, {} native, {} unsure",
+                    counts.total(),
+                    cell.truth.name(),
+                    counts.virtual_,
+                    counts.native,
+                    counts.unsure
+                );
+                case(
+                    &class,
+                    rule,
+                    Some(format!("<failure message=\"{}\"/>", escape(&message))),
+                );
+            }
+        }
+    }
+    for result in &report.requirements {
+        tests += 1;
+        if result.met {
+            case("requirements", &result.requirement, None);
+        } else {
+            failures += 1;
+            case(
+                "requirements",
+                &result.requirement,
+                Some(format!("<failure message=\"{}\"/>", escape(&result.why))),
+            );
+        }
+    }
+    format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<testsuites>\n  <testsuite name=\"vmm validate {}\" tests=\"{tests}\" failures=\"{failures}\" errors=\"{errors}\" skipped=\"{skipped}\">\n{cases}  </testsuite>\n</testsuites>\n",
+        escape(&report.inputs.config)
+    )
+}
+
+fn cell_class(cell: &CellResult) -> String {
+    format!(
+        "{} | {} | busy {} | truth {}",
+        cell.mode,
+        cell.shaping,
+        cell.busy,
+        cell.truth.name()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requirements_parse_and_refuse_with_the_reason() {
+        let r: Requirement = "robust:tpr>=0.99".parse().unwrap();
+        assert_eq!(
+            (r.rule.as_str(), r.metric, r.at_least, r.value),
+            ("robust", Metric::Tpr, true, 0.99)
+        );
+        let r: Requirement = "payload:fpr<=0.01".parse().unwrap();
+        assert_eq!((r.metric, r.at_least), (Metric::Fpr, false));
+        for (bad, why) in [
+            ("robust", "no `:`"),
+            ("nonsense:tpr>=0.5", "unknown rule"),
+            ("robust:recall>=0.5", "unknown metric"),
+            ("robust:tpr=0.5", "no >= or <="),
+            ("robust:tpr>=lots", "not a number"),
+            ("robust:tpr>=1.5", "between 0 and 1"),
+        ] {
+            let error = bad.parse::<Requirement>().unwrap_err();
+            assert!(error.contains(why), "{bad}: {error}");
+        }
+    }
+
+    #[test]
+    fn requirements_are_judged_on_the_confusion_matrix() {
+        let mut confusion = std::collections::BTreeMap::new();
+        let mut robust = Confusion::default();
+        robust.add(
+            Verdict::Virtual,
+            super::super::report::VerdictCounts {
+                virtual_: 9,
+                native: 1,
+                unsure: 0,
+            },
+        );
+        confusion.insert("robust".to_owned(), robust);
+        let reqs: Vec<Requirement> = ["robust:tpr>=0.9", "robust:tpr>=0.95", "robust:fpr<=0.01"]
+            .iter()
+            .map(|r| r.parse().unwrap())
+            .collect();
+        let results = judge(&reqs, &confusion);
+        assert!(results[0].met, "{:?}", results[0]);
+        assert!(!results[1].met);
+        assert!(
+            results[1].why.contains("0.9000") && results[1].why.contains("fails"),
+            "{}",
+            results[1].why
+        );
+        assert!(!results[2].met, "no native runs: no FPR, no pass");
+        assert!(results[2].why.contains("no FPR"), "{}", results[2].why);
+    }
+
+    #[test]
+    fn junit_text_is_escaped() {
+        assert_eq!(escape("a<b & \"c\"\u{1b}"), "a&lt;b &amp; &quot;c&quot;\\u{1b}");
+    }
+}

@@ -1,0 +1,343 @@
+//! The experiment matrix: modes × shaping × busyness, each cell repeated; the ground truth
+//! of each cell; and the deterministic slice of the matrix's jobs a shard runs.
+
+use super::ValidationError;
+use crate::detector::Verdict;
+use crate::modes::{Mode, Path as CpuidPath};
+use crate::shaping::profile::Profile;
+use crate::shaping::{plan, Shaping};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// A validation config file (see `configs/README.md`).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MatrixConfig {
+    pub description: String,
+    /// Runs per cell.
+    pub repeats: u32,
+    pub iterations: u32,
+    #[serde(default = "default_warmup")]
+    pub warmup: u32,
+    /// Paths, spelled as `modes::Path` spells them: `native`, `hw-assist`, `trap-emulate`
+    /// (= `trap-emulate:hw-breakpoint`), `trap-emulate:int3-patch`, `trap-emulate:io-patch`,
+    /// `paravirt`.
+    pub modes: Vec<String>,
+    /// `none`, `inject-ns:N`, `inject-cycles:N`, `virtual-inject-cycles:N`, `hide`,
+    /// `hide:C`, `profile:NAME`. Shaping applies to trap-emulate and paravirt cells only.
+    #[serde(default = "default_shaping")]
+    pub shaping: Vec<String>,
+    /// Host threads burning CPU, one cell per value.
+    #[serde(default = "default_busy")]
+    pub busy: Vec<u16>,
+    /// What the validation must show to pass, as `RULE:METRIC OP VALUE` (e.g.
+    /// `robust:tpr>=0.99`); `--require` adds more.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub requirements: Vec<String>,
+}
+
+fn default_warmup() -> u32 {
+    100
+}
+fn default_shaping() -> Vec<String> {
+    vec!["none".into()]
+}
+fn default_busy() -> Vec<u16> {
+    vec![0]
+}
+
+/// One cell of the matrix.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Cell {
+    pub path: CpuidPath,
+    pub shaping_label: String,
+    pub shaping: Shaping,
+    pub busy: u16,
+}
+
+impl Cell {
+    pub fn label(&self) -> String {
+        format!("{} | {} | busy {}", self.path, self.shaping_label, self.busy)
+    }
+}
+
+fn parse_shaping(text: &str, tsc_khz: u32) -> Result<Option<Shaping>, crate::shaping::profile::ProfileError> {
+    let (kind, value) = text.split_once(':').map_or((text, None), |(k, v)| (k, Some(v)));
+    let number = value.and_then(|v| v.parse::<u64>().ok());
+    Ok(match (kind, value) {
+        ("none", None) => Some(Shaping::None),
+        ("inject-ns", Some(_)) => number.map(|ns| Shaping::Inject {
+            cycles: plan::ns_to_cycles(ns, tsc_khz),
+        }),
+        ("inject-cycles", Some(_)) => number.map(|cycles| Shaping::Inject { cycles }),
+        ("virtual-inject-cycles", Some(_)) => number.map(|cycles| Shaping::VirtualInject { cycles }),
+        ("hide", None) => Some(Shaping::Hide { target: None }),
+        ("hide", Some(_)) => number.map(|target| Shaping::Hide { target: Some(target) }),
+        ("profile", Some(name)) => Some(Shaping::Profile {
+            profile: Box::new(Profile::load(name)?),
+            seed: 0x5eed,
+        }),
+        _ => None,
+    })
+}
+
+impl MatrixConfig {
+    pub fn load(path: &Path) -> Result<Self, ValidationError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ValidationError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let config: Self = serde_json::from_str(&text).map_err(|source| ValidationError::Parse {
+            path: path.to_owned(),
+            source,
+        })?;
+        let invalid = |why: String| ValidationError::Invalid {
+            path: path.to_owned(),
+            why,
+        };
+        if config.repeats == 0 || config.repeats > 10_000 {
+            return Err(invalid(format!("repeats must be 1..=10000, not {}", config.repeats)));
+        }
+        if config.iterations == 0 || config.iterations > crate::measure::MAX_ITERATIONS {
+            return Err(invalid(format!(
+                "iterations must be 1..={}, not {}",
+                crate::measure::MAX_ITERATIONS,
+                config.iterations
+            )));
+        }
+        if config.modes.is_empty() || config.shaping.is_empty() || config.busy.is_empty() {
+            return Err(invalid("modes, shaping and busy each need at least one value".into()));
+        }
+        if let Some(Err(why)) = config.modes.iter().map(|m| m.parse::<CpuidPath>()).find(Result::is_err) {
+            return Err(invalid(why));
+        }
+        if let Some(&busy) = config.busy.iter().find(|&&b| b > 256) {
+            return Err(invalid(format!("busy {busy} is more than 256 threads")));
+        }
+        for requirement in &config.requirements {
+            requirement
+                .parse::<super::gate::Requirement>()
+                .map_err(|why| invalid(format!("requirement `{requirement}`: {why}")))?;
+        }
+        Ok(config)
+    }
+
+    /// The cells, in config order; shaping other than `none` only for the modes whose
+    /// exits the VMM handles.
+    pub fn cells(&self, tsc_khz: u32, path: &Path) -> Result<Vec<Cell>, ValidationError> {
+        let mut cells = Vec::new();
+        for mode_text in &self.modes {
+            let cpuid_path: CpuidPath = mode_text.parse().map_err(|why| ValidationError::Invalid {
+                path: path.to_owned(),
+                why,
+            })?;
+            for shaping_text in &self.shaping {
+                let shaping = parse_shaping(shaping_text, tsc_khz)?.ok_or_else(|| ValidationError::Invalid {
+                    path: path.to_owned(),
+                    why: format!("unknown shaping `{shaping_text}` (none, inject-ns:N, inject-cycles:N, virtual-inject-cycles:N, hide, hide:C, profile:NAME)"),
+                })?;
+                if shaping != Shaping::None && !cpuid_path.vmm_handles_cpuid() {
+                    continue;
+                }
+                for &busy in &self.busy {
+                    cells.push(Cell {
+                        path: cpuid_path,
+                        shaping_label: shaping_text.clone(),
+                        shaping: shaping.clone(),
+                        busy,
+                    });
+                }
+            }
+        }
+        Ok(cells)
+    }
+}
+
+/// What the cell's runs truly are.
+pub fn ground_truth(mode: Mode, host_is_vm: bool) -> Verdict {
+    match mode {
+        Mode::Native if !host_is_vm => Verdict::Native,
+        _ => Verdict::Virtual,
+    }
+}
+
+/// A deterministic slice of a matrix: shard `index` of `count` (1-based) runs the jobs
+/// (cell × repeat, numbered cell by cell) whose number is `index - 1` modulo `count`. Every
+/// job belongs to exactly one shard, whatever the host, and a job's shaping (its profile
+/// seed included) depends on its cell alone, so N shards run exactly the runs of one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Shard {
+    pub index: u32,
+    pub count: u32,
+}
+
+/// Where `--shard auto` finds its index and count: (index variable, 0- or 1-based, count
+/// variable), tried in order. Kubernetes Indexed Jobs set no count: set VMM_SHARD_COUNT.
+const SHARD_ENVIRONMENTS: [(&str, &str, &str); 3] = [
+    ("VMM_SHARD_INDEX", "0", "VMM_SHARD_COUNT"),
+    ("JOB_COMPLETION_INDEX", "0", "VMM_SHARD_COUNT"),
+    ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_COUNT"),
+];
+
+impl Shard {
+    /// The whole matrix.
+    pub const WHOLE: Shard = Shard { index: 1, count: 1 };
+
+    pub fn takes(self, job: u64) -> bool {
+        job % u64::from(self.count) == u64::from(self.index - 1)
+    }
+
+    /// `--shard auto`: the shard a batch engine's environment names (Kubernetes
+    /// `JOB_COMPLETION_INDEX`, Slurm `SLURM_ARRAY_TASK_ID`, or `VMM_SHARD_INDEX`), with the
+    /// count from `VMM_SHARD_COUNT` or Slurm's `SLURM_ARRAY_TASK_COUNT`.
+    pub fn from_environment(var: impl Fn(&str) -> Option<String>) -> Result<Self, String> {
+        let number = |name: &str| -> Result<Option<u32>, String> {
+            var(name)
+                .map(|v| {
+                    v.trim()
+                        .parse::<u32>()
+                        .map_err(|_| format!("{name}={v} is not a number"))
+                })
+                .transpose()
+        };
+        for (index_var, base, count_var) in SHARD_ENVIRONMENTS {
+            let Some(index) = number(index_var)? else { continue };
+            let base = if base == "0" { 0 } else { number(base)?.unwrap_or(0) };
+            let count = number(count_var)?
+                .or(if count_var == "VMM_SHARD_COUNT" {
+                    None
+                } else {
+                    number("VMM_SHARD_COUNT")?
+                })
+                .ok_or_else(|| format!("{index_var} is set but not the shard count: set {count_var}"))?;
+            let index = index
+                .checked_sub(base)
+                .ok_or_else(|| format!("{index_var}={index} is below its base {base}"))?;
+            return Shard::new(index + 1, count);
+        }
+        Err(
+            "--shard auto found no shard index: set VMM_SHARD_INDEX (0-based) and VMM_SHARD_COUNT, \
+             or run as a Kubernetes Indexed Job (JOB_COMPLETION_INDEX) or a Slurm array (SLURM_ARRAY_TASK_ID)"
+                .into(),
+        )
+    }
+
+    fn new(index: u32, count: u32) -> Result<Self, String> {
+        if count == 0 || count > 100_000 || index == 0 || index > count {
+            return Err(format!(
+                "shard {index}/{count}: the index must be 1..=count, the count 1..=100000"
+            ));
+        }
+        Ok(Shard { index, count })
+    }
+}
+
+impl std::str::FromStr for Shard {
+    type Err = String;
+
+    /// `K/N` (1-based K), or `auto` (see [`Shard::from_environment`]).
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        if text == "auto" {
+            return Shard::from_environment(|name| std::env::var(name).ok());
+        }
+        let (index, count) = text
+            .split_once('/')
+            .ok_or_else(|| format!("`{text}` is not K/N (e.g. 2/3) or auto"))?;
+        let parse = |n: &str| {
+            n.parse::<u32>()
+                .map_err(|_| format!("`{text}` is not K/N (e.g. 2/3) or auto"))
+        };
+        Shard::new(parse(index)?, parse(count)?)
+    }
+}
+
+impl std::fmt::Display for Shard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.index, self.count)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(text: &str) -> Result<MatrixConfig, ValidationError> {
+        let path = std::env::temp_dir().join(format!("vmm-validation-{}-{}.json", std::process::id(), text.len()));
+        std::fs::write(&path, text).unwrap();
+        let result = MatrixConfig::load(&path);
+        std::fs::remove_file(&path).ok();
+        result
+    }
+
+    #[test]
+    fn shaping_expands_only_for_vmm_handled_modes() {
+        let c = config(r#"{"description":"t","repeats":2,"iterations":10,"modes":["native","hw-assist","paravirt","trap-emulate:int3-patch"],"shaping":["none","inject-ns:1000","hide"],"busy":[0,2]}"#).unwrap();
+        let cells = c.cells(2_000_000, Path::new("t.json")).unwrap();
+        // native, hw-assist: 1 shaping × 2 busy; paravirt, trap: 3 × 2.
+        assert_eq!(cells.len(), 2 + 2 + 6 + 6);
+        assert!(cells
+            .iter()
+            .filter(|c| c.path == CpuidPath::Native)
+            .all(|c| c.shaping == Shaping::None));
+        assert!(cells.iter().any(|c| c.shaping == Shaping::Inject { cycles: 2_000 }));
+    }
+
+    #[test]
+    fn bad_configs_are_refused_with_the_reason() {
+        assert!(matches!(config("{"), Err(ValidationError::Parse { .. })));
+        let unknown_mode = config(r#"{"description":"t","repeats":1,"iterations":10,"modes":["vmware"]}"#);
+        assert!(matches!(unknown_mode, Err(ValidationError::Invalid { why, .. }) if why.contains("vmware")));
+        let zero = config(r#"{"description":"t","repeats":0,"iterations":10,"modes":["native"]}"#);
+        assert!(matches!(zero, Err(ValidationError::Invalid { .. })));
+        let bad_shaping = config(
+            r#"{"description":"t","repeats":1,"iterations":10,"modes":["paravirt"],"shaping":["inject-ns:lots"]}"#,
+        )
+        .unwrap();
+        assert!(bad_shaping.cells(1, Path::new("t")).is_err());
+    }
+
+    #[test]
+    fn shards_take_every_job_exactly_once() {
+        let shards: Vec<Shard> = (1..=3).map(|k| format!("{k}/3").parse().unwrap()).collect();
+        for job in 0..100 {
+            assert_eq!(shards.iter().filter(|s| s.takes(job)).count(), 1, "job {job}");
+        }
+        assert!(Shard::WHOLE.takes(7));
+        for bad in ["0/3", "4/3", "1/0", "3", "a/b", "-1/2"] {
+            assert!(bad.parse::<Shard>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn shard_auto_reads_the_batch_engines_environment() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |name: &str| pairs.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string())
+        };
+        // Kubernetes Indexed Job: 0-based JOB_COMPLETION_INDEX, the count set by hand.
+        let k8s = Shard::from_environment(env(&[("JOB_COMPLETION_INDEX", "2"), ("VMM_SHARD_COUNT", "4")]));
+        assert_eq!(k8s, Ok(Shard { index: 3, count: 4 }));
+        // Slurm array 1-5: the task id counts from SLURM_ARRAY_TASK_MIN.
+        let slurm = Shard::from_environment(env(&[
+            ("SLURM_ARRAY_TASK_ID", "1"),
+            ("SLURM_ARRAY_TASK_MIN", "1"),
+            ("SLURM_ARRAY_TASK_COUNT", "5"),
+        ]));
+        assert_eq!(slurm, Ok(Shard { index: 1, count: 5 }));
+        let plain = Shard::from_environment(env(&[("VMM_SHARD_INDEX", "0"), ("VMM_SHARD_COUNT", "2")]));
+        assert_eq!(plain, Ok(Shard { index: 1, count: 2 }));
+        let no_count = Shard::from_environment(env(&[("JOB_COMPLETION_INDEX", "0")]));
+        assert!(no_count.unwrap_err().contains("VMM_SHARD_COUNT"));
+        assert!(Shard::from_environment(env(&[]))
+            .unwrap_err()
+            .contains("JOB_COMPLETION_INDEX"));
+        let past = Shard::from_environment(env(&[("VMM_SHARD_INDEX", "2"), ("VMM_SHARD_COUNT", "2")]));
+        assert!(past.is_err(), "index 2 of 2 is past the last (0-based)");
+    }
+
+    #[test]
+    fn native_cells_are_virtual_on_a_virtual_host() {
+        assert_eq!(ground_truth(Mode::Native, false), Verdict::Native);
+        assert_eq!(ground_truth(Mode::Native, true), Verdict::Virtual);
+        assert_eq!(ground_truth(Mode::HwAssist, false), Verdict::Virtual);
+    }
+}

@@ -1,0 +1,172 @@
+//! `vmm merge`: validation reports of one matrix — shards of it, or whole runs on other
+//! hosts — added up into one. Runs keep their host; the same run (host, cell, repeat)
+//! twice is refused, and so is a report of another matrix, payload or schema version.
+
+use super::report::{HostRecord, ValidationInputs};
+use super::ValidationError;
+use crate::report::SCHEMA_VERSION;
+use std::path::{Path, PathBuf};
+
+/// The largest report `merge` reads: far above any matrix's, far below memory.
+const MAX_REPORT_BYTES: u64 = 512 << 20;
+
+/// Reads one report's inputs (what was measured; the derived parts are recomputed).
+pub fn read(path: &Path) -> Result<ValidationInputs, ValidationError> {
+    use std::io::Read;
+    let read_error = |source| ValidationError::ReadReport {
+        path: path.to_owned(),
+        source,
+    };
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .map_err(read_error)?
+        .take(MAX_REPORT_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(read_error)?;
+    if text.len() as u64 > MAX_REPORT_BYTES {
+        return Err(read_error(std::io::Error::other(format!(
+            "larger than {MAX_REPORT_BYTES} bytes"
+        ))));
+    }
+    // The schema version first, so another version is named as such, not as a parse error.
+    let version = serde_json::from_str::<serde_json::Value>(&text)
+        .map_err(|source| ValidationError::ParseReport {
+            path: path.to_owned(),
+            source,
+        })?
+        .get("schema_version")
+        .and_then(serde_json::Value::as_u64);
+    if version != Some(u64::from(SCHEMA_VERSION)) {
+        return Err(ValidationError::Mismatch {
+            path: path.to_owned(),
+            why: format!(
+                "its schema version is {}, and this vmm merges version {SCHEMA_VERSION}: re-run it with this vmm",
+                version.map_or("missing".to_owned(), |v| v.to_string())
+            ),
+        });
+    }
+    serde_json::from_str(&text).map_err(|source| ValidationError::ParseReport {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Adds `reports` (read from `paths`, in order) into one.
+pub fn merge(reports: Vec<(PathBuf, ValidationInputs)>) -> Result<ValidationInputs, ValidationError> {
+    let mut reports = reports.into_iter();
+    let Some((first_path, mut merged)) = reports.next() else {
+        return Err(ValidationError::Mismatch {
+            path: PathBuf::from("(none)"),
+            why: "no report to merge".into(),
+        });
+    };
+    check_unique(&merged, &first_path, &[])?;
+    for (path, report) in reports {
+        let mismatch = |why: String| ValidationError::Mismatch {
+            path: path.clone(),
+            why,
+        };
+        if report.matrix != merged.matrix {
+            return Err(mismatch(format!(
+                "its matrix differs from {}'s: merge shards and hosts of one matrix only",
+                first_path.display()
+            )));
+        }
+        if report.matrix_cells != merged.matrix_cells {
+            return Err(mismatch(
+                "its cells differ (another vmm version expanded the matrix)".into(),
+            ));
+        }
+        if report.payload_digest != merged.payload_digest {
+            return Err(mismatch(format!(
+                "it ran another payload ({}) than {} ({})",
+                report.payload,
+                first_path.display(),
+                merged.payload
+            )));
+        }
+        let hosts: Vec<usize> = report.hosts.iter().map(|h| add_host(&mut merged.hosts, h)).collect();
+        let remap = |host: usize| {
+            hosts
+                .get(host)
+                .copied()
+                .ok_or_else(|| mismatch(format!("a record names host {host}, which it does not list")))
+        };
+        let mut runs = report.runs;
+        for run in &mut runs {
+            run.host = remap(run.host)?;
+        }
+        let mut failures = report.failures;
+        for failure in &mut failures {
+            failure.host = remap(failure.host)?;
+        }
+        let mut refusals = report.refusals;
+        for refusal in &mut refusals {
+            refusal.host = remap(refusal.host)?;
+        }
+        let incoming = ValidationInputs {
+            runs,
+            failures,
+            refusals,
+            ..merged.clone()
+        };
+        check_unique(&incoming, &path, &merged.runs)?;
+        merged.runs.extend(incoming.runs);
+        merged.failures.extend(incoming.failures);
+        merged.refusals.extend(incoming.refusals);
+    }
+    merged.runs.sort_by_key(|r| (r.host, r.cell, r.repeat));
+    Ok(merged)
+}
+
+/// The merged host a report's host is (the same identity), its shards added; or a new one.
+fn add_host(hosts: &mut Vec<HostRecord>, host: &HostRecord) -> usize {
+    let index = match hosts.iter().position(|h| h.identity == host.identity) {
+        Some(index) => index,
+        None => {
+            hosts.push(HostRecord {
+                identity: host.identity.clone(),
+                shards: Vec::new(),
+            });
+            hosts.len() - 1
+        }
+    };
+    let shards = &mut hosts[index].shards;
+    for shard in &host.shards {
+        if !shards.contains(shard) {
+            shards.push(*shard);
+        }
+    }
+    shards.sort();
+    index
+}
+
+/// No run (host, cell, repeat) twice: within `report`, or against `already`.
+fn check_unique(
+    report: &ValidationInputs,
+    path: &Path,
+    already: &[super::report::RunRecord],
+) -> Result<(), ValidationError> {
+    let mut seen: std::collections::HashSet<(usize, usize, u32)> =
+        already.iter().map(|r| (r.host, r.cell, r.repeat)).collect();
+    for run in &report.runs {
+        if !seen.insert((run.host, run.cell, run.repeat)) {
+            let cell = report.matrix_cells.get(run.cell);
+            return Err(ValidationError::Mismatch {
+                path: path.to_owned(),
+                why: format!(
+                    "it holds run {} of cell {} | {} | busy {} on host {} again: a shard given twice?",
+                    run.repeat + 1,
+                    cell.map_or("?", |c| c.mode.as_str()),
+                    cell.map_or("?", |c| c.shaping.as_str()),
+                    cell.map_or(0, |c| c.busy),
+                    report
+                        .hosts
+                        .get(run.host)
+                        .map_or("?".to_owned(), |h| h.identity.label())
+                ),
+            });
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,41 @@
+//! Validation: an experiment matrix (modes × shaping × busyness, each repeated), every run
+//! scored by every detector rule against the ground truth of its cell, on one host or
+//! many (shards of one matrix, merged).
+//!
+//! Ground truth: every VM cell is virtual. A native cell is what its host is: on bare
+//! metal native, on a host that is itself a VM (`doctor` knows), virtual — and the reports
+//! say so, because then a rule flagging native runs is right, not a false positive.
+//!
+//! - `matrix`: the config file, its cells, and the slice of jobs a shard runs;
+//! - `report`: run records and everything derived from them (tables, Markdown, plots);
+//! - `merge`: shard and host reports added up into one;
+//! - `gate`: requirements (`--require`) and JUnit XML.
+
+pub mod gate;
+pub mod matrix;
+pub mod merge;
+pub mod report;
+
+pub use matrix::{ground_truth, Cell, MatrixConfig, Shard};
+pub use report::{render_markdown, render_table, ValidationReport};
+
+use crate::shaping::profile::ProfileError;
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ValidationError {
+    #[error("cannot read the validation config {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("the validation config {path} is not valid: {source}")]
+    Parse { path: PathBuf, source: serde_json::Error },
+    #[error("the validation config {path}: {why}")]
+    Invalid { path: PathBuf, why: String },
+    #[error(transparent)]
+    Profile(#[from] ProfileError),
+    #[error("cannot read the report {path}: {source}")]
+    ReadReport { path: PathBuf, source: std::io::Error },
+    #[error("{path} is not a vmm validation report: {source}")]
+    ParseReport { path: PathBuf, source: serde_json::Error },
+    #[error("cannot merge {path}: {why}")]
+    Mismatch { path: PathBuf, why: String },
+}
