@@ -196,10 +196,7 @@ fn vmaware_timer_2_6_runs_natively_and_is_refused_where_a_guest_cannot_run_rdtsc
         } else {
             assert_eq!(output.status.code(), Some(1), "{path:?}");
             let message = stderr(&output);
-            assert!(
-                message.contains("cannot run rdtscp in a guest") && message.contains("rdtscp (0f 01 f9)"),
-                "{path:?}: {message}"
-            );
+            assert!(message.contains("cannot run rdtscp in a guest"), "{path:?}: {message}");
         }
     }
 }

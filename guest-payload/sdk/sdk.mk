@@ -17,13 +17,19 @@ NATIVE_CFLAGS := $(CFLAGS_COMMON)
 
 all: $(NAME).elf $(NAME).native
 
-$(NAME).elf: $(SRCS) $(SDK)lib/vmm_sdk.c $(SDK)lib/start_guest.c $(SDK)include/vmm_abi.h $(SDK)include/vmm_sdk.h $(SDK)payload.ld
+# The detector's own flags (EXTRA_CFLAGS: SLEEP_MS=500, a CHECK_*) are part of what a build
+# is: a stamp that changes with them makes `make SLEEP_MS=500` rebuild.
+$(NAME).flags: FORCE
+	@echo '$(EXTRA_CFLAGS)' | cmp -s - $@ || echo '$(EXTRA_CFLAGS)' > $@
+FORCE:
+
+$(NAME).elf: $(NAME).flags $(SRCS) $(SDK)lib/vmm_sdk.c $(SDK)lib/start_guest.c $(SDK)include/vmm_abi.h $(SDK)include/vmm_sdk.h $(SDK)payload.ld
 	$(CC) $(GUEST_CFLAGS) $(GUEST_LDFLAGS) -o $@ $(SRCS) $(SDK)lib/vmm_sdk.c $(SDK)lib/start_guest.c
 
-$(NAME).native: $(SRCS) $(SDK)lib/vmm_sdk.c $(SDK)lib/start_native.c $(SDK)include/vmm_abi.h $(SDK)include/vmm_sdk.h
+$(NAME).native: $(NAME).flags $(SRCS) $(SDK)lib/vmm_sdk.c $(SDK)lib/start_native.c $(SDK)include/vmm_abi.h $(SDK)include/vmm_sdk.h
 	$(CC) $(NATIVE_CFLAGS) -o $@ $(SRCS) $(SDK)lib/vmm_sdk.c $(SDK)lib/start_native.c
 
 clean:
-	rm -f $(NAME).elf $(NAME).native
+	rm -f $(NAME).elf $(NAME).native $(NAME).flags
 
-.PHONY: all clean
+.PHONY: all clean FORCE

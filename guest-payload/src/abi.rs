@@ -81,6 +81,15 @@ pub mod capabilities {
     /// It executes `rdtscp`. The VMM first probes whether this KVM can run `rdtscp` in a
     /// guest (an emulating KVM may fail on it) and refuses the run, saying so, where not.
     pub const RDTSCP: u32 = 1 << 4;
+
+    /// Every capability and the name reports give it.
+    pub const NAMES: [(u32, &str); 5] = [
+        (PARAVIRT_CPUID, "paravirt-cpuid"),
+        (VERDICT, "verdict"),
+        (TIMING_CORE, "timing-core"),
+        (CPUID_SNAPSHOT, "cpuid-snapshot"),
+        (RDTSCP, "rdtscp"),
+    ];
 }
 
 /// What a payload declares about itself, at the symbol [`PAYLOAD_INFO_SYMBOL`].

@@ -144,12 +144,13 @@ pub fn run_checks() -> Vec<Check> {
     if let Some(measurer) = &kvm {
         checks.push(boot_check(measurer));
         checks.push(match measurer.rdtscp_in_guest() {
-            Ok(()) => check("rdtscp in a guest", Verdict::Ok, "runs (payloads that declare VMM_CAP_RDTSCP can run here)"),
-            Err(why) => check(
+            Ok(Ok(())) => check("rdtscp in a guest", Verdict::Ok, "runs (payloads that declare VMM_CAP_RDTSCP can run here)"),
+            Ok(Err(why)) => check(
                 "rdtscp in a guest",
                 Verdict::Warn,
                 format!("fails ({why}): payloads that declare VMM_CAP_RDTSCP, such as VMAware's TIMER, are refused on this KVM"),
             ),
+            Err(error) => check("rdtscp in a guest", Verdict::Warn, format!("could not be probed: {error}")),
         });
     }
     checks

@@ -53,7 +53,8 @@ pub enum MeasureError {
     },
     #[error(
         "the payload {payload} ({name}) executes rdtscp (VMM_CAP_RDTSCP), and this KVM cannot run rdtscp in a guest: \
-         a probe VM of `rdtscp` alone stopped ({why}). Run it on hardware KVM or under ../shared/nested-svm/run"
+         a probe VM of `rdtscp` alone stopped there ({why}). Run it on a KVM with VT-x/AMD-V (hardware or nested), \
+         which runs rdtscp in its guests"
     )]
     RdtscpUnavailable { payload: String, name: String, why: String },
     #[error(transparent)]
@@ -289,8 +290,8 @@ impl Measurer {
             return Err(ShapingError::NeedsCpuidProbe(spec.shaping.kind()).into());
         }
         preflight(payload, spec)?;
-        if spec.path != Path::Native && declares(payload, guest_payload::capabilities::RDTSCP) {
-            self.rdtscp_in_guest().map_err(|why| MeasureError::RdtscpUnavailable {
+        if spec.path != Path::Native && payload.declares(guest_payload::capabilities::RDTSCP) {
+            self.rdtscp_in_guest()?.map_err(|why| MeasureError::RdtscpUnavailable {
                 payload: payload.source.to_string(),
                 name: declared_name(payload),
                 why,
@@ -448,33 +449,37 @@ impl Measurer {
     }
 
     /// Can a guest run `rdtscp` on this KVM? A VM of `rdtscp; out done` finds out, once
-    /// per process. An emulating KVM may advertise RDTSCP in CPUID and still fail on it.
-    pub fn rdtscp_in_guest(&self) -> Result<(), String> {
+    /// per process: `Ok(Err(why))` when the guest stopped at the rdtscp (an emulating KVM
+    /// may advertise RDTSCP in CPUID and still fail on it), `Err` when the probe itself
+    /// could not run (that is not remembered: it says nothing of rdtscp).
+    pub fn rdtscp_in_guest(&self) -> Result<Result<(), String>, MeasureError> {
         if let Some(known) = self.rdtscp.borrow().as_ref() {
-            return known.clone();
+            return Ok(known.clone());
         }
         // rdtscp; xor eax, eax; out 0xf4, eax (done, status ok); hlt
         const CODE: [u8; 8] = [0x0f, 0x01, 0xf9, 0x31, 0xc0, 0xe7, ports::DONE as u8, 0xf4];
-        let outcome = (|| -> Result<(), MeasureError> {
-            let probe = Payload::generated("rdtscp probe", &CODE).map_err(VmError::from)?;
-            let config = self.with_tsc_rate(
-                RunSpec::new(Path::HwAssist)
-                    .cpuid_only(1, 0, Shaping::None)
-                    .guest_config(),
-            );
-            let mut vm = GuestVm::create(self.kvm()?, &probe, &config)?;
-            vm.run(
-                &mut ModeExits {
-                    mode: &mut HwAssist,
-                    console: None,
-                },
-                Duration::from_secs(5),
-            )?;
-            Ok(())
-        })()
-        .map_err(|error| error.to_string());
+        let probe = Payload::generated("rdtscp probe", &CODE).map_err(VmError::from)?;
+        let config = self.with_tsc_rate(
+            RunSpec::new(Path::HwAssist)
+                .cpuid_only(1, 0, Shaping::None)
+                .guest_config(),
+        );
+        let mut vm = GuestVm::create(self.kvm()?, &probe, &config)?;
+        let handler = &mut ModeExits {
+            mode: &mut HwAssist,
+            console: None,
+        };
+        let outcome = match vm.run(handler, Duration::from_secs(5)) {
+            Ok(_) => Ok(()),
+            Err(error @ (VmError::InternalError { .. } | VmError::TripleFault { .. }))
+                if error.rip() == Some(probe.entry) =>
+            {
+                Err(error.to_string())
+            }
+            Err(other) => return Err(other.into()),
+        };
         *self.rdtscp.borrow_mut() = Some(outcome.clone());
-        outcome
+        Ok(outcome)
     }
 
     /// The TSC move method already found to work for this payload and path.
@@ -521,11 +526,6 @@ pub fn native_twin(payload: &Payload) -> Result<Option<std::path::PathBuf>, Meas
     }
 }
 
-/// Does the payload declare this capability bit?
-fn declares(payload: &Payload, capability: u32) -> bool {
-    payload.info.is_some_and(|i| i.capabilities & capability != 0)
-}
-
 /// The name a payload declares, for messages.
 fn declared_name(payload: &Payload) -> String {
     payload.declared_name().unwrap_or_else(|| "declares nothing".to_owned())
@@ -543,7 +543,7 @@ fn check_declaration(payload: &Payload, spec: &RunSpec) -> Result<(), MeasureErr
             });
         }
     }
-    if spec.path == Path::Paravirt && !declares(payload, guest_payload::capabilities::PARAVIRT_CPUID) {
+    if spec.path == Path::Paravirt && !payload.declares(guest_payload::capabilities::PARAVIRT_CPUID) {
         return Err(MeasureError::PayloadCannot {
             payload: payload.source.to_string(),
             name,
@@ -556,7 +556,7 @@ fn check_declaration(payload: &Payload, spec: &RunSpec) -> Result<(), MeasureErr
 
 /// A payload that declares the timing core must report exactly what it was asked for.
 fn check_timing_core(payload: &Payload, spec: &RunSpec, samples: &ProbeSamples) -> Result<(), VmError> {
-    let declared = declares(payload, guest_payload::capabilities::TIMING_CORE);
+    let declared = payload.declares(guest_payload::capabilities::TIMING_CORE);
     let complete = guest_payload::probes_in(spec.probes)
         .all(|probe| samples.get(&probe).is_some_and(|s| s.len() == spec.iterations as usize));
     if declared && (!complete || samples.len() != spec.probes.count_ones() as usize) {

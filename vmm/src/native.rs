@@ -27,8 +27,8 @@ pub enum NativeError {
         status: String,
         stderr: String,
     },
-    #[error("the native twin {twin} stopped with status {value}: {}", guest_payload::Status::from_u32(*.value).map_or("a status this VMM does not know", guest_payload::Status::describe))]
-    TwinStatus { twin: String, value: u32 },
+    #[error("the native twin {twin} stopped with status {value}: {}{stderr}", guest_payload::Status::from_u32(*.value).map_or("a status this VMM does not know", guest_payload::Status::describe))]
+    TwinStatus { twin: String, value: u32, stderr: String },
     #[error("the native twin {twin}'s result block is not valid: {why}")]
     TwinResults { twin: String, why: String },
 }
@@ -202,33 +202,38 @@ pub fn run_twin(twin: &Path, config: &Config, cpu: Option<usize>, timeout: Durat
         std::thread::sleep(Duration::from_millis(2));
     };
     let run = started.elapsed();
-    // The SDK's twin exits with NATIVE_TWIN_STATUS_BASE + status when the detector stopped with
-    // a status other than ok, as a guest rings it on the done port.
-    if let Some(value) = status
-        .code()
-        .and_then(|code| {
-            u32::try_from(code)
-                .ok()?
-                .checked_sub(guest_payload::NATIVE_TWIN_STATUS_BASE)
-        })
-        .filter(|&value| guest_payload::Status::from_u32(value).is_some())
-    {
-        return Err(NativeError::TwinStatus { twin: name, value });
-    }
     if !status.success() {
         let mut stderr = String::new();
         if let Some(mut pipe) = child.stderr.take() {
             use std::io::Read;
             let _ = pipe.by_ref().take(4096).read_to_string(&mut stderr);
         }
-        let stderr = stderr.trim();
-        return Err(NativeError::TwinFailed {
-            twin: name,
-            status: status.to_string(),
-            stderr: if stderr.is_empty() {
-                String::new()
-            } else {
-                format!(": {}", stderr.escape_debug())
+        let stderr = match stderr.trim() {
+            "" => String::new(),
+            text => format!(": {}", text.escape_debug()),
+        };
+        // The SDK's twin exits with NATIVE_TWIN_STATUS_BASE + status when its detector
+        // stopped with a status other than ok, as a guest rings it on the done port.
+        let stopped = status
+            .code()
+            .and_then(|code| {
+                u32::try_from(code)
+                    .ok()?
+                    .checked_sub(guest_payload::NATIVE_TWIN_STATUS_BASE)
+            })
+            .filter(|&value| {
+                value != guest_payload::Status::Ok as u32 && guest_payload::Status::from_u32(value).is_some()
+            });
+        return Err(match stopped {
+            Some(value) => NativeError::TwinStatus {
+                twin: name,
+                value,
+                stderr,
+            },
+            None => NativeError::TwinFailed {
+                twin: name,
+                status: status.to_string(),
+                stderr,
             },
         });
     }

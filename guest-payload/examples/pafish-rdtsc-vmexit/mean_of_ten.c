@@ -16,7 +16,8 @@
  * What differs here: Sleep(500) is vmm_sleep_ms (nanosleep in the native twin, a TSC spin
  * in the guest, which has no OS) and only if built with SLEEP_MS=500 (default 0, said in
  * the reason line); the samples are also recorded, for vmm's own rules; in a paravirt
- * guest CPUID is the hypercall. al-khaser's other TSC check, rdtsc_diff_locky(), times
+ * guest CPUID is the hypercall. The timed window is inline, as the originals': rdtsc,
+ * the CPUID (ECX = 0, as MSVC's __cpuid sets it; pafish leaves ECX as it is), rdtsc. al-khaser's other TSC check, rdtsc_diff_locky(), times
  * Windows API calls (GetProcessHeap, CloseHandle) and has no equivalent in a bare guest. */
 #include "vmm_sdk.h"
 
@@ -45,14 +46,36 @@ VMM_PAYLOAD("pafish rdtsc_force_vmexit 0.6", VMM_CAP_PARAVIRT_CPUID | VMM_CAP_VE
 #endif
 #define SAMPLES 10
 
-static uint64_t one_timing(const struct vmm_run *run) {
-    uint64_t start = vmm_rdtsc();
-#if PROBE == VMM_PROBE_CPUID_UNFENCED
-    uint32_t regs[4];
-    vmm_cpuid(run, 0, 0, regs); /* the hypercall instead, in a paravirt guest */
-#else
-    (void)run;
+static inline __attribute__((always_inline)) void cpuid_leaf0(void) {
+    uint32_t a = 0, b, c = 0, d;
+    __asm__ volatile("cpuid" : "+a"(a), "=b"(b), "+c"(c), "=d"(d));
+}
+
+#ifdef VMM_GUEST
+/* CPUID leaf 0 asked of the VMM (paravirt): the same registers, through the port. */
+static inline __attribute__((always_inline)) void hypercall_leaf0(void) {
+    uint32_t a = 0, b, c = 0, d = VMM_PORT_HYPERCALL;
+    __asm__ volatile("out %%eax, %%dx" : "+a"(a), "=b"(b), "+c"(c), "+d"(d));
+}
 #endif
+
+/* One timing: the window holds the two rdtsc and what they time, nothing else. */
+static uint64_t one_timing(int paravirt) {
+    uint64_t start;
+#if PROBE == VMM_PROBE_CPUID_UNFENCED
+#ifdef VMM_GUEST
+    if (paravirt) {
+        start = vmm_rdtsc();
+        hypercall_leaf0();
+        return vmm_rdtsc() - start;
+    }
+#endif
+    start = vmm_rdtsc();
+    cpuid_leaf0();
+#else
+    start = vmm_rdtsc();
+#endif
+    (void)paravirt;
     return vmm_rdtsc() - start;
 }
 
@@ -61,13 +84,15 @@ int vmm_detect(struct vmm_run *run) {
     if (status != VMM_STATUS_OK)
         return status;
     int64_t *samples = vmm_samples(run, PROBE);
+    int paravirt = vmm_in_guest() && (run->config->flags & VMM_FLAG_PARAVIRT_CPUID);
     uint64_t sum = 0;
+    int slept = 1;
     for (int i = 0; i < SAMPLES; i++) {
-        uint64_t diff = one_timing(run);
+        uint64_t diff = one_timing(paravirt);
         samples[i] = (int64_t)diff;
         sum += diff; /* unsigned, as in the originals: a backwards step wraps */
         if (SLEEP_MS)
-            vmm_sleep_ms(run, SLEEP_MS);
+            slept &= vmm_sleep_ms(run, SLEEP_MS);
     }
     uint64_t avg = sum / SAMPLES;
     int native = avg < THRESHOLD && avg > 0;
@@ -76,9 +101,15 @@ int vmm_detect(struct vmm_run *run) {
     vmm_text_add_u64(&why, avg);
     vmm_text_add(&why, native ? " cycles: 0 < mean < " : " cycles: not 0 < mean < ");
     vmm_text_add_u64(&why, THRESHOLD);
-    vmm_text_add(&why, "; sleep ");
-    vmm_text_add_u64(&why, SLEEP_MS);
-    vmm_text_add(&why, " ms between samples");
+    if (SLEEP_MS && slept) {
+        vmm_text_add(&why, "; slept ");
+        vmm_text_add_u64(&why, SLEEP_MS);
+        vmm_text_add(&why, " ms after each sample");
+    } else if (SLEEP_MS) {
+        vmm_text_add(&why, "; could not sleep (TSC rate unknown)");
+    } else {
+        vmm_text_add(&why, "; no sleep between samples (built with SLEEP_MS=0)");
+    }
     vmm_verdict(run, native ? VMM_VERDICT_NATIVE : VMM_VERDICT_VIRTUAL, (int64_t)avg, why.text);
     return VMM_STATUS_OK;
 }

@@ -18,8 +18,10 @@
  *   6. a VM if that latency >= 1000 or <= 20 cycles.
  *
  * What differs here: no OS to sleep in the guest (the twin does sleep 1 ms); integer
- * arithmetic where VMAware uses double (exact for these sums); in a paravirt guest the
- * timed CPUID is the hypercall. v2.7.0 rewrote TIMER around a counter thread on another
+ * arithmetic where VMAware uses double (exact for these sums); ECX = 0 for the CPUID
+ * (VMAware leaves it as it is; leaf 0 ignores it); in a paravirt guest the timed CPUID is
+ * the hypercall. The 1000 samples are reported as the `cpuid` probe: they are these
+ * lfence;rdtsc;cpuid;rdtscp;lfence timings, not the timing core's fenced probe. v2.7.0 rewrote TIMER around a counter thread on another
  * core (no TSC at all); that reproduction needs a second vCPU (see ../README.md). */
 #include "vmm_sdk.h"
 
@@ -35,9 +37,9 @@ static uint64_t gaps[SAMPLES - 1];
 static uint64_t gaps_ordered[SAMPLES - 1];
 
 static uint64_t timed_cpuid_instruction(void) {
-    uint32_t lo1, hi1, lo2, hi2, a = 0, b, c, d;
+    uint32_t lo1, hi1, lo2, hi2, a = 0, b, c = 0, d;
     __asm__ volatile("lfence\n\trdtsc" : "=a"(lo1), "=d"(hi1) : : "memory");
-    __asm__ volatile("cpuid" : "+a"(a), "=b"(b), "=c"(c), "=d"(d) : : "memory");
+    __asm__ volatile("cpuid" : "+a"(a), "=b"(b), "+c"(c), "=d"(d) : : "memory");
     __asm__ volatile("rdtscp\n\tlfence" : "=a"(lo2), "=d"(hi2) : : "rcx", "memory");
     (void)b;
     (void)c;
@@ -127,7 +129,8 @@ static void say(struct vmm_run *run, enum vmm_verdict verdict, int64_t score, co
     vmm_text_add(&line, why);
     if (latency != (uint64_t)-1) {
         vmm_text_add_u64(&line, latency);
-        vmm_text_add(&line, verdict == VMM_VERDICT_VIRTUAL ? " cycles: >= 1000 or <= 20" : " cycles: in (20, 1000)");
+        vmm_text_add(&line, verdict == VMM_VERDICT_VIRTUAL ? " cycles (low-cluster trimmed mean of 1000): >= 1000 or <= 20"
+                                                           : " cycles (low-cluster trimmed mean of 1000): in (20, 1000)");
     }
     vmm_verdict(run, verdict, score, line.text);
 }
@@ -160,6 +163,6 @@ int vmm_detect(struct vmm_run *run) {
     uint64_t latency = calculate_latency(samples, SAMPLES);
     int vm = latency >= CYCLE_THRESHOLD || latency <= FLOOR;
     say(run, vm ? VMM_VERDICT_VIRTUAL : VMM_VERDICT_NATIVE, (int64_t)latency,
-        "TIMER 2.6.0: low-cluster trimmed mean of 1000 lfence;rdtsc;cpuid(0);rdtscp;lfence = ", latency);
+        "TIMER 2.6.0: lfence;rdtsc;cpuid(0);rdtscp;lfence latency ", latency);
     return VMM_STATUS_OK;
 }

@@ -39,16 +39,31 @@ int64_t *vmm_samples(struct vmm_run *run, unsigned probe);
  * (truncated to VMM_REASON_BYTES - 1). */
 void vmm_verdict(struct vmm_run *run, enum vmm_verdict verdict, int64_t score_milli, const char *reason);
 
-/* The TSC, unordered (`rdtsc`) and ordered after earlier instructions (`lfence; rdtsc`). */
-uint64_t vmm_rdtsc(void);
-uint64_t vmm_rdtsc_fenced(void);
+/* The TSC, unordered (`rdtsc`) and ordered after earlier instructions (`lfence; rdtsc`).
+ * Inline, so a timed window holds the instructions and nothing else. */
+static inline __attribute__((always_inline)) uint64_t vmm_rdtsc(void) {
+    uint32_t lo, hi;
+    __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+    return ((uint64_t)hi << 32) | lo;
+}
+static inline __attribute__((always_inline)) uint64_t vmm_rdtsc_fenced(void) {
+    uint32_t lo, hi;
+    __asm__ volatile("lfence; rdtsc" : "=a"(lo), "=d"(hi) : : "memory");
+    return ((uint64_t)hi << 32) | lo;
+}
 /* Does the CPU advertise RDTSCP (CPUID.80000001H:EDX[27])? A payload that executes it
  * declares VMM_CAP_RDTSCP: the VMM then probes that this KVM can run it in a guest (an
  * emulating KVM may advertise it and still fail on it) and refuses the run where not. */
 int vmm_has_rdtscp(const struct vmm_run *run);
 /* `rdtscp`: the TSC once earlier instructions have executed; *aux gets IA32_TSC_AUX. */
-uint64_t vmm_rdtscp(uint32_t *aux);
-/* CPUID: the instruction, or in a guest whose config asks for paravirt, the hypercall. */
+static inline __attribute__((always_inline)) uint64_t vmm_rdtscp(uint32_t *aux) {
+    uint32_t lo, hi, c;
+    __asm__ volatile("rdtscp" : "=a"(lo), "=d"(hi), "=c"(c));
+    *aux = c;
+    return ((uint64_t)hi << 32) | lo;
+}
+/* CPUID: the instruction, or in a guest whose config asks for paravirt, the hypercall (a
+ * call and a branch: a detector that times CPUID inlines its own, as the examples do). */
 void vmm_cpuid(const struct vmm_run *run, uint32_t leaf, uint32_t subleaf, uint32_t regs[4]);
 /* Spins for `ms` milliseconds of TSC time (config.tsc_khz); returns 0 if the rate is unknown. */
 int vmm_spin_ms(const struct vmm_run *run, uint32_t ms);

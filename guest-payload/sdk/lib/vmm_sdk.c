@@ -81,27 +81,8 @@ void vmm_verdict(struct vmm_run *run, enum vmm_verdict verdict, int64_t score_mi
         run->result->reason[i] = 0;
 }
 
-uint64_t vmm_rdtsc(void) {
-    uint32_t lo, hi;
-    __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
-    return ((uint64_t)hi << 32) | lo;
-}
-
-uint64_t vmm_rdtsc_fenced(void) {
-    uint32_t lo, hi;
-    __asm__ volatile("lfence; rdtsc" : "=a"(lo), "=d"(hi) : : "memory");
-    return ((uint64_t)hi << 32) | lo;
-}
-
 static void cpuid_instruction(uint32_t leaf, uint32_t subleaf, uint32_t regs[4]) {
     __asm__ volatile("cpuid" : "=a"(regs[0]), "=b"(regs[1]), "=c"(regs[2]), "=d"(regs[3]) : "a"(leaf), "c"(subleaf));
-}
-
-uint64_t vmm_rdtscp(uint32_t *aux) {
-    uint32_t lo, hi, c;
-    __asm__ volatile("rdtscp" : "=a"(lo), "=d"(hi), "=c"(c));
-    *aux = c;
-    return ((uint64_t)hi << 32) | lo;
 }
 
 void vmm_cpuid(const struct vmm_run *run, uint32_t leaf, uint32_t subleaf, uint32_t regs[4]) {

@@ -27,7 +27,7 @@ fn label(path: Path) -> &'static str {
     }
 }
 
-#[derive(Serialize)]
+#[derive(Clone, Serialize)]
 struct Refusal {
     path: &'static str,
     why: String,
@@ -40,6 +40,8 @@ struct CompareReport<'a> {
     calibrated: bool,
     runs: Vec<&'a RunReport>,
     refused: Vec<Refusal>,
+    /// Paths whose run failed (a hang, a fault): not refusals, and the command exits 1.
+    failed: Vec<Refusal>,
 }
 
 pub fn compare(args: &CompareArgs) -> Result<(), CommandError> {
@@ -47,7 +49,7 @@ pub fn compare(args: &CompareArgs) -> Result<(), CommandError> {
     let plot_file = create_output(args.plot.as_deref())?;
     let session = Session::open(load_payload(args.payload.as_deref())?, calibration);
     let mut columns = Vec::new();
-    let mut refused = Vec::new();
+    let (mut refused, mut failed) = (Vec::new(), Vec::new());
     let mut plot_runs = Vec::new();
     for path in Path::ALL {
         let label = label(path);
@@ -64,13 +66,18 @@ pub fn compare(args: &CompareArgs) -> Result<(), CommandError> {
                 columns.push((label, report));
             }
             // A path this host cannot take is part of the comparison, not the end of it.
-            Err(error) => refused.push(Refusal {
+            Err(error) if error.is_refusal() => refused.push(Refusal {
+                path: label,
+                why: error.to_string(),
+            }),
+            // Nor is a run that failed; it is said, and the command fails after the report.
+            Err(error) => failed.push(Refusal {
                 path: label,
                 why: error.to_string(),
             }),
         }
     }
-    if columns.is_empty() {
+    if columns.is_empty() && failed.is_empty() {
         return Err(CommandError::NothingMeasured);
     }
     if args.json {
@@ -80,21 +87,40 @@ pub fn compare(args: &CompareArgs) -> Result<(), CommandError> {
             calibrated: session.calibration.calibrated,
             runs: columns.iter().map(|(_, r)| r).collect(),
             refused,
+            failed: failed.clone(),
         };
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print!(
             "{}",
-            render(&session.host, &columns, &refused, session.calibration.calibrated)
+            render(
+                &session.host,
+                &columns,
+                &refused,
+                &failed,
+                session.calibration.calibrated
+            )
         );
     }
     if let (Some(file), Some(path)) = (plot_file, &args.plot) {
         plot::write(file, path, &plot_runs, &session.calibration)?;
     }
+    if !failed.is_empty() {
+        return Err(CommandError::RunsFailed {
+            runs: failed.len(),
+            cells: failed.iter().map(|f| f.path).collect::<Vec<_>>().join(", "),
+        });
+    }
     Ok(())
 }
 
-fn render(host: &HostReport, columns: &[(&str, RunReport)], refused: &[Refusal], calibrated: bool) -> String {
+fn render(
+    host: &HostReport,
+    columns: &[(&str, RunReport)],
+    refused: &[Refusal],
+    failed: &[Refusal],
+    calibrated: bool,
+) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -152,6 +178,9 @@ fn render(host: &HostReport, columns: &[(&str, RunReport)], refused: &[Refusal],
     }
     for refusal in refused {
         let _ = writeln!(out, "\n{}: refused — {}", refusal.path, refusal.why);
+    }
+    for failure in failed {
+        let _ = writeln!(out, "\n{}: FAILED — {}", failure.path, failure.why);
     }
     out
 }

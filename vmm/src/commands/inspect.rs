@@ -30,7 +30,7 @@ struct SiteReport {
 struct Declaration {
     name: String,
     abi_version: u32,
-    capabilities: Vec<&'static str>,
+    capabilities: Vec<String>,
 }
 
 #[derive(Serialize)]
@@ -54,15 +54,6 @@ struct InspectReport {
     paths: Vec<PathPlan>,
 }
 
-/// Capability bits and their names, as the SDK spells them.
-const CAPABILITIES: [(u32, &str); 5] = [
-    (capabilities::PARAVIRT_CPUID, "paravirt-cpuid"),
-    (capabilities::VERDICT, "verdict"),
-    (capabilities::TIMING_CORE, "timing-core"),
-    (capabilities::CPUID_SNAPSHOT, "cpuid-snapshot"),
-    (capabilities::RDTSCP, "rdtscp"),
-];
-
 pub fn inspect(args: &InspectArgs) -> Result<(), CommandError> {
     let payload = load_payload(Some(&args.file))?;
     let report = report(&payload);
@@ -75,17 +66,24 @@ pub fn inspect(args: &InspectArgs) -> Result<(), CommandError> {
 }
 
 fn report(payload: &Payload) -> InspectReport {
-    let declaration = payload.info.map(|info| Declaration {
-        name: payload.declared_name().unwrap_or_default(),
-        abi_version: info.abi_version,
-        capabilities: CAPABILITIES
-            .iter()
-            .filter(|(bit, _)| info.capabilities & bit != 0)
-            .map(|&(_, name)| name)
-            .collect(),
+    let declaration = payload.info.map(|info| {
+        let known = capabilities::NAMES.iter().fold(0, |all, (bit, _)| all | bit);
+        Declaration {
+            name: payload.declared_name().unwrap_or_default(),
+            abi_version: info.abi_version,
+            capabilities: capabilities::NAMES
+                .iter()
+                .filter(|(bit, _)| info.capabilities & bit != 0)
+                .map(|&(_, name)| name.to_owned())
+                .chain(
+                    (info.capabilities & !known != 0)
+                        .then(|| format!("unknown bits {:#x}", info.capabilities & !known)),
+                )
+                .collect(),
+        }
     });
     let sites = payload.cpuid_sites.len();
-    let rdtscp = payload.info.is_some_and(|i| i.capabilities & capabilities::RDTSCP != 0);
+    let rdtscp = payload.declares(capabilities::RDTSCP);
     let paths = Path::ALL
         .into_iter()
         .map(|path| {

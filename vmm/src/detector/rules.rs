@@ -83,10 +83,11 @@ pub const ROBUST_NATIVE_Z: f64 = 2.0;
 
 /// pafish `cpu_rdtsc_force_vmexit` (v0.6) and al-khaser `rdtsc_diff_vmexit` (v1.0.0), as
 /// they measure: the first 10 samples of the unfenced probe (`rdtsc; cpuid(0); rdtsc`, no
-/// LFENCE, no warm-up), summed as unsigned 64-bit differences and divided by 10 in integer
-/// arithmetic; a VM unless 0 < mean < 1000 cycles. A backwards sample wraps in their
-/// unsigned arithmetic to nearly 2^64, far above 1000: a VM, said in words. Score:
-/// mean / 1000.
+/// LFENCE, no warm-up), summed as unsigned 64-bit differences (wrapping, as C's unsigned
+/// arithmetic does) and divided by 10 in integers; a VM unless 0 < mean < 1000 cycles. A
+/// backwards sample wraps to nearly 2^64 and the sum wraps back, so it only shortens the
+/// sum — unless the sum itself is negative, when the mean is huge: both said in words.
+/// Score: mean / 1000.
 pub fn fixed_threshold(evidence: &Evidence) -> RuleVerdict {
     const RULE: &str = "fixed-threshold";
     const TIMINGS: usize = 10;
@@ -98,18 +99,18 @@ pub fn fixed_threshold(evidence: &Evidence) -> RuleVerdict {
     else {
         return missing(RULE, "10 unfenced CPUID samples (the cpuid-unfenced probe)");
     };
-    if let Some(&backwards) = first.iter().find(|&&c| c < 0) {
-        let why = format!(
-            "a timing ran backwards ({backwards} cycles): the original's unsigned difference wraps to ~1.8e19, so its mean is >= 1000{}",
-            leaf_note(evidence)
-        );
-        return verdict(RULE, Verdict::Virtual, f64::from(u32::MAX), 1.0, why);
-    }
-    // Non-negative, so the casts are exact; ten i64s cannot overflow a u128.
-    let mean = (first.iter().map(|&c| c as u128).sum::<u128>() / TIMINGS as u128) as u64;
+    // `as u64` of a negative i64 is its two's complement: the originals' unsigned difference.
+    let sum = first.iter().fold(0u64, |sum, &c| sum.wrapping_add(c as u64));
+    let mean = sum / TIMINGS as u64;
     let native = mean > 0 && mean < THRESHOLD;
+    let backwards = first.iter().filter(|&&c| c < 0).count();
+    let note = match (backwards, (sum as i64) < 0) {
+        (0, _) => String::new(),
+        (n, false) => format!(" ({n} ran backwards: unsigned, they wrap and shorten the sum)"),
+        (n, true) => format!(" ({n} ran backwards, so far that the unsigned sum wrapped)"),
+    };
     let why = format!(
-        "integer mean of the first 10 unfenced rdtsc;cpuid;rdtsc timings {mean} cycles: {}{}",
+        "integer mean of the first 10 unfenced rdtsc;cpuid;rdtsc timings {mean} cycles: {}{note}{}",
         if native {
             "0 < mean < 1000"
         } else {
@@ -509,12 +510,22 @@ mod tests {
         assert_eq!(fixed(Some(vec![1000; 10]), vec![]).verdict, Verdict::Virtual);
         // A mean of zero is a VM to pafish (0 < mean is required).
         assert_eq!(fixed(Some(vec![0; 10]), vec![]).verdict, Verdict::Virtual);
-        // A backwards timing wraps in the original's unsigned arithmetic: a VM, in words.
+        // A backwards timing wraps in the originals' unsigned arithmetic, and so does the
+        // sum: nine of 100 and one of -5 add up to 895, a mean of 89, native...
         let mut backwards = vec![100; 10];
         backwards[3] = -5;
+        let verdict = fixed(Some(backwards.clone()), vec![]);
+        assert_eq!(verdict.verdict, Verdict::Native, "{}", verdict.why);
+        assert!(
+            verdict.why.contains("89 cycles") && verdict.why.contains("1 ran backwards"),
+            "{}",
+            verdict.why
+        );
+        // ...unless the sum is negative: then it stays near 2^64, a VM.
+        backwards[3] = -5_000;
         let verdict = fixed(Some(backwards), vec![]);
         assert_eq!(verdict.verdict, Verdict::Virtual);
-        assert!(verdict.why.contains("ran backwards"), "{}", verdict.why);
+        assert!(verdict.why.contains("the unsigned sum wrapped"), "{}", verdict.why);
         // Without the unfenced probe (or with fewer than ten) it says so, whatever else ran.
         assert_eq!(fixed(None, vec![100; 1000]).verdict, Verdict::Unsure);
         assert_eq!(fixed(Some(vec![100; 9]), vec![]).verdict, Verdict::Unsure);

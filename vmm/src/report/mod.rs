@@ -249,9 +249,7 @@ impl RunReport {
                 cpuid_sites,
                 decoded_cpuid_sites: payload.cpuid_sites.clone(),
                 declared_name: payload.declared_name(),
-                timing_core: payload
-                    .info
-                    .is_some_and(|i| i.capabilities & guest_payload::capabilities::TIMING_CORE != 0),
+                timing_core: payload.declares(guest_payload::capabilities::TIMING_CORE),
             },
             probes,
             config: ConfigReport {

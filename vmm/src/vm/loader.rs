@@ -171,6 +171,11 @@ impl Payload {
         })
     }
 
+    /// Does it declare this capability (a bit of `guest_payload::capabilities`)?
+    pub fn declares(&self, capability: u32) -> bool {
+        self.info.is_some_and(|i| i.capabilities & capability != 0)
+    }
+
     /// The name it declares, if it declares one.
     pub fn declared_name(&self) -> Option<String> {
         self.info
