@@ -32,6 +32,11 @@ pub const HYPERCALL_QUERY_SITE_SYMBOL: &str = "vmm_site_hypercall_query";
 /// The encoding of CPUID, what a CPUID site holds when nobody patched it.
 pub const CPUID_OPCODE: [u8; 2] = [0x0f, 0xa2];
 
+/// Where each CPUID and hypercall probe keeps its first timestamp while the probed
+/// instruction runs: at a trap or hypercall exit, this register of the guest holds the
+/// TSC the guest read first (`vmm trace` shows it).
+pub const FIRST_TIMESTAMP_REGISTER: &str = "r8";
+
 global_asm!(
     r#"
     .pushsection .text.vmm_timing,"ax",@progbits

@@ -42,6 +42,48 @@ pub enum Command {
     /// Show what the VMM sees in a payload before running it: segments, entry, its
     /// declaration, every CPUID site found by decoding, and what each path would do.
     Inspect(InspectArgs),
+    /// Follow one CPUID through a path, step by step: the guest instruction, the exit as
+    /// KVM reports it, every call the VMM makes and its cost, the emulation, shaping, the
+    /// re-entry, and a breakdown that adds up to the guest-visible cycles.
+    Trace(Box<TraceArgs>),
+}
+
+#[derive(Debug, Args)]
+pub struct TraceArgs {
+    /// The path to follow (with --trap for trap-emulate).
+    #[arg(long, value_enum, default_value_t = Mode::TrapEmulate)]
+    pub mode: Mode,
+
+    /// How trap-emulate traps CPUID.
+    #[arg(long, value_enum, default_value_t = Trap::IoPatch)]
+    pub trap: Trap,
+
+    /// Every path, one after the other (paths this host refuses are listed as such).
+    #[arg(long)]
+    pub all: bool,
+
+    /// CPUIDs run before the one followed (caches and branch predictors warm).
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(0..=10_000))]
+    pub warmup: u32,
+
+    /// CPUID leaf (EAX); decimal or 0x-hex.
+    #[arg(long, default_value = "0", value_parser = parse_u32)]
+    pub leaf: u32,
+
+    /// CPUID subleaf (ECX); decimal or 0x-hex.
+    #[arg(long, default_value = "0", value_parser = parse_u32)]
+    pub subleaf: u32,
+
+    #[command(flatten)]
+    pub shaping: ShapingArgs,
+
+    /// Print one JSON document instead of the text.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Draw the paths side by side on one time axis, as SVG.
+    #[arg(long, value_name = "FILE.svg")]
+    pub svg: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

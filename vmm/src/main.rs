@@ -18,6 +18,7 @@ fn main() -> ExitCode {
         Command::Merge(args) => commands::validate::merge(args),
         Command::Doctor(args) => doctor_command(args.json),
         Command::Inspect(args) => commands::inspect::inspect(args),
+        Command::Trace(args) => commands::trace::trace(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

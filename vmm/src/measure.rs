@@ -15,6 +15,7 @@ use crate::shaping::{ShapedExits, Shaper, Shaping, ShapingError};
 use crate::vm::exits::{ExitKind, ExitStats};
 use crate::vm::kvm::{KvmContext, KvmError};
 use crate::vm::loader::{Payload, PayloadSource};
+use crate::vm::trace::{ExitTrace, NoTrace};
 use crate::vm::tsc::TscMethod;
 use crate::vm::vcpu::RegisterAccess;
 use crate::vm::{GuestVm, PayloadVerdictReport, ProbeSamples, VmError};
@@ -280,6 +281,18 @@ impl Measurer {
         spec: &RunSpec,
         console: Option<&mut dyn Write>,
     ) -> Result<Measurement, MeasureError> {
+        self.measure_traced(payload, spec, console, &mut NoTrace)
+    }
+
+    /// [`Measurer::measure`], telling `trace` about every exit of the measured run (not of
+    /// its probes and calibration rounds).
+    pub fn measure_traced<T: ExitTrace>(
+        &self,
+        payload: &Payload,
+        spec: &RunSpec,
+        console: Option<&mut dyn Write>,
+        trace: &mut T,
+    ) -> Result<Measurement, MeasureError> {
         if spec.iterations == 0 || spec.iterations > MAX_ITERATIONS {
             return Err(MeasureError::Iterations(u64::from(spec.iterations)));
         }
@@ -327,7 +340,7 @@ impl Measurer {
                 (shaper, Some(outcome))
             }
         };
-        let mut measurement = self.run_vm(payload, spec, shaper, console)?;
+        let mut measurement = self.run_vm_traced(payload, spec, shaper, console, trace)?;
         measurement.trap_delivery = measurement.trap_delivery.or(trap_delivery);
         measurement.shaping = match shaping {
             Some(outcome) => Some(ShapingOutcome {
@@ -346,6 +359,17 @@ impl Measurer {
         spec: &RunSpec,
         shaper: Shaper,
         console: Option<&mut dyn Write>,
+    ) -> Result<Measurement, MeasureError> {
+        self.run_vm_traced(payload, spec, shaper, console, &mut NoTrace)
+    }
+
+    fn run_vm_traced<T: ExitTrace>(
+        &self,
+        payload: &Payload,
+        spec: &RunSpec,
+        shaper: Shaper,
+        console: Option<&mut dyn Write>,
+        trace: &mut T,
     ) -> Result<Measurement, MeasureError> {
         let mut vm = GuestVm::create(self.kvm()?, payload, &self.with_tsc_rate(spec.guest_config()))?;
         // Sized before the run: no reallocation inside an exit hide must account for.
@@ -369,12 +393,13 @@ impl Measurer {
                 PathHandler::Paravirt(if spec.bare_exits { handler.bare() } else { handler })
             }
         };
-        let stats = vm.run(
+        let stats = vm.run_traced(
             &mut ModeExits {
                 mode: handler.as_dyn(),
                 console,
             },
             spec.timeout,
+            trace,
         )?;
         let results = vm.results()?;
         check_timing_core(payload, spec, &results.samples)?;

@@ -4,6 +4,7 @@ pub mod calibrate;
 pub mod compare;
 pub mod inspect;
 pub mod run;
+pub mod trace;
 pub mod validate;
 
 use crate::detector::calibration::CalibrationError;

@@ -41,6 +41,36 @@ pub enum Exit {
 }
 
 impl Exit {
+    /// The exit as KVM names it, with what it carried.
+    pub fn kvm_name(&self) -> String {
+        match self {
+            Exit::IoOut { port, value } => format!("KVM_EXIT_IO (out to port {port:#x}, value {value:#x})"),
+            Exit::IoIn { port } => format!("KVM_EXIT_IO (in from port {port:#x})"),
+            Exit::Mmio { addr } => format!("KVM_EXIT_MMIO (address {addr:#x})"),
+            Exit::Debug { pc, exception } => format!(
+                "KVM_EXIT_DEBUG ({} at {pc:#x})",
+                match exception {
+                    1 => "#DB, exception 1: a hardware breakpoint".to_owned(),
+                    3 => "#BP, exception 3: an int3".to_owned(),
+                    other => format!("exception {other}"),
+                }
+            ),
+            Exit::Hlt => "KVM_EXIT_HLT".into(),
+            Exit::Shutdown => "KVM_EXIT_SHUTDOWN (triple fault)".into(),
+            Exit::InternalError { suberror } => format!(
+                "KVM_EXIT_INTERNAL_ERROR (suberror {suberror}{})",
+                if *suberror == kvm_bindings::KVM_INTERNAL_ERROR_EMULATION {
+                    ": emulation failure"
+                } else {
+                    ""
+                }
+            ),
+            Exit::FailEntry(reason) => format!("KVM_EXIT_FAIL_ENTRY (hardware reason {reason:#x})"),
+            Exit::Interrupted => "KVM_EXIT_INTR (KVM_RUN interrupted by a signal)".into(),
+            Exit::Other(what) => what.clone(),
+        }
+    }
+
     /// Copies an exit out of `kvm_run`. The internal error's suberror is filled in by the
     /// caller, which still holds the vCPU.
     pub fn from_kvm(exit: Result<VcpuExit<'_>, kvm_ioctls::Error>) -> Self {

@@ -10,6 +10,7 @@ pub mod exits;
 pub mod kvm;
 pub mod loader;
 pub mod memory;
+pub mod trace;
 pub mod tsc;
 pub mod vcpu;
 pub mod watchdog;
@@ -223,6 +224,26 @@ impl GuestVm {
 
     /// Runs the guest until it rings "done", a fatal exit, or the watchdog.
     pub fn run(&mut self, handler: &mut dyn ExitHandler, timeout: Duration) -> Result<RunStats, VmError> {
+        self.run_traced(handler, timeout, &mut trace::NoTrace)
+    }
+
+    /// The guest TSC minus the host's now, and the uncertainty of that reading.
+    pub fn guest_tsc_offset(&self) -> Result<(i64, u64), VmError> {
+        Ok(self.vcpu.guest_tsc_offset()?)
+    }
+
+    /// The guest's memory (for reading what it ran, after the run).
+    pub fn memory(&self) -> &vm_memory::GuestMemoryMmap {
+        self.vcpu.memory()
+    }
+
+    /// [`GuestVm::run`], telling `trace` about every exit.
+    pub fn run_traced<T: trace::ExitTrace>(
+        &mut self,
+        handler: &mut dyn ExitHandler,
+        timeout: Duration,
+        trace: &mut T,
+    ) -> Result<RunStats, VmError> {
         handler.arm(&mut self.vcpu).map_err(VmError::Handler)?;
         let expected_cpuid_exits = (self.config.iterations as usize).saturating_add(self.config.warmup as usize);
         let mut stats = RunStats {
@@ -232,16 +253,18 @@ impl GuestVm {
         let watchdog = Watchdog::arm(timeout)?;
         stats.setup = self.created.elapsed();
         let started = Instant::now();
-        let result = self.run_loop(handler, &watchdog, &mut stats);
+        let result = self.run_loop(handler, &watchdog, &mut stats, trace);
         stats.run = started.elapsed();
+        trace.finished(self);
         result.map(|()| stats)
     }
 
-    fn run_loop(
+    fn run_loop<T: trace::ExitTrace>(
         &mut self,
         handler: &mut dyn ExitHandler,
         watchdog: &Watchdog,
         stats: &mut RunStats,
+        trace: &mut T,
     ) -> Result<(), VmError> {
         loop {
             if watchdog.fired() {
@@ -250,12 +273,25 @@ impl GuestVm {
                     rip: self.rip(),
                 });
             }
+            trace.entering(guest_payload::timing::read_tsc());
             let exit = self.vcpu.run()?;
             let exit_tsc = guest_payload::timing::read_tsc();
-            let flow = handler
-                .handle(&mut self.vcpu, &exit, exit_tsc)
+            trace.exited(&exit, exit_tsc);
+            let flow = trace
+                .handle(&mut self.vcpu, |vcpu| handler.handle(vcpu, &exit, exit_tsc))
                 .map_err(VmError::Handler)?;
+            let flushing = guest_payload::timing::read_tsc();
             self.vcpu.flush()?;
+            let flushed = guest_payload::timing::read_tsc();
+            trace.handled(
+                match flow {
+                    Flow::Continue(kind) => Some(kind),
+                    Flow::Done { .. } => Some(ExitKind::Done),
+                    Flow::Fatal => None,
+                },
+                flushed - flushing,
+                flushed,
+            );
             match flow {
                 Flow::Continue(kind) => stats
                     .exits

@@ -74,6 +74,46 @@ fn device_attr_ioctl(
     Ok(())
 }
 
+/// The guest's TSC minus the host's, and how far off that may be. Read through IA32_TSC
+/// between two host TSC reads (five times, keeping the narrowest bracket: its half-width is
+/// the uncertainty); where KVM also has the vCPU's TSC offset attribute and its value lies
+/// in that bracket, it is the exact offset (uncertainty 0). An emulating KVM may keep an
+/// attribute it does not apply, hence the check.
+pub fn guest_offset(vcpu: &VcpuFd) -> Result<(i64, u64), TscError> {
+    let mut best: Option<(i64, u64)> = None;
+    for _ in 0..5 {
+        let mut msrs = Msrs::from_entries(&[kvm_msr_entry {
+            index: IA32_TSC,
+            ..Default::default()
+        }])
+        .map_err(|_| TscError::MsrNotHandled { handled: 0 })?;
+        let before = guest_payload::timing::read_tsc();
+        let handled = vcpu.get_msrs(&mut msrs).map_err(|source| TscError::Kvm {
+            what: "KVM_GET_MSRS(IA32_TSC)",
+            source,
+        })?;
+        let after = guest_payload::timing::read_tsc();
+        if handled != 1 {
+            return Err(TscError::MsrNotHandled { handled });
+        }
+        let half = after.saturating_sub(before) / 2;
+        let offset = msrs.as_slice()[0].data.wrapping_sub(before + half) as i64;
+        if best.is_none_or(|(_, width)| half < width) {
+            best = Some((offset, half));
+        }
+    }
+    let (offset, half) = best.ok_or(TscError::MsrNotHandled { handled: 0 })?;
+    let mut exact = 0i64;
+    let attr = offset_attr(&mut exact);
+    if device_attr_ioctl(vcpu, KVM_HAS_DEVICE_ATTR(), &attr, "KVM_HAS_DEVICE_ATTR").is_ok()
+        && device_attr_ioctl(vcpu, KVM_GET_DEVICE_ATTR(), &attr, "KVM_GET_DEVICE_ATTR(TSC_OFFSET)").is_ok()
+        && exact.abs_diff(offset) <= half
+    {
+        return Ok((exact, 0));
+    }
+    Ok((offset, half))
+}
+
 impl TscMover {
     /// Uses the vCPU TSC offset attribute where KVM has it, else the MSR.
     pub fn open(vcpu: &VcpuFd) -> Result<Self, TscError> {

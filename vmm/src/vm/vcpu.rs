@@ -89,6 +89,11 @@ impl KvmVcpu {
         self.access
     }
 
+    /// The guest's TSC minus the host's now, and its uncertainty (see `tsc::guest_offset`).
+    pub fn guest_tsc_offset(&self) -> Result<(i64, u64), VcpuError> {
+        Ok(super::tsc::guest_offset(&self.fd)?)
+    }
+
     /// Writes back registers a handler changed (ioctl access; sync regs travel with the
     /// next KVM_RUN). The run loop calls it before it stops timing the exit.
     pub fn flush(&mut self) -> Result<(), VcpuError> {

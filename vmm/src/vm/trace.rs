@@ -1,0 +1,183 @@
+//! Tracing exits, for `vmm trace`: when each KVM_RUN began and returned, what KVM said,
+//! and every call the exit handler made on the vCPU with its cost. The run loop is generic
+//! over [`ExitTrace`]: ordinary runs use [`NoTrace`], which compiles to nothing, so the
+//! lean exit path stays as it is.
+
+use super::exits::{Exit, ExitKind};
+use super::tsc::TscMethod;
+use super::vcpu::{Vcpu, VcpuError};
+use guest_payload::timing::read_tsc;
+use kvm_bindings::{kvm_guest_debug, kvm_regs};
+use vm_memory::GuestMemoryMmap;
+
+/// What the run loop tells a tracer.
+pub trait ExitTrace {
+    /// KVM_RUN is about to be entered (host TSC).
+    fn entering(&mut self, _tsc: u64) {}
+    /// KVM_RUN returned with `exit` (host TSC).
+    fn exited(&mut self, _exit: &Exit, _tsc: u64) {}
+    /// Runs the exit handler, on `vcpu` or on a wrapper of it that records each call.
+    fn handle<R>(&mut self, vcpu: &mut dyn Vcpu, handler: impl FnOnce(&mut dyn Vcpu) -> R) -> R {
+        handler(vcpu)
+    }
+    /// The handler returned; registers were written back (host TSC after both).
+    fn handled(&mut self, _kind: Option<ExitKind>, _flush_cycles: u64, _tsc: u64) {}
+    /// The run is over, its vCPU still there.
+    fn finished(&mut self, _vm: &super::GuestVm) {}
+}
+
+/// No tracing: every hook is empty and inlined away.
+pub struct NoTrace;
+
+impl ExitTrace for NoTrace {}
+
+/// One call the handler made on the vCPU: host TSC when it began and ended.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VcpuCall {
+    pub what: String,
+    pub start: u64,
+    pub end: u64,
+}
+
+/// One exit, as the VMM lived it. Times are host TSC.
+#[derive(Clone, Debug, Default)]
+pub struct TracedExit {
+    /// When KVM_RUN was entered for the stretch of guest execution this exit ended.
+    pub entered: u64,
+    /// When KVM_RUN returned.
+    pub exited: u64,
+    /// The exit as KVM reported it (`KVM_EXIT_IO`, …).
+    pub reason: String,
+    /// How the VMM classed it, once handled.
+    pub kind: Option<ExitKind>,
+    pub calls: Vec<VcpuCall>,
+    /// The registers the handler read first, and the last it wrote.
+    pub regs_in: Option<kvm_regs>,
+    pub regs_out: Option<kvm_regs>,
+    /// TSC moves the handler made (cycles; negative: back).
+    pub tsc_moves: Vec<i64>,
+    /// Cycles spent writing registers back after the handler (KVM_SET_REGS; 0 with sync regs).
+    pub flush_cycles: u64,
+    /// When the handler and the write-back were done.
+    pub handled: u64,
+    /// The guest's code around the RIP the handler first read, from `code_addr`: two bytes
+    /// before it (a port-I/O exit reports RIP already past its `out`) and the instruction at it.
+    pub code: Vec<u8>,
+    pub code_addr: u64,
+}
+
+/// Records every exit of a run.
+#[derive(Default)]
+pub struct Recorder {
+    pub exits: Vec<TracedExit>,
+    /// The guest TSC minus the host's after the run, and the uncertainty of that reading.
+    pub offset_after: Option<(i64, u64)>,
+    entering: u64,
+}
+
+impl ExitTrace for Recorder {
+    fn entering(&mut self, tsc: u64) {
+        self.entering = tsc;
+    }
+
+    fn exited(&mut self, exit: &Exit, tsc: u64) {
+        self.exits.push(TracedExit {
+            entered: self.entering,
+            exited: tsc,
+            reason: exit.kvm_name(),
+            ..Default::default()
+        });
+    }
+
+    fn handle<R>(&mut self, vcpu: &mut dyn Vcpu, handler: impl FnOnce(&mut dyn Vcpu) -> R) -> R {
+        let Some(exit) = self.exits.last_mut() else {
+            return handler(vcpu);
+        };
+        let result = handler(&mut TracingVcpu {
+            inner: &mut *vcpu,
+            exit,
+        });
+        if let Some(regs) = exit.regs_in {
+            let mut code = [0u8; crate::arch::x86_64::decode::MAX_INSTRUCTION_BYTES + 2];
+            let from = regs.rip.saturating_sub(2);
+            use vm_memory::Bytes;
+            if vcpu
+                .memory()
+                .read_slice(&mut code, vm_memory::GuestAddress(from))
+                .is_ok()
+            {
+                exit.code = code.to_vec();
+                exit.code_addr = from;
+            }
+        }
+        result
+    }
+
+    fn finished(&mut self, vm: &super::GuestVm) {
+        self.offset_after = vm.guest_tsc_offset().ok();
+    }
+
+    fn handled(&mut self, kind: Option<ExitKind>, flush_cycles: u64, tsc: u64) {
+        if let Some(exit) = self.exits.last_mut() {
+            exit.kind = kind;
+            exit.flush_cycles = flush_cycles;
+            exit.handled = tsc;
+        }
+    }
+}
+
+/// A vCPU that records each call made on it into the exit being handled.
+struct TracingVcpu<'v, 'e> {
+    inner: &'v mut dyn Vcpu,
+    exit: &'e mut TracedExit,
+}
+
+impl TracingVcpu<'_, '_> {
+    fn timed<R>(&mut self, what: impl Into<String>, call: impl FnOnce(&mut dyn Vcpu) -> R) -> R {
+        let start = read_tsc();
+        let result = call(self.inner);
+        let end = read_tsc();
+        self.exit.calls.push(VcpuCall {
+            what: what.into(),
+            start,
+            end,
+        });
+        result
+    }
+}
+
+impl Vcpu for TracingVcpu<'_, '_> {
+    fn regs(&mut self) -> Result<kvm_regs, VcpuError> {
+        let regs = self.timed("read the registers", |v| v.regs())?;
+        self.exit.regs_in.get_or_insert(regs);
+        Ok(regs)
+    }
+
+    fn set_regs(&mut self, regs: &kvm_regs) -> Result<(), VcpuError> {
+        self.timed("write the registers", |v| v.set_regs(regs))?;
+        self.exit.regs_out = Some(*regs);
+        Ok(())
+    }
+
+    fn memory(&self) -> &GuestMemoryMmap {
+        self.inner.memory()
+    }
+
+    fn set_guest_debug(&mut self, debug: &kvm_guest_debug) -> Result<(), VcpuError> {
+        self.timed("KVM_SET_GUEST_DEBUG", |v| v.set_guest_debug(debug))
+    }
+
+    fn enable_tsc_moves(&mut self) -> Result<TscMethod, VcpuError> {
+        self.timed("enable TSC moves", |v| v.enable_tsc_moves())
+    }
+
+    fn move_tsc(&mut self, delta: i64) -> Result<(), VcpuError> {
+        self.timed(format!("move the guest TSC by {delta:+} cycles"), |v| v.move_tsc(delta))?;
+        self.exit.tsc_moves.push(delta);
+        Ok(())
+    }
+
+    fn now(&self) -> u64 {
+        self.inner.now()
+    }
+}
