@@ -327,9 +327,11 @@ pub struct ShapingArgs {
     #[arg(long, value_name = "CYCLES", requires = "hide")]
     pub target_cycles: Option<u64>,
 
-    /// Draw each exit's guest-visible cost from a profile: a built-in name
-    /// (vtx-hw-assist, paravirt-hypercall, kvm-userspace-exit-2012, trap-heavy-nested)
-    /// or a JSON file; see configs/profiles/README.md.
+    /// Draw each exit's guest-visible cost from a profile modelled on published figures: a
+    /// built-in name (vtx-hw-assist, paravirt-hypercall, kvm-userspace-exit-2012,
+    /// trap-heavy-nested, nested-kvm-on-hyperv, nested-kvm-on-hyperv-evmcs, hyperv-root,
+    /// emulator-qemu-tcg, emulator-kvm-pvm) or a JSON file; configs/profiles/README.md has
+    /// each one's source.
     #[arg(long, group = "shaping-kind", value_name = "NAME|FILE")]
     pub profile: Option<String>,
 

@@ -89,6 +89,26 @@ const BUILT_IN: &[(&str, &str)] = &[
         "trap-heavy-nested",
         include_str!("../../../configs/profiles/trap-heavy-nested.json"),
     ),
+    (
+        "nested-kvm-on-hyperv",
+        include_str!("../../../configs/profiles/nested-kvm-on-hyperv.json"),
+    ),
+    (
+        "nested-kvm-on-hyperv-evmcs",
+        include_str!("../../../configs/profiles/nested-kvm-on-hyperv-evmcs.json"),
+    ),
+    (
+        "hyperv-root",
+        include_str!("../../../configs/profiles/hyperv-root.json"),
+    ),
+    (
+        "emulator-qemu-tcg",
+        include_str!("../../../configs/profiles/emulator-qemu-tcg.json"),
+    ),
+    (
+        "emulator-kvm-pvm",
+        include_str!("../../../configs/profiles/emulator-kvm-pvm.json"),
+    ),
 ];
 
 pub fn built_in_names() -> Vec<&'static str> {
@@ -166,6 +186,34 @@ mod tests {
         for name in built_in_names() {
             let profile = Profile::load(name).unwrap_or_else(|e| panic!("{name}: {e}"));
             assert!(!profile.sources.is_empty(), "{name} cites no source");
+            // Each source is one a reader can look up (a commit, a mailing-list message, an
+            // issue, or this tool's own command), with its figure; or it says it found none.
+            for source in &profile.sources {
+                let traceable = [
+                    "commit",
+                    "Message-ID",
+                    "issue #",
+                    "Measured by this tool",
+                    "measured by this tool",
+                ]
+                .iter()
+                .any(|mark| source.contains(mark));
+                let untraced = source.contains("No published");
+                assert!(traceable || untraced, "{name}: {source}");
+                assert!(
+                    source.chars().any(|c| c.is_ascii_digit()),
+                    "{name}: no figure in {source}"
+                );
+            }
+        }
+        // Every profile shipped in configs/profiles is built in.
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/profiles");
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "json") {
+                let stem = path.file_stem().unwrap().to_str().unwrap().to_owned();
+                assert!(built_in_names().contains(&stem.as_str()), "{stem} is not built in");
+            }
         }
     }
 

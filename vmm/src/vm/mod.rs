@@ -273,25 +273,20 @@ impl GuestVm {
                     rip: self.rip(),
                 });
             }
-            trace.entering(guest_payload::timing::read_tsc());
+            trace.entering();
             let exit = self.vcpu.run()?;
             let exit_tsc = guest_payload::timing::read_tsc();
             trace.exited(&exit, exit_tsc);
             let flow = trace
                 .handle(&mut self.vcpu, |vcpu| handler.handle(vcpu, &exit, exit_tsc))
                 .map_err(VmError::Handler)?;
-            let flushing = guest_payload::timing::read_tsc();
+            trace.flushing();
             self.vcpu.flush()?;
-            let flushed = guest_payload::timing::read_tsc();
-            trace.handled(
-                match flow {
-                    Flow::Continue(kind) => Some(kind),
-                    Flow::Done { .. } => Some(ExitKind::Done),
-                    Flow::Fatal => None,
-                },
-                flushed - flushing,
-                flushed,
-            );
+            trace.handled(match flow {
+                Flow::Continue(kind) => Some(kind),
+                Flow::Done { .. } => Some(ExitKind::Done),
+                Flow::Fatal => None,
+            });
             match flow {
                 Flow::Continue(kind) => stats
                     .exits

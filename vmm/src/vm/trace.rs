@@ -10,18 +10,21 @@ use guest_payload::timing::read_tsc;
 use kvm_bindings::{kvm_guest_debug, kvm_regs};
 use vm_memory::GuestMemoryMmap;
 
-/// What the run loop tells a tracer.
+/// What the run loop tells a tracer. A tracer reads the host TSC itself, so that an
+/// untraced run pays for no clock read it does not use.
 pub trait ExitTrace {
-    /// KVM_RUN is about to be entered (host TSC).
-    fn entering(&mut self, _tsc: u64) {}
-    /// KVM_RUN returned with `exit` (host TSC).
+    /// KVM_RUN is about to be entered.
+    fn entering(&mut self) {}
+    /// KVM_RUN returned with `exit` at host TSC `tsc`.
     fn exited(&mut self, _exit: &Exit, _tsc: u64) {}
     /// Runs the exit handler, on `vcpu` or on a wrapper of it that records each call.
     fn handle<R>(&mut self, vcpu: &mut dyn Vcpu, handler: impl FnOnce(&mut dyn Vcpu) -> R) -> R {
         handler(vcpu)
     }
-    /// The handler returned; registers were written back (host TSC after both).
-    fn handled(&mut self, _kind: Option<ExitKind>, _flush_cycles: u64, _tsc: u64) {}
+    /// The handler returned; the registers are about to be written back.
+    fn flushing(&mut self) {}
+    /// The registers were written back; the exit was handled as `kind`.
+    fn handled(&mut self, _kind: Option<ExitKind>) {}
     /// The run is over, its vCPU still there.
     fn finished(&mut self, _vm: &super::GuestVm) {}
 }
@@ -73,11 +76,12 @@ pub struct Recorder {
     /// The guest TSC minus the host's after the run, and the uncertainty of that reading.
     pub offset_after: Option<(i64, u64)>,
     entering: u64,
+    flushing: u64,
 }
 
 impl ExitTrace for Recorder {
-    fn entering(&mut self, tsc: u64) {
-        self.entering = tsc;
+    fn entering(&mut self) {
+        self.entering = read_tsc();
     }
 
     fn exited(&mut self, exit: &Exit, tsc: u64) {
@@ -117,11 +121,16 @@ impl ExitTrace for Recorder {
         self.offset_after = vm.guest_tsc_offset().ok();
     }
 
-    fn handled(&mut self, kind: Option<ExitKind>, flush_cycles: u64, tsc: u64) {
+    fn flushing(&mut self) {
+        self.flushing = read_tsc();
+    }
+
+    fn handled(&mut self, kind: Option<ExitKind>) {
+        let now = read_tsc();
         if let Some(exit) = self.exits.last_mut() {
             exit.kind = kind;
-            exit.flush_cycles = flush_cycles;
-            exit.handled = tsc;
+            exit.flush_cycles = now.saturating_sub(self.flushing);
+            exit.handled = now;
         }
     }
 }
