@@ -113,6 +113,20 @@ fn three_shards_merged_are_the_unsharded_run() {
             );
         }
     }
+    // A shard left out is said, not taken for the whole: PARTIAL, naming the shard, and the
+    // JUnit report fails its coverage case.
+    let junit = dir.path("partial.xml");
+    let output = vmm(&["merge", &shards[0], &shards[2], "--json", "--junit", &junit]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let partial: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(partial["matrix_coverage"]["missing_shards"], serde_json::json!(["2/3"]));
+    assert!(partial["matrix_coverage"]["missing"].as_u64().unwrap() > 0);
+    assert_eq!(merged["matrix_coverage"]["missing"], 0);
+    assert!(std::fs::read_to_string(&junit)
+        .unwrap()
+        .contains("classname=\"coverage\""));
+    let text = vmm(&["merge", &shards[0], &shards[2]]);
+    assert!(String::from_utf8_lossy(&text.stdout).contains("matrix: PARTIAL"));
     // A shard given twice is refused, naming the run.
     let output = vmm(&["merge", &shards[0], &shards[1], &shards[0]]);
     assert_eq!(output.status.code(), Some(1));

@@ -236,3 +236,56 @@ fn doctor_reports_each_check_and_boots_a_guest() {
         assert!(names.contains(&name), "{name} missing from {names:?}");
     }
 }
+
+/// A calibration says where it came from: another host's is used with a loud warning, and
+/// a file whose figures are not numbers, or whose spreads are negative, is refused.
+#[test]
+fn calibrations_are_checked_for_their_host_and_their_values() {
+    let Some(_vm) = common::vm_test() else { return };
+    let path = std::env::temp_dir().join(format!("vmm-cli-{}-calibration.json", std::process::id()));
+    let file = path.to_str().unwrap();
+    let output = vmm(&["calibrate", "--runs", "2", "-n", "20", "--native-only", "-o", file]);
+    assert!(output.status.success(), "{}", common::stderr(&output));
+    let calibration: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    assert!(
+        calibration["host"]["kernel"].is_string(),
+        "it records the kernel it ran on"
+    );
+    // The same host: no warning.
+    let output = vmm(&["run", "--mode", "native", "-n", "50", "--calibration", file]);
+    assert!(output.status.success());
+    assert!(
+        !common::stderr(&output).contains("WARNING"),
+        "{}",
+        common::stderr(&output)
+    );
+    // Another host's: a warning that names the difference, and the run still runs.
+    let mut other = calibration.clone();
+    other["host"]["cpu_model"] = "Intel(R) Core(TM) i9-13900K".into();
+    std::fs::write(&path, other.to_string()).unwrap();
+    let output = vmm(&["run", "--mode", "native", "-n", "50", "--calibration", file]);
+    assert!(output.status.success());
+    let message = common::stderr(&output);
+    assert!(
+        message.contains("WARNING") && message.contains("i9-13900K"),
+        "{message}"
+    );
+    // Negative spreads and non-numbers are refused.
+    for (key, value) in [
+        ("sd", serde_json::json!(-1.0)),
+        ("mean", serde_json::json!(1e308 * 10.0)),
+    ] {
+        let mut bad = calibration.clone();
+        bad["robust_excess_p10_ns"][key] = value;
+        let text = bad.to_string().replace("null", "1e999");
+        std::fs::write(&path, text).unwrap();
+        let output = vmm(&["run", "--mode", "native", "-n", "50", "--calibration", file]);
+        assert_eq!(output.status.code(), Some(1), "{key}");
+        let message = common::stderr(&output);
+        assert!(
+            message.contains("robust_excess_p10_ns") || message.contains("not valid"),
+            "{key}: {message}"
+        );
+    }
+    std::fs::remove_file(&path).ok();
+}

@@ -3,10 +3,12 @@
 # (`vmm validate --shard auto` reads SLURM_ARRAY_TASK_ID, SLURM_ARRAY_TASK_MIN and
 # SLURM_ARRAY_TASK_COUNT), then one dependent job merging them:
 #
+#   mkdir -p reports      # before sbatch: Slurm opens the --output logs before the script runs
 #   jobid=$(sbatch --parsable docs/ci/slurm-array.sh)
 #   sbatch --dependency=afterany:"$jobid" --wrap 'vmm merge reports/shard-*.json -o reports/merged.json --markdown reports/merged.md'
 #
-# Nodes need /dev/kvm readable and writable by the job's user (the kvm group).
+# Nodes need /dev/kvm readable and writable by the job's user (the kvm group). The array
+# must be 1..N with no step: `--shard auto` maps task ids from SLURM_ARRAY_TASK_MIN on.
 #SBATCH --job-name=vmm-validate
 #SBATCH --array=1-8
 #SBATCH --cpus-per-task=2

@@ -24,6 +24,13 @@ impl Session {
         let kvm = measurer.kvm().ok();
         let tsc = host::tsc_frequency(kvm.and_then(|k| k.tsc_khz));
         let host = HostReport::new(&host::cpu_info(), tsc, kvm.map(|k| k.kvm.get_api_version()));
+        if let Some(differences) = calibration.other_host(&host) {
+            eprintln!(
+                "vmm: WARNING: the calibration was measured on another host ({differences}): \
+                 its native figures do not describe this one, so the calibrated rules may be wrong here. \
+                 Run `vmm calibrate` on this host."
+            );
+        }
         Self {
             measurer,
             payload,

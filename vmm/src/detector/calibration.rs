@@ -21,6 +21,12 @@ pub enum CalibrationError {
     Schema { path: PathBuf, found: u32 },
     #[error("the calibration {path} holds no native run")]
     Empty { path: PathBuf },
+    #[error("the calibration {path} holds {what} = {value}: a calibration's figures are finite, and spreads are not negative")]
+    Value {
+        path: PathBuf,
+        what: &'static str,
+        value: f64,
+    },
     #[error("cannot write the calibration {path}: {source}")]
     Write { path: PathBuf, source: std::io::Error },
 }
@@ -204,7 +210,68 @@ impl Calibration {
         if calibration.native_runs.is_empty() {
             return Err(CalibrationError::Empty { path: path.to_owned() });
         }
+        calibration.check_values(path)?;
         Ok(calibration)
+    }
+
+    /// Every figure the rules divide by or compare with must be a number, and no spread
+    /// negative: a hand-edited or corrupted file is refused, not believed.
+    fn check_values(&self, path: &Path) -> Result<(), CalibrationError> {
+        let mut figures = vec![
+            ("seed_line.intercept", self.seed_line.intercept, false),
+            ("seed_line.slope", self.seed_line.slope, false),
+            ("robust_excess_p10_ns.mean", self.robust_excess_p10_ns.mean, false),
+            ("robust_excess_p10_ns.sd", self.robust_excess_p10_ns.sd, true),
+            ("robust_excess_median_ns.mean", self.robust_excess_median_ns.mean, false),
+            ("robust_excess_median_ns.sd", self.robust_excess_median_ns.sd, true),
+        ];
+        for run in self.native_runs.iter().chain(&self.virtual_runs) {
+            figures.push(("a run's excess_p10_ns", run.excess_p10_ns, false));
+            figures.push(("a run's excess_median_ns", run.excess_median_ns, false));
+        }
+        match figures
+            .into_iter()
+            .find(|&(_, value, spread)| !value.is_finite() || (spread && value < 0.0))
+        {
+            Some((what, value, _)) => Err(CalibrationError::Value {
+                path: path.to_owned(),
+                what,
+                value,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// How the host it was measured on differs from `host`, in words; `None` if it is
+    /// the same host (CPU model, KVM flavour, kernel, TSC rate within 1%).
+    pub fn other_host(&self, host: &crate::report::HostReport) -> Option<String> {
+        if !self.calibrated {
+            return None;
+        }
+        let here = serde_json::to_value(host).ok()?;
+        let field = |value: &serde_json::Value, path: &[&str]| {
+            path.iter()
+                .try_fold(value, |v, key| v.get(key))
+                .cloned()
+                .unwrap_or_default()
+        };
+        let mut differences = Vec::new();
+        for (name, path) in [
+            ("CPU", &["cpu_model"][..]),
+            ("KVM", &["kvm", "flavour"]),
+            ("kernel", &["kernel"]),
+        ] {
+            let (then, now) = (field(&self.host, path), field(&here, path));
+            if then != now {
+                differences.push(format!("{name} {then} there, {now} here"));
+            }
+        }
+        let khz = |v: &serde_json::Value| field(v, &["tsc_khz"]).as_f64().unwrap_or(0.0);
+        let (then, now) = (khz(&self.host), khz(&here));
+        if (then - now).abs() > now.abs() * 0.01 {
+            differences.push(format!("TSC {then} kHz there, {now} kHz here"));
+        }
+        (!differences.is_empty()).then(|| differences.join("; "))
     }
 
     pub fn save(&self, path: &Path) -> Result<(), CalibrationError> {
@@ -276,5 +343,26 @@ mod tests {
             Calibration::load(Path::new("/nonexistent.json")),
             Err(CalibrationError::Read { .. })
         ));
+    }
+
+    #[test]
+    fn non_finite_figures_and_negative_spreads_are_refused() {
+        let good = Calibration::from_runs(serde_json::Value::Null, 10, vec![point(40, 200)], vec![]);
+        assert!(good.check_values(Path::new("c.json")).is_ok());
+        let mut nan = good.clone();
+        nan.robust_excess_median_ns.mean = f64::NAN;
+        assert!(matches!(
+            nan.check_values(Path::new("c.json")),
+            Err(CalibrationError::Value {
+                what: "robust_excess_median_ns.mean",
+                ..
+            })
+        ));
+        let mut negative = good.clone();
+        negative.robust_excess_p10_ns.sd = -3.0;
+        assert!(negative.check_values(Path::new("c.json")).is_err());
+        let mut infinite = good;
+        infinite.seed_line.slope = f64::INFINITY;
+        assert!(infinite.check_values(Path::new("c.json")).is_err());
     }
 }

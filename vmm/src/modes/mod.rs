@@ -242,6 +242,16 @@ pub trait CpuidExitHandler {
     }
 }
 
+/// A guest's console byte as it may reach a terminal: printable ASCII, newline and tab as
+/// they are; anything else (escape sequences that set a title, write the clipboard or
+/// forge lines of vmm's own output, and non-ASCII bytes) shown escaped, `\x1b`.
+pub fn write_console_byte(out: &mut dyn Write, byte: u8) -> std::io::Result<()> {
+    match byte {
+        b'\n' | b'\t' | 0x20..=0x7e => out.write_all(&[byte]),
+        other => write!(out, "\\x{other:02x}"),
+    }
+}
+
 /// One exit, dispatched: the ABI's own ports (console, done) first, then the mode's.
 pub fn handle_exit(
     mode: &mut dyn CpuidExitHandler,
@@ -259,7 +269,7 @@ pub fn handle_exit(
         } => {
             if let Some(out) = console.as_mut() {
                 // The console is a convenience: a closed stderr must not end the run.
-                let _ = out.write_all(&[value as u8]);
+                let _ = write_console_byte(&mut **out, value as u8);
             }
             ExitKind::Console
         }
@@ -301,6 +311,16 @@ impl ExitHandler for ModeExits<'_, '_> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn console_bytes_reach_the_terminal_escaped() {
+        let mut shown = Vec::new();
+        for &byte in b"ok\n\x1b]0;owned\x07\xff" {
+            write_console_byte(&mut shown, byte).unwrap();
+        }
+        assert_eq!(String::from_utf8(shown).unwrap(), "ok\n\\x1b]0;owned\\x07\\xff");
+    }
+
     use super::*;
     use crate::vm::vcpu::sim::SimVcpu;
 

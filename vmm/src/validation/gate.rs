@@ -31,6 +31,7 @@ impl std::str::FromStr for Requirement {
     fn from_str(text: &str) -> Result<Self, Self::Err> {
         let form = "write RULE:tpr>=X or RULE:fpr<=X, e.g. robust:tpr>=0.99";
         let (rule, condition) = text.split_once(':').ok_or_else(|| format!("no `:` ({form})"))?;
+        let (rule, condition) = (rule.trim(), condition.trim());
         let known = RULES.contains(&rule) || rule == PAYLOAD_RULE;
         if !known {
             return Err(format!(
@@ -45,6 +46,7 @@ impl std::str::FromStr for Requirement {
         } else {
             return Err(format!("unknown metric in `{condition}` ({form})"));
         };
+        let rest = rest.trim_start();
         let (at_least, value) = if let Some(v) = rest.strip_prefix(">=") {
             (true, v)
         } else if let Some(v) = rest.strip_prefix("<=") {
@@ -152,7 +154,10 @@ fn escape(text: &str) -> String {
             '>' => out.push_str("&gt;"),
             '"' => out.push_str("&quot;"),
             '\'' => out.push_str("&apos;"),
-            c if (c as u32) < 0x20 && c != '\n' && c != '\t' => {
+            '\n' => out.push_str("&#10;"),
+            '\t' => out.push_str("&#9;"),
+            // Not characters XML 1.0 allows.
+            c if (c as u32) < 0x20 || c == '\u{fffe}' || c == '\u{ffff}' => {
                 let _ = write!(out, "\\u{{{:x}}}", c as u32);
             }
             c => out.push(c),
@@ -233,6 +238,26 @@ pub fn junit(report: &ValidationReport) -> String {
             }
         }
     }
+    if report.matrix_coverage.missing > 0 {
+        tests += 1;
+        failures += 1;
+        let c = &report.matrix_coverage;
+        let message = format!(
+            "{} of {} jobs missing (shards not given: {})",
+            c.missing,
+            c.jobs,
+            if c.missing_shards.is_empty() {
+                "none".to_owned()
+            } else {
+                c.missing_shards.join(", ")
+            }
+        );
+        case(
+            "coverage",
+            "matrix",
+            Some(format!("<failure message=\"{}\"/>", escape(&message))),
+        );
+    }
     for result in &report.requirements {
         tests += 1;
         if result.met {
@@ -275,6 +300,8 @@ mod tests {
         );
         let r: Requirement = "payload:fpr<=0.01".parse().unwrap();
         assert_eq!((r.metric, r.at_least), (Metric::Fpr, false));
+        let spaced: Requirement = "robust: tpr >= 0.99".parse().unwrap();
+        assert_eq!((spaced.rule.as_str(), spaced.value), ("robust", 0.99));
         for (bad, why) in [
             ("robust", "no `:`"),
             ("nonsense:tpr>=0.5", "unknown rule"),
@@ -320,5 +347,6 @@ mod tests {
     #[test]
     fn junit_text_is_escaped() {
         assert_eq!(escape("a<b & \"c\"\u{1b}"), "a&lt;b &amp; &quot;c&quot;\\u{1b}");
+        assert_eq!(escape("one\ntwo\u{fffe}"), "one&#10;two\\u{fffe}");
     }
 }

@@ -213,7 +213,10 @@ impl Shard {
             let index = index
                 .checked_sub(base)
                 .ok_or_else(|| format!("{index_var}={index} is below its base {base}"))?;
-            return Shard::new(index + 1, count);
+            let index = index
+                .checked_add(1)
+                .ok_or_else(|| format!("{index_var}={index} is too large"))?;
+            return Shard::new(index, count);
         }
         Err(
             "--shard auto found no shard index: set VMM_SHARD_INDEX (0-based) and VMM_SHARD_COUNT, \
@@ -222,7 +225,8 @@ impl Shard {
         )
     }
 
-    fn new(index: u32, count: u32) -> Result<Self, String> {
+    /// Shard `index` of `count`, checked (also what a report read back must hold).
+    pub fn new(index: u32, count: u32) -> Result<Self, String> {
         if count == 0 || count > 100_000 || index == 0 || index > count {
             return Err(format!(
                 "shard {index}/{count}: the index must be 1..=count, the count 1..=100000"

@@ -3,7 +3,7 @@
 //! twice is refused, and so is a report of another matrix, payload or schema version.
 
 use super::report::{HostRecord, ValidationInputs};
-use super::ValidationError;
+use super::{Shard, ValidationError};
 use crate::report::SCHEMA_VERSION;
 use std::path::{Path, PathBuf};
 
@@ -45,10 +45,18 @@ pub fn read(path: &Path) -> Result<ValidationInputs, ValidationError> {
             ),
         });
     }
-    serde_json::from_str(&text).map_err(|source| ValidationError::ParseReport {
+    let inputs: ValidationInputs = serde_json::from_str(&text).map_err(|source| ValidationError::ParseReport {
         path: path.to_owned(),
         source,
-    })
+    })?;
+    // What `Shard::new` would refuse (a shard 0, a count of 0) is refused from a file too.
+    for shard in inputs.hosts.iter().flat_map(|h| &h.shards) {
+        Shard::new(shard.index, shard.count).map_err(|why| ValidationError::Mismatch {
+            path: path.to_owned(),
+            why,
+        })?;
+    }
+    Ok(inputs)
 }
 
 /// Adds `reports` (read from `paths`, in order) into one.
@@ -60,7 +68,15 @@ pub fn merge(reports: Vec<(PathBuf, ValidationInputs)>) -> Result<ValidationInpu
             why: "no report to merge".into(),
         });
     };
-    check_unique(&merged, &first_path, &[])?;
+    check_unique(
+        &merged,
+        &first_path,
+        &ValidationInputs {
+            runs: Vec::new(),
+            failures: Vec::new(),
+            ..merged.clone()
+        },
+    )?;
     for (path, report) in reports {
         let mismatch = |why: String| ValidationError::Mismatch {
             path: path.clone(),
@@ -110,7 +126,7 @@ pub fn merge(reports: Vec<(PathBuf, ValidationInputs)>) -> Result<ValidationInpu
             refusals,
             ..merged.clone()
         };
-        check_unique(&incoming, &path, &merged.runs)?;
+        check_unique(&incoming, &path, &merged)?;
         merged.runs.extend(incoming.runs);
         merged.failures.extend(incoming.failures);
         merged.refusals.extend(incoming.refusals);
@@ -141,29 +157,33 @@ fn add_host(hosts: &mut Vec<HostRecord>, host: &HostRecord) -> usize {
     index
 }
 
-/// No run (host, cell, repeat) twice: within `report`, or against `already`.
-fn check_unique(
-    report: &ValidationInputs,
-    path: &Path,
-    already: &[super::report::RunRecord],
-) -> Result<(), ValidationError> {
-    let mut seen: std::collections::HashSet<(usize, usize, u32)> =
-        already.iter().map(|r| (r.host, r.cell, r.repeat)).collect();
-    for run in &report.runs {
-        if !seen.insert((run.host, run.cell, run.repeat)) {
-            let cell = report.matrix_cells.get(run.cell);
+/// No job (host, cell, repeat) twice, run or failed: within `report`, or against what was
+/// merged `already` (a shard given twice, or a CI retry's report beside the first).
+fn check_unique(report: &ValidationInputs, path: &Path, already: &ValidationInputs) -> Result<(), ValidationError> {
+    let key = |host, cell, repeat| (host, cell, repeat);
+    let mut seen: std::collections::HashSet<(usize, usize, u32)> = already
+        .runs
+        .iter()
+        .map(|r| key(r.host, r.cell, r.repeat))
+        .chain(already.failures.iter().map(|f| key(f.host, f.cell, f.repeat)))
+        .collect();
+    let jobs = report
+        .runs
+        .iter()
+        .map(|r| key(r.host, r.cell, r.repeat))
+        .chain(report.failures.iter().map(|f| key(f.host, f.cell, f.repeat)));
+    for (host, cell, repeat) in jobs {
+        if !seen.insert((host, cell, repeat)) {
+            let spec = report.matrix_cells.get(cell);
             return Err(ValidationError::Mismatch {
                 path: path.to_owned(),
                 why: format!(
-                    "it holds run {} of cell {} | {} | busy {} on host {} again: a shard given twice?",
-                    run.repeat + 1,
-                    cell.map_or("?", |c| c.mode.as_str()),
-                    cell.map_or("?", |c| c.shaping.as_str()),
-                    cell.map_or(0, |c| c.busy),
-                    report
-                        .hosts
-                        .get(run.host)
-                        .map_or("?".to_owned(), |h| h.identity.label())
+                    "it holds run {} of cell {} | {} | busy {} on host {} again: a shard given twice, or a retry beside the first?",
+                    repeat + 1,
+                    spec.map_or("?", |c| c.mode.as_str()),
+                    spec.map_or("?", |c| c.shaping.as_str()),
+                    spec.map_or(0, |c| c.busy),
+                    report.hosts.get(host).map_or("?".to_owned(), |h| h.identity.label())
                 ),
             });
         }

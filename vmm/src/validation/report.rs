@@ -303,6 +303,17 @@ pub struct HostCoverage {
     pub missing: u64,
 }
 
+/// How much of the matrix the report covers, all hosts together: every job (cell ×
+/// repeat) ran, failed or was refused somewhere, or it is missing — a shard not given.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct MatrixCoverage {
+    pub jobs: u64,
+    pub covered: u64,
+    pub missing: u64,
+    /// Shards no host ran, e.g. `2/3`.
+    pub missing_shards: Vec<String>,
+}
+
 /// One host's confusion matrices.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct HostConfusion {
@@ -317,6 +328,7 @@ pub struct ValidationReport {
     #[serde(flatten)]
     pub inputs: ValidationInputs,
     pub description: String,
+    pub matrix_coverage: MatrixCoverage,
     pub coverage: Vec<HostCoverage>,
     /// Per cell (and truth): counts, rates and medians.
     pub cells: Vec<CellResult>,
@@ -340,16 +352,33 @@ impl ValidationReport {
             })
             .collect();
         let coverage = coverage(&inputs);
-        let requirements: Vec<Requirement> = inputs
-            .matrix
-            .requirements
-            .iter()
-            .filter_map(|r| r.parse().ok())
-            .chain(extra.iter().cloned())
-            .collect();
-        let requirements = gate::judge(&requirements, &confusion);
+        let matrix_coverage = matrix_coverage(&inputs);
+        let mut unparsed = Vec::new();
+        let mut parsed = Vec::new();
+        for text in &inputs.matrix.requirements {
+            match text.parse::<Requirement>() {
+                Ok(requirement) => parsed.push(requirement),
+                // A stored requirement this vmm cannot read is unmet, in words, not dropped.
+                Err(why) => unparsed.push(RequirementResult {
+                    requirement: text.clone(),
+                    met: false,
+                    actual: None,
+                    why: format!("`{text}` cannot be judged: {why}"),
+                }),
+            }
+        }
+        parsed.extend(
+            extra
+                .iter()
+                .filter(|r| !parsed.contains(r))
+                .cloned()
+                .collect::<Vec<_>>(),
+        );
+        let mut requirements = gate::judge(&parsed, &confusion);
+        requirements.extend(unparsed);
         Self {
             description: inputs.matrix.description.clone(),
+            matrix_coverage,
             coverage,
             cells,
             confusion,
@@ -416,7 +445,8 @@ fn cell_results(inputs: &ValidationInputs) -> Vec<CellResult> {
         let failed_runs = inputs.failures.iter().filter(|f| f.cell == index).count() as u32;
         if by_truth.is_empty() {
             let refusal = inputs.refusals.iter().find(|r| r.cell == index);
-            let truth = cell_truth(spec, refusal.and_then(|r| inputs.hosts.get(r.host)));
+            let host = refusal.map_or(0, |r| r.host);
+            let truth = cell_truth(spec, inputs.hosts.get(host));
             results.push(CellResult {
                 mode: spec.mode.clone(),
                 shaping: spec.shaping.clone(),
@@ -431,8 +461,9 @@ fn cell_results(inputs: &ValidationInputs) -> Vec<CellResult> {
             });
             continue;
         }
-        for (truth, runs) in by_truth {
-            results.push(cell_result(spec, truth, &runs, failed_runs));
+        // Failed runs are told once per cell, on its first row.
+        for (row, (truth, runs)) in by_truth.into_iter().enumerate() {
+            results.push(cell_result(spec, truth, &runs, if row == 0 { failed_runs } else { 0 }));
         }
     }
     results
@@ -481,6 +512,47 @@ fn cell_result(spec: &CellSpec, truth: Verdict, runs: &[&RunRecord], failed_runs
 fn jobs_in(shards: &[Shard], cells: usize, repeats: u32) -> u64 {
     let total = cells as u64 * u64::from(repeats);
     (0..total).filter(|&job| shards.iter().any(|s| s.takes(job))).count() as u64
+}
+
+fn matrix_coverage(inputs: &ValidationInputs) -> MatrixCoverage {
+    let repeats = inputs.matrix.repeats;
+    let cells = inputs.matrix_cells.len();
+    let job = |cell: usize, repeat: u32| cell as u64 * u64::from(repeats) + u64::from(repeat);
+    let mut covered: std::collections::HashSet<u64> = inputs.runs.iter().map(|r| job(r.cell, r.repeat)).collect();
+    covered.extend(inputs.failures.iter().map(|f| job(f.cell, f.repeat)));
+    for refusal in &inputs.refusals {
+        let shards = inputs.hosts.get(refusal.host).map_or(&[][..], |h| h.shards.as_slice());
+        covered.extend(
+            (0..repeats)
+                .map(|r| job(refusal.cell, r))
+                .filter(|&j| shards.iter().any(|s| s.takes(j))),
+        );
+    }
+    let jobs = cells as u64 * u64::from(repeats);
+    let mut missing_shards = Vec::new();
+    let counts: std::collections::BTreeSet<u32> = inputs
+        .hosts
+        .iter()
+        .flat_map(|h| h.shards.iter().map(|s| s.count))
+        .collect();
+    for count in counts {
+        for index in 1..=count {
+            let given = inputs
+                .hosts
+                .iter()
+                .any(|h| h.shards.iter().any(|s| s.count == count && s.index == index));
+            if !given {
+                missing_shards.push(format!("{index}/{count}"));
+            }
+        }
+    }
+    let covered = covered.len() as u64;
+    MatrixCoverage {
+        jobs,
+        covered,
+        missing: jobs.saturating_sub(covered),
+        missing_shards,
+    }
 }
 
 fn coverage(inputs: &ValidationInputs) -> Vec<HostCoverage> {
@@ -547,6 +619,25 @@ fn truth_note(report: &ValidationReport) -> String {
     }
 }
 
+fn matrix_coverage_line(report: &ValidationReport) -> String {
+    let c = &report.matrix_coverage;
+    if c.missing == 0 {
+        format!("matrix: all {} jobs (cell × repeat) covered — complete", c.jobs)
+    } else {
+        format!(
+            "matrix: PARTIAL — {} of {} jobs covered, {} missing{}",
+            c.covered,
+            c.jobs,
+            c.missing,
+            if c.missing_shards.is_empty() {
+                String::new()
+            } else {
+                format!(" (shards not given: {})", c.missing_shards.join(", "))
+            }
+        )
+    }
+}
+
 fn coverage_lines(report: &ValidationReport) -> Vec<String> {
     report
         .coverage
@@ -602,6 +693,7 @@ pub fn render_table(report: &ValidationReport) -> String {
     for line in coverage_lines(report) {
         let _ = writeln!(out, "{line}");
     }
+    let _ = writeln!(out, "{}", matrix_coverage_line(report));
     let _ = writeln!(out, "{}\n", truth_note(report));
     confusion_table(&mut out, &report.confusion);
     if report.per_host.len() > 1 {
@@ -732,7 +824,7 @@ pub fn render_markdown(report: &ValidationReport) -> String {
             coverage.split_once(": ").map_or(coverage.as_str(), |(_, c)| c)
         );
     }
-    let _ = writeln!(out, "\n## Confusion matrices\n");
+    let _ = writeln!(out, "\n{}.\n\n## Confusion matrices\n", matrix_coverage_line(report));
     markdown_confusion(&mut out, &report.confusion);
     if report.per_host.len() > 1 {
         for host in &report.per_host {

@@ -40,6 +40,8 @@ pub enum LoaderError {
     NotElf64,
     #[error("the payload is a big-endian ELF; x86-64 is little-endian")]
     BigEndian,
+    #[error("the payload's ELF header is invalid: {0}")]
+    InvalidIdent(&'static str),
     #[error("the payload is built for {machine} (e_machine {code}), not x86-64")]
     WrongMachine { code: u16, machine: &'static str },
     #[error("the payload is an ELF of type {0}, not an executable (ET_EXEC): link it static and non-PIE")]
@@ -52,6 +54,8 @@ pub enum LoaderError {
     SegmentOutOfRange { addr: u64, size: u64 },
     #[error("the payload's entry point {0:#x} is not inside any of its loadable segments")]
     EntryOutsideSegments(u64),
+    #[error("the payload's entry point {0:#x} lies past its segment's bytes in the file (in zero-filled memory, such as .bss): there is no code there")]
+    EntryNotInFile(u64),
     #[error("linux-loader could not load the payload: {0}")]
     Load(#[from] linux_loader::loader::Error),
 }
@@ -129,11 +133,23 @@ impl Payload {
         if b.len() < EHDR_SIZE {
             return Err(LoaderError::Malformed("shorter than an ELF64 header"));
         }
-        if b[4] != 2 {
-            return Err(LoaderError::NotElf64);
+        match b[4] {
+            2 => {}
+            1 => return Err(LoaderError::NotElf64),
+            _ => {
+                return Err(LoaderError::InvalidIdent(
+                    "its class (EI_CLASS) is neither 32- nor 64-bit",
+                ))
+            }
         }
-        if b[5] != 1 {
-            return Err(LoaderError::BigEndian);
+        match b[5] {
+            1 => {}
+            2 => return Err(LoaderError::BigEndian),
+            _ => {
+                return Err(LoaderError::InvalidIdent(
+                    "its byte order (EI_DATA) is neither little- nor big-endian",
+                ))
+            }
         }
         let machine = u16_at(b, 18)?;
         if machine != EM_X86_64 {
@@ -151,8 +167,11 @@ impl Payload {
         if segments.is_empty() {
             return Err(LoaderError::NoSegments);
         }
-        if !segments.iter().any(|s| entry >= s.addr && entry < s.addr + s.mem_size) {
+        let Some(entry_segment) = segments.iter().find(|s| entry >= s.addr && entry - s.addr < s.mem_size) else {
             return Err(LoaderError::EntryOutsideSegments(entry));
+        };
+        if entry - entry_segment.addr >= entry_segment.file_size {
+            return Err(LoaderError::EntryNotInFile(entry));
         }
         let symbols = symbols(b)?;
         let cpuid_sites = decode_cpuid_sites(b, &segments);
@@ -490,6 +509,25 @@ mod tests {
         let mut elf32 = tiny_elf(EM_X86_64, PAYLOAD_START, &[0xf4]);
         elf32[4] = 1;
         assert!(matches!(parse(elf32), Err(LoaderError::NotElf64)));
+        // A class or byte order of 0 (or anything unknown) is invalid, not "32-bit".
+        for (field, value) in [(4, 0), (4, 7), (5, 0), (5, 9)] {
+            let mut bad = tiny_elf(EM_X86_64, PAYLOAD_START, &[0xf4]);
+            bad[field] = value;
+            let error = parse(bad).unwrap_err();
+            assert!(
+                matches!(error, LoaderError::InvalidIdent(_)),
+                "byte {field} = {value}: {error}"
+            );
+        }
+        let mut big = tiny_elf(EM_X86_64, PAYLOAD_START, &[0xf4]);
+        big[5] = 2;
+        assert!(matches!(parse(big), Err(LoaderError::BigEndian)));
+        // An entry in the segment's zero-filled tail (memory beyond its file bytes).
+        let mut bss_entry = tiny_elf(EM_X86_64, PAYLOAD_START, &[0xf4]);
+        let ph = EHDR_SIZE;
+        bss_entry[ph + 40..ph + 48].copy_from_slice(&0x100u64.to_le_bytes());
+        bss_entry[24..32].copy_from_slice(&(PAYLOAD_START + 0x10).to_le_bytes());
+        assert!(matches!(parse(bss_entry), Err(LoaderError::EntryNotInFile(_))));
         assert!(matches!(
             parse(tiny_elf(183, PAYLOAD_START, &[0])),
             Err(LoaderError::WrongMachine { code: 183, .. })
