@@ -311,3 +311,54 @@ fn shard_auto_reads_the_batch_engine() {
     assert!(message.contains("JOB_COMPLETION_INDEX"), "{message}");
     assert!(Path::new(&config).exists());
 }
+
+/// SIGINT in the middle of a validation: it stops after the run in progress, writes a
+/// readable report of what finished, marked partial, and exits 130. A command that fails
+/// leaves the previous output as it was.
+#[test]
+fn an_interrupted_validation_writes_what_finished_and_a_failed_run_erases_nothing() {
+    let Some(_vm) = vm_test() else { return };
+    let dir = Scratch::new("interrupt");
+    let config = dir.path("matrix.json");
+    std::fs::write(
+        &config,
+        r#"{"description": "long", "repeats": 10000, "iterations": 200, "warmup": 0, "modes": ["hw-assist"]}"#,
+    )
+    .unwrap();
+    let report = dir.path("report.json");
+    std::fs::write(&report, "the previous report").unwrap();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_vmm"))
+        .args(["validate", "--config", &config, "-o", &report])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    // SAFETY: a signal to our own child, by its pid.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+    let output = child.wait_with_output().unwrap();
+    assert_eq!(output.status.code(), Some(130), "{}", stderr(&output));
+    assert!(stderr(&output).contains("interrupted by SIGINT"), "{}", stderr(&output));
+    let partial = read(&report);
+    assert!(
+        partial["interrupted"].as_str().unwrap().contains("SIGINT"),
+        "{}",
+        partial["interrupted"]
+    );
+    let ran = partial["runs"].as_array().unwrap().len();
+    assert!(ran > 0 && ran < 10_000, "{ran} runs");
+    assert!(partial["matrix_coverage"]["missing"].as_u64().unwrap() > 0);
+    // Nothing but the report is left in the directory: no temporary file.
+    let files: Vec<_> = std::fs::read_dir(&dir.0)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(files.len(), 2, "{files:?}");
+
+    // A run that fails (here a guest that faults) leaves the old output as it was.
+    let csv = dir.path("samples.csv");
+    std::fs::write(&csv, "the previous samples").unwrap();
+    let output = vmm(&["run", "--mode", "hw-assist", "--misbehave", "fault", "--csv", &csv]);
+    assert_eq!(output.status.code(), Some(1));
+    assert_eq!(std::fs::read_to_string(&csv).unwrap(), "the previous samples");
+}

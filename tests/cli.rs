@@ -52,12 +52,13 @@ fn hw_assist_run_reports_every_field_and_cpuid_costs_more_than_nop() {
         }
         assert!(stats["min"].as_i64() <= stats["median"].as_i64() && stats["median"].as_i64() <= stats["max"].as_i64());
     }
-    let median = |p: &str| report["probes"][p]["median"].as_i64().unwrap();
+    // The fastest samples: what interference (a loaded host) cannot push down.
+    let fastest = |p: &str| report["probes"][p]["min"].as_i64().unwrap();
     assert!(
-        median("cpuid") > median("nop"),
+        fastest("cpuid") > fastest("nop"),
         "CPUID {} vs NOP {}",
-        median("cpuid"),
-        median("nop")
+        fastest("cpuid"),
+        fastest("nop")
     );
     assert_eq!(report["exits"]["done-io"]["count"], 1);
     assert!(report["exits"]["console-io"]["count"].as_u64().unwrap() > 0);

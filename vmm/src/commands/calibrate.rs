@@ -11,8 +11,9 @@ use crate::vm::loader::Payload;
 use indicatif::{ProgressBar, ProgressStyle};
 
 pub fn calibrate(args: &CalibrateArgs) -> Result<(), CommandError> {
-    // Fail on an unwritable path now, not after the runs.
-    super::create_output(Some(&args.out))?;
+    // Fail on an unwritable path now, not after the runs; the old file stays until the end.
+    let output = super::create_output(Some(&args.out))?;
+    crate::interrupt::catch();
     let session = Session::open(Payload::embedded()?, load_calibration(None)?);
     let mut modes = vec![Path::Native];
     if !args.native_only && session.measurer.kvm().is_ok() {
@@ -26,6 +27,16 @@ pub fn calibrate(args: &CalibrateArgs) -> Result<(), CommandError> {
             ..RunSpec::new(mode)
         };
         for _ in 0..args.runs {
+            if let Some(signal) = crate::interrupt::caught() {
+                return Err(CommandError::Interrupted {
+                    signal,
+                    done: format!(
+                        "{} runs measured; a calibration of fewer runs than asked is not written, and {} is as it was",
+                        points.iter().map(Vec::len).sum::<usize>(),
+                        args.out.display()
+                    ),
+                });
+            }
             let (report, measurement) = session.run(&spec, false, None)?;
             if let Some(point) = RunPoint::from_samples(&measurement.samples, report.host.tsc_khz) {
                 points[i].push(point);
@@ -37,7 +48,9 @@ pub fn calibrate(args: &CalibrateArgs) -> Result<(), CommandError> {
     let [native, virtual_runs] = points;
     let host = serde_json::to_value(&session.host)?;
     let calibration = Calibration::from_runs(host, args.iterations, native, virtual_runs);
-    calibration.save(&args.out)?;
+    if let Some(output) = output {
+        super::commit(output, calibration.to_json()?.as_bytes())?;
+    }
     let p10 = calibration.robust_excess_p10_ns;
     println!(
         "calibration written to {}: {} native runs (CPUID over the floor, p10: {:.0} ± {:.0} ns), {} hw-assist runs; seed line log10(CPUID) = {:.3} + {:.3} × log10(NOP)",

@@ -42,6 +42,8 @@ struct CompareReport<'a> {
     refused: Vec<Refusal>,
     /// Paths whose run failed (a hang, a fault): not refusals, and the command exits 1.
     failed: Vec<Refusal>,
+    /// Interrupted (SIGINT, SIGTERM) before every path ran.
+    partial: bool,
 }
 
 pub fn compare(args: &CompareArgs) -> Result<(), CommandError> {
@@ -51,7 +53,13 @@ pub fn compare(args: &CompareArgs) -> Result<(), CommandError> {
     let mut columns = Vec::new();
     let (mut refused, mut failed) = (Vec::new(), Vec::new());
     let mut plot_runs = Vec::new();
+    crate::interrupt::catch();
+    let mut interrupted = None;
     for path in Path::ALL {
+        if let Some(signal) = crate::interrupt::caught() {
+            interrupted = Some(signal);
+            break;
+        }
         let label = label(path);
         let spec = RunSpec {
             iterations: args.iterations,
@@ -78,7 +86,13 @@ pub fn compare(args: &CompareArgs) -> Result<(), CommandError> {
         }
     }
     if columns.is_empty() && failed.is_empty() {
-        return Err(CommandError::NothingMeasured);
+        return Err(match interrupted {
+            Some(signal) => CommandError::Interrupted {
+                signal,
+                done: "nothing was measured".into(),
+            },
+            None => CommandError::NothingMeasured,
+        });
     }
     if args.json {
         let report = CompareReport {
@@ -86,8 +100,9 @@ pub fn compare(args: &CompareArgs) -> Result<(), CommandError> {
             host: &session.host,
             calibrated: session.calibration.calibrated,
             runs: columns.iter().map(|(_, r)| r).collect(),
-            refused,
+            refused: refused.clone(),
             failed: failed.clone(),
+            partial: interrupted.is_some(),
         };
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -102,8 +117,18 @@ pub fn compare(args: &CompareArgs) -> Result<(), CommandError> {
             )
         );
     }
-    if let (Some(file), Some(path)) = (plot_file, &args.plot) {
-        plot::write(file, path, &plot_runs, &session.calibration)?;
+    if let Some(output) = plot_file {
+        plot::write(output, &plot_runs, &session.calibration)?;
+    }
+    if let Some(signal) = interrupted {
+        return Err(CommandError::Interrupted {
+            signal,
+            done: format!(
+                "{} of {} paths measured and reported (partial)",
+                columns.len() + failed.len() + refused.len(),
+                Path::ALL.len()
+            ),
+        });
     }
     if !failed.is_empty() {
         return Err(CommandError::RunsFailed {

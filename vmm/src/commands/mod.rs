@@ -10,11 +10,22 @@ pub mod validate;
 use crate::detector::calibration::CalibrationError;
 use crate::detector::Calibration;
 use crate::measure::MeasureError;
+use crate::output::Output;
 use crate::shaping::profile::ProfileError;
 use crate::validation::ValidationError;
 use crate::vm::loader::{LoaderError, Payload};
-use std::fs::File;
 use std::path::Path;
+
+impl CommandError {
+    /// The process's exit status for this error: 128 + the signal for an interruption (as
+    /// a shell reports it), 1 for everything else.
+    pub fn exit_status(&self) -> u8 {
+        match self {
+            CommandError::Interrupted { signal, .. } => 128u8.saturating_add(u8::try_from(*signal).unwrap_or(0)),
+            _ => 1,
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum CommandError {
@@ -46,6 +57,8 @@ pub enum CommandError {
     RunsFailed { runs: usize, cells: String },
     #[error("unmet requirements: {0}")]
     RequirementsUnmet(String),
+    #[error("interrupted by {}: {done}", crate::interrupt::name(*.signal))]
+    Interrupted { signal: i32, done: String },
 }
 
 /// The calibration at `path`, or the documented defaults.
@@ -64,13 +77,22 @@ pub fn load_payload(path: Option<&Path>) -> Result<Payload, CommandError> {
     })
 }
 
-/// Creates an output file before anything is measured, so a bad path costs no run.
-pub fn create_output(path: Option<&Path>) -> Result<Option<File>, CommandError> {
+/// Prepares an output file before anything is measured, so a bad path costs no run; the
+/// destination is replaced only when the output is committed (`crate::output`).
+pub fn create_output(path: Option<&Path>) -> Result<Option<Output>, CommandError> {
     path.map(|path| {
-        File::create(path).map_err(|source| CommandError::Output {
+        Output::create(path).map_err(|source| CommandError::Output {
             path: path.display().to_string(),
             source,
         })
     })
     .transpose()
+}
+
+/// Writes a prepared output in place.
+pub fn commit(output: Output, bytes: &[u8]) -> Result<(), CommandError> {
+    let path = output.path().display().to_string();
+    output
+        .commit(bytes)
+        .map_err(|source| CommandError::Output { path, source })
 }

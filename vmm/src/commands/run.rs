@@ -48,19 +48,21 @@ pub fn run(args: &RunArgs) -> Result<(), CommandError> {
     } else {
         print!("{}", report::table::render(&report));
     }
-    if let (Some(mut file), Some(path)) = (csv_file, &args.output.csv) {
-        report::csv::write(&mut file, &measurement.samples).map_err(|source| CommandError::Output {
-            path: path.display().to_string(),
+    if let Some(output) = csv_file {
+        let mut csv = Vec::new();
+        report::csv::write(&mut csv, &measurement.samples).map_err(|source| CommandError::Output {
+            path: output.path().display().to_string(),
             source,
         })?;
+        super::commit(output, &csv)?;
     }
-    if let (Some(file), Some(path)) = (plot_file, &args.output.plot) {
+    if let Some(output) = plot_file {
         let runs = [plot::PlotRun::new(
             report.path.name(),
             &measurement.samples,
             report.host.tsc_khz,
         )];
-        plot::write(file, path, &runs, &session.calibration)?;
+        plot::write(output, &runs, &session.calibration)?;
     }
     Ok(())
 }

@@ -129,13 +129,8 @@ pub fn trace(args: &TraceArgs) -> Result<(), CommandError> {
     } else {
         print!("{}", render(&lives, &refused, &session.host));
     }
-    if let (Some(mut file), Some(path)) = (svg_file, &args.svg) {
-        use std::io::Write;
-        file.write_all(svg(&lives).as_bytes())
-            .map_err(|source| CommandError::Output {
-                path: path.display().to_string(),
-                source,
-            })?;
+    if let Some(output) = svg_file {
+        super::commit(output, svg(&lives).as_bytes())?;
     }
     Ok(())
 }

@@ -7,20 +7,20 @@ use super::{create_output, load_calibration, load_payload, CommandError};
 use crate::cli::{MergeArgs, ValidateArgs};
 use crate::experiment::Session;
 use crate::measure::RunSpec;
+use crate::output::Output;
 use crate::report::plot;
 use crate::validation::gate::{self, Requirement};
 use crate::validation::report::{CellSpec, Failure, HostIdentity, HostRecord, Refusal, RunRecord, ValidationInputs};
 use crate::validation::{ground_truth, merge, render_markdown, render_table, MatrixConfig, Shard, ValidationReport};
-use std::fs::File;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-/// The report's outputs, created before anything runs so a bad path costs no run.
+/// The report's outputs, prepared before anything runs so a bad path costs no run, and
+/// put in place only once written whole (the previous ones stay until then).
 struct Outputs {
-    markdown: Option<(File, PathBuf)>,
-    plot: Option<(File, PathBuf)>,
-    junit: Option<(File, PathBuf)>,
-    json: Option<(File, PathBuf)>,
+    markdown: Option<Output>,
+    plot: Option<Output>,
+    junit: Option<Output>,
+    json: Option<Output>,
 }
 
 impl Outputs {
@@ -30,14 +30,11 @@ impl Outputs {
         junit: Option<&Path>,
         json: Option<&Path>,
     ) -> Result<Self, CommandError> {
-        let open = |path: Option<&Path>| -> Result<Option<(File, PathBuf)>, CommandError> {
-            Ok(create_output(path)?.zip(path.map(Path::to_owned)))
-        };
         Ok(Self {
-            markdown: open(markdown)?,
-            plot: open(plot)?,
-            junit: open(junit)?,
-            json: open(json)?,
+            markdown: create_output(markdown)?,
+            plot: create_output(plot)?,
+            junit: create_output(junit)?,
+            json: create_output(json)?,
         })
     }
 
@@ -53,20 +50,20 @@ impl Outputs {
         } else {
             print!("{}", render_table(report));
         }
-        let write = |file: Option<(File, PathBuf)>, text: String| -> Result<(), CommandError> {
-            if let Some((mut file, path)) = file {
-                file.write_all(text.as_bytes()).map_err(|source| CommandError::Output {
-                    path: path.display().to_string(),
-                    source,
-                })?;
-            }
-            Ok(())
+        let write = |output: Option<Output>, text: String| -> Result<(), CommandError> {
+            output.map_or(Ok(()), |output| super::commit(output, text.as_bytes()))
         };
         write(self.markdown, render_markdown(report))?;
         write(self.junit, gate::junit(report))?;
         write(self.json, serde_json::to_string_pretty(report)?)?;
-        if let Some((file, path)) = self.plot {
-            plot::write(file, &path, &report.plot_runs(), calibration)?;
+        if let Some(output) = self.plot {
+            plot::write(output, &report.plot_runs(), calibration)?;
+        }
+        if let Some(why) = &report.inputs.interrupted {
+            return Err(CommandError::Interrupted {
+                signal: report.inputs.interrupted_by.unwrap_or(libc::SIGINT),
+                done: format!("{why}; the report of what finished is written, marked partial"),
+            });
         }
         if !report.inputs.failures.is_empty() {
             let cells: std::collections::BTreeSet<String> = report
@@ -127,7 +124,9 @@ pub fn validate(args: &ValidateArgs) -> Result<(), CommandError> {
 
     let progress = progress_bar(jobs, "validating");
     let (mut runs, mut refusals, mut failures) = (Vec::new(), Vec::new(), Vec::new());
-    for (index, cell) in cells.iter().enumerate() {
+    crate::interrupt::catch();
+    let mut done = 0u64;
+    'cells: for (index, cell) in cells.iter().enumerate() {
         let spec = RunSpec {
             shaping: cell.shaping.clone(),
             iterations: config.iterations,
@@ -138,6 +137,10 @@ pub fn validate(args: &ValidateArgs) -> Result<(), CommandError> {
         let truth = ground_truth(cell.path.mode(), host.nested);
         let mine: Vec<u32> = (0..repeats).filter(|&r| shard.takes(job(index, r))).collect();
         for (nth, &repeat) in mine.iter().enumerate() {
+            if crate::interrupt::caught().is_some() {
+                break 'cells;
+            }
+            done += 1;
             match session.run(&spec, false, None) {
                 Ok((report, measurement)) => {
                     runs.push(RunRecord::new(
@@ -159,6 +162,7 @@ pub fn validate(args: &ValidateArgs) -> Result<(), CommandError> {
                         why: error.to_string(),
                     });
                     progress.inc(mine.len() as u64);
+                    done += mine.len() as u64 - 1;
                     break;
                 }
                 Err(error) => {
@@ -175,8 +179,16 @@ pub fn validate(args: &ValidateArgs) -> Result<(), CommandError> {
         }
     }
     progress.finish_and_clear();
+    let interrupted_by = crate::interrupt::caught();
 
     let inputs = ValidationInputs {
+        interrupted: interrupted_by.map(|signal| {
+            format!(
+                "interrupted by {} after {done} of {jobs} jobs",
+                crate::interrupt::name(signal)
+            )
+        }),
+        interrupted_by,
         schema_version: crate::report::SCHEMA_VERSION,
         config: args.config.display().to_string(),
         matrix_cells: cells

@@ -274,12 +274,18 @@ impl Calibration {
         (!differences.is_empty()).then(|| differences.join("; "))
     }
 
+    /// The file's text.
+    pub fn to_json(&self) -> Result<String, serde_json::Error> {
+        Ok(serde_json::to_string_pretty(self)? + "\n")
+    }
+
+    /// Writes it atomically: the previous file stays until this one is whole.
     pub fn save(&self, path: &Path) -> Result<(), CalibrationError> {
-        let text = serde_json::to_string_pretty(self).map_err(|source| CalibrationError::Parse {
+        let text = self.to_json().map_err(|source| CalibrationError::Parse {
             path: path.to_owned(),
             source,
         })?;
-        std::fs::write(path, text + "\n").map_err(|source| CalibrationError::Write {
+        crate::output::write_atomically(path, text.as_bytes()).map_err(|source| CalibrationError::Write {
             path: path.to_owned(),
             source,
         })

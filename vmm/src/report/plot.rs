@@ -5,13 +5,11 @@
 use crate::commands::CommandError;
 use crate::detector::rules::{robust_virtual_excess_ns, FIXED_THRESHOLD_CYCLES, LFENCE_RATIO_VIRTUAL};
 use crate::detector::Calibration;
+use crate::output::Output;
 use crate::stats;
 use crate::vm::ProbeSamples;
 use guest_payload::{Cycles, Probe};
 use plotters::prelude::*;
-use std::fs::File;
-use std::io::Write;
-use std::path::Path;
 
 /// One run, as the plot needs it.
 #[derive(Clone, Debug)]
@@ -53,16 +51,13 @@ const PALETTE: [RGBColor; 8] = [
     RGBColor(23, 190, 207),
 ];
 
-/// Writes the SVG to `file` (already created, so a bad path failed before any run).
-pub fn write(mut file: File, path: &Path, runs: &[PlotRun], calibration: &Calibration) -> Result<(), CommandError> {
+/// Writes the SVG to `output` (prepared before any run, so a bad path failed then).
+pub fn write(output: Output, runs: &[PlotRun], calibration: &Calibration) -> Result<(), CommandError> {
     let svg = render(runs, calibration).map_err(|why| CommandError::Plot {
-        path: path.display().to_string(),
+        path: output.path().display().to_string(),
         why,
     })?;
-    file.write_all(svg.as_bytes()).map_err(|source| CommandError::Output {
-        path: path.display().to_string(),
-        source,
-    })
+    crate::commands::commit(output, svg.as_bytes())
 }
 
 /// The labels in order of first appearance, each with its colour.

@@ -130,6 +130,15 @@ pub fn merge(reports: Vec<(PathBuf, ValidationInputs)>) -> Result<ValidationInpu
         merged.runs.extend(incoming.runs);
         merged.failures.extend(incoming.failures);
         merged.refusals.extend(incoming.refusals);
+        // A partial shard keeps the merge partial, and says so.
+        if let Some(why) = report.interrupted {
+            let why = format!("{}: {why}", path.display());
+            merged.interrupted = Some(match merged.interrupted.take() {
+                Some(before) => format!("{before}; {why}"),
+                None => why,
+            });
+            merged.interrupted_by = merged.interrupted_by.or(report.interrupted_by);
+        }
     }
     merged.runs.sort_by_key(|r| (r.host, r.cell, r.repeat));
     Ok(merged)

@@ -197,6 +197,11 @@ pub struct ValidationInputs {
     pub runs: Vec<RunRecord>,
     pub refusals: Vec<Refusal>,
     pub failures: Vec<Failure>,
+    /// Set when a signal stopped the validation early: the report holds what finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interrupted: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interrupted_by: Option<i32>,
 }
 
 /// Counts of one rule's verdicts.
@@ -675,6 +680,9 @@ fn confusion_table(out: &mut String, confusion: &BTreeMap<String, Confusion>) {
 pub fn render_table(report: &ValidationReport) -> String {
     let mut out = String::new();
     let inputs = &report.inputs;
+    if let Some(why) = &inputs.interrupted {
+        let _ = writeln!(out, "PARTIAL REPORT: {why}");
+    }
     let _ = writeln!(out, "validation: {} — {}", inputs.config, report.description);
     let _ = writeln!(out, "payload: {}", inputs.payload);
     for (i, host) in inputs.hosts.iter().enumerate() {
@@ -800,6 +808,9 @@ pub fn render_markdown(report: &ValidationReport) -> String {
         "# Validation: {}\n\n{}\n\nPayload: {}.\n",
         inputs.config, report.description, inputs.payload
     );
+    if let Some(why) = &inputs.interrupted {
+        let _ = writeln!(out, "**Partial report**: {why}.\n");
+    }
     let _ = writeln!(
         out,
         "{} repeats of {} iterations per cell. {}.\n",
