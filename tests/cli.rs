@@ -290,3 +290,40 @@ fn calibrations_are_checked_for_their_host_and_their_values() {
     }
     std::fs::remove_file(&path).ok();
 }
+
+/// A full or closed stdout is an error with a message, not a panic (exit 101).
+#[test]
+fn a_full_stdout_is_an_error_not_a_panic() {
+    let Some(_vm) = common::vm_test() else { return };
+    let full = std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_vmm"))
+        .args(["run", "--mode", "native", "-n", "100"])
+        .stdout(full)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let message = common::stderr(&output);
+    assert!(
+        message.contains("cannot write to stdout") && !message.contains("panicked"),
+        "{message}"
+    );
+}
+
+/// Input files that are not regular files are refused before anything reads them whole.
+#[test]
+fn devices_are_refused_as_inputs() {
+    for args in [
+        &["run", "--payload", "/dev/urandom"][..],
+        &["inspect", "/dev/zero"],
+        &["validate", "--config", "/dev/urandom"],
+        &["run", "--calibration", "/dev/zero"],
+    ] {
+        let output = vmm(args);
+        assert_eq!(output.status.code(), Some(1), "{args:?}");
+        assert!(
+            common::stderr(&output).contains("not a regular file"),
+            "{args:?}: {}",
+            common::stderr(&output)
+        );
+    }
+}

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{json_run, vm_test, vmm};
+use common::{json_run, stderr, vm_test, vmm};
 use serde_json::Value;
 use vmm::arch::x86_64::cpuid::masked;
 
@@ -258,4 +258,59 @@ fn a_payload_that_faults_after_a_cpuid_is_not_blamed_on_the_trap() {
         assert!(!message.contains("not delivered"), "{trap}: {message}");
     }
     std::fs::remove_file(&path).ok();
+}
+
+/// A payload whose only CPUID is never executed: the trap is not blamed on KVM (which the
+/// embedded timing core shows delivers it); the run says that its CPUID never trapped.
+#[test]
+fn a_cpuid_site_that_never_runs_is_not_blamed_on_kvm() {
+    let Some(_vm) = vm_test() else { return };
+    let dir = std::env::temp_dir().join(format!("vmm-test-{}-never", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sdk = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-payload/sdk/sdk.mk");
+    std::fs::write(
+        dir.join("Makefile"),
+        format!(
+            "NAME := never\nSRCS := never.c\ninclude {}\n",
+            sdk.canonicalize().unwrap().display()
+        ),
+    )
+    .unwrap();
+    // The CPUID is behind a condition no config meets: it is in the code, never run.
+    std::fs::write(
+        dir.join("never.c"),
+        r#"#include "vmm_sdk.h"
+VMM_PAYLOAD("never runs its cpuid", 0);
+int vmm_detect(struct vmm_run *run) {
+    int status = vmm_begin(run, 1u << VMM_PROBE_CPUID, 1);
+    if (status != VMM_STATUS_OK)
+        return status;
+    uint32_t regs[4] = {0, 0, 0, 0};
+    if (run->config->iterations == 0xffffffffu)
+        vmm_cpuid(run, 0, 0, regs);
+    vmm_samples(run, VMM_PROBE_CPUID)[0] = (int64_t)regs[0] + 1;
+    return VMM_STATUS_OK;
+}
+"#,
+    )
+    .unwrap();
+    let make = std::process::Command::new("make").arg("-C").arg(&dir).output().unwrap();
+    assert!(make.status.success(), "{}", String::from_utf8_lossy(&make.stderr));
+    let elf = dir.join("never.elf");
+    for trap in ["hw-breakpoint", "io-patch"] {
+        let output = vmm(&[
+            "run",
+            "--mode",
+            "trap-emulate",
+            "--trap",
+            trap,
+            "--payload",
+            elf.to_str().unwrap(),
+        ]);
+        assert_eq!(output.status.code(), Some(1), "{trap}");
+        let message = stderr(&output);
+        assert!(!message.contains("not delivered by this KVM"), "{trap}: {message}");
+        assert!(message.contains("never trapped"), "{trap}: {message}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
 }

@@ -106,18 +106,18 @@ pub struct DetectorArgs {
     pub calibration: Option<PathBuf>,
 
     /// Host threads burning CPU while the run measures (the seed's "busyness").
-    #[arg(long, default_value_t = 0, value_name = "N", value_parser = clap::value_parser!(u16).range(0..=256))]
+    #[arg(long, default_value_t = 0, value_name = "N", value_parser = clap::value_parser!(u16).range(0..=i64::from(crate::limits::MAX_BUSY)))]
     pub busy: u16,
 }
 
 #[derive(Debug, Args)]
 pub struct CompareArgs {
     /// Samples kept per probe, in each mode.
-    #[arg(long, short = 'n', default_value_t = 5_000, value_parser = clap::value_parser!(u32).range(1..=i64::from(crate::measure::MAX_ITERATIONS)))]
+    #[arg(long, short = 'n', default_value_t = 5_000, value_parser = clap::value_parser!(u32).range(1..=i64::from(crate::limits::MAX_ITERATIONS)))]
     pub iterations: u32,
 
     /// Samples dropped first, per probe.
-    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(0..=i64::from(crate::limits::MAX_WARMUP)))]
     pub warmup: u32,
 
     /// Stop any guest that has not finished after this many seconds.
@@ -152,7 +152,7 @@ pub struct CalibrateArgs {
     pub runs: u32,
 
     /// Samples per probe in each run.
-    #[arg(long, short = 'n', default_value_t = 2_000, value_parser = clap::value_parser!(u32).range(10..=i64::from(crate::measure::MAX_ITERATIONS)))]
+    #[arg(long, short = 'n', default_value_t = 2_000, value_parser = clap::value_parser!(u32).range(10..=i64::from(crate::limits::MAX_ITERATIONS)))]
     pub iterations: u32,
 
     /// Skip the hw-assist runs (the seed line then keeps its default).
@@ -253,11 +253,11 @@ pub struct RunArgs {
     pub trap: Trap,
 
     /// Samples kept per probe.
-    #[arg(long, short = 'n', default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..=i64::from(crate::measure::MAX_ITERATIONS)))]
+    #[arg(long, short = 'n', default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..=i64::from(crate::limits::MAX_ITERATIONS)))]
     pub iterations: u32,
 
     /// Samples taken and dropped before those kept, per probe.
-    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(0..=i64::from(crate::limits::MAX_WARMUP)))]
     pub warmup: u32,
 
     /// CPUID leaf (EAX) the cpuid probe asks for; decimal or 0x-hex.
@@ -306,16 +306,16 @@ pub struct RunArgs {
 #[command(next_help_heading = "Latency shaping (trap-emulate, paravirt)")]
 pub struct ShapingArgs {
     /// Spin this many nanoseconds in the exit handler: real, wall-clock latency.
-    #[arg(long, group = "shaping-kind", value_name = "NS", value_parser = clap::value_parser!(u64).range(1..=1_000_000_000))]
+    #[arg(long, group = "shaping-kind", value_name = "NS", value_parser = clap::value_parser!(u64).range(1..=crate::limits::MAX_INJECT_NS))]
     pub inject_ns: Option<u64>,
 
     /// Spin this many TSC cycles in the exit handler.
-    #[arg(long, group = "shaping-kind", value_name = "CYCLES", value_parser = clap::value_parser!(u64).range(1..=10_000_000_000))]
+    #[arg(long, group = "shaping-kind", value_name = "CYCLES", value_parser = clap::value_parser!(u64).range(1..=crate::limits::MAX_SHAPING_CYCLES))]
     pub inject_cycles: Option<u64>,
 
     /// Move the guest TSC forward by this many cycles per exit, without spending the time
     /// (needs a KVM that honours TSC moves; probed).
-    #[arg(long, group = "shaping-kind", value_name = "CYCLES", value_parser = clap::value_parser!(u64).range(1..=10_000_000_000))]
+    #[arg(long, group = "shaping-kind", value_name = "CYCLES", value_parser = clap::value_parser!(u64).range(1..=crate::limits::MAX_SHAPING_CYCLES))]
     pub virtual_inject_cycles: Option<u64>,
 
     /// Hide the exit: move the guest TSC back so each CPUID costs the guest only the
@@ -324,7 +324,7 @@ pub struct ShapingArgs {
     pub hide: bool,
 
     /// Target cost for --hide, in cycles [default: the native CPUID median, measured at start].
-    #[arg(long, value_name = "CYCLES", requires = "hide")]
+    #[arg(long, value_name = "CYCLES", requires = "hide", value_parser = clap::value_parser!(u64).range(0..=crate::limits::MAX_SHAPING_CYCLES))]
     pub target_cycles: Option<u64>,
 
     /// Draw each exit's guest-visible cost from a profile modelled on published figures: a
@@ -418,9 +418,10 @@ fn parse_timeout(text: &str) -> Result<f64, String> {
     let seconds: f64 = text
         .parse()
         .map_err(|_| format!("`{text}` is not a number of seconds"))?;
-    if !(0.1..=86_400.0).contains(&seconds) {
+    use crate::limits::{MAX_TIMEOUT_S, MIN_TIMEOUT_S};
+    if !(MIN_TIMEOUT_S..=MAX_TIMEOUT_S).contains(&seconds) {
         return Err(format!(
-            "the timeout must be between 0.1 and 86400 seconds, not {seconds}"
+            "the timeout must be between {MIN_TIMEOUT_S} and {MAX_TIMEOUT_S} seconds, not {seconds}"
         ));
     }
     Ok(seconds)
@@ -456,6 +457,8 @@ mod tests {
             &["vmm", "run", "--target-cycles", "10"],
             &["vmm", "run", "--trap", "jump"],
             &["vmm", "run", "--busy", "100000"],
+            &["vmm", "run", "--hide", "--target-cycles", "9223372036854775808"],
+            &["vmm", "run", "--warmup", "4000000000"],
             &["vmm", "validate"],
             &["vmm", "calibrate", "--runs", "1"],
         ] {

@@ -32,9 +32,9 @@ fn main() -> ExitCode {
 fn doctor_command(json: bool) -> Result<(), CommandError> {
     let checks = doctor::run_checks();
     if json {
-        println!("{}", serde_json::to_string_pretty(&checks)?);
+        commands::print(&(serde_json::to_string_pretty(&checks)? + "\n"))?;
     } else {
-        print!("{}", doctor::render(&checks));
+        commands::print(&doctor::render(&checks))?;
     }
     if doctor::all_passed(&checks) {
         Ok(())

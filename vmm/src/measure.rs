@@ -26,9 +26,7 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::time::Duration;
 
-/// The most iterations a run may ask for: beyond this the samples alone outgrow the
-/// guest's mapped gigabyte, and the run would take hours on an emulating KVM.
-pub const MAX_ITERATIONS: u32 = 10_000_000;
+pub use crate::limits::MAX_ITERATIONS;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MeasureError {
@@ -330,7 +328,7 @@ impl Measurer {
         }
         self.kvm()?;
         let trap_delivery = match spec.path.trap() {
-            Some(trap) => Some(self.probe_trap(payload, spec, trap)?),
+            Some(trap) => Some(self.probe_trap(spec, trap)?),
             None => None,
         };
         let (shaper, shaping) = match spec.shaping {
@@ -426,15 +424,20 @@ impl Measurer {
         Ok(measurement)
     }
 
-    /// Does this KVM deliver the trap at all? One CPUID, trapped, finds out (once per
-    /// payload and trap). A failure elsewhere in the payload is reported as itself.
-    fn probe_trap(&self, payload: &Payload, spec: &RunSpec, trap: Trap) -> Result<TrapDelivery, MeasureError> {
+    /// Does this KVM deliver the trap at all? One CPUID of the embedded timing core,
+    /// trapped, finds out (once per trap): a CPUID that is known to execute, so that a
+    /// payload whose sites never run is not taken for a KVM that drops traps (its own run
+    /// then says that none of its CPUIDs trapped). A failure elsewhere is itself.
+    fn probe_trap(&self, spec: &RunSpec, trap: Trap) -> Result<TrapDelivery, MeasureError> {
+        let payload = &Payload::embedded().map_err(VmError::from)?;
         let key = (payload_key(payload), trap);
         if let Some(delivery) = self.traps.borrow().get(&key) {
             return Ok(*delivery);
         }
         let probe = RunSpec {
             bare_exits: false,
+            cpuid_leaf: 0,
+            cpuid_subleaf: 0,
             ..spec.cpuid_only(1, 0, Shaping::None)
         };
         // At the site itself (an int3 may report the byte after it), never the instruction

@@ -52,8 +52,8 @@ pub fn calibrate(args: &CalibrateArgs) -> Result<(), CommandError> {
         super::commit(output, calibration.to_json()?.as_bytes())?;
     }
     let p10 = calibration.robust_excess_p10_ns;
-    println!(
-        "calibration written to {}: {} native runs (CPUID over the floor, p10: {:.0} ± {:.0} ns), {} hw-assist runs; seed line log10(CPUID) = {:.3} + {:.3} × log10(NOP)",
+    super::print(&format!(
+        "calibration written to {}: {} native runs (CPUID over the floor, p10: {:.0} ± {:.0} ns), {} hw-assist runs; seed line log10(CPUID) = {:.3} + {:.3} × log10(NOP)\n",
         args.out.display(),
         calibration.native_runs.len(),
         p10.mean,
@@ -61,7 +61,7 @@ pub fn calibrate(args: &CalibrateArgs) -> Result<(), CommandError> {
         calibration.virtual_runs.len(),
         calibration.seed_line.intercept,
         calibration.seed_line.slope,
-    );
+    ))?;
     Ok(())
 }
 

@@ -104,18 +104,15 @@ pub fn compare(args: &CompareArgs) -> Result<(), CommandError> {
             failed: failed.clone(),
             partial: interrupted.is_some(),
         };
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        super::print(&(serde_json::to_string_pretty(&report)? + "\n"))?;
     } else {
-        print!(
-            "{}",
-            render(
-                &session.host,
-                &columns,
-                &refused,
-                &failed,
-                session.calibration.calibrated
-            )
-        );
+        super::print(&render(
+            &session.host,
+            &columns,
+            &refused,
+            &failed,
+            session.calibration.calibrated,
+        ))?;
     }
     if let Some(output) = plot_file {
         plot::write(output, &plot_runs, &session.calibration)?;

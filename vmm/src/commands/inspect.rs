@@ -58,9 +58,9 @@ pub fn inspect(args: &InspectArgs) -> Result<(), CommandError> {
     let payload = load_payload(Some(&args.file))?;
     let report = report(&payload);
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        super::print(&(serde_json::to_string_pretty(&report)? + "\n"))?;
     } else {
-        print!("{}", render(&report));
+        super::print(&render(&report))?;
     }
     Ok(())
 }

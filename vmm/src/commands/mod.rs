@@ -51,6 +51,8 @@ pub enum CommandError {
     NothingMeasured,
     #[error("{0}")]
     Requirement(String),
+    #[error("cannot write to stdout: {0}")]
+    Stdout(std::io::Error),
     #[error("--shard: {0}")]
     Shard(String),
     #[error("{runs} run(s) failed, in: {cells} (the report keeps every other run)")]
@@ -87,6 +89,17 @@ pub fn create_output(path: Option<&Path>) -> Result<Option<Output>, CommandError
         })
     })
     .transpose()
+}
+
+/// Prints `text` to stdout, an error (not a panic) when stdout is closed or full: the
+/// measurement is done, and a reader that went away must not turn it into a crash.
+pub fn print(text: &str) -> Result<(), CommandError> {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+        .map_err(CommandError::Stdout)
 }
 
 /// Writes a prepared output in place.

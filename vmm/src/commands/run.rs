@@ -44,9 +44,9 @@ pub fn run(args: &RunArgs) -> Result<(), CommandError> {
     let (report, measurement) = session.run(&spec, args.output.raw, console)?;
 
     if args.output.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        super::print(&(serde_json::to_string_pretty(&report)? + "\n"))?;
     } else {
-        print!("{}", report::table::render(&report));
+        super::print(&report::table::render(&report))?;
     }
     if let Some(output) = csv_file {
         let mut csv = Vec::new();

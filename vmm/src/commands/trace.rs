@@ -125,9 +125,9 @@ pub fn trace(args: &TraceArgs) -> Result<(), CommandError> {
             paths: lives.clone(),
             refused: refused.clone(),
         };
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        super::print(&(serde_json::to_string_pretty(&report)? + "\n"))?;
     } else {
-        print!("{}", render(&lives, &refused, &session.host));
+        super::print(&render(&lives, &refused, &session.host))?;
     }
     if let Some(output) = svg_file {
         super::commit(output, svg(&lives).as_bytes())?;

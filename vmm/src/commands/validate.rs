@@ -46,9 +46,9 @@ impl Outputs {
         calibration: &crate::detector::Calibration,
     ) -> Result<(), CommandError> {
         if print_json {
-            println!("{}", serde_json::to_string_pretty(report)?);
+            super::print(&(serde_json::to_string_pretty(report)? + "\n"))?;
         } else {
-            print!("{}", render_table(report));
+            super::print(&render_table(report))?;
         }
         let write = |output: Option<Output>, text: String| -> Result<(), CommandError> {
             output.map_or(Ok(()), |output| super::commit(output, text.as_bytes()))

@@ -193,9 +193,11 @@ impl Calibration {
     }
 
     pub fn load(path: &Path) -> Result<Self, CalibrationError> {
-        let text = std::fs::read_to_string(path).map_err(|source| CalibrationError::Read {
-            path: path.to_owned(),
-            source,
+        let text = crate::input::read_text_capped(path, crate::input::MAX_CONFIG_BYTES).map_err(|source| {
+            CalibrationError::Read {
+                path: path.to_owned(),
+                source,
+            }
         })?;
         let calibration: Self = serde_json::from_str(&text).map_err(|source| CalibrationError::Parse {
             path: path.to_owned(),

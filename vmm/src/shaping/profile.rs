@@ -47,6 +47,15 @@ impl Distribution {
             Distribution::Empirical { cycles } if cycles.is_empty() => {
                 Err("an empirical distribution needs at least one value")
             }
+            Distribution::Normal { mean, sd } if mean + 6.0 * sd > crate::limits::MAX_SHAPING_CYCLES as f64 => {
+                Err("a normal distribution's draws must stay under 10,000,000,000 cycles")
+            }
+            Distribution::Empirical { cycles } if cycles.iter().any(|&c| c > crate::limits::MAX_SHAPING_CYCLES) => {
+                Err("an empirical value is over 10,000,000,000 cycles")
+            }
+            Distribution::Fixed { cycles } if *cycles > crate::limits::MAX_SHAPING_CYCLES => {
+                Err("a fixed value is over 10,000,000,000 cycles")
+            }
             _ => Ok(()),
         }
     }
@@ -55,7 +64,9 @@ impl Distribution {
     pub fn sample(&self, rng: &mut SplitMix64) -> u64 {
         match self {
             Distribution::Fixed { cycles } => *cycles,
-            Distribution::Normal { mean, sd } => (mean + sd * rng.standard_normal()).max(0.0).round() as u64,
+            Distribution::Normal { mean, sd } => (mean + sd * rng.standard_normal())
+                .clamp(0.0, crate::limits::MAX_SHAPING_CYCLES as f64)
+                .round() as u64,
             Distribution::Empirical { cycles } => cycles[(rng.next_u64() % cycles.len() as u64) as usize],
         }
     }
@@ -128,9 +139,11 @@ impl Profile {
                 known: built_in_names().join(", "),
             });
         }
-        let text = std::fs::read_to_string(path).map_err(|source| ProfileError::Read {
-            path: path.to_owned(),
-            source,
+        let text = crate::input::read_text_capped(path, crate::input::MAX_CONFIG_BYTES).map_err(|source| {
+            ProfileError::Read {
+                path: path.to_owned(),
+                source,
+            }
         })?;
         Self::parse(&text, path)
     }
@@ -243,6 +256,17 @@ mod tests {
         let sd = (draws.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / draws.len() as f64).sqrt();
         assert!((mean - 10_000.0).abs() < 50.0, "mean {mean}");
         assert!((sd - 1_000.0).abs() < 50.0, "sd {sd}");
+    }
+
+    #[test]
+    fn values_past_the_shaping_limit_are_refused() {
+        for text in [
+            r#"{"name":"x","description":"d","sources":["s 1"],"distribution":{"kind":"fixed","cycles":18446744073709551615}}"#,
+            r#"{"name":"x","description":"d","sources":["s 1"],"distribution":{"kind":"empirical","cycles":[1, 9223372036854775808]}}"#,
+            r#"{"name":"x","description":"d","sources":["s 1"],"distribution":{"kind":"normal","mean":1e19,"sd":1}}"#,
+        ] {
+            assert!(Profile::parse(text, Path::new("p.json")).is_err(), "{text}");
+        }
     }
 
     #[test]

@@ -63,10 +63,17 @@ impl Cell {
 
 fn parse_shaping(text: &str, tsc_khz: u32) -> Result<Option<Shaping>, crate::shaping::profile::ProfileError> {
     let (kind, value) = text.split_once(':').map_or((text, None), |(k, v)| (k, Some(v)));
-    let number = value.and_then(|v| v.parse::<u64>().ok());
+    use crate::limits::{MAX_INJECT_NS, MAX_SHAPING_CYCLES};
+    // A value past the CLI's own bound is no value: the shaping is refused by name.
+    let bounded = |max: u64| {
+        value
+            .and_then(|v| v.parse::<u64>().ok())
+            .filter(|&n| n >= 1 && n <= max)
+    };
+    let number = bounded(MAX_SHAPING_CYCLES);
     Ok(match (kind, value) {
         ("none", None) => Some(Shaping::None),
-        ("inject-ns", Some(_)) => number.map(|ns| Shaping::Inject {
+        ("inject-ns", Some(_)) => bounded(MAX_INJECT_NS).map(|ns| Shaping::Inject {
             cycles: plan::ns_to_cycles(ns, tsc_khz),
         }),
         ("inject-cycles", Some(_)) => number.map(|cycles| Shaping::Inject { cycles }),
@@ -83,9 +90,11 @@ fn parse_shaping(text: &str, tsc_khz: u32) -> Result<Option<Shaping>, crate::sha
 
 impl MatrixConfig {
     pub fn load(path: &Path) -> Result<Self, ValidationError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ValidationError::Read {
-            path: path.to_owned(),
-            source,
+        let text = crate::input::read_text_capped(path, crate::input::MAX_CONFIG_BYTES).map_err(|source| {
+            ValidationError::Read {
+                path: path.to_owned(),
+                source,
+            }
         })?;
         let config: Self = serde_json::from_str(&text).map_err(|source| ValidationError::Parse {
             path: path.to_owned(),
@@ -95,24 +104,38 @@ impl MatrixConfig {
             path: path.to_owned(),
             why,
         };
-        if config.repeats == 0 || config.repeats > 10_000 {
-            return Err(invalid(format!("repeats must be 1..=10000, not {}", config.repeats)));
-        }
-        if config.iterations == 0 || config.iterations > crate::measure::MAX_ITERATIONS {
-            return Err(invalid(format!(
-                "iterations must be 1..={}, not {}",
-                crate::measure::MAX_ITERATIONS,
-                config.iterations
-            )));
-        }
+        use crate::limits::{check_range, MAX_REPEATS, MAX_WARMUP};
+        check_range("repeats", u64::from(config.repeats), 1, u64::from(MAX_REPEATS)).map_err(invalid)?;
+        check_range("warmup", u64::from(config.warmup), 0, u64::from(MAX_WARMUP)).map_err(invalid)?;
+        check_range(
+            "iterations",
+            u64::from(config.iterations),
+            1,
+            u64::from(crate::limits::MAX_ITERATIONS),
+        )
+        .map_err(invalid)?;
         if config.modes.is_empty() || config.shaping.is_empty() || config.busy.is_empty() {
             return Err(invalid("modes, shaping and busy each need at least one value".into()));
         }
         if let Some(Err(why)) = config.modes.iter().map(|m| m.parse::<CpuidPath>()).find(Result::is_err) {
             return Err(invalid(why));
         }
-        if let Some(&busy) = config.busy.iter().find(|&&b| b > 256) {
-            return Err(invalid(format!("busy {busy} is more than 256 threads")));
+        if let Some(&busy) = config.busy.iter().find(|&&b| b > crate::limits::MAX_BUSY) {
+            return Err(invalid(format!(
+                "busy {busy} is more than {} threads",
+                crate::limits::MAX_BUSY
+            )));
+        }
+        let cells = (config.modes.len() as u64)
+            .saturating_mul(config.shaping.len() as u64)
+            .saturating_mul(config.busy.len() as u64);
+        let jobs = cells.saturating_mul(u64::from(config.repeats));
+        if jobs > crate::limits::MAX_JOBS {
+            return Err(invalid(format!(
+                "{cells} cells × {} repeats is {jobs} jobs, more than {}",
+                config.repeats,
+                crate::limits::MAX_JOBS
+            )));
         }
         for requirement in &config.requirements {
             requirement
@@ -298,6 +321,26 @@ mod tests {
         )
         .unwrap();
         assert!(bad_shaping.cells(1, Path::new("t")).is_err());
+    }
+
+    #[test]
+    fn files_meet_the_command_lines_limits() {
+        let base =
+            |extra: &str| format!(r#"{{"description":"t","repeats":1,"iterations":10,"modes":["paravirt"]{extra}}}"#);
+        // A warm-up the CLI refuses, a spin of 584 years, a hide target past any cost.
+        for extra in [
+            r#","warmup":4000000000"#,
+            r#","shaping":["inject-ns:18446744073709551615"]"#,
+            r#","shaping":["inject-cycles:18446744073709551615"]"#,
+            r#","shaping":["hide:9223372036854775808"]"#,
+        ] {
+            let parsed = config(&base(extra)).and_then(|c| c.cells(2_000_000, Path::new("t")).map(|_| ()));
+            assert!(parsed.is_err(), "{extra} was accepted");
+        }
+        // Jobs past the limit: 10,000 repeats of 200 cells.
+        let modes = vec!["\"paravirt\""; 200].join(",");
+        let many = format!(r#"{{"description":"t","repeats":10000,"iterations":10,"modes":[{modes}]}}"#);
+        assert!(matches!(config(&many), Err(ValidationError::Invalid { why, .. }) if why.contains("jobs")));
     }
 
     #[test]

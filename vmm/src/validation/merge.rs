@@ -7,27 +7,14 @@ use super::{Shard, ValidationError};
 use crate::report::SCHEMA_VERSION;
 use std::path::{Path, PathBuf};
 
-/// The largest report `merge` reads: far above any matrix's, far below memory.
-const MAX_REPORT_BYTES: u64 = 512 << 20;
-
 /// Reads one report's inputs (what was measured; the derived parts are recomputed).
 pub fn read(path: &Path) -> Result<ValidationInputs, ValidationError> {
-    use std::io::Read;
-    let read_error = |source| ValidationError::ReadReport {
-        path: path.to_owned(),
-        source,
-    };
-    let mut text = String::new();
-    std::fs::File::open(path)
-        .map_err(read_error)?
-        .take(MAX_REPORT_BYTES + 1)
-        .read_to_string(&mut text)
-        .map_err(read_error)?;
-    if text.len() as u64 > MAX_REPORT_BYTES {
-        return Err(read_error(std::io::Error::other(format!(
-            "larger than {MAX_REPORT_BYTES} bytes"
-        ))));
-    }
+    let text = crate::input::read_text_capped(path, crate::input::MAX_REPORT_BYTES).map_err(|source| {
+        ValidationError::ReadReport {
+            path: path.to_owned(),
+            source,
+        }
+    })?;
     // The schema version first, so another version is named as such, not as a parse error.
     let version = serde_json::from_str::<serde_json::Value>(&text)
         .map_err(|source| ValidationError::ParseReport {

@@ -112,10 +112,11 @@ impl Payload {
 
     /// A payload from a file (`--payload FILE`).
     pub fn from_file(path: &Path) -> Result<Self, LoaderError> {
-        let bytes = std::fs::read(path).map_err(|source| LoaderError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
+        let bytes =
+            crate::input::read_capped(path, crate::input::MAX_PAYLOAD_BYTES).map_err(|source| LoaderError::Read {
+                path: path.to_owned(),
+                source,
+            })?;
         Self::parse(std::borrow::Cow::Owned(bytes), PayloadSource::File(path.to_owned()))
     }
 
