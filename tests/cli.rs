@@ -327,3 +327,19 @@ fn devices_are_refused_as_inputs() {
         );
     }
 }
+
+/// The native runner is held to --timeout as a guest is: ten million samples per probe on a
+/// host whose CPUID is itself an exit do not fit in a second.
+#[test]
+fn a_native_run_stops_at_its_deadline() {
+    let Some(_vm) = common::vm_test() else { return };
+    let started = std::time::Instant::now();
+    let output = vmm(&["run", "--mode", "native", "-n", "10000000", "--timeout", "1"]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        common::stderr(&output).contains("passed its deadline (1s)"),
+        "{}",
+        common::stderr(&output)
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+}

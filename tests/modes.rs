@@ -314,3 +314,33 @@ int vmm_detect(struct vmm_run *run) {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A handler's injected spin is bounded by the run's deadline too: a second per exit for
+/// 20,100 exits would spin for hours, out of the watchdog's reach between exits.
+#[test]
+fn an_injected_spin_stops_at_the_runs_deadline() {
+    let Some(_vm) = vm_test() else { return };
+    let started = std::time::Instant::now();
+    let output = vmm(&[
+        "run",
+        "--mode",
+        "trap-emulate",
+        "--trap",
+        "io-patch",
+        "--inject-ns",
+        "1000000000",
+        "--timeout",
+        "1",
+    ]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        stderr(&output).contains("did not ring \"done\" within 1s"),
+        "{}",
+        stderr(&output)
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+}

@@ -313,7 +313,7 @@ impl Measurer {
         if spec.path == Path::Native {
             let config = self.with_tsc_rate(spec.guest_config());
             let run = match native_twin(payload)? {
-                None => native::run(&config, spec.cpu)?,
+                None => native::run(&config, spec.cpu, spec.timeout)?,
                 Some(twin) => native::run_twin(&twin, &config, spec.cpu, spec.timeout)?,
             };
             return Ok(Measurement {

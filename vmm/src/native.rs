@@ -17,6 +17,10 @@ pub enum NativeError {
     Thread(std::io::Error),
     #[error("the measuring thread panicked")]
     Panicked,
+    #[error(
+        "the native run passed its deadline ({timeout:?}) and was stopped; raise --timeout if the run is just long"
+    )]
+    PastDeadline { timeout: Duration },
     #[error("cannot run the native twin {twin}: {source}")]
     Twin { twin: String, source: std::io::Error },
     #[error("the native twin {twin} ran past --timeout ({timeout:?}) and was killed")]
@@ -45,6 +49,9 @@ pub struct NativeRun {
     /// The payload's own verdict (native twins of SDK payloads).
     pub verdict: Option<crate::vm::PayloadVerdictReport>,
 }
+
+/// Samples of one probe measured between two looks at the deadline.
+const NATIVE_CHUNK: usize = 65_536;
 
 /// The CPUs this process may run on.
 pub fn allowed_cpus() -> Vec<usize> {
@@ -90,7 +97,7 @@ fn measuring_cpu(asked: Option<usize>) -> Result<usize, NativeError> {
 
 /// Runs the timing core on the host as `config` asks, pinned to `cpu` (default: the last
 /// CPU this process may use, away from CPU 0's interrupt load).
-pub fn run(config: &Config, cpu: Option<usize>) -> Result<NativeRun, NativeError> {
+pub fn run(config: &Config, cpu: Option<usize>, timeout: Duration) -> Result<NativeRun, NativeError> {
     let cpu = measuring_cpu(cpu)?;
     let config = *config;
     let thread = std::thread::Builder::new()
@@ -105,9 +112,21 @@ pub fn run(config: &Config, cpu: Option<usize>) -> Result<NativeRun, NativeError
                 cpuid_path: CpuidPath::Instruction,
             };
             let mut samples = ProbeSamples::new();
+            let deadline = started + timeout;
             for probe in probes_in(config.probes) {
                 let mut out: Vec<Cycles> = vec![0; config.iterations as usize];
-                timing::measure(probe, &request, &mut out);
+                // In chunks, so that the deadline is checked as a guest's run is: the
+                // warm-up comes before the first chunk only, as in one call.
+                for (i, chunk) in out.chunks_mut(NATIVE_CHUNK).enumerate() {
+                    if Instant::now() > deadline {
+                        return Err(NativeError::PastDeadline { timeout });
+                    }
+                    let request = Request {
+                        warmup: if i == 0 { request.warmup } else { 0 },
+                        ..request
+                    };
+                    timing::measure(probe, &request, chunk);
+                }
                 samples.insert(probe, out);
             }
             let snapshot = config.flags & guest_payload::flags::CPUID_SNAPSHOT != 0;
@@ -309,7 +328,7 @@ mod tests {
             ..Default::default()
         };
         let cpu = allowed_cpus()[0];
-        let run = run(&config, Some(cpu)).unwrap();
+        let run = run(&config, Some(cpu), Duration::from_secs(60)).unwrap();
         assert_eq!(run.cpu, cpu);
         assert_eq!(run.samples.len(), 3);
         assert!(run.samples.values().all(|s| s.len() == 200));
@@ -367,7 +386,7 @@ mod tests {
             ..Default::default()
         };
         assert!(matches!(
-            run(&config, Some(100_000)),
+            run(&config, Some(100_000), Duration::from_secs(60)),
             Err(NativeError::CpuNotAllowed { .. })
         ));
     }

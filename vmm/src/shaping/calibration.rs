@@ -76,7 +76,7 @@ pub fn prepare(
             let config = spec
                 .cpuid_only(CALIBRATION_ITERATIONS, spec.warmup, Shaping::None)
                 .guest_config();
-            let native = native::run(&config, spec.cpu)?;
+            let native = native::run(&config, spec.cpu, spec.timeout)?;
             let median = native.samples.get(&Probe::Cpuid).map_or(0, |s| stats::median(s));
             u64::try_from(median).unwrap_or(0)
         }

@@ -167,7 +167,7 @@ impl Shaper {
         let delta = match &self.shaping {
             Shaping::None => 0,
             Shaping::Inject { cycles } => {
-                plan::spin_until(vcpu.now(), *cycles, || vcpu.now());
+                plan::spin_until(vcpu.now(), *cycles, || vcpu.now(), || vcpu.past_deadline());
                 0
             }
             Shaping::VirtualInject { cycles } => i64::try_from(*cycles).unwrap_or(i64::MAX),

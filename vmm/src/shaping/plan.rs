@@ -71,12 +71,12 @@ impl ResidueBounds {
 }
 
 /// Spins until the TSC read by `now` reaches `start + cycles`; returns the cycles spent.
-pub fn spin_until(start: u64, cycles: u64, mut now: impl FnMut() -> u64) -> u64 {
+pub fn spin_until(start: u64, cycles: u64, mut now: impl FnMut() -> u64, mut stop: impl FnMut() -> bool) -> u64 {
     let deadline = start.saturating_add(cycles);
     loop {
         let t = now();
-        if t >= deadline {
-            return t - start;
+        if t >= deadline || stop() {
+            return t.saturating_sub(start);
         }
         std::hint::spin_loop();
     }
@@ -217,12 +217,29 @@ mod tests {
     #[test]
     fn spinning_stops_at_the_deadline_of_a_simulated_clock() {
         let mut clock = 1_000u64;
-        let spent = spin_until(1_000, 250, || {
-            clock += 100;
-            clock
-        });
+        let spent = spin_until(
+            1_000,
+            250,
+            || {
+                clock += 100;
+                clock
+            },
+            || false,
+        );
         assert_eq!(spent, 300, "the first reading at or past the deadline");
-        assert_eq!(spin_until(10, 0, || 10), 0);
+        assert_eq!(spin_until(10, 0, || 10, || false), 0);
+        // The run's deadline stops a spin however long it was asked to be.
+        let mut polls = 0;
+        let spent = spin_until(
+            0,
+            u64::MAX,
+            || 5,
+            || {
+                polls += 1;
+                polls > 3
+            },
+        );
+        assert_eq!(spent, 5);
     }
 
     #[test]

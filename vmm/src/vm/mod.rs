@@ -251,6 +251,7 @@ impl GuestVm {
             ..Default::default()
         };
         let watchdog = Watchdog::arm(timeout)?;
+        self.vcpu.watch_deadline(watchdog.fired_flag());
         stats.setup = self.created.elapsed();
         let started = Instant::now();
         let result = self.run_loop(handler, &watchdog, &mut stats, trace);

@@ -189,4 +189,8 @@ impl Vcpu for TracingVcpu<'_, '_> {
     fn now(&self) -> u64 {
         self.inner.now()
     }
+
+    fn past_deadline(&self) -> bool {
+        self.inner.past_deadline()
+    }
 }

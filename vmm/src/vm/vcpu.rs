@@ -40,6 +40,11 @@ pub trait Vcpu {
     fn move_tsc(&mut self, delta: i64) -> Result<(), VcpuError>;
     /// The host's TSC now: the clock exit handling measures itself with.
     fn now(&self) -> u64;
+    /// True once the run's deadline has passed: work inside an exit (an injected spin)
+    /// stops, and the run loop reports the guest as hung.
+    fn past_deadline(&self) -> bool {
+        false
+    }
 }
 
 /// How the registers travel between KVM and the VMM.
@@ -61,6 +66,8 @@ pub struct KvmVcpu {
     cached: Option<kvm_regs>,
     dirty: bool,
     tsc: Option<TscMover>,
+    /// Set by the watchdog at the run's deadline.
+    deadline: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
@@ -82,7 +89,13 @@ impl KvmVcpu {
             cached: None,
             dirty: false,
             tsc: None,
+            deadline: None,
         }
+    }
+
+    /// The watchdog's flag for this run (see [`Vcpu::past_deadline`]).
+    pub fn watch_deadline(&mut self, fired: std::sync::Arc<std::sync::atomic::AtomicBool>) {
+        self.deadline = Some(fired);
     }
 
     pub fn access(&self) -> RegisterAccess {
@@ -173,6 +186,12 @@ impl Vcpu for KvmVcpu {
 
     fn now(&self) -> u64 {
         guest_payload::timing::read_tsc()
+    }
+
+    fn past_deadline(&self) -> bool {
+        self.deadline
+            .as_ref()
+            .is_some_and(|fired| fired.load(std::sync::atomic::Ordering::Acquire))
     }
 }
 

@@ -148,6 +148,12 @@ impl Watchdog {
     pub fn fired(&self) -> bool {
         self.fired.load(Ordering::Acquire)
     }
+
+    /// The flag the watchdog sets at the deadline, for work inside an exit (a handler's
+    /// spin) that must stop there too.
+    pub fn fired_flag(&self) -> Arc<AtomicBool> {
+        self.fired.clone()
+    }
 }
 
 impl Drop for Watchdog {
