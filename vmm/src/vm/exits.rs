@@ -161,17 +161,54 @@ impl ExitKind {
     }
 }
 
-/// Per-kind handler times of one run.
+/// Handler times kept per kind of exit: every one up to this many, then a uniform sample
+/// of this size (reservoir sampling, Algorithm R), so that a guest flooding the console or
+/// a port cannot grow the VMM's memory. Counts stay exact; medians are exact up to here.
+pub const KEPT_PER_KIND: usize = 1 << 16;
+
+/// One kind's exits: how many, and the handler times kept.
+#[derive(Clone, Debug)]
+struct KindStats {
+    count: u64,
+    kept: Vec<u64>,
+    rng: crate::shaping::profile::SplitMix64,
+}
+
+impl KindStats {
+    fn with_capacity(capacity: usize) -> Self {
+        Self {
+            count: 0,
+            kept: Vec::with_capacity(capacity.min(KEPT_PER_KIND)),
+            rng: crate::shaping::profile::SplitMix64::new(0x0e41_7c0d),
+        }
+    }
+
+    fn record(&mut self, cycles: u64) {
+        if self.kept.len() < KEPT_PER_KIND {
+            self.kept.push(cycles);
+        } else {
+            // The n-th exit (1-based) replaces a kept one with probability KEPT / n.
+            let slot = self.rng.next_u64() % (self.count + 1);
+            if let Some(kept) = self.kept.get_mut(slot as usize) {
+                *kept = cycles;
+            }
+        }
+        self.count += 1;
+    }
+}
+
+/// Per-kind handler times of one run, in bounded memory.
 #[derive(Clone, Debug, Default)]
 pub struct ExitStats {
-    handler_cycles: BTreeMap<ExitKind, Vec<u64>>,
+    kinds: BTreeMap<ExitKind, KindStats>,
 }
 
 /// What the reports show for one kind of exit.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
 pub struct ExitSummary {
     pub count: u64,
-    /// Median host cycles from KVM_RUN's return to the next KVM_RUN.
+    /// Median host cycles from KVM_RUN's return to the next KVM_RUN (of the kept times:
+    /// exact up to [`KEPT_PER_KIND`] exits, of a uniform sample of them beyond).
     pub handler_cycles_median: u64,
 }
 
@@ -181,31 +218,35 @@ impl ExitStats {
     pub fn with_expected_cpuid_exits(count: usize) -> Self {
         let mut stats = Self::default();
         for kind in [ExitKind::CpuidTrap, ExitKind::CpuidHypercall] {
-            stats.handler_cycles.insert(kind, Vec::with_capacity(count));
+            stats.kinds.insert(kind, KindStats::with_capacity(count));
         }
         stats
     }
 
     pub fn record(&mut self, kind: ExitKind, handler_cycles: u64) {
-        self.handler_cycles.entry(kind).or_default().push(handler_cycles);
+        self.kinds
+            .entry(kind)
+            .or_insert_with(|| KindStats::with_capacity(0))
+            .record(handler_cycles);
     }
 
     pub fn count(&self, kind: ExitKind) -> u64 {
-        self.handler_cycles.get(&kind).map_or(0, |v| v.len() as u64)
+        self.kinds.get(&kind).map_or(0, |k| k.count)
     }
 
+    /// The handler times kept (all of them up to [`KEPT_PER_KIND`]).
     pub fn handler_cycles(&self, kind: ExitKind) -> &[u64] {
-        self.handler_cycles.get(&kind).map_or(&[], |v| v.as_slice())
+        self.kinds.get(&kind).map_or(&[], |k| k.kept.as_slice())
     }
 
     pub fn summary(&self) -> BTreeMap<String, ExitSummary> {
-        self.handler_cycles
+        self.kinds
             .iter()
-            .filter(|(_, cycles)| !cycles.is_empty())
-            .map(|(kind, cycles)| {
+            .filter(|(_, k)| k.count > 0)
+            .map(|(kind, k)| {
                 let summary = ExitSummary {
-                    count: cycles.len() as u64,
-                    handler_cycles_median: stats::median(cycles),
+                    count: k.count,
+                    handler_cycles_median: stats::median(&k.kept),
                 };
                 (kind.name().to_owned(), summary)
             })
@@ -238,5 +279,18 @@ mod tests {
             !summary.contains_key("cpuid-hypercall"),
             "preallocated but empty: not reported"
         );
+    }
+
+    #[test]
+    fn a_flood_of_exits_is_counted_exactly_in_bounded_memory() {
+        let mut stats = ExitStats::default();
+        let flood = KEPT_PER_KIND as u64 * 4;
+        for i in 0..flood {
+            stats.record(ExitKind::Console, 100 + i % 2);
+        }
+        assert_eq!(stats.count(ExitKind::Console), flood);
+        assert_eq!(stats.handler_cycles(ExitKind::Console).len(), KEPT_PER_KIND);
+        // A uniform sample of a half-100, half-101 stream has its median in it.
+        assert!([100, 101].contains(&stats.summary()["console-io"].handler_cycles_median));
     }
 }
