@@ -21,6 +21,7 @@ pub mod arch;
 pub mod busy;
 pub mod cli;
 pub mod commands;
+pub mod console;
 pub mod detector;
 pub mod doctor;
 pub mod experiment;

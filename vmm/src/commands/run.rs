@@ -39,9 +39,19 @@ pub fn run(args: &RunArgs) -> Result<(), CommandError> {
         busy: usize::from(args.detector.busy),
         ..RunSpec::new(Path::new(args.mode, args.trap))
     };
-    let mut stderr = std::io::stderr();
-    let console: Option<&mut dyn Write> = if args.output.console { Some(&mut stderr) } else { None };
+    let mut terminal = args
+        .output
+        .console
+        .then(|| crate::console::Console::spawn(std::io::stderr()));
+    let console = terminal.as_mut().map(|c| c as &mut dyn Write);
     let (report, measurement) = session.run(&spec, args.output.raw, console)?;
+    if let Some(dropped) = terminal
+        .as_ref()
+        .map(crate::console::Console::dropped)
+        .filter(|&n| n > 0)
+    {
+        eprintln!("vmm: {dropped} console bytes were dropped: stderr did not keep up with the guest");
+    }
 
     if args.output.json {
         super::print(&(serde_json::to_string_pretty(&report)? + "\n"))?;
