@@ -141,6 +141,11 @@ pub fn run_checks() -> Vec<Check> {
         format!("{:.3} GHz ({})", f64::from(tsc.khz) / 1e6, tsc.source.describe()),
     ));
 
+    checks.push(check(
+        "sandbox",
+        Verdict::Warn,
+        "guest RAM is excluded from core dumps (MADV_DONTDUMP); the vCPU runs with the VMM's own privileges, under no seccomp filter yet",
+    ));
     if let Some(measurer) = &kvm {
         checks.push(boot_check(measurer));
         checks.push(match measurer.rdtscp_in_guest() {

@@ -256,7 +256,8 @@ fn load_segments(b: &[u8]) -> Result<Vec<Segment>, LoaderError> {
     for i in 0..phnum {
         let at = phoff
             .checked_add(i * PHDR_SIZE)
-            .ok_or(LoaderError::Malformed("program header offset overflows"))?;
+            .filter(|at| at.checked_add(PHDR_SIZE).is_some_and(|end| end <= b.len()))
+            .ok_or(LoaderError::Malformed("a program header lies past the end of the file"))?;
         if u32_at(b, at)? != PT_LOAD {
             continue;
         }
@@ -334,7 +335,8 @@ fn symbols(b: &[u8]) -> Result<HashMap<String, u64>, LoaderError> {
     let section = |i: usize| -> Result<(u32, u32, usize, usize), LoaderError> {
         let at = shoff
             .checked_add(i * SHDR_SIZE)
-            .ok_or(LoaderError::Malformed("section header offset overflows"))?;
+            .filter(|at| at.checked_add(SHDR_SIZE).is_some_and(|end| end <= b.len()))
+            .ok_or(LoaderError::Malformed("a section header lies past the end of the file"))?;
         Ok((
             u32_at(b, at + 4)?,
             u32_at(b, at + 40)?,
@@ -342,10 +344,15 @@ fn symbols(b: &[u8]) -> Result<HashMap<String, u64>, LoaderError> {
             u64_at(b, at + 32)? as usize,
         ))
     };
+    // An ELF has at most one symbol table; a crafted file with thousands of sections all
+    // naming one big table would otherwise cost minutes before any VM starts.
     for i in 0..shnum {
         let (kind, link, offset, size) = section(i)?;
         if kind != SHT_SYMTAB {
             continue;
+        }
+        if !symbols.is_empty() {
+            break;
         }
         let (_, _, str_offset, str_size) = section(link as usize)?;
         let strings = slice(b, str_offset, str_size)?;
@@ -482,6 +489,45 @@ mod tests {
         let payload = parse(tiny_elf(EM_X86_64, PAYLOAD_START, &code)).unwrap();
         assert_eq!(payload.cpuid_sites, vec![PAYLOAD_START + 1, PAYLOAD_START + 8]);
         assert!(payload.info.is_none(), "no symbol table, no declaration");
+    }
+
+    #[test]
+    fn thousands_of_symbol_table_sections_cost_one_table() {
+        // A file whose 60,000 section headers all name the same 100,000-symbol table.
+        let mut b = tiny_elf(EM_X86_64, PAYLOAD_START, &[0xf4]);
+        let table_at = b.len();
+        b.extend(std::iter::repeat_n(0u8, SYM_SIZE * 100_000));
+        let strings_at = b.len();
+        b.extend_from_slice(b"\0x\0");
+        let shoff = b.len();
+        let sections = 60_000usize;
+        for _ in 0..sections {
+            let mut sh = [0u8; SHDR_SIZE];
+            sh[4..8].copy_from_slice(&SHT_SYMTAB.to_le_bytes());
+            sh[24..32].copy_from_slice(&(table_at as u64).to_le_bytes());
+            sh[32..40].copy_from_slice(&((SYM_SIZE * 100_000) as u64).to_le_bytes());
+            sh[40..44].copy_from_slice(&0u32.to_le_bytes()); // link: section 0 is the strings
+            b.extend_from_slice(&sh);
+        }
+        // Section 0 doubles as the string table here: point it at the strings.
+        b[shoff + 24..shoff + 32].copy_from_slice(&(strings_at as u64).to_le_bytes());
+        b[shoff + 32..shoff + 40].copy_from_slice(&3u64.to_le_bytes());
+        b[shoff + 4..shoff + 8].copy_from_slice(&0u32.to_le_bytes());
+        // Every symbol names "x" (offset 1).
+        for sym in b[table_at..strings_at].chunks_exact_mut(SYM_SIZE) {
+            sym[0..4].copy_from_slice(&1u32.to_le_bytes());
+        }
+        b[40..48].copy_from_slice(&(shoff as u64).to_le_bytes());
+        b[58..60].copy_from_slice(&(SHDR_SIZE as u16).to_le_bytes());
+        b[60..62].copy_from_slice(&(sections as u16).to_le_bytes());
+        let started = std::time::Instant::now();
+        let payload = parse(b).unwrap();
+        assert_eq!(payload.symbol("x"), Some(0));
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
     }
 
     #[test]

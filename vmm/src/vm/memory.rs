@@ -3,7 +3,7 @@
 use crate::arch::x86_64::{gdt, paging};
 use guest_payload::layout::{GDT_ADDR, IDENTITY_MAP_BYTES, RAM_GRANULE, RESULT_ADDR};
 use guest_payload::{layout, Config};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
@@ -50,8 +50,16 @@ pub fn result_capacity_for(config: &Config) -> Result<u64, MemoryError> {
 /// One anonymous mapping from guest address 0. The kernel hands it out zeroed, which is
 /// also what gives the payload a zeroed `.bss` (the ELF loader copies only file bytes).
 pub fn allocate(size: u64) -> Result<GuestMemoryMmap, MemoryError> {
-    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size as usize)])
-        .map_err(|source| MemoryError::Allocate { size, source })
+    let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size as usize)])
+        .map_err(|source| MemoryError::Allocate { size, source })?;
+    // Guest RAM stays out of core dumps: it is the guest's, and it can be a gigabyte.
+    for region in memory.iter() {
+        // SAFETY: the range is the region's own live mapping; MADV_DONTDUMP only marks it.
+        unsafe {
+            libc::madvise(region.as_ptr().cast(), region.len() as usize, libc::MADV_DONTDUMP);
+        }
+    }
+    Ok(memory)
 }
 
 /// Writes the GDT, the page tables and the config block.
@@ -82,6 +90,30 @@ pub fn read(memory: &GuestMemoryMmap, addr: u64, len: usize) -> Result<Vec<u8>, 
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn guest_ram_is_kept_out_of_core_dumps() {
+        let memory = allocate(2 << 20).unwrap();
+        let start = memory.iter().next().unwrap().as_ptr() as usize;
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut lines = smaps.lines();
+        let mut flags = None;
+        while let Some(line) = lines.next() {
+            let Some((range, _)) = line.split_once(' ') else {
+                continue;
+            };
+            let Some((from, _)) = range.split_once('-') else {
+                continue;
+            };
+            if usize::from_str_radix(from, 16) == Ok(start) {
+                flags = lines.by_ref().find(|l| l.starts_with("VmFlags:")).map(str::to_owned);
+                break;
+            }
+        }
+        let flags = flags.expect("the mapping is in smaps");
+        assert!(flags.split_whitespace().any(|f| f == "dd"), "{flags}");
+    }
+
     use super::*;
 
     #[test]
