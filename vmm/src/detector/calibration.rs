@@ -199,7 +199,12 @@ impl Calibration {
                 source,
             }
         })?;
-        let calibration: Self = serde_json::from_str(&text).map_err(|source| CalibrationError::Parse {
+        Self::parse(&text, path)
+    }
+
+    /// A calibration from its text (`path` names it in messages), checked.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, CalibrationError> {
+        let calibration: Self = serde_json::from_str(text).map_err(|source| CalibrationError::Parse {
             path: path.to_owned(),
             source,
         })?;

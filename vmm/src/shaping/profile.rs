@@ -148,7 +148,8 @@ impl Profile {
         Self::parse(&text, path)
     }
 
-    fn parse(text: &str, path: &Path) -> Result<Self, ProfileError> {
+    /// A profile from its text (`path` names it in messages), checked.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ProfileError> {
         let profile: Profile = serde_json::from_str(text).map_err(|source| ProfileError::Parse {
             path: path.to_owned(),
             source,

@@ -96,7 +96,12 @@ impl MatrixConfig {
                 source,
             }
         })?;
-        let config: Self = serde_json::from_str(&text).map_err(|source| ValidationError::Parse {
+        Self::parse(&text, path)
+    }
+
+    /// A matrix from its text (`path` names it in messages), checked against the limits.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ValidationError> {
+        let config: Self = serde_json::from_str(text).map_err(|source| ValidationError::Parse {
             path: path.to_owned(),
             source,
         })?;

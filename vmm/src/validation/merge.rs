@@ -36,14 +36,43 @@ pub fn read(path: &Path) -> Result<ValidationInputs, ValidationError> {
         path: path.to_owned(),
         source,
     })?;
-    // What `Shard::new` would refuse (a shard 0, a count of 0) is refused from a file too.
-    for shard in inputs.hosts.iter().flat_map(|h| &h.shards) {
-        Shard::new(shard.index, shard.count).map_err(|why| ValidationError::Mismatch {
-            path: path.to_owned(),
-            why,
-        })?;
-    }
+    check(&inputs).map_err(|why| ValidationError::Mismatch {
+        path: path.to_owned(),
+        why,
+    })?;
     Ok(inputs)
+}
+
+/// What a report read from a file must hold before anything is derived from it: shards
+/// `--shard` could name, and records that name a host, a cell and a repeat it lists.
+pub fn check(inputs: &ValidationInputs) -> Result<(), String> {
+    for shard in inputs.hosts.iter().flat_map(|h| &h.shards) {
+        Shard::new(shard.index, shard.count)?;
+    }
+    crate::limits::check_range(
+        "repeats",
+        u64::from(inputs.matrix.repeats),
+        1,
+        u64::from(crate::limits::MAX_REPEATS),
+    )?;
+    if inputs.matrix_cells.len() as u64 > crate::limits::MAX_JOBS {
+        return Err(format!("it lists {} cells", inputs.matrix_cells.len()));
+    }
+    let (hosts, cells, repeats) = (inputs.hosts.len(), inputs.matrix_cells.len(), inputs.matrix.repeats);
+    let records = inputs
+        .runs
+        .iter()
+        .map(|r| (r.host, r.cell, r.repeat))
+        .chain(inputs.failures.iter().map(|f| (f.host, f.cell, f.repeat)))
+        .chain(inputs.refusals.iter().map(|r| (r.host, r.cell, 0)));
+    for (host, cell, repeat) in records {
+        if host >= hosts || cell >= cells || repeat >= repeats {
+            return Err(format!(
+                "a record names host {host}, cell {cell}, repeat {repeat}, beyond its {hosts} hosts, {cells} cells and {repeats} repeats"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Adds `reports` (read from `paths`, in order) into one.

@@ -120,6 +120,12 @@ impl Payload {
         Self::parse(std::borrow::Cow::Owned(bytes), PayloadSource::File(path.to_owned()))
     }
 
+    /// A payload from bytes already in memory (a file's, a fuzzer's), validated as
+    /// `from_file` validates them.
+    pub fn from_bytes(bytes: Vec<u8>, source: PayloadSource) -> Result<Self, LoaderError> {
+        Self::parse(std::borrow::Cow::Owned(bytes), source)
+    }
+
     /// A payload of `code` alone at [`PAYLOAD_START`], made by the VMM for a probe.
     pub fn generated(what: &'static str, code: &[u8]) -> Result<Self, LoaderError> {
         let image = elf_image(EM_X86_64, PAYLOAD_START, code);
