@@ -176,31 +176,8 @@ pub struct ValidateArgs {
     #[arg(long, value_name = "FILE")]
     pub payload: Option<PathBuf>,
 
-    /// Print one JSON document instead of the table.
-    #[arg(long)]
-    pub json: bool,
-
-    /// Also write the confusion matrices as Markdown.
-    #[arg(long, value_name = "FILE.md")]
-    pub markdown: Option<PathBuf>,
-
-    /// Draw every run on the NOP/CPUID plane, and CPUID histograms per mode, as SVG.
-    #[arg(long, value_name = "FILE.svg")]
-    pub plot: Option<PathBuf>,
-
-    /// Also write the JSON report to FILE (what `vmm merge` reads).
-    #[arg(long, short = 'o', value_name = "FILE.json")]
-    pub output: Option<PathBuf>,
-
-    /// Write one JUnit test case per cell × rule (and per requirement), for CI systems.
-    #[arg(long, value_name = "FILE.xml")]
-    pub junit: Option<PathBuf>,
-
-    /// Fail (exit 1, naming each) unless the requirement holds over the whole validation:
-    /// RULE:tpr>=X or RULE:fpr<=X, e.g. robust:tpr>=0.99. Repeat for more; the matrix's
-    /// `requirements` are judged too.
-    #[arg(long, value_name = "RULE:METRIC>=X")]
-    pub require: Vec<String>,
+    #[command(flatten)]
+    pub report: ReportArgs,
 
     /// Run only shard K of N (1-based) of the matrix's jobs (cell × repeat): every job runs
     /// in exactly one of N shards; `vmm merge` adds their reports up. `auto` reads the
@@ -217,27 +194,36 @@ pub struct MergeArgs {
     #[arg(required = true, value_name = "REPORT.json")]
     pub reports: Vec<PathBuf>,
 
-    /// Write the merged JSON report to FILE.
-    #[arg(long, short = 'o', value_name = "FILE.json")]
-    pub output: Option<PathBuf>,
+    #[command(flatten)]
+    pub report: ReportArgs,
+}
 
-    /// Print the merged JSON report instead of the table.
+/// What `validate` and `merge` write, and what they must show to pass.
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// Print one JSON document instead of the table.
     #[arg(long)]
     pub json: bool,
 
-    /// Also write the merged confusion matrices, per host and in total, as Markdown.
+    /// Also write the JSON report to FILE (what `vmm merge` reads).
+    #[arg(long, short = 'o', value_name = "FILE.json")]
+    pub output: Option<PathBuf>,
+
+    /// Also write the confusion matrices, per host and in total, as Markdown.
     #[arg(long, value_name = "FILE.md")]
     pub markdown: Option<PathBuf>,
 
-    /// Draw every merged run on the NOP/CPUID plane, and CPUID histograms, as SVG.
+    /// Draw every run on the NOP/CPUID plane, and CPUID histograms per mode, as SVG.
     #[arg(long, value_name = "FILE.svg")]
     pub plot: Option<PathBuf>,
 
-    /// Write one JUnit test case per cell × rule (and per requirement).
+    /// Write one JUnit test case per cell × rule (and per requirement), for CI systems.
     #[arg(long, value_name = "FILE.xml")]
     pub junit: Option<PathBuf>,
 
-    /// Fail unless the requirement holds over the merged validation (as `validate --require`).
+    /// Fail (exit 1, naming each) unless the requirement holds over the whole validation:
+    /// RULE:tpr>=X or RULE:fpr<=X, e.g. robust:tpr>=0.99. Repeat for more; the matrix's
+    /// `requirements` are judged too.
     #[arg(long, value_name = "RULE:METRIC>=X")]
     pub require: Vec<String>,
 }

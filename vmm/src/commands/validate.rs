@@ -4,7 +4,7 @@
 
 use super::calibrate::progress_bar;
 use super::{create_output, load_calibration, load_payload, CommandError};
-use crate::cli::{MergeArgs, ValidateArgs};
+use crate::cli::{MergeArgs, ReportArgs, ValidateArgs};
 use crate::experiment::Session;
 use crate::measure::RunSpec;
 use crate::output::Output;
@@ -12,7 +12,6 @@ use crate::report::plot;
 use crate::validation::gate::{self, Requirement};
 use crate::validation::report::{CellSpec, Failure, HostIdentity, HostRecord, Refusal, RunRecord, ValidationInputs};
 use crate::validation::{ground_truth, merge, render_markdown, render_table, MatrixConfig, Shard, ValidationReport};
-use std::path::Path;
 
 /// The report's outputs, prepared before anything runs so a bad path costs no run, and
 /// put in place only once written whole (the previous ones stay until then).
@@ -24,17 +23,12 @@ struct Outputs {
 }
 
 impl Outputs {
-    fn create(
-        markdown: Option<&Path>,
-        plot: Option<&Path>,
-        junit: Option<&Path>,
-        json: Option<&Path>,
-    ) -> Result<Self, CommandError> {
+    fn create(args: &ReportArgs) -> Result<Self, CommandError> {
         Ok(Self {
-            markdown: create_output(markdown)?,
-            plot: create_output(plot)?,
-            junit: create_output(junit)?,
-            json: create_output(json)?,
+            markdown: create_output(args.markdown.as_deref())?,
+            plot: create_output(args.plot.as_deref())?,
+            junit: create_output(args.junit.as_deref())?,
+            json: create_output(args.output.as_deref())?,
         })
     }
 
@@ -100,18 +94,13 @@ fn requirements(texts: &[String]) -> Result<Vec<Requirement>, CommandError> {
 
 pub fn validate(args: &ValidateArgs) -> Result<(), CommandError> {
     let config = MatrixConfig::load(&args.config)?;
-    let extra = requirements(&args.require)?;
+    let extra = requirements(&args.report.require)?;
     let shard = match &args.shard {
         Some(text) => text.parse::<Shard>().map_err(CommandError::Shard)?,
         None => Shard::WHOLE,
     };
     let calibration = load_calibration(args.calibration.as_deref())?;
-    let outputs = Outputs::create(
-        args.markdown.as_deref(),
-        args.plot.as_deref(),
-        args.junit.as_deref(),
-        args.output.as_deref(),
-    )?;
+    let outputs = Outputs::create(&args.report)?;
     let session = Session::open(load_payload(args.payload.as_deref())?, calibration);
     let cells = config.cells(session.tsc.khz, &args.config)?;
     let host = HostIdentity::new(&session.host, session.calibration.calibrated);
@@ -211,22 +200,17 @@ pub fn validate(args: &ValidateArgs) -> Result<(), CommandError> {
         failures,
     };
     let report = ValidationReport::assemble(inputs, &extra);
-    outputs.finish(&report, args.json, &session.calibration)
+    outputs.finish(&report, args.report.json, &session.calibration)
 }
 
 pub fn merge(args: &MergeArgs) -> Result<(), CommandError> {
-    let extra = requirements(&args.require)?;
-    let outputs = Outputs::create(
-        args.markdown.as_deref(),
-        args.plot.as_deref(),
-        args.junit.as_deref(),
-        args.output.as_deref(),
-    )?;
+    let extra = requirements(&args.report.require)?;
+    let outputs = Outputs::create(&args.report)?;
     let mut reports = Vec::with_capacity(args.reports.len());
     for path in &args.reports {
         reports.push((path.clone(), merge::read(path)?));
     }
     let report = ValidationReport::assemble(merge::merge(reports)?, &extra);
     // Plots of merged reports draw each run's sketch; the rules' lines are the defaults'.
-    outputs.finish(&report, args.json, &crate::detector::Calibration::uncalibrated())
+    outputs.finish(&report, args.report.json, &crate::detector::Calibration::uncalibrated())
 }
