@@ -294,8 +294,7 @@ int vmm_detect(struct vmm_run *run) {
 "#,
     )
     .unwrap();
-    let make = std::process::Command::new("make").arg("-C").arg(&dir).output().unwrap();
-    assert!(make.status.success(), "{}", String::from_utf8_lossy(&make.stderr));
+    common::make(&dir);
     let elf = dir.join("never.elf");
     for trap in ["hw-breakpoint", "io-patch"] {
         let output = vmm(&[

@@ -142,4 +142,10 @@ fn all_paths_side_by_side_as_text_and_svg() {
     // Shaping that this KVM cannot do is refused for one path, as `run` refuses it.
     let output = vmm(&["trace", "--mode", "paravirt", "--hide"]);
     assert_ne!(output.status.code(), Some(0));
+    // Shaping a path whose exits the VMM never sees is refused, not silently dropped; with
+    // --all those paths say they ran unshaped.
+    let output = vmm(&["trace", "--mode", "hw-assist", "--inject-ns", "1000"]);
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    let output = vmm(&["trace", "--all", "--inject-ns", "1000"]);
+    assert!(String::from_utf8_lossy(&output.stdout).contains("Ran without the inject shaping asked"));
 }

@@ -57,17 +57,23 @@ pub fn build_example(name: &str) -> std::path::PathBuf {
     let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../guest-payload/examples")
         .join(name);
+    make(&dir);
+    dir.join(format!("{name}.elf"))
+}
+
+/// Runs `make` in `dir` (an SDK project), expecting success.
+pub fn make(dir: &std::path::Path) {
     let output = Command::new("make")
         .arg("-C")
-        .arg(&dir)
+        .arg(dir)
         .output()
         .expect("make (installed by .ci/run with gcc)");
     assert!(
         output.status.success(),
-        "make {name}: {}",
+        "make in {}: {}",
+        dir.display(),
         String::from_utf8_lossy(&output.stderr)
     );
-    dir.join(format!("{name}.elf"))
 }
 
 /// The verdict of `rule` in a run's JSON report.

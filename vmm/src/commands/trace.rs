@@ -86,7 +86,10 @@ pub fn trace(args: &TraceArgs) -> Result<(), CommandError> {
     let (mut lives, mut refused, mut access) = (Vec::new(), Vec::new(), None);
     for path in paths {
         let spec = RunSpec {
-            shaping: if path.vmm_handles_cpuid() {
+            // One path: its shaping as asked, refused where the VMM sees no exit (as `run`
+            // refuses it). Every path: shaping where the VMM handles the exit, and the
+            // others say that they ran unshaped.
+            shaping: if !args.all || path.vmm_handles_cpuid() {
                 shaping(&args.shaping, session.tsc.khz)?
             } else {
                 crate::shaping::Shaping::None
@@ -111,7 +114,15 @@ pub fn trace(args: &TraceArgs) -> Result<(), CommandError> {
                     .get(&Probe::Cpuid)
                     .and_then(|s| s.first().copied())
                     .unwrap_or_default();
-                lives.push(life(path, &spec, sample, &recorder, measurement.register_access));
+                let mut life = life(path, &spec, sample, &recorder, measurement.register_access);
+                let asked = shaping(&args.shaping, session.tsc.khz)?;
+                if asked != crate::shaping::Shaping::None && spec.shaping == crate::shaping::Shaping::None {
+                    life.note.push_str(&format!(
+                        " Ran without the {} shaping asked: no exit of this path reaches the VMM.",
+                        asked.kind()
+                    ));
+                }
+                lives.push(life);
             }
             Err(error) if args.all && error.is_refusal() => refused.push((path.name().to_owned(), error.to_string())),
             Err(error) => return Err(error.into()),
