@@ -233,9 +233,17 @@ fn doctor_reports_each_check_and_boots_a_guest() {
         "invariant TSC",
         "TSC frequency",
         "guest boot",
+        "sandbox",
     ] {
         assert!(names.contains(&name), "{name} missing from {names:?}");
     }
+    let sandbox = checks
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "sandbox")
+        .unwrap();
+    assert_eq!(sandbox["verdict"], "ok", "{sandbox}");
 }
 
 /// A calibration says where it came from: another host's is used with a loud warning, and

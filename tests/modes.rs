@@ -343,3 +343,68 @@ fn an_injected_spin_stops_at_the_runs_deadline() {
         started.elapsed()
     );
 }
+
+/// The exit handler runs on the vCPU thread: what it can do is what a guest that broke
+/// the exit path could do. KVM's ioctls still work there; a file or a socket does not.
+#[test]
+fn the_vcpu_thread_runs_under_a_seccomp_filter_that_refuses_files_and_sockets() {
+    use vmm::measure::{Measurer, RunSpec};
+    use vmm::modes::{hw_assist::HwAssist, ModeExits, Path};
+    use vmm::vm::exits::{Exit, ExitHandler, Flow, HandlerError};
+    use vmm::vm::vcpu::Vcpu;
+
+    struct TriesForbiddenCalls {
+        inner: HwAssist,
+        open: Option<std::io::Result<std::fs::File>>,
+        socket: Option<std::io::Result<std::os::unix::net::UnixStream>>,
+        regs_readable: bool,
+    }
+    impl ExitHandler for TriesForbiddenCalls {
+        fn arm(&mut self, vcpu: &mut dyn Vcpu) -> Result<(), HandlerError> {
+            ModeExits {
+                mode: &mut self.inner,
+                console: None,
+            }
+            .arm(vcpu)
+        }
+        fn handle(&mut self, vcpu: &mut dyn Vcpu, exit: &Exit, tsc: u64) -> Result<Flow, HandlerError> {
+            if self.open.is_none() {
+                self.open = Some(std::fs::File::open("/proc/self/status"));
+                self.socket = Some(std::os::unix::net::UnixStream::connect("/nonexistent"));
+                self.regs_readable = vcpu.regs().is_ok();
+            }
+            ModeExits {
+                mode: &mut self.inner,
+                console: None,
+            }
+            .handle(vcpu, exit, tsc)
+        }
+    }
+
+    let Some(_vm) = vm_test() else { return };
+    let measurer = Measurer::open();
+    let payload = vmm::vm::loader::Payload::embedded().unwrap();
+    let config = RunSpec::new(Path::HwAssist)
+        .cpuid_only(20, 0, vmm::shaping::Shaping::None)
+        .guest_config();
+    let mut vm = vmm::vm::GuestVm::create(measurer.kvm().unwrap(), &payload, &config).unwrap();
+    let mut handler = TriesForbiddenCalls {
+        inner: HwAssist,
+        open: None,
+        socket: None,
+        regs_readable: false,
+    };
+    vm.run(&mut handler, std::time::Duration::from_secs(30))
+        .expect("the run itself is allowed");
+    const EPERM: i32 = 1;
+    let denied = |e: &std::io::Error| e.raw_os_error() == Some(EPERM);
+    assert!(matches!(&handler.open, Some(Err(e)) if denied(e)), "{:?}", handler.open);
+    assert!(
+        matches!(&handler.socket, Some(Err(e)) if denied(e)),
+        "{:?}",
+        handler.socket
+    );
+    assert!(handler.regs_readable, "KVM's own ioctls must stay allowed");
+    // This thread (the caller's) is not sandboxed: the filter is per vCPU thread.
+    assert!(std::fs::File::open("/proc/self/status").is_ok());
+}

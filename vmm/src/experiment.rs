@@ -45,7 +45,7 @@ impl Session {
         &self,
         spec: &RunSpec,
         include_samples: bool,
-        console: Option<&mut dyn Write>,
+        console: Option<&mut (dyn Write + Send)>,
     ) -> Result<(RunReport, Measurement), MeasureError> {
         let measurement = self.measurer.measure(&self.payload, spec, console)?;
         let evidence = Evidence {

@@ -277,7 +277,7 @@ impl Measurer {
         &self,
         payload: &Payload,
         spec: &RunSpec,
-        console: Option<&mut dyn Write>,
+        console: Option<&mut (dyn Write + Send)>,
     ) -> Result<Measurement, MeasureError> {
         self.measure_traced(payload, spec, console, &mut NoTrace)
     }
@@ -288,7 +288,7 @@ impl Measurer {
         &self,
         payload: &Payload,
         spec: &RunSpec,
-        console: Option<&mut dyn Write>,
+        console: Option<&mut (dyn Write + Send)>,
         trace: &mut T,
     ) -> Result<Measurement, MeasureError> {
         if spec.iterations == 0 || spec.iterations > MAX_ITERATIONS {
@@ -356,7 +356,7 @@ impl Measurer {
         payload: &Payload,
         spec: &RunSpec,
         shaper: Shaper,
-        console: Option<&mut dyn Write>,
+        console: Option<&mut (dyn Write + Send)>,
     ) -> Result<Measurement, MeasureError> {
         self.run_vm_traced(payload, spec, shaper, console, &mut NoTrace)
     }
@@ -366,7 +366,7 @@ impl Measurer {
         payload: &Payload,
         spec: &RunSpec,
         shaper: Shaper,
-        console: Option<&mut dyn Write>,
+        console: Option<&mut (dyn Write + Send)>,
         trace: &mut T,
     ) -> Result<Measurement, MeasureError> {
         let mut vm = GuestVm::create(self.kvm()?, payload, &self.with_tsc_rate(spec.guest_config()))?;

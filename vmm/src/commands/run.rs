@@ -43,7 +43,7 @@ pub fn run(args: &RunArgs) -> Result<(), CommandError> {
         .output
         .console
         .then(|| crate::console::Console::spawn(std::io::stderr()));
-    let console = terminal.as_mut().map(|c| c as &mut dyn Write);
+    let console = terminal.as_mut().map(|c| c as &mut (dyn Write + Send));
     let (report, measurement) = session.run(&spec, args.output.raw, console)?;
     if let Some(dropped) = terminal
         .as_ref()

@@ -199,7 +199,7 @@ pub fn answer_cpuid(table: &CpuidTable, regs: &mut kvm_regs) {
 /// The VMM side of a mode: the exits only some modes expect. `exit_tsc` is the host TSC
 /// when KVM_RUN returned, for latency shaping. Each returns the kind of CPUID exit it
 /// handled.
-pub trait CpuidExitHandler {
+pub trait CpuidExitHandler: Send {
     /// Called once before the vCPU first runs: arm traps, patch code, open TSC moves.
     fn arm(&mut self, _vcpu: &mut dyn Vcpu) -> Result<(), ModeError> {
         Ok(())
@@ -255,7 +255,7 @@ pub fn write_console_byte(out: &mut dyn Write, byte: u8) -> std::io::Result<()> 
 /// One exit, dispatched: the ABI's own ports (console, done) first, then the mode's.
 pub fn handle_exit(
     mode: &mut dyn CpuidExitHandler,
-    console: &mut Option<&mut dyn Write>,
+    console: &mut Option<&mut (dyn Write + Send)>,
     vcpu: &mut dyn Vcpu,
     exit: &Exit,
     exit_tsc: u64,
@@ -296,7 +296,7 @@ pub fn handle_exit(
 /// A mode's handler and the console, as the VM's [`ExitHandler`].
 pub struct ModeExits<'m, 'c> {
     pub mode: &'m mut dyn CpuidExitHandler,
-    pub console: Option<&'c mut dyn Write>,
+    pub console: Option<&'c mut (dyn Write + Send)>,
 }
 
 impl ExitHandler for ModeExits<'_, '_> {
@@ -340,7 +340,7 @@ mod tests {
         let mut vcpu = SimVcpu::new();
         let mut mode = hw_assist::HwAssist;
         let mut written = Vec::new();
-        let mut console: Option<&mut dyn Write> = Some(&mut written);
+        let mut console: Option<&mut (dyn Write + Send)> = Some(&mut written);
         let mut dispatch = |exit: Exit, vcpu: &mut SimVcpu| handle_exit(&mut mode, &mut console, vcpu, &exit, 0);
         let byte = Exit::IoOut {
             port: ports::CONSOLE,

@@ -118,7 +118,7 @@ pub type HandlerError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// Whoever handles a VM's exits (the modes, in `crate::modes`). The run loop knows no
 /// mode: it hands each exit over and does what the [`Flow`] says.
-pub trait ExitHandler {
+pub trait ExitHandler: Send {
     /// Called once before the vCPU first runs: arm traps, patch code, open TSC moves.
     fn arm(&mut self, vcpu: &mut dyn Vcpu) -> Result<(), HandlerError>;
     /// One exit; `exit_tsc` is the host TSC read as KVM_RUN returned.

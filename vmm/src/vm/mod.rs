@@ -10,6 +10,7 @@ pub mod exits;
 pub mod kvm;
 pub mod loader;
 pub mod memory;
+pub mod sandbox;
 pub mod trace;
 pub mod tsc;
 pub mod vcpu;
@@ -44,6 +45,10 @@ pub enum VmError {
     Loader(#[from] LoaderError),
     #[error(transparent)]
     Watchdog(#[from] WatchdogError),
+    #[error(transparent)]
+    Sandbox(#[from] sandbox::SandboxError),
+    #[error("cannot start the vCPU thread: {0}")]
+    Thread(String),
     /// The exit handler's own error (a mode's), kept whole.
     #[error(transparent)]
     Handler(HandlerError),
@@ -239,6 +244,28 @@ impl GuestVm {
 
     /// [`GuestVm::run`], telling `trace` about every exit.
     pub fn run_traced<T: trace::ExitTrace>(
+        &mut self,
+        handler: &mut dyn ExitHandler,
+        timeout: Duration,
+        trace: &mut T,
+    ) -> Result<RunStats, VmError> {
+        // The vCPU runs on a thread of its own, sandboxed once the VM is set up; the
+        // caller's thread keeps its privileges (and its signals) for the rest of the work.
+        watchdog::prepare()?;
+        std::thread::scope(|scope| {
+            std::thread::Builder::new()
+                .name("vmm-vcpu0".into())
+                .spawn_scoped(scope, || {
+                    sandbox::enter()?;
+                    self.run_on_this_thread(handler, timeout, trace)
+                })
+                .map_err(|e| VmError::Thread(e.to_string()))?
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })
+    }
+
+    fn run_on_this_thread<T: trace::ExitTrace>(
         &mut self,
         handler: &mut dyn ExitHandler,
         timeout: Duration,

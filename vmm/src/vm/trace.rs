@@ -12,7 +12,7 @@ use vm_memory::GuestMemoryMmap;
 
 /// What the run loop tells a tracer. A tracer reads the host TSC itself, so that an
 /// untraced run pays for no clock read it does not use.
-pub trait ExitTrace {
+pub trait ExitTrace: Send {
     /// KVM_RUN is about to be entered.
     fn entering(&mut self) {}
     /// KVM_RUN returned with `exit` at host TSC `tsc`.

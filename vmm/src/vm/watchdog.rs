@@ -118,6 +118,13 @@ pub struct Watchdog {
     _same_thread: std::marker::PhantomData<*const ()>,
 }
 
+/// The process-wide part (the signal handler, the thread), done before a vCPU thread
+/// enters its sandbox, where neither could be set up.
+pub fn prepare() -> Result<(), WatchdogError> {
+    install_handler()?;
+    service().map(|_| ())
+}
+
 impl Watchdog {
     /// Starts counting now; the calling thread is the one kicked at the deadline.
     pub fn arm(timeout: Duration) -> Result<Self, WatchdogError> {
