@@ -14,6 +14,7 @@ pub mod plan;
 pub mod profile;
 pub mod report;
 
+use crate::vm::exits::KEPT_PER_KIND;
 use crate::vm::tsc::TscMethod;
 use crate::vm::vcpu::{Vcpu, VcpuError};
 use profile::{Profile, SplitMix64};
@@ -85,14 +86,49 @@ impl Shaping {
     }
 }
 
-/// What the shaper did at each CPUID exit it shaped, in order.
-#[derive(Clone, Debug, Default)]
+/// What the shaper did at each CPUID exit it shaped, in order (up to its bound).
+#[derive(Clone, Debug)]
 pub struct ShapedExits {
     /// Host cycles from KVM_RUN's return to the moment the TSC was moved (or the spin
     /// began): the part of each exit known exactly.
     pub handler_cycles: Vec<u64>,
     /// The TSC move of each exit (negative: time taken back from the guest).
     pub moves: Vec<i64>,
+    /// Exits shaped in all: beyond what was reserved (the exits the run expects, at least
+    /// [`KEPT_PER_KIND`]), the two lists keep a uniform sample of pairs, so that a guest
+    /// running more CPUIDs than it was asked for cannot grow the VMM's memory.
+    pub count: u64,
+    kept: usize,
+    rng: SplitMix64,
+}
+
+impl Default for ShapedExits {
+    fn default() -> Self {
+        Self {
+            handler_cycles: Vec::new(),
+            moves: Vec::new(),
+            count: 0,
+            kept: KEPT_PER_KIND,
+            rng: SplitMix64::new(0x5a9e_d0e1),
+        }
+    }
+}
+
+impl ShapedExits {
+    fn record(&mut self, handler: u64, delta: i64) {
+        if self.handler_cycles.len() < self.kept {
+            self.handler_cycles.push(handler);
+            self.moves.push(delta);
+        } else {
+            // Algorithm R, as for the exit statistics: the n-th replaces one with p = kept/n.
+            let slot = (self.rng.next_u64() % (self.count + 1)) as usize;
+            if slot < self.kept {
+                self.handler_cycles[slot] = handler;
+                self.moves[slot] = delta;
+            }
+        }
+        self.count += 1;
+    }
 }
 
 /// Applies a [`Shaping`] to each exit of one vCPU.
@@ -135,6 +171,7 @@ impl Shaper {
     /// Room for this many exits in the per-exit records, reserved before the run.
     pub fn reserve(&mut self, exits: usize) {
         if self.shaping != Shaping::None {
+            self.exits.kept = exits.max(KEPT_PER_KIND);
             self.exits.handler_cycles.reserve(exits);
             self.exits.moves.reserve(exits);
         }
@@ -178,8 +215,7 @@ impl Shaper {
                 plan::hide_adjustment(target, handler, self.residue_lower_bound)
             }
         };
-        self.exits.handler_cycles.push(handler);
-        self.exits.moves.push(delta);
+        self.exits.record(handler, delta);
         if self.shaping.moves_tsc() {
             vcpu.move_tsc(delta)?;
         }
@@ -190,6 +226,23 @@ impl Shaper {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_guest_that_runs_more_cpuids_than_expected_cannot_grow_the_records() {
+        let mut exits = ShapedExits::default();
+        for i in 0..(KEPT_PER_KIND as u64 * 3) {
+            exits.record(i, -(i as i64));
+        }
+        assert_eq!(exits.count, KEPT_PER_KIND as u64 * 3);
+        assert_eq!(exits.handler_cycles.len(), KEPT_PER_KIND);
+        // Pairs stay pairs, and the sample reaches the later exits.
+        assert!(exits
+            .handler_cycles
+            .iter()
+            .zip(&exits.moves)
+            .all(|(&h, &m)| m == -(h as i64)));
+        assert!(exits.handler_cycles.iter().any(|&h| h >= KEPT_PER_KIND as u64 * 2));
+    }
     use crate::vm::vcpu::sim::SimVcpu;
 
     /// One exit on a simulated vCPU: the kernel's part before the handler runs, then
