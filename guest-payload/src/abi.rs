@@ -6,7 +6,7 @@
 use core::mem::size_of;
 
 /// Bumped whenever a layout or meaning below changes.
-pub const ABI_VERSION: u32 = 5;
+pub const ABI_VERSION: u32 = 6;
 
 /// Guest physical memory map. The VMM identity-maps the first [`layout::IDENTITY_MAP_BYTES`]
 /// with 2 MiB pages, so guest virtual and physical addresses are the same.
@@ -21,6 +21,15 @@ pub mod layout {
     pub const PD_ADDR: u64 = 0x4000;
     /// The [`super::Config`] block the VMM writes before the first instruction.
     pub const CONFIG_ADDR: u64 = 0x5000;
+    /// The [`super::CounterBlock`] of a run with a counter vCPU (`vmm run --vcpus 2`).
+    pub const COUNTER_BLOCK_ADDR: u64 = 0x6000;
+    /// Where the VMM puts [`super::counter::LOOP_CODE`] for the counter vCPU.
+    pub const COUNTER_CODE_ADDR: u64 = 0x7000;
+    /// The counter vCPU's stack pointer: the one slot below holds the address of a `hlt`
+    /// (at [`COUNTER_HALT_ADDR`]) for the loop's `ret` when asked to stop.
+    pub const COUNTER_STACK_TOP: u64 = 0x7ff8;
+    /// `hlt; jmp $-1`: where the counter vCPU ends.
+    pub const COUNTER_HALT_ADDR: u64 = 0x7f00;
     /// Lowest address of the guest stack.
     pub const STACK_BOTTOM: u64 = 0x1_0000;
     /// The initial stack pointer (the stack grows down towards [`STACK_BOTTOM`]).
@@ -81,14 +90,18 @@ pub mod capabilities {
     /// It executes `rdtscp`. The VMM first probes whether this KVM can run `rdtscp` in a
     /// guest (an emulating KVM may fail on it) and refuses the run, saying so, where not.
     pub const RDTSCP: u32 = 1 << 4;
+    /// It reads the counter vCPU's clock at `Config::counter_addr`: the VMM refuses to run
+    /// it without one (`--vcpus 2`); its native twin starts a counter thread.
+    pub const COUNTER: u32 = 1 << 5;
 
     /// Every capability and the name reports give it.
-    pub const NAMES: [(u32, &str); 5] = [
+    pub const NAMES: [(u32, &str); 6] = [
         (PARAVIRT_CPUID, "paravirt-cpuid"),
         (VERDICT, "verdict"),
         (TIMING_CORE, "timing-core"),
         (CPUID_SNAPSHOT, "cpuid-snapshot"),
         (RDTSCP, "rdtscp"),
+        (COUNTER, "counter"),
     ];
 }
 
@@ -104,6 +117,76 @@ pub struct PayloadInfo {
     pub capabilities: u32,
     /// A short name for reports, NUL-padded.
     pub name: [u8; 32],
+}
+
+/// A clock the TSC offset does not touch: a second vCPU (natively, a host thread on
+/// another CPU) runs [`counter::LOOP_CODE`], which adds one to `counter` per iteration,
+/// as VMAware's `TIMER` counter thread does (v2.7.0: one `incq` and a load of a flag on
+/// another cache line per iteration). Each field has a cache line of its own.
+///
+/// It also answers TSC stamp requests, for the cross-vCPU TSC probe: write
+/// [`counter::STAMP_REQUESTED`] to `stamp_request`; the loop stores its TSC in `stamp`,
+/// then zero in `stamp_request`. [`counter::STOP`] there makes the loop return.
+#[repr(C, align(64))]
+#[derive(Debug, Default)]
+pub struct CounterBlock {
+    pub counter: u64,
+    pub pad0: [u64; 7],
+    pub stamp_request: u64,
+    pub pad1: [u64; 7],
+    pub stamp: u64,
+    pub pad2: [u64; 7],
+}
+
+/// The counter loop, defined once: the bytes the VMM runs on the counter vCPU, identical
+/// to the native runner's `timing::vmm_counter_loop` (a test compares them).
+pub mod counter {
+    /// `stamp_request`: asks the loop for one TSC stamp.
+    pub const STAMP_REQUESTED: u64 = 1;
+    /// `stamp_request`: ends the loop (native runs; a guest never needs it).
+    pub const STOP: u64 = 2;
+    /// `void loop(CounterBlock *block /* rdi */)`:
+    ///
+    /// ```text
+    /// 0:  inc qword [rdi]            ; counter += 1
+    ///     mov rax, [rdi + 0x40]      ; stamp_request
+    ///     test rax, rax
+    ///     je 0b
+    ///     cmp rax, STOP
+    ///     je 1f
+    ///     rdtsc
+    ///     shl rdx, 32
+    ///     or rax, rdx
+    ///     mov [rdi + 0x80], rax      ; stamp
+    ///     mov qword [rdi + 0x40], 0  ; answered
+    ///     jmp 0b
+    /// 1:  ret
+    /// ```
+    pub const LOOP_CODE: [u8; 45] = [
+        0x48, 0xff, 0x07, // inc qword [rdi]
+        0x48, 0x8b, 0x47, 0x40, // mov rax, [rdi+0x40]
+        0x48, 0x85, 0xc0, // test rax, rax
+        0x74, 0xf4, // je 0
+        0x48, 0x83, 0xf8, 0x02, // cmp rax, 2
+        0x74, 0x1a, // je ret
+        0x0f, 0x31, // rdtsc
+        0x48, 0xc1, 0xe2, 0x20, // shl rdx, 32
+        0x48, 0x09, 0xd0, // or rax, rdx
+        0x48, 0x89, 0x87, 0x80, 0x00, 0x00, 0x00, // mov [rdi+0x80], rax
+        0x48, 0xc7, 0x47, 0x40, 0x00, 0x00, 0x00, 0x00, // mov qword [rdi+0x40], 0
+        0xeb, 0xd4, // jmp 0
+        0xc3, // ret
+    ];
+    /// `hlt; jmp $-1`, at [`super::layout::COUNTER_HALT_ADDR`].
+    pub const HALT_CODE: [u8; 3] = [0xf4, 0xeb, 0xfd];
+    /// Polls of the counter a guest makes waiting for it to move (or for a stamp) before
+    /// it gives up with [`super::Status::CounterStalled`]: a stopped counter vCPU must not
+    /// hang the measuring one. (VMAware's own loops wait forever.)
+    pub const MAX_POLLS: u64 = 1 << 24;
+    /// Iterations of the dependent XOR loop per `xor-loop` sample.
+    pub const XOR_ITERATIONS: u64 = 256;
+    /// VMAware v2.7.0's TIMER warm-up: 1,000 × (CPUID(0), then 8 × LFENCE).
+    pub const TIMER_WARMUP: u32 = 1000;
 }
 
 /// Config flags (bits of [`Config::flags`]).
@@ -159,6 +242,11 @@ pub enum Status {
     ResultAreaTooSmall = 3,
     /// Iterations of zero, or no probe selected.
     BadConfig = 4,
+    /// A probe needs the counter vCPU and the config names none (`counter_addr` is 0).
+    NoCounter = 5,
+    /// The counter vCPU stopped counting (or answering stamps) for
+    /// [`counter::MAX_POLLS`] polls.
+    CounterStalled = 6,
 }
 
 impl Status {
@@ -170,6 +258,8 @@ impl Status {
             2 => Status::AbiMismatch,
             3 => Status::ResultAreaTooSmall,
             4 => Status::BadConfig,
+            5 => Status::NoCounter,
+            6 => Status::CounterStalled,
             _ => return None,
         })
     }
@@ -182,6 +272,8 @@ impl Status {
             Status::AbiMismatch => "the config block was written for another ABI version",
             Status::ResultAreaTooSmall => "the samples asked for do not fit the result area",
             Status::BadConfig => "the config asks for no iterations or no probe",
+            Status::NoCounter => "a probe needs the counter vCPU, and the run has none (--vcpus 2)",
+            Status::CounterStalled => "the counter vCPU stopped counting: the guest gave up waiting for it",
         }
     }
 }
@@ -206,18 +298,35 @@ pub enum Probe {
     /// `rdtsc; cpuid; rdtsc` with no fence and no warm-up, measured first: CPUID timed
     /// the way pafish and al-khaser time it (the fixed-threshold rule's).
     CpuidUnfenced = 4,
+    /// VMAware v2.7.0 `TIMER`'s CPUID window: two counter ticks waited for, then
+    /// `counter; cpuid(0, 0); counter`. Measured interleaved with [`Probe::TimerLfence8`],
+    /// pair by pair, as TIMER does; needs the counter.
+    TimerCpuid = 5,
+    /// TIMER's reference window, after the CPUID one of each pair: two ticks, then
+    /// `counter; 8 × lfence; counter`.
+    TimerLfence8 = 6,
+    /// This vCPU's TSC minus the counter vCPU's, read just after it answered a stamp
+    /// request: never negative where both TSCs agree. Needs the counter.
+    CrossTsc = 7,
+    /// [`counter::XOR_ITERATIONS`] of a dependent XOR chain on a volatile (`x ^= i;
+    /// x = (x << 1) ^ (x >> 3)`): work the TSC is checked against.
+    XorLoop = 8,
 }
 
 impl Probe {
     /// Every probe, in the order they are measured and their samples are laid out in the
     /// result block. The unfenced probe comes first: it takes no warm-up, as the
     /// detectors it reproduces take none.
-    pub const ALL: [Probe; 5] = [
+    pub const ALL: [Probe; 9] = [
         Probe::CpuidUnfenced,
         Probe::Cpuid,
         Probe::Nop,
         Probe::Rdtsc,
         Probe::Lfence8,
+        Probe::TimerCpuid,
+        Probe::TimerLfence8,
+        Probe::CrossTsc,
+        Probe::XorLoop,
     ];
 
     /// The bit of this probe in [`Config::probes`].
@@ -233,13 +342,24 @@ impl Probe {
             Probe::Rdtsc => "rdtsc",
             Probe::Lfence8 => "lfence8",
             Probe::CpuidUnfenced => "cpuid-unfenced",
+            Probe::TimerCpuid => "timer-cpuid",
+            Probe::TimerLfence8 => "timer-lfence8",
+            Probe::CrossTsc => "cross-tsc",
+            Probe::XorLoop => "xor-loop",
         }
+    }
+
+    /// Whether it reads the counter vCPU's block (beyond the ticks every probe records
+    /// when there is one).
+    pub const fn needs_counter(self) -> bool {
+        matches!(self, Probe::TimerCpuid | Probe::TimerLfence8 | Probe::CrossTsc)
     }
 
     /// Warm-up samples taken before this probe's kept ones.
     pub const fn warmup(self, configured: u32) -> u32 {
         match self {
             Probe::CpuidUnfenced => 0,
+            Probe::TimerCpuid | Probe::TimerLfence8 => counter::TIMER_WARMUP,
             _ => configured,
         }
     }
@@ -251,8 +371,9 @@ pub fn probes_in(mask: u32) -> impl Iterator<Item = Probe> {
 }
 
 /// Leaves recorded when [`flags::CPUID_SNAPSHOT`] is set: basic, feature, extended
-/// features, XSAVE, extended range and the hypervisor range.
-pub const CPUID_SNAPSHOT_LEAVES: [(u32, u32); 8] = [
+/// features, XSAVE, extended range, the hypervisor range and Hyper-V's partition
+/// privileges (a root partition sets 0x40000003.EBX[0]; VMAware's `hyper_x()` reads it).
+pub const CPUID_SNAPSHOT_LEAVES: [(u32, u32); 9] = [
     (0x0, 0),
     (0x1, 0),
     (0x7, 0),
@@ -261,6 +382,7 @@ pub const CPUID_SNAPSHOT_LEAVES: [(u32, u32); 8] = [
     (0x8000_0000, 0),
     (0x8000_0001, 0),
     (0x4000_0000, 0),
+    (0x4000_0003, 0),
 ];
 
 /// The block the VMM writes at [`layout::CONFIG_ADDR`] before the vCPU starts.
@@ -290,6 +412,8 @@ pub struct Config {
     pub result_addr: u64,
     /// Bytes available at `result_addr`.
     pub result_capacity: u64,
+    /// Guest-physical address of the [`CounterBlock`] (0: no counter in this run).
+    pub counter_addr: u64,
 }
 
 /// One CPUID answer as the guest saw it.
@@ -334,8 +458,9 @@ pub struct ResultHeader {
     pub cpuid: [CpuidRecord; CPUID_SNAPSHOT_LEAVES.len()],
     /// The payload's own verdict, a [`PayloadVerdict`] (0: none reported).
     pub verdict: u32,
-    /// Explicit padding.
-    pub reserved: u32,
+    /// Non-zero when counter ticks follow the TSC samples: for every probe, in the same
+    /// order, `iterations` tick counts (the counter read after the sample minus before).
+    pub ticks: u32,
     /// The payload's score for its verdict in thousandths (its own scale; higher is more
     /// virtual). An integer: guests are built without floating point (no SSE, no x87 on
     /// an emulating KVM).
@@ -359,7 +484,7 @@ impl Default for ResultHeader {
             site_bytes: [[0; 2]; 4],
             cpuid: [CpuidRecord::default(); CPUID_SNAPSHOT_LEAVES.len()],
             verdict: 0,
-            reserved: 0,
+            ticks: 0,
             score_milli: 0,
             reason: [0; REASON_BYTES],
         }
@@ -367,7 +492,8 @@ impl Default for ResultHeader {
 }
 
 // Padding-free layouts: what the VMM writes is exactly what the guest reads.
-const _: () = assert!(size_of::<Config>() == 56);
+const _: () = assert!(size_of::<Config>() == 64);
+const _: () = assert!(size_of::<CounterBlock>() == 192);
 const _: () = assert!(size_of::<CpuidRecord>() == 24);
 const _: () = assert!(size_of::<ResultHeader>() == 56 + 24 * CPUID_SNAPSHOT_LEAVES.len() + 16 + REASON_BYTES);
 const _: () = assert!(size_of::<PayloadInfo>() == 48);
@@ -380,10 +506,12 @@ impl Config {
         unsafe { core::slice::from_raw_parts((self as *const Self).cast::<u8>(), size_of::<Self>()) }
     }
 
-    /// Bytes the result block needs: the header and every sample asked for.
+    /// Bytes the result block needs: the header and every sample asked for (twice with a
+    /// counter: TSC cycles and counter ticks).
     pub fn result_bytes_needed(&self) -> u64 {
         let probes = u64::from(self.probes.count_ones());
-        size_of::<ResultHeader>() as u64 + probes * u64::from(self.iterations) * size_of::<Cycles>() as u64
+        let clocks = if self.counter_addr != 0 { 2 } else { 1 };
+        size_of::<ResultHeader>() as u64 + clocks * probes * u64::from(self.iterations) * size_of::<Cycles>() as u64
     }
 }
 
@@ -430,6 +558,16 @@ impl ResultHeader {
         let before = probes_in(self.probes).take_while(|p| *p != probe).count() as u64;
         Some(size_of::<Self>() as u64 + before * u64::from(self.iterations) * size_of::<Cycles>() as u64)
     }
+
+    /// Offset of the first counter tick count of `probe`, where the header says ticks
+    /// follow: after every probe's TSC samples, in the same order.
+    pub fn tick_offset(&self, probe: Probe) -> Option<u64> {
+        if self.ticks == 0 {
+            return None;
+        }
+        let all = u64::from(self.probes.count_ones()) * u64::from(self.iterations) * size_of::<Cycles>() as u64;
+        self.sample_offset(probe).map(|offset| offset + all)
+    }
 }
 
 #[cfg(test)]
@@ -447,6 +585,28 @@ mod tests {
         assert_eq!(header.sample_offset(Probe::Cpuid), Some(base));
         assert_eq!(header.sample_offset(Probe::Nop), None);
         assert_eq!(header.sample_offset(Probe::Rdtsc), Some(base + 80));
+        assert_eq!(header.tick_offset(Probe::Cpuid), None);
+        let with_ticks = ResultHeader { ticks: 1, ..header };
+        assert_eq!(with_ticks.tick_offset(Probe::Cpuid), Some(base + 160));
+        assert_eq!(with_ticks.tick_offset(Probe::Rdtsc), Some(base + 240));
+    }
+
+    #[test]
+    fn a_counter_doubles_the_samples_and_fields_keep_their_lines() {
+        let config = Config {
+            probes: 0b11,
+            iterations: 10,
+            counter_addr: layout::COUNTER_BLOCK_ADDR,
+            ..Default::default()
+        };
+        assert_eq!(config.result_bytes_needed(), size_of::<ResultHeader>() as u64 + 320);
+        assert_eq!(core::mem::offset_of!(CounterBlock, stamp_request), 0x40);
+        assert_eq!(core::mem::offset_of!(CounterBlock, stamp), 0x80);
+        // The counter vCPU's code, halt and stack fit between the config and the stack.
+        assert!(layout::COUNTER_CODE_ADDR + counter::LOOP_CODE.len() as u64 <= layout::COUNTER_HALT_ADDR);
+        assert!(layout::COUNTER_HALT_ADDR + 3 <= layout::COUNTER_STACK_TOP);
+        assert!(layout::COUNTER_STACK_TOP + 8 <= layout::STACK_BOTTOM);
+        assert!(layout::CONFIG_ADDR + size_of::<Config>() as u64 <= layout::COUNTER_BLOCK_ADDR);
     }
 
     #[test]

@@ -9,11 +9,11 @@
 
 use core::mem::size_of;
 use core::ptr;
-use guest_payload::timing::{self, CpuidPath, Request};
+use guest_payload::timing::{self, CpuidPath, MeasureError, Request, TimerOut};
 use guest_payload::{
     capabilities, PayloadInfo, ABI_VERSION, CONFIG_MAGIC, CPUID_SNAPSHOT_LEAVES, PAYLOAD_INFO_MAGIC, RESULT_MAGIC,
 };
-use guest_payload::{flags, layout, ports, probes_in, Config, Cycles, ResultHeader, Status};
+use guest_payload::{flags, layout, ports, probes_in, Config, Cycles, Probe, ResultHeader, Status};
 
 mod baremetal;
 
@@ -61,6 +61,9 @@ fn run(config: &Config) -> Status {
     if config.result_bytes_needed() > config.result_capacity {
         return Status::ResultAreaTooSmall;
     }
+    if config.counter_addr == 0 && probes_in(config.probes).any(Probe::needs_counter) {
+        return Status::NoCounter;
+    }
     console("guest: measuring\n");
 
     let cpuid_path = if config.flags & flags::PARAVIRT_CPUID != 0 {
@@ -73,24 +76,54 @@ fn run(config: &Config) -> Status {
         cpuid_subleaf: config.cpuid_subleaf,
         warmup: config.warmup,
         cpuid_path,
+        counter_addr: config.counter_addr,
     };
     let mut header = ResultHeader {
         abi_version: ABI_VERSION,
         status: Status::Ok as u32,
         iterations: config.iterations,
         probes: config.probes,
+        ticks: u32::from(config.counter_addr != 0),
         tsc_start: timing::read_tsc(),
         ..Default::default()
     };
 
     let iterations = config.iterations as usize;
-    let mut samples_addr = config.result_addr + size_of::<ResultHeader>() as u64;
-    for probe in probes_in(config.probes) {
+    let samples_base = config.result_addr + size_of::<ResultHeader>() as u64;
+    let area = (iterations * size_of::<Cycles>()) as u64;
+    let ticks_base = samples_base + u64::from(config.probes.count_ones()) * area;
+    let slot = |base: u64, probe: Probe| -> &'static mut [Cycles] {
+        let index = probes_in(config.probes).take_while(|p| *p != probe).count() as u64;
         // SAFETY: the area [result_addr, result_addr + result_capacity) is guest RAM the
-        // VMM reserved for us and nothing else aliases it; its size was checked above.
-        let samples = unsafe { core::slice::from_raw_parts_mut(samples_addr as *mut Cycles, iterations) };
-        timing::measure(probe, &request, samples);
-        samples_addr += (iterations * size_of::<Cycles>()) as u64;
+        // VMM reserved for us and nothing else aliases it; its size was checked above,
+        // and each probe's slot (TSC, then ticks) is a disjoint part of it.
+        unsafe { core::slice::from_raw_parts_mut((base + index * area) as *mut Cycles, iterations) }
+    };
+    let with_ticks = config.counter_addr != 0;
+    let timer_pair = Probe::TimerCpuid.bit() | Probe::TimerLfence8.bit();
+    for probe in probes_in(config.probes) {
+        let measured = if probe == Probe::TimerLfence8 && config.probes & timer_pair == timer_pair {
+            // Measured with TimerCpuid, pair by pair.
+            Ok(())
+        } else if probe == Probe::TimerCpuid && config.probes & timer_pair == timer_pair {
+            timing::measure_timer_pairs(
+                &request,
+                TimerOut {
+                    cpuid_tsc: slot(samples_base, Probe::TimerCpuid),
+                    cpuid_ticks: slot(ticks_base, Probe::TimerCpuid),
+                    lfence_tsc: slot(samples_base, Probe::TimerLfence8),
+                    lfence_ticks: slot(ticks_base, Probe::TimerLfence8),
+                },
+            )
+        } else {
+            let ticks = with_ticks.then(|| slot(ticks_base, probe));
+            timing::measure(probe, &request, slot(samples_base, probe), ticks)
+        };
+        match measured {
+            Ok(()) => {}
+            Err(MeasureError::NoCounter) => return Status::NoCounter,
+            Err(MeasureError::CounterStalled) => return Status::CounterStalled,
+        }
     }
 
     if config.flags & flags::CPUID_SNAPSHOT != 0 {

@@ -110,6 +110,16 @@ pub fn c_header() -> String {
             "Loadable segments must end below this.",
         ),
         (
+            "VMM_COUNTER_BLOCK_ADDR",
+            layout::COUNTER_BLOCK_ADDR,
+            "The counter block of a run with a counter vCPU (config.counter_addr says).",
+        ),
+        (
+            "VMM_COUNTER_CODE_ADDR",
+            layout::COUNTER_CODE_ADDR,
+            "Reserved: the counter vCPU's code.",
+        ),
+        (
             "VMM_RESULT_ADDR",
             layout::RESULT_ADDR,
             "The result header, followed by the samples.",
@@ -171,6 +181,31 @@ pub fn c_header() -> String {
         flags::CPUID_SNAPSHOT,
         "Fill the CPUID snapshot and the site bytes.",
     );
+    out.push_str("\n/* The counter vCPU (struct vmm_counter_block). */\n");
+    define_u64(
+        &mut out,
+        "VMM_COUNTER_STAMP_REQUESTED",
+        counter::STAMP_REQUESTED,
+        "Write to stamp_request: the counter vCPU stores its TSC in stamp, then zero in stamp_request.",
+    );
+    define_u64(
+        &mut out,
+        "VMM_COUNTER_STOP",
+        counter::STOP,
+        "Write to stamp_request: the loop returns (native twins' counter threads).",
+    );
+    define_u64(
+        &mut out,
+        "VMM_COUNTER_MAX_POLLS",
+        counter::MAX_POLLS,
+        "Polls of the counter before a guest gives up (VMM_STATUS_COUNTER_STALLED).",
+    );
+    define_u64(
+        &mut out,
+        "VMM_XOR_ITERATIONS",
+        counter::XOR_ITERATIONS,
+        "Iterations of the dependent XOR chain per xor-loop sample.",
+    );
     out.push_str("\n/* Native twins. */\n");
     define(
         &mut out,
@@ -209,6 +244,12 @@ pub fn c_header() -> String {
         capabilities::RDTSCP,
         "Executes rdtscp: the VMM probes that this KVM can run it in a guest, and refuses the run where not.",
     );
+    define(
+        &mut out,
+        "VMM_CAP_COUNTER",
+        capabilities::COUNTER,
+        "Reads the counter vCPU's clock (config.counter_addr): the VMM refuses to run it without --vcpus 2.",
+    );
     out.push_str("\n/* Probes: bit (1 << probe) in config.probes; samples laid out in VMM_PROBE_ORDER. */\n");
     for probe in Probe::ALL {
         let name = probe.name().to_uppercase().replace('-', "_");
@@ -228,6 +269,8 @@ pub fn c_header() -> String {
         Status::AbiMismatch,
         Status::ResultAreaTooSmall,
         Status::BadConfig,
+        Status::NoCounter,
+        Status::CounterStalled,
     ] {
         let name = format!("{status:?}");
         let upper: String = name
@@ -278,6 +321,7 @@ pub fn c_header() -> String {
                 ("uint32_t {}", "tsc_khz", offset_of!(Config, tsc_khz)),
                 ("uint64_t {}", "result_addr", offset_of!(Config, result_addr)),
                 ("uint64_t {}", "result_capacity", offset_of!(Config, result_capacity)),
+                ("uint64_t {}", "counter_addr", offset_of!(Config, counter_addr)),
             ],
         },
     );
@@ -303,7 +347,8 @@ pub fn c_header() -> String {
             name: "vmm_result_header",
             comment: "Written by the payload at config.result_addr; int64_t samples follow it \
                       (signed: negative when the TSC ran backwards), `iterations` per probe in \
-                      `probes`, in VMM_PROBE_ORDER. Write `magic` last.",
+                      `probes`, in VMM_PROBE_ORDER; then, where `ticks` is non-zero, as many \
+                      int64_t counter tick counts in the same order. Write `magic` last.",
             size: size_of::<ResultHeader>(),
             fields: &[
                 ("uint64_t {}", "magic", offset_of!(ResultHeader, magic)),
@@ -326,9 +371,26 @@ pub fn c_header() -> String {
                     offset_of!(ResultHeader, cpuid),
                 ),
                 ("uint32_t {}", "verdict", offset_of!(ResultHeader, verdict)),
-                ("uint32_t {}", "reserved", offset_of!(ResultHeader, reserved)),
+                ("uint32_t {}", "ticks", offset_of!(ResultHeader, ticks)),
                 ("int64_t {}", "score_milli", offset_of!(ResultHeader, score_milli)),
                 ("char {}[VMM_REASON_BYTES]", "reason", offset_of!(ResultHeader, reason)),
+            ],
+        },
+    );
+    emit(
+        &mut out,
+        &CStruct {
+            name: "vmm_counter_block",
+            comment: "At config.counter_addr when the run has a counter vCPU: `counter` goes up by \
+                      one per loop iteration on another vCPU (natively, another CPU). Volatile.",
+            size: size_of::<CounterBlock>(),
+            fields: &[
+                ("uint64_t {}", "counter", offset_of!(CounterBlock, counter)),
+                ("uint64_t {}[7]", "pad0", offset_of!(CounterBlock, pad0)),
+                ("uint64_t {}", "stamp_request", offset_of!(CounterBlock, stamp_request)),
+                ("uint64_t {}[7]", "pad1", offset_of!(CounterBlock, pad1)),
+                ("uint64_t {}", "stamp", offset_of!(CounterBlock, stamp)),
+                ("uint64_t {}[7]", "pad2", offset_of!(CounterBlock, pad2)),
             ],
         },
     );

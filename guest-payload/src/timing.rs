@@ -13,16 +13,17 @@
 //! A sample is `end - start` as a signed [`Cycles`]: where a hypervisor moved the guest's
 //! TSC back during the probe, the sample is negative, and says so.
 
-use crate::abi::{ports, CpuidRecord, Cycles, Probe};
+use crate::abi::{counter, ports, CounterBlock, CpuidRecord, Cycles, Probe};
 use core::arch::global_asm;
 
 /// The global symbols of every instruction that executes CPUID, in the order the guest
 /// reports their bytes. Keep in sync with the labels in the assembly below. (The VMM
 /// finds CPUID sites by decoding the code; the symbols name them in reports.)
-pub const CPUID_SITE_SYMBOLS: [&str; 3] = [
+pub const CPUID_SITE_SYMBOLS: [&str; 4] = [
     "vmm_site_cpuid_probe",
     "vmm_site_cpuid_unfenced",
     "vmm_site_cpuid_query",
+    "vmm_site_cpuid_timer",
 ];
 /// The CPUID of the guest's snapshot (not a timed sample), counted apart.
 pub const CPUID_QUERY_SITE_SYMBOL: &str = "vmm_site_cpuid_query";
@@ -189,6 +190,118 @@ global_asm!(
         pop rbx
         ret
 
+    # VMAware v2.7.0 TIMER's windows. void vmm_timer_cpuid(const u64 *counter /* rdi */,
+    # i64 out[2] /* rsi */): out[0] = TSC cycles, out[1] = counter ticks over
+    # `counter; cpuid(0, 0); counter`, the TSC read just outside the counter reads.
+    .globl vmm_timer_cpuid
+    vmm_timer_cpuid:
+        push rbx
+        mov r9, rsi
+        TSC_TO_RAX
+        mov r8, rax
+        mov r10, [rdi]
+        xor eax, eax
+        xor ecx, ecx
+    .globl vmm_site_cpuid_timer
+    vmm_site_cpuid_timer:
+        cpuid
+        mov r11, [rdi]
+        TSC_TO_RAX
+        sub rax, r8
+        mov [r9], rax
+        sub r11, r10
+        mov [r9 + 8], r11
+        pop rbx
+        ret
+
+    # The same window with the CPUID asked for by hypercall (paravirt).
+    .globl vmm_timer_hypercall
+    vmm_timer_hypercall:
+        push rbx
+        mov r9, rsi
+        TSC_TO_RAX
+        mov r8, rax
+        mov r10, [rdi]
+        xor eax, eax
+        xor ecx, ecx
+        mov dx, {hypercall_port}
+        out dx, eax
+        mov r11, [rdi]
+        TSC_TO_RAX
+        sub rax, r8
+        mov [r9], rax
+        sub r11, r10
+        mov [r9 + 8], r11
+        pop rbx
+        ret
+
+    # void vmm_timer_lfence8(const u64 *counter /* rdi */, i64 out[2] /* rsi */):
+    # `counter; 8 x lfence; counter`.
+    .globl vmm_timer_lfence8
+    vmm_timer_lfence8:
+        TSC_TO_RAX
+        mov r8, rax
+        mov r10, [rdi]
+        .rept 8
+        lfence
+        .endr
+        mov r11, [rdi]
+        TSC_TO_RAX
+        sub rax, r8
+        mov [rsi], rax
+        sub r11, r10
+        mov [rsi + 8], r11
+        ret
+
+    # i64 vmm_sample_xor_loop(void): XOR_ITERATIONS of `x ^= i; x = (x << 1) ^ (x >> 3)`
+    # on a volatile x in memory (each read of x a load, each write a store).
+    .globl vmm_sample_xor_loop
+    vmm_sample_xor_loop:
+        sub rsp, 8
+        mov rcx, 0xdeadbeefcafebabe
+        mov [rsp], rcx
+        TSC_TO_RAX
+        mov r8, rax
+        xor esi, esi
+    2:
+        mov rax, [rsp]
+        xor rax, rsi
+        mov [rsp], rax
+        mov rax, [rsp]
+        mov rcx, [rsp]
+        shl rax, 1
+        shr rcx, 3
+        xor rax, rcx
+        mov [rsp], rax
+        inc rsi
+        cmp rsi, {xor_iterations}
+        jb 2b
+        TSC_TO_RAX
+        sub rax, r8
+        add rsp, 8
+        ret
+
+    # void vmm_counter_loop(CounterBlock *block /* rdi */): abi::counter::LOOP_CODE
+    .globl vmm_counter_loop
+    vmm_counter_loop:
+    3:
+        inc qword ptr [rdi]
+        mov rax, [rdi + 0x40]
+        test rax, rax
+        je 3b
+        cmp rax, 2
+        je 4f
+        rdtsc
+        shl rdx, 32
+        or rax, rdx
+        mov [rdi + 0x80], rax
+        mov qword ptr [rdi + 0x40], 0
+        jmp 3b
+    4:
+        ret
+    .globl vmm_counter_loop_end
+    vmm_counter_loop_end:
+
     # u64 vmm_read_tsc(void)
     .globl vmm_read_tsc
     vmm_read_tsc:
@@ -200,6 +313,7 @@ global_asm!(
     .popsection
     "#,
     hypercall_port = const ports::HYPERCALL,
+    xor_iterations = const counter::XOR_ITERATIONS,
 );
 
 extern "C" {
@@ -216,6 +330,13 @@ extern "C" {
     fn vmm_cpuid_query(leaf: u32, subleaf: u32, out: *mut [u32; 4]);
     fn vmm_hypercall_query(leaf: u32, subleaf: u32, out: *mut [u32; 4]);
     fn vmm_read_tsc() -> u64;
+    fn vmm_timer_cpuid(counter: *const u64, out: *mut [Cycles; 2]);
+    fn vmm_timer_hypercall(counter: *const u64, out: *mut [Cycles; 2]);
+    fn vmm_timer_lfence8(counter: *const u64, out: *mut [Cycles; 2]);
+    fn vmm_sample_xor_loop() -> Cycles;
+    fn vmm_counter_loop(block: *mut CounterBlock);
+    static vmm_site_cpuid_timer: u8;
+    static vmm_counter_loop_end: u8;
 }
 
 /// How CPUID reaches whoever answers it.
@@ -236,11 +357,113 @@ pub struct Request {
     /// Samples taken and dropped first (caches, branch predictors, lazy host paging).
     pub warmup: u32,
     pub cpuid_path: CpuidPath,
+    /// The [`CounterBlock`] of the counter vCPU (natively, thread), 0 if none.
+    pub counter_addr: u64,
 }
 
-/// Times `probe` `out.len()` times after `request.warmup` dropped samples; each sample is
-/// in TSC cycles, negative where the TSC ran backwards.
-pub fn measure(probe: Probe, request: &Request, out: &mut [Cycles]) {
+/// Why a measurement could not be made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MeasureError {
+    /// The probe reads the counter and the request names none.
+    NoCounter,
+    /// The counter did not move (or answer a stamp) for [`counter::MAX_POLLS`] polls.
+    CounterStalled,
+}
+
+fn counter_block(request: &Request) -> Result<*mut CounterBlock, MeasureError> {
+    match request.counter_addr {
+        0 => Err(MeasureError::NoCounter),
+        addr => Ok(addr as *mut CounterBlock),
+    }
+}
+
+/// Reads the counter (volatile: another CPU writes it).
+fn read_counter(block: *const CounterBlock) -> u64 {
+    // SAFETY: `block` is the live counter block the caller named in its request.
+    unsafe { core::ptr::read_volatile(&raw const (*block).counter) }
+}
+
+/// Waits for the counter to move once, as TIMER's `sync = counter; while (counter == sync);`
+/// does, but not for ever.
+fn wait_for_tick(block: *const CounterBlock) -> Result<(), MeasureError> {
+    let start = read_counter(block);
+    for _ in 0..counter::MAX_POLLS {
+        if read_counter(block) != start {
+            return Ok(());
+        }
+    }
+    Err(MeasureError::CounterStalled)
+}
+
+/// One cross-vCPU sample: asks the counter vCPU for its TSC and subtracts it from this
+/// CPU's, read after the answer arrived (x86 stores are seen in order: the stamp is
+/// there once the request reads zero).
+fn cross_tsc_sample(block: *mut CounterBlock) -> Result<Cycles, MeasureError> {
+    // SAFETY: `block` is the live counter block; the fields are only ever accessed with
+    // volatile reads and writes, by this CPU and the counter's.
+    unsafe {
+        core::ptr::write_volatile(&raw mut (*block).stamp_request, counter::STAMP_REQUESTED);
+        for _ in 0..counter::MAX_POLLS {
+            if core::ptr::read_volatile(&raw const (*block).stamp_request) == 0 {
+                let stamp = core::ptr::read_volatile(&raw const (*block).stamp);
+                return Ok(read_tsc().wrapping_sub(stamp) as Cycles);
+            }
+        }
+    }
+    Err(MeasureError::CounterStalled)
+}
+
+/// Times `probe` `out.len()` times after the probe's warm-up; each sample is in TSC
+/// cycles, negative where the TSC ran backwards. With a counter, `ticks` gets the counter
+/// ticks over each sample (read just before and after it). The TIMER probes are measured
+/// in pairs by [`measure_timer_pairs`]; here each runs alone.
+pub fn measure(
+    probe: Probe,
+    request: &Request,
+    out: &mut [Cycles],
+    ticks: Option<&mut [Cycles]>,
+) -> Result<(), MeasureError> {
+    match probe {
+        Probe::TimerCpuid | Probe::TimerLfence8 => {
+            let (mut none, mut other_tsc, mut other_ticks): ([Cycles; 0], [Cycles; 0], [Cycles; 0]) = ([], [], []);
+            let own_ticks = match ticks {
+                Some(t) => t,
+                None => &mut none,
+            };
+            let out = if probe == Probe::TimerCpuid {
+                TimerOut {
+                    cpuid_tsc: out,
+                    cpuid_ticks: own_ticks,
+                    lfence_tsc: &mut other_tsc,
+                    lfence_ticks: &mut other_ticks,
+                }
+            } else {
+                TimerOut {
+                    cpuid_tsc: &mut other_tsc,
+                    cpuid_ticks: &mut other_ticks,
+                    lfence_tsc: out,
+                    lfence_ticks: own_ticks,
+                }
+            };
+            return measure_timer_pairs(request, out);
+        }
+        Probe::CrossTsc => {
+            let block = counter_block(request)?;
+            for _ in 0..probe.warmup(request.warmup) {
+                cross_tsc_sample(block)?;
+            }
+            let mut ticks = ticks;
+            for (i, slot) in out.iter_mut().enumerate() {
+                let before = read_counter(block);
+                *slot = cross_tsc_sample(block)?;
+                if let Some(t) = ticks.as_deref_mut().and_then(|t| t.get_mut(i)) {
+                    *t = read_counter(block).wrapping_sub(before) as Cycles;
+                }
+            }
+            return Ok(());
+        }
+        _ => {}
+    }
     let sample = || -> Cycles {
         let (leaf, subleaf) = (request.cpuid_leaf, request.cpuid_subleaf);
         // SAFETY: the routines above only touch registers (rbx is saved and restored) and
@@ -254,14 +477,117 @@ pub fn measure(probe: Probe, request: &Request, out: &mut [Cycles]) {
                 (Probe::Lfence8, _) => vmm_sample_lfence8(),
                 (Probe::CpuidUnfenced, CpuidPath::Instruction) => vmm_sample_cpuid_unfenced(leaf, subleaf),
                 (Probe::CpuidUnfenced, CpuidPath::Hypercall) => vmm_sample_hypercall_unfenced(leaf, subleaf),
+                (Probe::XorLoop, _) => vmm_sample_xor_loop(),
+                (Probe::TimerCpuid | Probe::TimerLfence8 | Probe::CrossTsc, _) => 0,
             }
         }
     };
     for _ in 0..probe.warmup(request.warmup) {
         core::hint::black_box(sample());
     }
-    for slot in out.iter_mut() {
-        *slot = sample();
+    match (ticks, request.counter_addr) {
+        (Some(ticks), addr) if addr != 0 => {
+            let block = addr as *const CounterBlock;
+            for (slot, tick) in out.iter_mut().zip(ticks.iter_mut()) {
+                let before = read_counter(block);
+                *slot = sample();
+                *tick = read_counter(block).wrapping_sub(before) as Cycles;
+            }
+        }
+        _ => {
+            for slot in out.iter_mut() {
+                *slot = sample();
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Where [`measure_timer_pairs`] puts each pair's four figures.
+pub struct TimerOut<'a> {
+    pub cpuid_tsc: &'a mut [Cycles],
+    pub cpuid_ticks: &'a mut [Cycles],
+    pub lfence_tsc: &'a mut [Cycles],
+    pub lfence_ticks: &'a mut [Cycles],
+}
+
+/// VMAware v2.7.0 `TIMER`'s sampling (src/vmaware.hpp L5663-5697): a warm-up of 1,000 ×
+/// (CPUID(0), 8 × LFENCE), then per pair: two ticks waited for, the CPUID(0, 0) window,
+/// two ticks, the 8 × LFENCE window — each window's ticks and TSC cycles kept. Pairs
+/// where a window saw no tick are kept too (zero ticks; TIMER drops and retakes them: the
+/// rule drops them, so that a stalled counter cannot hang the guest). As many pairs as the
+/// longest of the four outputs; shorter outputs keep the first ones.
+pub fn measure_timer_pairs(request: &Request, out: TimerOut<'_>) -> Result<(), MeasureError> {
+    let block = counter_block(request)?;
+    let counter = block as *const u64;
+    let cpuid = |pair: &mut [Cycles; 2]| {
+        // SAFETY: the routines read the counter, write two i64s to `pair` and save rbx.
+        unsafe {
+            match request.cpuid_path {
+                CpuidPath::Instruction => vmm_timer_cpuid(counter, pair),
+                CpuidPath::Hypercall => vmm_timer_hypercall(counter, pair),
+            }
+        }
+    };
+    let lfence = |pair: &mut [Cycles; 2]| {
+        // SAFETY: as above.
+        unsafe { vmm_timer_lfence8(counter, pair) }
+    };
+    let mut scratch = [0; 2];
+    for _ in 0..counter::TIMER_WARMUP {
+        cpuid(&mut scratch);
+        lfence(&mut scratch);
+    }
+    let pairs = [
+        out.cpuid_tsc.len(),
+        out.cpuid_ticks.len(),
+        out.lfence_tsc.len(),
+        out.lfence_ticks.len(),
+    ]
+    .into_iter()
+    .max()
+    .unwrap_or(0);
+    let put = |slot: &mut [Cycles], i: usize, value: Cycles| {
+        if let Some(s) = slot.get_mut(i) {
+            *s = value;
+        }
+    };
+    for i in 0..pairs {
+        wait_for_tick(block)?;
+        wait_for_tick(block)?;
+        let mut v = [0; 2];
+        cpuid(&mut v);
+        wait_for_tick(block)?;
+        wait_for_tick(block)?;
+        let mut r = [0; 2];
+        lfence(&mut r);
+        put(out.cpuid_tsc, i, v[0]);
+        put(out.cpuid_ticks, i, v[1]);
+        put(out.lfence_tsc, i, r[0]);
+        put(out.lfence_ticks, i, r[1]);
+    }
+    Ok(())
+}
+
+/// Runs the counter loop on this thread until `block.stamp_request` reads
+/// [`counter::STOP`]: the native runner's counter thread, the very code the counter vCPU
+/// runs.
+///
+/// # Safety
+/// `block` must point to a live [`CounterBlock`] that stays valid until this returns; the
+/// loop touches nothing else.
+pub unsafe fn run_counter_loop(block: *mut CounterBlock) {
+    // SAFETY: as the caller promised; rax and rdx are clobbered, as the ABI allows.
+    unsafe { vmm_counter_loop(block) }
+}
+
+/// The bytes of `vmm_counter_loop` in this binary: what [`counter::LOOP_CODE`] must equal.
+pub fn counter_loop_bytes() -> &'static [u8] {
+    // SAFETY: the two symbols delimit the routine in our own text section.
+    unsafe {
+        let start = vmm_counter_loop as *const u8;
+        let end = &raw const vmm_counter_loop_end;
+        core::slice::from_raw_parts(start, end.offset_from(start) as usize)
     }
 }
 
@@ -287,7 +613,7 @@ pub fn query_cpuid(path: CpuidPath, leaf: u32, subleaf: u32) -> CpuidRecord {
 
 /// The first two bytes of each CPUID site in this binary's own code, in
 /// [`CPUID_SITE_SYMBOLS`] order: what a guest checking its code integrity sees.
-pub fn cpuid_site_bytes() -> [[u8; 2]; 3] {
+pub fn cpuid_site_bytes() -> [[u8; 2]; 4] {
     // SAFETY: the symbols label instructions in our own text section, readable and at
     // least two bytes long (`cpuid` is `0f a2`); volatile, since a hypervisor may have
     // patched them behind the compiler's back.
@@ -296,6 +622,7 @@ pub fn cpuid_site_bytes() -> [[u8; 2]; 3] {
             &raw const vmm_site_cpuid_probe,
             &raw const vmm_site_cpuid_unfenced,
             &raw const vmm_site_cpuid_query,
+            &raw const vmm_site_cpuid_timer,
         ]
         .map(|site| [core::ptr::read_volatile(site), core::ptr::read_volatile(site.add(1))])
     }
@@ -316,15 +643,126 @@ mod tests {
         cpuid_subleaf: 0,
         warmup: 5,
         cpuid_path: CpuidPath::Instruction,
+        counter_addr: 0,
     };
 
     #[test]
-    fn every_native_probe_fills_its_buffer_with_positive_cycle_counts() {
+    fn every_native_probe_without_a_counter_fills_its_buffer_with_positive_cycle_counts() {
         for probe in Probe::ALL {
             let mut samples = [0 as Cycles; 64];
-            measure(probe, &NATIVE, &mut samples);
+            let measured = measure(probe, &NATIVE, &mut samples, None);
+            if probe.needs_counter() {
+                assert_eq!(measured, Err(MeasureError::NoCounter), "{probe:?}");
+                continue;
+            }
+            assert_eq!(measured, Ok(()));
             assert!(samples.iter().all(|&s| s > 0 && s < 1 << 40), "{probe:?}: {samples:?}");
         }
+    }
+
+    #[test]
+    fn the_counter_loop_in_this_binary_is_the_abis_loop_code() {
+        assert_eq!(counter_loop_bytes(), &counter::LOOP_CODE[..]);
+    }
+
+    /// A host counter thread, as the native runner starts one.
+    struct CounterThread {
+        block: std::boxed::Box<CounterBlock>,
+        thread: Option<std::thread::JoinHandle<()>>,
+    }
+
+    impl CounterThread {
+        fn start() -> Self {
+            let mut block = std::boxed::Box::<CounterBlock>::default();
+            let addr = &raw mut *block as usize;
+            // SAFETY: the block is freed only after the thread is joined (Drop below).
+            let thread = std::thread::spawn(move || unsafe { run_counter_loop(addr as *mut CounterBlock) });
+            while read_counter(&*block) == 0 {
+                core::hint::spin_loop();
+            }
+            Self {
+                block,
+                thread: Some(thread),
+            }
+        }
+        fn request(&self) -> Request {
+            Request {
+                counter_addr: &raw const *self.block as u64,
+                ..NATIVE
+            }
+        }
+    }
+
+    impl Drop for CounterThread {
+        fn drop(&mut self) {
+            // SAFETY: the block outlives the thread, which is joined here.
+            unsafe { core::ptr::write_volatile(&raw mut self.block.stamp_request, counter::STOP) };
+            if let Some(thread) = self.thread.take() {
+                let _ = thread.join();
+            }
+        }
+    }
+
+    #[test]
+    fn with_a_counter_every_probe_records_ticks_and_the_counter_probes_run() {
+        let counter = CounterThread::start();
+        let request = counter.request();
+        for probe in Probe::ALL {
+            let mut samples = [0 as Cycles; 200];
+            let mut ticks = [-1 as Cycles; 200];
+            assert_eq!(
+                measure(probe, &request, &mut samples, Some(&mut ticks)),
+                Ok(()),
+                "{probe:?}"
+            );
+            assert!(ticks.iter().all(|&t| t >= 0), "{probe:?}: {ticks:?}");
+            if probe == Probe::CrossTsc {
+                // One host's TSC, read after the other CPU's: never behind it.
+                assert!(samples.iter().all(|&s| s >= 0), "{samples:?}");
+            } else {
+                assert!(samples.iter().all(|&s| s > 0), "{probe:?}: {samples:?}");
+            }
+        }
+        // Waiting for ticks and asking for stamps means the counter moved.
+        let mut samples = [0 as Cycles; 50];
+        let mut ticks = [0 as Cycles; 50];
+        measure(Probe::TimerCpuid, &request, &mut samples, Some(&mut ticks)).unwrap();
+        assert!(ticks.iter().sum::<Cycles>() > 0, "{ticks:?}");
+    }
+
+    #[test]
+    fn timer_pairs_fill_all_four_outputs_and_a_stopped_counter_ends_with_an_error() {
+        let counter = CounterThread::start();
+        let request = counter.request();
+        let (mut a, mut b, mut c, mut d) = ([0; 20], [0; 20], [0; 20], [0; 20]);
+        measure_timer_pairs(
+            &request,
+            TimerOut {
+                cpuid_tsc: &mut a,
+                cpuid_ticks: &mut b,
+                lfence_tsc: &mut c,
+                lfence_ticks: &mut d,
+            },
+        )
+        .unwrap();
+        assert!(a.iter().chain(&c).all(|&t| t > 0));
+        assert!(b.iter().chain(&d).all(|&t| t >= 0));
+        let stalled = Request {
+            counter_addr: &raw const *counter.block as u64,
+            ..NATIVE
+        };
+        drop(counter);
+        // The block is freed with the thread: a still block of our own stands in.
+        let still = std::boxed::Box::<CounterBlock>::default();
+        let stalled = Request {
+            counter_addr: &raw const *still as u64,
+            ..stalled
+        };
+        let mut one = [0; 1];
+        assert_eq!(
+            measure(Probe::CrossTsc, &stalled, &mut one, None),
+            Err(MeasureError::CounterStalled)
+        );
     }
 
     #[test]
@@ -339,7 +777,7 @@ mod tests {
 
     #[test]
     fn unpatched_sites_hold_cpuid() {
-        assert_eq!(cpuid_site_bytes(), [CPUID_OPCODE; 3]);
+        assert_eq!(cpuid_site_bytes(), [CPUID_OPCODE; 4]);
     }
 
     #[test]

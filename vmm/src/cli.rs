@@ -254,10 +254,25 @@ pub struct RunArgs {
     #[arg(long, default_value = "0", value_parser = parse_u32)]
     pub subleaf: u32,
 
-    /// Probes to time, comma-separated. `cpuid-unfenced` is what fixed-threshold reads (as
-    /// pafish and al-khaser time CPUID); `lfence8` is tsc-lfence-ratio's baseline.
-    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [ProbeArg::CpuidUnfenced, ProbeArg::Cpuid, ProbeArg::Nop, ProbeArg::Rdtsc, ProbeArg::Lfence8])]
+    /// Probes to time, comma-separated [default: cpuid-unfenced,cpuid,nop,rdtsc,lfence8;
+    /// with --vcpus 2 also timer-cpuid,timer-lfence8,cross-tsc]. `cpuid-unfenced` is what
+    /// fixed-threshold reads (as pafish and al-khaser time CPUID); `lfence8` is
+    /// tsc-lfence-ratio's baseline; the timer pair is VMAware's TIMER; xor-loop is work
+    /// to check the TSC against (slow on an emulating KVM: ask for it).
+    #[arg(long, value_enum, value_delimiter = ',')]
     pub probes: Vec<ProbeArg>,
+
+    /// vCPUs: 2 adds a counter vCPU on another host CPU spinning `counter++` in shared
+    /// memory, a clock the TSC offset does not touch (natively: a host thread). Every
+    /// probe is then recorded in TSC cycles and in counter ticks.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
+    pub vcpus: u8,
+
+    /// Evasions beyond the TSC offset, comma-separated: pause-counter (stop the counter
+    /// vCPU while each exit is handled), shared-offset (make --hide's TSC moves on the
+    /// counter vCPU too), tsc-khz:N (TSC scaling, where KVM offers KVM_CAP_TSC_CONTROL).
+    #[arg(long, value_delimiter = ',', value_name = "EVASION")]
+    pub evade: Vec<String>,
 
     /// Stop a guest that has not finished after this many seconds.
     #[arg(long, default_value_t = 60.0, value_parser = parse_timeout)]
@@ -369,6 +384,14 @@ pub enum ProbeArg {
     Lfence8,
     /// `rdtsc; cpuid; rdtsc` unfenced, no warm-up, measured first (as pafish times CPUID).
     CpuidUnfenced,
+    /// VMAware TIMER's CPUID(0) window in counter ticks (needs --vcpus 2).
+    TimerCpuid,
+    /// VMAware TIMER's 8×LFENCE window, paired with timer-cpuid (needs --vcpus 2).
+    TimerLfence8,
+    /// This vCPU's TSC minus the counter vCPU's (needs --vcpus 2).
+    CrossTsc,
+    /// A dependent XOR chain of 256 iterations: retired work against the TSC.
+    XorLoop,
 }
 
 impl From<ProbeArg> for Probe {
@@ -379,6 +402,10 @@ impl From<ProbeArg> for Probe {
             ProbeArg::Rdtsc => Probe::Rdtsc,
             ProbeArg::Lfence8 => Probe::Lfence8,
             ProbeArg::CpuidUnfenced => Probe::CpuidUnfenced,
+            ProbeArg::TimerCpuid => Probe::TimerCpuid,
+            ProbeArg::TimerLfence8 => Probe::TimerLfence8,
+            ProbeArg::CrossTsc => Probe::CrossTsc,
+            ProbeArg::XorLoop => Probe::XorLoop,
         }
     }
 }

@@ -49,6 +49,7 @@ impl Session {
     ) -> Result<(RunReport, Measurement), MeasureError> {
         let measurement = self.measurer.measure(&self.payload, spec, console)?;
         let evidence = Evidence {
+            ticks: &measurement.ticks,
             samples: &measurement.samples,
             cpuid: &measurement.cpuid,
             site_bytes: &measurement.site_bytes,

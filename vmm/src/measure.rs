@@ -32,6 +32,12 @@ pub use crate::limits::MAX_ITERATIONS;
 pub enum MeasureError {
     #[error(transparent)]
     Kvm(#[from] KvmError),
+    #[error(transparent)]
+    Evasion(#[from] crate::shaping::evasion::EvasionError),
+    #[error("probe {0} reads the counter vCPU: add --vcpus 2")]
+    ProbeNeedsCounter(&'static str),
+    #[error("the payload {payload} ({name}) reads the counter vCPU's clock (it declares VMM_CAP_COUNTER): add --vcpus 2")]
+    PayloadNeedsCounter { payload: String, name: String },
     #[error("iterations must be between 1 and {MAX_ITERATIONS}, not {0}")]
     Iterations(u64),
     #[error(
@@ -84,6 +90,10 @@ impl MeasureError {
             | MeasureError::NoNativeTwin { .. }
             | MeasureError::PayloadAbi { .. }
             | MeasureError::PayloadCannot { .. }
+            | MeasureError::Evasion(_)
+            | MeasureError::ProbeNeedsCounter(_)
+            | MeasureError::PayloadNeedsCounter { .. }
+            | MeasureError::Vm(VmError::NoCounterCpu { .. })
             | MeasureError::RdtscpUnavailable { .. } => true,
             MeasureError::Mode(error) => mode_refusal(error),
             MeasureError::Vm(VmError::Handler(error)) => error.downcast_ref::<ModeError>().is_some_and(mode_refusal),
@@ -116,6 +126,27 @@ pub struct RunSpec {
     /// Benches only: trapped CPUIDs and hypercalls are stepped over, never answered nor
     /// shaped — the bare round trip of each exit kind, the floor of its path.
     pub bare_exits: bool,
+    /// A second vCPU spinning a counter in shared memory (natively, a host thread).
+    pub counter: bool,
+    pub evasions: crate::shaping::evasion::Evasions,
+}
+
+/// The probes a run takes unless told otherwise: all but those that need the counter
+/// and the XOR loop; with a counter, the TIMER pair and the cross-vCPU TSC too.
+pub fn default_probes(counter: bool) -> u32 {
+    let base = [
+        Probe::CpuidUnfenced,
+        Probe::Cpuid,
+        Probe::Nop,
+        Probe::Rdtsc,
+        Probe::Lfence8,
+    ];
+    let with_counter = [Probe::TimerCpuid, Probe::TimerLfence8, Probe::CrossTsc];
+    let mut bits: u32 = base.iter().map(|p| p.bit()).sum();
+    if counter {
+        bits |= with_counter.iter().map(|p| p.bit()).sum::<u32>();
+    }
+    bits
 }
 
 impl RunSpec {
@@ -127,13 +158,15 @@ impl RunSpec {
             warmup: 100,
             cpuid_leaf: 0,
             cpuid_subleaf: 0,
-            probes: Probe::ALL.iter().map(|p| p.bit()).sum(),
+            probes: default_probes(false),
             guest_flags: 0,
             snapshot: true,
             timeout: Duration::from_secs(60),
             cpu: None,
             busy: 0,
             bare_exits: false,
+            counter: false,
+            evasions: Default::default(),
         }
     }
 
@@ -153,6 +186,11 @@ impl RunSpec {
             probes: self.probes,
             cpuid_leaf: self.cpuid_leaf,
             cpuid_subleaf: self.cpuid_subleaf,
+            counter_addr: if self.counter {
+                guest_payload::layout::COUNTER_BLOCK_ADDR
+            } else {
+                0
+            },
             ..Default::default()
         }
     }
@@ -185,12 +223,17 @@ impl RunSpec {
         } else {
             0
         };
+        let timer = if self.probes & Probe::TimerCpuid.bit() != 0 {
+            n + guest_payload::counter::TIMER_WARMUP as usize
+        } else {
+            0
+        };
         let snapshot = if self.snapshot {
             guest_payload::CPUID_SNAPSHOT_LEAVES.len()
         } else {
             0
         };
-        fenced + unfenced + snapshot
+        fenced + unfenced + timer + snapshot
     }
 
     fn measures_cpuid(&self) -> bool {
@@ -202,6 +245,10 @@ impl RunSpec {
 #[derive(Clone, Debug, Default)]
 pub struct Measurement {
     pub samples: ProbeSamples,
+    /// Counter ticks over each sample (runs with a counter).
+    pub ticks: ProbeSamples,
+    /// What the counter vCPU went through (VM runs with a counter).
+    pub counter: Option<crate::vm::CounterStats>,
     pub cpuid: Vec<CpuidRecord>,
     /// The CPUID sites' bytes as the measured code read them.
     pub site_bytes: Vec<[u8; 2]>,
@@ -301,6 +348,20 @@ impl Measurer {
             return Err(ShapingError::NeedsCpuidProbe(spec.shaping.kind()).into());
         }
         preflight(payload, spec)?;
+        if let Some(probe) = guest_payload::probes_in(spec.probes).find(|p| p.needs_counter() && !spec.counter) {
+            return Err(MeasureError::ProbeNeedsCounter(probe.name()));
+        }
+        let tsc_control = match (spec.path, self.kvm()) {
+            (Path::Native, _) => Err("native: no KVM"),
+            (_, Ok(kvm)) if kvm.tsc_control => Ok(()),
+            _ => Err(crate::host::kvm_flavour().0.describe()),
+        };
+        spec.evasions.check(
+            spec.counter,
+            spec.path.vmm_handles_cpuid(),
+            spec.shaping.moves_tsc(),
+            tsc_control,
+        )?;
         if spec.path != Path::Native && payload.declares(guest_payload::capabilities::RDTSCP) {
             self.rdtscp_in_guest()?.map_err(|why| MeasureError::RdtscpUnavailable {
                 payload: payload.source.to_string(),
@@ -318,6 +379,7 @@ impl Measurer {
             };
             return Ok(Measurement {
                 samples: run.samples,
+                ticks: run.ticks,
                 cpuid: run.cpuid,
                 site_bytes: run.site_bytes,
                 verdict: run.verdict,
@@ -373,6 +435,13 @@ impl Measurer {
         // Sized before the run: no reallocation inside an exit hide must account for.
         let mut shaper = shaper;
         shaper.reserve(spec.expected_cpuid_exits());
+        vm.set_counter_evasion(crate::vm::CounterEvasion {
+            pause: spec.evasions.pause_counter,
+            share_offset: spec.evasions.shared_offset,
+        })?;
+        if let Some(khz) = spec.evasions.tsc_khz {
+            vm.set_tsc_khz(khz)?;
+        }
         let cpuid = vm.cpuid_table().clone();
         let mut handler = match spec.path {
             Path::Native | Path::HwAssist => PathHandler::HwAssist(HwAssist),
@@ -408,6 +477,8 @@ impl Measurer {
         let shaper = handler.as_dyn().shaper();
         let measurement = Measurement {
             samples: results.samples,
+            ticks: results.ticks,
+            counter: stats.counter,
             cpuid: results.cpuid,
             site_bytes: results.site_bytes,
             verdict: results.verdict,
@@ -570,6 +641,12 @@ fn check_declaration(payload: &Payload, spec: &RunSpec) -> Result<(), MeasureErr
                 found: info.abi_version,
             });
         }
+    }
+    if !spec.counter && payload.declares(guest_payload::capabilities::COUNTER) {
+        return Err(MeasureError::PayloadNeedsCounter {
+            payload: payload.source.to_string(),
+            name,
+        });
     }
     if spec.path == Path::Paravirt && !payload.declares(guest_payload::capabilities::PARAVIRT_CPUID) {
         return Err(MeasureError::PayloadCannot {

@@ -3,7 +3,7 @@
 
 use crate::vm::ProbeSamples;
 use guest_payload::timing::{self, CpuidPath, Request};
-use guest_payload::{probes_in, Config, CpuidRecord, Cycles, CPUID_SNAPSHOT_LEAVES};
+use guest_payload::{probes_in, Config, CpuidRecord, Cycles, Probe, CPUID_SNAPSHOT_LEAVES};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -17,6 +17,10 @@ pub enum NativeError {
     Thread(std::io::Error),
     #[error("the measuring thread panicked")]
     Panicked,
+    #[error("a native run with a counter needs a second CPU for the counter thread, and this process may run on CPU {cpu} only")]
+    NoCounterCpu { cpu: usize },
+    #[error("the native timing core stopped: {0}")]
+    Measure(&'static str),
     #[error(
         "the native run passed its deadline ({timeout:?}) and was stopped; raise --timeout if the run is just long"
     )]
@@ -41,6 +45,8 @@ pub enum NativeError {
 #[derive(Clone, Debug)]
 pub struct NativeRun {
     pub samples: ProbeSamples,
+    /// Counter ticks over each sample, where the run had a counter thread.
+    pub ticks: ProbeSamples,
     pub cpuid: Vec<CpuidRecord>,
     /// This binary's own CPUID sites, read as a guest reads its code.
     pub site_bytes: Vec<[u8; 2]>,
@@ -95,11 +101,71 @@ fn measuring_cpu(asked: Option<usize>) -> Result<usize, NativeError> {
     }
 }
 
+/// The native side of `--vcpus 2`: a host thread pinned to another CPU running the very
+/// loop the counter vCPU runs ([`timing::run_counter_loop`]), stopped and joined on drop.
+struct CounterThread {
+    block: Box<guest_payload::CounterBlock>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl CounterThread {
+    fn start(cpu: usize) -> Result<Self, NativeError> {
+        let mut block = Box::<guest_payload::CounterBlock>::default();
+        let addr = &raw mut *block as usize;
+        let thread = std::thread::Builder::new()
+            .name("vmm-native-counter".into())
+            .spawn(move || {
+                // Unpinned, it still counts: the measuring thread is what must be pinned.
+                let _ = pin_current_thread(cpu);
+                // SAFETY: the block is freed only after this thread is joined (Drop).
+                unsafe { timing::run_counter_loop(addr as *mut guest_payload::CounterBlock) };
+            })
+            .map_err(NativeError::Thread)?;
+        Ok(Self {
+            block,
+            thread: Some(thread),
+        })
+    }
+
+    fn addr(&self) -> u64 {
+        &raw const *self.block as u64
+    }
+}
+
+impl Drop for CounterThread {
+    fn drop(&mut self) {
+        // SAFETY: the block outlives the thread, joined just below.
+        unsafe { std::ptr::write_volatile(&raw mut self.block.stamp_request, guest_payload::counter::STOP) };
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn measure_error(error: timing::MeasureError) -> NativeError {
+    NativeError::Measure(match error {
+        timing::MeasureError::NoCounter => "a probe needs the counter and there is none",
+        timing::MeasureError::CounterStalled => "the counter thread stopped counting",
+    })
+}
+
 /// Runs the timing core on the host as `config` asks, pinned to `cpu` (default: the last
-/// CPU this process may use, away from CPU 0's interrupt load).
+/// CPU this process may use, away from CPU 0's interrupt load). A non-zero
+/// `config.counter_addr` asks for a counter: a host thread on another CPU keeps one (the
+/// address itself is the guest's and means nothing here).
 pub fn run(config: &Config, cpu: Option<usize>, timeout: Duration) -> Result<NativeRun, NativeError> {
     let cpu = measuring_cpu(cpu)?;
-    let config = *config;
+    let counter = match config.counter_addr {
+        0 => None,
+        _ => {
+            let other = allowed_cpus().into_iter().find(|&c| c != cpu);
+            Some(CounterThread::start(other.ok_or(NativeError::NoCounterCpu { cpu })?)?)
+        }
+    };
+    let config = Config {
+        counter_addr: counter.as_ref().map_or(0, CounterThread::addr),
+        ..*config
+    };
     let thread = std::thread::Builder::new()
         .name("vmm-native".into())
         .spawn(move || -> Result<NativeRun, NativeError> {
@@ -110,24 +176,82 @@ pub fn run(config: &Config, cpu: Option<usize>, timeout: Duration) -> Result<Nat
                 cpuid_subleaf: config.cpuid_subleaf,
                 warmup: config.warmup,
                 cpuid_path: CpuidPath::Instruction,
+                counter_addr: config.counter_addr,
             };
+            let with_ticks = config.counter_addr != 0;
             let mut samples = ProbeSamples::new();
+            let mut ticks = ProbeSamples::new();
             let deadline = started + timeout;
+            let iterations = config.iterations as usize;
+            let timer_pair = Probe::TimerCpuid.bit() | Probe::TimerLfence8.bit();
+            let paired = config.probes & timer_pair == timer_pair;
             for probe in probes_in(config.probes) {
-                let mut out: Vec<Cycles> = vec![0; config.iterations as usize];
+                if paired && probe == Probe::TimerLfence8 {
+                    continue;
+                }
+                let mut out: Vec<Cycles> = vec![0; iterations];
+                let mut out_ticks: Vec<Cycles> = vec![0; if with_ticks { iterations } else { 0 }];
+                let mut lfence: Vec<Cycles> = vec![
+                    0;
+                    if paired && probe == Probe::TimerCpuid {
+                        iterations
+                    } else {
+                        0
+                    }
+                ];
+                let mut lfence_ticks: Vec<Cycles> = vec![0; if with_ticks { lfence.len() } else { 0 }];
                 // In chunks, so that the deadline is checked as a guest's run is: the
                 // warm-up comes before the first chunk only, as in one call.
-                for (i, chunk) in out.chunks_mut(NATIVE_CHUNK).enumerate() {
+                let mut start = 0;
+                while start < iterations {
                     if Instant::now() > deadline {
                         return Err(NativeError::PastDeadline { timeout });
                     }
+                    let end = (start + NATIVE_CHUNK).min(iterations);
                     let request = Request {
-                        warmup: if i == 0 { request.warmup } else { 0 },
+                        warmup: if start == 0 { request.warmup } else { 0 },
                         ..request
                     };
-                    timing::measure(probe, &request, chunk);
+                    let chunk = |v: &mut Vec<Cycles>| -> std::ops::Range<usize> {
+                        if v.is_empty() {
+                            0..0
+                        } else {
+                            start..end
+                        }
+                    };
+                    let (r_out, r_ticks, r_lf, r_lft) = (
+                        chunk(&mut out),
+                        chunk(&mut out_ticks),
+                        chunk(&mut lfence),
+                        chunk(&mut lfence_ticks),
+                    );
+                    if paired && probe == Probe::TimerCpuid {
+                        timing::measure_timer_pairs(
+                            &request,
+                            timing::TimerOut {
+                                cpuid_tsc: &mut out[r_out],
+                                cpuid_ticks: &mut out_ticks[r_ticks],
+                                lfence_tsc: &mut lfence[r_lf],
+                                lfence_ticks: &mut lfence_ticks[r_lft],
+                            },
+                        )
+                    } else {
+                        let t = with_ticks.then_some(&mut out_ticks[r_ticks]);
+                        timing::measure(probe, &request, &mut out[r_out], t)
+                    }
+                    .map_err(measure_error)?;
+                    start = end;
+                }
+                if paired && probe == Probe::TimerCpuid {
+                    samples.insert(Probe::TimerLfence8, lfence);
+                    if with_ticks {
+                        ticks.insert(Probe::TimerLfence8, lfence_ticks);
+                    }
                 }
                 samples.insert(probe, out);
+                if with_ticks {
+                    ticks.insert(probe, out_ticks);
+                }
             }
             let snapshot = config.flags & guest_payload::flags::CPUID_SNAPSHOT != 0;
             let (cpuid, site_bytes) = if snapshot {
@@ -141,6 +265,7 @@ pub fn run(config: &Config, cpu: Option<usize>, timeout: Duration) -> Result<Nat
             };
             Ok(NativeRun {
                 samples,
+                ticks,
                 cpuid,
                 site_bytes,
                 cpu,
@@ -149,7 +274,9 @@ pub fn run(config: &Config, cpu: Option<usize>, timeout: Duration) -> Result<Nat
             })
         })
         .map_err(NativeError::Thread)?;
-    thread.join().map_err(|_| NativeError::Panicked)?
+    let run = thread.join().map_err(|_| NativeError::Panicked)?;
+    drop(counter);
+    run
 }
 
 /// Where a payload's native twin lives, by the SDK's convention: `NAME.elf` has its twin
@@ -273,6 +400,7 @@ pub fn run_twin(twin: &Path, config: &Config, cpu: Option<usize>, timeout: Durat
     })?;
     Ok(NativeRun {
         samples: results.samples,
+        ticks: results.ticks,
         cpuid: results.cpuid,
         site_bytes: results.site_bytes,
         cpu,

@@ -8,7 +8,7 @@
 #include <stdint.h>
 
 /* Bumped whenever a layout or meaning changes. */
-#define VMM_ABI_VERSION 0x5u
+#define VMM_ABI_VERSION 0x6u
 
 /* Guest physical memory map (identity-mapped: virtual == physical). */
 /* The config block the VMM writes before the first instruction. */
@@ -21,6 +21,10 @@
 #define VMM_PAYLOAD_START 0x100000ull
 /* Loadable segments must end below this. */
 #define VMM_PAYLOAD_END 0x400000ull
+/* The counter block of a run with a counter vCPU (config.counter_addr says). */
+#define VMM_COUNTER_BLOCK_ADDR 0x6000ull
+/* Reserved: the counter vCPU's code. */
+#define VMM_COUNTER_CODE_ADDR 0x7000ull
 /* The result header, followed by the samples. */
 #define VMM_RESULT_ADDR 0x400000ull
 
@@ -52,6 +56,16 @@
 /* Fill the CPUID snapshot and the site bytes. */
 #define VMM_FLAG_CPUID_SNAPSHOT 0x8u
 
+/* The counter vCPU (struct vmm_counter_block). */
+/* Write to stamp_request: the counter vCPU stores its TSC in stamp, then zero in stamp_request. */
+#define VMM_COUNTER_STAMP_REQUESTED 0x1ull
+/* Write to stamp_request: the loop returns (native twins' counter threads). */
+#define VMM_COUNTER_STOP 0x2ull
+/* Polls of the counter before a guest gives up (VMM_STATUS_COUNTER_STALLED). */
+#define VMM_COUNTER_MAX_POLLS 0x1000000ull
+/* Iterations of the dependent XOR chain per xor-loop sample. */
+#define VMM_XOR_ITERATIONS 0x100ull
+
 /* Native twins. */
 /* A native twin exits with this plus its status when the detector stops with one other than ok. */
 #define VMM_NATIVE_TWIN_STATUS_BASE 0xau
@@ -67,6 +81,8 @@
 #define VMM_CAP_CPUID_SNAPSHOT 0x8u
 /* Executes rdtscp: the VMM probes that this KVM can run it in a guest, and refuses the run where not. */
 #define VMM_CAP_RDTSCP 0x10u
+/* Reads the counter vCPU's clock (config.counter_addr): the VMM refuses to run it without --vcpus 2. */
+#define VMM_CAP_COUNTER 0x20u
 
 /* Probes: bit (1 << probe) in config.probes; samples laid out in VMM_PROBE_ORDER. */
 /* cpuid-unfenced */
@@ -79,9 +95,17 @@
 #define VMM_PROBE_RDTSC 0x2u
 /* lfence8 */
 #define VMM_PROBE_LFENCE8 0x3u
+/* timer-cpuid */
+#define VMM_PROBE_TIMER_CPUID 0x5u
+/* timer-lfence8 */
+#define VMM_PROBE_TIMER_LFENCE8 0x6u
+/* cross-tsc */
+#define VMM_PROBE_CROSS_TSC 0x7u
+/* xor-loop */
+#define VMM_PROBE_XOR_LOOP 0x8u
 /* The order samples follow in the result block. */
-#define VMM_PROBE_ORDER { 4, 0, 1, 2, 3 }
-#define VMM_PROBE_COUNT 5u
+#define VMM_PROBE_ORDER { 4, 0, 1, 2, 3, 5, 6, 7, 8 }
+#define VMM_PROBE_COUNT 9u
 
 /* What the payload rings on VMM_PORT_DONE. */
 enum vmm_status {
@@ -90,6 +114,8 @@ enum vmm_status {
     VMM_STATUS_ABI_MISMATCH = 2, /* the config block was written for another ABI version */
     VMM_STATUS_RESULT_AREA_TOO_SMALL = 3, /* the samples asked for do not fit the result area */
     VMM_STATUS_BAD_CONFIG = 4, /* the config asks for no iterations or no probe */
+    VMM_STATUS_NO_COUNTER = 5, /* a probe needs the counter vCPU, and the run has none (--vcpus 2) */
+    VMM_STATUS_COUNTER_STALLED = 6, /* the counter vCPU stopped counting: the guest gave up waiting for it */
 };
 
 /* A payload's own verdict (result header .verdict). */
@@ -101,7 +127,7 @@ enum vmm_verdict {
 };
 
 #define VMM_REASON_BYTES 120u
-#define VMM_SNAPSHOT_LEAVES 8u
+#define VMM_SNAPSHOT_LEAVES 9u
 
 /* Written by the VMM at VMM_CONFIG_ADDR before the first instruction. */
 struct vmm_config {
@@ -116,8 +142,9 @@ struct vmm_config {
     uint32_t tsc_khz;
     uint64_t result_addr;
     uint64_t result_capacity;
+    uint64_t counter_addr;
 };
-_Static_assert(sizeof(struct vmm_config) == 56, "vmm_config size");
+_Static_assert(sizeof(struct vmm_config) == 64, "vmm_config size");
 _Static_assert(offsetof(struct vmm_config, magic) == 0, "vmm_config.magic");
 _Static_assert(offsetof(struct vmm_config, abi_version) == 8, "vmm_config.abi_version");
 _Static_assert(offsetof(struct vmm_config, flags) == 12, "vmm_config.flags");
@@ -129,6 +156,7 @@ _Static_assert(offsetof(struct vmm_config, cpuid_subleaf) == 32, "vmm_config.cpu
 _Static_assert(offsetof(struct vmm_config, tsc_khz) == 36, "vmm_config.tsc_khz");
 _Static_assert(offsetof(struct vmm_config, result_addr) == 40, "vmm_config.result_addr");
 _Static_assert(offsetof(struct vmm_config, result_capacity) == 48, "vmm_config.result_capacity");
+_Static_assert(offsetof(struct vmm_config, counter_addr) == 56, "vmm_config.counter_addr");
 
 /* One CPUID answer as the guest saw it. */
 struct vmm_cpuid_record {
@@ -147,7 +175,7 @@ _Static_assert(offsetof(struct vmm_cpuid_record, ebx) == 12, "vmm_cpuid_record.e
 _Static_assert(offsetof(struct vmm_cpuid_record, ecx) == 16, "vmm_cpuid_record.ecx");
 _Static_assert(offsetof(struct vmm_cpuid_record, edx) == 20, "vmm_cpuid_record.edx");
 
-/* Written by the payload at config.result_addr; int64_t samples follow it (signed: negative when the TSC ran backwards), `iterations` per probe in `probes`, in VMM_PROBE_ORDER. Write `magic` last. */
+/* Written by the payload at config.result_addr; int64_t samples follow it (signed: negative when the TSC ran backwards), `iterations` per probe in `probes`, in VMM_PROBE_ORDER; then, where `ticks` is non-zero, as many int64_t counter tick counts in the same order. Write `magic` last. */
 struct vmm_result_header {
     uint64_t magic;
     uint32_t abi_version;
@@ -161,11 +189,11 @@ struct vmm_result_header {
     uint8_t site_bytes[4][2];
     struct vmm_cpuid_record cpuid[VMM_SNAPSHOT_LEAVES];
     uint32_t verdict;
-    uint32_t reserved;
+    uint32_t ticks;
     int64_t score_milli;
     char reason[VMM_REASON_BYTES];
 };
-_Static_assert(sizeof(struct vmm_result_header) == 384, "vmm_result_header size");
+_Static_assert(sizeof(struct vmm_result_header) == 408, "vmm_result_header size");
 _Static_assert(offsetof(struct vmm_result_header, magic) == 0, "vmm_result_header.magic");
 _Static_assert(offsetof(struct vmm_result_header, abi_version) == 8, "vmm_result_header.abi_version");
 _Static_assert(offsetof(struct vmm_result_header, status) == 12, "vmm_result_header.status");
@@ -177,10 +205,27 @@ _Static_assert(offsetof(struct vmm_result_header, cpuid_count) == 40, "vmm_resul
 _Static_assert(offsetof(struct vmm_result_header, site_bytes_valid) == 44, "vmm_result_header.site_bytes_valid");
 _Static_assert(offsetof(struct vmm_result_header, site_bytes) == 48, "vmm_result_header.site_bytes");
 _Static_assert(offsetof(struct vmm_result_header, cpuid) == 56, "vmm_result_header.cpuid");
-_Static_assert(offsetof(struct vmm_result_header, verdict) == 248, "vmm_result_header.verdict");
-_Static_assert(offsetof(struct vmm_result_header, reserved) == 252, "vmm_result_header.reserved");
-_Static_assert(offsetof(struct vmm_result_header, score_milli) == 256, "vmm_result_header.score_milli");
-_Static_assert(offsetof(struct vmm_result_header, reason) == 264, "vmm_result_header.reason");
+_Static_assert(offsetof(struct vmm_result_header, verdict) == 272, "vmm_result_header.verdict");
+_Static_assert(offsetof(struct vmm_result_header, ticks) == 276, "vmm_result_header.ticks");
+_Static_assert(offsetof(struct vmm_result_header, score_milli) == 280, "vmm_result_header.score_milli");
+_Static_assert(offsetof(struct vmm_result_header, reason) == 288, "vmm_result_header.reason");
+
+/* At config.counter_addr when the run has a counter vCPU: `counter` goes up by one per loop iteration on another vCPU (natively, another CPU). Volatile. */
+struct vmm_counter_block {
+    uint64_t counter;
+    uint64_t pad0[7];
+    uint64_t stamp_request;
+    uint64_t pad1[7];
+    uint64_t stamp;
+    uint64_t pad2[7];
+};
+_Static_assert(sizeof(struct vmm_counter_block) == 192, "vmm_counter_block size");
+_Static_assert(offsetof(struct vmm_counter_block, counter) == 0, "vmm_counter_block.counter");
+_Static_assert(offsetof(struct vmm_counter_block, pad0) == 8, "vmm_counter_block.pad0");
+_Static_assert(offsetof(struct vmm_counter_block, stamp_request) == 64, "vmm_counter_block.stamp_request");
+_Static_assert(offsetof(struct vmm_counter_block, pad1) == 72, "vmm_counter_block.pad1");
+_Static_assert(offsetof(struct vmm_counter_block, stamp) == 128, "vmm_counter_block.stamp");
+_Static_assert(offsetof(struct vmm_counter_block, pad2) == 136, "vmm_counter_block.pad2");
 
 /* What a payload declares, at the global symbol `vmm_payload_info`. */
 struct vmm_payload_info {

@@ -24,11 +24,16 @@ pub fn run(args: &RunArgs) -> Result<(), CommandError> {
         warmup: args.warmup,
         cpuid_leaf: args.leaf,
         cpuid_subleaf: args.subleaf,
-        probes: args
-            .probes
-            .iter()
-            .map(|&p| guest_payload::Probe::from(p).bit())
-            .fold(0, |a, b| a | b),
+        probes: match args.probes.as_slice() {
+            [] => crate::measure::default_probes(args.vcpus == 2),
+            probes => probes
+                .iter()
+                .map(|&p| guest_payload::Probe::from(p).bit())
+                .fold(0, |a, b| a | b),
+        },
+        counter: args.vcpus == 2,
+        evasions: crate::shaping::evasion::Evasions::parse(args.evade.iter().map(String::as_str))
+            .map_err(crate::measure::MeasureError::from)?,
         guest_flags: match args.misbehave {
             Some(Misbehaviour::Hang) => guest_payload::flags::HANG,
             Some(Misbehaviour::Fault) => guest_payload::flags::FAULT,

@@ -10,11 +10,18 @@
 //! | `hypervisor-bit` | CPUID.1:ECX[31] and the 0x40000000 vendor leaf | CPUID itself |
 //! | `code-integrity` | the bytes of the guest's own CPUID sites | the patching traps' trace |
 //! | `tsc-monotonic` | any sample whose TSC ran backwards | what a hider leaves behind |
+//! | `vmaware-timer-2.7` | densest-cluster CPUID(0) / 8×LFENCE in counter ticks, VM at 3.5 | VMAware `TIMER` v2.7.0 (faithful; `clocks.rs`) |
+//! | `vmaware-timer-main` | the same by interquartile mean, VM at 2.5, or a latency over 1000 / of 1 tick | VMAware `TIMER` main e6335799 |
+//! | `counter-tsc` | counter time against TSC time over CPUID: the TSC lost time | vmm |
+//! | `counter-stall` | the counter stood still over CPUID | vmm, after VMAware main's stall check |
+//! | `cross-vcpu-tsc` | this vCPU's TSC behind the other's stamp | multi-core TSC checks |
+//! | `xor-rate` | TSC cycles per dependent-XOR iteration, VM at ≤ 2 or ≥ 8 | VMAware e3f097fa (removed before v2.7.0) |
 //!
 //! A payload that reports its own verdict (SDK payloads, `VMM_CAP_VERDICT`) is judged
 //! beside them as the rule `payload`.
 
 pub mod calibration;
+pub mod clocks;
 pub mod rules;
 
 use crate::vm::ProbeSamples;
@@ -56,6 +63,8 @@ pub struct RuleVerdict {
 #[derive(Clone, Copy, Debug)]
 pub struct Evidence<'a> {
     pub samples: &'a ProbeSamples,
+    /// Counter ticks over each sample (runs with a counter vCPU; empty otherwise).
+    pub ticks: &'a ProbeSamples,
     pub cpuid: &'a [CpuidRecord],
     pub site_bytes: &'a [[u8; 2]],
     pub tsc_khz: u32,
@@ -67,12 +76,19 @@ pub struct Evidence<'a> {
 /// The name under which a payload's own verdict is reported and scored.
 pub const PAYLOAD_RULE: &str = "payload";
 
-/// The rules of a set of runs, in report order: the built-in ones, then `payload` where
-/// any run reported its own verdict.
+/// The rules of a set of runs, in report order: the built-in ones, those that look past
+/// one TSC where any run had what they read, then `payload` where any run reported its
+/// own verdict.
 pub fn rule_columns<'a>(verdicts: impl IntoIterator<Item = &'a str>) -> Vec<&'static str> {
+    let seen: std::collections::BTreeSet<&str> = verdicts.into_iter().collect();
     let mut columns = RULES.to_vec();
-    if verdicts.into_iter().any(|rule| rule == PAYLOAD_RULE) {
-        columns.push(PAYLOAD_RULE);
+    for rule in clocks::COUNTER_RULES
+        .into_iter()
+        .chain([clocks::XOR_RULE, PAYLOAD_RULE])
+    {
+        if seen.contains(rule) {
+            columns.push(rule);
+        }
     }
     columns
 }
@@ -100,6 +116,7 @@ pub fn evaluate(evidence: &Evidence, calibration: &Calibration) -> Vec<RuleVerdi
         rules::tsc_monotonic(evidence),
     ]
     .into_iter()
+    .chain(clocks::evaluate(evidence))
     .chain(evidence.payload.map(payload_verdict))
     .collect()
 }

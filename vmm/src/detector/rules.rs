@@ -403,6 +403,7 @@ mod tests {
 
     fn run(samples: &ProbeSamples, cpuid: &[CpuidRecord], sites: &[[u8; 2]]) -> BTreeMap<&'static str, Verdict> {
         let evidence = Evidence {
+            ticks: &crate::vm::ProbeSamples::new(),
             samples,
             cpuid,
             site_bytes: sites,
@@ -486,6 +487,7 @@ mod tests {
             samples.insert(Probe::CpuidUnfenced, unfenced);
         }
         let evidence = Evidence {
+            ticks: &crate::vm::ProbeSamples::new(),
             samples: &samples,
             cpuid: &[],
             site_bytes: &[],
@@ -566,6 +568,7 @@ mod tests {
             cpuid[500] = -12_974;
         }
         let evidence = Evidence {
+            ticks: &crate::vm::ProbeSamples::new(),
             samples: &hidden,
             cpuid: &[],
             site_bytes: &[],

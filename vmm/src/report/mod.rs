@@ -22,7 +22,7 @@ use std::collections::BTreeMap;
 /// 2: samples and cycle statistics are signed (a TSC that ran backwards is negative).
 /// 3: validation reports keep every run as a record (what `vmm merge` adds up), rules are
 ///    keyed by name, and the matrix itself is part of the report.
-pub const SCHEMA_VERSION: u32 = 3;
+pub const SCHEMA_VERSION: u32 = 4;
 
 /// The host as a report describes it.
 #[derive(Clone, Debug, Serialize)]
@@ -76,6 +76,23 @@ pub struct ConfigReport {
     pub timeout_s: f64,
     /// Host threads burning CPU during the run (--busy).
     pub busy: usize,
+    /// 2 with a counter vCPU (natively, a counter thread).
+    pub vcpus: u8,
+    /// The evasions of the run (`none`, or names joined with `+`).
+    pub evasion: String,
+}
+
+/// The counter clock of a run with `--vcpus 2`.
+#[derive(Clone, Debug, Serialize)]
+pub struct CounterReport {
+    /// Counter ticks over each probe's samples.
+    pub ticks: BTreeMap<&'static str, stats::Summary>,
+    /// TSC cycles per counter tick over all samples of the probes that take no exit
+    /// (nop, rdtsc, lfence8): the counter's rate, as the TSC sees it.
+    pub cycles_per_tick: Option<f64>,
+    /// What the counter vCPU went through (VM runs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vcpu: Option<crate::vm::CounterStats>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -161,6 +178,8 @@ pub struct RunReport {
     pub payload: PayloadReport,
     pub config: ConfigReport,
     pub probes: BTreeMap<&'static str, ProbeReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub counter: Option<CounterReport>,
     pub cpuid_excess_over_nop: Option<Excess>,
     pub exits: BTreeMap<String, ExitSummary>,
     /// Every detector rule's verdict on this run.
@@ -260,7 +279,18 @@ impl RunReport {
                 probes: guest_payload::probes_in(spec.probes).map(Probe::name).collect(),
                 timeout_s: spec.timeout.as_secs_f64(),
                 busy: spec.busy,
+                vcpus: if spec.counter { 2 } else { 1 },
+                evasion: spec.evasions.name(),
             },
+            counter: (!measurement.ticks.is_empty()).then(|| CounterReport {
+                ticks: measurement
+                    .ticks
+                    .iter()
+                    .filter_map(|(probe, ticks)| Some((probe.name(), stats::summarize(ticks)?)))
+                    .collect(),
+                cycles_per_tick: crate::detector::clocks::cycles_per_tick(&measurement.samples, &measurement.ticks),
+                vcpu: measurement.counter,
+            }),
             cpuid_excess_over_nop: excess,
             exits: measurement.exits.summary(),
             verdicts,

@@ -104,6 +104,42 @@ pub fn render(report: &RunReport) -> String {
             );
         }
     }
+    if let Some(counter) = &report.counter {
+        let _ = writeln!(
+            out,
+            "\ncounter ticks      min     median       p95        max{}",
+            match counter.cycles_per_tick {
+                Some(rate) => format!("   (one tick = {rate:.1} TSC cycles away from exits)"),
+                None => String::new(),
+            }
+        );
+        for (probe, ticks) in &counter.ticks {
+            let _ = writeln!(
+                out,
+                "{probe:<16} {:>6} {:>10} {:>9} {:>10}",
+                ticks.min, ticks.median, ticks.p95, ticks.max
+            );
+        }
+        if let Some(vcpu) = &counter.vcpu {
+            let _ = writeln!(
+                out,
+                "counter vCPU on host CPU {} (vCPU 0 on {}); paused {} times{}",
+                vcpu.counter_cpu,
+                vcpu.vcpu0_cpu,
+                vcpu.pauses,
+                if vcpu.shared_moves_wanted != 0 {
+                    format!(
+                        "; shared TSC moves {} of {} cycles applied (the vCPUs' TSCs now differ by {})",
+                        vcpu.shared_moves_applied,
+                        vcpu.shared_moves_wanted,
+                        vcpu.shared_moves_applied - vcpu.shared_moves_wanted
+                    )
+                } else {
+                    String::new()
+                }
+            );
+        }
+    }
     if !report.exits.is_empty() {
         let _ = writeln!(
             out,

@@ -10,6 +10,7 @@
 //! up ([`calibration`]) and what a report says about it ([`report`]).
 
 pub mod calibration;
+pub mod evasion;
 pub mod plan;
 pub mod profile;
 pub mod report;

@@ -35,6 +35,8 @@ pub struct KvmContext {
     pub registers: RegisterAccess,
     /// The vCPU TSC rate KVM reports (KVM_GET_TSC_KHZ), where it does.
     pub tsc_khz: Option<u32>,
+    /// KVM_CAP_TSC_CONTROL: a vCPU's TSC rate can be set (KVM_SET_TSC_KHZ, TSC scaling).
+    pub tsc_control: bool,
 }
 
 impl KvmContext {
@@ -55,12 +57,14 @@ impl KvmContext {
             RegisterAccess::Ioctls
         };
         let tsc_khz = tsc_khz(&kvm);
+        let tsc_control = kvm.check_extension(Cap::TscControl);
         Ok(Self {
             kvm,
             cpuid,
             cpuid_in_guest: OnceLock::new(),
             registers,
             tsc_khz,
+            tsc_control,
         })
     }
 

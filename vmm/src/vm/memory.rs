@@ -73,7 +73,7 @@ pub fn write_boot_structures(memory: &GuestMemoryMmap, config: &Config) -> Resul
     write(memory, "the config block", layout::CONFIG_ADDR, config.as_bytes())
 }
 
-fn write(memory: &GuestMemoryMmap, what: &'static str, addr: u64, bytes: &[u8]) -> Result<(), MemoryError> {
+pub fn write(memory: &GuestMemoryMmap, what: &'static str, addr: u64, bytes: &[u8]) -> Result<(), MemoryError> {
     memory
         .write_slice(bytes, GuestAddress(addr))
         .map_err(|source| MemoryError::Write { what, addr, source })

@@ -6,6 +6,7 @@
 //! The run loop hands every exit to an [`exits::ExitHandler`] and does what it says: the
 //! VM knows no mode (those live in `crate::modes`).
 
+pub mod counter;
 pub mod exits;
 pub mod kvm;
 pub mod loader;
@@ -49,6 +50,10 @@ pub enum VmError {
     Sandbox(#[from] sandbox::SandboxError),
     #[error("cannot start the vCPU thread: {0}")]
     Thread(String),
+    #[error(transparent)]
+    Counter(#[from] counter::CounterError),
+    #[error("the counter vCPU needs a CPU of its own, and this process may run on CPU {cpu} only")]
+    NoCounterCpu { cpu: usize },
     /// The exit handler's own error (a mode's), kept whole.
     #[error(transparent)]
     Handler(HandlerError),
@@ -124,6 +129,8 @@ pub type ProbeSamples = BTreeMap<Probe, Vec<Cycles>>;
 #[derive(Clone, Debug, Default)]
 pub struct GuestResults {
     pub samples: ProbeSamples,
+    /// Counter ticks over each sample, where the run had a counter vCPU.
+    pub ticks: ProbeSamples,
     pub cpuid: Vec<guest_payload::CpuidRecord>,
     /// The bytes at each CPUID site as the guest read its own code (with the snapshot).
     pub site_bytes: Vec<[u8; 2]>,
@@ -135,15 +142,43 @@ pub struct GuestResults {
 #[derive(Clone, Debug, Default)]
 pub struct RunStats {
     pub exits: ExitStats,
+    /// The counter vCPU's part, where the run had one.
+    pub counter: Option<CounterStats>,
     /// VM creation to the first KVM_RUN.
     pub setup: Duration,
     pub run: Duration,
 }
 
-/// A VM with one vCPU, set up and ready to run the payload once.
+/// What the counter vCPU went through in one run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct CounterStats {
+    /// The host CPUs of vCPU 0 and of the counter vCPU.
+    pub vcpu0_cpu: usize,
+    pub counter_cpu: usize,
+    /// Times it was stopped while an exit of vCPU 0 was handled (`pause-counter`).
+    pub pauses: u64,
+    /// TSC cycles vCPU 0's moves asked of it (`shared-offset`), and what it applied
+    /// (never more backwards than it was paused): the difference is how far the two
+    /// vCPUs' TSCs now disagree.
+    pub shared_moves_wanted: i64,
+    pub shared_moves_applied: i64,
+}
+
+/// How the VMM treats the counter vCPU while it handles vCPU 0's exits: the evasions.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CounterEvasion {
+    /// Stop the counter vCPU for the length of every exit vCPU 0 takes to userspace.
+    pub pause: bool,
+    /// Make vCPU 0's TSC moves on the counter vCPU too, while it is paused.
+    pub share_offset: bool,
+}
+
+/// A VM with one vCPU (two with a counter), set up and ready to run the payload once.
 pub struct GuestVm {
-    // Field order is drop order: the vCPU before the VM that owns it.
+    // Field order is drop order: the vCPUs before the VM that owns them.
     vcpu: KvmVcpu,
+    counter: Option<counter::CounterVcpu>,
+    evasion: CounterEvasion,
     _vm: VmFd,
     config: Config,
     cpuid: CpuidTable,
@@ -176,6 +211,17 @@ impl GuestVm {
         payload.load_into(&memory)?;
         memory::write_boot_structures(&memory, &config)?;
 
+        let counter = if config.counter_addr != 0 {
+            config.counter_addr = layout::COUNTER_BLOCK_ADDR;
+            for (addr, bytes) in counter::code_and_stack() {
+                memory::write(&memory, "the counter vCPU's code", addr, &bytes)?;
+            }
+            // The config block says where the counter is: written again with the address.
+            memory::write_boot_structures(&memory, &config)?;
+            Some(counter::CounterVcpu::create(&vm, &kvm.cpuid)?)
+        } else {
+            None
+        };
         let vcpu = vm.create_vcpu(0).map_err(kvm_err("to create a vCPU"))?;
         vcpu.set_cpuid2(&kvm.cpuid)
             .map_err(kvm_err("the CPUID table (KVM_SET_CPUID2)"))?;
@@ -206,11 +252,38 @@ impl GuestVm {
         };
         Ok(Self {
             vcpu: KvmVcpu::new(vcpu, memory, kvm.registers, entry),
+            counter,
+            evasion: CounterEvasion::default(),
             _vm: vm,
             config,
             cpuid,
             created,
         })
+    }
+
+    /// Whether the VM has a counter vCPU.
+    pub fn has_counter(&self) -> bool {
+        self.counter.is_some()
+    }
+
+    /// What the VMM does to the counter vCPU during vCPU 0's exits (needs a counter).
+    pub fn set_counter_evasion(&mut self, evasion: CounterEvasion) -> Result<(), VmError> {
+        if let Some(counter) = self.counter.as_mut() {
+            if evasion.share_offset {
+                counter.enable_tsc_moves()?;
+            }
+        }
+        self.evasion = evasion;
+        Ok(())
+    }
+
+    /// Sets every vCPU's TSC rate before the run (`--evade tsc-khz`).
+    pub fn set_tsc_khz(&mut self, khz: u32) -> Result<(), VmError> {
+        self.vcpu.set_tsc_khz(khz)?;
+        if let Some(counter) = &self.counter {
+            counter.set_tsc_khz(khz)?;
+        }
+        Ok(())
     }
 
     /// The CPUID table KVM holds for the vCPU.
@@ -252,17 +325,86 @@ impl GuestVm {
         // The vCPU runs on a thread of its own, sandboxed once the VM is set up; the
         // caller's thread keeps its privileges (and its signals) for the rest of the work.
         watchdog::prepare()?;
-        std::thread::scope(|scope| {
-            std::thread::Builder::new()
+        let cpus = crate::native::allowed_cpus();
+        // With a counter, each vCPU has a CPU of its own: vCPU 0 the last this process may
+        // use (as native runs), the counter another.
+        let placement = match &self.counter {
+            None => None,
+            Some(_) => {
+                let vcpu0 = *cpus.last().unwrap_or(&0);
+                let other = cpus.iter().copied().find(|&c| c != vcpu0);
+                Some((vcpu0, other.ok_or(VmError::NoCounterCpu { cpu: vcpu0 })?))
+            }
+        };
+        let control = counter::CounterControl::default();
+        let counter_finished = std::sync::atomic::AtomicBool::new(false);
+        let mut counter_vcpu = self.counter.take();
+        let evasion = self.evasion;
+        let (control, counter_finished) = (&control, &counter_finished);
+        let (result, counter_result) = std::thread::scope(|scope| {
+            let counter_thread = match (counter_vcpu.as_mut(), placement) {
+                (Some(counter), Some((_, cpu))) => Some(
+                    std::thread::Builder::new()
+                        .name("vmm-vcpu1-counter".into())
+                        .spawn_scoped(scope, move || -> Result<(), VmError> {
+                            let ran = counter::pin_current_thread(cpu)
+                                .map_err(VmError::from)
+                                .and_then(|()| Ok(sandbox::enter()?))
+                                .and_then(|()| Ok(counter.run(control)?));
+                            counter_finished.store(true, std::sync::atomic::Ordering::Release);
+                            ran
+                        })
+                        .map_err(|e| VmError::Thread(e.to_string())),
+                ),
+                _ => None,
+            }
+            .transpose();
+            let counter_thread = match counter_thread {
+                Ok(thread) => thread,
+                Err(error) => return (Err(error), None),
+            };
+            let with_counter = counter_thread.as_ref().map(|_| (control, evasion));
+            let ran = std::thread::Builder::new()
                 .name("vmm-vcpu0".into())
-                .spawn_scoped(scope, || {
+                .spawn_scoped(scope, move || {
+                    if let Some((cpu, _)) = placement {
+                        counter::pin_current_thread(cpu)?;
+                    }
                     sandbox::enter()?;
-                    self.run_on_this_thread(handler, timeout, trace)
+                    let ran = self.run_on_this_thread(handler, timeout, trace, with_counter);
+                    if with_counter.is_some() {
+                        control.stop(counter_finished);
+                    }
+                    ran
                 })
-                .map_err(|e| VmError::Thread(e.to_string()))?
-                .join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-        })
+                .map_err(|e| VmError::Thread(e.to_string()))
+                .and_then(|thread| thread.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)));
+            if ran.is_err() && counter_thread.is_some() {
+                control.stop(counter_finished);
+            }
+            let counter_ran = counter_thread.map(|t| t.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)));
+            (ran, counter_ran)
+        });
+        let mut stats = match (result, counter_result) {
+            // The counter's own failure explains a guest that found its counter stalled.
+            (Err(VmError::GuestStatus { value }), Some(Err(counter))) if value == Status::CounterStalled as u32 => {
+                return Err(counter)
+            }
+            (Err(error), _) => return Err(error),
+            (Ok(_), Some(Err(counter))) => return Err(counter),
+            (Ok(stats), _) => stats,
+        };
+        if let Some((vcpu0_cpu, counter_cpu)) = placement {
+            use std::sync::atomic::Ordering::Relaxed;
+            stats.counter = Some(CounterStats {
+                vcpu0_cpu,
+                counter_cpu,
+                pauses: control.pauses.load(Relaxed),
+                shared_moves_wanted: control.shared_wanted.load(Relaxed),
+                shared_moves_applied: control.shared_applied.load(Relaxed),
+            });
+        }
+        Ok(stats)
     }
 
     fn run_on_this_thread<T: trace::ExitTrace>(
@@ -270,6 +412,7 @@ impl GuestVm {
         handler: &mut dyn ExitHandler,
         timeout: Duration,
         trace: &mut T,
+        counter: Option<(&counter::CounterControl, CounterEvasion)>,
     ) -> Result<RunStats, VmError> {
         handler.arm(&mut self.vcpu).map_err(VmError::Handler)?;
         let expected_cpuid_exits = (self.config.iterations as usize).saturating_add(self.config.warmup as usize);
@@ -281,7 +424,7 @@ impl GuestVm {
         self.vcpu.watch_deadline(watchdog.fired_flag());
         stats.setup = self.created.elapsed();
         let started = Instant::now();
-        let result = self.run_loop(handler, &watchdog, &mut stats, trace);
+        let result = self.run_loop(handler, &watchdog, &mut stats, trace, counter);
         stats.run = started.elapsed();
         trace.finished(self);
         result.map(|()| stats)
@@ -293,7 +436,9 @@ impl GuestVm {
         watchdog: &Watchdog,
         stats: &mut RunStats,
         trace: &mut T,
+        counter: Option<(&counter::CounterControl, CounterEvasion)>,
     ) -> Result<(), VmError> {
+        let pausing = counter.filter(|(_, evasion)| evasion.pause || evasion.share_offset);
         loop {
             if watchdog.fired() {
                 return Err(VmError::GuestHung {
@@ -305,11 +450,34 @@ impl GuestVm {
             let exit = self.vcpu.run()?;
             let exit_tsc = guest_payload::timing::read_tsc();
             trace.exited(&exit, exit_tsc);
+            // An evader stops the counter for the whole of the exit it handles.
+            let paused = match pausing {
+                Some((control, _))
+                    if !matches!(
+                        exit,
+                        Exit::IoOut {
+                            port: guest_payload::ports::DONE,
+                            ..
+                        }
+                    ) =>
+                {
+                    control.pause()?;
+                    Some(control)
+                }
+                _ => None,
+            };
             let flow = trace
                 .handle(&mut self.vcpu, |vcpu| handler.handle(vcpu, &exit, exit_tsc))
-                .map_err(VmError::Handler)?;
+                .map_err(VmError::Handler);
             trace.flushing();
-            self.vcpu.flush()?;
+            let flushed = self.vcpu.flush();
+            let moved = self.vcpu.take_moved();
+            if let Some(control) = paused {
+                let share = pausing.is_some_and(|(_, evasion)| evasion.share_offset);
+                control.resume(if share { moved } else { 0 });
+            }
+            let flow = flow?;
+            flushed?;
             trace.handled(match flow {
                 Flow::Continue(kind) => Some(kind),
                 Flow::Done { .. } => Some(ExitKind::Done),
@@ -423,17 +591,27 @@ pub fn parse_results(
             "the guest reported more samples than its result area holds",
         ));
     }
+    let read_samples = |offset: u64| -> Result<Vec<Cycles>, VmError> {
+        let bytes = read(offset, header.iterations as usize * std::mem::size_of::<Cycles>())?;
+        Ok(bytes
+            .chunks_exact(std::mem::size_of::<Cycles>())
+            .map(|c| Cycles::from_le_bytes(c.try_into().unwrap_or_default()))
+            .collect())
+    };
     let mut results = GuestResults::default();
     for probe in guest_payload::probes_in(header.probes) {
         let offset = header
             .sample_offset(probe)
             .ok_or(VmError::BadResults("a probe without samples"))?;
-        let bytes = read(offset, header.iterations as usize * std::mem::size_of::<Cycles>())?;
-        let samples = bytes
-            .chunks_exact(std::mem::size_of::<Cycles>())
-            .map(|c| Cycles::from_le_bytes(c.try_into().unwrap_or_default()))
-            .collect();
-        results.samples.insert(probe, samples);
+        results.samples.insert(probe, read_samples(offset)?);
+        if let Some(offset) = header.tick_offset(probe) {
+            if config.counter_addr == 0 {
+                return Err(VmError::BadResults(
+                    "the guest reported counter ticks and the run has no counter",
+                ));
+            }
+            results.ticks.insert(probe, read_samples(offset)?);
+        }
     }
     let count = (header.cpuid_count as usize).min(header.cpuid.len());
     results.cpuid = header.cpuid[..count].to_vec();

@@ -66,6 +66,8 @@ pub struct KvmVcpu {
     cached: Option<kvm_regs>,
     dirty: bool,
     tsc: Option<TscMover>,
+    /// TSC moves made since [`KvmVcpu::take_moved`] last looked (for a shared offset).
+    moved: i64,
     /// Set by the watchdog at the run's deadline.
     deadline: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
@@ -89,6 +91,7 @@ impl KvmVcpu {
             cached: None,
             dirty: false,
             tsc: None,
+            moved: 0,
             deadline: None,
         }
     }
@@ -117,6 +120,18 @@ impl KvmVcpu {
             self.dirty = false;
         }
         Ok(())
+    }
+
+    /// Sets the vCPU's TSC rate (KVM_SET_TSC_KHZ; the caller checked KVM_CAP_TSC_CONTROL).
+    pub fn set_tsc_khz(&self, khz: u32) -> Result<(), VcpuError> {
+        self.fd
+            .set_tsc_khz(khz)
+            .map_err(kvm_err("the TSC rate (KVM_SET_TSC_KHZ)"))
+    }
+
+    /// The TSC moves made since the last call, summed.
+    pub fn take_moved(&mut self) -> i64 {
+        std::mem::take(&mut self.moved)
     }
 
     /// Enters the guest until the next exit, copied out of `kvm_run`. Registers a handler
@@ -181,7 +196,9 @@ impl Vcpu for KvmVcpu {
 
     fn move_tsc(&mut self, delta: i64) -> Result<(), VcpuError> {
         let mover = self.tsc.as_mut().ok_or(VcpuError::TscMovesNotEnabled)?;
-        Ok(mover.move_by(&self.fd, delta)?)
+        mover.move_by(&self.fd, delta)?;
+        self.moved = self.moved.saturating_add(delta);
+        Ok(())
     }
 
     fn now(&self) -> u64 {

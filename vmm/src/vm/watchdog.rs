@@ -21,7 +21,8 @@ pub enum WatchdogError {
     Thread(String),
 }
 
-fn kick_signal() -> libc::c_int {
+/// The signal that makes a vCPU thread leave KVM_RUN (its handler does nothing).
+pub(crate) fn kick_signal() -> libc::c_int {
     SIGRTMIN()
 }
 

@@ -36,6 +36,15 @@ pub fn describe(bytes: &[u8], ip: u64) -> Option<String> {
     ))
 }
 
+/// The mnemonic of every instruction in `code`, lower case, in order (for tests of code
+/// the VMM writes itself).
+pub fn mnemonics(code: &[u8], addr: u64) -> Vec<String> {
+    Decoder::with_ip(64, code, addr, DecoderOptions::NONE)
+        .into_iter()
+        .map(|i| format!("{:?}", i.mnemonic()).to_lowercase())
+        .collect()
+}
+
 /// Is the instruction at the start of `bytes` RDTSCP?
 pub fn is_rdtscp(bytes: &[u8]) -> bool {
     first(bytes, 0).is_some_and(|i| i.code() == Code::Rdtscp)

@@ -1,0 +1,663 @@
+//! Rules that look past one TSC: the counter vCPU's clock (VMAware's `TIMER` and ours),
+//! the TSC across the two vCPUs, and retired work against the TSC. They run where the
+//! run has what they read (`--vcpus 2`; the `xor-loop` probe).
+//!
+//! VMAware is cited from `src/vmaware.hpp` at the tag v2.7.0 (619d1583, `timer()`
+//! L5373-5758), at main (e6335799, L5899-6160, helpers L3374-3709), and, for the XOR
+//! loop, at e3f097fa (2026-03-09; the check was added in 5d32ca5 and removed in a9368b0,
+//! before v2.7.0). docs/detector.md says what each rule keeps and what differs.
+
+use super::{Evidence, RuleVerdict, Verdict};
+use crate::vm::ProbeSamples;
+use guest_payload::Probe;
+
+fn verdict(rule: &'static str, verdict: Verdict, score: f64, confidence: f64, why: String) -> RuleVerdict {
+    RuleVerdict {
+        rule,
+        verdict,
+        score: (score * 1000.0).round() / 1000.0,
+        confidence: ((confidence.clamp(0.0, 1.0)) * 1000.0).round() / 1000.0,
+        why,
+    }
+}
+
+fn unsure(rule: &'static str, why: String) -> RuleVerdict {
+    verdict(rule, Verdict::Unsure, 0.0, 0.0, why)
+}
+
+fn confidence_of_ratio(ratio: f64, threshold: f64) -> f64 {
+    1.0 - (-(ratio.max(1e-9) / threshold).ln().abs() / 0.3).exp()
+}
+
+/// Names of the rules here, in report order.
+pub const COUNTER_RULES: [&str; 5] = [
+    "vmaware-timer-2.7",
+    "vmaware-timer-main",
+    "counter-tsc",
+    "counter-stall",
+    "cross-vcpu-tsc",
+];
+pub const XOR_RULE: &str = "xor-rate";
+
+/// The rules of this module that `evidence` has the samples for.
+pub fn evaluate(evidence: &Evidence) -> Vec<RuleVerdict> {
+    let mut verdicts = Vec::new();
+    if !evidence.ticks.is_empty() {
+        verdicts.extend([
+            vmaware_timer_2_7(evidence),
+            vmaware_timer_main(evidence),
+            counter_tsc(evidence),
+            counter_stall(evidence),
+            cross_vcpu_tsc(evidence),
+        ]);
+    }
+    if evidence.samples.contains_key(&Probe::XorLoop) {
+        verdicts.push(xor_rate(evidence));
+    }
+    verdicts
+}
+
+/// Median as VMAware computes it (v2.7.0 L5503-5510): the middle of the sorted values, the
+/// truncating mean of the two middle ones for an even count.
+fn median_of_sorted(sorted: &[u64]) -> u64 {
+    match sorted.len() {
+        0 => 0,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => ((u128::from(sorted[n / 2 - 1]) + u128::from(sorted[n / 2])) / 2) as u64,
+    }
+}
+
+/// VMAware v2.7.0's `calculate_latency` (L5490-5638): the densest low cluster of the
+/// samples, grown greedily, then its 10%-trimmed mean, clamped near the median.
+pub fn densest_cluster_latency(samples: &[u64]) -> u64 {
+    let n = samples.len();
+    let mut s = samples.to_vec();
+    s.sort_unstable();
+    match n {
+        0 => return 0,
+        1 => return s[0],
+        2..=4 => return s[0],
+        _ => {}
+    }
+    let m = median_of_sorted(&s);
+    let mut deviations: Vec<u64> = s.iter().map(|&x| x.abs_diff(m)).collect();
+    deviations.sort_unstable();
+    let mad = median_of_sorted(&deviations);
+    let sigma = if mad == 0 { 1.0 } else { mad as f64 * 1.4826 };
+    let window = n.min(10usize.max((n as f64 * 0.08).ceil() as usize));
+    let mut best_i = 0;
+    let mut best_span = (s[n - 1] - s[0]).saturating_add(1);
+    for i in 0..=(n - window) {
+        let span = s[i + window - 1] - s[i];
+        if span < best_span {
+            best_span = span;
+            best_i = i;
+        }
+    }
+    let three_sigma = (3.0 * sigma).ceil() as u64;
+    let (mut lo, mut hi) = (best_i, best_i + window);
+    while lo > 0 {
+        let new_span = s[hi - 1] - s[lo - 1];
+        if new_span as f64 <= 1.5 * best_span as f64 || s[hi - 1] <= s[lo - 1].saturating_add(three_sigma) {
+            lo -= 1;
+            best_span = best_span.min(new_span);
+        } else {
+            break;
+        }
+    }
+    while hi < n {
+        let new_span = s[hi] - s[lo];
+        if new_span as f64 <= 1.5 * best_span as f64 || s[hi] <= s[lo].saturating_add(three_sigma) {
+            hi += 1;
+            best_span = best_span.min(new_span);
+        } else {
+            break;
+        }
+    }
+    let cluster = hi - lo;
+    let min_cluster = n.min(5usize.max(n / 50));
+    if cluster < min_cluster || (cluster as f64 / n as f64) < 0.02 {
+        let low = 1usize.max(n / 10);
+        return median_of_sorted(&s[..low]);
+    }
+    let trim = cluster / 10;
+    let (tlo, thi) = (lo + trim, hi - trim);
+    if thi <= tlo {
+        return median_of_sorted(&s[lo..hi]);
+    }
+    let sum: f64 = s[tlo..thi].iter().map(|&x| x as f64).sum();
+    let mut result = (sum / (thi - tlo) as f64).round() as u64;
+    if result as f64 - m as f64 > 6.0 * sigma {
+        result = (m as f64 + 4.0 * sigma).round() as u64;
+    }
+    if result == 0 {
+        s[0]
+    } else {
+        result
+    }
+}
+
+/// VMAware main's `calculate_latency` (L3658-3683): the mean of the middle 50% of the
+/// sorted samples, rounded half up.
+pub fn interquartile_mean(samples: &[u64]) -> u64 {
+    let n = samples.len();
+    let mut s = samples.to_vec();
+    s.sort_unstable();
+    match n {
+        0 => return 0,
+        1 => return s[0],
+        _ => {}
+    }
+    let kept = &s[n / 4..(3 * n) / 4];
+    if kept.is_empty() {
+        return s[n / 2];
+    }
+    let sum: f64 = kept.iter().map(|&x| x as f64).sum();
+    (sum / kept.len() as f64 + 0.5) as u64
+}
+
+/// Hyper-V as VMAware's `util::hyper_x()` sees it from CPUID (main L4158-4277), as far as
+/// a guest snapshot can tell: not a root partition (0x40000003.EBX[0] clear), a hypervisor
+/// bit, and a vendor leaf whose maximum is 0x4000000B. The root-partition branches need the
+/// IDT base and leaf 0x40000100 and never match here.
+fn hyper_v_detected(evidence: &Evidence) -> bool {
+    let leaf = |l: u32| evidence.cpuid.iter().find(|r| r.leaf == l && r.subleaf == 0);
+    let hypervisor_bit = leaf(1).is_some_and(|r| r.ecx & (1 << 31) != 0);
+    let root = leaf(0x4000_0003).is_some_and(|r| r.ebx & 1 != 0);
+    let max_leaf_11 = leaf(0x4000_0000).is_some_and(|r| r.eax & 0xff == 11);
+    !root && hypervisor_bit && max_leaf_11
+}
+
+/// TIMER's pairs from the ticks: those where both windows saw the counter move
+/// (`v_post > v_pre && r_post > r_pre`; TIMER retakes the others), and how many were not.
+fn timer_pairs(evidence: &Evidence) -> Option<(Vec<u64>, Vec<u64>, usize)> {
+    let cpuid = evidence.ticks.get(&Probe::TimerCpuid)?;
+    let lfence = evidence.ticks.get(&Probe::TimerLfence8)?;
+    let (mut v, mut r) = (Vec::with_capacity(cpuid.len()), Vec::with_capacity(cpuid.len()));
+    for (&c, &l) in cpuid.iter().zip(lfence) {
+        if c > 0 && l > 0 {
+            v.push(c as u64);
+            r.push(l as u64);
+        }
+    }
+    let dropped = cpuid.len().min(lfence.len()) - v.len();
+    Some((v, r, dropped))
+}
+
+fn pairs_note(kept: usize, dropped: usize) -> String {
+    let mut note = format!("{kept} pairs");
+    if dropped > 0 {
+        note.push_str(&format!(", {dropped} with a window that saw no tick dropped"));
+    }
+    if !(30_000..=70_000).contains(&(kept + dropped)) {
+        note.push_str("; TIMER takes 30,000-70,000");
+    }
+    note
+}
+
+/// VMAware `TIMER` as of v2.7.0: the densest-cluster latency of CPUID(0) over that of
+/// 8 × LFENCE, both in counter ticks, pairs interleaved (the timer-cpuid/timer-lfence8
+/// probes); a VM at a ratio of 3.5 (25 with Hyper-V). Score: the ratio.
+pub fn vmaware_timer_2_7(evidence: &Evidence) -> RuleVerdict {
+    const RULE: &str = "vmaware-timer-2.7";
+    let Some((v, r, dropped)) = timer_pairs(evidence) else {
+        return unsure(RULE, "no timer-cpuid/timer-lfence8 ticks in this run".into());
+    };
+    if v.is_empty() {
+        return unsure(
+            RULE,
+            format!("every one of {dropped} pairs had a window the counter did not move in: TIMER would retake them for ever"),
+        );
+    }
+    let (cpuid_l, ref_l) = (densest_cluster_latency(&v), densest_cluster_latency(&r));
+    let threshold = if hyper_v_detected(evidence) { 25.0 } else { 3.5 };
+    let ratio = if ref_l == 0 { 0.0 } else { cpuid_l as f64 / ref_l as f64 };
+    let virtual_ = ratio >= threshold;
+    let why = format!(
+        "CPUID(0) {cpuid_l} ticks / 8×LFENCE {ref_l} ticks = {ratio:.2} {} {threshold} ({})",
+        if virtual_ { ">=" } else { "<" },
+        pairs_note(v.len(), dropped)
+    );
+    let v = if virtual_ { Verdict::Virtual } else { Verdict::Native };
+    verdict(RULE, v, ratio, confidence_of_ratio(ratio, threshold), why)
+}
+
+/// VMAware `TIMER` as on main (e6335799): the interquartile mean of each, a VM at a ratio
+/// of 2.5 (35 with Hyper-V), or where either latency is over 1000 ticks or exactly 1
+/// ("artificial interrupt delivery": a counter paused by IPIs, L6139). main times the
+/// reference first and keeps the best of three batches; here one batch in v2.7.0's order.
+/// Score: the ratio.
+pub fn vmaware_timer_main(evidence: &Evidence) -> RuleVerdict {
+    const RULE: &str = "vmaware-timer-main";
+    let Some((v, r, dropped)) = timer_pairs(evidence) else {
+        return unsure(RULE, "no timer-cpuid/timer-lfence8 ticks in this run".into());
+    };
+    if v.is_empty() {
+        return unsure(
+            RULE,
+            format!("every one of {dropped} pairs had a window the counter did not move in: TIMER would retake them for ever"),
+        );
+    }
+    let (cpuid_l, ref_l) = (interquartile_mean(&v), interquartile_mean(&r));
+    let threshold = if hyper_v_detected(evidence) { 35.0 } else { 2.5 };
+    let ratio = if ref_l == 0 { 0.0 } else { cpuid_l as f64 / ref_l as f64 };
+    let by_ratio = ratio >= threshold;
+    let artificial = cpuid_l > 1000 || ref_l > 1000 || cpuid_l == 1 || ref_l == 1;
+    let why = format!(
+        "CPUID(0) {cpuid_l} ticks / reference {ref_l} ticks = {ratio:.2} {} {threshold}{} ({})",
+        if by_ratio { ">=" } else { "<" },
+        if artificial {
+            "; a latency over 1000 ticks or of exactly 1: artificial interrupt delivery"
+        } else {
+            ""
+        },
+        pairs_note(v.len(), dropped)
+    );
+    let v = if by_ratio || artificial {
+        Verdict::Virtual
+    } else {
+        Verdict::Native
+    };
+    verdict(RULE, v, ratio, confidence_of_ratio(ratio, threshold), why)
+}
+
+/// The probes that take no exit on any path: the counter's rate is measured on them.
+const EXIT_FREE: [Probe; 4] = [Probe::Rdtsc, Probe::Nop, Probe::Lfence8, Probe::XorLoop];
+
+/// The counter against the TSC away from exits: median ticks = `offset` + `per_cycle` ×
+/// median TSC cycles, fitted through the exit-free probes. The offset is real: the two
+/// counter reads bracket the TSC reads, and each pulls the counter's cache line from the
+/// other CPU (on this host natively ~15 ticks); a plain ratio of short windows would take
+/// that for speed.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct CounterRate {
+    pub offset: f64,
+    pub per_cycle: f64,
+}
+
+impl CounterRate {
+    pub fn expected_ticks(&self, cycles: f64) -> f64 {
+        self.offset + self.per_cycle * cycles
+    }
+}
+
+/// Least squares through the (median cycles, median ticks) of each exit-free probe; needs
+/// two probes of different lengths and a counter that moved.
+pub fn counter_rate(samples: &ProbeSamples, ticks: &ProbeSamples) -> Option<CounterRate> {
+    let points: Vec<(f64, f64)> = EXIT_FREE
+        .iter()
+        .filter_map(|probe| {
+            let (s, t) = (samples.get(probe)?, ticks.get(probe)?);
+            (!s.is_empty() && !t.is_empty()).then(|| (crate::stats::median(s) as f64, crate::stats::median(t) as f64))
+        })
+        .collect();
+    let n = points.len() as f64;
+    if points.len() < 2 {
+        return None;
+    }
+    let (mx, my) = (
+        points.iter().map(|p| p.0).sum::<f64>() / n,
+        points.iter().map(|p| p.1).sum::<f64>() / n,
+    );
+    let sxx: f64 = points.iter().map(|p| (p.0 - mx).powi(2)).sum();
+    let sxy: f64 = points.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
+    if sxx <= 0.0 || sxy <= 0.0 {
+        return None;
+    }
+    let per_cycle = sxy / sxx;
+    Some(CounterRate {
+        offset: my - per_cycle * mx,
+        per_cycle,
+    })
+}
+
+/// TSC cycles per counter tick away from exits, for reports.
+pub fn cycles_per_tick(samples: &ProbeSamples, ticks: &ProbeSamples) -> Option<f64> {
+    counter_rate(samples, ticks).map(|rate| ((1.0 / rate.per_cycle) * 10.0).round() / 10.0)
+}
+
+/// How many ticks the counter moved over the CPUID probe against how many its rate away
+/// from exits says it should have for the TSC's cycles (medians): 1 where the clocks
+/// agree, far above where the TSC lost time over CPUID (hidden), far below where the
+/// counter stood still (paused).
+fn counter_agreement(evidence: &Evidence) -> Result<(f64, f64), String> {
+    let rate = counter_rate(evidence.samples, evidence.ticks).ok_or(
+        "the counter's rate is unknown: it needs two exit-free probes (rdtsc, nop, lfence8, xor-loop) it moved over",
+    )?;
+    let (Some(samples), Some(ticks)) = (evidence.samples.get(&Probe::Cpuid), evidence.ticks.get(&Probe::Cpuid)) else {
+        return Err("no CPUID samples with counter ticks".into());
+    };
+    let (cycles, seen) = (crate::stats::median(samples), crate::stats::median(ticks));
+    let expected = rate.expected_ticks(cycles as f64);
+    if expected < 1.0 {
+        return Err(format!(
+            "the TSC's {cycles} cycles over CPUID are worth {expected:.1} ticks: too short to compare"
+        ));
+    }
+    Ok((seen as f64 / expected, ((1.0 / rate.per_cycle) * 10.0).round() / 10.0))
+}
+
+/// From this ratio up (or down, as 1/ratio) the two clocks disagree.
+pub const CLOCK_DISAGREEMENT: f64 = 2.0;
+
+/// Ours: the counter's time over the CPUID probe against the TSC's. Where the TSC says
+/// CPUID took less than half what the counter says, time was hidden from the TSC: a VM.
+/// Score: the agreement ratio (counter time / TSC time).
+pub fn counter_tsc(evidence: &Evidence) -> RuleVerdict {
+    const RULE: &str = "counter-tsc";
+    let (agreement, rate) = match counter_agreement(evidence) {
+        Ok(found) => found,
+        Err(why) => return unsure(RULE, why),
+    };
+    let hidden = agreement >= CLOCK_DISAGREEMENT;
+    let why = format!(
+        "over CPUID the counter moved {agreement:.2}× the ticks the TSC's cycles are worth (one tick = {rate} cycles away from exits): {}",
+        if hidden {
+            "the TSC lost time there, it was hidden"
+        } else {
+            "the clocks agree to within 2×"
+        }
+    );
+    let v = if hidden { Verdict::Virtual } else { Verdict::Native };
+    verdict(
+        RULE,
+        v,
+        agreement,
+        confidence_of_ratio(agreement, CLOCK_DISAGREEMENT),
+        why,
+    )
+}
+
+/// Ours: a counter that stands still while the TSC says CPUID took its time: someone
+/// stopped the counter's CPU during the exit (an evader's IPI). A VM where the counter ran
+/// at less than half its rate over CPUID. Score: 1 / agreement.
+pub fn counter_stall(evidence: &Evidence) -> RuleVerdict {
+    const RULE: &str = "counter-stall";
+    let (agreement, rate) = match counter_agreement(evidence) {
+        Ok(found) => found,
+        Err(why) => return unsure(RULE, why),
+    };
+    let stalled = agreement <= 1.0 / CLOCK_DISAGREEMENT;
+    let why = format!(
+        "over CPUID the counter moved {agreement:.2}× the ticks the TSC's cycles are worth (one tick = {rate} cycles away from exits): {}",
+        if stalled {
+            "it was stopped while CPUID ran"
+        } else {
+            "it kept counting"
+        }
+    );
+    let v = if stalled { Verdict::Virtual } else { Verdict::Native };
+    let score = 1.0 / agreement.max(1e-6);
+    verdict(RULE, v, score, confidence_of_ratio(score, CLOCK_DISAGREEMENT), why)
+}
+
+/// Share of cross-vCPU samples that may be negative before the rule calls it.
+pub const CROSS_TSC_NEGATIVE_SHARE: f64 = 0.01;
+
+/// Ours, as multi-core TSC checks do it: this vCPU's TSC, read just after the other vCPU
+/// stamped its own, can never be behind it where both TSCs agree. A VM where more than 1%
+/// of the samples are (one vCPU's offset moved and not the other's). Score: the share.
+pub fn cross_vcpu_tsc(evidence: &Evidence) -> RuleVerdict {
+    const RULE: &str = "cross-vcpu-tsc";
+    let Some(samples) = evidence.samples.get(&Probe::CrossTsc).filter(|s| !s.is_empty()) else {
+        return unsure(RULE, "no cross-tsc samples in this run".into());
+    };
+    let negative = samples.iter().filter(|&&s| s < 0).count();
+    let share = negative as f64 / samples.len() as f64;
+    let min = samples.iter().copied().min().unwrap_or(0);
+    let behind = share > CROSS_TSC_NEGATIVE_SHARE;
+    let why = if negative == 0 {
+        format!(
+            "all {} reads of this vCPU's TSC came after the other vCPU's stamp (min +{min} cycles)",
+            samples.len()
+        )
+    } else {
+        format!(
+            "{negative} of {} reads of this vCPU's TSC were behind the other vCPU's stamp (by up to {} cycles): {}",
+            samples.len(),
+            min.unsigned_abs(),
+            if behind {
+                "the vCPUs' TSCs disagree"
+            } else {
+                "within 1%: noise"
+            }
+        )
+    };
+    let v = if behind { Verdict::Virtual } else { Verdict::Native };
+    verdict(
+        RULE,
+        v,
+        share,
+        if behind {
+            share.min(1.0).sqrt()
+        } else {
+            1.0 - share * 50.0
+        },
+        why,
+    )
+}
+
+/// VMAware e3f097fa's IPC rule (L5695-5727): TSC cycles per iteration of the dependent XOR
+/// chain, a VM at 2 or less (the TSC scaled down or stopped) or at 8 or more. It ran
+/// 150,000,000 iterations once on a thread of its own; here each sample is 256 and the
+/// median sample is taken. Score: cycles per iteration.
+pub fn xor_rate(evidence: &Evidence) -> RuleVerdict {
+    const RULE: &str = XOR_RULE;
+    let Some(samples) = evidence.samples.get(&Probe::XorLoop).filter(|s| !s.is_empty()) else {
+        return unsure(RULE, "no xor-loop samples in this run".into());
+    };
+    let per_iteration = crate::stats::median(samples) as f64 / guest_payload::counter::XOR_ITERATIONS as f64;
+    let virtual_ = per_iteration <= 2.0 || per_iteration >= 8.0;
+    let why = format!(
+        "{per_iteration:.2} TSC cycles per XOR iteration (median of {} samples of {}): {}",
+        samples.len(),
+        guest_payload::counter::XOR_ITERATIONS,
+        if per_iteration <= 2.0 {
+            "at most 2: the TSC runs slow against the work (scaled or stopped)"
+        } else if per_iteration >= 8.0 {
+            "8 or more: the work runs slow against the TSC"
+        } else {
+            "between 2 and 8"
+        }
+    );
+    let v = if virtual_ { Verdict::Virtual } else { Verdict::Native };
+    let distance = if virtual_ {
+        1.0
+    } else {
+        ((per_iteration - 2.0).min(8.0 - per_iteration) / 3.0).min(1.0)
+    };
+    verdict(RULE, v, per_iteration, distance, why)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use guest_payload::CpuidRecord;
+
+    fn evidence<'a>(samples: &'a ProbeSamples, ticks: &'a ProbeSamples, cpuid: &'a [CpuidRecord]) -> Evidence<'a> {
+        Evidence {
+            samples,
+            ticks,
+            cpuid,
+            site_bytes: &[],
+            tsc_khz: 2_000_000,
+            cpuid_leaf: 0,
+            payload: None,
+        }
+    }
+
+    /// A noiseless run: `cpuid` TSC cycles and `cpuid_ticks` per CPUID, the counter at one
+    /// tick per 10 cycles elsewhere, 8×LFENCE 4 ticks, `cross` for the cross-vCPU samples.
+    fn run(cpuid: i64, cpuid_ticks: i64, timer_cpuid_ticks: i64, cross: i64) -> (ProbeSamples, ProbeSamples) {
+        let n = 1000;
+        let mut samples = ProbeSamples::new();
+        let mut ticks = ProbeSamples::new();
+        samples.insert(Probe::Cpuid, vec![cpuid; n]);
+        ticks.insert(Probe::Cpuid, vec![cpuid_ticks; n]);
+        samples.insert(Probe::Nop, vec![50; n]);
+        ticks.insert(Probe::Nop, vec![5; n]);
+        samples.insert(Probe::Rdtsc, vec![20; n]);
+        ticks.insert(Probe::Rdtsc, vec![2; n]);
+        samples.insert(Probe::TimerCpuid, vec![cpuid; n]);
+        ticks.insert(Probe::TimerCpuid, vec![timer_cpuid_ticks; n]);
+        samples.insert(Probe::TimerLfence8, vec![40; n]);
+        ticks.insert(Probe::TimerLfence8, vec![4; n]);
+        samples.insert(Probe::CrossTsc, vec![cross; n]);
+        ticks.insert(Probe::CrossTsc, vec![1; n]);
+        (samples, ticks)
+    }
+
+    fn verdicts(samples: &ProbeSamples, ticks: &ProbeSamples) -> Vec<(&'static str, Verdict)> {
+        evaluate(&evidence(samples, ticks, &[]))
+            .into_iter()
+            .map(|v| (v.rule, v.verdict))
+            .collect()
+    }
+
+    fn of(verdicts: &[(&'static str, Verdict)], rule: &str) -> Verdict {
+        verdicts.iter().find(|(r, _)| *r == rule).map(|(_, v)| *v).unwrap()
+    }
+
+    #[test]
+    fn clear_cases_native_a_plain_vm_and_each_evasion() {
+        // Native: CPUID 100 cycles = 10 ticks; TIMER 10/4 = 2.5 < 3.5 (but main's 2.5 says VM:
+        // main is the stricter one).
+        let (s, t) = run(100, 10, 10, 300);
+        let v = verdicts(&s, &t);
+        assert_eq!(of(&v, "vmaware-timer-2.7"), Verdict::Native);
+        assert_eq!(of(&v, "counter-tsc"), Verdict::Native);
+        assert_eq!(of(&v, "counter-stall"), Verdict::Native);
+        assert_eq!(of(&v, "cross-vcpu-tsc"), Verdict::Native);
+        // A VM, nothing hidden: 2000 cycles, 200 ticks: TIMER sees it, the clocks agree.
+        let (s, t) = run(2000, 200, 200, 300);
+        let v = verdicts(&s, &t);
+        assert_eq!(of(&v, "vmaware-timer-2.7"), Verdict::Virtual);
+        assert_eq!(of(&v, "vmaware-timer-main"), Verdict::Virtual);
+        assert_eq!(of(&v, "counter-tsc"), Verdict::Native);
+        // Hidden TSC (native-looking 100 cycles) on vCPU 0 only: the counter still says
+        // 200 ticks, and vCPU 0's TSC is now behind vCPU 1's.
+        let (s, t) = run(100, 200, 200, -5000);
+        let v = verdicts(&s, &t);
+        assert_eq!(of(&v, "vmaware-timer-2.7"), Verdict::Virtual);
+        assert_eq!(of(&v, "counter-tsc"), Verdict::Virtual);
+        assert_eq!(of(&v, "cross-vcpu-tsc"), Verdict::Virtual);
+        // The counter paused for the exit: TIMER is fooled, the stall is not.
+        let (s, t) = run(2000, 2, 2, 300);
+        let v = verdicts(&s, &t);
+        assert_eq!(of(&v, "vmaware-timer-2.7"), Verdict::Native);
+        assert_eq!(of(&v, "counter-stall"), Verdict::Virtual);
+        assert_eq!(of(&v, "counter-tsc"), Verdict::Native);
+    }
+
+    #[test]
+    fn mains_stall_rule_fires_on_latencies_of_one_or_over_a_thousand() {
+        let (s, t) = run(100, 10, 1, 300);
+        let main = vmaware_timer_main(&evidence(&s, &t, &[]));
+        assert_eq!(main.verdict, Verdict::Virtual, "{}", main.why);
+        assert!(main.why.contains("artificial"), "{}", main.why);
+        let (s, t) = run(100, 10, 5000, 300);
+        assert_eq!(vmaware_timer_main(&evidence(&s, &t, &[])).verdict, Verdict::Virtual);
+    }
+
+    #[test]
+    fn noisy_samples_keep_their_verdicts_and_pairs_without_ticks_are_dropped() {
+        let (mut s, mut t) = run(100, 10, 10, 300);
+        // Every tenth CPUID an interrupt: 50× the time, in both clocks.
+        for (i, (c, k)) in s
+            .get_mut(&Probe::Cpuid)
+            .unwrap()
+            .iter_mut()
+            .zip(t.get_mut(&Probe::Cpuid).unwrap().iter_mut())
+            .enumerate()
+        {
+            if i % 10 == 0 {
+                *c *= 50;
+                *k *= 50;
+            }
+        }
+        for (i, k) in t.get_mut(&Probe::TimerCpuid).unwrap().iter_mut().enumerate() {
+            if i % 10 == 0 {
+                *k = if i % 20 == 0 { 0 } else { 500 };
+            }
+        }
+        // A few reads behind the stamp: under 1%, noise.
+        for c in s.get_mut(&Probe::CrossTsc).unwrap().iter_mut().take(5) {
+            *c = -20;
+        }
+        let v = verdicts(&s, &t);
+        assert_eq!(of(&v, "vmaware-timer-2.7"), Verdict::Native);
+        assert_eq!(of(&v, "counter-tsc"), Verdict::Native);
+        assert_eq!(of(&v, "counter-stall"), Verdict::Native);
+        assert_eq!(of(&v, "cross-vcpu-tsc"), Verdict::Native);
+        let timer = vmaware_timer_2_7(&evidence(&s, &t, &[]));
+        assert!(
+            timer.why.contains("50 with a window that saw no tick dropped"),
+            "{}",
+            timer.why
+        );
+    }
+
+    #[test]
+    fn a_counter_that_never_moves_leaves_the_rules_unsure_not_fooled() {
+        let (s, mut t) = run(2000, 0, 0, 300);
+        for ticks in t.values_mut() {
+            ticks.iter_mut().for_each(|x| *x = 0);
+        }
+        let v = verdicts(&s, &t);
+        for rule in [
+            "vmaware-timer-2.7",
+            "vmaware-timer-main",
+            "counter-tsc",
+            "counter-stall",
+        ] {
+            assert_eq!(of(&v, rule), Verdict::Unsure, "{rule}");
+        }
+    }
+
+    #[test]
+    fn hyper_v_raises_timers_threshold() {
+        let (s, t) = run(2000, 50, 50, 300); // ratio 12.5: a VM at 3.5, not at 25
+        let hv = [
+            CpuidRecord {
+                leaf: 1,
+                ecx: 1 << 31,
+                ..Default::default()
+            },
+            CpuidRecord {
+                leaf: 0x4000_0000,
+                eax: 0x4000_000b,
+                ..Default::default()
+            },
+        ];
+        assert_eq!(vmaware_timer_2_7(&evidence(&s, &t, &[])).verdict, Verdict::Virtual);
+        let timer = vmaware_timer_2_7(&evidence(&s, &t, &hv));
+        assert_eq!(timer.verdict, Verdict::Native, "{}", timer.why);
+        assert!(timer.why.contains("< 25"));
+    }
+
+    #[test]
+    fn the_densest_cluster_ignores_a_high_tail_and_the_iqm_is_the_middle_half() {
+        let mut samples: Vec<u64> = vec![10; 900];
+        samples.extend(vec![11; 50]);
+        samples.extend(vec![5000; 50]);
+        assert_eq!(densest_cluster_latency(&samples), 10);
+        assert_eq!(densest_cluster_latency(&[7, 3, 9]), 3);
+        assert_eq!(densest_cluster_latency(&[]), 0);
+        // The middle four of eight: (3 + 4 + 100 + 200) / 4 = 76.75, rounded half up.
+        assert_eq!(interquartile_mean(&[1, 2, 3, 4, 100, 200, 300, 400]), 77);
+    }
+
+    #[test]
+    fn the_xor_rate_flags_a_slow_or_fast_tsc() {
+        let mut samples = ProbeSamples::new();
+        let ticks = ProbeSamples::new();
+        for (cycles, expected) in [
+            (256 * 5, Verdict::Native),
+            (256, Verdict::Virtual),
+            (256 * 20, Verdict::Virtual),
+        ] {
+            samples.insert(Probe::XorLoop, vec![cycles; 100]);
+            assert_eq!(xor_rate(&evidence(&samples, &ticks, &[])).verdict, expected, "{cycles}");
+        }
+    }
+}
