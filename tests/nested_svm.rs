@@ -241,3 +241,99 @@ fn trace_shows_the_tsc_move_of_virtual_injection() {
     let uncertainty = life["offset_uncertainty"].as_i64().unwrap();
     assert!(parts[0] >= -uncertainty && parts[3] >= -uncertainty, "{life}");
 }
+
+// Two vCPUs: `.ci/run` runs the tests named `two_vcpus_*` apart, under `SMP=2`, so that
+// the counter vCPU has a CPU of its own inside QEMU.
+
+/// What one two-vCPU io-patch run says: (CPUID TSC median, CPUID counter ticks median,
+/// the counter-tsc agreement, verdicts by rule).
+struct TwoVcpuRun {
+    cpuid_cycles: f64,
+    cpuid_ticks: f64,
+    agreement: f64,
+    report: Value,
+}
+
+fn two_vcpu_io_patch_run(extra: &[&str]) -> TwoVcpuRun {
+    let mut args = vec![
+        "run", "--json", "--vcpus", "2", "-n", "200", "--warmup", "10", "--mode", "trap-emulate", "--trap", "io-patch",
+    ];
+    args.extend_from_slice(extra);
+    let report = json_run(&args);
+    let verdict = common::verdict_of(&report, "counter-tsc");
+    TwoVcpuRun {
+        cpuid_cycles: report["probes"]["cpuid"]["median"].as_f64().unwrap(),
+        cpuid_ticks: report["counter"]["ticks"]["cpuid"]["median"].as_f64().unwrap(),
+        agreement: verdict["score"].as_f64().unwrap_or(f64::NAN),
+        report,
+    }
+}
+
+fn verdict(run: &TwoVcpuRun, rule: &str) -> String {
+    common::verdict_of(&run.report, rule)["verdict"].as_str().unwrap().to_string()
+}
+
+const TWO_VCPU_RUNS: usize = 3;
+
+/// The arms race on nested SVM. Hiding moves vCPU 0's TSC only: the TSC's CPUID cost
+/// drops, the counter's does not, and vCPU 0's TSC falls behind the counter vCPU's, which
+/// cross-vcpu-tsc sees in every run — while no sample on one vCPU ever runs backwards.
+/// (The TSC rules themselves keep seeing a VM here: hide takes back only what it can
+/// prove an exit took, about half of QEMU's path; docs/shaping.md.) Pausing the counter
+/// for each exit leaves the TSC showing the exit and the counter standing still, which
+/// counter-stall sees in every run. (TIMER here mostly finds no pair whose 8×LFENCE
+/// window saw a tick, and the pause begins only once the exit reaches userspace, after
+/// QEMU's long kernel path: what it makes of a paused run is reported, not asserted; on
+/// this machine's KVM, where the VMM's part dominates, arms_race.rs shows it fooled.)
+#[test]
+#[ignore = "needs two vCPUs on a KVM that honours TSC moves: SMP=2 ../shared/nested-svm/run (see .ci/run)"]
+fn two_vcpus_hide_shows_across_vcpus_and_a_paused_counter_shows_as_a_stall() {
+    let plain: Vec<TwoVcpuRun> = (0..TWO_VCPU_RUNS).map(|_| two_vcpu_io_patch_run(&[])).collect();
+    let hidden: Vec<TwoVcpuRun> = (0..TWO_VCPU_RUNS).map(|_| two_vcpu_io_patch_run(&["--hide"])).collect();
+    let paused: Vec<TwoVcpuRun> = (0..TWO_VCPU_RUNS)
+        .map(|_| two_vcpu_io_patch_run(&["--evade", "pause-counter"]))
+        .collect();
+    let med = |runs: &[TwoVcpuRun], f: fn(&TwoVcpuRun) -> f64| median(runs.iter().map(f).collect());
+    for run in &plain {
+        assert_eq!(verdict(run, "cross-vcpu-tsc"), "native", "{}", run.report["verdicts"]);
+    }
+    let majority = |runs: &[TwoVcpuRun], rule: &str, expected: &str| {
+        let agreeing = runs.iter().filter(|run| verdict(run, rule) == expected).count();
+        assert!(agreeing * 2 > runs.len(), "{rule} said {expected} in {agreeing} of {} runs", runs.len());
+    };
+    // The counter's agreement with the TSC wanders in QEMU (0.65-1.4 plain): judged by
+    // the majority of runs, as the clock rules are.
+    majority(&plain, "counter-stall", "native");
+    for run in &hidden {
+        assert_eq!(verdict(run, "cross-vcpu-tsc"), "virtual", "{}", run.report["verdicts"]);
+        assert_eq!(verdict(run, "tsc-monotonic"), "native", "a TSC ran backwards: {}", run.report["verdicts"]);
+        assert_ne!(verdict(run, "vmaware-timer-2.7"), "native", "hiding the TSC fooled TIMER");
+    }
+    for run in &paused {
+        assert_eq!(verdict(run, "fixed-threshold"), "virtual");
+    }
+    // How much of each exit the pause covers varies with QEMU's kernel path.
+    majority(&paused, "counter-stall", "virtual");
+    let (tsc_plain, tsc_hidden) = (med(&plain, |r| r.cpuid_cycles), med(&hidden, |r| r.cpuid_cycles));
+    let (agree_plain, agree_hidden) = (med(&plain, |r| r.agreement), med(&hidden, |r| r.agreement));
+    eprintln!(
+        "plain: TSC {tsc_plain}, ticks {}, agreement {agree_plain}; hidden: TSC {tsc_hidden}, ticks {}, \
+         agreement {agree_hidden}; paused: TSC {}, ticks {}, agreement {}",
+        med(&plain, |r| r.cpuid_ticks),
+        med(&hidden, |r| r.cpuid_ticks),
+        med(&paused, |r| r.cpuid_cycles),
+        med(&paused, |r| r.cpuid_ticks),
+        med(&paused, |r| r.agreement)
+    );
+    // As the one-vCPU hide tests judge it: against the same run's unhidden calibration.
+    let achieved = med(&hidden, |r| {
+        let shaping = &r.report["shaping"];
+        shaping["achieved_cycles"].as_f64().unwrap() / shaping["baseline_cycles"].as_f64().unwrap()
+    });
+    assert!(achieved < 0.9, "hide kept {achieved} of the unhidden CPUID cost");
+    // The counter saw the time the TSC lost.
+    assert!(agree_hidden > agree_plain * 1.25, "agreement {agree_plain} -> {agree_hidden}");
+    // The pause lengthens the exit on the TSC while the counter stands still.
+    let agree_paused = med(&paused, |r| r.agreement);
+    assert!(agree_paused < agree_plain / 2.0, "agreement {agree_plain} -> paused {agree_paused}");
+}

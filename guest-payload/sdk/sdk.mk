@@ -14,6 +14,8 @@ GUEST_CFLAGS := $(CFLAGS_COMMON) -DVMM_GUEST=1 -ffreestanding -fno-pic -fno-pie 
 # the code, and a helper nobody calls should not count. The info block is kept (-u).
 GUEST_LDFLAGS := -nostdlib -static -no-pie -Wl,--build-id=none -Wl,--gc-sections -Wl,-u,vmm_payload_info -T $(SDK)payload.ld
 NATIVE_CFLAGS := $(CFLAGS_COMMON)
+# The twin runs a counter thread when the config names a counter (lib/start_native.c).
+NATIVE_LDFLAGS := -pthread
 
 all: $(NAME).elf $(NAME).native
 
@@ -27,7 +29,7 @@ $(NAME).elf: $(NAME).flags $(SRCS) $(SDK)lib/vmm_sdk.c $(SDK)lib/start_guest.c $
 	$(CC) $(GUEST_CFLAGS) $(GUEST_LDFLAGS) -o $@ $(SRCS) $(SDK)lib/vmm_sdk.c $(SDK)lib/start_guest.c
 
 $(NAME).native: $(NAME).flags $(SRCS) $(SDK)lib/vmm_sdk.c $(SDK)lib/start_native.c $(SDK)include/vmm_abi.h $(SDK)include/vmm_sdk.h
-	$(CC) $(NATIVE_CFLAGS) -o $@ $(SRCS) $(SDK)lib/vmm_sdk.c $(SDK)lib/start_native.c
+	$(CC) $(NATIVE_CFLAGS) $(NATIVE_LDFLAGS) -o $@ $(SRCS) $(SDK)lib/vmm_sdk.c $(SDK)lib/start_native.c
 
 clean:
 	rm -f $(NAME).elf $(NAME).native $(NAME).flags

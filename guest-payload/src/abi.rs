@@ -183,6 +183,14 @@ pub mod counter {
     /// it gives up with [`super::Status::CounterStalled`]: a stopped counter vCPU must not
     /// hang the measuring one. (VMAware's own loops wait forever.)
     pub const MAX_POLLS: u64 = 1 << 24;
+    /// The counter's rate window: before any probe, with no exit in it, the guest reads
+    /// the counter and the TSC, runs a register-only loop for at least this many TSC
+    /// cycles and reads both again ([`super::ResultHeader::rate_cycles`]). Nothing shared
+    /// is read in between: a counter polled all along counts several times slower (39
+    /// against ~2 cycles per tick natively on the development host).
+    pub const RATE_CYCLES: u64 = 4_000_000;
+    /// Loop iterations between two looks at the TSC in the rate window.
+    pub const RATE_LOOP: u64 = 1000;
     /// Iterations of the dependent XOR loop per `xor-loop` sample.
     pub const XOR_ITERATIONS: u64 = 256;
     /// VMAware v2.7.0's TIMER warm-up: 1,000 × (CPUID(0), then 8 × LFENCE).
@@ -467,6 +475,11 @@ pub struct ResultHeader {
     pub score_milli: i64,
     /// One line of why, UTF-8, NUL-terminated.
     pub reason: [u8; REASON_BYTES],
+    /// With a counter: TSC cycles and counter ticks over the rate window (a loop of
+    /// [`counter::RATE_CYCLES`] before the probes, no exit in it): the counter's rate
+    /// where nothing hides or pauses anything. Zero without a counter.
+    pub rate_cycles: u64,
+    pub rate_ticks: u64,
 }
 
 impl Default for ResultHeader {
@@ -487,6 +500,8 @@ impl Default for ResultHeader {
             ticks: 0,
             score_milli: 0,
             reason: [0; REASON_BYTES],
+            rate_cycles: 0,
+            rate_ticks: 0,
         }
     }
 }
@@ -495,7 +510,7 @@ impl Default for ResultHeader {
 const _: () = assert!(size_of::<Config>() == 64);
 const _: () = assert!(size_of::<CounterBlock>() == 192);
 const _: () = assert!(size_of::<CpuidRecord>() == 24);
-const _: () = assert!(size_of::<ResultHeader>() == 56 + 24 * CPUID_SNAPSHOT_LEAVES.len() + 16 + REASON_BYTES);
+const _: () = assert!(size_of::<ResultHeader>() == 56 + 24 * CPUID_SNAPSHOT_LEAVES.len() + 16 + REASON_BYTES + 16);
 const _: () = assert!(size_of::<PayloadInfo>() == 48);
 
 impl Config {

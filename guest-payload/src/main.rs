@@ -100,6 +100,12 @@ fn run(config: &Config) -> Status {
         unsafe { core::slice::from_raw_parts_mut((base + index * area) as *mut Cycles, iterations) }
     };
     let with_ticks = config.counter_addr != 0;
+    if with_ticks {
+        match timing::measure_counter_rate(&request) {
+            Ok((cycles, ticks)) => (header.rate_cycles, header.rate_ticks) = (cycles, ticks),
+            Err(_) => return Status::CounterStalled,
+        }
+    }
     let timer_pair = Probe::TimerCpuid.bit() | Probe::TimerLfence8.bit();
     for probe in probes_in(config.probes) {
         let measured = if probe == Probe::TimerLfence8 && config.probes & timer_pair == timer_pair {

@@ -374,6 +374,8 @@ pub fn c_header() -> String {
                 ("uint32_t {}", "ticks", offset_of!(ResultHeader, ticks)),
                 ("int64_t {}", "score_milli", offset_of!(ResultHeader, score_milli)),
                 ("char {}[VMM_REASON_BYTES]", "reason", offset_of!(ResultHeader, reason)),
+                ("uint64_t {}", "rate_cycles", offset_of!(ResultHeader, rate_cycles)),
+                ("uint64_t {}", "rate_ticks", offset_of!(ResultHeader, rate_ticks)),
             ],
         },
     );

@@ -503,6 +503,35 @@ pub fn measure(
     Ok(())
 }
 
+/// The counter's rate where no exit can touch it: counter ticks and TSC cycles over at
+/// least [`counter::RATE_CYCLES`], spent in a register-only loop that looks at the TSC
+/// once every [`counter::RATE_LOOP`] iterations and reads the counter only at the two
+/// ends (a counter polled all along runs slower; an emulating KVM slows the other vCPU
+/// while it emulates a TSC read). Waits for the counter to start first. Returns cycles
+/// and ticks.
+pub fn measure_counter_rate(request: &Request) -> Result<(u64, u64), MeasureError> {
+    let block = counter_block(request)? as *const CounterBlock;
+    wait_for_tick(block)?;
+    let c0 = read_counter(block);
+    let t0 = read_tsc();
+    let mut t = t0;
+    while t.wrapping_sub(t0) < counter::RATE_CYCLES {
+        // SAFETY: a register-only countdown.
+        unsafe {
+            core::arch::asm!(
+                "2:",
+                "dec {n}",
+                "jnz 2b",
+                n = inout(reg) counter::RATE_LOOP => _,
+                options(nomem, nostack)
+            );
+        }
+        t = read_tsc();
+    }
+    let c1 = read_counter(block);
+    Ok((t.wrapping_sub(t0), c1.wrapping_sub(c0)))
+}
+
 /// Where [`measure_timer_pairs`] puts each pair's four figures.
 pub struct TimerOut<'a> {
     pub cpuid_tsc: &'a mut [Cycles],

@@ -50,6 +50,7 @@ impl Session {
         let measurement = self.measurer.measure(&self.payload, spec, console)?;
         let evidence = Evidence {
             ticks: &measurement.ticks,
+            counter_rate: measurement.counter_rate,
             samples: &measurement.samples,
             cpuid: &measurement.cpuid,
             site_bytes: &measurement.site_bytes,

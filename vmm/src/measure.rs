@@ -247,6 +247,8 @@ pub struct Measurement {
     pub samples: ProbeSamples,
     /// Counter ticks over each sample (runs with a counter).
     pub ticks: ProbeSamples,
+    /// TSC cycles and counter ticks over the rate window (runs with a counter).
+    pub counter_rate: Option<(u64, u64)>,
     /// What the counter vCPU went through (VM runs with a counter).
     pub counter: Option<crate::vm::CounterStats>,
     pub cpuid: Vec<CpuidRecord>,
@@ -380,6 +382,7 @@ impl Measurer {
             return Ok(Measurement {
                 samples: run.samples,
                 ticks: run.ticks,
+                counter_rate: run.counter_rate,
                 cpuid: run.cpuid,
                 site_bytes: run.site_bytes,
                 verdict: run.verdict,
@@ -478,6 +481,7 @@ impl Measurer {
         let measurement = Measurement {
             samples: results.samples,
             ticks: results.ticks,
+            counter_rate: results.counter_rate,
             counter: stats.counter,
             cpuid: results.cpuid,
             site_bytes: results.site_bytes,

@@ -47,6 +47,8 @@ pub struct NativeRun {
     pub samples: ProbeSamples,
     /// Counter ticks over each sample, where the run had a counter thread.
     pub ticks: ProbeSamples,
+    /// TSC cycles and ticks over the rate window, where the run had a counter thread.
+    pub counter_rate: Option<(u64, u64)>,
     pub cpuid: Vec<CpuidRecord>,
     /// This binary's own CPUID sites, read as a guest reads its code.
     pub site_bytes: Vec<[u8; 2]>,
@@ -183,6 +185,11 @@ pub fn run(config: &Config, cpu: Option<usize>, timeout: Duration) -> Result<Nat
             let mut ticks = ProbeSamples::new();
             let deadline = started + timeout;
             let iterations = config.iterations as usize;
+            let counter_rate = if with_ticks {
+                Some(timing::measure_counter_rate(&request).map_err(measure_error)?)
+            } else {
+                None
+            };
             let timer_pair = Probe::TimerCpuid.bit() | Probe::TimerLfence8.bit();
             let paired = config.probes & timer_pair == timer_pair;
             for probe in probes_in(config.probes) {
@@ -266,6 +273,7 @@ pub fn run(config: &Config, cpu: Option<usize>, timeout: Duration) -> Result<Nat
             Ok(NativeRun {
                 samples,
                 ticks,
+                counter_rate,
                 cpuid,
                 site_bytes,
                 cpu,
@@ -401,6 +409,7 @@ pub fn run_twin(twin: &Path, config: &Config, cpu: Option<usize>, timeout: Durat
     Ok(NativeRun {
         samples: results.samples,
         ticks: results.ticks,
+        counter_rate: results.counter_rate,
         cpuid: results.cpuid,
         site_bytes: results.site_bytes,
         cpu,

@@ -22,7 +22,7 @@
  * (VMAware leaves it as it is; leaf 0 ignores it); in a paravirt guest the timed CPUID is
  * the hypercall. The 1000 samples are reported as the `cpuid` probe: they are these
  * lfence;rdtsc;cpuid;rdtscp;lfence timings, not the timing core's fenced probe. v2.7.0 rewrote TIMER around a counter thread on another
- * core (no TSC at all); that reproduction needs a second vCPU (see ../README.md). */
+ * core (no TSC at all): ../vmaware-timer-2.7, run with a second vCPU (--vcpus 2). */
 #include "vmm_sdk.h"
 
 VMM_PAYLOAD("VMAware TIMER 2.6.0", VMM_CAP_PARAVIRT_CPUID | VMM_CAP_VERDICT | VMM_CAP_RDTSCP);

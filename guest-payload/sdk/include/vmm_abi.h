@@ -192,8 +192,10 @@ struct vmm_result_header {
     uint32_t ticks;
     int64_t score_milli;
     char reason[VMM_REASON_BYTES];
+    uint64_t rate_cycles;
+    uint64_t rate_ticks;
 };
-_Static_assert(sizeof(struct vmm_result_header) == 408, "vmm_result_header size");
+_Static_assert(sizeof(struct vmm_result_header) == 424, "vmm_result_header size");
 _Static_assert(offsetof(struct vmm_result_header, magic) == 0, "vmm_result_header.magic");
 _Static_assert(offsetof(struct vmm_result_header, abi_version) == 8, "vmm_result_header.abi_version");
 _Static_assert(offsetof(struct vmm_result_header, status) == 12, "vmm_result_header.status");
@@ -209,6 +211,8 @@ _Static_assert(offsetof(struct vmm_result_header, verdict) == 272, "vmm_result_h
 _Static_assert(offsetof(struct vmm_result_header, ticks) == 276, "vmm_result_header.ticks");
 _Static_assert(offsetof(struct vmm_result_header, score_milli) == 280, "vmm_result_header.score_milli");
 _Static_assert(offsetof(struct vmm_result_header, reason) == 288, "vmm_result_header.reason");
+_Static_assert(offsetof(struct vmm_result_header, rate_cycles) == 408, "vmm_result_header.rate_cycles");
+_Static_assert(offsetof(struct vmm_result_header, rate_ticks) == 416, "vmm_result_header.rate_ticks");
 
 /* At config.counter_addr when the run has a counter vCPU: `counter` goes up by one per loop iteration on another vCPU (natively, another CPU). Volatile. */
 struct vmm_counter_block {

@@ -30,8 +30,12 @@ struct vmm_run {
 int vmm_detect(struct vmm_run *run);
 
 /* Declares the probes (bits 1 << VMM_PROBE_*) and samples per probe the payload will
- * report; checks they fit the result area. Returns VMM_STATUS_OK or why not. */
+ * report; checks they fit the result area. Returns VMM_STATUS_OK or why not. In a run
+ * with a counter (config.counter_addr != 0) room is held for counter ticks after the TSC
+ * samples (result header `ticks`), twice the samples, as the VMM counts it. */
 int vmm_begin(struct vmm_run *run, uint32_t probes, uint32_t iterations);
+/* The most samples per probe that vmm_begin() accepts for `probes`. */
+uint32_t vmm_samples_that_fit(const struct vmm_run *run, uint32_t probes);
 /* Where the samples of `probe` go (after vmm_begin); NULL if it was not declared. */
 int64_t *vmm_samples(struct vmm_run *run, unsigned probe);
 /* The payload's own verdict: enum vmm_verdict, a score in thousandths (higher: more
@@ -70,6 +74,12 @@ int vmm_spin_ms(const struct vmm_run *run, uint32_t ms);
 /* Sleeps as a detector's Sleep(ms) does: the native twin gives up the CPU (nanosleep); the
  * guest, which has no OS to sleep in, spins (vmm_spin_ms). Returns 0 if it could not. */
 int vmm_sleep_ms(const struct vmm_run *run, uint32_t ms);
+/* The counter loop, abi::counter::LOOP_CODE byte for byte: `counter` + 1 per iteration,
+ * TSC stamps on request, returns on VMM_COUNTER_STOP in `stamp_request`. The VMM runs
+ * those bytes on a guest's counter vCPU; the native twin (lib/start_native.c) runs this
+ * on a thread of its own on another CPU. A payload never calls it. */
+void vmm_counter_loop(struct vmm_counter_block *block);
+
 /* A line of text: the guest's serial console, or the native twin's stderr. */
 void vmm_print(const char *text);
 /* 1 in the guest build, 0 in the native twin. */

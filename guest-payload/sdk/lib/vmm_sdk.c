@@ -28,19 +28,61 @@ static unsigned bits(uint32_t mask) {
     return n;
 }
 
-static uint64_t sample_bytes(uint32_t probes, uint32_t iterations) {
-    return (uint64_t)bits(probes) * iterations * sizeof(int64_t);
+/* Bytes per sample of one probe: a TSC sample, and with a counter room for its tick
+ * count too (as the VMM's Config::result_bytes_needed counts it). */
+static uint64_t bytes_per_sample(const struct vmm_run *run) {
+    return (run->config->counter_addr != 0 ? 2 : 1) * sizeof(int64_t);
+}
+
+static uint64_t sample_bytes(const struct vmm_run *run, uint32_t probes, uint32_t iterations) {
+    return (uint64_t)bits(probes) * iterations * bytes_per_sample(run);
 }
 
 int vmm_begin(struct vmm_run *run, uint32_t probes, uint32_t iterations) {
     if (probes == 0 || iterations == 0)
         return VMM_STATUS_BAD_CONFIG;
-    if (sizeof(struct vmm_result_header) + sample_bytes(probes, iterations) > run->config->result_capacity)
+    if (sizeof(struct vmm_result_header) + sample_bytes(run, probes, iterations) > run->config->result_capacity)
         return VMM_STATUS_RESULT_AREA_TOO_SMALL;
     run->probes = probes;
     run->iterations = iterations;
     return VMM_STATUS_OK;
 }
+
+uint32_t vmm_samples_that_fit(const struct vmm_run *run, uint32_t probes) {
+    uint64_t capacity = run->config->result_capacity;
+    if (probes == 0 || capacity < sizeof(struct vmm_result_header))
+        return 0;
+    uint64_t fit = (capacity - sizeof(struct vmm_result_header)) / (bits(probes) * bytes_per_sample(run));
+    return fit > 0xffffffffu ? 0xffffffffu : (uint32_t)fit;
+}
+
+/* abi::counter::LOOP_CODE (guest-payload/src/abi.rs), the same 45 bytes: in its own
+ * section, so the guest build (which never runs it: the VMM puts those bytes on the
+ * counter vCPU) drops it at link time. */
+_Static_assert(offsetof(struct vmm_counter_block, stamp_request) == 0x40, "LOOP_CODE reads stamp_request at 0x40");
+_Static_assert(offsetof(struct vmm_counter_block, stamp) == 0x80, "LOOP_CODE writes stamp at 0x80");
+_Static_assert(VMM_COUNTER_STOP == 2, "LOOP_CODE compares with 2");
+__asm__(".pushsection .text.vmm_counter_loop,\"ax\",@progbits\n"
+        ".globl vmm_counter_loop\n"
+        ".type vmm_counter_loop, @function\n"
+        "vmm_counter_loop:\n"
+        "1:\n\t"
+        "incq (%rdi)\n\t"           /* counter += 1 */
+        "movq 0x40(%rdi), %rax\n\t" /* stamp_request */
+        "testq %rax, %rax\n\t"
+        "je 1b\n\t"
+        "cmpq $2, %rax\n\t" /* VMM_COUNTER_STOP */
+        "je 2f\n\t"
+        "rdtsc\n\t"
+        "shlq $32, %rdx\n\t"
+        "orq %rdx, %rax\n\t"
+        "movq %rax, 0x80(%rdi)\n\t" /* stamp */
+        "movq $0, 0x40(%rdi)\n\t"   /* answered */
+        "jmp 1b\n"
+        "2:\n\t"
+        "ret\n"
+        ".size vmm_counter_loop, . - vmm_counter_loop\n"
+        ".popsection\n");
 
 int64_t *vmm_samples(struct vmm_run *run, unsigned probe) {
     static const unsigned order[] = VMM_PROBE_ORDER;

@@ -65,6 +65,8 @@ pub struct Evidence<'a> {
     pub samples: &'a ProbeSamples,
     /// Counter ticks over each sample (runs with a counter vCPU; empty otherwise).
     pub ticks: &'a ProbeSamples,
+    /// TSC cycles and counter ticks over the run's rate window, where it had one.
+    pub counter_rate: Option<(u64, u64)>,
     pub cpuid: &'a [CpuidRecord],
     pub site_bytes: &'a [[u8; 2]],
     pub tsc_khz: u32,

@@ -315,7 +315,10 @@ pub fn tsc_monotonic(evidence: &Evidence) -> RuleVerdict {
     let mut backwards = 0u64;
     let mut worst = 0u64;
     let mut probes = Vec::new();
-    for (probe, samples) in evidence.samples {
+    // A cross-tsc sample is one vCPU's TSC minus another's, not one clock read twice:
+    // cross-vcpu-tsc judges those.
+    let one_clock = || evidence.samples.iter().filter(|(probe, _)| **probe != Probe::CrossTsc);
+    for (probe, samples) in one_clock() {
         let here: Vec<Cycles> = samples.iter().copied().filter(|&s| s < 0).collect();
         if !here.is_empty() {
             backwards += here.len() as u64;
@@ -324,7 +327,7 @@ pub fn tsc_monotonic(evidence: &Evidence) -> RuleVerdict {
         }
     }
     if backwards == 0 {
-        let total: usize = evidence.samples.values().map(Vec::len).sum();
+        let total: usize = one_clock().map(|(_, samples)| samples.len()).sum();
         let why = format!("all {total} samples moved forward: the TSC never ran backwards");
         return verdict(RULE, Verdict::Native, 0.0, 0.5, why);
     }
@@ -404,6 +407,7 @@ mod tests {
     fn run(samples: &ProbeSamples, cpuid: &[CpuidRecord], sites: &[[u8; 2]]) -> BTreeMap<&'static str, Verdict> {
         let evidence = Evidence {
             ticks: &crate::vm::ProbeSamples::new(),
+            counter_rate: None,
             samples,
             cpuid,
             site_bytes: sites,
@@ -488,6 +492,7 @@ mod tests {
         }
         let evidence = Evidence {
             ticks: &crate::vm::ProbeSamples::new(),
+            counter_rate: None,
             samples: &samples,
             cpuid: &[],
             site_bytes: &[],
@@ -569,6 +574,7 @@ mod tests {
         }
         let evidence = Evidence {
             ticks: &crate::vm::ProbeSamples::new(),
+            counter_rate: None,
             samples: &hidden,
             cpuid: &[],
             site_bytes: &[],

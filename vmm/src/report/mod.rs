@@ -87,8 +87,8 @@ pub struct ConfigReport {
 pub struct CounterReport {
     /// Counter ticks over each probe's samples.
     pub ticks: BTreeMap<&'static str, stats::Summary>,
-    /// TSC cycles per counter tick over all samples of the probes that take no exit
-    /// (nop, rdtsc, lfence8): the counter's rate, as the TSC sees it.
+    /// TSC cycles per counter tick over the run's rate window (4,096 ticks timed before
+    /// any probe, with no exit in them): the counter's rate, as the TSC sees it.
     pub cycles_per_tick: Option<f64>,
     /// What the counter vCPU went through (VM runs).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -288,7 +288,7 @@ impl RunReport {
                     .iter()
                     .filter_map(|(probe, ticks)| Some((probe.name(), stats::summarize(ticks)?)))
                     .collect(),
-                cycles_per_tick: crate::detector::clocks::cycles_per_tick(&measurement.samples, &measurement.ticks),
+                cycles_per_tick: crate::detector::clocks::cycles_per_tick(measurement.counter_rate),
                 vcpu: measurement.counter,
             }),
             cpuid_excess_over_nop: excess,

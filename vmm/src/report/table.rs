@@ -109,7 +109,7 @@ pub fn render(report: &RunReport) -> String {
             out,
             "\ncounter ticks      min     median       p95        max{}",
             match counter.cycles_per_tick {
-                Some(rate) => format!("   (one tick = {rate:.1} TSC cycles away from exits)"),
+                Some(rate) => format!("   (one tick = {rate:.1} TSC cycles in the rate window)"),
                 None => String::new(),
             }
         );

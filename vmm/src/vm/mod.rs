@@ -131,6 +131,8 @@ pub struct GuestResults {
     pub samples: ProbeSamples,
     /// Counter ticks over each sample, where the run had a counter vCPU.
     pub ticks: ProbeSamples,
+    /// TSC cycles and ticks over the guest's rate window, where it reported one.
+    pub counter_rate: Option<(u64, u64)>,
     pub cpuid: Vec<guest_payload::CpuidRecord>,
     /// The bytes at each CPUID site as the guest read its own code (with the snapshot).
     pub site_bytes: Vec<[u8; 2]>,
@@ -612,6 +614,9 @@ pub fn parse_results(
             }
             results.ticks.insert(probe, read_samples(offset)?);
         }
+    }
+    if header.ticks != 0 && header.rate_ticks != 0 {
+        results.counter_rate = Some((header.rate_cycles, header.rate_ticks));
     }
     let count = (header.cpuid_count as usize).min(header.cpuid.len());
     results.cpuid = header.cpuid[..count].to_vec();
