@@ -76,8 +76,18 @@ fn pausing_the_counter_fools_timer_and_the_stall_rule_catches_it() {
         running["counter"]["ticks"]["cpuid"]
     );
     let ratio = |r: &Value| verdict_of(r, "vmaware-timer-2.7")["score"].as_f64().unwrap();
-    assert!(ratio(&paused) * 2.0 < ratio(&running), "TIMER {} -> {}", ratio(&running), ratio(&paused));
-    assert_eq!(verdict_of(&paused, "counter-stall")["verdict"], "virtual", "{}", verdict_of(&paused, "counter-stall"));
+    assert!(
+        ratio(&paused) * 2.0 < ratio(&running),
+        "TIMER {} -> {}",
+        ratio(&running),
+        ratio(&paused)
+    );
+    assert_eq!(
+        verdict_of(&paused, "counter-stall")["verdict"],
+        "virtual",
+        "{}",
+        verdict_of(&paused, "counter-stall")
+    );
     assert_eq!(verdict_of(&running, "counter-stall")["verdict"], "native");
     // The TSC still shows the spin: the TSC rules are not fooled by pausing.
     assert_eq!(verdict_of(&paused, "fixed-threshold")["verdict"], "virtual");
@@ -96,7 +106,12 @@ fn a_native_run_with_a_counter_thread_reports_ticks_and_a_coherent_tsc() {
     assert!(report["counter"].get("vcpu").is_none(), "no counter vCPU natively");
     assert_eq!(report["probes"]["cross-tsc"]["backwards"], 0);
     assert_eq!(verdict_of(&report, "cross-vcpu-tsc")["verdict"], "native");
-    for rule in ["vmaware-timer-2.7", "vmaware-timer-main", "counter-tsc", "counter-stall"] {
+    for rule in [
+        "vmaware-timer-2.7",
+        "vmaware-timer-main",
+        "counter-tsc",
+        "counter-stall",
+    ] {
         assert!(verdict_of(&report, rule)["why"].as_str().is_some(), "{rule}");
     }
 }
@@ -111,8 +126,14 @@ fn evasions_and_counter_probes_are_refused_where_they_cannot_act() {
         let message = stderr(&output);
         assert!(message.contains(expected), "{args:?}: {message}");
     };
-    refused(&["run", "--evade", "pause-counter", "--mode", "paravirt"], "add --vcpus 2");
-    refused(&["run", "--vcpus", "2", "--evade", "pause-counter"], "--mode trap-emulate or --mode paravirt");
+    refused(
+        &["run", "--evade", "pause-counter", "--mode", "paravirt"],
+        "add --vcpus 2",
+    );
+    refused(
+        &["run", "--vcpus", "2", "--evade", "pause-counter"],
+        "--mode trap-emulate or --mode paravirt",
+    );
     refused(&["run", "--probes", "timer-cpuid"], "add --vcpus 2");
     refused(
         &["run", "--vcpus", "2", "--mode", "paravirt", "--evade", "shared-offset"],
@@ -122,7 +143,10 @@ fn evasions_and_counter_probes_are_refused_where_they_cannot_act() {
     refused(&["run", "--evade", "tsc-khz:5"], "between 100,000 and 10,000,000");
     refused(&["run", "--vcpus", "3"], "--vcpus");
     // Neither this KVM nor nested SVM offers TSC scaling: probed, and refused as such.
-    refused(&["run", "--mode", "paravirt", "--evade", "tsc-khz:1000000"], "KVM_CAP_TSC_CONTROL");
+    refused(
+        &["run", "--mode", "paravirt", "--evade", "tsc-khz:1000000"],
+        "KVM_CAP_TSC_CONTROL",
+    );
 }
 
 /// One vCPU, as before: no counter, no counter rules, no counter section.
@@ -138,5 +162,10 @@ fn a_single_vcpu_run_has_no_counter_and_no_counter_rules() {
         .iter()
         .map(|v| v["rule"].as_str().unwrap())
         .collect();
-    assert!(!rules.iter().any(|r| r.starts_with("vmaware") || r.starts_with("counter")), "{rules:?}");
+    assert!(
+        !rules
+            .iter()
+            .any(|r| r.starts_with("vmaware") || r.starts_with("counter")),
+        "{rules:?}"
+    );
 }

@@ -362,3 +362,55 @@ fn an_interrupted_validation_writes_what_finished_and_a_failed_run_erases_nothin
     assert_eq!(output.status.code(), Some(1));
     assert_eq!(std::fs::read_to_string(&csv).unwrap(), "the previous samples");
 }
+
+/// The arms race as `validate` stages it: evasions are a dimension of the matrix, cells a
+/// KVM cannot run are refused by name (TSC moves and TSC scaling here), and the report has
+/// the detector × evasion table, in JSON and as text.
+#[test]
+fn validate_stages_evasions_and_reports_which_each_rule_sees_through() {
+    let Some(_vm) = vm_test() else { return };
+    let dir = Scratch::new("arms");
+    let config = dir.path("arms.json");
+    std::fs::write(
+        &config,
+        r#"{"description": "arms race, small", "repeats": 2, "iterations": 100, "warmup": 5, "vcpus": 2,
+  "modes": ["trap-emulate:io-patch"], "shaping": ["inject-ns:200000", "profile:hyperv-root"],
+  "evasions": ["none", "pause-counter", "tsc-khz:1000000"]}"#,
+    )
+    .unwrap();
+    let out = dir.path("report.json");
+    let output = validate(&["--config", &config, "-o", &out]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(text.contains("detector × what the cells stage"), "{text}");
+    let report = read(&out);
+    assert_eq!(report["matrix"]["vcpus"], 2);
+    let cells = report["cells"].as_array().unwrap();
+    assert_eq!(cells.len(), 6);
+    let refused = |shaping: &str, evasion: &str| {
+        let cell = cells
+            .iter()
+            .find(|c| c["shaping"] == shaping && c["evasion"] == evasion)
+            .unwrap_or_else(|| panic!("no cell {shaping} {evasion}"));
+        cell["refused"].as_str().map(str::to_owned)
+    };
+    assert!(refused("inject-ns:200000", "tsc-khz:1000000")
+        .unwrap()
+        .contains("KVM_CAP_TSC_CONTROL"));
+    // The root partition is a host: its cells are native, and refused here (TSC moves).
+    let root = cells.iter().find(|c| c["shaping"] == "profile:hyperv-root").unwrap();
+    assert_eq!(root["truth"], "native");
+    assert!(refused("profile:hyperv-root", "none").unwrap().contains("TSC moves"));
+    assert_eq!(refused("inject-ns:200000", "pause-counter"), None);
+    let race = &report["arms_race"];
+    let columns: Vec<&str> = race["columns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["arms"].as_str().unwrap())
+        .collect();
+    assert_eq!(columns, ["inject-ns:200000", "inject-ns:200000+pause-counter"]);
+    // Pausing the counter is what counter-stall is there for; TIMER sees the spin unpaused.
+    assert_eq!(race["rules"]["counter-stall"][1], 1.0, "{race}");
+    assert_eq!(race["rules"]["vmaware-timer-2.7"][0], 1.0, "{race}");
+}

@@ -256,7 +256,18 @@ struct TwoVcpuRun {
 
 fn two_vcpu_io_patch_run(extra: &[&str]) -> TwoVcpuRun {
     let mut args = vec![
-        "run", "--json", "--vcpus", "2", "-n", "200", "--warmup", "10", "--mode", "trap-emulate", "--trap", "io-patch",
+        "run",
+        "--json",
+        "--vcpus",
+        "2",
+        "-n",
+        "200",
+        "--warmup",
+        "10",
+        "--mode",
+        "trap-emulate",
+        "--trap",
+        "io-patch",
     ];
     args.extend_from_slice(extra);
     let report = json_run(&args);
@@ -270,7 +281,10 @@ fn two_vcpu_io_patch_run(extra: &[&str]) -> TwoVcpuRun {
 }
 
 fn verdict(run: &TwoVcpuRun, rule: &str) -> String {
-    common::verdict_of(&run.report, rule)["verdict"].as_str().unwrap().to_string()
+    common::verdict_of(&run.report, rule)["verdict"]
+        .as_str()
+        .unwrap()
+        .to_string()
 }
 
 const TWO_VCPU_RUNS: usize = 3;
@@ -299,15 +313,28 @@ fn two_vcpus_hide_shows_across_vcpus_and_a_paused_counter_shows_as_a_stall() {
     }
     let majority = |runs: &[TwoVcpuRun], rule: &str, expected: &str| {
         let agreeing = runs.iter().filter(|run| verdict(run, rule) == expected).count();
-        assert!(agreeing * 2 > runs.len(), "{rule} said {expected} in {agreeing} of {} runs", runs.len());
+        assert!(
+            agreeing * 2 > runs.len(),
+            "{rule} said {expected} in {agreeing} of {} runs",
+            runs.len()
+        );
     };
     // The counter's agreement with the TSC wanders in QEMU (0.65-1.4 plain): judged by
     // the majority of runs, as the clock rules are.
     majority(&plain, "counter-stall", "native");
     for run in &hidden {
         assert_eq!(verdict(run, "cross-vcpu-tsc"), "virtual", "{}", run.report["verdicts"]);
-        assert_eq!(verdict(run, "tsc-monotonic"), "native", "a TSC ran backwards: {}", run.report["verdicts"]);
-        assert_ne!(verdict(run, "vmaware-timer-2.7"), "native", "hiding the TSC fooled TIMER");
+        assert_eq!(
+            verdict(run, "tsc-monotonic"),
+            "native",
+            "a TSC ran backwards: {}",
+            run.report["verdicts"]
+        );
+        assert_ne!(
+            verdict(run, "vmaware-timer-2.7"),
+            "native",
+            "hiding the TSC fooled TIMER"
+        );
     }
     for run in &paused {
         assert_eq!(verdict(run, "fixed-threshold"), "virtual");
@@ -332,8 +359,14 @@ fn two_vcpus_hide_shows_across_vcpus_and_a_paused_counter_shows_as_a_stall() {
     });
     assert!(achieved < 0.9, "hide kept {achieved} of the unhidden CPUID cost");
     // The counter saw the time the TSC lost.
-    assert!(agree_hidden > agree_plain * 1.25, "agreement {agree_plain} -> {agree_hidden}");
+    assert!(
+        agree_hidden > agree_plain * 1.25,
+        "agreement {agree_plain} -> {agree_hidden}"
+    );
     // The pause lengthens the exit on the TSC while the counter stands still.
     let agree_paused = med(&paused, |r| r.agreement);
-    assert!(agree_paused < agree_plain / 2.0, "agreement {agree_plain} -> paused {agree_paused}");
+    assert!(
+        agree_paused < agree_plain / 2.0,
+        "agreement {agree_plain} -> paused {agree_paused}"
+    );
 }

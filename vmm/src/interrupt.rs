@@ -1,13 +1,18 @@
 //! SIGINT and SIGTERM during long work (`validate`, `compare`, `calibrate`): the handler
 //! only records the signal; the command stops after the run in progress, reports what
-//! finished (marked partial) and exits 128 + the signal, as a shell expects.
+//! finished (marked partial) and exits 128 + the signal, as a shell expects. A second
+//! signal ends the process at once, with the same status.
 
 use std::sync::atomic::{AtomicI32, Ordering};
 
 static CAUGHT: AtomicI32 = AtomicI32::new(0);
 
 extern "C" fn record(signal: libc::c_int) {
-    CAUGHT.store(signal, Ordering::Relaxed);
+    // A second signal means "now": the run in progress may be what is stuck.
+    if CAUGHT.swap(signal, Ordering::Relaxed) != 0 {
+        // SAFETY: _exit is async-signal-safe.
+        unsafe { libc::_exit(128 + signal) };
+    }
 }
 
 /// From now on SIGINT and SIGTERM are recorded instead of ending the process. A signal

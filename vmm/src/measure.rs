@@ -36,7 +36,9 @@ pub enum MeasureError {
     Evasion(#[from] crate::shaping::evasion::EvasionError),
     #[error("probe {0} reads the counter vCPU: add --vcpus 2")]
     ProbeNeedsCounter(&'static str),
-    #[error("the payload {payload} ({name}) reads the counter vCPU's clock (it declares VMM_CAP_COUNTER): add --vcpus 2")]
+    #[error(
+        "the payload {payload} ({name}) reads the counter vCPU's clock (it declares VMM_CAP_COUNTER): add --vcpus 2"
+    )]
     PayloadNeedsCounter { payload: String, name: String },
     #[error("iterations must be between 1 and {MAX_ITERATIONS}, not {0}")]
     Iterations(u64),

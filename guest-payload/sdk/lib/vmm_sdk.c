@@ -28,10 +28,10 @@ static unsigned bits(uint32_t mask) {
     return n;
 }
 
-/* Bytes per sample of one probe: a TSC sample, and with a counter room for its tick
- * count too (as the VMM's Config::result_bytes_needed counts it). */
+/* Bytes per sample of one probe: a TSC sample, and room for its tick count too where the
+ * payload reports ticks (result->ticks set; the VMM counts them only then). */
 static uint64_t bytes_per_sample(const struct vmm_run *run) {
-    return (run->config->counter_addr != 0 ? 2 : 1) * sizeof(int64_t);
+    return (run->result->ticks != 0 ? 2 : 1) * sizeof(int64_t);
 }
 
 static uint64_t sample_bytes(const struct vmm_run *run, uint32_t probes, uint32_t iterations) {

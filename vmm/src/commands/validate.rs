@@ -11,7 +11,7 @@ use crate::output::Output;
 use crate::report::plot;
 use crate::validation::gate::{self, Requirement};
 use crate::validation::report::{CellSpec, Failure, HostIdentity, HostRecord, Refusal, RunRecord, ValidationInputs};
-use crate::validation::{ground_truth, merge, render_markdown, render_table, MatrixConfig, Shard, ValidationReport};
+use crate::validation::{merge, render_markdown, render_table, MatrixConfig, Shard, ValidationReport};
 
 /// The report's outputs, prepared before anything runs so a bad path costs no run, and
 /// put in place only once written whole (the previous ones stay until then).
@@ -121,9 +121,12 @@ pub fn validate(args: &ValidateArgs) -> Result<(), CommandError> {
             iterations: config.iterations,
             warmup: config.warmup,
             busy: usize::from(cell.busy),
+            counter: config.vcpus == 2,
+            evasions: cell.evasions,
+            probes: crate::measure::default_probes(config.vcpus == 2),
             ..RunSpec::new(cell.path)
         };
-        let truth = ground_truth(cell.path.mode(), host.nested);
+        let truth = cell.truth(host.nested);
         let mine: Vec<u32> = (0..repeats).filter(|&r| shard.takes(job(index, r))).collect();
         for (nth, &repeat) in mine.iter().enumerate() {
             if crate::interrupt::caught().is_some() {
@@ -186,6 +189,8 @@ pub fn validate(args: &ValidateArgs) -> Result<(), CommandError> {
                 mode: c.path.to_string(),
                 shaping: c.shaping_label.clone(),
                 busy: c.busy,
+                evasion: c.evasion_label.clone(),
+                truth_host: c.truth_host,
             })
             .collect(),
         matrix: config,

@@ -264,7 +264,9 @@ pub fn vmaware_timer_main(evidence: &Evidence) -> RuleVerdict {
 /// [`guest_payload::counter::RATE_CYCLES`] of a register-only loop before any probe, with no exit in it).
 pub fn cycles_per_tick(rate: Option<(u64, u64)>) -> Option<f64> {
     match rate {
-        Some((cycles, ticks)) if cycles > 0 && ticks > 0 => Some(((cycles as f64 / ticks as f64) * 10.0).round() / 10.0),
+        Some((cycles, ticks)) if cycles > 0 && ticks > 0 => {
+            Some(((cycles as f64 / ticks as f64) * 10.0).round() / 10.0)
+        }
         _ => None,
     }
 }
@@ -274,8 +276,8 @@ pub fn cycles_per_tick(rate: Option<(u64, u64)>) -> Option<f64> {
 /// agree, far above where the TSC lost time over CPUID (hidden), far below where the
 /// counter stood still (paused).
 fn counter_agreement(evidence: &Evidence) -> Result<(f64, f64), String> {
-    let cycles_per_tick = cycles_per_tick(evidence.counter_rate)
-        .ok_or("the counter's rate is unknown: the run has no rate window")?;
+    let cycles_per_tick =
+        cycles_per_tick(evidence.counter_rate).ok_or("the counter's rate is unknown: the run has no rate window")?;
     let (Some(samples), Some(ticks)) = (evidence.samples.get(&Probe::Cpuid), evidence.ticks.get(&Probe::Cpuid)) else {
         return Err("no CPUID samples with counter ticks".into());
     };

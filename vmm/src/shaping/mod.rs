@@ -297,6 +297,7 @@ mod tests {
             distribution: profile::Distribution::Empirical {
                 cycles: vec![1_000, 2_000, 3_000],
             },
+            ground_truth: None,
         };
         let mut vcpu = SimVcpu::new();
         let mut shaper = Shaper::new(

@@ -25,6 +25,18 @@ pub struct Profile {
     /// Where the figures come from.
     pub sources: Vec<String>,
     pub distribution: Distribution,
+    /// `host` where the profile stages a real host whose CPUID exits anyway (a Hyper-V
+    /// root partition): `validate` then counts its cells as native, so a rule that calls
+    /// them virtual has a false positive. Absent: a VM, as every shaped cell.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ground_truth: Option<GroundTruth>,
+}
+
+/// What a profile's runs truly are, where that is not "a VM".
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum GroundTruth {
+    Host,
 }
 
 /// Guest-visible CPUID cost, in TSC cycles.

@@ -4,6 +4,7 @@
 use super::ValidationError;
 use crate::detector::Verdict;
 use crate::modes::{Mode, Path as CpuidPath};
+use crate::shaping::evasion::Evasions;
 use crate::shaping::profile::Profile;
 use crate::shaping::{plan, Shaping};
 use serde::{Deserialize, Serialize};
@@ -30,6 +31,14 @@ pub struct MatrixConfig {
     /// Host threads burning CPU, one cell per value.
     #[serde(default = "default_busy")]
     pub busy: Vec<u16>,
+    /// vCPUs of every run: 2 adds the counter vCPU (and its clock rules).
+    #[serde(default = "default_vcpus")]
+    pub vcpus: u8,
+    /// Evasions, one cell per value: `none`, or evasions joined with `+`
+    /// (`pause-counter`, `shared-offset`, `tsc-khz:N`; `vmm run --evade`). Like shaping,
+    /// only for trap-emulate and paravirt cells.
+    #[serde(default = "default_evasions")]
+    pub evasions: Vec<String>,
     /// What the validation must show to pass, as `RULE:METRIC OP VALUE` (e.g.
     /// `robust:tpr>=0.99`); `--require` adds more.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -45,6 +54,12 @@ fn default_shaping() -> Vec<String> {
 fn default_busy() -> Vec<u16> {
     vec![0]
 }
+fn default_vcpus() -> u8 {
+    1
+}
+fn default_evasions() -> Vec<String> {
+    vec!["none".into()]
+}
 
 /// One cell of the matrix.
 #[derive(Clone, Debug, PartialEq)]
@@ -53,12 +68,33 @@ pub struct Cell {
     pub shaping_label: String,
     pub shaping: Shaping,
     pub busy: u16,
+    pub evasion_label: String,
+    pub evasions: Evasions,
+    /// The shaping stages a real host (a profile whose ground truth is `host`).
+    pub truth_host: bool,
 }
 
 impl Cell {
     pub fn label(&self) -> String {
-        format!("{} | {} | busy {}", self.path, self.shaping_label, self.busy)
+        let evasion = match self.evasion_label.as_str() {
+            "none" => String::new(),
+            label => format!(" | evade {label}"),
+        };
+        format!("{} | {}{evasion} | busy {}", self.path, self.shaping_label, self.busy)
     }
+
+    /// What the cell's runs truly are.
+    pub fn truth(&self, host_is_vm: bool) -> Verdict {
+        if self.truth_host {
+            Verdict::Native
+        } else {
+            ground_truth(self.path.mode(), host_is_vm)
+        }
+    }
+}
+
+fn parse_evasions(text: &str) -> Result<Evasions, crate::shaping::evasion::EvasionError> {
+    Evasions::parse(text.split('+'))
 }
 
 fn parse_shaping(text: &str, tsc_khz: u32) -> Result<Option<Shaping>, crate::shaping::profile::ProfileError> {
@@ -119,8 +155,20 @@ impl MatrixConfig {
             u64::from(crate::limits::MAX_ITERATIONS),
         )
         .map_err(invalid)?;
-        if config.modes.is_empty() || config.shaping.is_empty() || config.busy.is_empty() {
-            return Err(invalid("modes, shaping and busy each need at least one value".into()));
+        if config.modes.is_empty() || config.shaping.is_empty() || config.busy.is_empty() || config.evasions.is_empty()
+        {
+            return Err(invalid(
+                "modes, shaping, busy and evasions each need at least one value".into(),
+            ));
+        }
+        check_range("vcpus", u64::from(config.vcpus), 1, 2).map_err(invalid)?;
+        if let Some((text, Err(why))) = config
+            .evasions
+            .iter()
+            .map(|e| (e, parse_evasions(e)))
+            .find(|(_, e)| e.is_err())
+        {
+            return Err(invalid(format!("evasion `{text}`: {why}")));
         }
         if let Some(Err(why)) = config.modes.iter().map(|m| m.parse::<CpuidPath>()).find(Result::is_err) {
             return Err(invalid(why));
@@ -133,7 +181,8 @@ impl MatrixConfig {
         }
         let cells = (config.modes.len() as u64)
             .saturating_mul(config.shaping.len() as u64)
-            .saturating_mul(config.busy.len() as u64);
+            .saturating_mul(config.busy.len() as u64)
+            .saturating_mul(config.evasions.len() as u64);
         let jobs = cells.saturating_mul(u64::from(config.repeats));
         if jobs > crate::limits::MAX_JOBS {
             return Err(invalid(format!(
@@ -167,13 +216,27 @@ impl MatrixConfig {
                 if shaping != Shaping::None && !cpuid_path.vmm_handles_cpuid() {
                     continue;
                 }
-                for &busy in &self.busy {
-                    cells.push(Cell {
-                        path: cpuid_path,
-                        shaping_label: shaping_text.clone(),
-                        shaping: shaping.clone(),
-                        busy,
-                    });
+                let truth_host = matches!(&shaping, Shaping::Profile { profile, .. }
+                    if profile.ground_truth == Some(crate::shaping::profile::GroundTruth::Host));
+                for evasion_text in &self.evasions {
+                    let evasions = parse_evasions(evasion_text).map_err(|why| ValidationError::Invalid {
+                        path: path.to_owned(),
+                        why: format!("evasion `{evasion_text}`: {why}"),
+                    })?;
+                    if !evasions.is_none() && !cpuid_path.vmm_handles_cpuid() {
+                        continue;
+                    }
+                    for &busy in &self.busy {
+                        cells.push(Cell {
+                            path: cpuid_path,
+                            shaping_label: shaping_text.clone(),
+                            shaping: shaping.clone(),
+                            busy,
+                            evasion_label: evasions.name(),
+                            evasions,
+                            truth_host,
+                        });
+                    }
                 }
             }
         }
@@ -312,6 +375,41 @@ mod tests {
             .filter(|c| c.path == CpuidPath::Native)
             .all(|c| c.shaping == Shaping::None));
         assert!(cells.iter().any(|c| c.shaping == Shaping::Inject { cycles: 2_000 }));
+    }
+
+    #[test]
+    fn evasions_expand_only_for_vmm_handled_modes_and_a_root_partition_is_a_host() {
+        let c = config(
+            r#"{"description":"t","repeats":1,"iterations":10,"vcpus":2,"modes":["native","paravirt"],"shaping":["none","profile:hyperv-root"],"evasions":["none","pause-counter","hide-and-seek"]}"#,
+        );
+        assert!(matches!(c, Err(ValidationError::Invalid { why, .. }) if why.contains("hide-and-seek")));
+        let c = config(r#"{"description":"t","repeats":1,"iterations":10,"vcpus":2,"modes":["native","paravirt"],"shaping":["none","profile:hyperv-root"],"evasions":["none","pause-counter+shared-offset"]}"#).unwrap();
+        let cells = c.cells(2_000_000, Path::new("t.json")).unwrap();
+        // native: none × none; paravirt: 2 shapings × 2 evasions.
+        assert_eq!(cells.len(), 1 + 4);
+        assert!(cells
+            .iter()
+            .filter(|c| c.path == CpuidPath::Native)
+            .all(|c| c.evasions.is_none()));
+        let root: Vec<_> = cells
+            .iter()
+            .filter(|c| c.shaping_label == "profile:hyperv-root")
+            .collect();
+        assert_eq!(root.len(), 2);
+        assert!(root.iter().all(|c| c.truth(true) == Verdict::Native && c.truth_host));
+        let paused = cells.iter().find(|c| c.evasions.pause_counter).unwrap();
+        assert_eq!(paused.evasion_label, "pause-counter+shared-offset");
+        assert!(paused.label().contains("evade pause-counter+shared-offset"));
+        assert_eq!(paused.truth(false), Verdict::Virtual);
+        for vcpus in ["0", "3"] {
+            let bad = config(&format!(
+                r#"{{"description":"t","repeats":1,"iterations":10,"vcpus":{vcpus},"modes":["native"]}}"#
+            ));
+            assert!(
+                matches!(bad, Err(ValidationError::Invalid { why, .. }) if why.contains("vcpus")),
+                "{vcpus}"
+            );
+        }
     }
 
     #[test]

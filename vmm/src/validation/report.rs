@@ -179,6 +179,27 @@ pub struct CellSpec {
     pub mode: String,
     pub shaping: String,
     pub busy: u16,
+    /// `none`, or the evasions joined with `+`.
+    #[serde(default = "no_evasion")]
+    pub evasion: String,
+    /// The cell stages a real host (a root-partition profile): its truth is native.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub truth_host: bool,
+}
+
+fn no_evasion() -> String {
+    "none".into()
+}
+
+impl CellSpec {
+    /// What the cell stages against the detectors: its shaping and its evasions.
+    pub fn arms(&self) -> String {
+        match self.evasion.as_str() {
+            "none" => self.shaping.clone(),
+            evasion if self.shaping == "none" => evasion.to_string(),
+            evasion => format!("{}+{evasion}", self.shaping),
+        }
+    }
 }
 
 /// What a validation measured: the part of a report that `vmm merge` reads and adds up.
@@ -244,6 +265,8 @@ pub struct CellResult {
     pub mode: String,
     pub shaping: String,
     pub busy: u16,
+    #[serde(default = "no_evasion")]
+    pub evasion: String,
     pub truth: Verdict,
     pub runs: u32,
     /// Why no host could run the cell (e.g. TSC moves not honoured).
@@ -340,7 +363,95 @@ pub struct ValidationReport {
     /// Per rule, over every run of every host.
     pub confusion: BTreeMap<String, Confusion>,
     pub per_host: Vec<HostConfusion>,
+    /// Detector × evasion: which of what the cells stage each rule sees through.
+    pub arms_race: ArmsRace,
     pub requirements: Vec<RequirementResult>,
+}
+
+/// What a group of cells stages against the detectors (shaping and evasions, every path
+/// and busyness together), and what those runs truly are.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ArmsColumn {
+    pub arms: String,
+    pub truth: Verdict,
+    pub runs: u32,
+}
+
+/// Per rule and column, the share of the column's runs the rule flagged virtual: on a
+/// virtual column, how often it sees through (TPR); on a native one (a real host, a
+/// root partition), how often it cries wolf (FPR).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct ArmsRace {
+    pub columns: Vec<ArmsColumn>,
+    pub rules: BTreeMap<String, Vec<Option<f64>>>,
+}
+
+fn arms_race(inputs: &ValidationInputs) -> ArmsRace {
+    let mut columns: Vec<ArmsColumn> = Vec::new();
+    let mut flagged: BTreeMap<String, BTreeMap<usize, (u32, u32)>> = BTreeMap::new();
+    for run in &inputs.runs {
+        let Some(cell) = inputs.matrix_cells.get(run.cell) else {
+            continue;
+        };
+        let arms = cell.arms();
+        let column = match columns.iter().position(|c| c.arms == arms && c.truth == run.truth) {
+            Some(i) => i,
+            None => {
+                columns.push(ArmsColumn {
+                    arms,
+                    truth: run.truth,
+                    runs: 0,
+                });
+                columns.len() - 1
+            }
+        };
+        columns[column].runs += 1;
+        for v in &run.verdicts {
+            let entry = flagged.entry(v.rule.clone()).or_default().entry(column).or_default();
+            entry.0 += u32::from(v.verdict == Verdict::Virtual);
+            entry.1 += 1;
+        }
+    }
+    let rules = flagged
+        .into_iter()
+        .map(|(rule, by_column)| {
+            let rates = (0..columns.len())
+                .map(|c| by_column.get(&c).map(|&(v, n)| f64::from(v) / f64::from(n.max(1))))
+                .collect();
+            (rule, rates)
+        })
+        .collect();
+    ArmsRace { columns, rules }
+}
+
+fn arms_race_table(out: &mut String, report: &ValidationReport, rules: &[&'static str]) {
+    let race = &report.arms_race;
+    if race.columns.len() < 2 {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "
+detector × what the cells stage: share flagged virtual (sees: caught a VM; fooled: called a VM native or unsure; false+: called a host a VM):"
+    );
+    let _ = write!(out, "{:<19}", "rule");
+    for column in &race.columns {
+        let _ = write!(out, " {:>22}", format!("{} [{}]", column.arms, column.truth.name()));
+    }
+    let _ = writeln!(out);
+    for rule in rules {
+        let Some(rates) = race.rules.get(*rule) else { continue };
+        let _ = write!(out, "{rule:<19}");
+        for (column, rate) in race.columns.iter().zip(rates) {
+            let text = match (rate, column.truth) {
+                (None, _) => "-".to_string(),
+                (Some(r), Verdict::Virtual) => format!("{r:.2} {}", if *r >= 0.5 { "sees" } else { "fooled" }),
+                (Some(r), _) => format!("{r:.2} {}", if *r >= 0.5 { "false+" } else { "ok" }),
+            };
+            let _ = write!(out, " {text:>22}");
+        }
+        let _ = writeln!(out);
+    }
 }
 
 impl ValidationReport {
@@ -358,6 +469,7 @@ impl ValidationReport {
             .collect();
         let coverage = coverage(&inputs);
         let matrix_coverage = matrix_coverage(&inputs);
+        let arms_race = arms_race(&inputs);
         let mut unparsed = Vec::new();
         let mut parsed = Vec::new();
         for text in &inputs.matrix.requirements {
@@ -388,6 +500,7 @@ impl ValidationReport {
             cells,
             confusion,
             per_host,
+            arms_race,
             requirements,
             inputs,
         }
@@ -433,6 +546,9 @@ fn confusion_of<'a>(runs: impl Iterator<Item = &'a RunRecord>) -> BTreeMap<Strin
 }
 
 fn cell_truth(spec: &CellSpec, host: Option<&HostRecord>) -> Verdict {
+    if spec.truth_host {
+        return Verdict::Native;
+    }
     let mode = spec
         .mode
         .parse::<CpuidPath>()
@@ -456,6 +572,7 @@ fn cell_results(inputs: &ValidationInputs) -> Vec<CellResult> {
                 mode: spec.mode.clone(),
                 shaping: spec.shaping.clone(),
                 busy: spec.busy,
+                evasion: spec.evasion.clone(),
                 truth,
                 runs: 0,
                 refused: refusal.map(|r| r.why.clone()),
@@ -503,6 +620,7 @@ fn cell_result(spec: &CellSpec, truth: Verdict, runs: &[&RunRecord], failed_runs
         mode: spec.mode.clone(),
         shaping: spec.shaping.clone(),
         busy: spec.busy,
+        evasion: spec.evasion.clone(),
         truth,
         runs: runs.len() as u32,
         refused: None,
@@ -712,20 +830,33 @@ pub fn render_table(report: &ValidationReport) -> String {
     }
     let columns = columns(report);
     let _ = writeln!(out, "\nshare of runs flagged virtual, per cell (truth in brackets):");
-    let _ = write!(out, "{:<66}", "cell");
+    let label_of = |cell: &CellResult| {
+        let evasion = match cell.evasion.as_str() {
+            "none" => String::new(),
+            evasion => format!(" | evade {evasion}"),
+        };
+        format!(
+            "{} | {}{evasion} | busy {} [{}]",
+            cell.mode,
+            cell.shaping,
+            cell.busy,
+            cell.truth.name()
+        )
+    };
+    let width = report
+        .cells
+        .iter()
+        .map(|c| label_of(c).len())
+        .max()
+        .unwrap_or(0)
+        .max(66);
+    let _ = write!(out, "{:<width$}", "cell");
     for rule in &columns {
         let _ = write!(out, " {:>9}", short(rule));
     }
     let _ = writeln!(out);
     for cell in &report.cells {
-        let label = format!(
-            "{} | {} | busy {} [{}]",
-            cell.mode,
-            cell.shaping,
-            cell.busy,
-            cell.truth.name()
-        );
-        let _ = write!(out, "{label:<66}");
+        let _ = write!(out, "{:<width$}", label_of(cell));
         match &cell.refused {
             Some(why) => {
                 let _ = writeln!(out, " refused: {}", headline(why));
@@ -738,6 +869,7 @@ pub fn render_table(report: &ValidationReport) -> String {
             }
         }
     }
+    arms_race_table(&mut out, report, &columns);
     for failure in &inputs.failures {
         let cell = &inputs.matrix_cells[failure.cell.min(inputs.matrix_cells.len().saturating_sub(1))];
         let _ = writeln!(

@@ -583,9 +583,17 @@ pub fn parse_results(
     if header.probes & !guest_payload::Probe::ALL.iter().fold(0, |all, p| all | p.bit()) != 0 {
         return Err(VmError::BadResults("the guest reported a probe this VMM does not know"));
     }
+    // Tick counts follow the samples only where the guest says so (a payload of its own
+    // may run with a counter and report TSC samples alone).
+    if header.ticks != 0 && config.counter_addr == 0 {
+        return Err(VmError::BadResults(
+            "the guest reported counter ticks and the run has no counter",
+        ));
+    }
     let reported = Config {
         probes: header.probes,
         iterations: header.iterations,
+        counter_addr: if header.ticks != 0 { config.counter_addr } else { 0 },
         ..*config
     };
     if reported.result_bytes_needed() > config.result_capacity {
@@ -607,11 +615,6 @@ pub fn parse_results(
             .ok_or(VmError::BadResults("a probe without samples"))?;
         results.samples.insert(probe, read_samples(offset)?);
         if let Some(offset) = header.tick_offset(probe) {
-            if config.counter_addr == 0 {
-                return Err(VmError::BadResults(
-                    "the guest reported counter ticks and the run has no counter",
-                ));
-            }
             results.ticks.insert(probe, read_samples(offset)?);
         }
     }
