@@ -310,3 +310,36 @@ fn the_payload_verdict_is_scored_by_compare_and_validate() {
     }
     std::fs::remove_file(&config).ok();
 }
+
+/// VMAware v2.7.0's TIMER, written with the SDK, counts in ticks of the counter vCPU: it
+/// declares VMM_CAP_COUNTER, is refused without `--vcpus 2`, and with it runs in a guest
+/// and natively (its twin starts a counter thread running the very same loop).
+#[test]
+fn vmaware_timer_2_7_needs_the_counter_and_runs_with_it_in_a_guest_and_natively() {
+    let Some(_vm) = vm_test() else { return };
+    let elf = build_example("vmaware-timer-2.7");
+    let payload = elf.to_str().unwrap();
+    for mode in ["native", "hw-assist"] {
+        let output = vmm(&["run", "--mode", mode, "--payload", payload, "-n", "10"]);
+        assert_eq!(output.status.code(), Some(1), "{mode}");
+        assert!(stderr(&output).contains("add --vcpus 2"), "{mode}: {}", stderr(&output));
+    }
+    let inspect = String::from_utf8_lossy(&vmm(&["inspect", payload]).stdout).into_owned();
+    assert!(inspect.contains("counter"), "{inspect}");
+    let twin = std::fs::read(elf.with_extension("native")).unwrap();
+    let loop_code = guest_payload::counter::LOOP_CODE;
+    assert!(twin.windows(loop_code.len()).any(|w| w == loop_code), "the twin's counter loop is not LOOP_CODE");
+    for mode in ["native", "hw-assist"] {
+        let report = json_run(&["run", "--mode", mode, "--vcpus", "2", "--payload", payload, "-n", "10", "--json"]);
+        let verdict = verdict_of(&report, "payload");
+        let why = verdict["why"].as_str().unwrap();
+        assert!(why.contains("TIMER 2.7.0"), "{mode}: {why}");
+        if verdict["verdict"] != "unsure" {
+            // Its pairs: TIMER's batch, every tick delta at least one.
+            let (cpuid, lfence) = (&report["probes"]["cpuid"], &report["probes"]["lfence8"]);
+            assert_eq!(cpuid["count"], lfence["count"], "{mode}");
+            assert!(cpuid["count"].as_u64().unwrap() >= 30_000, "{mode}: {cpuid}");
+            assert!(cpuid["min"].as_i64().unwrap() >= 1 && lfence["min"].as_i64().unwrap() >= 1, "{mode}");
+        }
+    }
+}

@@ -183,6 +183,11 @@ pub mod counter {
     /// it gives up with [`super::Status::CounterStalled`]: a stopped counter vCPU must not
     /// hang the measuring one. (VMAware's own loops wait forever.)
     pub const MAX_POLLS: u64 = 1 << 24;
+    /// TSC cycles the built-in timing core waits for the counter (or a stamp) before it
+    /// gives up with [`super::Status::CounterStalled`] (~3.5 s at 2.4 GHz): natively a
+    /// poll takes a nanosecond, and [`MAX_POLLS`] is shorter than a busy host's scheduler
+    /// can keep the counter thread waiting.
+    pub const MAX_WAIT_CYCLES: u64 = 1 << 33;
     /// The counter's rate window: before any probe, with no exit in it, the guest reads
     /// the counter and the TSC, runs a register-only loop for at least this many TSC
     /// cycles and reads both again ([`super::ResultHeader::rate_cycles`]). Nothing shared
@@ -252,8 +257,8 @@ pub enum Status {
     BadConfig = 4,
     /// A probe needs the counter vCPU and the config names none (`counter_addr` is 0).
     NoCounter = 5,
-    /// The counter vCPU stopped counting (or answering stamps) for
-    /// [`counter::MAX_POLLS`] polls.
+    /// The counter vCPU stopped counting (or answering stamps) for [`counter::MAX_POLLS`]
+    /// polls (the built-in timing core: and [`counter::MAX_WAIT_CYCLES`]).
     CounterStalled = 6,
 }
 

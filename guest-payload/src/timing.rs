@@ -366,7 +366,8 @@ pub struct Request {
 pub enum MeasureError {
     /// The probe reads the counter and the request names none.
     NoCounter,
-    /// The counter did not move (or answer a stamp) for [`counter::MAX_POLLS`] polls.
+    /// The counter did not move (or answer a stamp) for [`counter::MAX_POLLS`] polls and
+    /// [`counter::MAX_WAIT_CYCLES`].
     CounterStalled,
 }
 
@@ -387,12 +388,25 @@ fn read_counter(block: *const CounterBlock) -> u64 {
 /// does, but not for ever.
 fn wait_for_tick(block: *const CounterBlock) -> Result<(), MeasureError> {
     let start = read_counter(block);
-    for _ in 0..counter::MAX_POLLS {
-        if read_counter(block) != start {
-            return Ok(());
+    wait_until(|| read_counter(block) != start)
+}
+
+/// Polls `done` until it says so, giving up after [`counter::MAX_POLLS`] polls and at
+/// least [`counter::MAX_WAIT_CYCLES`] of the TSC (looked at once every 1024 polls).
+fn wait_until(mut done: impl FnMut() -> bool) -> Result<(), MeasureError> {
+    let started = read_tsc();
+    let mut polls = 0u64;
+    loop {
+        for _ in 0..1024 {
+            if done() {
+                return Ok(());
+            }
+        }
+        polls += 1024;
+        if polls >= counter::MAX_POLLS && read_tsc().wrapping_sub(started) >= counter::MAX_WAIT_CYCLES {
+            return Err(MeasureError::CounterStalled);
         }
     }
-    Err(MeasureError::CounterStalled)
 }
 
 /// One cross-vCPU sample: asks the counter vCPU for its TSC and subtracts it from this
@@ -403,14 +417,10 @@ fn cross_tsc_sample(block: *mut CounterBlock) -> Result<Cycles, MeasureError> {
     // volatile reads and writes, by this CPU and the counter's.
     unsafe {
         core::ptr::write_volatile(&raw mut (*block).stamp_request, counter::STAMP_REQUESTED);
-        for _ in 0..counter::MAX_POLLS {
-            if core::ptr::read_volatile(&raw const (*block).stamp_request) == 0 {
-                let stamp = core::ptr::read_volatile(&raw const (*block).stamp);
-                return Ok(read_tsc().wrapping_sub(stamp) as Cycles);
-            }
-        }
+        wait_until(|| core::ptr::read_volatile(&raw const (*block).stamp_request) == 0)?;
+        let stamp = core::ptr::read_volatile(&raw const (*block).stamp);
+        Ok(read_tsc().wrapping_sub(stamp) as Cycles)
     }
-    Err(MeasureError::CounterStalled)
 }
 
 /// Times `probe` `out.len()` times after the probe's warm-up; each sample is in TSC
