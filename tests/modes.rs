@@ -114,7 +114,7 @@ fn snapshot_queries_are_counted_apart_from_the_timed_cpuids() {
 #[test]
 fn only_the_patching_traps_leave_a_trace_in_the_guests_code() {
     let Some(_vm) = vm_test() else { return };
-    let cpuid = serde_json::json!([[0x0f, 0xa2], [0x0f, 0xa2], [0x0f, 0xa2]]);
+    let cpuid = serde_json::json!([[0x0f, 0xa2], [0x0f, 0xa2], [0x0f, 0xa2], [0x0f, 0xa2]]);
     for mode in [
         &["--mode", "native"][..],
         &["--mode", "hw-assist"],
@@ -123,12 +123,12 @@ fn only_the_patching_traps_leave_a_trace_in_the_guests_code() {
     ] {
         assert_eq!(run_mode(mode, &["-n", "10"])["cpuid_site_bytes"], cpuid, "{mode:?}");
     }
-    let patched = serde_json::json!([[0xcc, 0x90], [0xcc, 0x90], [0xcc, 0x90]]);
+    let patched = serde_json::json!([[0xcc, 0x90], [0xcc, 0x90], [0xcc, 0x90], [0xcc, 0x90]]);
     assert_eq!(run_mode(TRAP_EMULATE_INT3, &["-n", "10"])["cpuid_site_bytes"], patched);
     let io = run_mode(TRAP_EMULATE_IO, &["-n", "10"]);
     assert_eq!(
         io["cpuid_site_bytes"],
-        serde_json::json!([[0xe6, 0xf7], [0xe6, 0xf7], [0xe6, 0xf7]])
+        serde_json::json!([[0xe6, 0xf7], [0xe6, 0xf7], [0xe6, 0xf7], [0xe6, 0xf7]])
     );
     let integrity = io["verdicts"]
         .as_array()

@@ -328,9 +328,23 @@ fn vmaware_timer_2_7_needs_the_counter_and_runs_with_it_in_a_guest_and_natively(
     assert!(inspect.contains("counter"), "{inspect}");
     let twin = std::fs::read(elf.with_extension("native")).unwrap();
     let loop_code = guest_payload::counter::LOOP_CODE;
-    assert!(twin.windows(loop_code.len()).any(|w| w == loop_code), "the twin's counter loop is not LOOP_CODE");
+    assert!(
+        twin.windows(loop_code.len()).any(|w| w == loop_code),
+        "the twin's counter loop is not LOOP_CODE"
+    );
     for mode in ["native", "hw-assist"] {
-        let report = json_run(&["run", "--mode", mode, "--vcpus", "2", "--payload", payload, "-n", "10", "--json"]);
+        let report = json_run(&[
+            "run",
+            "--mode",
+            mode,
+            "--vcpus",
+            "2",
+            "--payload",
+            payload,
+            "-n",
+            "10",
+            "--json",
+        ]);
         let verdict = verdict_of(&report, "payload");
         let why = verdict["why"].as_str().unwrap();
         assert!(why.contains("TIMER 2.7.0"), "{mode}: {why}");
@@ -339,7 +353,10 @@ fn vmaware_timer_2_7_needs_the_counter_and_runs_with_it_in_a_guest_and_natively(
             let (cpuid, lfence) = (&report["probes"]["cpuid"], &report["probes"]["lfence8"]);
             assert_eq!(cpuid["count"], lfence["count"], "{mode}");
             assert!(cpuid["count"].as_u64().unwrap() >= 30_000, "{mode}: {cpuid}");
-            assert!(cpuid["min"].as_i64().unwrap() >= 1 && lfence["min"].as_i64().unwrap() >= 1, "{mode}");
+            assert!(
+                cpuid["min"].as_i64().unwrap() >= 1 && lfence["min"].as_i64().unwrap() >= 1,
+                "{mode}"
+            );
         }
     }
 }

@@ -5,9 +5,9 @@
 //! or to pause while vCPU 0's exit is handled (`--evade pause-counter`, as an evader
 //! pausing the counter thread with IPIs does).
 //!
-//! The pause is a handshake: vCPU 0's thread raises `pause`, kicks the counter thread
-//! (the watchdog's signal: KVM_RUN returns EINTR) until it says `paused`, handles its
-//! exit, and lowers `pause`. While paused the counter thread applies any TSC move vCPU 0
+//! The pause is a handshake: vCPU 0's thread numbers its request, raises `pause`, kicks
+//! the counter thread (the watchdog's signal: KVM_RUN returns EINTR) until it has
+//! acknowledged that very request, handles its exit, and lowers `pause`. While paused the counter thread applies any TSC move vCPU 0
 //! shared with it (`--evade shared-offset`), never more backwards than it was paused: its
 //! own clock never runs back.
 
@@ -86,9 +86,16 @@ impl CounterVcpu {
                 return Ok(());
             }
             if control.pause.load(Ordering::Acquire) {
+                // Acknowledge this very request (its number), and stand still until it is
+                // lifted or a newer one comes: a stale acknowledgement can never answer
+                // the next pause.
+                let request = control.requests.load(Ordering::Acquire);
                 let paused_at = guest_payload::timing::read_tsc();
-                control.paused.store(true, Ordering::Release);
-                while control.pause.load(Ordering::Acquire) && !control.stop.load(Ordering::Acquire) {
+                control.acknowledged.store(request, Ordering::Release);
+                while control.pause.load(Ordering::Acquire)
+                    && control.requests.load(Ordering::Acquire) == request
+                    && !control.stop.load(Ordering::Acquire)
+                {
                     std::hint::spin_loop();
                 }
                 let shared = control.shared_move.swap(0, Ordering::AcqRel);
@@ -104,7 +111,6 @@ impl CounterVcpu {
                     }
                 }
                 control.pauses.fetch_add(1, Ordering::Relaxed);
-                control.paused.store(false, Ordering::Release);
                 continue;
             }
             match Exit::from_kvm(self.fd.run()) {
@@ -121,7 +127,9 @@ impl CounterVcpu {
 pub struct CounterControl {
     stop: AtomicBool,
     pause: AtomicBool,
-    paused: AtomicBool,
+    /// Pause requests made, and the last one the counter thread stood still for.
+    requests: AtomicU64,
+    acknowledged: AtomicU64,
     started: AtomicBool,
     /// The counter thread's pthread_t, to kick.
     thread: AtomicU64,
@@ -150,15 +158,17 @@ impl CounterControl {
 
     /// Stops the counter vCPU and waits until it is out of the guest (vCPU 0's thread).
     pub fn pause(&self) -> Result<(), CounterError> {
+        let request = self.requests.fetch_add(1, Ordering::AcqRel) + 1;
         self.pause.store(true, Ordering::Release);
+        let paused = || self.acknowledged.load(Ordering::Acquire) == request;
         let start = Instant::now();
-        while !self.paused.load(Ordering::Acquire) {
+        while !paused() {
             if start.elapsed() > HANDSHAKE_LIMIT {
                 return Err(CounterError::NoPause);
             }
             self.kick();
             let kicked = Instant::now();
-            while !self.paused.load(Ordering::Acquire) && kicked.elapsed() < KICK_AGAIN {
+            while !paused() && kicked.elapsed() < KICK_AGAIN {
                 std::hint::spin_loop();
             }
         }
