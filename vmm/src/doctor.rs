@@ -142,6 +142,7 @@ pub fn run_checks() -> Vec<Check> {
     ));
 
     checks.push(sandbox_check());
+    checks.push(two_vcpus_check(kvm.as_ref().and_then(|m| m.kvm().ok())));
     if let Some(measurer) = &kvm {
         checks.push(boot_check(measurer));
         checks.push(match measurer.rdtscp_in_guest() {
@@ -155,6 +156,33 @@ pub fn run_checks() -> Vec<Check> {
         });
     }
     checks
+}
+
+/// What `--vcpus 2` and its evasions need: a second CPU for the counter vCPU, and TSC
+/// scaling for `--evade tsc-khz`.
+fn two_vcpus_check(kvm: Option<&crate::vm::kvm::KvmContext>) -> Check {
+    let cpus = crate::native::allowed_cpus();
+    let scaling = match kvm {
+        Some(k) if k.tsc_control => "TSC scaling offered (KVM_CAP_TSC_CONTROL: --evade tsc-khz can run)",
+        Some(_) => "no TSC scaling (KVM_CAP_TSC_CONTROL not offered: --evade tsc-khz is refused)",
+        None => "TSC scaling unknown (no KVM)",
+    };
+    if cpus.len() >= 2 {
+        check(
+            "two vCPUs",
+            Verdict::Ok,
+            format!(
+                "{} CPUs for this process: the counter vCPU gets one of its own; {scaling}",
+                cpus.len()
+            ),
+        )
+    } else {
+        check(
+            "two vCPUs",
+            Verdict::Warn,
+            format!("this process may run on CPU {cpus:?} only: --vcpus 2 is refused (the counter needs a CPU of its own); {scaling}"),
+        )
+    }
 }
 
 /// The vCPU threads' seccomp filter, proven on a thread of its own: installed (the
