@@ -514,6 +514,12 @@ impl Default for ResultHeader {
 // Padding-free layouts: what the VMM writes is exactly what the guest reads.
 const _: () = assert!(size_of::<Config>() == 64);
 const _: () = assert!(size_of::<CounterBlock>() == 192);
+// The counter vCPU's block, code, halt and stack fit between the config and the stack.
+const _: () = assert!(layout::CONFIG_ADDR + size_of::<Config>() as u64 <= layout::COUNTER_BLOCK_ADDR);
+const _: () = assert!(layout::COUNTER_BLOCK_ADDR + size_of::<CounterBlock>() as u64 <= layout::COUNTER_CODE_ADDR);
+const _: () = assert!(layout::COUNTER_CODE_ADDR + counter::LOOP_CODE.len() as u64 <= layout::COUNTER_HALT_ADDR);
+const _: () = assert!(layout::COUNTER_HALT_ADDR + counter::HALT_CODE.len() as u64 <= layout::COUNTER_STACK_TOP);
+const _: () = assert!(layout::COUNTER_STACK_TOP + 8 <= layout::STACK_BOTTOM);
 const _: () = assert!(size_of::<CpuidRecord>() == 24);
 const _: () = assert!(size_of::<ResultHeader>() == 56 + 24 * CPUID_SNAPSHOT_LEAVES.len() + 16 + REASON_BYTES + 16);
 const _: () = assert!(size_of::<PayloadInfo>() == 48);
@@ -622,11 +628,6 @@ mod tests {
         assert_eq!(config.result_bytes_needed(), size_of::<ResultHeader>() as u64 + 320);
         assert_eq!(core::mem::offset_of!(CounterBlock, stamp_request), 0x40);
         assert_eq!(core::mem::offset_of!(CounterBlock, stamp), 0x80);
-        // The counter vCPU's code, halt and stack fit between the config and the stack.
-        assert!(layout::COUNTER_CODE_ADDR + counter::LOOP_CODE.len() as u64 <= layout::COUNTER_HALT_ADDR);
-        assert!(layout::COUNTER_HALT_ADDR + 3 <= layout::COUNTER_STACK_TOP);
-        assert!(layout::COUNTER_STACK_TOP + 8 <= layout::STACK_BOTTOM);
-        assert!(layout::CONFIG_ADDR + size_of::<Config>() as u64 <= layout::COUNTER_BLOCK_ADDR);
     }
 
     #[test]
