@@ -532,6 +532,27 @@ impl Config {
         unsafe { core::slice::from_raw_parts((self as *const Self).cast::<u8>(), size_of::<Self>()) }
     }
 
+    /// CPUIDs the built-in timing core executes for this config: each sample and warm-up
+    /// of the probes that run one (the TIMER pair runs its CPUID window for either of its
+    /// probes), and the snapshot's queries. What the VMM sizes its per-exit records by.
+    pub fn timing_core_cpuids(&self) -> u64 {
+        let (n, w) = (u64::from(self.iterations), self.warmup);
+        let has = |probe: Probe| self.probes & probe.bit() != 0;
+        let mut count = 0;
+        for probe in [Probe::Cpuid, Probe::CpuidUnfenced] {
+            if has(probe) {
+                count += n + u64::from(probe.warmup(w));
+            }
+        }
+        if has(Probe::TimerCpuid) || has(Probe::TimerLfence8) {
+            count += n + u64::from(Probe::TimerCpuid.warmup(w));
+        }
+        if self.flags & flags::CPUID_SNAPSHOT != 0 {
+            count += CPUID_SNAPSHOT_LEAVES.len() as u64;
+        }
+        count
+    }
+
     /// Bytes the result block needs: the header and every sample asked for (twice with a
     /// counter: TSC cycles and counter ticks).
     pub fn result_bytes_needed(&self) -> u64 {
@@ -615,6 +636,25 @@ mod tests {
         let with_ticks = ResultHeader { ticks: 1, ..header };
         assert_eq!(with_ticks.tick_offset(Probe::Cpuid), Some(base + 160));
         assert_eq!(with_ticks.tick_offset(Probe::Rdtsc), Some(base + 240));
+    }
+
+    #[test]
+    fn the_timing_cores_cpuids_count_every_probe_that_runs_one() {
+        let config = Config {
+            probes: Probe::Cpuid.bit() | Probe::CpuidUnfenced.bit() | Probe::Nop.bit(),
+            iterations: 10,
+            warmup: 3,
+            flags: flags::CPUID_SNAPSHOT,
+            ..Default::default()
+        };
+        // 10 + 3 fenced, 10 unfenced (no warm-up), the snapshot.
+        assert_eq!(config.timing_core_cpuids(), 23 + CPUID_SNAPSHOT_LEAVES.len() as u64);
+        let timer = Config {
+            probes: Probe::TimerLfence8.bit(),
+            flags: 0,
+            ..config
+        };
+        assert_eq!(timer.timing_core_cpuids(), 10 + u64::from(counter::TIMER_WARMUP));
     }
 
     #[test]

@@ -211,31 +211,9 @@ impl RunSpec {
         }
     }
 
-    /// CPUID exits the built-in timing core takes: each sample and warm-up of both CPUID
-    /// probes, and the snapshot's queries.
+    /// CPUID exits the built-in timing core takes (`Config::timing_core_cpuids`).
     pub fn expected_cpuid_exits(&self) -> usize {
-        let (n, w) = (self.iterations as usize, self.warmup as usize);
-        let fenced = if self.probes & Probe::Cpuid.bit() != 0 {
-            n + w
-        } else {
-            0
-        };
-        let unfenced = if self.probes & Probe::CpuidUnfenced.bit() != 0 {
-            n
-        } else {
-            0
-        };
-        let timer = if self.probes & Probe::TimerCpuid.bit() != 0 {
-            n + guest_payload::counter::TIMER_WARMUP as usize
-        } else {
-            0
-        };
-        let snapshot = if self.snapshot {
-            guest_payload::CPUID_SNAPSHOT_LEAVES.len()
-        } else {
-            0
-        };
-        fenced + unfenced + timer + snapshot
+        usize::try_from(self.guest_config().timing_core_cpuids()).unwrap_or(usize::MAX)
     }
 
     fn measures_cpuid(&self) -> bool {

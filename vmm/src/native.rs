@@ -75,19 +75,18 @@ pub fn allowed_cpus() -> Vec<usize> {
         .collect()
 }
 
-fn pin_current_thread(cpu: usize) -> Result<(), NativeError> {
+/// Pins the calling thread to `cpu` (one of [`allowed_cpus`]): the native runner's
+/// threads and the vCPU threads of a run with a counter.
+pub fn pin_current_thread(cpu: usize) -> std::io::Result<()> {
     // SAFETY: as in `allowed_cpus`; CPU_SET writes within the set (cpu < CPU_SETSIZE is
-    // guaranteed by the caller, which checked it against the allowed list).
+    // guaranteed by the caller, which took it from the allowed list).
     let result = unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(cpu, &mut set);
         libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
     };
     if result != 0 {
-        return Err(NativeError::Pin {
-            cpu,
-            source: std::io::Error::last_os_error(),
-        });
+        return Err(std::io::Error::last_os_error());
     }
     Ok(())
 }
@@ -171,7 +170,7 @@ pub fn run(config: &Config, cpu: Option<usize>, timeout: Duration) -> Result<Nat
     let thread = std::thread::Builder::new()
         .name("vmm-native".into())
         .spawn(move || -> Result<NativeRun, NativeError> {
-            pin_current_thread(cpu)?;
+            pin_current_thread(cpu).map_err(|source| NativeError::Pin { cpu, source })?;
             let started = Instant::now();
             let request = Request {
                 cpuid_leaf: config.cpuid_leaf,
@@ -219,19 +218,10 @@ pub fn run(config: &Config, cpu: Option<usize>, timeout: Duration) -> Result<Nat
                         warmup: if start == 0 { request.warmup } else { 0 },
                         ..request
                     };
-                    let chunk = |v: &mut Vec<Cycles>| -> std::ops::Range<usize> {
-                        if v.is_empty() {
-                            0..0
-                        } else {
-                            start..end
-                        }
-                    };
-                    let (r_out, r_ticks, r_lf, r_lft) = (
-                        chunk(&mut out),
-                        chunk(&mut out_ticks),
-                        chunk(&mut lfence),
-                        chunk(&mut lfence_ticks),
-                    );
+                    // This chunk of each output, or nothing of one the run does not fill.
+                    let chunk = |v: &[Cycles]| if v.is_empty() { 0..0 } else { start..end };
+                    let (r_out, r_ticks, r_lf, r_lft) =
+                        (chunk(&out), chunk(&out_ticks), chunk(&lfence), chunk(&lfence_ticks));
                     if paired && probe == Probe::TimerCpuid {
                         timing::measure_timer_pairs(
                             &request,

@@ -7,25 +7,17 @@
 //! loop, at e3f097fa (2026-03-09; the check was added in 5d32ca5 and removed in a9368b0,
 //! before v2.7.0). docs/detector.md says what each rule keeps and what differs.
 
+use super::rules::{confidence_from, verdict};
 use super::{Evidence, RuleVerdict, Verdict};
 use guest_payload::Probe;
-
-fn verdict(rule: &'static str, verdict: Verdict, score: f64, confidence: f64, why: String) -> RuleVerdict {
-    RuleVerdict {
-        rule,
-        verdict,
-        score: (score * 1000.0).round() / 1000.0,
-        confidence: ((confidence.clamp(0.0, 1.0)) * 1000.0).round() / 1000.0,
-        why,
-    }
-}
 
 fn unsure(rule: &'static str, why: String) -> RuleVerdict {
     verdict(rule, Verdict::Unsure, 0.0, 0.0, why)
 }
 
+/// How far a ratio is from its threshold, as the TSC ratio rules judge it.
 fn confidence_of_ratio(ratio: f64, threshold: f64) -> f64 {
-    1.0 - (-(ratio.max(1e-9) / threshold).ln().abs() / 0.3).exp()
+    confidence_from((ratio.max(1e-9) / threshold).ln(), 0.3)
 }
 
 /// Names of the rules here, in report order.
@@ -167,20 +159,34 @@ fn hyper_v_detected(evidence: &Evidence) -> bool {
     !root && hypervisor_bit && max_leaf_11
 }
 
-/// TIMER's pairs from the ticks: those where both windows saw the counter move
-/// (`v_post > v_pre && r_post > r_pre`; TIMER retakes the others), and how many were not.
-fn timer_pairs(evidence: &Evidence) -> Option<(Vec<u64>, Vec<u64>, usize)> {
-    let cpuid = evidence.ticks.get(&Probe::TimerCpuid)?;
-    let lfence = evidence.ticks.get(&Probe::TimerLfence8)?;
-    let (mut v, mut r) = (Vec::with_capacity(cpuid.len()), Vec::with_capacity(cpuid.len()));
-    for (&c, &l) in cpuid.iter().zip(lfence) {
-        if c > 0 && l > 0 {
-            v.push(c as u64);
-            r.push(l as u64);
-        }
-    }
+/// TIMER's latencies from the ticks, by `latency`: over the pairs where both windows saw
+/// the counter move (`v_post > v_pre && r_post > r_pre`; TIMER retakes the others), and a
+/// note of how many there were. Unsure where there are none.
+fn timer_latencies(
+    evidence: &Evidence,
+    rule: &'static str,
+    latency: fn(&[u64]) -> u64,
+) -> Result<(u64, u64, String), RuleVerdict> {
+    let (Some(cpuid), Some(lfence)) = (
+        evidence.ticks.get(&Probe::TimerCpuid),
+        evidence.ticks.get(&Probe::TimerLfence8),
+    ) else {
+        return Err(unsure(rule, "no timer-cpuid/timer-lfence8 ticks in this run".into()));
+    };
+    let (v, r): (Vec<u64>, Vec<u64>) = cpuid
+        .iter()
+        .zip(lfence)
+        .filter(|&(&c, &l)| c > 0 && l > 0)
+        .map(|(&c, &l)| (c as u64, l as u64))
+        .unzip();
     let dropped = cpuid.len().min(lfence.len()) - v.len();
-    Some((v, r, dropped))
+    if v.is_empty() {
+        return Err(unsure(
+            rule,
+            format!("every one of {dropped} pairs had a window the counter did not move in: TIMER would retake them for ever"),
+        ));
+    }
+    Ok((latency(&v), latency(&r), pairs_note(v.len(), dropped)))
 }
 
 fn pairs_note(kept: usize, dropped: usize) -> String {
@@ -199,23 +205,17 @@ fn pairs_note(kept: usize, dropped: usize) -> String {
 /// probes); a VM at a ratio of 3.5 (25 with Hyper-V). Score: the ratio.
 pub fn vmaware_timer_2_7(evidence: &Evidence) -> RuleVerdict {
     const RULE: &str = "vmaware-timer-2.7";
-    let Some((v, r, dropped)) = timer_pairs(evidence) else {
-        return unsure(RULE, "no timer-cpuid/timer-lfence8 ticks in this run".into());
+    let (cpuid_l, ref_l, pairs) = match timer_latencies(evidence, RULE, densest_cluster_latency) {
+        Ok(found) => found,
+        Err(unsure) => return unsure,
     };
-    if v.is_empty() {
-        return unsure(
-            RULE,
-            format!("every one of {dropped} pairs had a window the counter did not move in: TIMER would retake them for ever"),
-        );
-    }
-    let (cpuid_l, ref_l) = (densest_cluster_latency(&v), densest_cluster_latency(&r));
     let threshold = if hyper_v_detected(evidence) { 25.0 } else { 3.5 };
     let ratio = if ref_l == 0 { 0.0 } else { cpuid_l as f64 / ref_l as f64 };
     let virtual_ = ratio >= threshold;
     let why = format!(
         "CPUID(0) {cpuid_l} ticks / 8×LFENCE {ref_l} ticks = {ratio:.2} {} {threshold} ({})",
         if virtual_ { ">=" } else { "<" },
-        pairs_note(v.len(), dropped)
+        pairs
     );
     let v = if virtual_ { Verdict::Virtual } else { Verdict::Native };
     verdict(RULE, v, ratio, confidence_of_ratio(ratio, threshold), why)
@@ -228,16 +228,10 @@ pub fn vmaware_timer_2_7(evidence: &Evidence) -> RuleVerdict {
 /// Score: the ratio.
 pub fn vmaware_timer_main(evidence: &Evidence) -> RuleVerdict {
     const RULE: &str = "vmaware-timer-main";
-    let Some((v, r, dropped)) = timer_pairs(evidence) else {
-        return unsure(RULE, "no timer-cpuid/timer-lfence8 ticks in this run".into());
+    let (cpuid_l, ref_l, pairs) = match timer_latencies(evidence, RULE, interquartile_mean) {
+        Ok(found) => found,
+        Err(unsure) => return unsure,
     };
-    if v.is_empty() {
-        return unsure(
-            RULE,
-            format!("every one of {dropped} pairs had a window the counter did not move in: TIMER would retake them for ever"),
-        );
-    }
-    let (cpuid_l, ref_l) = (interquartile_mean(&v), interquartile_mean(&r));
     let threshold = if hyper_v_detected(evidence) { 35.0 } else { 2.5 };
     let ratio = if ref_l == 0 { 0.0 } else { cpuid_l as f64 / ref_l as f64 };
     let by_ratio = ratio >= threshold;
@@ -250,7 +244,7 @@ pub fn vmaware_timer_main(evidence: &Evidence) -> RuleVerdict {
         } else {
             ""
         },
-        pairs_note(v.len(), dropped)
+        pairs
     );
     let v = if by_ratio || artificial {
         Verdict::Virtual
@@ -312,7 +306,7 @@ pub fn counter_tsc(evidence: &Evidence) -> RuleVerdict {
     let why = format!(
         "over CPUID the counter moved {agreement:.2}× the ticks the TSC's cycles are worth (one tick = {rate} cycles in the rate window): {}",
         if hidden {
-            "the TSC lost time there, it was hidden"
+            "the TSC lost time there (hidden, or a counter faster than in its rate window: docs/detector.md)"
         } else {
             "the clocks agree (a VM from 2×)"
         }
@@ -340,7 +334,7 @@ pub fn counter_stall(evidence: &Evidence) -> RuleVerdict {
     let why = format!(
         "over CPUID the counter moved {agreement:.2}× the ticks the TSC's cycles are worth (one tick = {rate} cycles in the rate window): {}",
         if stalled {
-            "it was stopped while CPUID ran"
+            "it stood still while CPUID ran (paused, or a counter slower than in its rate window: docs/detector.md)"
         } else {
             "it kept counting"
         }

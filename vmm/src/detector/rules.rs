@@ -6,7 +6,8 @@ use super::{Evidence, RuleVerdict, Verdict};
 use crate::stats;
 use guest_payload::{Cycles, Probe};
 
-fn verdict(rule: &'static str, verdict: Verdict, score: f64, confidence: f64, why: String) -> RuleVerdict {
+/// A rule's answer, its score and confidence rounded as reports show them.
+pub(super) fn verdict(rule: &'static str, verdict: Verdict, score: f64, confidence: f64, why: String) -> RuleVerdict {
     RuleVerdict {
         rule,
         verdict,
@@ -25,7 +26,7 @@ fn missing(rule: &'static str, what: &str) -> RuleVerdict {
 }
 
 /// Confidence from how far `distance` is past a boundary, in units of `scale`.
-fn confidence_from(distance: f64, scale: f64) -> f64 {
+pub(super) fn confidence_from(distance: f64, scale: f64) -> f64 {
     1.0 - (-distance.abs() / scale.max(1e-9)).exp()
 }
 

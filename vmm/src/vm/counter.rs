@@ -207,17 +207,7 @@ pub fn code_and_stack() -> [(u64, Vec<u8>); 3] {
 
 /// Pins the calling thread to `cpu`.
 pub fn pin_current_thread(cpu: usize) -> Result<(), CounterError> {
-    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET stays within it.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    unsafe { libc::CPU_SET(cpu, &mut set) };
-    // SAFETY: pid 0 is this thread; the size matches the set.
-    if unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) } != 0 {
-        return Err(CounterError::Pin {
-            cpu,
-            source: std::io::Error::last_os_error(),
-        });
-    }
-    Ok(())
+    crate::native::pin_current_thread(cpu).map_err(|source| CounterError::Pin { cpu, source })
 }
 
 #[cfg(test)]

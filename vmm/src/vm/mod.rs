@@ -1,4 +1,5 @@
-//! One guest: a KVM VM with one vCPU, its RAM and the payload, run until it rings "done".
+//! One guest: a KVM VM with one vCPU (two with a counter: `counter.rs`), its RAM and the
+//! payload, run until it rings "done". Each vCPU runs on a thread of its own, sandboxed.
 //!
 //! Setup order (each step in its own module): RAM sized from the samples asked for
 //! (`memory`), the payload's segments (`loader`), the GDT, page tables and config block,
@@ -373,15 +374,12 @@ impl GuestVm {
                         counter::pin_current_thread(cpu)?;
                     }
                     sandbox::enter()?;
-                    let ran = self.run_on_this_thread(handler, timeout, trace, with_counter);
-                    if with_counter.is_some() {
-                        control.stop(counter_finished);
-                    }
-                    ran
+                    self.run_on_this_thread(handler, timeout, trace, with_counter)
                 })
                 .map_err(|e| VmError::Thread(e.to_string()))
                 .and_then(|thread| thread.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)));
-            if ran.is_err() && counter_thread.is_some() {
+            // vCPU 0 is done, however it ended: the counter stops with it.
+            if counter_thread.is_some() {
                 control.stop(counter_finished);
             }
             let counter_ran = counter_thread.map(|t| t.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)));
@@ -417,7 +415,8 @@ impl GuestVm {
         counter: Option<(&counter::CounterControl, CounterEvasion)>,
     ) -> Result<RunStats, VmError> {
         handler.arm(&mut self.vcpu).map_err(VmError::Handler)?;
-        let expected_cpuid_exits = (self.config.iterations as usize).saturating_add(self.config.warmup as usize);
+        // Sized before the run, as the shaper's: no reallocation inside an exit.
+        let expected_cpuid_exits = usize::try_from(self.config.timing_core_cpuids()).unwrap_or(usize::MAX);
         let mut stats = RunStats {
             exits: ExitStats::with_expected_cpuid_exits(expected_cpuid_exits),
             ..Default::default()
