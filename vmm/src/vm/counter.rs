@@ -21,14 +21,14 @@ use std::time::{Duration, Instant};
 
 /// How long vCPU 0 waits for the counter to stop before it kicks again.
 const KICK_AGAIN: Duration = Duration::from_micros(50);
-/// How long vCPU 0 waits in all for a pause or stop to be acknowledged.
+/// How long vCPU 0 waits in all for the counter to stop at the end of the run.
 const HANDSHAKE_LIMIT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum CounterError {
     #[error("the counter vCPU stopped: {0}")]
     Stopped(String),
-    #[error("the counter vCPU did not pause within {HANDSHAKE_LIMIT:?} of being asked")]
+    #[error("the counter vCPU did not pause before the run's deadline")]
     NoPause,
     #[error("cannot move the counter vCPU's TSC: {0}")]
     Tsc(#[from] TscError),
@@ -156,14 +156,15 @@ impl CounterControl {
         }
     }
 
-    /// Stops the counter vCPU and waits until it is out of the guest (vCPU 0's thread).
-    pub fn pause(&self) -> Result<(), CounterError> {
+    /// Stops the counter vCPU and waits until it is out of the guest (vCPU 0's thread),
+    /// for as long as the run may last: `past_deadline` is the run's watchdog (a slow
+    /// host, nested QEMU, can hold a thread off its CPU for seconds).
+    pub fn pause(&self, past_deadline: impl Fn() -> bool) -> Result<(), CounterError> {
         let request = self.requests.fetch_add(1, Ordering::AcqRel) + 1;
         self.pause.store(true, Ordering::Release);
         let paused = || self.acknowledged.load(Ordering::Acquire) == request;
-        let start = Instant::now();
         while !paused() {
-            if start.elapsed() > HANDSHAKE_LIMIT {
+            if past_deadline() {
                 return Err(CounterError::NoPause);
             }
             self.kick();

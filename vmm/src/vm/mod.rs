@@ -386,10 +386,12 @@ impl GuestVm {
             (ran, counter_ran)
         });
         let mut stats = match (result, counter_result) {
-            // The counter's own failure explains a guest that found its counter stalled.
+            // The counter's own failure explains a guest that found its counter stalled,
+            // or a pause it never acknowledged.
             (Err(VmError::GuestStatus { value }), Some(Err(counter))) if value == Status::CounterStalled as u32 => {
                 return Err(counter)
             }
+            (Err(VmError::Counter(counter::CounterError::NoPause)), Some(Err(counter))) => return Err(counter),
             (Err(error), _) => return Err(error),
             (Ok(_), Some(Err(counter))) => return Err(counter),
             (Ok(stats), _) => stats,
@@ -462,7 +464,7 @@ impl GuestVm {
                         }
                     ) =>
                 {
-                    control.pause()?;
+                    control.pause(|| watchdog.fired())?;
                     Some(control)
                 }
                 _ => None,
