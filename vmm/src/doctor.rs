@@ -145,12 +145,18 @@ pub fn run_checks() -> Vec<Check> {
     checks.push(two_vcpus_check(kvm.as_ref().and_then(|m| m.kvm().ok())));
     if let Some(measurer) = &kvm {
         checks.push(boot_check(measurer));
+        let advertised = measurer.kvm().is_ok_and(|k| k.guest_advertises_rdtscp());
         checks.push(match measurer.rdtscp_in_guest() {
             Ok(Ok(())) => check("rdtscp in a guest", Verdict::Ok, "runs (payloads that declare VMM_CAP_RDTSCP can run here)"),
+            Ok(Err(why)) if !advertised => check(
+                "rdtscp in a guest",
+                Verdict::Warn,
+                format!("fails ({why}), and the guest's CPUID does not advertise it (80000001H:EDX[27] clear): payloads that declare VMM_CAP_RDTSCP run and see a CPU without it (VMAware's TIMER answers VM)"),
+            ),
             Ok(Err(why)) => check(
                 "rdtscp in a guest",
                 Verdict::Warn,
-                format!("fails ({why}): payloads that declare VMM_CAP_RDTSCP, such as VMAware's TIMER, are refused on this KVM"),
+                format!("fails ({why}) although the guest's CPUID advertises it: payloads that declare VMM_CAP_RDTSCP, such as VMAware's TIMER, are refused on this KVM"),
             ),
             Err(error) => check("rdtscp in a guest", Verdict::Warn, format!("could not be probed: {error}")),
         });

@@ -344,7 +344,13 @@ impl Measurer {
             spec.shaping.moves_tsc(),
             tsc_control,
         )?;
-        if spec.path != Path::Native && payload.declares(guest_payload::capabilities::RDTSCP) {
+        // Refused only where the payload would execute it: the guest's CPUID advertises
+        // RDTSCP and this KVM still fails on it. Where the CPUID says "no RDTSCP", the
+        // payload runs and answers for itself (VMAware 2.6 calls that a VM).
+        if spec.path != Path::Native
+            && payload.declares(guest_payload::capabilities::RDTSCP)
+            && self.kvm()?.guest_advertises_rdtscp()
+        {
             self.rdtscp_in_guest()?.map_err(|why| MeasureError::RdtscpUnavailable {
                 payload: payload.source.to_string(),
                 name: declared_name(payload),
@@ -357,7 +363,7 @@ impl Measurer {
             let config = self.with_tsc_rate(spec.guest_config());
             let run = match native_twin(payload)? {
                 None => native::run(&config, spec.cpu, spec.timeout)?,
-                Some(twin) => native::run_twin(&twin, &config, spec.cpu, spec.timeout)?,
+                Some(twin) => native::run_twin(&twin, &config, spec.cpu, spec.timeout, console)?,
             };
             return Ok(Measurement {
                 samples: run.samples,
@@ -379,7 +385,7 @@ impl Measurer {
         let (shaper, shaping) = match spec.shaping {
             Shaping::None => (Shaper::none(), None),
             _ => {
-                let (shaper, outcome) = calibration::prepare(self, payload, spec)?;
+                let (shaper, outcome) = calibration::prepare(self, spec)?;
                 (shaper, Some(outcome))
             }
         };
@@ -387,7 +393,7 @@ impl Measurer {
         measurement.trap_delivery = measurement.trap_delivery.or(trap_delivery);
         measurement.shaping = match shaping {
             Some(outcome) => Some(ShapingOutcome {
-                after: Some(calibration::rounds(self, payload, spec)?),
+                after: Some(calibration::rounds(self, spec)?),
                 ..outcome
             }),
             None => None,
@@ -443,14 +449,16 @@ impl Measurer {
                 PathHandler::Paravirt(if spec.bare_exits { handler.bare() } else { handler })
             }
         };
-        let stats = vm.run_traced(
-            &mut ModeExits {
-                mode: handler.as_dyn(),
-                console,
-            },
-            spec.timeout,
-            trace,
-        )?;
+        let stats = vm
+            .run_traced(
+                &mut ModeExits {
+                    mode: handler.as_dyn(),
+                    console,
+                },
+                spec.timeout,
+                trace,
+            )
+            .map_err(|e| e.placed_in(payload))?;
         let results = vm.results()?;
         check_timing_core(payload, spec, &results.samples)?;
         let trap_delivery = match &handler {

@@ -280,22 +280,71 @@ pub fn run(config: &Config, cpu: Option<usize>, timeout: Duration) -> Result<Nat
 /// Where a payload's native twin lives, by the SDK's convention: `NAME.elf` has its twin
 /// in `NAME.native` beside it (any other name: the name with `.native` appended).
 pub fn twin_of(payload: &Path) -> PathBuf {
-    match payload.extension() {
+    let twin = match payload.extension() {
         Some(ext) if ext == "elf" => payload.with_extension("native"),
         _ => {
             let mut name = payload.as_os_str().to_owned();
             name.push(".native");
             PathBuf::from(name)
         }
+    };
+    // Beside the payload, however it was spelt: a bare name is not looked up on PATH.
+    if twin.is_absolute() || twin.starts_with(".") {
+        twin
+    } else {
+        Path::new(".").join(twin)
     }
 }
 
 /// The largest result file a twin may write (the same bound as guest RAM).
 const MAX_TWIN_RESULT: u64 = guest_payload::layout::IDENTITY_MAP_BYTES;
 
+/// What of a twin's stderr is kept (for `--console` and error messages); the rest is
+/// read and dropped, so a twin that writes a lot never blocks on a full pipe.
+const MAX_TWIN_STDERR: usize = 64 * 1024;
+
+/// A twin's stderr, drained on a thread of its own while the twin runs.
+fn drain(pipe: Option<std::process::ChildStderr>) -> std::thread::JoinHandle<(Vec<u8>, u64)> {
+    std::thread::spawn(move || {
+        use std::io::Read;
+        let (mut kept, mut dropped) = (Vec::new(), 0u64);
+        let Some(mut pipe) = pipe else { return (kept, dropped) };
+        let mut buf = [0u8; 8192];
+        loop {
+            match pipe.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    let room = MAX_TWIN_STDERR.saturating_sub(kept.len()).min(n);
+                    kept.extend_from_slice(&buf[..room]);
+                    dropped += (n - room) as u64;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+        (kept, dropped)
+    })
+}
+
+/// Ends the twin's whole process group: a grandchild it left behind ends with it.
+fn end_group(child: &mut std::process::Child) {
+    if let Ok(pid) = libc::pid_t::try_from(child.id()) {
+        // SAFETY: a signal to the process group the twin leads (set up before exec).
+        unsafe { libc::kill(-pid, libc::SIGKILL) };
+    }
+    let _ = child.kill();
+}
+
 /// Runs a payload's native twin pinned to one CPU, as `TWIN CONFIG_FILE RESULT_FILE`,
-/// stopped at `timeout`; reads the result block it wrote in the guest's format.
-pub fn run_twin(twin: &Path, config: &Config, cpu: Option<usize>, timeout: Duration) -> Result<NativeRun, NativeError> {
+/// stopped at `timeout`; reads the result block it wrote in the guest's format. What the
+/// twin wrote to stderr (its `vmm_print` lines) goes to `console` where one is given.
+pub fn run_twin(
+    twin: &Path,
+    config: &Config,
+    cpu: Option<usize>,
+    timeout: Duration,
+    console: Option<&mut (dyn std::io::Write + Send)>,
+) -> Result<NativeRun, NativeError> {
     let cpu = measuring_cpu(cpu)?;
     let name = twin.display().to_string();
     let io = |source| NativeError::Twin {
@@ -319,14 +368,16 @@ pub fn run_twin(twin: &Path, config: &Config, cpu: Option<usize>, timeout: Durat
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped());
-    // SAFETY: between fork and exec only async-signal-safe calls: sched_setaffinity on the
-    // child itself, with a set built before the fork.
+    // SAFETY: between fork and exec only async-signal-safe calls on the child itself:
+    // setpgid (a group of its own, ended as one) and sched_setaffinity, with a set built
+    // before the fork.
     unsafe {
         use std::os::unix::process::CommandExt;
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(cpu, &mut set);
         command.pre_exec(move || {
-            if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            if libc::setpgid(0, 0) != 0 || libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0
+            {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
@@ -334,25 +385,35 @@ pub fn run_twin(twin: &Path, config: &Config, cpu: Option<usize>, timeout: Durat
     }
     let started = Instant::now();
     let mut child = command.spawn().map_err(io)?;
+    let stderr_thread = drain(child.stderr.take());
     let status = loop {
-        if let Some(status) = child.try_wait().map_err(io)? {
-            break status;
+        match child.try_wait() {
+            Ok(Some(status)) => break Ok(status),
+            Ok(None) if started.elapsed() > timeout => {
+                break Err(NativeError::TwinHung {
+                    twin: name.clone(),
+                    timeout,
+                })
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(2)),
+            Err(error) => break Err(io(error)),
         }
-        if started.elapsed() > timeout {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(NativeError::TwinHung { twin: name, timeout });
-        }
-        std::thread::sleep(Duration::from_millis(2));
     };
     let run = started.elapsed();
-    if !status.success() {
-        let mut stderr = String::new();
-        if let Some(mut pipe) = child.stderr.take() {
-            use std::io::Read;
-            let _ = pipe.by_ref().take(4096).read_to_string(&mut stderr);
+    // Whatever the twin left running in its group ends here, so the pipe closes.
+    end_group(&mut child);
+    let _ = child.wait();
+    let (stderr_bytes, dropped) = stderr_thread.join().unwrap_or_default();
+    if let Some(console) = console {
+        let _ = console.write_all(&stderr_bytes);
+        if dropped > 0 {
+            let _ = writeln!(console, "[vmm: {dropped} more bytes of the twin's stderr dropped]");
         }
-        let stderr = match stderr.trim() {
+    }
+    let status = status?;
+    if !status.success() {
+        let text = String::from_utf8_lossy(&stderr_bytes[..stderr_bytes.len().min(4096)]).into_owned();
+        let stderr = match text.trim() {
             "" => String::new(),
             text => format!(": {}", text.escape_debug()),
         };
@@ -408,11 +469,20 @@ pub fn run_twin(twin: &Path, config: &Config, cpu: Option<usize>, timeout: Durat
     })
 }
 
-/// A file's bytes, refused past `cap`.
+/// A file's bytes, refused past `cap`, and refused unless it is a regular file: a twin
+/// that leaves a FIFO or a link to a device there cannot stall or flood the VMM.
 fn read_capped(path: &Path, cap: u64) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)?;
+    if !file.metadata()?.file_type().is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
     let mut bytes = Vec::new();
-    std::fs::File::open(path)?.take(cap + 1).read_to_end(&mut bytes)?;
+    file.take(cap + 1).read_to_end(&mut bytes)?;
     if bytes.len() as u64 > cap {
         return Err(std::io::Error::other(format!("larger than {cap} bytes")));
     }
@@ -464,7 +534,9 @@ mod tests {
     #[test]
     fn twins_sit_beside_their_payloads() {
         assert_eq!(twin_of(Path::new("/x/pafish.elf")), PathBuf::from("/x/pafish.native"));
-        assert_eq!(twin_of(Path::new("detector")), PathBuf::from("detector.native"));
+        assert_eq!(twin_of(Path::new("detector")), PathBuf::from("./detector.native"));
+        assert_eq!(twin_of(Path::new("d/p.elf")), PathBuf::from("./d/p.native"));
+        assert_eq!(twin_of(Path::new("./p.elf")), PathBuf::from("./p.native"));
     }
 
     #[test]
@@ -476,9 +548,9 @@ mod tests {
             probes: 1,
             ..Default::default()
         };
-        let failed = run_twin(Path::new("/bin/false"), &config, None, Duration::from_secs(5));
+        let failed = run_twin(Path::new("/bin/false"), &config, None, Duration::from_secs(5), None);
         assert!(matches!(failed, Err(NativeError::TwinFailed { .. })), "{failed:?}");
-        let silent = run_twin(Path::new("/bin/true"), &config, None, Duration::from_secs(5));
+        let silent = run_twin(Path::new("/bin/true"), &config, None, Duration::from_secs(5), None);
         assert!(
             matches!(silent, Err(NativeError::Twin { .. })),
             "no result file: {silent:?}"
@@ -487,7 +559,7 @@ mod tests {
         let stopped = std::env::temp_dir().join(format!("vmm-test-{}-status.sh", std::process::id()));
         std::fs::write(&stopped, "#!/bin/sh\nexit 13\n").unwrap();
         std::fs::set_permissions(&stopped, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-        let status = run_twin(&stopped, &config, None, Duration::from_secs(5));
+        let status = run_twin(&stopped, &config, None, Duration::from_secs(5), None);
         std::fs::remove_file(&stopped).ok();
         match status {
             Err(error @ NativeError::TwinStatus { value: 3, .. }) => {
@@ -499,10 +571,43 @@ mod tests {
         std::fs::write(&script, "#!/bin/sh\nexec sleep 30\n").unwrap();
         std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
         let started = Instant::now();
-        let hung = run_twin(&script, &config, None, Duration::from_millis(200));
+        let hung = run_twin(&script, &config, None, Duration::from_millis(200), None);
         std::fs::remove_file(&script).ok();
         assert!(matches!(hung, Err(NativeError::TwinHung { .. })), "{hung:?}");
         assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    /// A twin that floods stderr is drained while it runs (not killed as hung), its text
+    /// reaches the console, bounded; a FIFO left at the result path is refused, not read.
+    #[test]
+    fn a_twin_that_floods_stderr_and_leaves_a_fifo_neither_blocks_nor_hangs() {
+        let config = Config::default();
+        let script = std::env::temp_dir().join(format!("vmm-test-{}-flood.sh", std::process::id()));
+        std::fs::write(
+            &script,
+            "#!/bin/sh\nhead -c 300000 /dev/zero | tr '\\0' x >&2\nrm -f \"$2\"; mkfifo \"$2\"\nexit 0\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let mut console: Vec<u8> = Vec::new();
+        let started = Instant::now();
+        let run = run_twin(&script, &config, None, Duration::from_secs(20), Some(&mut console));
+        std::fs::remove_file(&script).ok();
+        assert!(started.elapsed() < Duration::from_secs(10));
+        let error = run.expect_err("a FIFO is no result file").to_string();
+        assert!(error.contains("not a regular file"), "{error}");
+        assert_eq!(console.iter().filter(|&&b| b == b'x').count(), MAX_TWIN_STDERR);
+        let text = String::from_utf8_lossy(&console);
+        assert!(
+            text.contains("more bytes of the twin's stderr dropped"),
+            "{}",
+            &text[text.len() - 80..]
+        );
+    }
+
+    #[test]
+    fn a_twin_is_found_beside_its_payload_whatever_the_spelling() {
+        assert_eq!(twin_of(Path::new("p.elf")), PathBuf::from("./p.native"));
     }
 
     #[test]

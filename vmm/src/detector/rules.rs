@@ -333,7 +333,7 @@ pub fn tsc_monotonic(evidence: &Evidence) -> RuleVerdict {
         return verdict(RULE, Verdict::Native, 0.0, 0.5, why);
     }
     let why = format!(
-        "{backwards} samples ran backwards ({}), by up to {worst} cycles: a TSC moved back under the guest",
+        "{backwards} samples ran backwards ({}), by up to {worst} cycles: a monotonic TSC cannot do that (a clock moved under the guest, or the payload's samples are not what they claim)",
         probes.join(", ")
     );
     verdict(RULE, Verdict::Virtual, backwards as f64, 1.0, why)

@@ -246,12 +246,10 @@ impl RunReport {
             }
             _ => None,
         };
-        let shaping = match (&measurement.shaping, probes.get(Probe::Cpuid.name())) {
-            (Some(outcome), Some(cpuid)) => {
-                Some(ShapingReport::new(outcome, &cpuid.cycles, &measurement.shaped, tsc_khz))
-            }
-            _ => None,
-        };
+        let shaping = measurement.shaping.as_ref().map(|outcome| {
+            let cpuid = probes.get(Probe::Cpuid.name()).map(|p| &p.cycles);
+            ShapingReport::new(outcome, cpuid, &measurement.shaped, tsc_khz)
+        });
         let cpuid_sites = guest_payload::timing::CPUID_SITE_SYMBOLS
             .iter()
             .filter_map(|&name| Some((name, payload.symbol(name)?)))

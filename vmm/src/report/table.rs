@@ -59,9 +59,12 @@ pub fn render(report: &RunReport) -> String {
         if c.backwards > 0 {
             let _ = writeln!(
                 out,
-                "\n{name}: the guest's TSC ran BACKWARDS in {} of {} samples (by up to {} cycles): \
-                 negative samples are real, not wrapped — a TSC moved back under the guest",
-                c.backwards, c.count, c.max_backwards_cycles
+                "\n{name}: {} of {} samples are negative (by up to {} cycles; real, not wrapped): \
+                 the samples are inconsistent. {}",
+                c.backwards,
+                c.count,
+                c.max_backwards_cycles,
+                backwards_candidates(report)
             );
         }
     }
@@ -77,17 +80,27 @@ pub fn render(report: &RunReport) -> String {
         let _ = writeln!(out, "\ntrap: {}, delivered {delivery}", trap.mechanism.name());
     }
     if let Some(shaping) = &report.shaping {
-        let _ = writeln!(
-            out,
-            "shaping: {} — requested {} cycles ({:.1} ns), achieved median {} cycles ({:.1} ns, p5 {}, p95 {}); \
-             baseline CPUID median {} (p95-p5 {}){}",
-            shaping.kind,
-            shaping.requested_cycles,
-            shaping.requested_ns,
+        let achieved = match (
             shaping.achieved_cycles,
             shaping.achieved_ns,
             shaping.achieved_p5_cycles,
             shaping.achieved_p95_cycles,
+        ) {
+            (Some(cycles), Some(ns), Some(p5), Some(p95)) => {
+                format!("achieved median {cycles} cycles ({ns:.1} ns, p5 {p5}, p95 {p95})")
+            }
+            _ => {
+                "achieved not measured (the payload reports no `cpuid` samples: its own figures are what the guest saw)"
+                    .to_owned()
+            }
+        };
+        let _ = writeln!(
+            out,
+            "shaping: {} — requested {} cycles ({:.1} ns), {achieved}; \
+             baseline CPUID median {} (p95-p5 {}, embedded core){}",
+            shaping.kind,
+            shaping.requested_cycles,
+            shaping.requested_ns,
             shaping.baseline_cycles,
             shaping.baseline_spread_cycles,
             match (shaping.residue_cycles, shaping.residue_lower_bound_cycles) {
@@ -96,11 +109,14 @@ pub fn render(report: &RunReport) -> String {
             },
         );
         if let (Some(hidden), Some(fraction)) = (shaping.hidden_cycles_median, shaping.hidden_fraction) {
+            let backwards = shaping.backwards_samples.map_or(
+                "the payload reports no `cpuid` samples to check for backward steps".to_owned(),
+                |b| format!("{b} samples ran backwards"),
+            );
             let _ = writeln!(
                 out,
-                "hidden: {hidden} cycles per exit (median), {:.0}% of the unshaped cost; {} samples ran backwards",
+                "hidden: {hidden} cycles per exit (median), {:.0}% of the unshaped cost; {backwards}",
                 fraction * 100.0,
-                shaping.backwards_samples
             );
         }
     }
@@ -184,4 +200,24 @@ pub fn render(report: &RunReport) -> String {
         }
     }
     out
+}
+
+/// What can make a sample negative, as far as this run knows: the VMM names itself only
+/// where it moved a clock, and never rules out the payload's own code.
+fn backwards_candidates(report: &RunReport) -> String {
+    const PAYLOAD: &str = "the payload's own code (an asm that writes a register it does not declare, \
+                           such as a `cpuid` with no clobbers built with optimisation)";
+    let moved = report.shaping.as_ref().and_then(|s| s.tsc_method.map(|_| s.kind));
+    if report.mode == crate::modes::Mode::Native {
+        return format!(
+            "No hypervisor of this VMM ran: candidates are {PAYLOAD}, or reads on two CPUs whose TSCs differ"
+        );
+    }
+    match (moved, report.config.evasion.as_str()) {
+        (Some(kind), _) => format!("This run moved the guest's TSC ({kind} shaping): candidates are that move, or {PAYLOAD}"),
+        (None, evasion) if evasion != "none" => {
+            format!("This run's evasion ({evasion}) may move a clock: candidates are that evasion, or {PAYLOAD}")
+        }
+        _ => format!("This VMM moved no clock in this run: candidates are {PAYLOAD}, or the host's KVM adjusting the guest's TSC"),
+    }
 }

@@ -1,6 +1,11 @@
 //! Setting shaping up for one run: probe that TSC moves reach the guest (once per
 //! process), measure the unshaped cost of the same path and the residue's bounds in a few
 //! short calibration rounds, and the native CPUID cost where `--hide` has no target.
+//!
+//! Every probe and round runs the *embedded* timing core on the run's path, never the
+//! user's payload: what an exit costs belongs to the path (KVM, the trap, this VMM), and a
+//! detector need not report the per-CPUID samples a calibration reads (a mean-of-ten
+//! payload reports ten unfenced timings, or none at all).
 
 use super::plan::ResidueBounds;
 use super::{Shaper, Shaping, ShapingError, CALIBRATION_MOVE};
@@ -57,18 +62,14 @@ impl ShapingOutcome {
 
 /// Probes, calibrates and returns the shaper for `spec`'s run with what it was set up
 /// against.
-pub fn prepare(
-    measurer: &Measurer,
-    payload: &Payload,
-    spec: &RunSpec,
-) -> Result<(Shaper, ShapingOutcome), MeasureError> {
+pub fn prepare(measurer: &Measurer, spec: &RunSpec) -> Result<(Shaper, ShapingOutcome), MeasureError> {
     let moves_tsc = spec.shaping.moves_tsc();
     let tsc_method = if moves_tsc {
-        Some(probe_tsc_moves(measurer, payload, spec)?)
+        Some(probe_tsc_moves(measurer, spec)?)
     } else {
         None
     };
-    let before = rounds(measurer, payload, spec)?;
+    let before = rounds(measurer, spec)?;
     let residue_bound = if moves_tsc { before.residue.lower } else { 0 };
 
     let native_target = match spec.shaping {
@@ -108,8 +109,9 @@ pub fn prepare(
 }
 
 /// Do TSC moves reach the guest? Moves the TSC during a few CPUID exits and asks the guest
-/// what it saw. Returns the method that worked; remembered per payload and path.
-pub fn probe_tsc_moves(measurer: &Measurer, payload: &Payload, spec: &RunSpec) -> Result<TscMethod, MeasureError> {
+/// what it saw. Returns the method that worked; remembered per path.
+pub fn probe_tsc_moves(measurer: &Measurer, spec: &RunSpec) -> Result<TscMethod, MeasureError> {
+    let payload = &core()?;
     if let Some(method) = measurer.known_tsc_method(payload, spec.path) {
         return Ok(method);
     }
@@ -131,6 +133,11 @@ pub fn probe_tsc_moves(measurer: &Measurer, payload: &Payload, spec: &RunSpec) -
         seen,
     }
     .into())
+}
+
+/// The embedded timing core, which every probe and calibration round runs.
+fn core() -> Result<Payload, MeasureError> {
+    Payload::embedded().map_err(|e| MeasureError::Vm(VmError::from(e)))
 }
 
 /// One calibration run: the unshaped cost of the path, and the residue's bounds (measured
@@ -169,7 +176,8 @@ fn round(measurer: &Measurer, payload: &Payload, spec: &RunSpec) -> Result<Calib
 /// [`CALIBRATION_ROUNDS`] calibration runs. The baseline is the median round's, so one VM
 /// that ran while the host was loaded (or, on nested SVM, in its occasional slow mode)
 /// does not decide it; the residue's lower bound is the lowest of all rounds.
-pub fn rounds(measurer: &Measurer, payload: &Payload, spec: &RunSpec) -> Result<CalibrationRound, MeasureError> {
+pub fn rounds(measurer: &Measurer, spec: &RunSpec) -> Result<CalibrationRound, MeasureError> {
+    let payload = &core()?;
     let rounds = (0..CALIBRATION_ROUNDS)
         .map(|_| round(measurer, payload, spec))
         .collect::<Result<Vec<_>, _>>()?;

@@ -14,16 +14,19 @@ pub struct ShapingReport {
     pub requested_cycles: u64,
     /// The same, as measured: for inject kinds the CPUID median over the unshaped
     /// baseline (the mean of the baselines before and after, which cancels a steady
-    /// drift); for hide and profile the guest-seen median itself.
-    pub achieved_cycles: i64,
+    /// drift); for hide and profile the guest-seen median itself. `None` where the
+    /// payload reports no `cpuid` samples (a mean-of-ten detector): its own figures are
+    /// then all there is of what the guest saw.
+    pub achieved_cycles: Option<i64>,
     /// The achieved distribution's 5th and 95th percentiles, on the same terms.
-    pub achieved_p5_cycles: i64,
-    pub achieved_p95_cycles: i64,
+    pub achieved_p5_cycles: Option<i64>,
+    pub achieved_p95_cycles: Option<i64>,
     pub requested_ns: f64,
-    pub achieved_ns: f64,
+    pub achieved_ns: Option<f64>,
     /// Samples in which the guest saw its TSC run backwards (must be zero for hide).
-    pub backwards_samples: u64,
-    /// The guest-seen CPUID median of the unshaped calibration runs in this invocation.
+    pub backwards_samples: Option<u64>,
+    /// The guest-seen CPUID median of the unshaped calibration runs in this invocation
+    /// (the embedded timing core's `cpuid` probe, on the same path).
     pub baseline_cycles: i64,
     /// p95 - p5 of the calibration run: the noise the comparison lives with.
     pub baseline_spread_cycles: i64,
@@ -57,8 +60,9 @@ fn round2(x: f64) -> f64 {
 }
 
 impl ShapingReport {
-    /// `cpuid` is the shaped run's CPUID summary, `exits` what the shaper did.
-    pub fn new(outcome: &ShapingOutcome, cpuid: &Summary, exits: &ShapedExits, tsc_khz: u32) -> Self {
+    /// `cpuid` is the shaped run's CPUID summary (if the payload reported one), `exits`
+    /// what the shaper did.
+    pub fn new(outcome: &ShapingOutcome, cpuid: Option<&Summary>, exits: &ShapedExits, tsc_khz: u32) -> Self {
         let (before, after) = (&outcome.before, outcome.after.as_ref());
         let baseline = after.map_or(before.baseline.median, |a| {
             before.baseline.median / 2 + a.baseline.median / 2
@@ -87,12 +91,12 @@ impl ShapingReport {
         Self {
             kind: outcome.kind,
             requested_cycles: outcome.requested_cycles,
-            achieved_cycles: on_terms(cpuid.median),
-            achieved_p5_cycles: on_terms(cpuid.p5),
-            achieved_p95_cycles: on_terms(cpuid.p95),
+            achieved_cycles: cpuid.map(|c| on_terms(c.median)),
+            achieved_p5_cycles: cpuid.map(|c| on_terms(c.p5)),
+            achieved_p95_cycles: cpuid.map(|c| on_terms(c.p95)),
             requested_ns: ns(outcome.requested_cycles as f64),
-            achieved_ns: ns(on_terms(cpuid.median) as f64),
-            backwards_samples: cpuid.backwards,
+            achieved_ns: cpuid.map(|c| ns(on_terms(c.median) as f64)),
+            backwards_samples: cpuid.map(|c| c.backwards),
             baseline_cycles: before.baseline.median,
             baseline_spread_cycles: before.baseline.p95.saturating_sub(before.baseline.p5),
             residue_cycles: residues.map(|(r, _)| r.median),

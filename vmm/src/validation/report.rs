@@ -908,8 +908,10 @@ fn flagged_rates<'a>(cell: &'a CellResult, columns: &'a [&'static str]) -> impl 
 }
 
 /// The first clause of a refusal, for a table row (the JSON keeps the whole reason).
+/// A refusal's first clause: up to its first ": " (what follows explains), whole where it
+/// has none; never cut inside a parenthesis or a path.
 fn headline(why: &str) -> &str {
-    let end = why.find([':', '(']).unwrap_or(why.len());
+    let end = why.find(": ").unwrap_or(why.len());
     why[..end].trim_end()
 }
 

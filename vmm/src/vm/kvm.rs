@@ -68,6 +68,12 @@ impl KvmContext {
         })
     }
 
+    /// Does the guest's CPUID table advertise RDTSCP (CPUID.80000001H:EDX[27])? What a
+    /// detector checks before it executes the instruction.
+    pub fn guest_advertises_rdtscp(&self) -> bool {
+        CpuidTable::from_kvm(&self.cpuid).lookup(0x8000_0001, 0)[3] & (1 << 27) != 0
+    }
+
     /// The same context with register access forced (the exits bench compares both).
     pub fn with_register_access(mut self, registers: RegisterAccess) -> Self {
         self.registers = registers;

@@ -234,6 +234,25 @@ impl Payload {
             .min()
     }
 
+    /// Where `addr` lies in the payload's code, as `symbol+0xoffset` from the nearest
+    /// symbol at or below it within an executable segment; `None` outside the code or
+    /// where the payload has no symbol table.
+    pub fn place_of(&self, addr: u64) -> Option<String> {
+        let segment = self
+            .segments
+            .iter()
+            .find(|s| s.executable && addr >= s.addr && addr - s.addr < s.mem_size)?;
+        let (name, value) = self
+            .symbols
+            .iter()
+            .filter(|(_, &value)| value >= segment.addr && value <= addr)
+            .max_by_key(|(name, &value)| (value, std::cmp::Reverse(name.as_str())))?;
+        Some(match addr - value {
+            0 => name.clone(),
+            offset => format!("{name}+{offset:#x}"),
+        })
+    }
+
     /// The address of a global symbol, if the payload has a symbol table naming it.
     pub fn symbol(&self, name: &str) -> Option<u64> {
         self.symbols.get(name).copied()
@@ -463,6 +482,19 @@ mod tests {
 
     fn parse(bytes: Vec<u8>) -> Result<Payload, LoaderError> {
         Payload::parse(std::borrow::Cow::Owned(bytes), PayloadSource::Embedded)
+    }
+
+    #[test]
+    fn a_place_in_the_code_is_named_by_the_nearest_symbol_below_it() {
+        let payload = Payload::embedded().unwrap();
+        let (name, addr) = guest_payload::timing::CPUID_SITE_SYMBOLS
+            .iter()
+            .find_map(|name| payload.symbol(name).map(|a| (*name, a)))
+            .unwrap();
+        assert_eq!(payload.place_of(addr).as_deref(), Some(name));
+        let next = payload.place_of(addr + 1).unwrap();
+        assert!(next.ends_with("+0x1"), "{next}");
+        assert_eq!(payload.place_of(0x10), None, "outside the code");
     }
 
     #[test]

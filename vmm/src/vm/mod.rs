@@ -58,8 +58,13 @@ pub enum VmError {
     /// The exit handler's own error (a mode's), kept whole.
     #[error(transparent)]
     Handler(HandlerError),
-    #[error("the guest hung: it did not ring \"done\" within {timeout:?} (stopped at RIP {rip}); raise --timeout if the run is just long")]
-    GuestHung { timeout: Duration, rip: Rip },
+    #[error("the guest hung: it did not ring \"done\" within {timeout:?}; it was at RIP {rip}{} when stopped (a loop that never ends there, or a run longer than --timeout)", .place.as_ref().map_or(String::new(), |p| format!(", in {p}")))]
+    GuestHung {
+        timeout: Duration,
+        rip: Rip,
+        /// `symbol+offset` of the RIP in the payload, where its symbols name it.
+        place: Option<String>,
+    },
     #[error("the guest triple-faulted at RIP {rip} (KVM_EXIT_SHUTDOWN): an exception with no IDT to handle it")]
     TripleFault { rip: Rip },
     #[error("KVM could not run the guest instruction at RIP {rip}{} (KVM_EXIT_INTERNAL_ERROR, {what})", .instruction.as_ref().map_or(String::new(), |i| format!(", {i}")))]
@@ -90,6 +95,22 @@ pub enum VmError {
 }
 
 impl VmError {
+    /// The same error, naming where in `payload`'s code a hang's RIP was.
+    pub fn placed_in(self, payload: &Payload) -> Self {
+        match self {
+            VmError::GuestHung {
+                timeout,
+                rip,
+                place: None,
+            } => VmError::GuestHung {
+                timeout,
+                rip,
+                place: rip.0.and_then(|addr| payload.place_of(addr)),
+            },
+            other => other,
+        }
+    }
+
     /// The RIP a fatal exit stopped at, where the error names one.
     pub fn rip(&self) -> Option<u64> {
         match self {
@@ -447,6 +468,7 @@ impl GuestVm {
                 return Err(VmError::GuestHung {
                     timeout: watchdog.timeout,
                     rip: self.rip(),
+                    place: None,
                 });
             }
             trace.entering();
