@@ -83,3 +83,33 @@ pub fn verdict_of<'a>(report: &'a Value, rule: &str) -> &'a Value {
         .and_then(|verdicts| verdicts.iter().find(|v| v["rule"] == rule))
         .unwrap_or_else(|| panic!("no {rule} verdict in {report}"))
 }
+
+/// What `vmm doctor` found about this KVM, by check name: (verdict, detail). Tests ask
+/// it before asserting what a KVM can or cannot do, so that they hold on this machine's
+/// software KVM, on nested SVM and on hardware alike, from the very probes users see.
+pub fn kvm_check(name: &str) -> (String, String) {
+    static DOCTOR: std::sync::OnceLock<Vec<Value>> = std::sync::OnceLock::new();
+    let checks = DOCTOR.get_or_init(|| {
+        let output = vmm(&["doctor", "--json"]);
+        let parsed: Value = serde_json::from_slice(&output.stdout).expect("doctor --json prints JSON");
+        parsed.as_array().cloned().unwrap_or_default()
+    });
+    let check = checks
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("doctor has no check named {name:?}"));
+    (
+        check["verdict"].as_str().unwrap_or_default().to_owned(),
+        check["detail"].as_str().unwrap_or_default().to_owned(),
+    )
+}
+
+/// Does this KVM honour TSC moves (hide, virtual inject, profiles)? doctor's probe.
+pub fn kvm_moves_tsc() -> bool {
+    kvm_check("TSC moves").0 == "ok"
+}
+
+/// Does this KVM offer TSC scaling (`--evade tsc-khz`)? doctor's "two vCPUs" line.
+pub fn kvm_scales_tsc() -> bool {
+    !kvm_check("two vCPUs").1.contains("no TSC scaling")
+}

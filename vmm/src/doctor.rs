@@ -145,6 +145,7 @@ pub fn run_checks() -> Vec<Check> {
     checks.push(two_vcpus_check(kvm.as_ref().and_then(|m| m.kvm().ok())));
     if let Some(measurer) = &kvm {
         checks.push(boot_check(measurer));
+        checks.push(tsc_moves_check(measurer));
         let advertised = measurer.kvm().is_ok_and(|k| k.guest_advertises_rdtscp());
         checks.push(match measurer.rdtscp_in_guest() {
             Ok(Ok(())) => check("rdtscp in a guest", Verdict::Ok, "runs (payloads that declare VMM_CAP_RDTSCP can run here)"),
@@ -211,6 +212,26 @@ fn sandbox_check() -> Check {
 }
 
 /// Boots the embedded payload for a handful of samples: the end-to-end check.
+/// Do TSC moves reach the guest? The very probe shaping runs before `--hide`,
+/// `--virtual-inject-cycles` and profiles (paravirt: the one VMM-handled path every KVM
+/// delivers), so what doctor says is what those runs will find.
+fn tsc_moves_check(measurer: &Measurer) -> Check {
+    const NAME: &str = "TSC moves";
+    let spec = RunSpec {
+        timeout: Duration::from_secs(20),
+        ..RunSpec::new(Path::Paravirt)
+    };
+    match crate::shaping::calibration::probe_tsc_moves(measurer, &spec) {
+        Ok(method) => check(
+            NAME,
+            Verdict::Ok,
+            format!("honoured ({method:?}): --hide, --virtual-inject-cycles and --profile can run here"),
+        ),
+        Err(crate::measure::MeasureError::Shaping(error)) => check(NAME, Verdict::Warn, format!("ignored: {error}")),
+        Err(error) => check(NAME, Verdict::Warn, format!("could not be probed: {error}")),
+    }
+}
+
 fn boot_check(measurer: &Measurer) -> Check {
     let spec = RunSpec {
         iterations: 200,
