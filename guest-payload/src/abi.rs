@@ -475,8 +475,8 @@ pub struct ResultHeader {
     /// order, `iterations` tick counts (the counter read after the sample minus before).
     pub ticks: u32,
     /// The payload's score for its verdict in thousandths (its own scale; higher is more
-    /// virtual). An integer: guests are built without floating point (no SSE, no x87 on
-    /// an emulating KVM).
+    /// virtual). An integer: an emulating KVM runs no floating-point arithmetic in a guest
+    /// (docs/sdk.md), so a payload that must run there computes in integers.
     pub score_milli: i64,
     /// One line of why, UTF-8, NUL-terminated.
     pub reason: [u8; REASON_BYTES],

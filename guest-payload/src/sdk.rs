@@ -1,9 +1,10 @@
 //! The guest SDK's generated files: the C header with the ABI and the linker script.
 //!
 //! The ABI is defined once, in Rust (`abi.rs`). The C header in `sdk/include/vmm_abi.h`
-//! and the linker script in `sdk/payload.ld` are *generated* from it here, with a
-//! `_Static_assert` on the size of every struct and the offset of every field, so a C
-//! compiler rejects a header that drifted from the Rust layout; and the test below fails
+//! and the linker script in `sdk/payload.ld` are *generated* from it here, with a static
+//! assertion on the size of every struct and the offset of every field (`_Static_assert`
+//! in C, `static_assert` in C++: the header is valid in both), so a compiler rejects a
+//! header that drifted from the Rust layout; and the test below fails
 //! when a checked-in file differs from what this generator prints. To regenerate after
 //! an ABI change: `VMM_SDK_BLESS=1 cargo test -p guest-payload sdk`.
 
@@ -14,6 +15,8 @@ use std::string::String;
 use std::{format, vec};
 
 /// The linker script of every payload: loadable segments from the ABI's payload window.
+/// C++ payloads may have static constructors: `.init_array` is kept, between
+/// `__init_array_start` and `__init_array_end`, and the guest's `_start` runs them.
 pub fn linker_script() -> String {
     let start = layout::PAYLOAD_START;
     let end = layout::PAYLOAD_END;
@@ -27,6 +30,12 @@ SECTIONS
     .text : {{ *(.text._start) *(.text .text.*) }}
     .rodata : ALIGN(4096) {{ *(.rodata .rodata.*) }}
     .data : ALIGN(4096) {{ *(.data .data.*) }}
+    .init_array : ALIGN(8) {{
+        __init_array_start = .;
+        KEEP(*(SORT_BY_INIT_PRIORITY(.init_array.*)))
+        KEEP(*(.init_array))
+        __init_array_end = .;
+    }}
     .bss : ALIGN(16) {{ *(.bss .bss.*) *(COMMON) }}
     /DISCARD/ : {{ *(.eh_frame*) *(.note*) *(.comment) }}
 }}
@@ -58,13 +67,13 @@ fn emit(out: &mut String, s: &CStruct) {
     let _ = writeln!(out, "}};");
     let _ = writeln!(
         out,
-        "_Static_assert(sizeof(struct {}) == {}, \"{} size\");",
+        "VMM_STATIC_ASSERT(sizeof(struct {}) == {}, \"{} size\");",
         s.name, s.size, s.name
     );
     for (_, name, offset) in s.fields {
         let _ = writeln!(
             out,
-            "_Static_assert(offsetof(struct {}, {name}) == {offset}, \"{}.{name}\");",
+            "VMM_STATIC_ASSERT(offsetof(struct {}, {name}) == {offset}, \"{}.{name}\");",
             s.name, s.name
         );
     }
@@ -75,10 +84,13 @@ fn emit(out: &mut String, s: &CStruct) {
 pub fn c_header() -> String {
     let mut out = String::new();
     out.push_str(
-        "/* vmm guest ABI for C. Generated from guest-payload/src/abi.rs by guest-payload/src/sdk.rs:\n \
+        "/* vmm guest ABI for C and C++. Generated from guest-payload/src/abi.rs by guest-payload/src/sdk.rs:\n \
          * do not edit; regenerate with `VMM_SDK_BLESS=1 cargo test -p guest-payload sdk`.\n \
          * docs/sdk.md says what the VMM demands of a payload, in order. */\n\
-         #ifndef VMM_ABI_H\n#define VMM_ABI_H\n\n#include <stddef.h>\n#include <stdint.h>\n\n",
+         #ifndef VMM_ABI_H\n#define VMM_ABI_H\n\n#include <stddef.h>\n#include <stdint.h>\n\n\
+         /* Every struct's size and field offsets are checked against the Rust ABI at compile time. */\n\
+         #ifdef __cplusplus\n#define VMM_STATIC_ASSERT(condition, what) static_assert(condition, what)\n\
+         #else\n#define VMM_STATIC_ASSERT(condition, what) _Static_assert(condition, what)\n#endif\n\n",
     );
     define(
         &mut out,

@@ -607,7 +607,6 @@ static void add_hex(struct vmm_text *line, uint32_t value) {
 static void say(struct vmm_run *run, enum vmm_verdict verdict, int64_t score, const struct vmm_text *line) {
     vmm_verdict(run, verdict, score, line->text);
     vmm_print(line->text);
-    vmm_print("\n");
 }
 
 /* Eight bytes a step (an eighth of the iterations of the SDK's `rep movsb` memcpy: they
@@ -653,11 +652,13 @@ static void phase(const char *what) {
     uint64_t now = vmm_rdtsc();
     vmm_format_u64(digits, (now - phase_start) / 1000000);
     phase_start = now;
-    vmm_print("phase ");
-    vmm_print(what);
-    vmm_print(": ");
-    vmm_print(digits);
-    vmm_print(" Mcycles\n");
+    struct vmm_text line = {{0}, 0};
+    vmm_text_add(&line, "phase ");
+    vmm_text_add(&line, what);
+    vmm_text_add(&line, ": ");
+    vmm_text_add(&line, digits);
+    vmm_text_add(&line, " Mcycles");
+    vmm_print(line.text);
 }
 #else
 #define phase(what) ((void)0)
@@ -794,7 +795,6 @@ int vmm_detect(struct vmm_run *run) {
         add_hex(&more, xss_delta);
     }
     vmm_print(more.text);
-    vmm_print("\n");
     say(run, detected || bypass ? VMM_VERDICT_VIRTUAL : VMM_VERDICT_NATIVE, (int64_t)ratio_milli, &line);
     return VMM_STATUS_OK;
 }

@@ -1,4 +1,4 @@
-/* vmm guest ABI for C. Generated from guest-payload/src/abi.rs by guest-payload/src/sdk.rs:
+/* vmm guest ABI for C and C++. Generated from guest-payload/src/abi.rs by guest-payload/src/sdk.rs:
  * do not edit; regenerate with `VMM_SDK_BLESS=1 cargo test -p guest-payload sdk`.
  * docs/sdk.md says what the VMM demands of a payload, in order. */
 #ifndef VMM_ABI_H
@@ -6,6 +6,13 @@
 
 #include <stddef.h>
 #include <stdint.h>
+
+/* Every struct's size and field offsets are checked against the Rust ABI at compile time. */
+#ifdef __cplusplus
+#define VMM_STATIC_ASSERT(condition, what) static_assert(condition, what)
+#else
+#define VMM_STATIC_ASSERT(condition, what) _Static_assert(condition, what)
+#endif
 
 /* Bumped whenever a layout or meaning changes. */
 #define VMM_ABI_VERSION 0x6u
@@ -144,19 +151,19 @@ struct vmm_config {
     uint64_t result_capacity;
     uint64_t counter_addr;
 };
-_Static_assert(sizeof(struct vmm_config) == 64, "vmm_config size");
-_Static_assert(offsetof(struct vmm_config, magic) == 0, "vmm_config.magic");
-_Static_assert(offsetof(struct vmm_config, abi_version) == 8, "vmm_config.abi_version");
-_Static_assert(offsetof(struct vmm_config, flags) == 12, "vmm_config.flags");
-_Static_assert(offsetof(struct vmm_config, iterations) == 16, "vmm_config.iterations");
-_Static_assert(offsetof(struct vmm_config, warmup) == 20, "vmm_config.warmup");
-_Static_assert(offsetof(struct vmm_config, probes) == 24, "vmm_config.probes");
-_Static_assert(offsetof(struct vmm_config, cpuid_leaf) == 28, "vmm_config.cpuid_leaf");
-_Static_assert(offsetof(struct vmm_config, cpuid_subleaf) == 32, "vmm_config.cpuid_subleaf");
-_Static_assert(offsetof(struct vmm_config, tsc_khz) == 36, "vmm_config.tsc_khz");
-_Static_assert(offsetof(struct vmm_config, result_addr) == 40, "vmm_config.result_addr");
-_Static_assert(offsetof(struct vmm_config, result_capacity) == 48, "vmm_config.result_capacity");
-_Static_assert(offsetof(struct vmm_config, counter_addr) == 56, "vmm_config.counter_addr");
+VMM_STATIC_ASSERT(sizeof(struct vmm_config) == 64, "vmm_config size");
+VMM_STATIC_ASSERT(offsetof(struct vmm_config, magic) == 0, "vmm_config.magic");
+VMM_STATIC_ASSERT(offsetof(struct vmm_config, abi_version) == 8, "vmm_config.abi_version");
+VMM_STATIC_ASSERT(offsetof(struct vmm_config, flags) == 12, "vmm_config.flags");
+VMM_STATIC_ASSERT(offsetof(struct vmm_config, iterations) == 16, "vmm_config.iterations");
+VMM_STATIC_ASSERT(offsetof(struct vmm_config, warmup) == 20, "vmm_config.warmup");
+VMM_STATIC_ASSERT(offsetof(struct vmm_config, probes) == 24, "vmm_config.probes");
+VMM_STATIC_ASSERT(offsetof(struct vmm_config, cpuid_leaf) == 28, "vmm_config.cpuid_leaf");
+VMM_STATIC_ASSERT(offsetof(struct vmm_config, cpuid_subleaf) == 32, "vmm_config.cpuid_subleaf");
+VMM_STATIC_ASSERT(offsetof(struct vmm_config, tsc_khz) == 36, "vmm_config.tsc_khz");
+VMM_STATIC_ASSERT(offsetof(struct vmm_config, result_addr) == 40, "vmm_config.result_addr");
+VMM_STATIC_ASSERT(offsetof(struct vmm_config, result_capacity) == 48, "vmm_config.result_capacity");
+VMM_STATIC_ASSERT(offsetof(struct vmm_config, counter_addr) == 56, "vmm_config.counter_addr");
 
 /* One CPUID answer as the guest saw it. */
 struct vmm_cpuid_record {
@@ -167,13 +174,13 @@ struct vmm_cpuid_record {
     uint32_t ecx;
     uint32_t edx;
 };
-_Static_assert(sizeof(struct vmm_cpuid_record) == 24, "vmm_cpuid_record size");
-_Static_assert(offsetof(struct vmm_cpuid_record, leaf) == 0, "vmm_cpuid_record.leaf");
-_Static_assert(offsetof(struct vmm_cpuid_record, subleaf) == 4, "vmm_cpuid_record.subleaf");
-_Static_assert(offsetof(struct vmm_cpuid_record, eax) == 8, "vmm_cpuid_record.eax");
-_Static_assert(offsetof(struct vmm_cpuid_record, ebx) == 12, "vmm_cpuid_record.ebx");
-_Static_assert(offsetof(struct vmm_cpuid_record, ecx) == 16, "vmm_cpuid_record.ecx");
-_Static_assert(offsetof(struct vmm_cpuid_record, edx) == 20, "vmm_cpuid_record.edx");
+VMM_STATIC_ASSERT(sizeof(struct vmm_cpuid_record) == 24, "vmm_cpuid_record size");
+VMM_STATIC_ASSERT(offsetof(struct vmm_cpuid_record, leaf) == 0, "vmm_cpuid_record.leaf");
+VMM_STATIC_ASSERT(offsetof(struct vmm_cpuid_record, subleaf) == 4, "vmm_cpuid_record.subleaf");
+VMM_STATIC_ASSERT(offsetof(struct vmm_cpuid_record, eax) == 8, "vmm_cpuid_record.eax");
+VMM_STATIC_ASSERT(offsetof(struct vmm_cpuid_record, ebx) == 12, "vmm_cpuid_record.ebx");
+VMM_STATIC_ASSERT(offsetof(struct vmm_cpuid_record, ecx) == 16, "vmm_cpuid_record.ecx");
+VMM_STATIC_ASSERT(offsetof(struct vmm_cpuid_record, edx) == 20, "vmm_cpuid_record.edx");
 
 /* Written by the payload at config.result_addr; int64_t samples follow it (signed: negative when the TSC ran backwards), `iterations` per probe in `probes`, in VMM_PROBE_ORDER; then, where `ticks` is non-zero, as many int64_t counter tick counts in the same order. Write `magic` last. */
 struct vmm_result_header {
@@ -195,24 +202,24 @@ struct vmm_result_header {
     uint64_t rate_cycles;
     uint64_t rate_ticks;
 };
-_Static_assert(sizeof(struct vmm_result_header) == 424, "vmm_result_header size");
-_Static_assert(offsetof(struct vmm_result_header, magic) == 0, "vmm_result_header.magic");
-_Static_assert(offsetof(struct vmm_result_header, abi_version) == 8, "vmm_result_header.abi_version");
-_Static_assert(offsetof(struct vmm_result_header, status) == 12, "vmm_result_header.status");
-_Static_assert(offsetof(struct vmm_result_header, iterations) == 16, "vmm_result_header.iterations");
-_Static_assert(offsetof(struct vmm_result_header, probes) == 20, "vmm_result_header.probes");
-_Static_assert(offsetof(struct vmm_result_header, tsc_start) == 24, "vmm_result_header.tsc_start");
-_Static_assert(offsetof(struct vmm_result_header, tsc_end) == 32, "vmm_result_header.tsc_end");
-_Static_assert(offsetof(struct vmm_result_header, cpuid_count) == 40, "vmm_result_header.cpuid_count");
-_Static_assert(offsetof(struct vmm_result_header, site_bytes_valid) == 44, "vmm_result_header.site_bytes_valid");
-_Static_assert(offsetof(struct vmm_result_header, site_bytes) == 48, "vmm_result_header.site_bytes");
-_Static_assert(offsetof(struct vmm_result_header, cpuid) == 56, "vmm_result_header.cpuid");
-_Static_assert(offsetof(struct vmm_result_header, verdict) == 272, "vmm_result_header.verdict");
-_Static_assert(offsetof(struct vmm_result_header, ticks) == 276, "vmm_result_header.ticks");
-_Static_assert(offsetof(struct vmm_result_header, score_milli) == 280, "vmm_result_header.score_milli");
-_Static_assert(offsetof(struct vmm_result_header, reason) == 288, "vmm_result_header.reason");
-_Static_assert(offsetof(struct vmm_result_header, rate_cycles) == 408, "vmm_result_header.rate_cycles");
-_Static_assert(offsetof(struct vmm_result_header, rate_ticks) == 416, "vmm_result_header.rate_ticks");
+VMM_STATIC_ASSERT(sizeof(struct vmm_result_header) == 424, "vmm_result_header size");
+VMM_STATIC_ASSERT(offsetof(struct vmm_result_header, magic) == 0, "vmm_result_header.magic");
+VMM_STATIC_ASSERT(offsetof(struct vmm_result_header, abi_version) == 8, "vmm_result_header.abi_version");
+VMM_STATIC_ASSERT(offsetof(struct vmm_result_header, status) == 12, "vmm_result_header.status");
+VMM_STATIC_ASSERT(offsetof(struct vmm_result_header, iterations) == 16, "vmm_result_header.iterations");
+VMM_STATIC_ASSERT(offsetof(struct vmm_result_header, probes) == 20, "vmm_result_header.probes");
+VMM_STATIC_ASSERT(offsetof(struct vmm_result_header, tsc_start) == 24, "vmm_result_header.tsc_start");
+VMM_STATIC_ASSERT(offsetof(struct vmm_result_header, tsc_end) == 32, "vmm_result_header.tsc_end");
+VMM_STATIC_ASSERT(offsetof(struct vmm_result_header, cpuid_count) == 40, "vmm_result_header.cpuid_count");
+VMM_STATIC_ASSERT(offsetof(struct vmm_result_header, site_bytes_valid) == 44, "vmm_result_header.site_bytes_valid");
+VMM_STATIC_ASSERT(offsetof(struct vmm_result_header, site_bytes) == 48, "vmm_result_header.site_bytes");
+VMM_STATIC_ASSERT(offsetof(struct vmm_result_header, cpuid) == 56, "vmm_result_header.cpuid");
+VMM_STATIC_ASSERT(offsetof(struct vmm_result_header, verdict) == 272, "vmm_result_header.verdict");
+VMM_STATIC_ASSERT(offsetof(struct vmm_result_header, ticks) == 276, "vmm_result_header.ticks");
+VMM_STATIC_ASSERT(offsetof(struct vmm_result_header, score_milli) == 280, "vmm_result_header.score_milli");
+VMM_STATIC_ASSERT(offsetof(struct vmm_result_header, reason) == 288, "vmm_result_header.reason");
+VMM_STATIC_ASSERT(offsetof(struct vmm_result_header, rate_cycles) == 408, "vmm_result_header.rate_cycles");
+VMM_STATIC_ASSERT(offsetof(struct vmm_result_header, rate_ticks) == 416, "vmm_result_header.rate_ticks");
 
 /* At config.counter_addr when the run has a counter vCPU: `counter` goes up by one per loop iteration on another vCPU (natively, another CPU). Volatile. */
 struct vmm_counter_block {
@@ -223,13 +230,13 @@ struct vmm_counter_block {
     uint64_t stamp;
     uint64_t pad2[7];
 };
-_Static_assert(sizeof(struct vmm_counter_block) == 192, "vmm_counter_block size");
-_Static_assert(offsetof(struct vmm_counter_block, counter) == 0, "vmm_counter_block.counter");
-_Static_assert(offsetof(struct vmm_counter_block, pad0) == 8, "vmm_counter_block.pad0");
-_Static_assert(offsetof(struct vmm_counter_block, stamp_request) == 64, "vmm_counter_block.stamp_request");
-_Static_assert(offsetof(struct vmm_counter_block, pad1) == 72, "vmm_counter_block.pad1");
-_Static_assert(offsetof(struct vmm_counter_block, stamp) == 128, "vmm_counter_block.stamp");
-_Static_assert(offsetof(struct vmm_counter_block, pad2) == 136, "vmm_counter_block.pad2");
+VMM_STATIC_ASSERT(sizeof(struct vmm_counter_block) == 192, "vmm_counter_block size");
+VMM_STATIC_ASSERT(offsetof(struct vmm_counter_block, counter) == 0, "vmm_counter_block.counter");
+VMM_STATIC_ASSERT(offsetof(struct vmm_counter_block, pad0) == 8, "vmm_counter_block.pad0");
+VMM_STATIC_ASSERT(offsetof(struct vmm_counter_block, stamp_request) == 64, "vmm_counter_block.stamp_request");
+VMM_STATIC_ASSERT(offsetof(struct vmm_counter_block, pad1) == 72, "vmm_counter_block.pad1");
+VMM_STATIC_ASSERT(offsetof(struct vmm_counter_block, stamp) == 128, "vmm_counter_block.stamp");
+VMM_STATIC_ASSERT(offsetof(struct vmm_counter_block, pad2) == 136, "vmm_counter_block.pad2");
 
 /* What a payload declares, at the global symbol `vmm_payload_info`. */
 struct vmm_payload_info {
@@ -238,10 +245,10 @@ struct vmm_payload_info {
     uint32_t capabilities;
     char name[32];
 };
-_Static_assert(sizeof(struct vmm_payload_info) == 48, "vmm_payload_info size");
-_Static_assert(offsetof(struct vmm_payload_info, magic) == 0, "vmm_payload_info.magic");
-_Static_assert(offsetof(struct vmm_payload_info, abi_version) == 8, "vmm_payload_info.abi_version");
-_Static_assert(offsetof(struct vmm_payload_info, capabilities) == 12, "vmm_payload_info.capabilities");
-_Static_assert(offsetof(struct vmm_payload_info, name) == 16, "vmm_payload_info.name");
+VMM_STATIC_ASSERT(sizeof(struct vmm_payload_info) == 48, "vmm_payload_info size");
+VMM_STATIC_ASSERT(offsetof(struct vmm_payload_info, magic) == 0, "vmm_payload_info.magic");
+VMM_STATIC_ASSERT(offsetof(struct vmm_payload_info, abi_version) == 8, "vmm_payload_info.abi_version");
+VMM_STATIC_ASSERT(offsetof(struct vmm_payload_info, capabilities) == 12, "vmm_payload_info.capabilities");
+VMM_STATIC_ASSERT(offsetof(struct vmm_payload_info, name) == 16, "vmm_payload_info.name");
 
 #endif /* VMM_ABI_H */

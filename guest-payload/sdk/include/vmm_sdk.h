@@ -1,5 +1,5 @@
 /* vmm guest SDK: write a VM detector once, run it as a vmm guest and as a native Linux
- * program from the same source. See docs/sdk.md.
+ * program from the same source, in C or C++. See docs/sdk.md.
  *
  * A detector defines `vmm_detect()` and declares itself with `VMM_PAYLOAD(...)`; the SDK
  * supplies the entry point of each build (lib/start_guest.c: the bare-metal `_start` the
@@ -10,11 +10,22 @@
 
 #include "vmm_abi.h"
 
+/* In C++ the detector's vmm_detect() and the declaration below keep their C names: the
+ * SDK's library is C, and the VMM looks for the symbol `vmm_payload_info`. */
+#ifdef __cplusplus
+#define VMM_EXTERN_C extern "C"
+extern "C" {
+#else
+#define VMM_EXTERN_C
+#endif
+
 /* Declares the payload to the VMM (read from the ELF before it runs): a name for reports
- * and what it can do (VMM_CAP_* bits). Use exactly once, at file scope. */
+ * (at most 31 characters) and what it can do (VMM_CAP_* bits). Use exactly once, at file
+ * scope. (In C++ a namespace-scope const has internal linkage: `extern "C"` keeps the
+ * symbol global, under its C name.) */
 #define VMM_PAYLOAD(name_literal, caps)                                                     \
-    __attribute__((used)) const struct vmm_payload_info vmm_payload_info = {               \
-        VMM_PAYLOAD_INFO_MAGIC, VMM_ABI_VERSION, (caps), name_literal}
+    VMM_EXTERN_C __attribute__((used)) const struct vmm_payload_info vmm_payload_info = {  \
+        VMM_PAYLOAD_INFO_MAGIC, VMM_ABI_VERSION, (uint32_t)(caps), name_literal}
 
 /* One run, as the detector sees it. */
 struct vmm_run {
@@ -26,20 +37,29 @@ struct vmm_run {
 };
 
 /* The detector: measure, record samples, optionally report a verdict. Returns a
- * `enum vmm_status` (VMM_STATUS_OK when it measured). */
+ * `enum vmm_status` (VMM_STATUS_OK when it measured). The SDK calls it with every
+ * callee-saved register (RBX, RBP, R12-R15) saved around the call and restored after: a
+ * detector whose asm clobbers registers it does not declare (pafish's `cpuid`) may
+ * compute garbage, but the SDK still reports what it wrote. */
 int vmm_detect(struct vmm_run *run);
 
 /* Declares the probes (bits 1 << VMM_PROBE_*) and samples per probe the payload will
  * report; checks they fit the result area. Returns VMM_STATUS_OK or why not. In a run
- * with a counter (config.counter_addr != 0) room is held for counter ticks after the TSC
- * samples (result header `ticks`), twice the samples, as the VMM counts it. */
+ * with a counter (config.counter_addr != 0) room is always held for counter ticks after
+ * the TSC samples, as many again, as the VMM counts it: vmm_ticks() says where they go. */
 int vmm_begin(struct vmm_run *run, uint32_t probes, uint32_t iterations);
 /* The most samples per probe that vmm_begin() accepts for `probes`. */
 uint32_t vmm_samples_that_fit(const struct vmm_run *run, uint32_t probes);
 /* Where the samples of `probe` go (after vmm_begin); NULL if it was not declared. */
 int64_t *vmm_samples(struct vmm_run *run, unsigned probe);
+/* Where the counter tick counts of `probe` go (after vmm_begin), one per sample in the
+ * same order: the counter (struct vmm_counter_block at config.counter_addr) read after
+ * the sample minus before. NULL if the probe was not declared or the run has no counter.
+ * Calling it says the payload reports ticks (result header `ticks` = 1): the VMM then
+ * reads them for every declared probe, so fill them all. */
+int64_t *vmm_ticks(struct vmm_run *run, unsigned probe);
 /* The payload's own verdict: enum vmm_verdict, a score in thousandths (higher: more
- * virtual; integers only, guests have no floating point) and one line of why
+ * virtual; an integer, whatever the payload computed it in) and one line of why
  * (truncated to VMM_REASON_BYTES - 1). */
 void vmm_verdict(struct vmm_run *run, enum vmm_verdict verdict, int64_t score_milli, const char *reason);
 
@@ -80,7 +100,8 @@ int vmm_sleep_ms(const struct vmm_run *run, uint32_t ms);
  * on a thread of its own on another CPU. A payload never calls it. */
 void vmm_counter_loop(struct vmm_counter_block *block);
 
-/* A line of text: the guest's serial console, or the native twin's stderr. */
+/* One line of text: the guest's serial console, or the native twin's stderr. A newline
+ * is added unless the text ends with one (so it never runs into what follows). */
 void vmm_print(const char *text);
 /* 1 in the guest build, 0 in the native twin. */
 int vmm_in_guest(void);
@@ -98,5 +119,9 @@ struct vmm_text {
 };
 void vmm_text_add(struct vmm_text *line, const char *piece);
 void vmm_text_add_u64(struct vmm_text *line, uint64_t value);
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif /* VMM_SDK_H */

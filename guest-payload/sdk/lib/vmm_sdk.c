@@ -20,7 +20,7 @@ int vmm_in_guest(void) {
 #endif
 }
 
-/* No libgcc in the guest: count bits by hand. */
+/* Count bits by hand: the SDK's own code needs nothing from libgcc. */
 static unsigned bits(uint32_t mask) {
     unsigned n = 0;
     for (; mask; mask &= mask - 1)
@@ -28,10 +28,11 @@ static unsigned bits(uint32_t mask) {
     return n;
 }
 
-/* Bytes per sample of one probe: a TSC sample, and room for its tick count too where the
- * payload reports ticks (result->ticks set; the VMM counts them only then). */
+/* Bytes per sample of one probe: a TSC sample, and room for its tick count too in a run
+ * with a counter (the VMM reads ticks only where the header's `ticks` says so, but a
+ * payload may say so after vmm_begin, with vmm_ticks()). */
 static uint64_t bytes_per_sample(const struct vmm_run *run) {
-    return (run->result->ticks != 0 ? 2 : 1) * sizeof(int64_t);
+    return (run->config->counter_addr != 0 || run->result->ticks != 0 ? 2 : 1) * sizeof(int64_t);
 }
 
 static uint64_t sample_bytes(const struct vmm_run *run, uint32_t probes, uint32_t iterations) {
@@ -95,11 +96,50 @@ int64_t *vmm_samples(struct vmm_run *run, unsigned probe) {
     return (int64_t *)((char *)run->result + sizeof(struct vmm_result_header)) + before * run->iterations;
 }
 
+int64_t *vmm_ticks(struct vmm_run *run, unsigned probe) {
+    int64_t *samples = vmm_samples(run, probe);
+    if (!samples || run->config->counter_addr == 0)
+        return 0;
+    run->result->ticks = 1;
+    /* After every probe's TSC samples, in the same order (ResultHeader::tick_offset). */
+    return samples + (uint64_t)bits(run->probes) * run->iterations;
+}
+
+/* Calls vmm_detect(run) with RBX, RBP and R12-R15 saved on the stack and restored after,
+ * whatever the detector did to them: an asm statement that clobbers registers it does not
+ * declare (pafish's `cpuid` names no outputs) must not take the SDK down with it. The
+ * stack stays 16-byte aligned at the call, as the System V ABI demands (SSE code relies
+ * on it). */
+int vmm_call_detector(struct vmm_run *run);
+__asm__(".pushsection .text.vmm_call_detector,\"ax\",@progbits\n"
+        ".globl vmm_call_detector\n"
+        ".type vmm_call_detector, @function\n"
+        "vmm_call_detector:\n\t"
+        "pushq %rbx\n\t"
+        "pushq %rbp\n\t"
+        "pushq %r12\n\t"
+        "pushq %r13\n\t"
+        "pushq %r14\n\t"
+        "pushq %r15\n\t"
+        "subq $8, %rsp\n\t" /* entry: RSP = 8 mod 16; 6 pushes and 8: 0 mod 16 */
+        "call vmm_detect\n\t"
+        "addq $8, %rsp\n\t"
+        "popq %r15\n\t"
+        "popq %r14\n\t"
+        "popq %r13\n\t"
+        "popq %r12\n\t"
+        "popq %rbp\n\t"
+        "popq %rbx\n\t"
+        "ret\n"
+        ".size vmm_call_detector, . - vmm_call_detector\n"
+        ".popsection\n");
+
 int vmm_run_detector(struct vmm_run *run) {
     struct vmm_result_header *result = run->result;
     result->verdict = VMM_VERDICT_NONE;
+    result->ticks = 0;
     result->tsc_start = vmm_rdtsc_fenced();
-    int status = vmm_detect(run);
+    int status = vmm_call_detector(run);
     result->tsc_end = vmm_rdtsc_fenced();
     result->abi_version = VMM_ABI_VERSION;
     result->status = (uint32_t)status;
@@ -171,11 +211,19 @@ int vmm_sleep_ms(const struct vmm_run *run, uint32_t ms) {
 }
 
 void vmm_print(const char *text) {
+    char last = 0;
 #ifdef VMM_GUEST
-    for (; *text; text++)
-        outb(VMM_PORT_CONSOLE, (uint8_t)*text);
+    for (; text && *text; text++)
+        outb(VMM_PORT_CONSOLE, (uint8_t)(last = *text));
+    if (last != '\n')
+        outb(VMM_PORT_CONSOLE, '\n');
 #else
-    fputs(text, stderr);
+    if (text && *text) {
+        fputs(text, stderr);
+        last = text[strlen(text) - 1];
+    }
+    if (last != '\n')
+        fputc('\n', stderr);
 #endif
 }
 
@@ -206,12 +254,130 @@ void vmm_text_add_u64(struct vmm_text *line, uint64_t value) {
 #ifdef VMM_GUEST
 /* What a freestanding compiler may emit calls to. */
 void *memcpy(void *dest, const void *src, size_t n) {
-    __asm__ volatile("rep movsb" : "+D"(dest), "+S"(src), "+c"(n) : : "memory");
+    void *d = dest;
+    __asm__ volatile("rep movsb" : "+D"(d), "+S"(src), "+c"(n) : : "memory");
+    return dest;
+}
+void *memmove(void *dest, const void *src, size_t n) {
+    unsigned char *d = (unsigned char *)dest;
+    const unsigned char *s = (const unsigned char *)src;
+    if (d <= s || d >= s + n)
+        return memcpy(dest, src, n);
+    /* Overlapping, destination above: copy backwards. */
+    unsigned char *d_last = d + n - 1;
+    const unsigned char *s_last = s + n - 1;
+    __asm__ volatile("std\n\trep movsb\n\tcld" : "+D"(d_last), "+S"(s_last), "+c"(n) : : "memory");
     return dest;
 }
 void *memset(void *dest, int value, size_t n) {
     void *d = dest;
     __asm__ volatile("rep stosb" : "+D"(d), "+c"(n) : "a"(value) : "memory");
     return dest;
+}
+int memcmp(const void *a, const void *b, size_t n) {
+    const unsigned char *x = (const unsigned char *)a, *y = (const unsigned char *)b;
+    for (; n; n--, x++, y++)
+        if (*x != *y)
+            return *x < *y ? -1 : 1;
+    return 0;
+}
+
+/* 128-bit division for `__int128` code (`__divti3` and friends). libgcc has them too (the
+ * guest links with -lgcc, after these), but its `__umodti3` moves through SSE registers,
+ * which an emulating KVM cannot run: these use general registers only. Divide by zero
+ * faults (#DE), as libgcc's does. */
+typedef unsigned __int128 vmm_u128;
+static uint64_t div_128_by_64(uint64_t high, uint64_t low, uint64_t divisor, uint64_t *remainder) {
+    uint64_t quotient;
+    __asm__("divq %[d]" : "=a"(quotient), "=d"(*remainder) : [d] "rm"(divisor), "a"(low), "d"(high));
+    return quotient;
+}
+static vmm_u128 udivmod_128(vmm_u128 n, vmm_u128 d, vmm_u128 *remainder) {
+    uint64_t n_high = (uint64_t)(n >> 64), n_low = (uint64_t)n;
+    uint64_t d_high = (uint64_t)(d >> 64), d_low = (uint64_t)d;
+    if (d_high == 0) {
+        /* Two 128-by-64 divisions, each quotient fits 64 bits (a zero divisor faults). */
+        uint64_t r_high, r;
+        uint64_t q_high = n_high < d_low ? (r_high = n_high, 0) : div_128_by_64(0, n_high, d_low, &r_high);
+        uint64_t q_low = div_128_by_64(r_high, n_low, d_low, &r);
+        if (remainder)
+            *remainder = r;
+        return ((vmm_u128)q_high << 64) | q_low;
+    }
+    /* A divisor of 2^64 or more: the quotient fits 64 bits. Estimate it from the divisor's
+     * normalised top 64 bits (Hacker's Delight, divlu2), then correct by one. */
+    unsigned shift = (unsigned)__builtin_clzll(d_high);
+    uint64_t top = (uint64_t)((d << shift) >> 64);
+    vmm_u128 half = n >> 1;
+    uint64_t unused;
+    uint64_t q = div_128_by_64((uint64_t)(half >> 64), (uint64_t)half, top, &unused);
+    q = (uint64_t)(((vmm_u128)q << shift) >> 63);
+    if (q != 0)
+        q--;
+    vmm_u128 r = n - (vmm_u128)q * d;
+    if (r >= d) {
+        q++;
+        r -= d;
+    }
+    if (remainder)
+        *remainder = r;
+    return q;
+}
+vmm_u128 __udivti3(vmm_u128 n, vmm_u128 d);
+vmm_u128 __umodti3(vmm_u128 n, vmm_u128 d);
+__int128 __divti3(__int128 n, __int128 d);
+__int128 __modti3(__int128 n, __int128 d);
+vmm_u128 __udivmodti4(vmm_u128 n, vmm_u128 d, vmm_u128 *remainder);
+vmm_u128 __udivti3(vmm_u128 n, vmm_u128 d) {
+    return udivmod_128(n, d, 0);
+}
+vmm_u128 __umodti3(vmm_u128 n, vmm_u128 d) {
+    vmm_u128 r;
+    udivmod_128(n, d, &r);
+    return r;
+}
+vmm_u128 __udivmodti4(vmm_u128 n, vmm_u128 d, vmm_u128 *remainder) {
+    return udivmod_128(n, d, remainder);
+}
+/* Signed: on magnitudes, the quotient negative when the signs differ, the remainder with
+ * the dividend's sign (C's truncating division). */
+static vmm_u128 magnitude(__int128 v) {
+    return v < 0 ? -(vmm_u128)v : (vmm_u128)v;
+}
+__int128 __divti3(__int128 n, __int128 d) {
+    vmm_u128 q = udivmod_128(magnitude(n), magnitude(d), 0);
+    return (__int128)((n < 0) != (d < 0) ? -q : q);
+}
+__int128 __modti3(__int128 n, __int128 d) {
+    vmm_u128 r;
+    udivmod_128(magnitude(n), magnitude(d), &r);
+    return (__int128)(n < 0 ? -r : r);
+}
+
+/* C++ runtime hooks a freestanding C++ payload may reference (there is no libstdc++ in
+ * the guest): static destructors are registered and never run (a guest never returns
+ * from _start), a pure virtual call stops the guest, delete of what was never newed does
+ * nothing (there is no operator new: a payload that allocates fails to link). */
+void *__dso_handle = 0;
+int __cxa_atexit(void (*destructor)(void *), void *object, void *dso);
+int __cxa_atexit(void (*destructor)(void *), void *object, void *dso) {
+    (void)destructor;
+    (void)object;
+    (void)dso;
+    return 0;
+}
+void __cxa_pure_virtual(void);
+void __cxa_pure_virtual(void) {
+    for (;;)
+        __asm__ volatile("ud2");
+}
+void _ZdlPv(void *p);
+void _ZdlPvm(void *p, size_t n);
+void _ZdlPv(void *p) {
+    (void)p;
+}
+void _ZdlPvm(void *p, size_t n) {
+    (void)p;
+    (void)n;
 }
 #endif
