@@ -113,11 +113,26 @@ fn three_shards_merged_are_the_unsharded_run() {
             );
         }
     }
-    // A shard left out is said, not taken for the whole: PARTIAL, naming the shard, and the
-    // JUnit report fails its coverage case.
+    // A shard left out is said, not taken for the whole: PARTIAL, naming the shard, the
+    // JUnit report fails its coverage case, and the merge exits 1 after writing it all
+    // (a requirement that holds on what is there does not turn it green).
     let junit = dir.path("partial.xml");
-    let output = vmm(&["merge", &shards[0], &shards[2], "--json", "--junit", &junit]);
-    assert!(output.status.success(), "{}", stderr(&output));
+    let output = vmm(&[
+        "merge",
+        &shards[0],
+        &shards[2],
+        "--json",
+        "--junit",
+        &junit,
+        "--require",
+        "hypervisor-bit:tpr>=0.5",
+    ]);
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("PARTIAL") && stderr(&output).contains("shards not given: 2/3"),
+        "{}",
+        stderr(&output)
+    );
     let partial: Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(partial["matrix_coverage"]["missing_shards"], serde_json::json!(["2/3"]));
     assert!(partial["matrix_coverage"]["missing"].as_u64().unwrap() > 0);
@@ -125,8 +140,21 @@ fn three_shards_merged_are_the_unsharded_run() {
     assert!(std::fs::read_to_string(&junit)
         .unwrap()
         .contains("classname=\"coverage\""));
-    let text = vmm(&["merge", &shards[0], &shards[2]]);
+    let text = vmm(&["merge", &shards[0], &shards[2], "--allow-partial"]);
+    assert!(text.status.success(), "told to: {}", stderr(&text));
     assert!(String::from_utf8_lossy(&text.stdout).contains("matrix: PARTIAL"));
+    // One shard alone, gated: its figures are named as the slice's.
+    let one = vmm(&[
+        "merge",
+        &shards[1],
+        "--allow-partial",
+        "--json",
+        "--require",
+        "hypervisor-bit:tpr>=0.5",
+    ]);
+    let one: Value = serde_json::from_slice(&one.stdout).unwrap();
+    let why = one["requirements"][0]["why"].as_str().unwrap();
+    assert!(why.contains("this slice of the matrix only"), "{why}");
     // A shard given twice is refused, naming the run.
     let output = vmm(&["merge", &shards[0], &shards[1], &shards[0]]);
     assert_eq!(output.status.code(), Some(1));

@@ -194,6 +194,12 @@ pub struct MergeArgs {
     #[arg(required = true, value_name = "REPORT.json")]
     pub reports: Vec<PathBuf>,
 
+    /// Accept a merge that does not cover the whole matrix (a shard missing or
+    /// interrupted): without it such a merge exits 1 after writing its outputs, naming
+    /// the shards not given, and its requirements are judged on what is there.
+    #[arg(long)]
+    pub allow_partial: bool,
+
     #[command(flatten)]
     pub report: ReportArgs,
 }

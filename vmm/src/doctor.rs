@@ -161,6 +161,16 @@ pub fn run_checks() -> Vec<Check> {
             ),
             Err(error) => check("rdtscp in a guest", Verdict::Warn, format!("could not be probed: {error}")),
         });
+        const FLOAT: &str = "floating point in a guest";
+        checks.push(match measurer.float_in_guest() {
+            Ok(Ok(())) => check(FLOAT, Verdict::Ok, "SSE arithmetic runs (payloads may compute in double)"),
+            Ok(Err(why)) => check(
+                FLOAT,
+                Verdict::Warn,
+                format!("fails ({why}): this KVM emulates guest instructions and runs no SSE or x87 arithmetic; a payload that computes in double stops there, naming the instruction (docs/sdk.md)"),
+            ),
+            Err(error) => check(FLOAT, Verdict::Warn, format!("could not be probed: {error}")),
+        });
     }
     checks
 }

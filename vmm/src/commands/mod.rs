@@ -59,6 +59,8 @@ pub enum CommandError {
     RunsFailed { runs: usize, cells: String },
     #[error("unmet requirements: {0}")]
     RequirementsUnmet(String),
+    #[error("the merge is PARTIAL: {missing} of {jobs} jobs missing{shards}; the report is written, marked partial. Give every shard's report, or pass --allow-partial to accept it")]
+    Partial { missing: u64, jobs: u64, shards: String },
     #[error("interrupted by {}: {done}", crate::interrupt::name(*.signal))]
     Interrupted { signal: i32, done: String },
 }

@@ -38,6 +38,7 @@ impl Outputs {
         report: &ValidationReport,
         print_json: bool,
         calibration: &crate::detector::Calibration,
+        partial_fails: bool,
     ) -> Result<(), CommandError> {
         if print_json {
             super::print(&(serde_json::to_string_pretty(report)? + "\n"))?;
@@ -77,6 +78,18 @@ impl Outputs {
             return Err(CommandError::RequirementsUnmet(
                 unmet.iter().map(|r| r.why.clone()).collect::<Vec<_>>().join("; "),
             ));
+        }
+        let coverage = &report.matrix_coverage;
+        if partial_fails && coverage.missing > 0 {
+            return Err(CommandError::Partial {
+                missing: coverage.missing,
+                jobs: coverage.jobs,
+                shards: if coverage.missing_shards.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (shards not given: {})", coverage.missing_shards_text())
+                },
+            });
         }
         Ok(())
     }
@@ -205,7 +218,8 @@ pub fn validate(args: &ValidateArgs) -> Result<(), CommandError> {
         failures,
     };
     let report = ValidationReport::assemble(inputs, &extra);
-    outputs.finish(&report, args.report.json, &session.calibration)
+    // A shard's report covers its slice by design: it is the merge that must be whole.
+    outputs.finish(&report, args.report.json, &session.calibration, false)
 }
 
 pub fn merge(args: &MergeArgs) -> Result<(), CommandError> {
@@ -217,5 +231,10 @@ pub fn merge(args: &MergeArgs) -> Result<(), CommandError> {
     }
     let report = ValidationReport::assemble(merge::merge(reports)?, &extra);
     // Plots of merged reports draw each run's sketch; the rules' lines are the defaults'.
-    outputs.finish(&report, args.report.json, &crate::detector::Calibration::uncalibrated())
+    outputs.finish(
+        &report,
+        args.report.json,
+        &crate::detector::Calibration::uncalibrated(),
+        !args.allow_partial,
+    )
 }

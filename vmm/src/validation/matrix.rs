@@ -262,13 +262,9 @@ pub struct Shard {
     pub count: u32,
 }
 
-/// Where `--shard auto` finds its index and count: (index variable, 0- or 1-based, count
-/// variable), tried in order. Kubernetes Indexed Jobs set no count: set VMM_SHARD_COUNT.
-const SHARD_ENVIRONMENTS: [(&str, &str, &str); 3] = [
-    ("VMM_SHARD_INDEX", "0", "VMM_SHARD_COUNT"),
-    ("JOB_COMPLETION_INDEX", "0", "VMM_SHARD_COUNT"),
-    ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_COUNT"),
-];
+/// The variables `--shard auto` reads: each names the shard by itself, so where more than
+/// one is set they must agree.
+pub const SHARD_VARIABLES: [&str; 3] = ["VMM_SHARD_INDEX", "JOB_COMPLETION_INDEX", "SLURM_ARRAY_TASK_ID"];
 
 impl Shard {
     /// The whole matrix.
@@ -278,9 +274,16 @@ impl Shard {
         job % u64::from(self.count) == u64::from(self.index - 1)
     }
 
-    /// `--shard auto`: the shard a batch engine's environment names (Kubernetes
-    /// `JOB_COMPLETION_INDEX`, Slurm `SLURM_ARRAY_TASK_ID`, or `VMM_SHARD_INDEX`), with the
-    /// count from `VMM_SHARD_COUNT` or Slurm's `SLURM_ARRAY_TASK_COUNT`.
+    /// `--shard auto`: the shard a batch engine's environment names.
+    /// - `VMM_SHARD_INDEX` (0-based) with `VMM_SHARD_COUNT`: set by hand.
+    /// - Kubernetes Indexed Job: `JOB_COMPLETION_INDEX` (0-based) with `VMM_SHARD_COUNT`.
+    /// - Slurm array: the task's place in the array, (`SLURM_ARRAY_TASK_ID` − `_MIN`) / `_STEP`
+    ///   of `_COUNT` (`--array=0-6:2` is four shards); an array that is a list (`1,2,5`)
+    ///   cannot be mapped and is refused. With `VMM_SHARD_COUNT` set, the task IDs *are*
+    ///   the 0-based shard numbers instead: `sbatch --array=3` re-runs shard 4 of N.
+    ///
+    /// Sources that disagree (a `VMM_SHARD_INDEX` left in the submitting shell, inside a
+    /// Slurm job) are refused, naming both; none is silently preferred.
     pub fn from_environment(var: impl Fn(&str) -> Option<String>) -> Result<Self, String> {
         let number = |name: &str| -> Result<Option<u32>, String> {
             var(name)
@@ -291,29 +294,47 @@ impl Shard {
                 })
                 .transpose()
         };
-        for (index_var, base, count_var) in SHARD_ENVIRONMENTS {
-            let Some(index) = number(index_var)? else { continue };
-            let base = if base == "0" { 0 } else { number(base)?.unwrap_or(0) };
-            let count = number(count_var)?
-                .or(if count_var == "VMM_SHARD_COUNT" {
-                    None
-                } else {
-                    number("VMM_SHARD_COUNT")?
-                })
-                .ok_or_else(|| format!("{index_var} is set but not the shard count: set {count_var}"))?;
-            let index = index
-                .checked_sub(base)
-                .ok_or_else(|| format!("{index_var}={index} is below its base {base}"))?;
+        let explicit_count = number("VMM_SHARD_COUNT")?;
+        let zero_based = |name: &str, index: u32| -> Result<Shard, String> {
+            let count =
+                explicit_count.ok_or_else(|| format!("{name} is set but not the shard count: set VMM_SHARD_COUNT"))?;
             let index = index
                 .checked_add(1)
-                .ok_or_else(|| format!("{index_var}={index} is too large"))?;
-            return Shard::new(index, count);
+                .ok_or_else(|| format!("{name}={index} is too large"))?;
+            Shard::new(index, count).map_err(|why| format!("{name}={} of VMM_SHARD_COUNT={count}: {why}", index - 1))
+        };
+        let mut found: Vec<(&str, Shard)> = Vec::new();
+        for name in SHARD_VARIABLES {
+            let Some(index) = number(name)? else { continue };
+            let shard = if name == "SLURM_ARRAY_TASK_ID" && explicit_count.is_none() {
+                slurm_shard(index, &number)?
+            } else {
+                if name == "SLURM_ARRAY_TASK_ID" && number("SLURM_ARRAY_TASK_STEP")?.unwrap_or(1) > 1 {
+                    return Err(
+                        "VMM_SHARD_COUNT with a stepped Slurm array (SLURM_ARRAY_TASK_STEP > 1) is ambiguous: \
+                         unset VMM_SHARD_COUNT to number shards by their place in the array, or submit task IDs 0..N-1"
+                            .into(),
+                    );
+                }
+                zero_based(name, index)?
+            };
+            found.push((name, shard));
         }
-        Err(
-            "--shard auto found no shard index: set VMM_SHARD_INDEX (0-based) and VMM_SHARD_COUNT, \
-             or run as a Kubernetes Indexed Job (JOB_COMPLETION_INDEX) or a Slurm array (SLURM_ARRAY_TASK_ID)"
-                .into(),
-        )
+        match found.as_slice() {
+            [] => Err(
+                "--shard auto found no shard index: set VMM_SHARD_INDEX (0-based) and VMM_SHARD_COUNT, \
+                 or run as a Kubernetes Indexed Job (JOB_COMPLETION_INDEX) or a Slurm array (SLURM_ARRAY_TASK_ID)"
+                    .into(),
+            ),
+            [(_, shard), rest @ ..] if rest.iter().all(|(_, s)| s == shard) => Ok(*shard),
+            all => Err(format!(
+                "--shard auto found sources that disagree: {}; unset the one that does not belong (a VMM_SHARD_INDEX left in the submitting shell?)",
+                all.iter()
+                    .map(|(name, s)| format!("{name} says shard {}/{}", s.index, s.count))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+        }
     }
 
     /// Shard `index` of `count`, checked (also what a report read back must hold).
@@ -327,12 +348,52 @@ impl Shard {
     }
 }
 
+/// A Slurm task's shard: its place in the array, `(ID - MIN) / STEP` of `COUNT`.
+fn slurm_shard(id: u32, number: &dyn Fn(&str) -> Result<Option<u32>, String>) -> Result<Shard, String> {
+    let need = |name: &str| number(name)?.ok_or_else(|| format!("SLURM_ARRAY_TASK_ID is set but not {name}"));
+    let (min, count) = (need("SLURM_ARRAY_TASK_MIN")?, need("SLURM_ARRAY_TASK_COUNT")?);
+    let step = number("SLURM_ARRAY_TASK_STEP")?.unwrap_or(1);
+    let max = number("SLURM_ARRAY_TASK_MAX")?;
+    let vars = format!(
+        "SLURM_ARRAY_TASK_ID={id} MIN={min} MAX={} STEP={step} COUNT={count}",
+        max.map_or("(unset)".to_owned(), |m| m.to_string())
+    );
+    if step == 0 {
+        return Err(format!("{vars}: a step of 0"));
+    }
+    let last = u64::from(min) + u64::from(count.saturating_sub(1)) * u64::from(step);
+    if max.is_some_and(|max| u64::from(max) != last) {
+        return Err(format!(
+            "{vars}: the array is a list (e.g. --array=1,2,5), not a range, so a task's place in it is unknown; \
+             submit a range (--array=0-N or 0-N:S), or set VMM_SHARD_COUNT and use task IDs 0..N-1 as shard numbers"
+        ));
+    }
+    if count == 1 && min != 0 {
+        return Err(format!(
+            "{vars}: an array of one task cannot say how many shards the matrix has (re-running one shard?): \
+             set VMM_SHARD_COUNT to the whole array's count, and the task ID is taken as the 0-based shard"
+        ));
+    }
+    let offset = id
+        .checked_sub(min)
+        .ok_or_else(|| format!("{vars}: the ID is below MIN"))?;
+    if offset % step != 0 {
+        return Err(format!("{vars}: the ID is not on the array's step"));
+    }
+    Shard::new(offset / step + 1, count).map_err(|why| format!("{vars}: {why}"))
+}
+
 impl std::str::FromStr for Shard {
     type Err = String;
 
     /// `K/N` (1-based K), or `auto` (see [`Shard::from_environment`]).
     fn from_str(text: &str) -> Result<Self, Self::Err> {
         if text == "auto" {
+            for name in SHARD_VARIABLES.iter().chain(&["VMM_SHARD_COUNT"]) {
+                if matches!(std::env::var(name), Err(std::env::VarError::NotUnicode(_))) {
+                    return Err(format!("{name} is not UTF-8 text"));
+                }
+            }
             return Shard::from_environment(|name| std::env::var(name).ok());
         }
         let (index, count) = text
@@ -482,6 +543,92 @@ mod tests {
             .contains("JOB_COMPLETION_INDEX"));
         let past = Shard::from_environment(env(&[("VMM_SHARD_INDEX", "2"), ("VMM_SHARD_COUNT", "2")]));
         assert!(past.is_err(), "index 2 of 2 is past the last (0-based)");
+    }
+
+    #[test]
+    fn shard_auto_maps_slurm_steps_and_refuses_lists_and_disagreements() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |name: &str| pairs.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string())
+        };
+        // --array=0-6:2: four tasks, each its own shard.
+        let stepped = |id: &'static str| {
+            let pairs: &'static [(&'static str, &'static str)] = match id {
+                "0" => &[
+                    ("SLURM_ARRAY_TASK_ID", "0"),
+                    ("SLURM_ARRAY_TASK_MIN", "0"),
+                    ("SLURM_ARRAY_TASK_MAX", "6"),
+                    ("SLURM_ARRAY_TASK_STEP", "2"),
+                    ("SLURM_ARRAY_TASK_COUNT", "4"),
+                ],
+                "2" => &[
+                    ("SLURM_ARRAY_TASK_ID", "2"),
+                    ("SLURM_ARRAY_TASK_MIN", "0"),
+                    ("SLURM_ARRAY_TASK_MAX", "6"),
+                    ("SLURM_ARRAY_TASK_STEP", "2"),
+                    ("SLURM_ARRAY_TASK_COUNT", "4"),
+                ],
+                "4" => &[
+                    ("SLURM_ARRAY_TASK_ID", "4"),
+                    ("SLURM_ARRAY_TASK_MIN", "0"),
+                    ("SLURM_ARRAY_TASK_MAX", "6"),
+                    ("SLURM_ARRAY_TASK_STEP", "2"),
+                    ("SLURM_ARRAY_TASK_COUNT", "4"),
+                ],
+                _ => &[
+                    ("SLURM_ARRAY_TASK_ID", "6"),
+                    ("SLURM_ARRAY_TASK_MIN", "0"),
+                    ("SLURM_ARRAY_TASK_MAX", "6"),
+                    ("SLURM_ARRAY_TASK_STEP", "2"),
+                    ("SLURM_ARRAY_TASK_COUNT", "4"),
+                ],
+            };
+            Shard::from_environment(env(pairs)).map(|s| s.index)
+        };
+        assert_eq!(["0", "2", "4", "6"].map(stepped), [Ok(1), Ok(2), Ok(3), Ok(4)]);
+        // --array=1,2,5: a list.
+        let list = Shard::from_environment(env(&[
+            ("SLURM_ARRAY_TASK_ID", "5"),
+            ("SLURM_ARRAY_TASK_MIN", "1"),
+            ("SLURM_ARRAY_TASK_MAX", "5"),
+            ("SLURM_ARRAY_TASK_COUNT", "3"),
+        ]));
+        assert!(list.unwrap_err().contains("is a list"));
+        // --array=3 alone: a re-run of one shard needs the count, and then takes the ID.
+        let rerun = [
+            ("SLURM_ARRAY_TASK_ID", "3"),
+            ("SLURM_ARRAY_TASK_MIN", "3"),
+            ("SLURM_ARRAY_TASK_MAX", "3"),
+            ("SLURM_ARRAY_TASK_COUNT", "1"),
+        ];
+        let lone = Shard::from_environment(env(&[
+            ("SLURM_ARRAY_TASK_ID", "3"),
+            ("SLURM_ARRAY_TASK_MIN", "3"),
+            ("SLURM_ARRAY_TASK_MAX", "3"),
+            ("SLURM_ARRAY_TASK_COUNT", "1"),
+        ]));
+        assert!(lone.unwrap_err().contains("VMM_SHARD_COUNT"));
+        let counted = Shard::from_environment(|name: &str| {
+            rerun
+                .iter()
+                .chain(&[("VMM_SHARD_COUNT", "8")])
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.to_string())
+        });
+        assert_eq!(counted, Ok(Shard { index: 4, count: 8 }));
+        // A VMM_SHARD_INDEX left in the shell, inside a Slurm job: refused, naming both.
+        let leaked = Shard::from_environment(env(&[
+            ("VMM_SHARD_INDEX", "0"),
+            ("VMM_SHARD_COUNT", "4"),
+            ("SLURM_ARRAY_TASK_ID", "2"),
+            ("SLURM_ARRAY_TASK_MIN", "0"),
+            ("SLURM_ARRAY_TASK_MAX", "3"),
+            ("SLURM_ARRAY_TASK_COUNT", "4"),
+        ]))
+        .unwrap_err();
+        assert!(
+            leaked.contains("VMM_SHARD_INDEX says shard 1/4") && leaked.contains("SLURM_ARRAY_TASK_ID says shard 3/4"),
+            "{leaked}"
+        );
     }
 
     #[test]

@@ -342,6 +342,24 @@ pub struct MatrixCoverage {
     pub missing_shards: Vec<String>,
 }
 
+impl MatrixCoverage {
+    /// The shards not given, for a line of text: the first 20, then how many more.
+    pub fn missing_shards_text(&self) -> String {
+        const SHOWN: usize = 20;
+        let mut text = self
+            .missing_shards
+            .iter()
+            .take(SHOWN)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(", ");
+        if self.missing_shards.len() > SHOWN {
+            text += &format!(" and {} more", self.missing_shards.len() - SHOWN);
+        }
+        text
+    }
+}
+
 /// One host's confusion matrices.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct HostConfusion {
@@ -491,7 +509,7 @@ impl ValidationReport {
                 .cloned()
                 .collect::<Vec<_>>(),
         );
-        let mut requirements = gate::judge(&parsed, &confusion);
+        let mut requirements = gate::judge(&parsed, &confusion, matrix_coverage.missing > 0);
         requirements.extend(unparsed);
         Self {
             description: inputs.matrix.description.clone(),
@@ -755,7 +773,7 @@ fn matrix_coverage_line(report: &ValidationReport) -> String {
             if c.missing_shards.is_empty() {
                 String::new()
             } else {
-                format!(" (shards not given: {})", c.missing_shards.join(", "))
+                format!(" (shards not given: {})", c.missing_shards_text())
             }
         )
     }
