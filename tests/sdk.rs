@@ -524,3 +524,48 @@ fn a_payload_that_reports_no_cpuid_samples_is_shaped_and_validated_on_the_shippe
     assert!(shaping["achieved_cycles"].is_null(), "no cpuid samples: {shaping}");
     assert_eq!(verdict_of(&shaped, "payload")["verdict"], "virtual");
 }
+
+/// A payload whose native twin is missing: its native cells are refused, the report is
+/// written, and the validation fails saying so, unless told to accept it.
+#[test]
+fn a_missing_twin_refuses_the_native_cells_and_fails_the_validation_unless_allowed() {
+    let Some(_vm) = vm_test() else { return };
+    let elf = build_example("pafish-rdtsc-vmexit");
+    let dir = std::env::temp_dir().join(format!("vmm-test-{}-notwin", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let lonely = dir.join("lonely.elf");
+    std::fs::copy(&elf, &lonely).unwrap();
+    let config = dir.join("matrix.json");
+    std::fs::write(
+        &config,
+        r#"{"description": "twin", "repeats": 1, "iterations": 10, "warmup": 0, "modes": ["native", "hw-assist"]}"#,
+    )
+    .unwrap();
+    let report = dir.join("report.json");
+    let args = [
+        "validate",
+        "--config",
+        config.to_str().unwrap(),
+        "--payload",
+        lonely.to_str().unwrap(),
+        "-o",
+        report.to_str().unwrap(),
+    ];
+    let output = vmm(&args);
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    assert!(stderr(&output).contains("native twin"), "{}", stderr(&output));
+    let written: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let native = written["cells"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["mode"] == "native")
+        .unwrap();
+    assert!(
+        native["refused"].as_str().unwrap().contains("lonely.native"),
+        "{native}"
+    );
+    let allowed = vmm(&[&args[..], &["--allow-missing-twin"]].concat());
+    assert!(allowed.status.success(), "{}", stderr(&allowed));
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -20,6 +20,13 @@ Start with `vmm doctor` to see what this host's KVM can do, then compare `vmm ru
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+
+    /// When another vmm process on this host is timing on the CPU this one would time on:
+    /// wait for it (saying so), fail, or off (time on it all the same). Every timed run
+    /// takes an advisory lock on its CPU (and the counter's), held until the process ends;
+    /// without --cpu a free CPU is chosen first. VMM_LOCK_DIR moves the lock files.
+    #[arg(long, global = true, value_enum, default_value_t = crate::cpu_lock::CpuLockPolicy::Wait)]
+    pub cpu_lock: crate::cpu_lock::CpuLockPolicy,
 }
 
 #[derive(Debug, Subcommand)]
@@ -182,9 +189,18 @@ pub struct ValidateArgs {
     /// Run only shard K of N (1-based) of the matrix's jobs (cell × repeat): every job runs
     /// in exactly one of N shards; `vmm merge` adds their reports up. `auto` reads the
     /// shard from the batch engine: VMM_SHARD_INDEX (0-based) or Kubernetes'
-    /// JOB_COMPLETION_INDEX with VMM_SHARD_COUNT, or Slurm's SLURM_ARRAY_TASK_ID.
+    /// JOB_COMPLETION_INDEX with VMM_SHARD_COUNT; in a Slurm array the task's place in it,
+    /// (SLURM_ARRAY_TASK_ID - MIN) / STEP of COUNT, or with VMM_SHARD_COUNT set the task ID
+    /// itself (a re-run of one shard). Lists and disagreeing sources are refused.
     #[arg(long, value_name = "K/N|auto")]
     pub shard: Option<String>,
+
+    /// Accept a payload without its native twin (NAME.native beside NAME.elf): its native
+    /// cells are refused either way, and without this option the validation then exits 1
+    /// after writing its report, since a matrix without native runs has no false-positive
+    /// rate and no native reference.
+    #[arg(long)]
+    pub allow_missing_twin: bool,
 }
 
 #[derive(Debug, Args)]
@@ -288,7 +304,8 @@ pub struct RunArgs {
     #[arg(long, value_name = "FILE")]
     pub payload: Option<PathBuf>,
 
-    /// Pin the native runner to this host CPU (default: the last one allowed).
+    /// Time on this host CPU: the native runner and vCPU 0 are pinned there (default: the
+    /// last allowed CPU that no other vmm process is timing on; see --cpu-lock).
     #[arg(long)]
     pub cpu: Option<usize>,
 

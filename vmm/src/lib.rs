@@ -22,6 +22,7 @@ pub mod busy;
 pub mod cli;
 pub mod commands;
 pub mod console;
+pub mod cpu_lock;
 pub mod detector;
 pub mod doctor;
 pub mod experiment;

@@ -10,6 +10,7 @@ use vmm::doctor;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    vmm::cpu_lock::set_policy(cli.cpu_lock);
     let result = match &cli.command {
         Command::Run(args) => commands::run::run(args),
         Command::Compare(args) => commands::compare::compare(args),

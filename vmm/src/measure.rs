@@ -67,6 +67,8 @@ pub enum MeasureError {
     #[error(transparent)]
     Vm(#[from] VmError),
     #[error(transparent)]
+    CpuLock(#[from] crate::cpu_lock::CpuLockError),
+    #[error(transparent)]
     Native(#[from] NativeError),
     #[error(transparent)]
     Mode(#[from] ModeError),
@@ -262,6 +264,8 @@ pub struct Measurer {
     tsc_moves: RefCell<HashMap<(String, Path), TscMethod>>,
     /// Whether a guest can run `rdtscp` here (`Err`: why not), once probed.
     rdtscp: RefCell<Option<Result<(), String>>>,
+    /// The host CPUs this process times on, locked against other vmm processes.
+    cpu_locks: RefCell<crate::cpu_lock::CpuLocks>,
 }
 
 /// Trapped CPUIDs that spend the burst of Linux's default printk rate limit (10 messages
@@ -285,6 +289,7 @@ impl Measurer {
             traps: RefCell::default(),
             tsc_moves: RefCell::default(),
             rdtscp: RefCell::default(),
+            cpu_locks: RefCell::default(),
         }
     }
 
@@ -361,6 +366,13 @@ impl Measurer {
                 why,
             })?;
         }
+        // One timing CPU per run across processes: taken before anything is timed, held
+        // until this process ends.
+        let timing_cpu = self.lock_timing_cpus(spec)?;
+        let spec = &RunSpec {
+            cpu: Some(timing_cpu),
+            ..spec.clone()
+        };
         // Started before anything is measured and stopped (on drop) after everything is.
         let _busy = Busy::start(spec.busy).map_err(MeasureError::Busy)?;
         if spec.path == Path::Native {
@@ -432,6 +444,9 @@ impl Measurer {
         trace: &mut T,
     ) -> Result<Measurement, MeasureError> {
         let mut vm = GuestVm::create(self.kvm()?, payload, &self.with_tsc_rate(spec.guest_config()))?;
+        if let Some(cpu) = spec.cpu {
+            vm.pin_to(cpu);
+        }
         // Sized before the run: no reallocation inside an exit hide must account for.
         let mut shaper = shaper;
         shaper.reserve(spec.expected_cpuid_exits());
@@ -563,6 +578,47 @@ impl Measurer {
         let outcome = self.runs_in_guest("rdtscp probe", &CODE)?;
         *self.rdtscp.borrow_mut() = Some(outcome.clone());
         Ok(outcome)
+    }
+
+    /// The CPU `spec` times on, its lock taken under the process's `--cpu-lock` policy
+    /// (and the counter's CPU, for a run with a counter): `--cpu`, else one this process
+    /// already holds, else the last allowed CPU that no other vmm process holds, else the
+    /// last allowed one (waited for, or refused).
+    fn lock_timing_cpus(&self, spec: &RunSpec) -> Result<usize, MeasureError> {
+        let allowed = native::allowed_cpus();
+        let policy = crate::cpu_lock::policy();
+        let mut locks = self.cpu_locks.borrow_mut();
+        let last = *allowed.last().unwrap_or(&0);
+        let timing = match spec.cpu {
+            Some(cpu) if !allowed.contains(&cpu) => {
+                return Err(native::NativeError::CpuNotAllowed { cpu, allowed }.into());
+            }
+            Some(cpu) => cpu,
+            None => match allowed.iter().rev().find(|&&c| locks.holds(c)) {
+                Some(&held) => held,
+                None if policy == crate::cpu_lock::CpuLockPolicy::Off => last,
+                None => {
+                    let mut free = None;
+                    for &cpu in allowed.iter().rev() {
+                        if locks.try_take(cpu)? {
+                            free = Some(cpu);
+                            break;
+                        }
+                    }
+                    free.unwrap_or(last)
+                }
+            },
+        };
+        let interrupted = || crate::interrupt::caught().is_some();
+        let mut say = |line: &str| eprintln!("{line}");
+        locks.take(timing, policy, &interrupted, &mut say)?;
+        if spec.counter {
+            // The counter's CPU, chosen as the VM and the native runner choose it.
+            if let Some(other) = allowed.iter().copied().find(|&c| c != timing) {
+                locks.take(other, policy, &interrupted, &mut say)?;
+            }
+        }
+        Ok(timing)
     }
 
     /// Runs the embedded core on `spec`'s path for [`TRAP_LOG_BURST`] trapped CPUIDs and

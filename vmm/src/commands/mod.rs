@@ -61,6 +61,8 @@ pub enum CommandError {
     RequirementsUnmet(String),
     #[error("the merge is PARTIAL: {missing} of {jobs} jobs missing{shards}; the report is written, marked partial. Give every shard's report, or pass --allow-partial to accept it")]
     Partial { missing: u64, jobs: u64, shards: String },
+    #[error("the payload's native twin {0} is missing, so its native cells were refused (the report is written): build the twin, or pass --allow-missing-twin to accept a matrix without native runs")]
+    MissingTwin(String),
     #[error("interrupted by {}: {done}", crate::interrupt::name(*.signal))]
     Interrupted { signal: i32, done: String },
 }

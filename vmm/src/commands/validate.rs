@@ -128,6 +128,7 @@ pub fn validate(args: &ValidateArgs) -> Result<(), CommandError> {
     let (mut runs, mut refusals, mut failures) = (Vec::new(), Vec::new(), Vec::new());
     crate::interrupt::catch();
     let mut done = 0u64;
+    let mut missing_twin: Option<String> = None;
     'cells: for (index, cell) in cells.iter().enumerate() {
         let spec = RunSpec {
             shaping: cell.shaping.clone(),
@@ -160,6 +161,9 @@ pub fn validate(args: &ValidateArgs) -> Result<(), CommandError> {
                 // Refused before anything ran (a capability this host or payload lacks):
                 // the cell's other jobs in this shard are not attempted.
                 Err(error) if nth == 0 && error.is_refusal() => {
+                    if let crate::measure::MeasureError::NoNativeTwin { twin, .. } = &error {
+                        missing_twin.get_or_insert_with(|| twin.clone());
+                    }
                     refusals.push(Refusal {
                         cell: index,
                         host: 0,
@@ -219,7 +223,11 @@ pub fn validate(args: &ValidateArgs) -> Result<(), CommandError> {
     };
     let report = ValidationReport::assemble(inputs, &extra);
     // A shard's report covers its slice by design: it is the merge that must be whole.
-    outputs.finish(&report, args.report.json, &session.calibration, false)
+    outputs.finish(&report, args.report.json, &session.calibration, false)?;
+    match missing_twin {
+        Some(twin) if !args.allow_missing_twin => Err(CommandError::MissingTwin(twin)),
+        _ => Ok(()),
+    }
 }
 
 pub fn merge(args: &MergeArgs) -> Result<(), CommandError> {

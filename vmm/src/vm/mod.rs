@@ -207,6 +207,8 @@ pub struct GuestVm {
     config: Config,
     cpuid: CpuidTable,
     created: Instant,
+    /// The host CPU vCPU 0 runs on (the run's timing CPU), where the caller chose one.
+    cpu: Option<usize>,
 }
 
 impl GuestVm {
@@ -282,7 +284,13 @@ impl GuestVm {
             config,
             cpuid,
             created,
+            cpu: None,
         })
+    }
+
+    /// Runs vCPU 0 on host CPU `cpu` (the counter, if any, on another).
+    pub fn pin_to(&mut self, cpu: usize) {
+        self.cpu = Some(cpu);
     }
 
     /// Whether the VM has a counter vCPU.
@@ -352,14 +360,15 @@ impl GuestVm {
         let cpus = crate::native::allowed_cpus();
         // With a counter, each vCPU has a CPU of its own: vCPU 0 the last this process may
         // use (as native runs), the counter another.
+        let vcpu0 = self.cpu.unwrap_or(*cpus.last().unwrap_or(&0));
         let placement = match &self.counter {
             None => None,
             Some(_) => {
-                let vcpu0 = *cpus.last().unwrap_or(&0);
                 let other = cpus.iter().copied().find(|&c| c != vcpu0);
                 Some((vcpu0, other.ok_or(VmError::NoCounterCpu { cpu: vcpu0 })?))
             }
         };
+        let pin_vcpu0 = placement.map(|(cpu, _)| cpu).or(self.cpu);
         let control = counter::CounterControl::default();
         let counter_finished = std::sync::atomic::AtomicBool::new(false);
         let mut counter_vcpu = self.counter.take();
@@ -391,7 +400,7 @@ impl GuestVm {
             let ran = std::thread::Builder::new()
                 .name("vmm-vcpu0".into())
                 .spawn_scoped(scope, move || {
-                    if let Some((cpu, _)) = placement {
+                    if let Some(cpu) = pin_vcpu0 {
                         counter::pin_current_thread(cpu)?;
                     }
                     sandbox::enter()?;
