@@ -183,3 +183,83 @@ fn a_single_vcpu_run_has_no_counter_and_no_counter_rules() {
         "{rules:?}"
     );
 }
+
+/// A guest that stops its own counter vCPU (writes STOP to the counter block) under an
+/// evasion that pauses the counter at every exit: the run fails at once, naming the
+/// counter, not after the whole --timeout of kicks nobody acknowledges; and a guest that
+/// hangs under the same evasion is reported as a hang.
+#[test]
+fn a_pausing_run_whose_guest_stops_the_counter_fails_at_once_naming_it() {
+    let Some(_vm) = vm_test() else { return };
+    let dir = std::env::temp_dir().join(format!("vmm-test-{}-stopper", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("stopper.c"),
+        r#"#include "vmm_sdk.h"
+VMM_PAYLOAD("stops its counter", VMM_CAP_COUNTER);
+int vmm_detect(struct vmm_run *run) {
+    volatile struct vmm_counter_block *block = (volatile struct vmm_counter_block *)(uintptr_t)run->config->counter_addr;
+    if (block)
+        block->stamp_request = VMM_COUNTER_STOP;
+    for (int i = 0; i < 1000; i++) {
+        uint32_t a = 0, b, c = 0, d;
+        __asm__ volatile("cpuid" : "+a"(a), "=b"(b), "+c"(c), "=d"(d));
+    }
+    return VMM_STATUS_OK;
+}
+"#,
+    )
+    .unwrap();
+    let sdk = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../guest-payload/sdk/sdk.mk");
+    std::fs::write(
+        dir.join("Makefile"),
+        format!("NAME := stopper\nSRCS := stopper.c\ninclude {}\n", sdk.display()),
+    )
+    .unwrap();
+    common::make(&dir);
+    let payload = dir.join("stopper.elf");
+    let started = std::time::Instant::now();
+    let output = vmm(&[
+        "run",
+        "--mode",
+        "trap-emulate",
+        "--trap",
+        "io-patch",
+        "--vcpus",
+        "2",
+        "--evade",
+        "pause-counter",
+        "--timeout",
+        "30",
+        "--payload",
+        payload.to_str().unwrap(),
+    ]);
+    let took = started.elapsed();
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    let message = stderr(&output);
+    assert!(message.contains("counter vCPU"), "{message}");
+    assert!(
+        !message.contains("did not pause before the run's deadline"),
+        "{message}"
+    );
+    assert!(took < std::time::Duration::from_secs(10), "{took:?}: {message}");
+
+    let hung = vmm(&[
+        "run",
+        "--mode",
+        "trap-emulate",
+        "--trap",
+        "io-patch",
+        "--vcpus",
+        "2",
+        "--evade",
+        "pause-counter",
+        "--timeout",
+        "2",
+        "--misbehave",
+        "hang",
+    ]);
+    assert_eq!(hung.status.code(), Some(1));
+    assert!(stderr(&hung).contains("the guest hung"), "{}", stderr(&hung));
+    std::fs::remove_dir_all(&dir).ok();
+}

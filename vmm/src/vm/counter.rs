@@ -30,6 +30,8 @@ pub enum CounterError {
     Stopped(String),
     #[error("the counter vCPU did not pause before the run's deadline")]
     NoPause,
+    #[error("the counter vCPU ended before it could pause")]
+    Ended,
     #[error("cannot move the counter vCPU's TSC: {0}")]
     Tsc(#[from] TscError),
     #[error("cannot pin the counter vCPU's thread to CPU {cpu}: {source}")]
@@ -126,6 +128,9 @@ impl CounterVcpu {
 #[derive(Default)]
 pub struct CounterControl {
     stop: AtomicBool,
+    /// Set by the counter's thread when its loop has returned, however it ended: a pause
+    /// asked after that can never be acknowledged.
+    ended: AtomicBool,
     pause: AtomicBool,
     /// Pause requests made, and the last one the counter thread stood still for.
     requests: AtomicU64,
@@ -164,6 +169,11 @@ impl CounterControl {
         self.pause.store(true, Ordering::Release);
         let paused = || self.acknowledged.load(Ordering::Acquire) == request;
         while !paused() {
+            // Its thread is gone (the guest stopped it, made it fault or ring done): no
+            // acknowledgement can come; its own error says why.
+            if self.ended.load(Ordering::Acquire) {
+                return Err(CounterError::Ended);
+            }
             if past_deadline() {
                 return Err(CounterError::NoPause);
             }
@@ -174,6 +184,11 @@ impl CounterControl {
             }
         }
         Ok(())
+    }
+
+    /// Said by the counter's thread once its loop has returned.
+    pub fn mark_ended(&self) {
+        self.ended.store(true, Ordering::Release);
     }
 
     /// Lets the paused counter vCPU go on, after making `shared_move` on its TSC too.

@@ -385,6 +385,7 @@ impl GuestVm {
                                 .and_then(|()| Ok(sandbox::enter()?))
                                 .and_then(|()| Ok(counter.run(control)?));
                             counter_finished.store(true, std::sync::atomic::Ordering::Release);
+                            control.mark_ended();
                             ran
                         })
                         .map_err(|e| VmError::Thread(e.to_string())),
@@ -421,7 +422,10 @@ impl GuestVm {
             (Err(VmError::GuestStatus { value }), Some(Err(counter))) if value == Status::CounterStalled as u32 => {
                 return Err(counter)
             }
-            (Err(VmError::Counter(counter::CounterError::NoPause)), Some(Err(counter))) => return Err(counter),
+            (
+                Err(VmError::Counter(counter::CounterError::NoPause | counter::CounterError::Ended)),
+                Some(Err(counter)),
+            ) => return Err(counter),
             (Err(error), _) => return Err(error),
             (Ok(_), Some(Err(counter))) => return Err(counter),
             (Ok(stats), _) => stats,
@@ -485,15 +489,17 @@ impl GuestVm {
             let exit_tsc = guest_payload::timing::read_tsc();
             trace.exited(&exit, exit_tsc);
             // An evader stops the counter for the whole of the exit it handles.
+            // The watchdog's own kick is no exit to handle: the loop reports the hang.
             let paused = match pausing {
                 Some((control, _))
-                    if !matches!(
-                        exit,
-                        Exit::IoOut {
-                            port: guest_payload::ports::DONE,
-                            ..
-                        }
-                    ) =>
+                    if !watchdog.fired()
+                        && !matches!(
+                            exit,
+                            Exit::IoOut {
+                                port: guest_payload::ports::DONE,
+                                ..
+                            }
+                        ) =>
                 {
                     control.pause(|| watchdog.fired())?;
                     Some(control)
