@@ -569,3 +569,42 @@ fn a_missing_twin_refuses_the_native_cells_and_fails_the_validation_unless_allow
     assert!(allowed.status.success(), "{}", stderr(&allowed));
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// As root, a native twin runs unprivileged (nobody, no_new_privs) unless told
+/// `--twin-user root`; a user that does not exist is refused by name.
+#[test]
+fn as_root_a_twin_runs_unprivileged_unless_told_otherwise() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("not root: twins run as this user already");
+        return;
+    }
+    let elf = build_example("pafish-rdtsc-vmexit");
+    let dir = std::env::temp_dir().join(format!("vmm-test-{}-whoami", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let payload = dir.join("whoami.elf");
+    std::fs::copy(&elf, &payload).unwrap();
+    let twin = dir.join("whoami.native");
+    std::fs::write(
+        &twin,
+        "#!/bin/sh\necho \"uid=$(id -u)\" >&2; grep NoNewPrivs /proc/self/status >&2; exit 3\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&twin, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    let payload = payload.to_str().unwrap();
+    let who = |extra: &[&str]| {
+        let output = vmm(&[extra, &["run", "--mode", "native", "--payload", payload]].concat());
+        assert_eq!(output.status.code(), Some(1));
+        stderr(&output)
+    };
+    let default = who(&[]);
+    assert!(
+        default.contains("uid=65534") && default.contains("NoNewPrivs:\\t1"),
+        "{default}"
+    );
+    let root = who(&["--twin-user", "root"]);
+    assert!(root.contains("uid=0") && root.contains("NoNewPrivs:\\t1"), "{root}");
+    let unknown = who(&["--twin-user", "no-such-user-here"]);
+    assert!(unknown.contains("no such user"), "{unknown}");
+    std::fs::remove_dir_all(&dir).ok();
+}

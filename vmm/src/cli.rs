@@ -27,6 +27,12 @@ pub struct Cli {
     /// without --cpu a free CPU is chosen first. VMM_LOCK_DIR moves the lock files.
     #[arg(long, global = true, value_enum, default_value_t = crate::cpu_lock::CpuLockPolicy::Wait)]
     pub cpu_lock: crate::cpu_lock::CpuLockPolicy,
+
+    /// When vmm runs as root, the user a payload's native twin runs as (default nobody),
+    /// from a copy in a directory only that user may enter; `root` keeps root's
+    /// privileges. Twins always start with no_new_privs, in a process group of their own.
+    #[arg(long, global = true, value_name = "USER")]
+    pub twin_user: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]

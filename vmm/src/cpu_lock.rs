@@ -156,7 +156,7 @@ impl CpuLocks {
     }
 }
 
-fn open(path: &PathBuf) -> Result<File, CpuLockError> {
+fn open(path: &std::path::Path) -> Result<File, CpuLockError> {
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let opened = std::fs::OpenOptions::new()
         .read(true)
@@ -178,17 +178,17 @@ fn open(path: &PathBuf) -> Result<File, CpuLockError> {
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(path)
             .map_err(|source| CpuLockError::Open {
-                path: path.clone(),
+                path: path.to_path_buf(),
                 source,
             }),
         Err(source) => Err(CpuLockError::Open {
-            path: path.clone(),
+            path: path.to_path_buf(),
             source,
         }),
     }
 }
 
-fn try_lock(file: &File, path: &PathBuf) -> Result<bool, CpuLockError> {
+fn try_lock(file: &File, path: &std::path::Path) -> Result<bool, CpuLockError> {
     loop {
         // SAFETY: flock on a descriptor this File owns.
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
@@ -200,7 +200,7 @@ fn try_lock(file: &File, path: &PathBuf) -> Result<bool, CpuLockError> {
             Some(libc::EINTR) => continue,
             _ => {
                 return Err(CpuLockError::Lock {
-                    path: path.clone(),
+                    path: path.to_path_buf(),
                     source: error,
                 })
             }

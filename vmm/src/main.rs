@@ -11,6 +11,7 @@ use vmm::doctor;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     vmm::cpu_lock::set_policy(cli.cpu_lock);
+    vmm::native::set_twin_user(cli.twin_user.clone());
     let result = match &cli.command {
         Command::Run(args) => commands::run::run(args),
         Command::Compare(args) => commands::compare::compare(args),

@@ -27,6 +27,8 @@ pub enum NativeError {
     PastDeadline { timeout: Duration },
     #[error("cannot run the native twin {twin}: {source}")]
     Twin { twin: String, source: std::io::Error },
+    #[error("cannot run native twins as user {user} (vmm runs them unprivileged when it runs as root): {why}; name another with --twin-user, or --twin-user root")]
+    TwinUser { user: String, why: String },
     #[error("the native twin {twin} ran past --timeout ({timeout:?}) and was killed")]
     TwinHung { twin: String, timeout: Duration },
     #[error("the native twin {twin} failed ({status}){stderr}")]
@@ -299,6 +301,66 @@ pub fn twin_of(payload: &Path) -> PathBuf {
 /// The largest result file a twin may write (the same bound as guest RAM).
 const MAX_TWIN_RESULT: u64 = guest_payload::layout::IDENTITY_MAP_BYTES;
 
+/// The user a native twin runs as when vmm runs as root (`--twin-user`): `None` keeps
+/// the default, `nobody`; "root" keeps root's privileges (no_new_privs still applies).
+static TWIN_USER: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+
+/// Sets who twins run as, once, from the command line.
+pub fn set_twin_user(user: Option<String>) {
+    let _ = TWIN_USER.set(user);
+}
+
+/// An unprivileged identity for a twin.
+#[derive(Clone, Copy, Debug)]
+struct TwinIdentity {
+    uid: libc::uid_t,
+    gid: libc::gid_t,
+}
+
+/// Who the twin runs as: `None` to run as this process (not root, or told `root`).
+fn twin_identity() -> Result<Option<TwinIdentity>, NativeError> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Ok(None);
+    }
+    let name = TWIN_USER
+        .get()
+        .cloned()
+        .flatten()
+        .unwrap_or_else(|| "nobody".to_owned());
+    if name == "root" {
+        return Ok(None);
+    }
+    let unknown = || NativeError::TwinUser {
+        user: name.clone(),
+        why: "no such user".into(),
+    };
+    let c_name = std::ffi::CString::new(name.clone()).map_err(|_| unknown())?;
+    let mut record: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut buffer = vec![0 as libc::c_char; 16 * 1024];
+    let mut found: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: getpwnam_r writes into `record` and `buffer`, both alive and sized as given.
+    let status = unsafe {
+        libc::getpwnam_r(
+            c_name.as_ptr(),
+            &mut record,
+            buffer.as_mut_ptr(),
+            buffer.len(),
+            &mut found,
+        )
+    };
+    if status != 0 || found.is_null() {
+        return Err(unknown());
+    }
+    if record.pw_uid == 0 {
+        return Ok(None);
+    }
+    Ok(Some(TwinIdentity {
+        uid: record.pw_uid,
+        gid: record.pw_gid,
+    }))
+}
+
 /// What of a twin's stderr is kept (for `--console` and error messages); the rest is
 /// read and dropped, so a twin that writes a lot never blocks on a full pipe.
 const MAX_TWIN_STDERR: usize = 64 * 1024;
@@ -361,7 +423,24 @@ pub fn run_twin(
     let dir = scratch_dir().map_err(io)?;
     let (config_file, result_file) = (dir.path.join("config"), dir.path.join("result"));
     std::fs::write(&config_file, config.as_bytes()).map_err(io)?;
-    let mut command = std::process::Command::new(twin);
+    // As root, the twin runs as an unprivileged user (--twin-user), from a copy in a
+    // directory of its own that only that user may enter: wherever the twin lives, it can
+    // run, and it can write its result and nothing of root's.
+    let identity = twin_identity()?;
+    let program = match identity {
+        None => twin.to_path_buf(),
+        Some(who) => {
+            let copy = dir.path.join("twin");
+            std::fs::copy(twin, &copy).map_err(io)?;
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o500)).map_err(io)?;
+            for path in [&copy, &config_file, &dir.path] {
+                std::os::unix::fs::chown(path, Some(who.uid), Some(who.gid)).map_err(io)?;
+            }
+            copy
+        }
+    };
+    let mut command = std::process::Command::new(&program);
     command
         .arg(&config_file)
         .arg(&result_file)
@@ -369,15 +448,24 @@ pub fn run_twin(
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped());
     // SAFETY: between fork and exec only async-signal-safe calls on the child itself:
-    // setpgid (a group of its own, ended as one) and sched_setaffinity, with a set built
-    // before the fork.
+    // setpgid (a group of its own, ended as one), no_new_privs, dropping to the twin's
+    // user (groups, gid, then uid), and sched_setaffinity, with everything they need
+    // built before the fork.
     unsafe {
         use std::os::unix::process::CommandExt;
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(cpu, &mut set);
         command.pre_exec(move || {
-            if libc::setpgid(0, 0) != 0 || libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0
-            {
+            if libc::setpgid(0, 0) != 0 || libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if let Some(who) = identity {
+                if libc::setgroups(0, std::ptr::null()) != 0 || libc::setgid(who.gid) != 0 || libc::setuid(who.uid) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
