@@ -207,11 +207,24 @@ fn two_vcpus_check(kvm: Option<&crate::vm::kvm::KvmContext>) -> Check {
 fn sandbox_check() -> Check {
     let (calls, ioctls) = crate::vm::sandbox::allowed_counts();
     match crate::vm::sandbox::self_test() {
-        Ok(test) if test.mode == Some(2) && test.open_errno == Some(libc::EPERM) && test.socket_errno == Some(libc::EPERM) => check(
-            "sandbox",
-            Verdict::Ok,
-            format!("vCPU threads run under a seccomp filter ({calls} system calls, {ioctls} KVM ioctls; a file or socket is refused with EPERM, checked now); guest RAM is excluded from core dumps"),
-        ),
+        Ok(test)
+            if test.mode == Some(2)
+                && [
+                    test.open_errno,
+                    test.socket_errno,
+                    test.stdout_errno,
+                    test.exec_mmap_errno,
+                    test.foreign_ioctl_errno,
+                ]
+                .iter()
+                .all(|&errno| errno == Some(libc::EPERM)) =>
+        {
+            check(
+                "sandbox",
+                Verdict::Ok,
+                format!("vCPU threads run under a seccomp filter ({calls} system calls, {ioctls} KVM ioctls on the thread's own vCPU only; a file, a socket, a write other than to stderr and an executable mapping are refused with EPERM, checked now); guest RAM is excluded from core dumps"),
+            )
+        }
         Ok(test) => check(
             "sandbox",
             Verdict::Fail,

@@ -63,6 +63,12 @@ impl CounterVcpu {
         Ok(Self { fd, tsc: None })
     }
 
+    /// The vCPU's file descriptor, for its thread's sandbox.
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.fd.as_raw_fd()
+    }
+
     /// Sets this vCPU's TSC rate, as vCPU 0's.
     pub fn set_tsc_khz(&self, khz: u32) -> Result<(), VmError> {
         self.fd

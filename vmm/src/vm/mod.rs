@@ -382,7 +382,7 @@ impl GuestVm {
                         .spawn_scoped(scope, move || -> Result<(), VmError> {
                             let ran = counter::pin_current_thread(cpu)
                                 .map_err(VmError::from)
-                                .and_then(|()| Ok(sandbox::enter()?))
+                                .and_then(|()| Ok(sandbox::enter(counter.raw_fd())?))
                                 .and_then(|()| Ok(counter.run(control)?));
                             counter_finished.store(true, std::sync::atomic::Ordering::Release);
                             control.mark_ended();
@@ -404,7 +404,7 @@ impl GuestVm {
                     if let Some(cpu) = pin_vcpu0 {
                         counter::pin_current_thread(cpu)?;
                     }
-                    sandbox::enter()?;
+                    sandbox::enter(self.vcpu.raw_fd())?;
                     self.run_on_this_thread(handler, timeout, trace, with_counter)
                 })
                 .map_err(|e| VmError::Thread(e.to_string()))

@@ -6,13 +6,18 @@
 //!
 //! A forbidden call fails with EPERM rather than killing the process: the VMM reports it as
 //! the error it is, and every measurement already taken is kept.
+//!
+//! Arguments are checked where a call could reach beyond the thread's job: KVM ioctls only
+//! on the thread's own vCPU descriptor, `write` only to stderr (a panic's message), `mmap`
+//! never with PROT_EXEC.
 
 use kvm_bindings::{kvm_device_attr, kvm_guest_debug, kvm_msrs, kvm_regs, kvm_sregs, KVMIO};
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule, TargetArch,
 };
 use std::collections::BTreeMap;
-use std::sync::OnceLock;
+use std::os::fd::RawFd;
+use std::sync::Mutex;
 use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iow_nr, ioctl_iowr_nr};
 
 ioctl_io_nr!(KVM_RUN, KVMIO, 0x80);
@@ -37,9 +42,12 @@ pub enum SandboxError {
 
 /// The system calls a vCPU thread makes once its VM is set up, and why.
 const ALLOWED: &[(libc::c_long, &str)] = &[
-    (libc::SYS_ioctl, "KVM's vCPU ioctls only (see KVM_IOCTLS)"),
+    (
+        libc::SYS_ioctl,
+        "KVM's vCPU ioctls only (see KVM_IOCTLS), on the thread's own vCPU fd",
+    ),
     (libc::SYS_futex, "locks, channels, joining"),
-    (libc::SYS_mmap, "the allocator"),
+    (libc::SYS_mmap, "the allocator (never PROT_EXEC)"),
     (libc::SYS_munmap, "the allocator, and the thread's exit"),
     (libc::SYS_mremap, "the allocator"),
     (libc::SYS_madvise, "the allocator, and the thread's exit"),
@@ -55,7 +63,7 @@ const ALLOWED: &[(libc::c_long, &str)] = &[
     (libc::SYS_gettid, "signals to itself"),
     (libc::SYS_getpid, "a panic's abort"),
     (libc::SYS_tgkill, "a panic's abort"),
-    (libc::SYS_write, "a panic's message on stderr"),
+    (libc::SYS_write, "a panic's message on stderr (fd 2 only)"),
     (libc::SYS_exit, "the thread's end"),
     (libc::SYS_exit_group, "a panic's abort"),
 ];
@@ -77,21 +85,31 @@ fn kvm_ioctls() -> [(u64, &'static str); 11] {
     ]
 }
 
-fn build() -> Result<BpfProgram, SandboxError> {
+fn build(vcpu_fd: RawFd) -> Result<BpfProgram, SandboxError> {
     let build = |e: seccompiler::BackendError| SandboxError::Build(e.to_string());
+    let condition = |arg: u8, op: SeccompCmpOp, value: u64| {
+        SeccompCondition::new(arg, SeccompCmpArgLen::Dword, op, value).map_err(build)
+    };
+    let rule = |conditions: Vec<SeccompCondition>| SeccompRule::new(conditions).map_err(build);
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
     for &(syscall, _) in ALLOWED {
         rules.insert(syscall, Vec::new());
     }
-    let ioctl_rules = kvm_ioctls()
-        .iter()
-        .map(|&(request, _)| {
-            SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, request)
-                .and_then(|condition| SeccompRule::new(vec![condition]))
-        })
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(build)?;
+    let fd = u64::try_from(vcpu_fd).map_err(|_| SandboxError::Build(format!("no vCPU descriptor ({vcpu_fd})")))?;
+    let mut ioctl_rules = Vec::new();
+    for &(request, _) in kvm_ioctls().iter() {
+        ioctl_rules.push(rule(vec![
+            condition(0, SeccompCmpOp::Eq, fd)?,
+            condition(1, SeccompCmpOp::Eq, request)?,
+        ])?);
+    }
     rules.insert(libc::SYS_ioctl, ioctl_rules);
+    rules.insert(libc::SYS_write, vec![rule(vec![condition(0, SeccompCmpOp::Eq, 2)?])?]);
+    let exec = libc::PROT_EXEC as u64;
+    rules.insert(
+        libc::SYS_mmap,
+        vec![rule(vec![condition(2, SeccompCmpOp::MaskedEq(exec), 0)?])?],
+    );
     let filter = SeccompFilter::new(
         rules,
         SeccompAction::Errno(libc::EPERM as u32),
@@ -102,17 +120,23 @@ fn build() -> Result<BpfProgram, SandboxError> {
     filter.try_into().map_err(|e: seccompiler::BackendError| build(e))
 }
 
-fn program() -> Result<&'static BpfProgram, SandboxError> {
-    static PROGRAM: OnceLock<Result<BpfProgram, String>> = OnceLock::new();
-    PROGRAM
-        .get_or_init(|| build().map_err(|e| e.to_string()))
-        .as_ref()
-        .map_err(|e| SandboxError::Build(e.clone()))
+/// The filter for a thread whose vCPU descriptor is `vcpu_fd`, built once per descriptor
+/// number (VMs come and go; their descriptors' numbers repeat).
+fn program(vcpu_fd: RawFd) -> Result<BpfProgram, SandboxError> {
+    static PROGRAMS: Mutex<BTreeMap<RawFd, BpfProgram>> = Mutex::new(BTreeMap::new());
+    let mut programs = PROGRAMS.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some(program) = programs.get(&vcpu_fd) {
+        return Ok(program.clone());
+    }
+    let program = build(vcpu_fd)?;
+    programs.insert(vcpu_fd, program.clone());
+    Ok(program)
 }
 
-/// Puts the calling thread (a vCPU thread, its VM set up) under the filter, for good.
-pub fn enter() -> Result<(), SandboxError> {
-    seccompiler::apply_filter(program()?).map_err(|e| SandboxError::Install(e.to_string()))
+/// Puts the calling thread (a vCPU thread, its VM set up, `vcpu_fd` its vCPU) under the
+/// filter, for good.
+pub fn enter(vcpu_fd: RawFd) -> Result<(), SandboxError> {
+    seccompiler::apply_filter(&program(vcpu_fd)?).map_err(|e| SandboxError::Install(e.to_string()))
 }
 
 /// How many system calls (and KVM ioctls) the filter allows: for `doctor`.
@@ -140,7 +164,16 @@ pub struct SelfTest {
     pub open_errno: Option<i32>,
     /// The errno of `socket(AF_UNIX)` from inside the filter.
     pub socket_errno: Option<i32>,
+    /// The errno of a `write` to stdout (fd 1), an `mmap` with PROT_EXEC, and KVM_RUN on a
+    /// descriptor that is not the thread's vCPU.
+    pub stdout_errno: Option<i32>,
+    pub exec_mmap_errno: Option<i32>,
+    pub foreign_ioctl_errno: Option<i32>,
 }
+
+/// The self-test's stand-in vCPU descriptor: stderr (open in every process; the test's
+/// ioctl goes to stdin, which is not it).
+const STAND_IN_VCPU_FD: RawFd = 2;
 
 /// Puts a thread of its own under the filter, reads its mode from outside, then has it try
 /// two calls no vCPU thread makes: the proof `doctor` and the tests show.
@@ -150,16 +183,17 @@ pub fn self_test() -> Result<SelfTest, SandboxError> {
     let (go, go_rx) = channel::<()>();
     let thread = std::thread::Builder::new()
         .name("vmm-sandbox-test".into())
-        .spawn(move || -> (Option<i32>, Option<i32>) {
+        .spawn(move || -> [Option<i32>; 5] {
             // SAFETY: gettid has no arguments.
             let tid = unsafe { libc::gettid() };
-            if let Err(error) = enter() {
+            // A stand-in for the vCPU's descriptor: one that is open, and not stdout.
+            if let Err(error) = enter(STAND_IN_VCPU_FD) {
                 let _ = entered_tx.send(Err(error));
-                return (None, None);
+                return [None; 5];
             }
             let _ = entered_tx.send(Ok(tid));
             if go_rx.recv().is_err() {
-                return (None, None);
+                return [None; 5];
             }
             let errno =
                 |ret: libc::c_long| (ret < 0).then(|| std::io::Error::last_os_error().raw_os_error().unwrap_or(0));
@@ -181,7 +215,26 @@ pub fn self_test() -> Result<SelfTest, SandboxError> {
                 // the fd leaks: only if the filter failed, which the result says).
                 unsafe { libc::close(fd as libc::c_int) };
             }
-            (open_errno, socket_errno)
+            // SAFETY: a zero-length write; an anonymous mapping unmapped if it was made; an
+            // ioctl on stdin, which no KVM request can harm.
+            let stdout = unsafe { libc::syscall(libc::SYS_write, 1, c"".as_ptr(), 0) };
+            let exec = unsafe {
+                libc::syscall(
+                    libc::SYS_mmap,
+                    0,
+                    4096,
+                    libc::PROT_READ | libc::PROT_EXEC,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+            if exec != -1 {
+                // SAFETY: the mapping just made.
+                unsafe { libc::munmap(exec as *mut libc::c_void, 4096) };
+            }
+            let foreign = unsafe { libc::syscall(libc::SYS_ioctl, 0, KVM_GET_TSC_KHZ(), 0) };
+            [open_errno, socket_errno, errno(stdout), errno(exec), errno(foreign)]
         })
         .map_err(|e| SandboxError::Install(format!("cannot start a thread: {e}")))?;
     let entered = entered
@@ -192,7 +245,7 @@ pub fn self_test() -> Result<SelfTest, SandboxError> {
         _ => None,
     };
     let _ = go.send(());
-    let (open_errno, socket_errno) = thread
+    let [open_errno, socket_errno, stdout_errno, exec_mmap_errno, foreign_ioctl_errno] = thread
         .join()
         .map_err(|_| SandboxError::Install("the test thread panicked".into()))?;
     entered??;
@@ -200,6 +253,9 @@ pub fn self_test() -> Result<SelfTest, SandboxError> {
         mode,
         open_errno,
         socket_errno,
+        stdout_errno,
+        exec_mmap_errno,
+        foreign_ioctl_errno,
     })
 }
 
@@ -209,7 +265,8 @@ mod tests {
 
     #[test]
     fn the_filter_compiles_and_allows_each_listed_call_once() {
-        assert!(program().is_ok());
+        assert!(program(7).is_ok());
+        assert!(build(-1).is_err(), "no descriptor, no filter");
         let mut calls: Vec<_> = ALLOWED.iter().map(|(call, _)| call).collect();
         calls.sort();
         calls.dedup();
@@ -230,6 +287,9 @@ mod tests {
         assert_eq!(test.mode, Some(2), "{test:?}");
         assert_eq!(test.open_errno, Some(libc::EPERM), "{test:?}");
         assert_eq!(test.socket_errno, Some(libc::EPERM), "{test:?}");
+        assert_eq!(test.stdout_errno, Some(libc::EPERM), "write to stdout: {test:?}");
+        assert_eq!(test.exec_mmap_errno, Some(libc::EPERM), "PROT_EXEC: {test:?}");
+        assert_eq!(test.foreign_ioctl_errno, Some(libc::EPERM), "another fd: {test:?}");
         // The filter is per thread: this one is untouched.
         // SAFETY: gettid has no arguments.
         assert_eq!(seccomp_mode_of(unsafe { libc::gettid() }), Some(0));

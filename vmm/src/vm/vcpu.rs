@@ -77,6 +77,12 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
 }
 
 impl KvmVcpu {
+    /// The vCPU's file descriptor: the one its thread's sandbox lets KVM ioctls reach.
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.fd.as_raw_fd()
+    }
+
     /// `entry` are the registers the vCPU starts with (already set with KVM_SET_REGS):
     /// the shared page holds them too until KVM first fills it, so nothing reads zeros.
     pub fn new(mut fd: VcpuFd, memory: GuestMemoryMmap, access: RegisterAccess, entry: kvm_regs) -> Self {
