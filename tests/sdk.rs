@@ -608,3 +608,39 @@ fn as_root_a_twin_runs_unprivileged_unless_told_otherwise() {
     assert!(unknown.contains("no such user"), "{unknown}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A `vmm_payload_info` whose magic is not the SDK's is refused as such (not as an ABI
+/// mismatch to rebuild), and `inspect` says so.
+#[test]
+fn a_declaration_with_the_wrong_magic_is_named_as_such() {
+    let Some(_vm) = vm_test() else { return };
+    let dir = std::env::temp_dir().join(format!("vmm-test-{}-magic", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("magic.c"),
+        r#"#include "vmm_sdk.h"
+__attribute__((used)) const struct vmm_payload_info vmm_payload_info = {0x1234, VMM_ABI_VERSION, 0, "not ours"};
+int vmm_detect(struct vmm_run *run) { (void)run; return VMM_STATUS_OK; }
+"#,
+    )
+    .unwrap();
+    let sdk = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../guest-payload/sdk/sdk.mk");
+    std::fs::write(
+        dir.join("Makefile"),
+        format!("NAME := magic\nSRCS := magic.c\ninclude {}\n", sdk.display()),
+    )
+    .unwrap();
+    common::make(&dir);
+    let payload = dir.join("magic.elf");
+    let payload = payload.to_str().unwrap();
+    let output = vmm(&["run", "--mode", "hw-assist", "--payload", payload]);
+    assert_eq!(output.status.code(), Some(1));
+    let message = stderr(&output);
+    assert!(
+        message.contains("magic is 0x1234") && !message.contains("rebuild"),
+        "{message}"
+    );
+    let inspect = String::from_utf8_lossy(&vmm(&["inspect", payload]).stdout).into_owned();
+    assert!(inspect.contains("wrong magic"), "{inspect}");
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -97,6 +97,10 @@ pub struct TraceArgs {
     /// Draw the paths side by side on one time axis, as SVG.
     #[arg(long, value_name = "FILE.svg")]
     pub svg: Option<PathBuf>,
+
+    /// Stop any guest that has not finished after this many seconds.
+    #[arg(long, default_value_t = 60.0, value_parser = parse_timeout)]
+    pub timeout: f64,
 }
 
 #[derive(Debug, Args)]
@@ -212,7 +216,9 @@ pub struct ValidateArgs {
 #[derive(Debug, Args)]
 pub struct MergeArgs {
     /// Validation reports (`vmm validate -o FILE` or `--json`) of one matrix: shards of
-    /// it, or whole runs on other hosts.
+    /// it, or whole runs on other hosts. At most 256 MiB each and 256 MiB in all (sizes
+    /// checked before anything is read); a run outside the shards its report declares is
+    /// refused, naming the file.
     #[arg(required = true, value_name = "REPORT.json")]
     pub reports: Vec<PathBuf>,
 

@@ -49,6 +49,8 @@ pub enum MeasureError {
     NoNativeTwin { payload: String, twin: String },
     #[error("the payload {payload} declares ABI version {found} (vmm_payload_info); this vmm speaks ABI {ABI_VERSION}: rebuild it with this SDK")]
     PayloadAbi { payload: String, found: u32 },
+    #[error("the payload {payload} has a vmm_payload_info whose magic is {found:#x}, not {:#x}: not the SDK's declaration (a symbol of that name from elsewhere, or a damaged file)", guest_payload::PAYLOAD_INFO_MAGIC)]
+    PayloadInfoMagic { payload: String, found: u64 },
     #[error(
         "the payload {payload} ({name}) does not declare {what} in vmm_payload_info, so --mode {mode} cannot run it"
     )]
@@ -93,6 +95,7 @@ impl MeasureError {
             | MeasureError::Shaping(_)
             | MeasureError::NoNativeTwin { .. }
             | MeasureError::PayloadAbi { .. }
+            | MeasureError::PayloadInfoMagic { .. }
             | MeasureError::PayloadCannot { .. }
             | MeasureError::Evasion(_)
             | MeasureError::ProbeNeedsCounter(_)
@@ -736,7 +739,13 @@ fn declared_name(payload: &Payload) -> String {
 fn check_declaration(payload: &Payload, spec: &RunSpec) -> Result<(), MeasureError> {
     let name = declared_name(payload);
     if let Some(info) = payload.info {
-        if info.magic != guest_payload::PAYLOAD_INFO_MAGIC || info.abi_version != ABI_VERSION {
+        if info.magic != guest_payload::PAYLOAD_INFO_MAGIC {
+            return Err(MeasureError::PayloadInfoMagic {
+                payload: payload.source.to_string(),
+                found: info.magic,
+            });
+        }
+        if info.abi_version != ABI_VERSION {
             return Err(MeasureError::PayloadAbi {
                 payload: payload.source.to_string(),
                 found: info.abi_version,

@@ -176,7 +176,8 @@ fn render(
     for (_, report) in columns {
         let cell = report
             .cpuid_excess_over_nop
-            .map_or("—".to_owned(), |e| format!("×{:.2}", e.ratio));
+            .and_then(|e| e.ratio)
+            .map_or("—".to_owned(), |ratio| format!("×{ratio:.2}"));
         let _ = write!(out, " {cell:>18}");
     }
     let _ = writeln!(out, "\n");

@@ -29,6 +29,8 @@ struct SiteReport {
 #[derive(Serialize)]
 struct Declaration {
     name: String,
+    /// False where the magic is not the SDK's: the rest is then not a declaration.
+    magic_ok: bool,
     abi_version: u32,
     capabilities: Vec<String>,
 }
@@ -70,6 +72,7 @@ fn report(payload: &Payload) -> InspectReport {
         let known = capabilities::NAMES.iter().fold(0, |all, (bit, _)| all | bit);
         Declaration {
             name: payload.declared_name().unwrap_or_default(),
+            magic_ok: info.magic == guest_payload::PAYLOAD_INFO_MAGIC,
             abi_version: info.abi_version,
             capabilities: capabilities::NAMES
                 .iter()
@@ -158,6 +161,12 @@ fn render(report: &InspectReport) -> String {
     let _ = writeln!(out, "ELF64 x86-64 executable, entry {:#x}{entry_symbol}", report.entry);
     match &report.declaration {
         Some(d) => {
+            if !d.magic_ok {
+                let _ = writeln!(
+                    out,
+                    "vmm_payload_info has the wrong magic: not the SDK's declaration (every path refuses it)"
+                );
+            }
             let abi = if d.abi_version == report.vmm_abi_version {
                 format!("ABI {}", d.abi_version)
             } else {

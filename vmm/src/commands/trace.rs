@@ -100,6 +100,7 @@ pub fn trace(args: &TraceArgs) -> Result<(), CommandError> {
             cpuid_subleaf: args.subleaf,
             probes: Probe::Cpuid.bit(),
             snapshot: false,
+            timeout: std::time::Duration::from_secs_f64(args.timeout),
             ..RunSpec::new(path)
         };
         let mut recorder = Recorder::default();

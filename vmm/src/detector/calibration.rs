@@ -236,10 +236,14 @@ impl Calibration {
             figures.push(("a run's excess_p10_ns", run.excess_p10_ns, false));
             figures.push(("a run's excess_median_ns", run.excess_median_ns, false));
         }
-        match figures
-            .into_iter()
-            .find(|&(_, value, spread)| !value.is_finite() || (spread && value < 0.0))
-        {
+        // The line itself, where the rules read it: a finite intercept and slope can still
+        // put CPUID at infinity (or zero) over the NOP costs a run can have.
+        for nop in [1.0, 1e3, 1e6, 1e9] {
+            figures.push(("seed_line's CPUID at a NOP cost", self.seed_line.cpuid_at(nop), false));
+        }
+        match figures.into_iter().find(|&(what, value, spread)| {
+            !value.is_finite() || (spread && value < 0.0) || (what.ends_with("NOP cost") && value <= 0.0)
+        }) {
             Some((what, value, _)) => Err(CalibrationError::Value {
                 path: path.to_owned(),
                 what,
@@ -374,8 +378,12 @@ mod tests {
         let mut negative = good.clone();
         negative.robust_excess_p10_ns.sd = -3.0;
         assert!(negative.check_values(Path::new("c.json")).is_err());
-        let mut infinite = good;
+        let mut infinite = good.clone();
         infinite.seed_line.slope = f64::INFINITY;
         assert!(infinite.check_values(Path::new("c.json")).is_err());
+        // Finite figures, an infinite line: CPUID at NOP 10^9 is 10^(1e300 × 9).
+        let mut steep = infinite.clone();
+        steep.seed_line.slope = 1e300;
+        assert!(steep.check_values(Path::new("c.json")).is_err());
     }
 }

@@ -155,8 +155,9 @@ fn round2(x: f64) -> f64 {
 pub struct Excess {
     pub median_cycles: i64,
     pub median_ns: f64,
-    /// CPUID median / NOP median.
-    pub ratio: f64,
+    /// CPUID median / NOP median; `None` where either median is not positive (a payload
+    /// that reports such samples: a ratio of them means nothing).
+    pub ratio: Option<f64>,
 }
 
 #[derive(Clone, Copy, Debug, Serialize)]
@@ -241,7 +242,8 @@ impl RunReport {
                 Some(Excess {
                     median_cycles: cycles,
                     median_ns: round2(stats::cycles_to_ns(cycles as f64, tsc_khz)),
-                    ratio: round2(cpuid.cycles.median as f64 / nop.cycles.median.max(1) as f64),
+                    ratio: (cpuid.cycles.median > 0 && nop.cycles.median > 0)
+                        .then(|| round2(cpuid.cycles.median as f64 / nop.cycles.median as f64)),
                 })
             }
             _ => None,

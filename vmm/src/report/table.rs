@@ -71,8 +71,12 @@ pub fn render(report: &RunReport) -> String {
     if let Some(excess) = &report.cpuid_excess_over_nop {
         let _ = writeln!(
             out,
-            "\nCPUID over NOP (medians): {:+} cycles, {:+.1} ns, ×{:.2}",
-            excess.median_cycles, excess.median_ns, excess.ratio
+            "\nCPUID over NOP (medians): {:+} cycles, {:+.1} ns, {}",
+            excess.median_cycles,
+            excess.median_ns,
+            excess
+                .ratio
+                .map_or("no ratio (a median is not positive)".to_owned(), |r| format!("×{r:.2}"))
         );
     }
     if let Some(trap) = &report.trap {
