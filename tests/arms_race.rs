@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{json_run, kvm_scales_tsc, stderr, verdict_of, vm_test, vmm};
+use common::{json_run, kvm_scales_tsc, stderr, two_vcpus_test, verdict_of, vm_test, vmm};
 use serde_json::Value;
 
 const IO_PATCH: &[&str] = &["--mode", "trap-emulate", "--trap", "io-patch"];
@@ -27,7 +27,7 @@ fn median_ticks(report: &Value, probe: &str) -> f64 {
 /// 200 µs there shows up in the ticks over each trapped CPUID, and in TIMER's ratio.
 #[test]
 fn the_counter_advances_while_vcpu0_is_in_the_exit_handler() {
-    let Some(_vm) = vm_test() else { return };
+    let Some(_vm) = two_vcpus_test() else { return };
     let plain = two_vcpu_run(&[]);
     let injected = two_vcpu_run(&["--inject-ns", "200000"]);
     for report in [&plain, &injected] {
@@ -56,7 +56,7 @@ fn the_counter_advances_while_vcpu0_is_in_the_exit_handler() {
 /// TIMER's ratio collapses, and the stalled-counter rule sees the TSC run on without it.
 #[test]
 fn pausing_the_counter_fools_timer_and_the_stall_rule_catches_it() {
-    let Some(_vm) = vm_test() else { return };
+    let Some(_vm) = two_vcpus_test() else { return };
     let running = two_vcpu_run(&["--inject-ns", "200000"]);
     let paused = two_vcpu_run(&["--inject-ns", "200000", "--evade", "pause-counter"]);
     assert_eq!(paused["config"]["evasion"], "pause-counter");
@@ -97,7 +97,7 @@ fn pausing_the_counter_fools_timer_and_the_stall_rule_catches_it() {
 /// counter vCPU runs; one host's TSC never reads behind another CPU's stamp.
 #[test]
 fn a_native_run_with_a_counter_thread_reports_ticks_and_a_coherent_tsc() {
-    let Some(_vm) = vm_test() else { return };
+    let Some(_vm) = two_vcpus_test() else { return };
     let report = json_run(&["run", "--json", "--mode", "native", "--vcpus", "2", "-n", "2000"]);
     for probe in ["cpuid", "nop", "timer-cpuid", "timer-lfence8", "cross-tsc"] {
         assert!(median_ticks(&report, probe) >= 0.0);
@@ -119,7 +119,7 @@ fn a_native_run_with_a_counter_thread_reports_ticks_and_a_coherent_tsc() {
 /// What a user types that cannot work is refused, saying why, before anything runs.
 #[test]
 fn evasions_and_counter_probes_are_refused_where_they_cannot_act() {
-    let Some(_vm) = vm_test() else { return };
+    let Some(_vm) = two_vcpus_test() else { return };
     let refused = |args: &[&str], expected: &str| {
         let output = vmm(args);
         assert!(!output.status.success(), "{args:?} ran");
@@ -190,7 +190,7 @@ fn a_single_vcpu_run_has_no_counter_and_no_counter_rules() {
 /// hangs under the same evasion is reported as a hang.
 #[test]
 fn a_pausing_run_whose_guest_stops_the_counter_fails_at_once_naming_it() {
-    let Some(_vm) = vm_test() else { return };
+    let Some(_vm) = two_vcpus_test() else { return };
     let dir = std::env::temp_dir().join(format!("vmm-test-{}-stopper", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(

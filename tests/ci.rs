@@ -412,7 +412,7 @@ fn an_interrupted_validation_writes_what_finished_and_a_failed_run_erases_nothin
 /// the detector × evasion table, in JSON and as text.
 #[test]
 fn validate_stages_evasions_and_reports_which_each_rule_sees_through() {
-    let Some(_vm) = vm_test() else { return };
+    let Some(_vm) = common::two_vcpus_test() else { return };
     let dir = Scratch::new("arms");
     let config = dir.path("arms.json");
     std::fs::write(

@@ -3,15 +3,9 @@
 
 mod common;
 
-use common::{json_run, stderr, vm_test, vmm};
+use common::{assert_trap_refused, json_run, path_runs_here, stderr, vm_test, vmm};
 use serde_json::Value;
 use vmm::arch::x86_64::cpuid::masked;
-
-fn hardware_kvm() -> bool {
-    ["kvm_intel", "kvm_amd"]
-        .iter()
-        .any(|m| std::path::Path::new("/sys/module").join(m).exists())
-}
 
 const TRAP_EMULATE_HW: &[&str] = &["--mode", "trap-emulate", "--trap", "hw-breakpoint"];
 const TRAP_EMULATE_INT3: &[&str] = &["--mode", "trap-emulate", "--trap", "int3-patch"];
@@ -34,6 +28,10 @@ fn every_vmm_handled_mode_reports_one_exit_per_cpuid_sample() {
         (TRAP_EMULATE_IO, "cpuid-trap"),
         (PARAVIRT, "cpuid-hypercall"),
     ] {
+        if !path_runs_here(mode) {
+            assert_trap_refused(mode);
+            continue;
+        }
         let report = run_mode(mode, &["--iterations", "300", "--warmup", "20"]);
         // The fenced probe's iterations and warm-up, and the unfenced probe's iterations
         // (it takes no warm-up, as the detectors it reproduces take none).
@@ -55,12 +53,20 @@ fn every_vmm_handled_mode_reports_one_exit_per_cpuid_sample() {
 #[test]
 fn the_trap_report_names_the_mechanism_and_its_delivery() {
     let Some(_vm) = vm_test() else { return };
-    let hw = run_mode(TRAP_EMULATE_HW, &["-n", "20"]);
-    assert_eq!(hw["trap"]["mechanism"], "hw-breakpoint");
-    assert_eq!(hw["trap"]["delivery"], "debug-exit");
-    let int3 = run_mode(TRAP_EMULATE_INT3, &["-n", "20"]);
-    assert_eq!(int3["trap"]["mechanism"], "int3-patch");
-    assert!(int3["trap"]["delivery"].is_string());
+    if path_runs_here(TRAP_EMULATE_HW) {
+        let hw = run_mode(TRAP_EMULATE_HW, &["-n", "20"]);
+        assert_eq!(hw["trap"]["mechanism"], "hw-breakpoint");
+        assert_eq!(hw["trap"]["delivery"], "debug-exit");
+    } else {
+        assert_trap_refused(TRAP_EMULATE_HW);
+    }
+    if path_runs_here(TRAP_EMULATE_INT3) {
+        let int3 = run_mode(TRAP_EMULATE_INT3, &["-n", "20"]);
+        assert_eq!(int3["trap"]["mechanism"], "int3-patch");
+        assert!(int3["trap"]["delivery"].is_string());
+    } else {
+        assert_trap_refused(TRAP_EMULATE_INT3);
+    }
     let io = run_mode(TRAP_EMULATE_IO, &["-n", "20"]);
     assert_eq!(io["trap"]["mechanism"], "io-patch");
     assert_eq!(io["trap"]["delivery"], "port-io");
@@ -92,6 +98,10 @@ fn all_four_vm_paths_return_identical_cpuid_registers() {
         "leaf 0 gives the max leaf"
     );
     for mode in [TRAP_EMULATE_HW, TRAP_EMULATE_INT3, TRAP_EMULATE_IO, PARAVIRT] {
+        if !path_runs_here(mode) {
+            assert_trap_refused(mode);
+            continue;
+        }
         assert_eq!(snapshot(mode), reference, "{mode:?} answers differently from KVM");
     }
 }
@@ -105,6 +115,10 @@ fn snapshot_queries_are_counted_apart_from_the_timed_cpuids() {
         (TRAP_EMULATE_IO, "cpuid-trap", "cpuid-query-trap"),
         (PARAVIRT, "cpuid-hypercall", "cpuid-query-hypercall"),
     ] {
+        if !path_runs_here(mode) {
+            assert_trap_refused(mode);
+            continue;
+        }
         let report = run_mode(mode, &["-n", "50", "--warmup", "5"]);
         assert_eq!(report["exits"][timed]["count"].as_u64(), Some(55 + 50), "{mode:?}");
         assert_eq!(report["exits"][query]["count"].as_u64(), Some(extra), "{mode:?}");
@@ -121,10 +135,18 @@ fn only_the_patching_traps_leave_a_trace_in_the_guests_code() {
         TRAP_EMULATE_HW,
         PARAVIRT,
     ] {
+        if !path_runs_here(mode) {
+            assert_trap_refused(mode);
+            continue;
+        }
         assert_eq!(run_mode(mode, &["-n", "10"])["cpuid_site_bytes"], cpuid, "{mode:?}");
     }
     let patched = serde_json::json!([[0xcc, 0x90], [0xcc, 0x90], [0xcc, 0x90], [0xcc, 0x90]]);
-    assert_eq!(run_mode(TRAP_EMULATE_INT3, &["-n", "10"])["cpuid_site_bytes"], patched);
+    if path_runs_here(TRAP_EMULATE_INT3) {
+        assert_eq!(run_mode(TRAP_EMULATE_INT3, &["-n", "10"])["cpuid_site_bytes"], patched);
+    } else {
+        assert_trap_refused(TRAP_EMULATE_INT3);
+    }
     let io = run_mode(TRAP_EMULATE_IO, &["-n", "10"]);
     assert_eq!(
         io["cpuid_site_bytes"],
@@ -145,6 +167,10 @@ fn only_the_patching_traps_leave_a_trace_in_the_guests_code() {
 fn injected_latency_shows_up_in_the_guest_median() {
     let Some(_vm) = vm_test() else { return };
     for (mode, inject_ns) in [(TRAP_EMULATE_HW, 20_000u64), (PARAVIRT, 60_000)] {
+        if !path_runs_here(mode) {
+            assert_trap_refused(mode);
+            continue;
+        }
         let report = run_mode(mode, &["-n", "1000", "--inject-ns", &inject_ns.to_string()]);
         let shaping = &report["shaping"];
         assert_eq!(shaping["kind"], "inject");
@@ -162,8 +188,9 @@ fn injected_latency_shows_up_in_the_guest_median() {
 
 #[test]
 fn tsc_shaping_is_refused_where_tsc_moves_are_not_honoured() {
-    // On hardware KVM the moves work; nested_svm.rs tests them.
-    let Some(_vm) = vm_test().filter(|_| !hardware_kvm()) else {
+    // Where doctor finds the moves honoured (hardware KVM, nested SVM) nested_svm.rs
+    // tests them working.
+    let Some(_vm) = vm_test().filter(|_| !common::kvm_moves_tsc()) else {
         return;
     };
     for shaping in [
@@ -242,7 +269,10 @@ fn a_payload_that_faults_after_a_cpuid_is_not_blamed_on_the_trap() {
     let path = std::env::temp_dir().join(format!("vmm-test-{}-cpuid-ud2.elf", std::process::id()));
     let code = [0x0f, 0xa2, 0x0f, 0x0b];
     std::fs::write(&path, tiny_elf(EM_X86_64, guest_payload::layout::PAYLOAD_START, &code)).unwrap();
-    for trap in ["hw-breakpoint", "io-patch"] {
+    for trap in ["hw-breakpoint", "io-patch"]
+        .into_iter()
+        .filter(|t| common::kvm_delivers(t))
+    {
         let output = vmm(&[
             "run",
             "--mode",
@@ -296,7 +326,10 @@ int vmm_detect(struct vmm_run *run) {
     .unwrap();
     common::make(&dir);
     let elf = dir.join("never.elf");
-    for trap in ["hw-breakpoint", "io-patch"] {
+    for trap in ["hw-breakpoint", "io-patch"]
+        .into_iter()
+        .filter(|t| common::kvm_delivers(t))
+    {
         let output = vmm(&[
             "run",
             "--mode",

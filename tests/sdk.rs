@@ -328,7 +328,7 @@ fn the_payload_verdict_is_scored_by_compare_and_validate() {
 /// and natively (its twin starts a counter thread running the very same loop).
 #[test]
 fn vmaware_timer_2_7_needs_the_counter_and_runs_with_it_in_a_guest_and_natively() {
-    let Some(_vm) = vm_test() else { return };
+    let Some(_vm) = common::two_vcpus_test() else { return };
     let elf = build_example("vmaware-timer-2.7");
     let payload = elf.to_str().unwrap();
     for mode in ["native", "hw-assist"] {

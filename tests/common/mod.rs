@@ -113,3 +113,51 @@ pub fn kvm_moves_tsc() -> bool {
 pub fn kvm_scales_tsc() -> bool {
     !kvm_check("two vCPUs").1.contains("no TSC scaling")
 }
+
+/// Does this KVM deliver `--trap NAME` to the VMM? doctor's probe (`trap NAME`).
+pub fn kvm_delivers(trap: &str) -> bool {
+    kvm_check(&format!("trap {trap}")).0 == "ok"
+}
+
+/// Where `args` name a trap-emulate path (`--trap NAME`), whether this KVM delivers it;
+/// every other path is delivered.
+pub fn path_runs_here(args: &[&str]) -> bool {
+    match args.iter().position(|a| *a == "--trap") {
+        Some(i) => args.get(i + 1).is_none_or(|trap| kvm_delivers(trap)),
+        None => true,
+    }
+}
+
+/// Asserts that `vmm run` on a trap path this KVM does not deliver is refused, naming it.
+pub fn assert_trap_refused(args: &[&str]) {
+    let output = vmm(&[&["run", "-n", "10"][..], args].concat());
+    assert_eq!(output.status.code(), Some(1), "{args:?}");
+    assert!(
+        stderr(&output).contains("traps are not delivered by this KVM"),
+        "{args:?}: {}",
+        stderr(&output)
+    );
+}
+
+/// Can `--vcpus 2` run here (a second CPU for the counter)? doctor's "two vCPUs".
+pub fn kvm_runs_two_vcpus() -> bool {
+    kvm_check("two vCPUs").0 == "ok"
+}
+
+/// For a test that needs `--vcpus 2`: [`vm_test`], and where this host has one CPU for
+/// this process (nested SVM with SMP=1), the refusal asserted by name and `None`.
+pub fn two_vcpus_test() -> Option<MutexGuard<'static, ()>> {
+    let guard = vm_test()?;
+    if kvm_runs_two_vcpus() {
+        return Some(guard);
+    }
+    let output = vmm(&["run", "--vcpus", "2", "-n", "10"]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        stderr(&output).contains("needs a CPU of its own"),
+        "{}",
+        stderr(&output)
+    );
+    eprintln!("\n*** one CPU for this process: --vcpus 2 is refused (asserted); the rest of this test needs two ***\n");
+    None
+}

@@ -3,6 +3,7 @@
 
 use crate::host::{self, KvmFlavour};
 use crate::measure::{Measurer, RunSpec};
+use crate::modes::trap_emulate::Trap;
 use crate::modes::Path;
 use crate::vm::loader::Payload;
 use crate::vm::vcpu::RegisterAccess;
@@ -146,6 +147,9 @@ pub fn run_checks() -> Vec<Check> {
     if let Some(measurer) = &kvm {
         checks.push(boot_check(measurer));
         checks.push(tsc_moves_check(measurer));
+        for trap in [Trap::HwBreakpoint, Trap::Int3Patch, Trap::IoPatch] {
+            checks.push(trap_check(measurer, trap));
+        }
         let advertised = measurer.kvm().is_ok_and(|k| k.guest_advertises_rdtscp());
         checks.push(match measurer.rdtscp_in_guest() {
             Ok(Ok(())) => check("rdtscp in a guest", Verdict::Ok, "runs (payloads that declare VMM_CAP_RDTSCP can run here)"),
@@ -252,6 +256,24 @@ fn tsc_moves_check(measurer: &Measurer) -> Check {
         ),
         Err(crate::measure::MeasureError::Shaping(error)) => check(NAME, Verdict::Warn, format!("ignored: {error}")),
         Err(error) => check(NAME, Verdict::Warn, format!("could not be probed: {error}")),
+    }
+}
+
+/// Does `--trap T` reach the VMM here? The probe trap-emulate runs before each run.
+/// Named `trap NAME` (tests read it by that name).
+fn trap_check(measurer: &Measurer, trap: Trap) -> Check {
+    let name = match trap {
+        Trap::HwBreakpoint => "trap hw-breakpoint",
+        Trap::Int3Patch => "trap int3-patch",
+        Trap::IoPatch => "trap io-patch",
+    };
+    let spec = RunSpec {
+        timeout: Duration::from_secs(20),
+        ..RunSpec::new(Path::TrapEmulate(trap))
+    };
+    match measurer.probe_trap(&spec, trap) {
+        Ok(delivery) => check(name, Verdict::Ok, format!("delivered {}", delivery.describe())),
+        Err(error) => check(name, Verdict::Warn, format!("not delivered here: {error}")),
     }
 }
 

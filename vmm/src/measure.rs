@@ -520,7 +520,7 @@ impl Measurer {
     /// trapped, finds out (once per trap): a CPUID that is known to execute, so that a
     /// payload whose sites never run is not taken for a KVM that drops traps (its own run
     /// then says that none of its CPUIDs trapped). A failure elsewhere is itself.
-    fn probe_trap(&self, spec: &RunSpec, trap: Trap) -> Result<TrapDelivery, MeasureError> {
+    pub fn probe_trap(&self, spec: &RunSpec, trap: Trap) -> Result<TrapDelivery, MeasureError> {
         let payload = &Payload::embedded().map_err(VmError::from)?;
         let key = (payload_key(payload), trap);
         if let Some(delivery) = self.traps.borrow().get(&key) {
