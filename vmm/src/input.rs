@@ -9,8 +9,9 @@ use std::path::Path;
 pub const MAX_PAYLOAD_BYTES: u64 = 64 << 20;
 /// The largest matrix, profile or calibration file.
 pub const MAX_CONFIG_BYTES: u64 = 16 << 20;
-/// The largest validation report `merge` reads.
-pub const MAX_REPORT_BYTES: u64 = 512 << 20;
+/// The largest validation report `merge` reads (also its bound on all reports together:
+/// `validation::merge::MAX_INPUT_BYTES`).
+pub const MAX_REPORT_BYTES: u64 = 256 << 20;
 
 /// The file's bytes, refused if it is not a regular file or holds more than `cap` bytes.
 pub fn read_capped(path: &Path, cap: u64) -> std::io::Result<Vec<u8>> {

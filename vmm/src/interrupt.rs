@@ -10,6 +10,8 @@ static CAUGHT: AtomicI32 = AtomicI32::new(0);
 extern "C" fn record(signal: libc::c_int) {
     // A second signal means "now": the run in progress may be what is stuck.
     if CAUGHT.swap(signal, Ordering::Relaxed) != 0 {
+        // An output being written is not left behind half done (unlink only).
+        crate::output::remove_temporaries();
         // SAFETY: _exit is async-signal-safe.
         unsafe { libc::_exit(128 + signal) };
     }

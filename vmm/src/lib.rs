@@ -25,6 +25,7 @@ pub mod console;
 pub mod cpu_lock;
 pub mod detector;
 pub mod doctor;
+pub mod escape;
 pub mod experiment;
 pub mod host;
 pub mod input;

@@ -25,7 +25,10 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("vmm: error: {error}");
+            // Bounded, like the console: a stderr nobody reads does not hold the process;
+            // and shown, not obeyed: an error may quote a file's text (a forged report's).
+            let message = error.to_string();
+            vmm::console::say(&format!("vmm: error: {}\n", vmm::escape::terminal(&message)));
             ExitCode::from(error.exit_status())
         }
     }

@@ -65,6 +65,8 @@ pub enum CommandError {
     MissingTwin(String),
     #[error("interrupted by {}: {done}", crate::interrupt::name(*.signal))]
     Interrupted { signal: i32, done: String },
+    #[error("an input report was interrupted: {0}; the merged report is written, marked partial")]
+    InputInterrupted(String),
 }
 
 /// The calibration at `path`, or the documented defaults.
@@ -83,8 +85,9 @@ pub fn load_payload(path: Option<&Path>) -> Result<Payload, CommandError> {
     })
 }
 
-/// Prepares an output file before anything is measured, so a bad path costs no run; the
-/// destination is replaced only when the output is committed (`crate::output`).
+/// Claims an output before anything is measured, so that a bad path — a directory, one
+/// that cannot be written, the same file as another output — costs no run; nothing is
+/// written until the output is committed (`crate::output`).
 pub fn create_output(path: Option<&Path>) -> Result<Option<Output>, CommandError> {
     path.map(|path| {
         Output::create(path).map_err(|source| CommandError::Output {

@@ -44,19 +44,17 @@ pub fn run(args: &RunArgs) -> Result<(), CommandError> {
         busy: usize::from(args.detector.busy),
         ..RunSpec::new(Path::new(args.mode, args.trap))
     };
-    let mut terminal = args
-        .output
-        .console
-        .then(|| crate::console::Console::spawn(std::io::stderr()));
+    // The guest's console, written to stderr without blocking: a terminal that does not
+    // keep up costs bytes (counted), never time past the run's deadline.
+    let mut terminal = args.output.console.then(crate::console::Console::stderr);
     let console = terminal.as_mut().map(|c| c as &mut (dyn Write + Send));
-    let (report, measurement) = session.run(&spec, args.output.raw, console)?;
-    if let Some(dropped) = terminal
-        .as_ref()
-        .map(crate::console::Console::dropped)
-        .filter(|&n| n > 0)
-    {
-        eprintln!("vmm: {dropped} console bytes were dropped: stderr did not keep up with the guest");
+    let result = session.run(&spec, args.output.raw, console);
+    if let Some(dropped) = terminal.map(crate::console::Console::finish).filter(|&n| n > 0) {
+        crate::console::say(&format!(
+            "vmm: {dropped} console bytes were dropped: stderr did not keep up with the guest\n"
+        ));
     }
+    let (report, measurement) = result?;
 
     if args.output.json {
         super::print(&(serde_json::to_string_pretty(&report)? + "\n"))?;

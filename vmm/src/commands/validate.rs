@@ -20,6 +20,8 @@ struct Outputs {
     plot: Option<Output>,
     junit: Option<Output>,
     json: Option<Output>,
+    /// `merge --allow-partial`.
+    allow_partial: bool,
 }
 
 impl Outputs {
@@ -29,6 +31,7 @@ impl Outputs {
             plot: create_output(args.plot.as_deref())?,
             junit: create_output(args.junit.as_deref())?,
             json: create_output(args.output.as_deref())?,
+            allow_partial: false,
         })
     }
 
@@ -38,8 +41,9 @@ impl Outputs {
         report: &ValidationReport,
         print_json: bool,
         calibration: &crate::detector::Calibration,
-        partial_fails: bool,
+        merged: bool,
     ) -> Result<(), CommandError> {
+        let partial_fails = merged && !self.allow_partial;
         if print_json {
             super::print(&(serde_json::to_string_pretty(report)? + "\n"))?;
         } else {
@@ -55,6 +59,10 @@ impl Outputs {
             plot::write(output, &report.plot_runs(), calibration)?;
         }
         if let Some(why) = &report.inputs.interrupted {
+            // A merge read an interrupted report; it was not interrupted itself.
+            if merged {
+                return Err(CommandError::InputInterrupted(why.clone()));
+            }
             return Err(CommandError::Interrupted {
                 signal: report.inputs.interrupted_by.unwrap_or(libc::SIGINT),
                 done: format!("{why}; the report of what finished is written, marked partial"),
@@ -232,7 +240,12 @@ pub fn validate(args: &ValidateArgs) -> Result<(), CommandError> {
 
 pub fn merge(args: &MergeArgs) -> Result<(), CommandError> {
     let extra = requirements(&args.report.require)?;
-    let outputs = Outputs::create(&args.report)?;
+    let outputs = Outputs {
+        allow_partial: args.allow_partial,
+        ..Outputs::create(&args.report)?
+    };
+    // Sizes first: nothing is parsed of a merge larger than it may read.
+    merge::check_sizes(&args.reports)?;
     let mut reports = Vec::with_capacity(args.reports.len());
     for path in &args.reports {
         reports.push((path.clone(), merge::read(path)?));
@@ -243,6 +256,6 @@ pub fn merge(args: &MergeArgs) -> Result<(), CommandError> {
         &report,
         args.report.json,
         &crate::detector::Calibration::uncalibrated(),
-        !args.allow_partial,
+        true,
     )
 }

@@ -60,19 +60,21 @@ pub fn write(output: Output, runs: &[PlotRun], calibration: &Calibration) -> Res
     crate::commands::commit(output, svg.as_bytes())
 }
 
-/// The labels in order of first appearance, each with its colour.
-fn colours(runs: &[PlotRun]) -> Vec<(String, RGBColor)> {
-    let mut labels: Vec<String> = Vec::new();
+/// The labels in order of first appearance, each with its colour and its runs (grouped in
+/// one pass: linear in runs however many labels a merged report brings). Labels are made
+/// safe for XML: a control character in a forged report's mode would make the SVG invalid.
+fn colours(runs: &[PlotRun]) -> Vec<(String, RGBColor, Vec<&PlotRun>)> {
+    let mut groups: Vec<(String, RGBColor, Vec<&PlotRun>)> = Vec::new();
+    let mut index: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
     for run in runs {
-        if !labels.contains(&run.label) {
-            labels.push(run.label.clone());
-        }
+        let at = *index.entry(run.label.as_str()).or_insert_with(|| {
+            let colour = PALETTE[groups.len() % PALETTE.len()];
+            groups.push((crate::escape::xml_text(&run.label).into_owned(), colour, Vec::new()));
+            groups.len() - 1
+        });
+        groups[at].2.push(run);
     }
-    labels
-        .into_iter()
-        .enumerate()
-        .map(|(i, l)| (l, PALETTE[i % PALETTE.len()]))
-        .collect()
+    groups
 }
 
 fn bounds(values: impl Iterator<Item = f64>) -> (f64, f64) {
@@ -182,8 +184,8 @@ fn scatter(area: &Area, runs: &[PlotRun], calibration: &Calibration) -> DrawResu
             .label("robust (floor + its virtual threshold)")
             .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], RGBColor(0, 128, 128).stroke_width(2)));
     }
-    for (label, colour) in colours(runs) {
-        let of_label = || runs.iter().filter(|r| r.label == label);
+    for (label, colour, of_label) in colours(runs) {
+        let of_label = || of_label.iter();
         // A median at or below zero (a TSC run backwards) has no place on a log axis:
         // counted in the legend, never drawn as if it were a tiny cost.
         let points: Vec<(f64, f64)> = of_label()
@@ -222,11 +224,11 @@ fn histogram(area: &Area, runs: &[PlotRun]) -> DrawResult {
     let edge = |i: usize| lo * (hi / lo).powf(i as f64 / BINS as f64);
     let mut series = Vec::new();
     let mut y_max = 1.0f64;
-    for (label, colour) in colours(runs) {
+    for (label, colour, of_label) in colours(runs) {
         let mut counts = vec![0u64; BINS];
         let mut total = 0u64;
         let mut backwards = 0u64;
-        for run in runs.iter().filter(|r| r.label == label) {
+        for run in of_label {
             for &c in &run.cpuid {
                 if c <= 0 {
                     backwards += u64::from(c < 0);

@@ -2,33 +2,75 @@
 //! hosts — added up into one. Runs keep their host; the same run (host, cell, repeat)
 //! twice is refused, and so is a report of another matrix, payload or schema version.
 
-use super::report::{HostRecord, ValidationInputs};
+use super::report::{HostIdentity, HostRecord, ValidationInputs};
 use super::{Shard, ValidationError};
 use crate::report::SCHEMA_VERSION;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
+
+/// The largest report `merge` reads, and the most it reads in all: sizes are checked
+/// before anything is parsed (`vmm merge --help` says so).
+pub const MAX_INPUT_BYTES: u64 = crate::input::MAX_REPORT_BYTES;
+
+/// The most hosts one merge holds (each host's identity is a record of its own).
+pub const MAX_HOSTS: usize = 100_000;
+
+/// Refusals stand for jobs: the most cell repeats all of a merge's refusals may name
+/// together (each host refusing every cell of the largest matrix, 64 times over).
+const MAX_REFUSED_JOBS: u64 = 64 * crate::limits::MAX_JOBS;
+
+/// Refuses `paths` before any is read when one is larger than [`MAX_INPUT_BYTES`] or all
+/// together are.
+pub fn check_sizes(paths: &[PathBuf]) -> Result<(), ValidationError> {
+    let mut total = 0u64;
+    for path in paths {
+        let size = std::fs::metadata(path)
+            .map_err(|source| ValidationError::ReadReport {
+                path: path.to_owned(),
+                source,
+            })?
+            .len();
+        total = total.saturating_add(size);
+        let why = if size > MAX_INPUT_BYTES {
+            format!("it holds {size} bytes, more than the {MAX_INPUT_BYTES} a report may")
+        } else if total > MAX_INPUT_BYTES {
+            format!("the reports hold {total} bytes up to it, more than the {MAX_INPUT_BYTES} a merge may read in all")
+        } else {
+            continue;
+        };
+        return Err(ValidationError::Mismatch {
+            path: path.to_owned(),
+            why,
+        });
+    }
+    Ok(())
+}
 
 /// Reads one report's inputs (what was measured; the derived parts are recomputed).
 pub fn read(path: &Path) -> Result<ValidationInputs, ValidationError> {
-    let text = crate::input::read_text_capped(path, crate::input::MAX_REPORT_BYTES).map_err(|source| {
-        ValidationError::ReadReport {
-            path: path.to_owned(),
-            source,
-        }
+    let text = crate::input::read_text_capped(path, MAX_INPUT_BYTES).map_err(|source| ValidationError::ReadReport {
+        path: path.to_owned(),
+        source,
     })?;
-    // The schema version first, so another version is named as such, not as a parse error.
-    let version = serde_json::from_str::<serde_json::Value>(&text)
+    // The schema version first, so another version is named as such, not as a parse error
+    // (the rest skipped, not built: a large report is not held twice).
+    #[derive(serde::Deserialize)]
+    struct Version {
+        schema_version: Option<serde_json::Value>,
+    }
+    let version = serde_json::from_str::<Version>(&text)
         .map_err(|source| ValidationError::ParseReport {
             path: path.to_owned(),
             source,
         })?
-        .get("schema_version")
-        .and_then(serde_json::Value::as_u64);
-    if version != Some(u64::from(SCHEMA_VERSION)) {
+        .schema_version;
+    if version.as_ref().and_then(serde_json::Value::as_u64) != Some(u64::from(SCHEMA_VERSION)) {
         return Err(ValidationError::Mismatch {
             path: path.to_owned(),
             why: format!(
                 "its schema version is {}, and this vmm merges version {SCHEMA_VERSION}: re-run it with this vmm",
-                version.map_or("missing".to_owned(), |v| v.to_string())
+                version.map_or("missing".to_owned(), |v| crate::escape::terminal(&v.to_string())
+                    .into_owned())
             ),
         });
     }
@@ -36,6 +78,7 @@ pub fn read(path: &Path) -> Result<ValidationInputs, ValidationError> {
         path: path.to_owned(),
         source,
     })?;
+    drop(text);
     check(&inputs).map_err(|why| ValidationError::Mismatch {
         path: path.to_owned(),
         why,
@@ -43,8 +86,57 @@ pub fn read(path: &Path) -> Result<ValidationInputs, ValidationError> {
     Ok(inputs)
 }
 
+/// The jobs (cell × repeat, numbered cell by cell) a host's shards take: all of one
+/// partition (one count), as `--shard` runs them.
+#[derive(Clone, Debug, Default)]
+pub struct HostJobs {
+    count: u32,
+    indices: std::collections::HashSet<u32>,
+}
+
+impl HostJobs {
+    /// A host's shards, refused when they are slices of different partitions.
+    pub fn new(shards: &[Shard]) -> Result<Self, String> {
+        let count = shards.first().map_or(1, |s| s.count);
+        if let Some(other) = shards.iter().find(|s| s.count != count) {
+            return Err(format!(
+                "a host ran shards of different partitions ({}/{count} and {other}): merge the shards of one --shard K/N",
+                shards[0].index
+            ));
+        }
+        Ok(Self {
+            count,
+            indices: shards.iter().map(|s| s.index).collect(),
+        })
+    }
+
+    pub fn takes(&self, job: u64) -> bool {
+        // job % count < count <= 100000: fits u32.
+        self.indices
+            .contains(&((job % u64::from(self.count.max(1))) as u32 + 1))
+    }
+
+    /// How many of the jobs `0..total` the shards take.
+    pub fn jobs(&self, total: u64) -> u64 {
+        let count = u64::from(self.count.max(1));
+        self.indices
+            .iter()
+            .map(|&index| {
+                let first = u64::from(index) - 1;
+                if first >= total {
+                    0
+                } else {
+                    (total - first).div_ceil(count)
+                }
+            })
+            .sum()
+    }
+}
+
 /// What a report read from a file must hold before anything is derived from it: shards
-/// `--shard` could name, and records that name a host, a cell and a repeat it lists.
+/// `--shard` could name (one partition per host), a matrix within the limits, and records
+/// that name a host, a cell and a repeat it lists — a job of the shards that host ran,
+/// each once.
 pub fn check(inputs: &ValidationInputs) -> Result<(), String> {
     for shard in inputs.hosts.iter().flat_map(|h| &h.shards) {
         Shard::new(shard.index, shard.count)?;
@@ -55,45 +147,118 @@ pub fn check(inputs: &ValidationInputs) -> Result<(), String> {
         1,
         u64::from(crate::limits::MAX_REPEATS),
     )?;
-    if inputs.matrix_cells.len() as u64 > crate::limits::MAX_JOBS {
-        return Err(format!("it lists {} cells", inputs.matrix_cells.len()));
-    }
     let (hosts, cells, repeats) = (inputs.hosts.len(), inputs.matrix_cells.len(), inputs.matrix.repeats);
-    let records = inputs
-        .runs
+    let total = cells as u64 * u64::from(repeats);
+    if total > crate::limits::MAX_JOBS {
+        return Err(format!(
+            "it lists {cells} cells of {repeats} repeats: {total} jobs, more than the {} a matrix may have",
+            crate::limits::MAX_JOBS
+        ));
+    }
+    if hosts > MAX_HOSTS {
+        return Err(format!(
+            "it lists {hosts} hosts, more than the {MAX_HOSTS} a merge may hold"
+        ));
+    }
+    let taken: Vec<HostJobs> = inputs
+        .hosts
         .iter()
-        .map(|r| (r.host, r.cell, r.repeat))
-        .chain(inputs.failures.iter().map(|f| (f.host, f.cell, f.repeat)))
-        .chain(inputs.refusals.iter().map(|r| (r.host, r.cell, 0)));
-    for (host, cell, repeat) in records {
+        .map(|h| HostJobs::new(&h.shards))
+        .collect::<Result<_, _>>()?;
+    let job = |cell: usize, repeat: u32| cell as u64 * u64::from(repeats) + u64::from(repeat);
+    let records = inputs.runs.iter().map(|r| ("a run", r.host, r.cell, r.repeat)).chain(
+        inputs
+            .failures
+            .iter()
+            .map(|f| ("a failed run", f.host, f.cell, f.repeat)),
+    );
+    for (what, host, cell, repeat) in records {
         if host >= hosts || cell >= cells || repeat >= repeats {
             return Err(format!(
-                "a record names host {host}, cell {cell}, repeat {repeat}, beyond its {hosts} hosts, {cells} cells and {repeats} repeats"
+                "{what} names host {host}, cell {cell}, repeat {repeat}, beyond its {hosts} hosts, {cells} cells and {repeats} repeats"
+            ));
+        }
+        if !taken[host].takes(job(cell, repeat)) {
+            return Err(format!(
+                "{what} (cell {cell}, repeat {}) on host {host} is not a job of the shards that host ran ({}): a run from outside its shards",
+                repeat + 1,
+                shard_names(&inputs.hosts[host].shards)
+            ));
+        }
+    }
+    let mut refused = std::collections::HashSet::new();
+    let mut refused_jobs = 0u64;
+    for refusal in &inputs.refusals {
+        let (host, cell) = (refusal.host, refusal.cell);
+        if host >= hosts || cell >= cells {
+            return Err(format!(
+                "a refusal names host {host}, cell {cell}, beyond its {hosts} hosts and {cells} cells"
+            ));
+        }
+        if !refused.insert((host, cell)) {
+            return Err(format!("it refuses cell {cell} on host {host} twice"));
+        }
+        refused_jobs += u64::from(repeats);
+        if refused_jobs > MAX_REFUSED_JOBS {
+            return Err(format!("its refusals stand for more than {MAX_REFUSED_JOBS} jobs"));
+        }
+        let mine = (0..repeats).filter(|&r| taken[host].takes(job(cell, r))).count() as u32;
+        if refusal.jobs == 0 || refusal.jobs > mine {
+            return Err(format!(
+                "a refusal of cell {cell} on host {host} stands for {} jobs, and that host's shards hold {mine} of the cell",
+                refusal.jobs
             ));
         }
     }
     Ok(())
 }
 
-/// Adds `reports` (read from `paths`, in order) into one.
+fn shard_names(shards: &[Shard]) -> String {
+    const SHOWN: usize = 5;
+    let mut text = shards
+        .iter()
+        .take(SHOWN)
+        .map(Shard::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    if shards.len() > SHOWN {
+        text += &format!(" and {} more", shards.len() - SHOWN);
+    }
+    if shards.is_empty() {
+        text = "none".into();
+    }
+    text
+}
+
+/// A cell refused on a (merged) host, by the shards (count, index) of the report's host.
+type RefusedBy = (usize, usize, Vec<(u32, u32)>);
+
+/// Adds `reports` (read from `paths`, in order) into one. Linear in runs and hosts: hosts
+/// are found by identity in a map, jobs in a set kept across the reports.
 pub fn merge(reports: Vec<(PathBuf, ValidationInputs)>) -> Result<ValidationInputs, ValidationError> {
     let mut reports = reports.into_iter();
-    let Some((first_path, mut merged)) = reports.next() else {
+    let Some((first_path, first)) = reports.next() else {
         return Err(ValidationError::Mismatch {
             path: PathBuf::from("(none)"),
             why: "no report to merge".into(),
         });
     };
-    check_unique(
-        &merged,
-        &first_path,
-        &ValidationInputs {
-            runs: Vec::new(),
-            failures: Vec::new(),
-            ..merged.clone()
-        },
-    )?;
-    for (path, report) in reports {
+    let mut merged = ValidationInputs {
+        hosts: Vec::new(),
+        runs: Vec::new(),
+        failures: Vec::new(),
+        refusals: Vec::new(),
+        interrupted: None,
+        interrupted_by: None,
+        ..first.clone_header()
+    };
+    let mut hosts: HashMap<HostIdentity, usize> = HashMap::new();
+    let mut shards: Vec<BTreeSet<Shard>> = Vec::new();
+    let mut seen: HashSet<(usize, usize, u32)> = HashSet::new();
+    // A cell refused on a host, by the shards that refused it (each shard refuses its own
+    // jobs of the cell; the same shard twice is a report given twice).
+    let mut refused: HashSet<RefusedBy> = HashSet::new();
+    for (path, report) in std::iter::once((first_path.clone(), first)).chain(reports) {
         let mismatch = |why: String| ValidationError::Mismatch {
             path: path.clone(),
             why,
@@ -112,106 +277,118 @@ pub fn merge(reports: Vec<(PathBuf, ValidationInputs)>) -> Result<ValidationInpu
         if report.payload_digest != merged.payload_digest {
             return Err(mismatch(format!(
                 "it ran another payload ({}) than {} ({})",
-                report.payload,
+                crate::escape::terminal(&report.payload),
                 first_path.display(),
-                merged.payload
+                crate::escape::terminal(&merged.payload)
             )));
         }
-        let hosts: Vec<usize> = report.hosts.iter().map(|h| add_host(&mut merged.hosts, h)).collect();
+        let report_shards: Vec<Vec<(u32, u32)>> = report
+            .hosts
+            .iter()
+            .map(|h| h.shards.iter().map(|s| (s.count, s.index)).collect())
+            .collect();
+        let remapped: Vec<usize> = report
+            .hosts
+            .iter()
+            .map(|h| {
+                let index = *hosts.entry(h.identity.clone()).or_insert_with(|| {
+                    merged.hosts.push(HostRecord {
+                        identity: h.identity.clone(),
+                        shards: Vec::new(),
+                    });
+                    shards.push(BTreeSet::new());
+                    merged.hosts.len() - 1
+                });
+                shards[index].extend(h.shards.iter().copied());
+                index
+            })
+            .collect();
+        if merged.hosts.len() > MAX_HOSTS {
+            return Err(mismatch(format!(
+                "the merge reaches {} hosts with it, more than the {MAX_HOSTS} a merge may hold",
+                merged.hosts.len()
+            )));
+        }
         let remap = |host: usize| {
-            hosts
+            remapped
                 .get(host)
                 .copied()
                 .ok_or_else(|| mismatch(format!("a record names host {host}, which it does not list")))
         };
-        let mut runs = report.runs;
-        for run in &mut runs {
-            run.host = remap(run.host)?;
-        }
-        let mut failures = report.failures;
-        for failure in &mut failures {
-            failure.host = remap(failure.host)?;
-        }
-        let mut refusals = report.refusals;
-        for refusal in &mut refusals {
-            refusal.host = remap(refusal.host)?;
-        }
-        let incoming = ValidationInputs {
+        let ValidationInputs {
             runs,
             failures,
             refusals,
-            ..merged.clone()
+            interrupted,
+            interrupted_by,
+            ..
+        } = report;
+        let job_again = |host: usize, cell: usize, repeat: u32| {
+            let spec = merged.matrix_cells.get(cell);
+            mismatch(format!(
+                "it holds run {} of cell {} | {} | busy {} on host {} again: a shard given twice, or a retry beside the first?",
+                repeat + 1,
+                spec.map_or("?".into(), |c| crate::escape::terminal(&c.mode)),
+                spec.map_or("?".into(), |c| crate::escape::terminal(&c.shaping)),
+                spec.map_or(0, |c| c.busy),
+                merged.hosts.get(host).map_or("?".to_owned(), |h| crate::escape::terminal(&h.identity.label()).into_owned())
+            ))
         };
-        check_unique(&incoming, &path, &merged)?;
-        merged.runs.extend(incoming.runs);
-        merged.failures.extend(incoming.failures);
-        merged.refusals.extend(incoming.refusals);
-        // A partial shard keeps the merge partial, and says so.
-        if let Some(why) = report.interrupted {
-            let why = format!("{}: {why}", path.display());
+        let mut new_runs = Vec::with_capacity(runs.len());
+        for mut run in runs {
+            run.host = remap(run.host)?;
+            if !seen.insert((run.host, run.cell, run.repeat)) {
+                return Err(job_again(run.host, run.cell, run.repeat));
+            }
+            new_runs.push(run);
+        }
+        let mut new_failures = Vec::with_capacity(failures.len());
+        for mut failure in failures {
+            failure.host = remap(failure.host)?;
+            if !seen.insert((failure.host, failure.cell, failure.repeat)) {
+                return Err(job_again(failure.host, failure.cell, failure.repeat));
+            }
+            new_failures.push(failure);
+        }
+        let mut new_refusals = Vec::with_capacity(refusals.len());
+        for mut refusal in refusals {
+            let mut by: Vec<(u32, u32)> = report_shards.get(refusal.host).cloned().unwrap_or_default();
+            by.sort();
+            refusal.host = remap(refusal.host)?;
+            if !refused.insert((refusal.host, refusal.cell, by)) {
+                return Err(mismatch(format!(
+                    "it refuses cell {} on host {} again, for the same shards: a shard given twice?",
+                    refusal.cell, refusal.host
+                )));
+            }
+            new_refusals.push(refusal);
+        }
+        merged.runs.append(&mut new_runs);
+        merged.failures.append(&mut new_failures);
+        merged.refusals.append(&mut new_refusals);
+        // A partial shard keeps the merge partial, and says so, naming its file.
+        if let Some(why) = interrupted {
+            let why = format!("{}: {}", path.display(), crate::escape::terminal(&why));
             merged.interrupted = Some(match merged.interrupted.take() {
                 Some(before) => format!("{before}; {why}"),
                 None => why,
             });
-            merged.interrupted_by = merged.interrupted_by.or(report.interrupted_by);
+            merged.interrupted_by = merged.interrupted_by.or(interrupted_by);
         }
+    }
+    for (host, set) in merged.hosts.iter_mut().zip(shards) {
+        host.shards = set.into_iter().collect();
+    }
+    // Each host's shards, all reports together, are still one partition.
+    for host in &merged.hosts {
+        HostJobs::new(&host.shards).map_err(|why| ValidationError::Mismatch {
+            path: first_path.clone(),
+            why: format!(
+                "with the other reports, {why} (host {})",
+                crate::escape::terminal(&host.identity.label())
+            ),
+        })?;
     }
     merged.runs.sort_by_key(|r| (r.host, r.cell, r.repeat));
     Ok(merged)
-}
-
-/// The merged host a report's host is (the same identity), its shards added; or a new one.
-fn add_host(hosts: &mut Vec<HostRecord>, host: &HostRecord) -> usize {
-    let index = match hosts.iter().position(|h| h.identity == host.identity) {
-        Some(index) => index,
-        None => {
-            hosts.push(HostRecord {
-                identity: host.identity.clone(),
-                shards: Vec::new(),
-            });
-            hosts.len() - 1
-        }
-    };
-    let shards = &mut hosts[index].shards;
-    for shard in &host.shards {
-        if !shards.contains(shard) {
-            shards.push(*shard);
-        }
-    }
-    shards.sort();
-    index
-}
-
-/// No job (host, cell, repeat) twice, run or failed: within `report`, or against what was
-/// merged `already` (a shard given twice, or a CI retry's report beside the first).
-fn check_unique(report: &ValidationInputs, path: &Path, already: &ValidationInputs) -> Result<(), ValidationError> {
-    let key = |host, cell, repeat| (host, cell, repeat);
-    let mut seen: std::collections::HashSet<(usize, usize, u32)> = already
-        .runs
-        .iter()
-        .map(|r| key(r.host, r.cell, r.repeat))
-        .chain(already.failures.iter().map(|f| key(f.host, f.cell, f.repeat)))
-        .collect();
-    let jobs = report
-        .runs
-        .iter()
-        .map(|r| key(r.host, r.cell, r.repeat))
-        .chain(report.failures.iter().map(|f| key(f.host, f.cell, f.repeat)));
-    for (host, cell, repeat) in jobs {
-        if !seen.insert((host, cell, repeat)) {
-            let spec = report.matrix_cells.get(cell);
-            return Err(ValidationError::Mismatch {
-                path: path.to_owned(),
-                why: format!(
-                    "it holds run {} of cell {} | {} | busy {} on host {} again: a shard given twice, or a retry beside the first?",
-                    repeat + 1,
-                    spec.map_or("?", |c| c.mode.as_str()),
-                    spec.map_or("?", |c| c.shaping.as_str()),
-                    spec.map_or(0, |c| c.busy),
-                    report.hosts.get(host).map_or("?".to_owned(), |h| h.identity.label())
-                ),
-            });
-        }
-    }
-    Ok(())
 }

@@ -6,6 +6,7 @@
 use super::gate::{self, Requirement, RequirementResult};
 use super::matrix::{ground_truth, MatrixConfig, Shard};
 use crate::detector::{rule_columns, RuleVerdict, Verdict, RULES};
+use crate::escape::{markdown as md, terminal as t};
 use crate::modes::Path as CpuidPath;
 use crate::report::plot::PlotRun;
 use crate::report::HostReport;
@@ -18,7 +19,7 @@ use std::fmt::Write;
 pub const SKETCH_POINTS: usize = 200;
 
 /// A host as a validation groups runs by: what makes two hosts' figures differ.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, Hash)]
 pub struct HostIdentity {
     pub cpu_model: String,
     pub microcode: Option<String>,
@@ -225,6 +226,26 @@ pub struct ValidationInputs {
     pub interrupted_by: Option<i32>,
 }
 
+impl ValidationInputs {
+    /// The report's description of what it ran (matrix, cells, payload), without records.
+    pub fn clone_header(&self) -> Self {
+        Self {
+            schema_version: self.schema_version,
+            config: self.config.clone(),
+            matrix: self.matrix.clone(),
+            payload: self.payload.clone(),
+            payload_digest: self.payload_digest.clone(),
+            matrix_cells: self.matrix_cells.clone(),
+            hosts: self.hosts.clone(),
+            runs: Vec::new(),
+            refusals: Vec::new(),
+            failures: Vec::new(),
+            interrupted: self.interrupted.clone(),
+            interrupted_by: self.interrupted_by,
+        }
+    }
+}
+
 /// Counts of one rule's verdicts.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VerdictCounts {
@@ -338,8 +359,11 @@ pub struct MatrixCoverage {
     pub jobs: u64,
     pub covered: u64,
     pub missing: u64,
-    /// Shards no host ran, e.g. `2/3`.
+    /// Shards no host ran, e.g. `2/3` (the first thousand).
     pub missing_shards: Vec<String>,
+    /// How many shards no host ran, all of them.
+    #[serde(default)]
+    pub missing_shard_count: u64,
 }
 
 impl MatrixCoverage {
@@ -353,8 +377,9 @@ impl MatrixCoverage {
             .cloned()
             .collect::<Vec<_>>()
             .join(", ");
-        if self.missing_shards.len() > SHOWN {
-            text += &format!(" and {} more", self.missing_shards.len() - SHOWN);
+        let all = self.missing_shard_count.max(self.missing_shards.len() as u64);
+        if all > SHOWN as u64 {
+            text += &format!(" and {} more", all - SHOWN as u64);
         }
         text
     }
@@ -406,23 +431,21 @@ pub struct ArmsRace {
 
 fn arms_race(inputs: &ValidationInputs) -> ArmsRace {
     let mut columns: Vec<ArmsColumn> = Vec::new();
+    let mut column_of: std::collections::HashMap<(String, Verdict), usize> = std::collections::HashMap::new();
     let mut flagged: BTreeMap<String, BTreeMap<usize, (u32, u32)>> = BTreeMap::new();
     for run in &inputs.runs {
         let Some(cell) = inputs.matrix_cells.get(run.cell) else {
             continue;
         };
         let arms = cell.arms();
-        let column = match columns.iter().position(|c| c.arms == arms && c.truth == run.truth) {
-            Some(i) => i,
-            None => {
-                columns.push(ArmsColumn {
-                    arms,
-                    truth: run.truth,
-                    runs: 0,
-                });
-                columns.len() - 1
-            }
-        };
+        let column = *column_of.entry((arms.clone(), run.truth)).or_insert_with(|| {
+            columns.push(ArmsColumn {
+                arms,
+                truth: run.truth,
+                runs: 0,
+            });
+            columns.len() - 1
+        });
         columns[column].runs += 1;
         for v in &run.verdicts {
             let entry = flagged.entry(v.rule.clone()).or_default().entry(column).or_default();
@@ -454,7 +477,7 @@ detector × what the cells stage: share flagged virtual (sees: caught a VM; fool
     );
     let _ = write!(out, "{:<19}", "rule");
     for column in &race.columns {
-        let _ = write!(out, " {:>22}", format!("{} [{}]", column.arms, column.truth.name()));
+        let _ = write!(out, " {:>22}", format!("{} [{}]", t(&column.arms), column.truth.name()));
     }
     let _ = writeln!(out);
     for rule in rules {
@@ -478,11 +501,19 @@ impl ValidationReport {
     pub fn assemble(inputs: ValidationInputs, extra: &[Requirement]) -> Self {
         let cells = cell_results(&inputs);
         let confusion = confusion_of(inputs.runs.iter());
-        let per_host = (0..inputs.hosts.len())
-            .map(|host| HostConfusion {
+        let mut runs_of_host: Vec<Vec<&RunRecord>> = vec![Vec::new(); inputs.hosts.len()];
+        for run in &inputs.runs {
+            if let Some(runs) = runs_of_host.get_mut(run.host) {
+                runs.push(run);
+            }
+        }
+        let per_host = runs_of_host
+            .into_iter()
+            .enumerate()
+            .map(|(host, runs)| HostConfusion {
                 host,
                 label: inputs.hosts[host].identity.label(),
-                confusion: confusion_of(inputs.runs.iter().filter(|r| r.host == host)),
+                confusion: confusion_of(runs.into_iter()),
             })
             .collect();
         let coverage = coverage(&inputs);
@@ -575,15 +606,35 @@ fn cell_truth(spec: &CellSpec, host: Option<&HostRecord>) -> Verdict {
 }
 
 fn cell_results(inputs: &ValidationInputs) -> Vec<CellResult> {
+    let cells = inputs.matrix_cells.len();
+    // Records grouped by cell in one pass each: linear in runs, not cells × runs.
+    let mut runs_of_cell: Vec<Vec<&RunRecord>> = vec![Vec::new(); cells];
+    for run in &inputs.runs {
+        if let Some(runs) = runs_of_cell.get_mut(run.cell) {
+            runs.push(run);
+        }
+    }
+    let mut failed_of_cell = vec![0u32; cells];
+    for failure in &inputs.failures {
+        if let Some(failed) = failed_of_cell.get_mut(failure.cell) {
+            *failed += 1;
+        }
+    }
+    let mut refusal_of_cell: Vec<Option<&Refusal>> = vec![None; cells];
+    for refusal in &inputs.refusals {
+        if let Some(slot @ None) = refusal_of_cell.get_mut(refusal.cell) {
+            *slot = Some(refusal);
+        }
+    }
     let mut results = Vec::new();
     for (index, spec) in inputs.matrix_cells.iter().enumerate() {
         let mut by_truth: BTreeMap<Verdict, Vec<&RunRecord>> = BTreeMap::new();
-        for run in inputs.runs.iter().filter(|r| r.cell == index) {
+        for &run in &runs_of_cell[index] {
             by_truth.entry(run.truth).or_default().push(run);
         }
-        let failed_runs = inputs.failures.iter().filter(|f| f.cell == index).count() as u32;
+        let failed_runs = failed_of_cell[index];
         if by_truth.is_empty() {
-            let refusal = inputs.refusals.iter().find(|r| r.cell == index);
+            let refusal = refusal_of_cell[index];
             let host = refusal.map_or(0, |r| r.host);
             let truth = cell_truth(spec, inputs.hosts.get(host));
             results.push(CellResult {
@@ -649,11 +700,18 @@ fn cell_result(spec: &CellSpec, truth: Verdict, runs: &[&RunRecord], failed_runs
     }
 }
 
-/// Jobs of `shards` (cells × repeats, numbered cell by cell).
+/// Jobs of `shards` (cells × repeats, numbered cell by cell): counted, not enumerated,
+/// for the shards of one partition (as `merge::check` requires of every host).
 fn jobs_in(shards: &[Shard], cells: usize, repeats: u32) -> u64 {
     let total = cells as u64 * u64::from(repeats);
-    (0..total).filter(|&job| shards.iter().any(|s| s.takes(job))).count() as u64
+    match super::merge::HostJobs::new(shards) {
+        Ok(jobs) => jobs.jobs(total),
+        Err(_) => (0..total).filter(|&job| shards.iter().any(|s| s.takes(job))).count() as u64,
+    }
 }
+
+/// The most missing shards a report names (the count says how many there are in all).
+const MISSING_SHARDS_LISTED: usize = 1000;
 
 fn matrix_coverage(inputs: &ValidationInputs) -> MatrixCoverage {
     let repeats = inputs.matrix.repeats;
@@ -661,30 +719,38 @@ fn matrix_coverage(inputs: &ValidationInputs) -> MatrixCoverage {
     let job = |cell: usize, repeat: u32| cell as u64 * u64::from(repeats) + u64::from(repeat);
     let mut covered: std::collections::HashSet<u64> = inputs.runs.iter().map(|r| job(r.cell, r.repeat)).collect();
     covered.extend(inputs.failures.iter().map(|f| job(f.cell, f.repeat)));
-    for refusal in &inputs.refusals {
-        let shards = inputs.hosts.get(refusal.host).map_or(&[][..], |h| h.shards.as_slice());
-        covered.extend(
-            (0..repeats)
-                .map(|r| job(refusal.cell, r))
-                .filter(|&j| shards.iter().any(|s| s.takes(j))),
-        );
-    }
-    let jobs = cells as u64 * u64::from(repeats);
-    let mut missing_shards = Vec::new();
-    let counts: std::collections::BTreeSet<u32> = inputs
+    let taken: Vec<Option<super::merge::HostJobs>> = inputs
         .hosts
         .iter()
-        .flat_map(|h| h.shards.iter().map(|s| s.count))
+        .map(|h| super::merge::HostJobs::new(&h.shards).ok())
         .collect();
-    for count in counts {
-        for index in 1..=count {
-            let given = inputs
-                .hosts
-                .iter()
-                .any(|h| h.shards.iter().any(|s| s.count == count && s.index == index));
-            if !given {
+    for refusal in &inputs.refusals {
+        let shards = inputs.hosts.get(refusal.host).map_or(&[][..], |h| h.shards.as_slice());
+        let host = taken.get(refusal.host).and_then(Option::as_ref);
+        covered.extend((0..repeats).map(|r| job(refusal.cell, r)).filter(|&j| match host {
+            Some(host) => host.takes(j),
+            None => shards.iter().any(|s| s.takes(j)),
+        }));
+    }
+    let jobs = cells as u64 * u64::from(repeats);
+    // Shards given, by count: missing ones found in time linear in those given.
+    let mut given: BTreeMap<u32, std::collections::HashSet<u32>> = BTreeMap::new();
+    for shard in inputs.hosts.iter().flat_map(|h| &h.shards) {
+        given.entry(shard.count).or_default().insert(shard.index);
+    }
+    let mut missing_shards = Vec::new();
+    let mut missing_shard_count = 0u64;
+    for (count, indices) in given {
+        let missing = u64::from(count).saturating_sub(indices.len() as u64);
+        missing_shard_count += missing;
+        let mut named = 0u64;
+        let mut index = 1;
+        while named < missing && missing_shards.len() < MISSING_SHARDS_LISTED && index <= count {
+            if !indices.contains(&index) {
                 missing_shards.push(format!("{index}/{count}"));
+                named += 1;
             }
+            index += 1;
         }
     }
     let covered = covered.len() as u64;
@@ -693,25 +759,37 @@ fn matrix_coverage(inputs: &ValidationInputs) -> MatrixCoverage {
         covered,
         missing: jobs.saturating_sub(covered),
         missing_shards,
+        missing_shard_count,
     }
 }
 
 fn coverage(inputs: &ValidationInputs) -> Vec<HostCoverage> {
-    (0..inputs.hosts.len())
+    // One pass over each kind of record: linear in records and hosts.
+    let hosts = inputs.hosts.len();
+    let (mut ran, mut refused, mut failed) = (vec![0u64; hosts], vec![0u64; hosts], vec![0u64; hosts]);
+    for run in &inputs.runs {
+        if let Some(n) = ran.get_mut(run.host) {
+            *n += 1;
+        }
+    }
+    for refusal in &inputs.refusals {
+        if let Some(n) = refused.get_mut(refusal.host) {
+            *n += u64::from(refusal.jobs);
+        }
+    }
+    for failure in &inputs.failures {
+        if let Some(n) = failed.get_mut(failure.host) {
+            *n += 1;
+        }
+    }
+    (0..hosts)
         .map(|host| {
             let jobs = jobs_in(
                 &inputs.hosts[host].shards,
                 inputs.matrix_cells.len(),
                 inputs.matrix.repeats,
             );
-            let ran = inputs.runs.iter().filter(|r| r.host == host).count() as u64;
-            let refused = inputs
-                .refusals
-                .iter()
-                .filter(|r| r.host == host)
-                .map(|r| u64::from(r.jobs))
-                .sum();
-            let failed = inputs.failures.iter().filter(|f| f.host == host).count() as u64;
+            let (ran, refused, failed) = (ran[host], refused[host], failed[host]);
             HostCoverage {
                 host,
                 jobs,
@@ -805,6 +883,7 @@ fn confusion_table(out: &mut String, confusion: &BTreeMap<String, Confusion>) {
     );
     for (rule, c) in confusion {
         let [tp, fn_, fp, tn, unsure_v, unsure_n, tpr, fpr] = confusion_row(c);
+        let rule = t(rule);
         let _ = writeln!(
             out,
             "{rule:<19} {tp:>5} {fn_:>5} {fp:>5} {tn:>5} {unsure_v:>8} {unsure_n:>8} {tpr:>6} {fpr:>6}"
@@ -817,10 +896,10 @@ pub fn render_table(report: &ValidationReport) -> String {
     let mut out = String::new();
     let inputs = &report.inputs;
     if let Some(why) = &inputs.interrupted {
-        let _ = writeln!(out, "PARTIAL REPORT: {why}");
+        let _ = writeln!(out, "PARTIAL REPORT: {}", t(why));
     }
-    let _ = writeln!(out, "validation: {} — {}", inputs.config, report.description);
-    let _ = writeln!(out, "payload: {}", inputs.payload);
+    let _ = writeln!(out, "validation: {} — {}", t(&inputs.config), t(&report.description));
+    let _ = writeln!(out, "payload: {}", t(&inputs.payload));
     for (i, host) in inputs.hosts.iter().enumerate() {
         let calibrated = if host.identity.calibrated {
             "calibrated"
@@ -830,7 +909,7 @@ pub fn render_table(report: &ValidationReport) -> String {
         let _ = writeln!(
             out,
             "host {i}: {} | detector {calibrated} | shards {}",
-            host.identity.label(),
+            t(&host.identity.label()),
             shard_list(&host.shards)
         );
     }
@@ -842,7 +921,7 @@ pub fn render_table(report: &ValidationReport) -> String {
     confusion_table(&mut out, &report.confusion);
     if report.per_host.len() > 1 {
         for host in &report.per_host {
-            let _ = writeln!(out, "\nhost {}: {}", host.host, host.label);
+            let _ = writeln!(out, "\nhost {}: {}", host.host, t(&host.label));
             confusion_table(&mut out, &host.confusion);
         }
     }
@@ -851,12 +930,12 @@ pub fn render_table(report: &ValidationReport) -> String {
     let label_of = |cell: &CellResult| {
         let evasion = match cell.evasion.as_str() {
             "none" => String::new(),
-            evasion => format!(" | evade {evasion}"),
+            evasion => format!(" | evade {}", t(evasion)),
         };
         format!(
             "{} | {}{evasion} | busy {} [{}]",
-            cell.mode,
-            cell.shaping,
+            t(&cell.mode),
+            t(&cell.shaping),
             cell.busy,
             cell.truth.name()
         )
@@ -864,7 +943,7 @@ pub fn render_table(report: &ValidationReport) -> String {
     let width = report
         .cells
         .iter()
-        .map(|c| label_of(c).len())
+        .map(|c| label_of(c).chars().count())
         .max()
         .unwrap_or(0)
         .max(66);
@@ -877,7 +956,7 @@ pub fn render_table(report: &ValidationReport) -> String {
         let _ = write!(out, "{:<width$}", label_of(cell));
         match &cell.refused {
             Some(why) => {
-                let _ = writeln!(out, " refused: {}", headline(why));
+                let _ = writeln!(out, " refused: {}", t(headline(why)));
             }
             None => {
                 for cell_rate in flagged_rates(cell, &columns) {
@@ -889,16 +968,18 @@ pub fn render_table(report: &ValidationReport) -> String {
     }
     arms_race_table(&mut out, report, &columns);
     for failure in &inputs.failures {
-        let cell = &inputs.matrix_cells[failure.cell.min(inputs.matrix_cells.len().saturating_sub(1))];
+        let Some(cell) = inputs.matrix_cells.get(failure.cell) else {
+            continue;
+        };
         let _ = writeln!(
             out,
             "\nFAILED: {} | {} | busy {}, run {} on host {}: {}",
-            cell.mode,
-            cell.shaping,
+            t(&cell.mode),
+            t(&cell.shaping),
             cell.busy,
             failure.repeat + 1,
             failure.host,
-            failure.why
+            t(&failure.why)
         );
     }
     if !report.requirements.is_empty() {
@@ -908,8 +989,8 @@ pub fn render_table(report: &ValidationReport) -> String {
                 out,
                 "  [{}] {}: {}",
                 if r.met { "met" } else { "UNMET" },
-                r.requirement,
-                r.why
+                t(&r.requirement),
+                t(&r.why)
             );
         }
     }
@@ -947,7 +1028,7 @@ fn short(rule: &str) -> &str {
 fn markdown_confusion(out: &mut String, confusion: &BTreeMap<String, Confusion>) {
     let _ = writeln!(out, "| rule | TP | FN | FP | TN | unsure (virtual) | unsure (native) | TPR | FPR |\n|---|---|---|---|---|---|---|---|---|");
     for (rule, c) in confusion {
-        let _ = writeln!(out, "| {rule} | {} |", confusion_row(c).join(" | "));
+        let _ = writeln!(out, "| {} | {} |", md(rule), confusion_row(c).join(" | "));
     }
 }
 
@@ -958,10 +1039,12 @@ pub fn render_markdown(report: &ValidationReport) -> String {
     let _ = writeln!(
         out,
         "# Validation: {}\n\n{}\n\nPayload: {}.\n",
-        inputs.config, report.description, inputs.payload
+        md(&inputs.config),
+        md(&report.description),
+        md(&inputs.payload)
     );
     if let Some(why) = &inputs.interrupted {
-        let _ = writeln!(out, "**Partial report**: {why}.\n");
+        let _ = writeln!(out, "**Partial report**: {}.\n", md(why));
     }
     let _ = writeln!(
         out,
@@ -976,11 +1059,13 @@ pub fn render_markdown(report: &ValidationReport) -> String {
         let _ = writeln!(
             out,
             "| {index} | {} | {} | {} | {}{} | {} | {} | {} | {} |",
-            host.cpu_model,
-            host.microcode.as_deref().unwrap_or("?"),
-            host.kernel.as_deref().unwrap_or("?"),
-            host.kvm,
-            host.kvm_module.as_deref().map_or(String::new(), |m| format!(" ({m})")),
+            md(&host.cpu_model),
+            md(host.microcode.as_deref().unwrap_or("?")),
+            md(host.kernel.as_deref().unwrap_or("?")),
+            md(&host.kvm),
+            host.kvm_module
+                .as_deref()
+                .map_or(String::new(), |m| format!(" ({})", md(m))),
             if host.nested { "yes" } else { "no" },
             if host.calibrated { "calibrated" } else { "uncalibrated" },
             shard_list(&record.shards),
@@ -991,7 +1076,7 @@ pub fn render_markdown(report: &ValidationReport) -> String {
     markdown_confusion(&mut out, &report.confusion);
     if report.per_host.len() > 1 {
         for host in &report.per_host {
-            let _ = writeln!(out, "\n### Host {}: {}\n", host.host, host.label);
+            let _ = writeln!(out, "\n### Host {}: {}\n", host.host, md(&host.label));
             markdown_confusion(&mut out, &host.confusion);
         }
     }
@@ -1000,10 +1085,10 @@ pub fn render_markdown(report: &ValidationReport) -> String {
         for r in &report.requirements {
             let _ = writeln!(
                 out,
-                "| `{}` | {} | {} |",
-                r.requirement,
+                "| {} | {} | {} |",
+                md(&r.requirement),
                 if r.met { "yes" } else { "**no**" },
-                r.why
+                md(&r.why)
             );
         }
     }
@@ -1013,7 +1098,7 @@ pub fn render_markdown(report: &ValidationReport) -> String {
         "\n## Share of runs flagged virtual, per cell\n\n| mode | shaping | busy | truth |"
     );
     for rule in &columns {
-        let _ = write!(out, " {rule} |");
+        let _ = write!(out, " {} |", md(rule));
     }
     let _ = write!(out, "\n|---|---|---|---|");
     for _ in &columns {
@@ -1024,14 +1109,14 @@ pub fn render_markdown(report: &ValidationReport) -> String {
         let _ = write!(
             out,
             "| {} | {} | {} | {} |",
-            cell.mode,
-            cell.shaping,
+            md(&cell.mode),
+            md(&cell.shaping),
             cell.busy,
             cell.truth.name()
         );
         match &cell.refused {
             Some(why) => {
-                let _ = write!(out, " refused: {} |", why.replace('|', "/"));
+                let _ = write!(out, " refused: {} |", md(why));
                 for _ in 1..columns.len() {
                     let _ = write!(out, " |");
                 }
