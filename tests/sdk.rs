@@ -644,3 +644,21 @@ int vmm_detect(struct vmm_run *run) { (void)run; return VMM_STATUS_OK; }
     assert!(inspect.contains("wrong magic"), "{inspect}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// `vmm_print` writes a line, in the guest and in the native twin, and `--console` shows
+/// both (the twin's stderr is the native console).
+#[test]
+fn the_console_shows_vmm_print_lines_from_the_guest_and_the_twin() {
+    let Some(_vm) = vm_test() else { return };
+    let elf = build_example("five-cpuids");
+    let payload = elf.to_str().unwrap();
+    for mode in ["native", "hw-assist"] {
+        let output = vmm(&["run", "--mode", mode, "--payload", payload, "--console", "-n", "10"]);
+        assert!(output.status.success(), "{mode}: {}", stderr(&output));
+        let text = stderr(&output);
+        assert!(
+            text.lines().any(|line| line.trim_end() == "five cpuids: done"),
+            "{mode}: {text}"
+        );
+    }
+}
