@@ -191,10 +191,8 @@ fn a_single_vcpu_run_has_no_counter_and_no_counter_rules() {
 #[test]
 fn a_pausing_run_whose_guest_stops_the_counter_fails_at_once_naming_it() {
     let Some(_vm) = two_vcpus_test() else { return };
-    let dir = std::env::temp_dir().join(format!("vmm-test-{}-stopper", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(
-        dir.join("stopper.c"),
+    let (dir, payload) = common::build_c_payload(
+        "stopper",
         r#"#include "vmm_sdk.h"
 VMM_PAYLOAD("stops its counter", VMM_CAP_COUNTER);
 int vmm_detect(struct vmm_run *run) {
@@ -208,16 +206,7 @@ int vmm_detect(struct vmm_run *run) {
     return VMM_STATUS_OK;
 }
 "#,
-    )
-    .unwrap();
-    let sdk = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../guest-payload/sdk/sdk.mk");
-    std::fs::write(
-        dir.join("Makefile"),
-        format!("NAME := stopper\nSRCS := stopper.c\ninclude {}\n", sdk.display()),
-    )
-    .unwrap();
-    common::make(&dir);
-    let payload = dir.join("stopper.elf");
+    );
     let started = std::time::Instant::now();
     let output = vmm(&[
         "run",

@@ -614,24 +614,13 @@ fn as_root_a_twin_runs_unprivileged_unless_told_otherwise() {
 #[test]
 fn a_declaration_with_the_wrong_magic_is_named_as_such() {
     let Some(_vm) = vm_test() else { return };
-    let dir = std::env::temp_dir().join(format!("vmm-test-{}-magic", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(
-        dir.join("magic.c"),
+    let (dir, payload) = common::build_c_payload(
+        "magic",
         r#"#include "vmm_sdk.h"
 __attribute__((used)) const struct vmm_payload_info vmm_payload_info = {0x1234, VMM_ABI_VERSION, 0, "not ours"};
 int vmm_detect(struct vmm_run *run) { (void)run; return VMM_STATUS_OK; }
 "#,
-    )
-    .unwrap();
-    let sdk = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../guest-payload/sdk/sdk.mk");
-    std::fs::write(
-        dir.join("Makefile"),
-        format!("NAME := magic\nSRCS := magic.c\ninclude {}\n", sdk.display()),
-    )
-    .unwrap();
-    common::make(&dir);
-    let payload = dir.join("magic.elf");
+    );
     let payload = payload.to_str().unwrap();
     let output = vmm(&["run", "--mode", "hw-assist", "--payload", payload]);
     assert_eq!(output.status.code(), Some(1));

@@ -161,3 +161,23 @@ pub fn two_vcpus_test() -> Option<MutexGuard<'static, ()>> {
     eprintln!("\n*** one CPU for this process: --vcpus 2 is refused (asserted); the rest of this test needs two ***\n");
     None
 }
+
+/// Builds a one-file C payload with the SDK, as a detector author would, in a scratch
+/// directory of its own (removed by the caller): returns (the directory, the guest ELF).
+pub fn build_c_payload(name: &str, source: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!("vmm-test-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join(format!("{name}.c")), source).unwrap();
+    let sdk = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../guest-payload/sdk/sdk.mk")
+        .canonicalize()
+        .unwrap();
+    std::fs::write(
+        dir.join("Makefile"),
+        format!("NAME := {name}\nSRCS := {name}.c\ninclude {}\n", sdk.display()),
+    )
+    .unwrap();
+    make(&dir);
+    let elf = dir.join(format!("{name}.elf"));
+    (dir, elf)
+}
