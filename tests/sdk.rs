@@ -538,10 +538,13 @@ fn a_payload_that_reports_no_cpuid_samples_is_shaped_and_validated_on_the_shippe
         assert!(cell["runs"].as_u64().unwrap() > 0, "an injected cell ran: {cell}");
     }
 
+    // io-patch: the trap every KVM delivers.
     let shaped = json_run(&[
         "run",
         "--mode",
         "trap-emulate",
+        "--trap",
+        "io-patch",
         "--inject-ns",
         "20000",
         "--payload",
