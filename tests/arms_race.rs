@@ -48,7 +48,14 @@ fn the_counter_advances_while_vcpu0_is_in_the_exit_handler() {
     // The counter agrees with the TSC over the spin: nothing was hidden or paused.
     assert_eq!(verdict_of(&injected, "counter-tsc")["verdict"], "native");
     assert_eq!(verdict_of(&injected, "counter-stall")["verdict"], "native");
-    assert_eq!(verdict_of(&injected, "vmaware-timer-2.7")["verdict"], "virtual");
+    // TIMER judges where it has enough pairs in its windows; under QEMU's TCG (nested
+    // SVM) two vCPUs run too unevenly for that and it says "unsure", saying why.
+    let timer = verdict_of(&injected, "vmaware-timer-2.7");
+    assert!(timer["verdict"] == "virtual" || timer["verdict"] == "unsure", "{timer}");
+    if !common::kvm_moves_tsc() {
+        // This project's software KVM: TIMER judges, and sees the spin.
+        assert_eq!(timer["verdict"], "virtual", "{timer}");
+    }
 }
 
 /// `--evade pause-counter` stops the counter for the length of each exit, as an evader's
@@ -76,12 +83,15 @@ fn pausing_the_counter_fools_timer_and_the_stall_rule_catches_it() {
         running["counter"]["ticks"]["cpuid"]
     );
     let ratio = |r: &Value| verdict_of(r, "vmaware-timer-2.7")["score"].as_f64().unwrap();
-    assert!(
-        ratio(&paused) * 2.0 < ratio(&running),
-        "TIMER {} -> {}",
-        ratio(&running),
-        ratio(&paused)
-    );
+    // Where TIMER judges the running counter at all (see above), pausing collapses it.
+    if verdict_of(&running, "vmaware-timer-2.7")["verdict"] != "unsure" || !common::kvm_moves_tsc() {
+        assert!(
+            ratio(&paused) * 2.0 < ratio(&running),
+            "TIMER {} -> {}",
+            ratio(&running),
+            ratio(&paused)
+        );
+    }
     assert_eq!(
         verdict_of(&paused, "counter-stall")["verdict"],
         "virtual",
