@@ -223,21 +223,14 @@ int vmm_detect(struct vmm_run *run) {
 "#,
     );
     let started = std::time::Instant::now();
-    let output = vmm(&[
-        "run",
-        "--mode",
-        "trap-emulate",
-        "--trap",
-        "io-patch",
-        "--vcpus",
-        "2",
-        "--evade",
-        "pause-counter",
-        "--timeout",
-        "30",
-        "--payload",
-        payload.to_str().unwrap(),
-    ]);
+    // io-patch, two vCPUs, the counter paused at every exit.
+    let pausing = ["run", "--vcpus", "2", "--evade", "pause-counter"]
+        .into_iter()
+        .chain(IO_PATCH.iter().copied());
+    let output = vmm(&pausing
+        .clone()
+        .chain(["--timeout", "30", "--payload", payload.to_str().unwrap()])
+        .collect::<Vec<_>>());
     let took = started.elapsed();
     assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
     let message = stderr(&output);
@@ -248,21 +241,9 @@ int vmm_detect(struct vmm_run *run) {
     );
     assert!(took < std::time::Duration::from_secs(10), "{took:?}: {message}");
 
-    let hung = vmm(&[
-        "run",
-        "--mode",
-        "trap-emulate",
-        "--trap",
-        "io-patch",
-        "--vcpus",
-        "2",
-        "--evade",
-        "pause-counter",
-        "--timeout",
-        "2",
-        "--misbehave",
-        "hang",
-    ]);
+    let hung = vmm(&pausing
+        .chain(["--timeout", "2", "--misbehave", "hang"])
+        .collect::<Vec<_>>());
     assert_eq!(hung.status.code(), Some(1));
     assert!(stderr(&hung).contains("the guest hung"), "{}", stderr(&hung));
     std::fs::remove_dir_all(&dir).ok();

@@ -295,20 +295,9 @@ fn a_payload_that_faults_after_a_cpuid_is_not_blamed_on_the_trap() {
 #[test]
 fn a_cpuid_site_that_never_runs_is_not_blamed_on_kvm() {
     let Some(_vm) = vm_test() else { return };
-    let dir = std::env::temp_dir().join(format!("vmm-test-{}-never", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let sdk = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-payload/sdk/sdk.mk");
-    std::fs::write(
-        dir.join("Makefile"),
-        format!(
-            "NAME := never\nSRCS := never.c\ninclude {}\n",
-            sdk.canonicalize().unwrap().display()
-        ),
-    )
-    .unwrap();
     // The CPUID is behind a condition no config meets: it is in the code, never run.
-    std::fs::write(
-        dir.join("never.c"),
+    let (dir, elf) = common::build_c_payload(
+        "never",
         r#"#include "vmm_sdk.h"
 VMM_PAYLOAD("never runs its cpuid", 0);
 int vmm_detect(struct vmm_run *run) {
@@ -322,10 +311,7 @@ int vmm_detect(struct vmm_run *run) {
     return VMM_STATUS_OK;
 }
 "#,
-    )
-    .unwrap();
-    common::make(&dir);
-    let elf = dir.join("never.elf");
+    );
     for trap in ["hw-breakpoint", "io-patch"]
         .into_iter()
         .filter(|t| common::kvm_delivers(t))
