@@ -11,7 +11,7 @@ fn vmm_in(dir: &std::path::Path) -> Command {
 }
 
 fn allowed_cpus() -> Vec<usize> {
-    vmm::native::allowed_cpus()
+    vmm::host::allowed_cpus()
 }
 
 struct Killed(Child);

@@ -368,8 +368,10 @@ fn an_injected_spin_stops_at_the_runs_deadline() {
 #[test]
 fn the_vcpu_thread_runs_under_a_seccomp_filter_that_refuses_files_and_sockets() {
     use vmm::measure::{Measurer, RunSpec};
-    use vmm::modes::{hw_assist::HwAssist, ModeExits, Path};
-    use vmm::vm::exits::{Exit, ExitHandler, Flow, HandlerError};
+    use vmm::modes::{hw_assist::HwAssist, ExitPath, ModeError, Path};
+    use vmm::shaping::Policies;
+    use vmm::vm::exit::Exit;
+    use vmm::vm::handler::{ExitHandler, Flow};
     use vmm::vm::vcpu::Vcpu;
 
     struct TriesForbiddenCalls {
@@ -379,21 +381,24 @@ fn the_vcpu_thread_runs_under_a_seccomp_filter_that_refuses_files_and_sockets() 
         regs_readable: bool,
     }
     impl ExitHandler for TriesForbiddenCalls {
-        fn arm(&mut self, vcpu: &mut dyn Vcpu) -> Result<(), HandlerError> {
-            ModeExits {
-                mode: &mut self.inner,
+        type Error = ModeError;
+        fn arm(&mut self, vcpu: &mut dyn Vcpu) -> Result<(), ModeError> {
+            ExitPath {
+                answerer: &mut self.inner,
+                policy: &mut Policies::none(),
                 console: None,
             }
             .arm(vcpu)
         }
-        fn handle(&mut self, vcpu: &mut dyn Vcpu, exit: &Exit, tsc: u64) -> Result<Flow, HandlerError> {
+        fn handle(&mut self, vcpu: &mut dyn Vcpu, exit: &Exit, tsc: u64) -> Result<Flow, ModeError> {
             if self.open.is_none() {
                 self.open = Some(std::fs::File::open("/proc/self/status"));
                 self.socket = Some(std::os::unix::net::UnixStream::connect("/nonexistent"));
                 self.regs_readable = vcpu.regs().is_ok();
             }
-            ModeExits {
-                mode: &mut self.inner,
+            ExitPath {
+                answerer: &mut self.inner,
+                policy: &mut Policies::none(),
                 console: None,
             }
             .handle(vcpu, exit, tsc)
@@ -404,7 +409,7 @@ fn the_vcpu_thread_runs_under_a_seccomp_filter_that_refuses_files_and_sockets() 
     let measurer = Measurer::open();
     let payload = vmm::vm::loader::Payload::embedded().unwrap();
     let config = RunSpec::new(Path::HwAssist)
-        .cpuid_only(20, 0, vmm::shaping::Shaping::None)
+        .cpuid_only(20, 0, vmm::shaping::latency::Shaping::None)
         .guest_config();
     let mut vm = vmm::vm::GuestVm::create(measurer.kvm().unwrap(), &payload, &config).unwrap();
     let mut handler = TriesForbiddenCalls {

@@ -2,7 +2,7 @@
 #![no_main]
 use guest_payload::{Config, Probe, ABI_VERSION, CONFIG_MAGIC};
 use libfuzzer_sys::fuzz_target;
-use vmm::vm::{parse_results, VmError};
+use vmm::results::{parse_results, ResultsError};
 
 fuzz_target!(|bytes: &[u8]| {
     let config = Config {
@@ -16,11 +16,11 @@ fuzz_target!(|bytes: &[u8]| {
         ..Default::default()
     };
     let _ = parse_results(&config, |offset, len| {
-        let start = usize::try_from(offset).map_err(|_| VmError::BadResults("offset"))?;
+        let start = usize::try_from(offset).map_err(|_| ResultsError::Invalid("offset"))?;
         start
             .checked_add(len)
             .and_then(|end| bytes.get(start..end))
             .map(<[u8]>::to_vec)
-            .ok_or(VmError::BadResults("short"))
+            .ok_or(ResultsError::Invalid("short"))
     });
 });

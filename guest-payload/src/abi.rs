@@ -4,6 +4,7 @@
 //! sides and they can be copied as plain bytes. Any change here bumps [`ABI_VERSION`].
 
 use core::mem::size_of;
+use core::sync::atomic::AtomicU64;
 
 /// Bumped whenever a layout or meaning below changes.
 pub const ABI_VERSION: u32 = 6;
@@ -127,14 +128,17 @@ pub struct PayloadInfo {
 /// It also answers TSC stamp requests, for the cross-vCPU TSC probe: write
 /// [`counter::STAMP_REQUESTED`] to `stamp_request`; the loop stores its TSC in `stamp`,
 /// then zero in `stamp_request`. [`counter::STOP`] there makes the loop return.
+///
+/// Two CPUs share it, one of them running machine code: on the Rust side every field is
+/// an atomic (a plain `mov` on x86), so no access is a data race by Rust's rules.
 #[repr(C, align(64))]
 #[derive(Debug, Default)]
 pub struct CounterBlock {
-    pub counter: u64,
+    pub counter: AtomicU64,
     pub pad0: [u64; 7],
-    pub stamp_request: u64,
+    pub stamp_request: AtomicU64,
     pub pad1: [u64; 7],
-    pub stamp: u64,
+    pub stamp: AtomicU64,
     pub pad2: [u64; 7],
 }
 

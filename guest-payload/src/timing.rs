@@ -15,6 +15,7 @@
 
 use crate::abi::{counter, ports, CounterBlock, CpuidRecord, Cycles, Probe};
 use core::arch::global_asm;
+use core::sync::atomic::Ordering;
 
 /// The global symbols of every instruction that executes CPUID, in the order the guest
 /// reports their bytes. Keep in sync with the labels in the assembly below. (The VMM
@@ -378,10 +379,11 @@ fn counter_block(request: &Request) -> Result<*mut CounterBlock, MeasureError> {
     }
 }
 
-/// Reads the counter (volatile: another CPU writes it).
+/// Reads the counter (another CPU writes it).
 fn read_counter(block: *const CounterBlock) -> u64 {
-    // SAFETY: `block` is the live counter block the caller named in its request.
-    unsafe { core::ptr::read_volatile(&raw const (*block).counter) }
+    // SAFETY: `block` is the live counter block the caller named in its request; its
+    // fields are atomics, shared by design.
+    unsafe { &(*block).counter }.load(Ordering::Acquire)
 }
 
 /// Waits for the counter to move once, as TIMER's `sync = counter; while (counter == sync);`
@@ -413,14 +415,13 @@ fn wait_until(mut done: impl FnMut() -> bool) -> Result<(), MeasureError> {
 /// CPU's, read after the answer arrived (x86 stores are seen in order: the stamp is
 /// there once the request reads zero).
 fn cross_tsc_sample(block: *mut CounterBlock) -> Result<Cycles, MeasureError> {
-    // SAFETY: `block` is the live counter block; the fields are only ever accessed with
-    // volatile reads and writes, by this CPU and the counter's.
-    unsafe {
-        core::ptr::write_volatile(&raw mut (*block).stamp_request, counter::STAMP_REQUESTED);
-        wait_until(|| core::ptr::read_volatile(&raw const (*block).stamp_request) == 0)?;
-        let stamp = core::ptr::read_volatile(&raw const (*block).stamp);
-        Ok(read_tsc().wrapping_sub(stamp) as Cycles)
-    }
+    // SAFETY: `block` is the live counter block; its fields are atomics, shared by this
+    // CPU and the counter's.
+    let block = unsafe { &*block };
+    block.stamp_request.store(counter::STAMP_REQUESTED, Ordering::Release);
+    wait_until(|| block.stamp_request.load(Ordering::Acquire) == 0)?;
+    let stamp = block.stamp.load(Ordering::Acquire);
+    Ok(read_tsc().wrapping_sub(stamp) as Cycles)
 }
 
 /// Times `probe` `out.len()` times after the probe's warm-up; each sample is in TSC
@@ -734,8 +735,7 @@ mod tests {
 
     impl Drop for CounterThread {
         fn drop(&mut self) {
-            // SAFETY: the block outlives the thread, which is joined here.
-            unsafe { core::ptr::write_volatile(&raw mut self.block.stamp_request, counter::STOP) };
+            self.block.stamp_request.store(counter::STOP, Ordering::Release);
             if let Some(thread) = self.thread.take() {
                 let _ = thread.join();
             }

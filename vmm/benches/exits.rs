@@ -16,7 +16,7 @@ use vmm::measure::{Measurer, RunSpec};
 use vmm::modes::trap_emulate::Trap;
 use vmm::modes::Path;
 use vmm::stats;
-use vmm::vm::exits::ExitKind;
+use vmm::vm::handler::ExitKind;
 use vmm::vm::kvm::KvmContext;
 use vmm::vm::loader::Payload;
 use vmm::vm::vcpu::RegisterAccess;
@@ -44,7 +44,7 @@ fn measure(measurer: &Measurer, payload: &Payload, path: Path, iterations: u32, 
         ..RunSpec::new(path)
     };
     let m = measurer.measure(payload, &spec, None).map_err(|e| e.to_string())?;
-    let median = |p: guest_payload::Probe| m.samples.get(&p).map_or(0, |s| stats::median(s));
+    let median = |p: guest_payload::Probe| m.results.samples.get(&p).map_or(0, |s| stats::median(s));
     let kind = if path == Path::Paravirt {
         ExitKind::CpuidHypercall
     } else {

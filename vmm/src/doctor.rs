@@ -182,7 +182,7 @@ pub fn run_checks() -> Vec<Check> {
 /// What `--vcpus 2` and its evasions need: a second CPU for the counter vCPU, and TSC
 /// scaling for `--evade tsc-khz`.
 fn two_vcpus_check(kvm: Option<&crate::vm::kvm::KvmContext>) -> Check {
-    let cpus = crate::native::allowed_cpus();
+    let cpus = crate::host::allowed_cpus();
     let scaling = match kvm {
         Some(k) if k.tsc_control => "TSC scaling offered (KVM_CAP_TSC_CONTROL: --evade tsc-khz can run)",
         Some(_) => "no TSC scaling (KVM_CAP_TSC_CONTROL not offered: --evade tsc-khz is refused)",
@@ -248,7 +248,7 @@ fn tsc_moves_check(measurer: &Measurer) -> Check {
         timeout: Duration::from_secs(20),
         ..RunSpec::new(Path::Paravirt)
     };
-    match crate::shaping::calibration::probe_tsc_moves(measurer, &spec) {
+    match measurer.probe_tsc_moves(&spec) {
         Ok(method) => check(
             NAME,
             Verdict::Ok,
@@ -289,7 +289,7 @@ fn boot_check(measurer: &Measurer) -> Check {
         .and_then(|payload| measurer.measure(&payload, &spec, None).map_err(|e| e.to_string()));
     match result {
         Ok(m) => {
-            let median = |p: Probe| m.samples.get(&p).map_or(0, |s| crate::stats::median(s));
+            let median = |p: Probe| m.results.samples.get(&p).map_or(0, |s| crate::stats::median(s));
             check(
                 "guest boot",
                 Verdict::Ok,

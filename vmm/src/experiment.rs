@@ -49,14 +49,14 @@ impl Session {
     ) -> Result<(RunReport, Measurement), MeasureError> {
         let measurement = self.measurer.measure(&self.payload, spec, console)?;
         let evidence = Evidence {
-            ticks: &measurement.ticks,
-            counter_rate: measurement.counter_rate,
-            samples: &measurement.samples,
-            cpuid: &measurement.cpuid,
-            site_bytes: &measurement.site_bytes,
+            ticks: &measurement.results.ticks,
+            counter_rate: measurement.results.counter_rate,
+            samples: &measurement.results.samples,
+            cpuid: &measurement.results.cpuid,
+            site_bytes: &measurement.results.site_bytes,
             tsc_khz: self.host.tsc_khz,
             cpuid_leaf: spec.cpuid_leaf,
-            payload: measurement.verdict.as_ref(),
+            payload: measurement.results.verdict.as_ref(),
         };
         let verdicts = detector::evaluate(&evidence, &self.calibration);
         let report = RunReport::new(

@@ -166,9 +166,114 @@ fn measure_tsc_khz(window: Duration) -> u32 {
     (cycles as f64 / start.elapsed().as_secs_f64() / 1000.0) as u32
 }
 
+/// The CPUs this process may run on.
+pub fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; sched_getaffinity fills it.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: pid 0 is this thread; the size matches the set.
+    if unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) } != 0 {
+        return vec![0];
+    }
+    // SAFETY: CPU_ISSET reads within the set for indices below CPU_SETSIZE.
+    (0..libc::CPU_SETSIZE as usize)
+        .filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) })
+        .collect()
+}
+
+/// Pins the calling thread to `cpu` (one of [`allowed_cpus`]).
+pub fn pin_current_thread(cpu: usize) -> std::io::Result<()> {
+    // SAFETY: as in `allowed_cpus`; CPU_SET writes within the set (cpu < CPU_SETSIZE is
+    // guaranteed by the caller, which took it from the allowed list).
+    let result = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    if result != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Where a run's threads go: the timing CPU (vCPU 0, or the native measuring thread) and,
+/// for a run with a counter, another CPU for the counter. Chosen here for every back end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Placement {
+    pub timing: usize,
+    pub counter: Option<usize>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AffinityError {
+    #[error("CPU {cpu} is not one this process may run on (allowed: {allowed:?})")]
+    CpuNotAllowed { cpu: usize, allowed: Vec<usize> },
+    #[error("a run with a counter needs a second CPU for it, and this process may run on CPU {cpu} only")]
+    NoCounterCpu { cpu: usize },
+}
+
+impl Placement {
+    /// The timing CPU asked for if this process may use it, else the last one allowed
+    /// (away from CPU 0's interrupt load); with a counter, the first other allowed CPU.
+    pub fn choose(asked: Option<usize>, counter: bool) -> Result<Self, AffinityError> {
+        Self::choose_among(&allowed_cpus(), asked, counter)
+    }
+
+    fn choose_among(allowed: &[usize], asked: Option<usize>, counter: bool) -> Result<Self, AffinityError> {
+        let timing = match asked {
+            Some(cpu) if !allowed.contains(&cpu) => {
+                return Err(AffinityError::CpuNotAllowed {
+                    cpu,
+                    allowed: allowed.to_vec(),
+                })
+            }
+            Some(cpu) => cpu,
+            None => *allowed.last().unwrap_or(&0),
+        };
+        let counter = match counter {
+            false => None,
+            true => Some(
+                allowed
+                    .iter()
+                    .copied()
+                    .find(|&c| c != timing)
+                    .ok_or(AffinityError::NoCounterCpu { cpu: timing })?,
+            ),
+        };
+        Ok(Self { timing, counter })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn placement_takes_the_cpu_asked_or_the_last_and_gives_the_counter_another() {
+        let allowed = [0, 1, 3];
+        assert_eq!(
+            Placement::choose_among(&allowed, None, true),
+            Ok(Placement {
+                timing: 3,
+                counter: Some(0)
+            })
+        );
+        assert_eq!(
+            Placement::choose_among(&allowed, Some(0), true),
+            Ok(Placement {
+                timing: 0,
+                counter: Some(1)
+            })
+        );
+        assert!(matches!(
+            Placement::choose_among(&allowed, Some(2), false),
+            Err(AffinityError::CpuNotAllowed { cpu: 2, .. })
+        ));
+        assert_eq!(
+            Placement::choose_among(&[5], None, true),
+            Err(AffinityError::NoCounterCpu { cpu: 5 })
+        );
+        assert_eq!(Placement::choose_among(&[5], None, false).map(|p| p.counter), Ok(None));
+    }
 
     #[test]
     fn flavour_follows_the_loaded_vendor_module() {

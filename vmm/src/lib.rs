@@ -36,6 +36,7 @@ pub mod modes;
 pub mod native;
 pub mod output;
 pub mod report;
+pub mod results;
 pub mod shaping;
 pub mod stats;
 pub mod validation;

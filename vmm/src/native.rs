@@ -1,24 +1,23 @@
 //! The native runner: the same timing core as the guest, in a host thread pinned to one
 //! CPU, so that native and guest samples come from identical instructions.
 
-use crate::vm::ProbeSamples;
+use crate::host::{pin_current_thread, AffinityError, Placement};
+use crate::results::{ProbeSamples, Results, ResultsError};
 use guest_payload::timing::{self, CpuidPath, Request};
-use guest_payload::{probes_in, Config, CpuidRecord, Cycles, Probe, CPUID_SNAPSHOT_LEAVES};
+use guest_payload::{probes_in, Config, Cycles, Probe, CPUID_SNAPSHOT_LEAVES};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NativeError {
-    #[error("CPU {cpu} is not one this process may run on (allowed: {allowed:?})")]
-    CpuNotAllowed { cpu: usize, allowed: Vec<usize> },
+    #[error(transparent)]
+    Affinity(#[from] AffinityError),
     #[error("cannot pin the measuring thread to CPU {cpu}: {source}")]
     Pin { cpu: usize, source: std::io::Error },
     #[error("cannot start the measuring thread: {0}")]
     Thread(std::io::Error),
     #[error("the measuring thread panicked")]
     Panicked,
-    #[error("a native run with a counter needs a second CPU for the counter thread, and this process may run on CPU {cpu} only")]
-    NoCounterCpu { cpu: usize },
     #[error("the native timing core stopped: {0}")]
     Measure(&'static str),
     #[error(
@@ -43,85 +42,38 @@ pub enum NativeError {
     TwinResults { twin: String, why: String },
 }
 
-/// What a native run measured.
+/// What a native run measured, and where.
 #[derive(Clone, Debug)]
 pub struct NativeRun {
-    pub samples: ProbeSamples,
-    /// Counter ticks over each sample, where the run had a counter thread.
-    pub ticks: ProbeSamples,
-    /// TSC cycles and ticks over the rate window, where the run had a counter thread.
-    pub counter_rate: Option<(u64, u64)>,
-    pub cpuid: Vec<CpuidRecord>,
-    /// This binary's own CPUID sites, read as a guest reads its code.
-    pub site_bytes: Vec<[u8; 2]>,
+    pub results: Results,
+    /// The CPU the measuring thread (or the twin) was pinned to.
     pub cpu: usize,
     pub run: Duration,
-    /// The payload's own verdict (native twins of SDK payloads).
-    pub verdict: Option<crate::vm::PayloadVerdictReport>,
 }
 
 /// Samples of one probe measured between two looks at the deadline.
 const NATIVE_CHUNK: usize = 65_536;
 
-/// The CPUs this process may run on.
-pub fn allowed_cpus() -> Vec<usize> {
-    // SAFETY: a zeroed cpu_set_t is a valid empty set; sched_getaffinity fills it.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: pid 0 is this thread; the size matches the set.
-    if unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) } != 0 {
-        return vec![0];
-    }
-    // SAFETY: CPU_ISSET reads within the set for indices below CPU_SETSIZE.
-    (0..libc::CPU_SETSIZE as usize)
-        .filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) })
-        .collect()
-}
-
-/// Pins the calling thread to `cpu` (one of [`allowed_cpus`]): the native runner's
-/// threads and the vCPU threads of a run with a counter.
-pub fn pin_current_thread(cpu: usize) -> std::io::Result<()> {
-    // SAFETY: as in `allowed_cpus`; CPU_SET writes within the set (cpu < CPU_SETSIZE is
-    // guaranteed by the caller, which took it from the allowed list).
-    let result = unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
-    };
-    if result != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// The CPU a native run is pinned to: the one asked for if this process may use it, else
-/// the last one allowed (away from CPU 0's interrupt load).
-fn measuring_cpu(asked: Option<usize>) -> Result<usize, NativeError> {
-    let allowed = allowed_cpus();
-    match asked {
-        Some(cpu) if !allowed.contains(&cpu) => Err(NativeError::CpuNotAllowed { cpu, allowed }),
-        Some(cpu) => Ok(cpu),
-        None => Ok(*allowed.last().unwrap_or(&0)),
-    }
-}
-
 /// The native side of `--vcpus 2`: a host thread pinned to another CPU running the very
 /// loop the counter vCPU runs ([`timing::run_counter_loop`]), stopped and joined on drop.
 struct CounterThread {
-    block: Box<guest_payload::CounterBlock>,
+    /// Shared with the thread (an `Arc`, never a `Box` another thread writes through).
+    block: std::sync::Arc<guest_payload::CounterBlock>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl CounterThread {
     fn start(cpu: usize) -> Result<Self, NativeError> {
-        let mut block = Box::<guest_payload::CounterBlock>::default();
-        let addr = &raw mut *block as usize;
+        let block = std::sync::Arc::new(guest_payload::CounterBlock::default());
+        let shared = std::sync::Arc::clone(&block);
         let thread = std::thread::Builder::new()
             .name("vmm-native-counter".into())
             .spawn(move || {
                 // Unpinned, it still counts: the measuring thread is what must be pinned.
                 let _ = pin_current_thread(cpu);
-                // SAFETY: the block is freed only after this thread is joined (Drop).
-                unsafe { timing::run_counter_loop(addr as *mut guest_payload::CounterBlock) };
+                // SAFETY: the thread holds its own reference to the block for as long as
+                // the loop runs; the loop's fields are atomics (see CounterBlock).
+                unsafe { timing::run_counter_loop(std::sync::Arc::as_ptr(&shared).cast_mut()) };
             })
             .map_err(NativeError::Thread)?;
         Ok(Self {
@@ -131,14 +83,15 @@ impl CounterThread {
     }
 
     fn addr(&self) -> u64 {
-        &raw const *self.block as u64
+        std::sync::Arc::as_ptr(&self.block) as u64
     }
 }
 
 impl Drop for CounterThread {
     fn drop(&mut self) {
-        // SAFETY: the block outlives the thread, joined just below.
-        unsafe { std::ptr::write_volatile(&raw mut self.block.stamp_request, guest_payload::counter::STOP) };
+        self.block
+            .stamp_request
+            .store(guest_payload::counter::STOP, std::sync::atomic::Ordering::Release);
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
@@ -152,18 +105,15 @@ fn measure_error(error: timing::MeasureError) -> NativeError {
     })
 }
 
-/// Runs the timing core on the host as `config` asks, pinned to `cpu` (default: the last
-/// CPU this process may use, away from CPU 0's interrupt load). A non-zero
-/// `config.counter_addr` asks for a counter: a host thread on another CPU keeps one (the
-/// address itself is the guest's and means nothing here).
-pub fn run(config: &Config, cpu: Option<usize>, timeout: Duration) -> Result<NativeRun, NativeError> {
-    let cpu = measuring_cpu(cpu)?;
-    let counter = match config.counter_addr {
-        0 => None,
-        _ => {
-            let other = allowed_cpus().into_iter().find(|&c| c != cpu);
-            Some(CounterThread::start(other.ok_or(NativeError::NoCounterCpu { cpu })?)?)
-        }
+/// Runs the timing core on the host as `config` asks, pinned as `placement` says. A
+/// non-zero `config.counter_addr` asks for a counter: a host thread on the placement's
+/// counter CPU keeps one (the address itself is the guest's and means nothing here).
+pub fn run(config: &Config, placement: Placement, timeout: Duration) -> Result<NativeRun, NativeError> {
+    let cpu = placement.timing;
+    let counter = match (config.counter_addr, placement.counter) {
+        (0, _) => None,
+        (_, Some(other)) => Some(CounterThread::start(other)?),
+        (_, None) => return Err(AffinityError::NoCounterCpu { cpu }.into()),
     };
     let config = Config {
         counter_addr: counter.as_ref().map_or(0, CounterThread::addr),
@@ -263,14 +213,16 @@ pub fn run(config: &Config, cpu: Option<usize>, timeout: Duration) -> Result<Nat
                 (Vec::new(), Vec::new())
             };
             Ok(NativeRun {
-                samples,
-                ticks,
-                counter_rate,
-                cpuid,
-                site_bytes,
+                results: Results {
+                    samples,
+                    ticks,
+                    counter_rate,
+                    cpuid,
+                    site_bytes,
+                    verdict: None,
+                },
                 cpu,
                 run: started.elapsed(),
-                verdict: None,
             })
         })
         .map_err(NativeError::Thread)?;
@@ -403,11 +355,11 @@ fn end_group(child: &mut std::process::Child) {
 pub fn run_twin(
     twin: &Path,
     config: &Config,
-    cpu: Option<usize>,
+    placement: Placement,
     timeout: Duration,
     console: Option<&mut (dyn std::io::Write + Send)>,
 ) -> Result<NativeRun, NativeError> {
-    let cpu = measuring_cpu(cpu)?;
+    let cpu = placement.timing;
     let name = twin.display().to_string();
     let io = |source| NativeError::Twin {
         twin: name.clone(),
@@ -531,30 +483,19 @@ pub fn run_twin(
         });
     }
     let bytes = read_capped(&result_file, MAX_TWIN_RESULT).map_err(io)?;
-    let results = crate::vm::parse_results(&config, |offset, len| {
-        let start = usize::try_from(offset).map_err(|_| crate::vm::VmError::BadResults("a sample offset overflows"))?;
+    let results = crate::results::parse_results(&config, |offset, len| {
+        let start = usize::try_from(offset).map_err(|_| ResultsError::Invalid("a sample offset overflows"))?;
         start
             .checked_add(len)
             .and_then(|end| bytes.get(start..end))
             .map(<[u8]>::to_vec)
-            .ok_or(crate::vm::VmError::BadResults(
-                "the result file is shorter than its header says",
-            ))
+            .ok_or(ResultsError::Invalid("the result file is shorter than its header says"))
     })
     .map_err(|e| NativeError::TwinResults {
         twin: name.clone(),
         why: e.to_string(),
     })?;
-    Ok(NativeRun {
-        samples: results.samples,
-        ticks: results.ticks,
-        counter_rate: results.counter_rate,
-        cpuid: results.cpuid,
-        site_bytes: results.site_bytes,
-        cpu,
-        run,
-        verdict: results.verdict,
-    })
+    Ok(NativeRun { results, cpu, run })
 }
 
 /// A file's bytes, refused past `cap`, and refused unless it is a regular file: a twin
@@ -604,6 +545,10 @@ fn scratch_dir() -> std::io::Result<ScratchDir> {
 mod tests {
     use super::*;
 
+    fn any_cpu() -> Placement {
+        Placement::choose(None, false).unwrap()
+    }
+
     #[test]
     fn native_run_fills_every_probe_on_the_chosen_cpu() {
         let config = Config {
@@ -612,11 +557,15 @@ mod tests {
             probes: 0b111,
             ..Default::default()
         };
-        let cpu = allowed_cpus()[0];
-        let run = run(&config, Some(cpu), Duration::from_secs(60)).unwrap();
+        let cpu = crate::host::allowed_cpus()[0];
+        let placement = Placement {
+            timing: cpu,
+            counter: None,
+        };
+        let run = run(&config, placement, Duration::from_secs(60)).unwrap();
         assert_eq!(run.cpu, cpu);
-        assert_eq!(run.samples.len(), 3);
-        assert!(run.samples.values().all(|s| s.len() == 200));
+        assert_eq!(run.results.samples.len(), 3);
+        assert!(run.results.samples.values().all(|s| s.len() == 200));
     }
 
     #[test]
@@ -636,9 +585,15 @@ mod tests {
             probes: 1,
             ..Default::default()
         };
-        let failed = run_twin(Path::new("/bin/false"), &config, None, Duration::from_secs(5), None);
+        let failed = run_twin(
+            Path::new("/bin/false"),
+            &config,
+            any_cpu(),
+            Duration::from_secs(5),
+            None,
+        );
         assert!(matches!(failed, Err(NativeError::TwinFailed { .. })), "{failed:?}");
-        let silent = run_twin(Path::new("/bin/true"), &config, None, Duration::from_secs(5), None);
+        let silent = run_twin(Path::new("/bin/true"), &config, any_cpu(), Duration::from_secs(5), None);
         assert!(
             matches!(silent, Err(NativeError::Twin { .. })),
             "no result file: {silent:?}"
@@ -647,7 +602,7 @@ mod tests {
         let stopped = std::env::temp_dir().join(format!("vmm-test-{}-status.sh", std::process::id()));
         std::fs::write(&stopped, "#!/bin/sh\nexit 13\n").unwrap();
         std::fs::set_permissions(&stopped, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-        let status = run_twin(&stopped, &config, None, Duration::from_secs(5), None);
+        let status = run_twin(&stopped, &config, any_cpu(), Duration::from_secs(5), None);
         std::fs::remove_file(&stopped).ok();
         match status {
             Err(error @ NativeError::TwinStatus { value: 3, .. }) => {
@@ -659,7 +614,7 @@ mod tests {
         std::fs::write(&script, "#!/bin/sh\nexec sleep 30\n").unwrap();
         std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
         let started = Instant::now();
-        let hung = run_twin(&script, &config, None, Duration::from_millis(200), None);
+        let hung = run_twin(&script, &config, any_cpu(), Duration::from_millis(200), None);
         std::fs::remove_file(&script).ok();
         assert!(matches!(hung, Err(NativeError::TwinHung { .. })), "{hung:?}");
         assert!(started.elapsed() < Duration::from_secs(5));
@@ -679,7 +634,7 @@ mod tests {
         std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
         let mut console: Vec<u8> = Vec::new();
         let started = Instant::now();
-        let run = run_twin(&script, &config, None, Duration::from_secs(20), Some(&mut console));
+        let run = run_twin(&script, &config, any_cpu(), Duration::from_secs(20), Some(&mut console));
         std::fs::remove_file(&script).ok();
         assert!(started.elapsed() < Duration::from_secs(10));
         let error = run.expect_err("a FIFO is no result file").to_string();
@@ -700,14 +655,9 @@ mod tests {
 
     #[test]
     fn a_cpu_outside_the_affinity_mask_is_refused() {
-        let config = Config {
-            iterations: 1,
-            probes: 1,
-            ..Default::default()
-        };
         assert!(matches!(
-            run(&config, Some(100_000), Duration::from_secs(60)),
-            Err(NativeError::CpuNotAllowed { .. })
+            Placement::choose(Some(100_000), false),
+            Err(AffinityError::CpuNotAllowed { .. })
         ));
     }
 }

@@ -73,6 +73,88 @@ pub fn cycles_to_ns(cycles: f64, tsc_khz: u32) -> f64 {
     cycles * 1_000_000.0 / f64::from(tsc_khz)
 }
 
+/// SplitMix64: tiny, fast, and the same sequence for the same seed on every platform.
+#[derive(Clone, Debug)]
+pub struct SplitMix64(u64);
+
+impl SplitMix64 {
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in (0, 1].
+    fn unit(&mut self) -> f64 {
+        ((self.next_u64() >> 11) + 1) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Box–Muller.
+    pub fn standard_normal(&mut self) -> f64 {
+        let (u1, u2) = (self.unit(), self.unit());
+        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+    }
+}
+
+/// A bounded record of a stream: every item up to `capacity`, then a uniform sample of
+/// that size (Algorithm R: the n-th item replaces a kept one with probability capacity/n),
+/// so a guest that floods an exit kind cannot grow the VMM's memory. The count stays exact.
+#[derive(Clone, Debug)]
+pub struct Reservoir<T> {
+    kept: Vec<T>,
+    capacity: usize,
+    count: u64,
+    rng: SplitMix64,
+}
+
+impl<T> Reservoir<T> {
+    /// `reserve` items are allocated now (no reallocation inside a timed exit below it).
+    pub fn new(capacity: usize, reserve: usize, seed: u64) -> Self {
+        Self {
+            kept: Vec::with_capacity(reserve.min(capacity)),
+            capacity,
+            count: 0,
+            rng: SplitMix64::new(seed),
+        }
+    }
+
+    pub fn record(&mut self, item: T) {
+        if self.kept.len() < self.capacity {
+            self.kept.push(item);
+        } else {
+            let slot = self.rng.next_u64() % (self.count + 1);
+            if let Some(kept) = self.kept.get_mut(slot as usize) {
+                *kept = item;
+            }
+        }
+        self.count += 1;
+    }
+
+    /// Items recorded in all.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    /// The items kept: all of them up to the capacity, in order.
+    pub fn kept(&self) -> &[T] {
+        &self.kept
+    }
+
+    /// Raises the capacity to at least `capacity`, reserving room for it.
+    pub fn grow_to(&mut self, capacity: usize) {
+        if capacity > self.capacity {
+            self.kept.reserve(capacity - self.kept.len());
+            self.capacity = capacity;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -38,7 +38,7 @@ pub fn calibrate(args: &CalibrateArgs) -> Result<(), CommandError> {
                 });
             }
             let (report, measurement) = session.run(&spec, false, None)?;
-            if let Some(point) = RunPoint::from_samples(&measurement.samples, report.host.tsc_khz) {
+            if let Some(point) = RunPoint::from_samples(&measurement.results.samples, report.host.tsc_khz) {
                 points[i].push(point);
             }
             progress.inc(1);

@@ -70,7 +70,11 @@ pub fn compare(args: &CompareArgs) -> Result<(), CommandError> {
         };
         match session.run(&spec, false, None) {
             Ok((report, measurement)) => {
-                plot_runs.push(plot::PlotRun::new(label, &measurement.samples, report.host.tsc_khz));
+                plot_runs.push(plot::PlotRun::new(
+                    label,
+                    &measurement.results.samples,
+                    report.host.tsc_khz,
+                ));
                 columns.push((label, report));
             }
             // A path this host cannot take is part of the comparison, not the end of it.

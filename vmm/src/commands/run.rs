@@ -6,8 +6,9 @@ use crate::experiment::Session;
 use crate::measure::RunSpec;
 use crate::modes::Path;
 use crate::report::{self, plot};
+use crate::shaping::latency::Shaping;
+use crate::shaping::plan;
 use crate::shaping::profile::Profile;
-use crate::shaping::{plan, Shaping};
 use std::io::Write;
 use std::time::Duration;
 
@@ -63,7 +64,7 @@ pub fn run(args: &RunArgs) -> Result<(), CommandError> {
     }
     if let Some(output) = csv_file {
         let mut csv = Vec::new();
-        report::csv::write(&mut csv, &measurement.samples).map_err(|source| CommandError::Output {
+        report::csv::write(&mut csv, &measurement.results.samples).map_err(|source| CommandError::Output {
             path: output.path().display().to_string(),
             source,
         })?;
@@ -72,7 +73,7 @@ pub fn run(args: &RunArgs) -> Result<(), CommandError> {
     if let Some(output) = plot_file {
         let runs = [plot::PlotRun::new(
             report.path.name(),
-            &measurement.samples,
+            &measurement.results.samples,
             report.host.tsc_khz,
         )];
         plot::write(output, &runs, &session.calibration)?;

@@ -14,7 +14,7 @@ use crate::cli::TraceArgs;
 use crate::experiment::Session;
 use crate::measure::RunSpec;
 use crate::modes::Path;
-use crate::vm::exits::ExitKind;
+use crate::vm::handler::ExitKind;
 use crate::vm::loader::Payload;
 use crate::vm::trace::{Recorder, TracedExit};
 use crate::vm::vcpu::RegisterAccess;
@@ -92,7 +92,7 @@ pub fn trace(args: &TraceArgs) -> Result<(), CommandError> {
             shaping: if !args.all || path.vmm_handles_cpuid() {
                 shaping(&args.shaping, session.tsc.khz)?
             } else {
-                crate::shaping::Shaping::None
+                crate::shaping::latency::Shaping::None
             },
             iterations: 1,
             warmup: args.warmup,
@@ -111,13 +111,16 @@ pub fn trace(args: &TraceArgs) -> Result<(), CommandError> {
             Ok(measurement) => {
                 access = access.or(measurement.register_access);
                 let sample = measurement
+                    .results
                     .samples
                     .get(&Probe::Cpuid)
                     .and_then(|s| s.first().copied())
                     .unwrap_or_default();
                 let mut life = life(path, &spec, sample, &recorder, measurement.register_access);
                 let asked = shaping(&args.shaping, session.tsc.khz)?;
-                if asked != crate::shaping::Shaping::None && spec.shaping == crate::shaping::Shaping::None {
+                if asked != crate::shaping::latency::Shaping::None
+                    && spec.shaping == crate::shaping::latency::Shaping::None
+                {
                     life.note.push_str(&format!(
                         " Ran without the {} shaping asked: no exit of this path reaches the VMM.",
                         asked.kind()
@@ -320,7 +323,7 @@ fn vmm_steps(exit: &TracedExit, reentered: u64, access: Option<RegisterAccess>, 
     }
     let handler_end = exit.handled.saturating_sub(exit.flush_cycles);
     steps.push(Step {
-        what: if spec.shaping == crate::shaping::Shaping::None {
+        what: if spec.shaping == crate::shaping::latency::Shaping::None {
             "the handler returns".into()
         } else {
             format!(

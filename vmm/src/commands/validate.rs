@@ -144,7 +144,7 @@ pub fn validate(args: &ValidateArgs) -> Result<(), CommandError> {
             warmup: config.warmup,
             busy: usize::from(cell.busy),
             counter: config.vcpus == 2,
-            evasions: cell.evasions,
+            evasions: cell.evasions.clone(),
             probes: crate::measure::default_probes(config.vcpus == 2),
             ..RunSpec::new(cell.path)
         };
@@ -161,7 +161,7 @@ pub fn validate(args: &ValidateArgs) -> Result<(), CommandError> {
                         (index, repeat, 0),
                         truth,
                         &report.verdicts,
-                        &measurement.samples,
+                        &measurement.results.samples,
                         report.host.tsc_khz,
                     ));
                     progress.inc(1);

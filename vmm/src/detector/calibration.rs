@@ -2,8 +2,8 @@
 //! by the rules (`--calibration FILE`). Without one, the rules use documented defaults and
 //! say that they are uncalibrated.
 
+use crate::results::ProbeSamples;
 use crate::stats;
-use crate::vm::ProbeSamples;
 use guest_payload::{Cycles, Probe};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};

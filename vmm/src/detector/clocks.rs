@@ -425,7 +425,7 @@ pub fn xor_rate(evidence: &Evidence) -> RuleVerdict {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::vm::ProbeSamples;
+    use crate::results::ProbeSamples;
     use guest_payload::CpuidRecord;
 
     fn evidence<'a>(samples: &'a ProbeSamples, ticks: &'a ProbeSamples, cpuid: &'a [CpuidRecord]) -> Evidence<'a> {

@@ -24,7 +24,7 @@ pub mod calibration;
 pub mod clocks;
 pub mod rules;
 
-use crate::vm::ProbeSamples;
+use crate::results::ProbeSamples;
 pub use calibration::Calibration;
 use guest_payload::CpuidRecord;
 use serde::{Deserialize, Serialize};
@@ -72,7 +72,7 @@ pub struct Evidence<'a> {
     pub tsc_khz: u32,
     pub cpuid_leaf: u32,
     /// The payload's own verdict, where it reported one.
-    pub payload: Option<&'a crate::vm::PayloadVerdictReport>,
+    pub payload: Option<&'a crate::results::PayloadVerdictReport>,
 }
 
 /// The name under which a payload's own verdict is reported and scored.
@@ -124,7 +124,7 @@ pub fn evaluate(evidence: &Evidence, calibration: &Calibration) -> Vec<RuleVerdi
 }
 
 /// The payload's verdict as a rule's: its own score, full confidence in its own word.
-fn payload_verdict(report: &crate::vm::PayloadVerdictReport) -> RuleVerdict {
+fn payload_verdict(report: &crate::results::PayloadVerdictReport) -> RuleVerdict {
     use guest_payload::PayloadVerdict;
     let verdict = match report.verdict {
         PayloadVerdict::Virtual => Verdict::Virtual,

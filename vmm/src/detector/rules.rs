@@ -344,8 +344,8 @@ mod tests {
     use super::*;
     use crate::detector::calibration::Spread;
     use crate::detector::{evaluate, Calibration};
-    use crate::shaping::profile::SplitMix64;
-    use crate::vm::ProbeSamples;
+    use crate::results::ProbeSamples;
+    use crate::stats::SplitMix64;
     use guest_payload::CpuidRecord;
     use std::collections::BTreeMap;
 
@@ -407,7 +407,7 @@ mod tests {
 
     fn run(samples: &ProbeSamples, cpuid: &[CpuidRecord], sites: &[[u8; 2]]) -> BTreeMap<&'static str, Verdict> {
         let evidence = Evidence {
-            ticks: &crate::vm::ProbeSamples::new(),
+            ticks: &crate::results::ProbeSamples::new(),
             counter_rate: None,
             samples,
             cpuid,
@@ -492,7 +492,7 @@ mod tests {
             samples.insert(Probe::CpuidUnfenced, unfenced);
         }
         let evidence = Evidence {
-            ticks: &crate::vm::ProbeSamples::new(),
+            ticks: &crate::results::ProbeSamples::new(),
             counter_rate: None,
             samples: &samples,
             cpuid: &[],
@@ -574,7 +574,7 @@ mod tests {
             cpuid[500] = -12_974;
         }
         let evidence = Evidence {
-            ticks: &crate::vm::ProbeSamples::new(),
+            ticks: &crate::results::ProbeSamples::new(),
             counter_rate: None,
             samples: &hidden,
             cpuid: &[],

@@ -1,18 +1,26 @@
-//! How CPUID reaches whoever answers it (`--mode`), and the VMM's exit handling per mode.
+//! Who answers CPUID (`--mode`), and the exit path that puts an answer and its cost
+//! together.
 //!
-//! | mode | on `cpuid` | handled by |
+//! | mode | on `cpuid` | answered by |
 //! |---|---|---|
 //! | `native` | executes on the host CPU | hardware |
 //! | `hw-assist` | VM exit, emulated inside KVM | KVM (userspace never sees it) |
-//! | `trap-emulate` | traps to this VMM, emulated from its CPUID table | the VMM |
-//! | `paravirt` | the guest asks the VMM by hypercall instead | the VMM |
+//! | `trap-emulate` | traps to this VMM, emulated from its CPUID table | the VMM (`trap_emulate.rs`) |
+//! | `paravirt` | the guest asks the VMM by hypercall instead | the VMM (`paravirt.rs`) |
 //!
-//! [`handle_exit`] dispatches one exit, whatever the mode, to the mode's
-//! [`CpuidExitHandler`]: a free function over the [`Vcpu`] trait, so every path is
-//! unit-tested with made-up exits and a simulated vCPU.
+//! The route of a trapped CPUID, in four files that never climb back up:
+//! `vm/run.rs` (KVM_RUN returns; the exit is handed over) → [`ExitPath::handle`] here (the
+//! ABI's own ports; the exit policy told the exit began) → the mode's
+//! [`Answerer::answer`] (`trap_emulate.rs`: registers answered, RIP stepped) → the
+//! policy's `cpuid_answered` (`crate::shaping`: what the exit costs the guest) → back
+//! here, registers written back, the policy told the exit ended → `vm/run.rs` re-enters.
+//! Modes only answer; what an exit costs is decided in one place, the policy. Every step
+//! runs on the [`Vcpu`] trait, so each is unit-tested with made-up exits on `SimVcpu`.
 
 use crate::arch::x86_64::cpuid::CpuidTable;
-use crate::vm::exits::{Exit, ExitHandler, ExitKind, Flow, HandlerError};
+use crate::shaping::{ExitPolicy, ShapingError};
+use crate::vm::exit::Exit;
+use crate::vm::handler::{ExitHandler, ExitKind, Flow};
 use crate::vm::vcpu::{Vcpu, VcpuError};
 use guest_payload::ports;
 use kvm_bindings::kvm_regs;
@@ -183,7 +191,7 @@ pub enum ModeError {
     #[error("the payload's timed CPUID never trapped to the VMM ({exits} trap exits): trap-emulate measured nothing of its path")]
     NoTraps { exits: u64 },
     #[error(transparent)]
-    Shaping(#[from] crate::shaping::ShapingError),
+    Shaping(#[from] ShapingError),
 }
 
 /// Answers the CPUID in `regs` (leaf in EAX, subleaf in ECX) from `table`, exactly as KVM
@@ -196,48 +204,29 @@ pub fn answer_cpuid(table: &CpuidTable, regs: &mut kvm_regs) {
     regs.rdx = u64::from(edx);
 }
 
-/// The VMM side of a mode: the exits only some modes expect. `exit_tsc` is the host TSC
-/// when KVM_RUN returned, for latency shaping. Each returns the kind of CPUID exit it
-/// handled.
-pub trait CpuidExitHandler: Send {
-    /// Called once before the vCPU first runs: arm traps, patch code, open TSC moves.
+/// A CPUID this VMM answered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Answered {
+    /// How the reports count it (a timed CPUID, or one of the guest's snapshot).
+    pub kind: ExitKind,
+    /// False for the benches' bare exits: stepped over, unanswered, and shaped by no policy.
+    pub shaped: bool,
+}
+
+/// The VMM side of a mode: who answers the CPUIDs that reach this VMM.
+pub trait Answerer: Send {
+    /// Called once before the vCPU first runs: arm traps, patch code.
     fn arm(&mut self, _vcpu: &mut dyn Vcpu) -> Result<(), ModeError> {
         Ok(())
     }
 
-    /// A debug exit (hardware breakpoint or `int3`).
-    fn on_debug(
-        &mut self,
-        _vcpu: &mut dyn Vcpu,
-        pc: u64,
-        exception: u32,
-        _exit_tsc: u64,
-    ) -> Result<ExitKind, ModeError> {
-        Err(ModeError::UnexpectedDebugExit { rip: pc, exception })
-    }
+    /// Answers `exit` if it is one of this mode's CPUIDs (the answer in the registers,
+    /// RIP past the instruction where KVM does not move it); `None` for any other exit,
+    /// which [`ExitPath`] then refuses by name.
+    fn answer(&mut self, vcpu: &mut dyn Vcpu, exit: &Exit) -> Result<Option<Answered>, ModeError>;
 
-    /// An `out` to the paravirtual hypercall port.
-    fn on_hypercall(&mut self, _vcpu: &mut dyn Vcpu, _exit_tsc: u64) -> Result<ExitKind, ModeError> {
-        Err(ModeError::UnexpectedHypercall)
-    }
-
-    /// An `out` to the io-patch trap port: a patched CPUID.
-    fn on_io_trap(&mut self, vcpu: &mut dyn Vcpu, _exit_tsc: u64) -> Result<ExitKind, ModeError> {
-        Err(ModeError::UnexpectedIoTrap {
-            port: u16::from(ports::CPUID_TRAP),
-            rip: vcpu.regs()?.rip,
-        })
-    }
-
-    /// KVM could not emulate the instruction at the exit's RIP. An emulating KVM reports
-    /// a patched `int3` this way (its emulator cannot run INT in long mode): the kind of
-    /// exit if this was one of ours and has been handled as the trap, `None` otherwise.
-    fn on_emulation_failure(&mut self, _vcpu: &mut dyn Vcpu, _exit_tsc: u64) -> Result<Option<ExitKind>, ModeError> {
-        Ok(None)
-    }
-
-    /// The shaper of a mode that shapes its exits, for what it learnt during the run.
-    fn shaper(&self) -> Option<&crate::shaping::Shaper> {
+    /// How this mode's traps reached the VMM, where it traps.
+    fn delivery(&self) -> Option<trap_emulate::TrapDelivery> {
         None
     }
 }
@@ -252,60 +241,89 @@ pub fn write_console_byte(out: &mut dyn Write, byte: u8) -> std::io::Result<()> 
     }
 }
 
-/// One exit, dispatched: the ABI's own ports (console, done) first, then the mode's.
-pub fn handle_exit(
-    mode: &mut dyn CpuidExitHandler,
-    console: &mut Option<&mut (dyn Write + Send)>,
-    vcpu: &mut dyn Vcpu,
-    exit: &Exit,
-    exit_tsc: u64,
-) -> Result<Flow, ModeError> {
-    const IO_TRAP_PORT: u16 = ports::CPUID_TRAP as u16;
-    let kind = match *exit {
-        Exit::Interrupted => ExitKind::Signal,
-        Exit::IoOut {
-            port: ports::CONSOLE,
-            value,
-        } => {
-            if let Some(out) = console.as_mut() {
-                // The console is a convenience: a closed stderr must not end the run.
-                let _ = write_console_byte(&mut **out, value as u8);
-            }
-            ExitKind::Console
-        }
-        Exit::IoOut {
-            port: ports::DONE,
-            value,
-        } => return Ok(Flow::Done { status: value }),
-        Exit::IoOut {
-            port: ports::HYPERCALL, ..
-        } => mode.on_hypercall(vcpu, exit_tsc)?,
-        Exit::IoOut { port: IO_TRAP_PORT, .. } => mode.on_io_trap(vcpu, exit_tsc)?,
-        Exit::Debug { pc, exception } => mode.on_debug(vcpu, pc, exception, exit_tsc)?,
-        Exit::InternalError {
-            suberror: kvm_bindings::KVM_INTERNAL_ERROR_EMULATION,
-        } => match mode.on_emulation_failure(vcpu, exit_tsc)? {
-            Some(kind) => kind,
-            None => return Ok(Flow::Fatal),
-        },
-        _ => return Ok(Flow::Fatal),
-    };
-    Ok(Flow::Continue(kind))
-}
-
-/// A mode's handler and the console, as the VM's [`ExitHandler`].
-pub struct ModeExits<'m, 'c> {
-    pub mode: &'m mut dyn CpuidExitHandler,
+/// The exit path of one run: the ABI's own ports, the mode that answers CPUID, and the
+/// policy that decides what each exit costs the guest. The VM's [`ExitHandler`].
+pub struct ExitPath<'a, 'c> {
+    pub answerer: &'a mut dyn Answerer,
+    pub policy: &'a mut dyn ExitPolicy,
     pub console: Option<&'c mut (dyn Write + Send)>,
 }
 
-impl ExitHandler for ModeExits<'_, '_> {
-    fn arm(&mut self, vcpu: &mut dyn Vcpu) -> Result<(), HandlerError> {
-        Ok(self.mode.arm(vcpu)?)
+impl ExitPath<'_, '_> {
+    /// One exit, answered: the kind to count it as.
+    fn dispatch(&mut self, vcpu: &mut dyn Vcpu, exit: &Exit, exit_tsc: u64) -> Result<Flow, ModeError> {
+        let kind = match *exit {
+            Exit::Interrupted => ExitKind::Signal,
+            Exit::IoOut {
+                port: ports::CONSOLE,
+                value,
+            } => {
+                if let Some(out) = self.console.as_mut() {
+                    // The console is a convenience: a closed stderr must not end the run.
+                    let _ = write_console_byte(&mut **out, value as u8);
+                }
+                ExitKind::Console
+            }
+            _ => match self.answerer.answer(vcpu, exit)? {
+                Some(answered) => {
+                    if answered.shaped {
+                        self.policy.cpuid_answered(vcpu, exit_tsc)?;
+                    }
+                    answered.kind
+                }
+                None => return refuse(vcpu, exit),
+            },
+        };
+        Ok(Flow::Continue(kind))
+    }
+}
+
+/// An exit no mode took: the ABI's ports by name, anything else fatal to the run.
+fn refuse(vcpu: &mut dyn Vcpu, exit: &Exit) -> Result<Flow, ModeError> {
+    const IO_TRAP_PORT: u16 = ports::CPUID_TRAP as u16;
+    match *exit {
+        Exit::IoOut {
+            port: ports::HYPERCALL, ..
+        } => Err(ModeError::UnexpectedHypercall),
+        Exit::IoOut { port: IO_TRAP_PORT, .. } => Err(ModeError::UnexpectedIoTrap {
+            port: IO_TRAP_PORT,
+            rip: vcpu.regs()?.rip,
+        }),
+        Exit::Debug { pc, exception } => Err(ModeError::UnexpectedDebugExit { rip: pc, exception }),
+        _ => Ok(Flow::Fatal),
+    }
+}
+
+impl ExitHandler for ExitPath<'_, '_> {
+    type Error = ModeError;
+
+    fn arm(&mut self, vcpu: &mut dyn Vcpu) -> Result<(), ModeError> {
+        self.answerer.arm(vcpu)?;
+        Ok(self.policy.arm(vcpu)?)
     }
 
-    fn handle(&mut self, vcpu: &mut dyn Vcpu, exit: &Exit, exit_tsc: u64) -> Result<Flow, HandlerError> {
-        Ok(handle_exit(self.mode, &mut self.console, vcpu, exit, exit_tsc)?)
+    fn handle(&mut self, vcpu: &mut dyn Vcpu, exit: &Exit, exit_tsc: u64) -> Result<Flow, ModeError> {
+        if let Exit::IoOut {
+            port: ports::DONE,
+            value,
+        } = *exit
+        {
+            return Ok(Flow::Done { status: value });
+        }
+        // The watchdog's own kick is no exit to act on: the run loop reports the hang.
+        if vcpu.past_deadline() {
+            return self.dispatch(vcpu, exit, exit_tsc);
+        }
+        self.policy.exit_began(vcpu)?;
+        let flow = self.dispatch(vcpu, exit, exit_tsc);
+        // The registers go back before the exit ends for the policy (a paused counter
+        // then resumes only once nothing of the exit is left).
+        let flushed = vcpu.flush();
+        let ended = self.policy.exit_ended(vcpu);
+        let flow = flow?;
+        flushed?;
+        ended?;
+        Ok(flow)
     }
 }
 
@@ -333,6 +351,24 @@ mod tests {
         assert_eq!("trap-emulate".parse(), Ok(Path::TrapEmulate(Trap::HwBreakpoint)));
         let error = "warp-drive".parse::<Path>().unwrap_err();
         assert!(error.contains("trap-emulate:io-patch"), "{error}");
+    }
+
+    use crate::shaping::Policies;
+
+    /// One exit through the whole exit path, with no policy.
+    fn handle_exit(
+        answerer: &mut dyn Answerer,
+        console: &mut Option<&mut (dyn Write + Send)>,
+        vcpu: &mut SimVcpu,
+        exit: &Exit,
+        exit_tsc: u64,
+    ) -> Result<Flow, ModeError> {
+        ExitPath {
+            answerer,
+            policy: &mut Policies::none(),
+            console: console.as_mut().map(|c| &mut **c as &mut (dyn Write + Send)),
+        }
+        .handle(vcpu, exit, exit_tsc)
     }
 
     #[test]
@@ -365,6 +401,53 @@ mod tests {
             assert_eq!(dispatch(fatal, &mut vcpu).unwrap(), Flow::Fatal);
         }
         assert_eq!(written, b"x");
+    }
+
+    #[test]
+    fn the_policy_brackets_every_exit_but_the_last_and_shapes_only_answered_cpuids() {
+        use crate::shaping::latency::{Latency, Shaping};
+        use crate::shaping::pause_counter::PauseCounter;
+        use crate::vm::vcpu::sim::SimCounter;
+        let mut vcpu = SimVcpu::new();
+        vcpu.counter = Some(SimCounter::default());
+        vm_memory::Bytes::write_slice(
+            &vcpu.memory,
+            &guest_payload::timing::CPUID_OPCODE,
+            vm_memory::GuestAddress(0x10_0100),
+        )
+        .unwrap();
+        let mut mode = trap_emulate::TrapEmulate::new(Trap::IoPatch, vec![0x10_0100], None, CpuidTable::new(vec![]));
+        let mut policy = Policies::new(vec![
+            Box::new(Latency::new(Shaping::VirtualInject { cycles: 7 }, 0, 0)),
+            Box::new(PauseCounter),
+        ]);
+        let mut path = ExitPath {
+            answerer: &mut mode,
+            policy: &mut policy,
+            console: None,
+        };
+        path.arm(&mut vcpu).unwrap();
+        vcpu.regs.rip = 0x10_0102;
+        let trap = Exit::IoOut {
+            port: u16::from(ports::CPUID_TRAP),
+            value: 0,
+        };
+        let console = Exit::IoOut {
+            port: ports::CONSOLE,
+            value: u32::from(b'x'),
+        };
+        let done = Exit::IoOut {
+            port: ports::DONE,
+            value: 0,
+        };
+        for exit in [&trap, &console, &trap, &done] {
+            path.handle(&mut vcpu, exit, 0).unwrap();
+        }
+        let counter = vcpu.counter.as_ref().unwrap();
+        assert_eq!(counter.pauses.get(), 3, "each exit but done paused the counter");
+        assert_eq!(counter.depth.get(), 0, "and let it go");
+        assert_eq!(vcpu.tsc_offset, 14, "two answered CPUIDs shaped, the console not");
+        assert_eq!(policy.recorded().shaped.count(), 2);
     }
 
     #[test]

@@ -4,15 +4,19 @@
 //! from the same table KVM would use. KVM completes the OUT (moves RIP past it) on the
 //! next KVM_RUN, so RIP is left as it is.
 
-use super::{answer_cpuid, CpuidExitHandler, ModeError};
+use super::trap_emulate::site_at;
+use super::{answer_cpuid, Answered, Answerer, ModeError};
 use crate::arch::x86_64::cpuid::CpuidTable;
-use crate::shaping::Shaper;
-use crate::vm::exits::ExitKind;
+use crate::vm::exit::Exit;
+use crate::vm::handler::ExitKind;
 use crate::vm::vcpu::Vcpu;
+use guest_payload::ports;
+
+/// `out dx, eax`: one byte, which a KVM that completed it before exiting reports RIP past.
+const HYPERCALL_LEN: u64 = 1;
 
 pub struct Paravirt {
     cpuid: CpuidTable,
-    shaper: Shaper,
     /// The snapshot's hypercall instruction, to count it apart from the timed one.
     query_site: Option<u64>,
     /// Leave the hypercall unanswered: the bare port I/O round trip (benches).
@@ -20,10 +24,9 @@ pub struct Paravirt {
 }
 
 impl Paravirt {
-    pub fn new(cpuid: CpuidTable, query_site: Option<u64>, shaper: Shaper) -> Self {
+    pub fn new(cpuid: CpuidTable, query_site: Option<u64>) -> Self {
         Self {
             cpuid,
-            shaper,
             query_site,
             bare: false,
         }
@@ -36,41 +39,44 @@ impl Paravirt {
     }
 }
 
-impl CpuidExitHandler for Paravirt {
-    fn shaper(&self) -> Option<&Shaper> {
-        Some(&self.shaper)
-    }
-
-    fn arm(&mut self, vcpu: &mut dyn Vcpu) -> Result<(), ModeError> {
-        Ok(self.shaper.arm(vcpu)?)
-    }
-
-    fn on_hypercall(&mut self, vcpu: &mut dyn Vcpu, exit_tsc: u64) -> Result<ExitKind, ModeError> {
+impl Answerer for Paravirt {
+    fn answer(&mut self, vcpu: &mut dyn Vcpu, exit: &Exit) -> Result<Option<Answered>, ModeError> {
+        if !matches!(
+            exit,
+            Exit::IoOut {
+                port: ports::HYPERCALL,
+                ..
+            }
+        ) {
+            return Ok(None);
+        }
         if self.bare {
-            return Ok(ExitKind::CpuidHypercall);
+            return Ok(Some(Answered {
+                kind: ExitKind::CpuidHypercall,
+                shaped: false,
+            }));
         }
         let mut regs = vcpu.regs()?;
         let rip = regs.rip;
         answer_cpuid(&self.cpuid, &mut regs);
         vcpu.set_regs(&regs)?;
-        self.shaper.after_exit(vcpu, exit_tsc)?;
         // RIP is at the one-byte `out`, or past it where KVM completed it before exiting.
-        let is_query = self.query_site.is_some_and(|site| rip == site || rip == site + 1);
-        Ok(if is_query {
-            ExitKind::CpuidQueryHypercall
-        } else {
-            ExitKind::CpuidHypercall
-        })
+        let query = self.query_site.as_slice();
+        let kind = match site_at(query, rip, HYPERCALL_LEN) {
+            Some(_) => ExitKind::CpuidQueryHypercall,
+            None => ExitKind::CpuidHypercall,
+        };
+        Ok(Some(Answered { kind, shaped: true }))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::modes::handle_exit;
-    use crate::vm::exits::{Exit, Flow};
+    use crate::modes::ExitPath;
+    use crate::shaping::Policies;
+    use crate::vm::handler::{ExitHandler, Flow};
     use crate::vm::vcpu::sim::SimVcpu;
-    use guest_payload::ports;
     use kvm_bindings::kvm_cpuid_entry2;
 
     #[test]
@@ -81,7 +87,7 @@ mod tests {
             ebx: 0x4b4d_564b,
             ..Default::default()
         }]);
-        let mut handler = Paravirt::new(table, Some(0x10_0500), Shaper::none());
+        let mut handler = Paravirt::new(table, Some(0x10_0500));
         let mut vcpu = SimVcpu::new();
         handler.arm(&mut vcpu).unwrap();
         let hypercall = Exit::IoOut {
@@ -95,7 +101,12 @@ mod tests {
         ] {
             vcpu.regs.rip = rip;
             vcpu.regs.rax = 0x4000_0000;
-            let flow = handle_exit(&mut handler, &mut None, &mut vcpu, &hypercall, 0).unwrap();
+            let mut path = ExitPath {
+                answerer: &mut handler,
+                policy: &mut Policies::none(),
+                console: None,
+            };
+            let flow = path.handle(&mut vcpu, &hypercall, 0).unwrap();
             assert_eq!(flow, Flow::Continue(kind));
             assert_eq!((vcpu.regs.rax, vcpu.regs.rbx), (0x4000_0001, 0x4b4d_564b));
             assert_eq!(vcpu.regs.rip, rip, "KVM completes the out itself");

@@ -19,10 +19,10 @@
 //! Both patches are a trace the guest can find by reading its own code: Popek and
 //! Goldberg's equivalence, broken (the `code-integrity` rule looks for it).
 
-use super::{answer_cpuid, CpuidExitHandler, ModeError};
+use super::{answer_cpuid, Answered, Answerer, ModeError};
 use crate::arch::x86_64::cpuid::CpuidTable;
-use crate::shaping::Shaper;
-use crate::vm::exits::ExitKind;
+use crate::vm::exit::Exit;
+use crate::vm::handler::ExitKind;
 use crate::vm::vcpu::Vcpu;
 use guest_payload::ports;
 use guest_payload::timing::CPUID_OPCODE;
@@ -73,16 +73,25 @@ impl Trap {
         }
     }
 
-    /// Whether an exit at `rip` belongs to the trap at `site`: a #BP may report the
-    /// address after the `int3`, and a port I/O exit the address after the `out`.
-    fn covers(self, site: u64, rip: u64) -> bool {
-        let after = match self {
+    /// How far past its site a trap's exit may report RIP: a #BP the address after the
+    /// `int3`, a port I/O exit (from a KVM that completed the `out` first) the address
+    /// after the `out`.
+    pub const fn reported_past(self) -> u64 {
+        match self {
             Trap::HwBreakpoint => 0,
             Trap::Int3Patch => 1,
             Trap::IoPatch => 2,
-        };
-        rip == site || rip == site + after
+        }
     }
+}
+
+/// The one definition of trap geometry: the site of `sites` an exit at `rip` belongs to,
+/// where exits report the site itself or the address `past` bytes after it. An exact
+/// match wins (sites may be adjacent). Used by the traps, paravirt's hypercall site, the
+/// trap probe and `trace`.
+pub fn site_at(sites: &[u64], rip: u64, past: u64) -> Option<u64> {
+    let exact = sites.iter().copied().find(|&site| site == rip);
+    exact.or_else(|| sites.iter().copied().find(|&site| site.checked_add(past) == Some(rip)))
 }
 
 /// How the trap reached the VMM on this KVM.
@@ -116,7 +125,6 @@ pub struct TrapEmulate {
     /// The site of the guest's CPUID snapshot, counted apart from the timed ones.
     query_site: Option<u64>,
     cpuid: CpuidTable,
-    shaper: Shaper,
     /// Advance past the CPUID without answering it: the exit path's floor (benches).
     bare: bool,
     /// How the traps arrived (the first one decides).
@@ -124,13 +132,12 @@ pub struct TrapEmulate {
 }
 
 impl TrapEmulate {
-    pub fn new(trap: Trap, sites: Vec<u64>, query_site: Option<u64>, cpuid: CpuidTable, shaper: Shaper) -> Self {
+    pub fn new(trap: Trap, sites: Vec<u64>, query_site: Option<u64>, cpuid: CpuidTable) -> Self {
         Self {
             trap,
             sites,
             query_site,
             cpuid,
-            shaper,
             bare: false,
             delivery: None,
         }
@@ -143,13 +150,9 @@ impl TrapEmulate {
         self
     }
 
-    /// The site a trap at `rip` belongs to (an exact match first: sites may be adjacent).
+    /// The site a trap at `rip` belongs to.
     fn site_of(&self, rip: u64) -> Option<u64> {
-        let sites = self.sites.iter().copied();
-        sites
-            .clone()
-            .find(|&site| site == rip)
-            .or_else(|| sites.clone().find(|&site| self.trap.covers(site, rip)))
+        site_at(&self.sites, rip, self.trap.reported_past())
     }
 
     fn kind_of(&self, site: u64) -> ExitKind {
@@ -169,8 +172,7 @@ impl TrapEmulate {
         site: u64,
         step_over: bool,
         delivery: TrapDelivery,
-        exit_tsc: u64,
-    ) -> Result<ExitKind, ModeError> {
+    ) -> Result<Answered, ModeError> {
         self.delivery.get_or_insert(delivery);
         if !self.bare {
             answer_cpuid(&self.cpuid, &mut regs);
@@ -181,10 +183,61 @@ impl TrapEmulate {
         if !self.bare || step_over {
             vcpu.set_regs(&regs)?;
         }
-        if !self.bare {
-            self.shaper.after_exit(vcpu, exit_tsc)?;
+        Ok(Answered {
+            kind: self.kind_of(site),
+            shaped: !self.bare,
+        })
+    }
+
+    /// A debug exit: a breakpoint (vector 1) or an int3 (vector 3) at one of our sites.
+    fn on_debug(&mut self, vcpu: &mut dyn Vcpu, pc: u64, exception: u32) -> Result<Option<Answered>, ModeError> {
+        let expected_vector = match self.trap {
+            Trap::HwBreakpoint => DEBUG_VECTOR,
+            Trap::Int3Patch => BREAKPOINT_VECTOR,
+            Trap::IoPatch => return Ok(None),
+        };
+        match self.site_of(pc) {
+            Some(site) if exception == expected_vector => {
+                let regs = vcpu.regs()?;
+                self.emulate(vcpu, regs, site, true, TrapDelivery::DebugExit).map(Some)
+            }
+            _ => Ok(None),
         }
-        Ok(self.kind_of(site))
+    }
+
+    /// An `out` to the trap port: a patched CPUID.
+    fn on_io_trap(&mut self, vcpu: &mut dyn Vcpu) -> Result<Option<Answered>, ModeError> {
+        if self.trap != Trap::IoPatch {
+            return Ok(None);
+        }
+        if self.bare {
+            // Nothing to do at all: KVM completes the `out` on re-entry.
+            self.delivery.get_or_insert(TrapDelivery::PortIo);
+            return Ok(Some(Answered {
+                kind: ExitKind::CpuidTrap,
+                shaped: false,
+            }));
+        }
+        let regs = vcpu.regs()?;
+        match self.site_of(regs.rip) {
+            Some(site) => self.emulate(vcpu, regs, site, false, TrapDelivery::PortIo).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// KVM could not emulate the instruction at RIP: an emulating KVM's report of a patched
+    /// `int3` (its emulator cannot run INT in long mode), the same trap delivered otherwise.
+    fn on_emulation_failure(&mut self, vcpu: &mut dyn Vcpu) -> Result<Option<Answered>, ModeError> {
+        if self.trap != Trap::Int3Patch {
+            return Ok(None);
+        }
+        let regs = vcpu.regs()?;
+        match self.site_of(regs.rip) {
+            Some(site) => self
+                .emulate(vcpu, regs, site, true, TrapDelivery::EmulationFailure)
+                .map(Some),
+            None => Ok(None),
+        }
     }
 }
 
@@ -202,11 +255,7 @@ pub fn check_sites(trap: Trap, sites: usize) -> Result<(), ModeError> {
     Ok(())
 }
 
-impl CpuidExitHandler for TrapEmulate {
-    fn shaper(&self) -> Option<&Shaper> {
-        Some(&self.shaper)
-    }
-
+impl Answerer for TrapEmulate {
     fn arm(&mut self, vcpu: &mut dyn Vcpu) -> Result<(), ModeError> {
         check_sites(self.trap, self.sites.len())?;
         for &site in &self.sites {
@@ -243,61 +292,32 @@ impl CpuidExitHandler for TrapEmulate {
                 }
             }
         }
-        Ok(self.shaper.arm(vcpu)?)
+        Ok(())
     }
 
-    fn on_debug(&mut self, vcpu: &mut dyn Vcpu, pc: u64, exception: u32, exit_tsc: u64) -> Result<ExitKind, ModeError> {
-        let expected_vector = match self.trap {
-            Trap::HwBreakpoint => Some(DEBUG_VECTOR),
-            Trap::Int3Patch => Some(BREAKPOINT_VECTOR),
-            Trap::IoPatch => None,
-        };
-        match self.site_of(pc) {
-            Some(site) if Some(exception) == expected_vector => {
-                let regs = vcpu.regs()?;
-                self.emulate(vcpu, regs, site, true, TrapDelivery::DebugExit, exit_tsc)
-            }
-            _ => Err(ModeError::UnexpectedDebugExit { rip: pc, exception }),
+    fn answer(&mut self, vcpu: &mut dyn Vcpu, exit: &Exit) -> Result<Option<Answered>, ModeError> {
+        const IO_TRAP_PORT: u16 = ports::CPUID_TRAP as u16;
+        match *exit {
+            Exit::Debug { pc, exception } => self.on_debug(vcpu, pc, exception),
+            Exit::IoOut { port: IO_TRAP_PORT, .. } => self.on_io_trap(vcpu),
+            Exit::InternalError {
+                suberror: kvm_bindings::KVM_INTERNAL_ERROR_EMULATION,
+            } => self.on_emulation_failure(vcpu),
+            _ => Ok(None),
         }
     }
 
-    fn on_io_trap(&mut self, vcpu: &mut dyn Vcpu, exit_tsc: u64) -> Result<ExitKind, ModeError> {
-        if self.bare && self.trap == Trap::IoPatch {
-            // Nothing to do at all: KVM completes the `out` on re-entry.
-            self.delivery.get_or_insert(TrapDelivery::PortIo);
-            return Ok(ExitKind::CpuidTrap);
-        }
-        let regs = vcpu.regs()?;
-        match self.site_of(regs.rip) {
-            Some(site) if self.trap == Trap::IoPatch => {
-                self.emulate(vcpu, regs, site, false, TrapDelivery::PortIo, exit_tsc)
-            }
-            _ => Err(ModeError::UnexpectedIoTrap {
-                port: u16::from(ports::CPUID_TRAP),
-                rip: regs.rip,
-            }),
-        }
-    }
-
-    fn on_emulation_failure(&mut self, vcpu: &mut dyn Vcpu, exit_tsc: u64) -> Result<Option<ExitKind>, ModeError> {
-        if self.trap != Trap::Int3Patch {
-            return Ok(None);
-        }
-        let regs = vcpu.regs()?;
-        match self.site_of(regs.rip) {
-            Some(site) => self
-                .emulate(vcpu, regs, site, true, TrapDelivery::EmulationFailure, exit_tsc)
-                .map(Some),
-            None => Ok(None),
-        }
+    fn delivery(&self) -> Option<TrapDelivery> {
+        self.delivery
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::modes::handle_exit;
-    use crate::vm::exits::{Exit, Flow};
+    use crate::modes::ExitPath;
+    use crate::shaping::Policies;
+    use crate::vm::handler::{ExitHandler, Flow};
     use crate::vm::vcpu::sim::SimVcpu;
     use kvm_bindings::kvm_cpuid_entry2;
 
@@ -329,19 +349,18 @@ mod tests {
     }
 
     fn armed(trap: Trap, vcpu: &mut SimVcpu) -> TrapEmulate {
-        let mut handler = TrapEmulate::new(
-            trap,
-            vec![PROBE_SITE, QUERY_SITE],
-            Some(QUERY_SITE),
-            table(),
-            Shaper::none(),
-        );
+        let mut handler = TrapEmulate::new(trap, vec![PROBE_SITE, QUERY_SITE], Some(QUERY_SITE), table());
         handler.arm(vcpu).unwrap();
         handler
     }
 
     fn dispatch(handler: &mut TrapEmulate, vcpu: &mut SimVcpu, exit: Exit) -> Result<Flow, ModeError> {
-        handle_exit(handler, &mut None, vcpu, &exit, 0)
+        ExitPath {
+            answerer: handler,
+            policy: &mut Policies::none(),
+            console: None,
+        }
+        .handle(vcpu, &exit, 0)
     }
 
     fn answered_leaf0(vcpu: &SimVcpu) -> bool {
@@ -458,13 +477,7 @@ mod tests {
         vcpu.memory
             .write_slice(&[0x90, 0x90], GuestAddress(QUERY_SITE))
             .unwrap();
-        let mut handler = TrapEmulate::new(
-            Trap::IoPatch,
-            vec![PROBE_SITE, QUERY_SITE],
-            Some(QUERY_SITE),
-            table(),
-            Shaper::none(),
-        );
+        let mut handler = TrapEmulate::new(Trap::IoPatch, vec![PROBE_SITE, QUERY_SITE], Some(QUERY_SITE), table());
         assert!(matches!(
             handler.arm(&mut vcpu),
             Err(ModeError::NotCpuid { addr: QUERY_SITE, .. })
@@ -475,21 +488,21 @@ mod tests {
         for &site in &sites {
             vcpu.memory.write_slice(&CPUID_OPCODE, GuestAddress(site)).unwrap();
         }
-        let mut handler = TrapEmulate::new(Trap::HwBreakpoint, sites.clone(), None, table(), Shaper::none());
+        let mut handler = TrapEmulate::new(Trap::HwBreakpoint, sites.clone(), None, table());
         assert!(matches!(
             handler.arm(&mut vcpu),
             Err(ModeError::TooManySites { sites: 5, slots: 4 })
         ));
-        let mut patched = TrapEmulate::new(Trap::IoPatch, sites, None, table(), Shaper::none());
+        let mut patched = TrapEmulate::new(Trap::IoPatch, sites, None, table());
         assert!(patched.arm(&mut vcpu).is_ok(), "patching traps any number of sites");
-        let mut nothing = TrapEmulate::new(Trap::IoPatch, vec![], None, table(), Shaper::none());
+        let mut nothing = TrapEmulate::new(Trap::IoPatch, vec![], None, table());
         assert!(matches!(nothing.arm(&mut vcpu), Err(ModeError::NoCpuidSites)));
     }
 
     #[test]
     fn a_bare_trap_steps_over_without_answering() {
         let mut vcpu = vcpu_at(PROBE_SITE);
-        let mut handler = TrapEmulate::new(Trap::HwBreakpoint, vec![PROBE_SITE], None, table(), Shaper::none()).bare();
+        let mut handler = TrapEmulate::new(Trap::HwBreakpoint, vec![PROBE_SITE], None, table()).bare();
         handler.arm(&mut vcpu).unwrap();
         let exit = Exit::Debug {
             pc: PROBE_SITE,

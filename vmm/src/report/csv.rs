@@ -2,7 +2,7 @@
 
 //! Cycles are signed: a negative value is a sample whose TSC ran backwards.
 
-use crate::vm::ProbeSamples;
+use crate::results::ProbeSamples;
 use std::io::Write;
 
 pub fn write(out: &mut dyn Write, samples: &ProbeSamples) -> std::io::Result<()> {

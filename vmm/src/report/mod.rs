@@ -11,7 +11,7 @@ use crate::modes::trap_emulate::{Trap, TrapDelivery};
 use crate::modes::{Mode, Path};
 use crate::shaping::report::ShapingReport;
 use crate::stats::{self, Summary};
-use crate::vm::exits::ExitSummary;
+use crate::vm::accounting::ExitSummary;
 use crate::vm::loader::Payload;
 use crate::vm::vcpu::RegisterAccess;
 use guest_payload::Probe;
@@ -223,6 +223,7 @@ impl RunReport {
     ) -> Self {
         let tsc_khz = host.tsc_khz;
         let probes: BTreeMap<&'static str, ProbeReport> = measurement
+            .results
             .samples
             .iter()
             .filter_map(|(probe, samples)| {
@@ -282,13 +283,14 @@ impl RunReport {
                 vcpus: if spec.counter { 2 } else { 1 },
                 evasion: spec.evasions.name(),
             },
-            counter: (!measurement.ticks.is_empty()).then(|| CounterReport {
+            counter: (!measurement.results.ticks.is_empty()).then(|| CounterReport {
                 ticks: measurement
+                    .results
                     .ticks
                     .iter()
                     .filter_map(|(probe, ticks)| Some((probe.name(), stats::summarize(ticks)?)))
                     .collect(),
-                cycles_per_tick: crate::detector::clocks::cycles_per_tick(measurement.counter_rate),
+                cycles_per_tick: crate::detector::clocks::cycles_per_tick(measurement.results.counter_rate),
                 vcpu: measurement.counter,
             }),
             cpuid_excess_over_nop: excess,
@@ -305,9 +307,16 @@ impl RunReport {
             register_access: measurement.register_access,
             shaping,
             native_cpu: measurement.native_cpu,
-            cpuid_snapshot: measurement.cpuid.clone(),
-            cpuid_site_bytes: measurement.site_bytes.clone(),
-            samples: include_samples.then(|| measurement.samples.iter().map(|(p, s)| (p.name(), s.clone())).collect()),
+            cpuid_snapshot: measurement.results.cpuid.clone(),
+            cpuid_site_bytes: measurement.results.site_bytes.clone(),
+            samples: include_samples.then(|| {
+                measurement
+                    .results
+                    .samples
+                    .iter()
+                    .map(|(p, s)| (p.name(), s.clone()))
+                    .collect()
+            }),
         }
     }
 }

@@ -6,8 +6,8 @@ use crate::commands::CommandError;
 use crate::detector::rules::{robust_virtual_excess_ns, FIXED_THRESHOLD_CYCLES, LFENCE_RATIO_VIRTUAL};
 use crate::detector::Calibration;
 use crate::output::Output;
+use crate::results::ProbeSamples;
 use crate::stats;
-use crate::vm::ProbeSamples;
 use guest_payload::{Cycles, Probe};
 use plotters::prelude::*;
 

@@ -1,86 +1,168 @@
-//! Evasions: what an evader does besides moving one vCPU's TSC, each a shaping option
-//! (`--evade`), each refused clearly where the run or this KVM cannot do it.
-//!
-//! | evasion | what the VMM does | as in |
-//! |---|---|---|
-//! | `pause-counter` | stops the counter vCPU for the whole of each exit vCPU 0 takes to userspace | evaders pausing a detector's counter thread with IPIs |
-//! | `shared-offset` | pauses it too, and makes vCPU 0's TSC moves on it (never running its clock back) | one offset for the whole VM (kvm-rdtsc-hack) |
-//! | `tsc-khz:N` | sets both vCPUs' TSC rate to N kHz (KVM_SET_TSC_KHZ, where KVM_CAP_TSC_CONTROL is offered) | AutoVirt's TSC scaling |
+//! The evasions a run can stage besides latency shaping (`--evade NAME[:ARG]`, joined with
+//! `+` in matrices): one registry, [`EVASIONS`], each entry defined in a file of its own
+//! with what it needs, what it is modelled on, and the policy it becomes. Each is refused
+//! clearly where the run or this KVM cannot do it.
 
-use serde::Serialize;
+use super::ExitPolicy;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum EvasionError {
-    #[error("unknown evasion {0:?}: expected pause-counter, shared-offset or tsc-khz:N")]
-    Unknown(String),
+    #[error("unknown evasion {given:?}: expected {}", known_spellings())]
+    Unknown { given: String },
     #[error("--evade {0} acts on the counter vCPU: add --vcpus 2")]
     NeedsCounter(&'static str),
     #[error("--evade {0} acts while the VMM handles CPUID exits, and on this path it never sees them: use --mode trap-emulate or --mode paravirt")]
     NeedsVmmExits(&'static str),
-    #[error(
-        "--evade shared-offset shares the TSC moves of --hide, --virtual-inject-cycles or --profile, and none is given"
-    )]
-    NothingToShare,
-    #[error("--evade tsc-khz:{0}: the rate must be between 100,000 and 10,000,000 kHz")]
-    RateOutOfRange(u64),
-    #[error("--evade tsc-khz needs TSC scaling, and this KVM ({flavour}) does not offer KVM_CAP_TSC_CONTROL: it cannot run here")]
-    NoTscControl { flavour: &'static str },
+    #[error("--evade {0} shares the TSC moves of --hide, --virtual-inject-cycles or --profile, and none is given")]
+    NothingToShare(&'static str),
+    #[error("--evade {name}:{value}: {why}")]
+    Argument {
+        name: &'static str,
+        value: u64,
+        why: &'static str,
+    },
+    #[error("--evade {name} needs TSC scaling, and this KVM ({flavour}) does not offer KVM_CAP_TSC_CONTROL: it cannot run here")]
+    NoTscControl { name: &'static str, flavour: &'static str },
 }
 
-/// The evasions of one run.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct Evasions {
-    pub pause_counter: bool,
-    pub shared_offset: bool,
-    /// The guest TSC rate to set, in kHz.
-    pub tsc_khz: Option<u32>,
+/// What an evasion needs of a run before it can act.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Needs {
+    /// A counter vCPU (`--vcpus 2`).
+    pub counter: bool,
+    /// CPUID exits this VMM handles (trap-emulate, paravirt).
+    pub vmm_exits: bool,
+    /// Latency shaping that moves the TSC (something to share).
+    pub tsc_moves: bool,
+    /// KVM_CAP_TSC_CONTROL.
+    pub tsc_control: bool,
 }
+
+/// One evasion, as the registry knows it.
+#[derive(Debug)]
+pub struct EvasionKind {
+    pub name: &'static str,
+    /// What `NAME:ARG`'s argument is, where it takes one (it then must have one).
+    pub argument: Option<&'static str>,
+    /// What the VMM does.
+    pub does: &'static str,
+    /// What it is modelled on.
+    pub as_in: &'static str,
+    pub needs: Needs,
+    /// Checks the argument's value.
+    pub check: fn(u64) -> Result<(), &'static str>,
+    /// The policy it becomes.
+    pub build: fn(Option<u64>) -> Box<dyn ExitPolicy>,
+}
+
+/// Every evasion, in the order reports name them.
+pub const EVASIONS: [&EvasionKind; 3] = [
+    &super::pause_counter::KIND,
+    &super::shared_offset::KIND,
+    &super::tsc_khz::KIND,
+];
+
+fn known_spellings() -> String {
+    EVASIONS
+        .iter()
+        .map(|kind| match kind.argument {
+            Some(_) => format!("{}:N", kind.name),
+            None => kind.name.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// One evasion chosen for a run, with its argument.
+#[derive(Clone, Copy, Debug)]
+pub struct Evasion {
+    pub kind: &'static EvasionKind,
+    pub argument: Option<u64>,
+}
+
+impl PartialEq for Evasion {
+    fn eq(&self, other: &Self) -> bool {
+        self.kind.name == other.kind.name && self.argument == other.argument
+    }
+}
+
+impl Eq for Evasion {}
+
+impl Evasion {
+    /// `NAME` or `NAME:ARG`, as it was spelt.
+    pub fn name(&self) -> String {
+        match self.argument {
+            Some(value) => format!("{}:{value}", self.kind.name),
+            None => self.kind.name.to_owned(),
+        }
+    }
+}
+
+/// The evasions of one run, each at most once, in registry order.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Evasions(Vec<Evasion>);
 
 impl Evasions {
-    /// Parses `--evade` values (each once; later ones add to earlier ones).
+    /// Parses `--evade` values (`none` adds nothing; a later value of an evasion replaces
+    /// an earlier one).
     pub fn parse<'a>(values: impl IntoIterator<Item = &'a str>) -> Result<Self, EvasionError> {
-        let mut evasions = Self::default();
+        let mut chosen: Vec<Evasion> = Vec::new();
         for value in values {
-            match value {
-                "none" => {}
-                "pause-counter" => evasions.pause_counter = true,
-                "shared-offset" => evasions.shared_offset = true,
-                other => match other.strip_prefix("tsc-khz:").map(str::parse::<u64>) {
-                    Some(Ok(khz)) if (100_000..=10_000_000).contains(&khz) => evasions.tsc_khz = Some(khz as u32),
-                    Some(Ok(khz)) => return Err(EvasionError::RateOutOfRange(khz)),
-                    _ => return Err(EvasionError::Unknown(other.to_string())),
-                },
+            if value == "none" {
+                continue;
             }
+            let (name, argument) = match value.split_once(':') {
+                Some((name, argument)) => (name, Some(argument)),
+                None => (value, None),
+            };
+            let unknown = || EvasionError::Unknown {
+                given: value.to_owned(),
+            };
+            let kind = EVASIONS.iter().copied().find(|k| k.name == name).ok_or_else(unknown)?;
+            let argument = match (kind.argument, argument) {
+                (None, None) => None,
+                (Some(_), Some(text)) => {
+                    let value = text.parse::<u64>().map_err(|_| unknown())?;
+                    (kind.check)(value).map_err(|why| EvasionError::Argument {
+                        name: kind.name,
+                        value,
+                        why,
+                    })?;
+                    Some(value)
+                }
+                _ => return Err(unknown()),
+            };
+            chosen.retain(|e| e.kind.name != kind.name);
+            chosen.push(Evasion { kind, argument });
         }
-        Ok(evasions)
+        chosen.sort_by_key(|e| EVASIONS.iter().position(|k| k.name == e.kind.name));
+        Ok(Self(chosen))
     }
 
     pub fn is_none(&self) -> bool {
-        *self == Self::default()
+        self.0.is_empty()
     }
 
-    /// The names reports give them, in a fixed order; `none` where there are none.
+    pub fn iter(&self) -> impl Iterator<Item = &Evasion> {
+        self.0.iter()
+    }
+
+    /// Whether `name` is among them.
+    pub fn has(&self, name: &str) -> bool {
+        self.0.iter().any(|e| e.kind.name == name)
+    }
+
+    /// The names reports give them, joined with `+`; `none` where there are none.
     pub fn name(&self) -> String {
-        let mut names = Vec::new();
-        if self.pause_counter {
-            names.push("pause-counter".to_string());
+        if self.0.is_empty() {
+            return "none".into();
         }
-        if self.shared_offset {
-            names.push("shared-offset".to_string());
-        }
-        if let Some(khz) = self.tsc_khz {
-            names.push(format!("tsc-khz:{khz}"));
-        }
-        if names.is_empty() {
-            "none".into()
-        } else {
-            names.join("+")
-        }
+        self.0.iter().map(Evasion::name).collect::<Vec<_>>().join("+")
     }
 
     /// Refuses what a run of this shape cannot do: `counter` (two vCPUs), whether the
     /// VMM sees CPUID exits on the path, whether the run moves the TSC, whether this KVM
-    /// can scale the TSC.
+    /// can scale the TSC (`Err`: its flavour).
     pub fn check(
         &self,
         counter: bool,
@@ -88,24 +170,27 @@ impl Evasions {
         moves_tsc: bool,
         tsc_control: Result<(), &'static str>,
     ) -> Result<(), EvasionError> {
-        for (on, name) in [
-            (self.pause_counter, "pause-counter"),
-            (self.shared_offset, "shared-offset"),
-        ] {
-            if on && !counter {
+        for evasion in &self.0 {
+            let (name, needs) = (evasion.kind.name, evasion.kind.needs);
+            if needs.counter && !counter {
                 return Err(EvasionError::NeedsCounter(name));
             }
-            if on && !vmm_handles_cpuid {
+            if needs.vmm_exits && !vmm_handles_cpuid {
                 return Err(EvasionError::NeedsVmmExits(name));
             }
-        }
-        if self.shared_offset && !moves_tsc {
-            return Err(EvasionError::NothingToShare);
-        }
-        if self.tsc_khz.is_some() {
-            tsc_control.map_err(|flavour| EvasionError::NoTscControl { flavour })?;
+            if needs.tsc_moves && !moves_tsc {
+                return Err(EvasionError::NothingToShare(name));
+            }
+            if needs.tsc_control {
+                tsc_control.map_err(|flavour| EvasionError::NoTscControl { name, flavour })?;
+            }
         }
         Ok(())
+    }
+
+    /// The policies they become, in registry order.
+    pub fn policies(&self) -> Vec<Box<dyn ExitPolicy>> {
+        self.0.iter().map(|e| (e.kind.build)(e.argument)).collect()
     }
 }
 
@@ -115,21 +200,36 @@ mod tests {
 
     #[test]
     fn parses_each_evasion_and_refuses_unknown_ones_and_absurd_rates() {
-        let e = Evasions::parse(["pause-counter", "tsc-khz:1000000"]).unwrap();
-        assert!(e.pause_counter && !e.shared_offset);
-        assert_eq!(e.tsc_khz, Some(1_000_000));
-        assert_eq!(e.name(), "pause-counter+tsc-khz:1000000");
+        let e = Evasions::parse(["tsc-khz:1000000", "pause-counter"]).unwrap();
+        assert!(e.has("pause-counter") && !e.has("shared-offset"));
+        assert_eq!(e.name(), "pause-counter+tsc-khz:1000000", "registry order");
+        assert_eq!(e.policies().len(), 2);
         assert_eq!(Evasions::parse(["none"]).unwrap().name(), "none");
+        let unknown = Evasions::parse(["teleport"]).unwrap_err();
         assert_eq!(
-            Evasions::parse(["teleport"]),
-            Err(EvasionError::Unknown("teleport".into()))
+            unknown,
+            EvasionError::Unknown {
+                given: "teleport".into()
+            }
         );
-        assert_eq!(Evasions::parse(["tsc-khz:5"]), Err(EvasionError::RateOutOfRange(5)));
-        assert!(matches!(Evasions::parse(["tsc-khz:"]), Err(EvasionError::Unknown(_))));
-        assert!(matches!(
-            Evasions::parse(["tsc-khz:99999999999999999999999"]),
-            Err(EvasionError::Unknown(_))
-        ));
+        assert!(
+            unknown.to_string().contains("pause-counter, shared-offset, tsc-khz:N"),
+            "{unknown}"
+        );
+        let slow = Evasions::parse(["tsc-khz:5"]).unwrap_err();
+        assert!(matches!(slow, EvasionError::Argument { value: 5, .. }));
+        assert!(slow.to_string().contains("between 100,000 and 10,000,000"), "{slow}");
+        for bad in [
+            "tsc-khz:",
+            "tsc-khz",
+            "pause-counter:3",
+            "tsc-khz:99999999999999999999999",
+        ] {
+            assert!(
+                matches!(Evasions::parse([bad]), Err(EvasionError::Unknown { .. })),
+                "{bad}"
+            );
+        }
     }
 
     #[test]
@@ -147,13 +247,16 @@ mod tests {
         let shared = Evasions::parse(["shared-offset"]).unwrap();
         assert_eq!(
             shared.check(true, true, false, Ok(())),
-            Err(EvasionError::NothingToShare)
+            Err(EvasionError::NothingToShare("shared-offset"))
         );
         assert_eq!(shared.check(true, true, true, Ok(())), Ok(()));
         let scale = Evasions::parse(["tsc-khz:1000000"]).unwrap();
         assert_eq!(
             scale.check(false, false, false, Err("kvm_pvm")),
-            Err(EvasionError::NoTscControl { flavour: "kvm_pvm" })
+            Err(EvasionError::NoTscControl {
+                name: "tsc-khz",
+                flavour: "kvm_pvm"
+            })
         );
         assert_eq!(scale.check(false, false, false, Ok(())), Ok(()));
     }

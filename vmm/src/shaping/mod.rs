@@ -1,24 +1,37 @@
-//! Latency shaping: what a CPUID exit handled by this VMM appears to cost the guest.
+//! What an exit costs the guest: the per-vCPU policy of a hypervisor that wants to look
+//! like something it is not.
 //!
-//! - `Inject`: spin in the exit handler — real, wall-clock latency;
-//! - `VirtualInject`: move the guest TSC forward, without spending the time;
-//! - `Hide`: move the guest TSC back by what the exit provably cost beyond a target;
-//! - `Profile`: like `Hide`, with a target drawn per exit from a distribution.
+//! An [`ExitPolicy`] is told of each exit vCPU 0 takes to this VMM — as it begins, once a
+//! CPUID was answered, as it ends — and may move the clocks the guest can read: the vCPU's
+//! TSC offset, the counter vCPU (pause it, share a TSC move with it), the whole VM's TSC
+//! rate before the run. Modes decide who answers CPUID (`crate::modes`); policies decide
+//! what that costs, and nothing else does. Every policy runs on the `Vcpu` trait, so each
+//! is unit-tested on `SimVcpu` with a simulated clock.
 //!
-//! Everything about shaping lives here: the per-exit [`Shaper`], the arithmetic
-//! ([`plan`], tested on a simulated clock), the probes and calibration rounds that set it
-//! up ([`calibration`]) and what a report says about it ([`report`]).
+//! The policies:
+//! - [`latency::Latency`]: inject, virtual inject, hide, profiles (`--inject-*`, `--hide`,
+//!   `--profile`);
+//! - the evasions of [`evasion::EVASIONS`] (`--evade NAME`), one file each:
+//!   [`pause_counter`], [`shared_offset`], [`tsc_khz`].
+//!
+//! Adding an evader is a new file here with an [`evasion::EvasionKind`] and one line in
+//! the registry. What a run's shaping was compared with ([`outcome`]) and what its report
+//! says ([`report`]) are data; the calibration runs that produce them are `measure`'s.
 
-pub mod calibration;
 pub mod evasion;
+pub mod latency;
+pub mod outcome;
+pub mod pause_counter;
 pub mod plan;
 pub mod profile;
 pub mod report;
+pub mod shared_offset;
+pub mod tsc_khz;
 
-use crate::vm::exits::KEPT_PER_KIND;
 use crate::vm::tsc::TscMethod;
 use crate::vm::vcpu::{Vcpu, VcpuError};
-use profile::{Profile, SplitMix64};
+use crate::vm::VmSetup;
+use latency::ShapedExits;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ShapingError {
@@ -39,287 +52,115 @@ pub enum ShapingError {
     NeedsVmmExits(&'static str),
     #[error("{0} shapes the CPUID probe's exits, and --probes leaves it out: add cpuid to --probes")]
     NeedsCpuidProbe(&'static str),
+    #[error("{0} acts on the counter vCPU, and this run has none")]
+    NoCounter(&'static str),
+    #[error(transparent)]
+    Counter(#[from] crate::vm::counter::CounterError),
+    #[error("cannot set the VM up for {policy}: {source}")]
+    Setup {
+        policy: &'static str,
+        source: Box<crate::vm::VmError>,
+    },
 }
 
-/// The TSC move of every calibration exit. Writes that change the offset take a different
-/// kernel path from writes that do not (KVM's "matched" TSC writes), and on nested SVM
-/// tiny moves were seen to leave a whole VM's exits twice as dear now and then; moves of
-/// this size never were (docs/shaping.md).
-pub const CALIBRATION_MOVE: u64 = 100_000;
-
-/// What to do to each CPUID exit.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub enum Shaping {
-    #[default]
-    None,
-    /// Spin this many cycles in the handler.
-    Inject { cycles: u64 },
-    /// Move the guest TSC forward by this many cycles.
-    VirtualInject { cycles: u64 },
-    /// Make every exit cost the guest at least `target` cycles, as close to it as can be
-    /// proved (`None`: the native CPUID median, measured at start).
-    Hide { target: Option<u64> },
-    /// Make each exit cost a target drawn from the profile (at least).
-    Profile { profile: Box<Profile>, seed: u64 },
-    /// Move the TSC forward by [`CALIBRATION_MOVE`] on every exit: calibration runs take
-    /// the same kernel path as shaped ones, and the move is subtracted afterwards.
-    CalibrateResidue,
-}
-
-impl Shaping {
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Shaping::None => "none",
-            Shaping::Inject { .. } => "inject",
-            Shaping::VirtualInject { .. } => "virtual-inject",
-            Shaping::Hide { .. } => "hide",
-            Shaping::Profile { .. } => "profile",
-            Shaping::CalibrateResidue => "calibrate-residue",
-        }
+/// The per-vCPU policy of a hypervisor that wants to look like something it is not: hooks
+/// for the exits it may act on, with the clocks it may move. Every hook has a default that
+/// does nothing, so a policy says only what it does.
+pub trait ExitPolicy: Send {
+    /// Before the vCPUs run, on the VMM's own thread: whole-VM settings (the TSC rate,
+    /// TSC moves on the counter vCPU).
+    fn prepare(&mut self, _vm: &mut dyn VmSetup) -> Result<(), ShapingError> {
+        Ok(())
     }
 
-    /// True where the TSC must be moved.
-    pub fn moves_tsc(&self) -> bool {
-        matches!(
-            self,
-            Shaping::VirtualInject { .. } | Shaping::Hide { .. } | Shaping::Profile { .. } | Shaping::CalibrateResidue
-        )
-    }
-}
-
-/// What the shaper did at each CPUID exit it shaped, in order (up to its bound).
-#[derive(Clone, Debug)]
-pub struct ShapedExits {
-    /// Host cycles from KVM_RUN's return to the moment the TSC was moved (or the spin
-    /// began): the part of each exit known exactly.
-    pub handler_cycles: Vec<u64>,
-    /// The TSC move of each exit (negative: time taken back from the guest).
-    pub moves: Vec<i64>,
-    /// Exits shaped in all: beyond what was reserved (the exits the run expects, at least
-    /// [`KEPT_PER_KIND`]), the two lists keep a uniform sample of pairs, so that a guest
-    /// running more CPUIDs than it was asked for cannot grow the VMM's memory.
-    pub count: u64,
-    kept: usize,
-    rng: SplitMix64,
-}
-
-impl Default for ShapedExits {
-    fn default() -> Self {
-        Self {
-            handler_cycles: Vec::new(),
-            moves: Vec::new(),
-            count: 0,
-            kept: KEPT_PER_KIND,
-            rng: SplitMix64::new(0x5a9e_d0e1),
-        }
-    }
-}
-
-impl ShapedExits {
-    fn record(&mut self, handler: u64, delta: i64) {
-        if self.handler_cycles.len() < self.kept {
-            self.handler_cycles.push(handler);
-            self.moves.push(delta);
-        } else {
-            // Algorithm R, as for the exit statistics: the n-th replaces one with p = kept/n.
-            let slot = (self.rng.next_u64() % (self.count + 1)) as usize;
-            if slot < self.kept {
-                self.handler_cycles[slot] = handler;
-                self.moves[slot] = delta;
-            }
-        }
-        self.count += 1;
-    }
-}
-
-/// Applies a [`Shaping`] to each exit of one vCPU.
-pub struct Shaper {
-    shaping: Shaping,
-    /// Hide's target once resolved.
-    target: u64,
-    /// What hiding may take back of the kernel's part of each exit.
-    residue_lower_bound: u64,
-    rng: SplitMix64,
-    tsc_method: Option<TscMethod>,
-    exits: ShapedExits,
-}
-
-impl Shaper {
-    /// `target` resolves `Hide { target: None }`; the residue bound comes from calibration.
-    pub fn new(shaping: Shaping, target: u64, residue_lower_bound: u64) -> Self {
-        let seed = match &shaping {
-            Shaping::Profile { seed, .. } => *seed,
-            _ => 0,
-        };
-        let target = match &shaping {
-            Shaping::Hide { target: Some(t) } => *t,
-            _ => target,
-        };
-        Self {
-            shaping,
-            target,
-            residue_lower_bound,
-            rng: SplitMix64::new(seed),
-            tsc_method: None,
-            exits: ShapedExits::default(),
-        }
+    /// Once on vCPU 0's thread, before it first runs: open TSC moves.
+    fn arm(&mut self, _vcpu: &mut dyn Vcpu) -> Result<(), ShapingError> {
+        Ok(())
     }
 
+    /// vCPU 0 has left the guest for this VMM (any exit but the end of the run).
+    fn exit_began(&mut self, _vcpu: &mut dyn Vcpu) -> Result<(), ShapingError> {
+        Ok(())
+    }
+
+    /// A trapped or hypercalled CPUID was answered, its registers set; `exit_tsc` is the
+    /// host TSC when KVM_RUN returned. What the exit costs the guest is decided here.
+    fn cpuid_answered(&mut self, _vcpu: &mut dyn Vcpu, _exit_tsc: u64) -> Result<(), ShapingError> {
+        Ok(())
+    }
+
+    /// The exit is over, its registers written back; the guest re-enters next.
+    fn exit_ended(&mut self, _vcpu: &mut dyn Vcpu) -> Result<(), ShapingError> {
+        Ok(())
+    }
+
+    /// What it did, for the run's report.
+    fn record(&self, _into: &mut PolicyRecord) {}
+}
+
+/// What the policies of a run did, for its report.
+#[derive(Clone, Debug, Default)]
+pub struct PolicyRecord {
+    /// What latency shaping did at each CPUID exit.
+    pub shaped: ShapedExits,
+    /// How the run moved vCPU 0's TSC, where it did.
+    pub tsc_method: Option<TscMethod>,
+}
+
+/// A run's policies as one: each told of an exit in order as it begins and is answered,
+/// in reverse order as it ends (the first to pause the counter is the last to resume it).
+#[derive(Default)]
+pub struct Policies(Vec<Box<dyn ExitPolicy>>);
+
+impl Policies {
+    pub fn new(policies: Vec<Box<dyn ExitPolicy>>) -> Self {
+        Self(policies)
+    }
+
+    /// No policy: every exit costs what it costs.
     pub fn none() -> Self {
-        Self::new(Shaping::None, 0, 0)
+        Self::default()
     }
 
-    /// Room for this many exits in the per-exit records, reserved before the run.
-    pub fn reserve(&mut self, exits: usize) {
-        if self.shaping != Shaping::None {
-            self.exits.kept = exits.max(KEPT_PER_KIND);
-            self.exits.handler_cycles.reserve(exits);
-            self.exits.moves.reserve(exits);
-        }
-    }
-
-    /// Opens TSC moves, once, before the vCPU runs.
-    pub fn arm(&mut self, vcpu: &mut dyn Vcpu) -> Result<(), ShapingError> {
-        if self.shaping.moves_tsc() {
-            self.tsc_method = Some(vcpu.enable_tsc_moves()?);
-        }
-        Ok(())
-    }
-
-    /// How it moved the TSC, if it did.
-    pub fn tsc_method(&self) -> Option<TscMethod> {
-        self.tsc_method
-    }
-
-    /// What it did at each exit.
-    pub fn exits(&self) -> &ShapedExits {
-        &self.exits
-    }
-
-    /// Called at the end of each CPUID exit, after the answer is in the registers.
-    pub fn after_exit(&mut self, vcpu: &mut dyn Vcpu, exit_tsc: u64) -> Result<(), ShapingError> {
-        if self.shaping == Shaping::None {
-            return Ok(());
-        }
-        let handler = vcpu.now().saturating_sub(exit_tsc);
-        let delta = match &self.shaping {
-            Shaping::None => 0,
-            Shaping::Inject { cycles } => {
-                plan::spin_until(vcpu.now(), *cycles, || vcpu.now(), || vcpu.past_deadline());
-                0
-            }
-            Shaping::VirtualInject { cycles } => i64::try_from(*cycles).unwrap_or(i64::MAX),
-            Shaping::CalibrateResidue => CALIBRATION_MOVE as i64,
-            Shaping::Hide { .. } => plan::hide_adjustment(self.target, handler, self.residue_lower_bound),
-            Shaping::Profile { profile, .. } => {
-                let target = profile.distribution.sample(&mut self.rng);
-                plan::hide_adjustment(target, handler, self.residue_lower_bound)
-            }
-        };
-        self.exits.record(handler, delta);
-        if self.shaping.moves_tsc() {
-            vcpu.move_tsc(delta)?;
-        }
-        Ok(())
+    /// What they did, together.
+    pub fn recorded(&self) -> PolicyRecord {
+        let mut record = PolicyRecord::default();
+        self.record(&mut record);
+        record
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+impl ExitPolicy for Policies {
+    fn prepare(&mut self, vm: &mut dyn VmSetup) -> Result<(), ShapingError> {
+        self.0.iter_mut().try_for_each(|p| p.prepare(vm))
+    }
 
-    #[test]
-    fn a_guest_that_runs_more_cpuids_than_expected_cannot_grow_the_records() {
-        let mut exits = ShapedExits::default();
-        for i in 0..(KEPT_PER_KIND as u64 * 3) {
-            exits.record(i, -(i as i64));
+    fn arm(&mut self, vcpu: &mut dyn Vcpu) -> Result<(), ShapingError> {
+        self.0.iter_mut().try_for_each(|p| p.arm(vcpu))
+    }
+
+    fn exit_began(&mut self, vcpu: &mut dyn Vcpu) -> Result<(), ShapingError> {
+        self.0.iter_mut().try_for_each(|p| p.exit_began(vcpu))
+    }
+
+    fn cpuid_answered(&mut self, vcpu: &mut dyn Vcpu, exit_tsc: u64) -> Result<(), ShapingError> {
+        self.0.iter_mut().try_for_each(|p| p.cpuid_answered(vcpu, exit_tsc))
+    }
+
+    /// Every policy is told, even after one failed (a paused counter must be let go);
+    /// the first error is returned.
+    fn exit_ended(&mut self, vcpu: &mut dyn Vcpu) -> Result<(), ShapingError> {
+        let mut first = Ok(());
+        for policy in self.0.iter_mut().rev() {
+            let ended = policy.exit_ended(vcpu);
+            if first.is_ok() {
+                first = ended;
+            }
         }
-        assert_eq!(exits.count, KEPT_PER_KIND as u64 * 3);
-        assert_eq!(exits.handler_cycles.len(), KEPT_PER_KIND);
-        // Pairs stay pairs, and the sample reaches the later exits.
-        assert!(exits
-            .handler_cycles
-            .iter()
-            .zip(&exits.moves)
-            .all(|(&h, &m)| m == -(h as i64)));
-        assert!(exits.handler_cycles.iter().any(|&h| h >= KEPT_PER_KIND as u64 * 2));
-    }
-    use crate::vm::vcpu::sim::SimVcpu;
-
-    /// One exit on a simulated vCPU: the kernel's part before the handler runs, then
-    /// `handler` cycles of VMM work, then the shaper. Returns what the guest's two
-    /// timestamps around the CPUID read.
-    fn exit(vcpu: &mut SimVcpu, shaper: &mut Shaper, kernel: u64, handler: u64) -> i64 {
-        let before = vcpu.guest_tsc();
-        vcpu.advance(kernel);
-        let exit_tsc = vcpu.host_tsc.get();
-        vcpu.advance(handler);
-        shaper.after_exit(vcpu, exit_tsc).unwrap();
-        vcpu.guest_tsc() - before
+        first
     }
 
-    #[test]
-    fn hide_takes_back_exactly_the_provable_part() {
-        let mut vcpu = SimVcpu::new();
-        vcpu.clock_step = 3;
-        let mut shaper = Shaper::new(Shaping::Hide { target: None }, 60, 4_000);
-        shaper.arm(&mut vcpu).unwrap();
-        for (kernel, handler) in [(4_000, 700), (4_900, 20_000), (4_000, 150)] {
-            let seen = exit(&mut vcpu, &mut shaper, kernel, handler);
-            assert_eq!(seen, 60 + (kernel as i64 - 4_000), "kernel {kernel} handler {handler}");
-        }
-        assert_eq!(shaper.exits().moves.len(), 3);
-        assert!(shaper.exits().moves.iter().all(|&m| m < 0));
-    }
-
-    #[test]
-    fn virtual_inject_moves_forward_and_inject_spins_on_the_vcpus_clock() {
-        let mut vcpu = SimVcpu::new();
-        let mut shaper = Shaper::new(Shaping::VirtualInject { cycles: 1_000_000 }, 0, 0);
-        shaper.arm(&mut vcpu).unwrap();
-        assert_eq!(exit(&mut vcpu, &mut shaper, 5_000, 1_000), 1_006_000);
-
-        let mut vcpu = SimVcpu::new();
-        vcpu.clock_step = 100;
-        let mut shaper = Shaper::new(Shaping::Inject { cycles: 10_000 }, 0, 0);
-        shaper.arm(&mut vcpu).unwrap();
-        let seen = exit(&mut vcpu, &mut shaper, 5_000, 1_000);
-        assert!((16_000..16_500).contains(&seen), "{seen}");
-        assert_eq!(vcpu.tsc_moves, None, "inject never touches the TSC");
-    }
-
-    #[test]
-    fn a_profile_draws_each_target_and_never_undercuts_it() {
-        let profile = Profile {
-            name: "p".into(),
-            description: String::new(),
-            sources: vec![],
-            distribution: profile::Distribution::Empirical {
-                cycles: vec![1_000, 2_000, 3_000],
-            },
-            ground_truth: None,
-        };
-        let mut vcpu = SimVcpu::new();
-        let mut shaper = Shaper::new(
-            Shaping::Profile {
-                profile: Box::new(profile),
-                seed: 9,
-            },
-            0,
-            10_000,
-        );
-        shaper.arm(&mut vcpu).unwrap();
-        let seen: Vec<i64> = (0..50).map(|i| exit(&mut vcpu, &mut shaper, 10_000 + i, 777)).collect();
-        assert!(seen.iter().all(|&s| s >= 1_000));
-        assert!(seen.iter().any(|&s| s < 2_000) && seen.iter().any(|&s| s >= 3_000));
-    }
-
-    #[test]
-    fn no_shaping_does_nothing_and_records_nothing() {
-        let mut vcpu = SimVcpu::new();
-        let mut shaper = Shaper::none();
-        shaper.arm(&mut vcpu).unwrap();
-        assert_eq!(exit(&mut vcpu, &mut shaper, 5_000, 1_000), 6_000);
-        assert!(shaper.exits().moves.is_empty());
+    fn record(&self, into: &mut PolicyRecord) {
+        self.0.iter().for_each(|p| p.record(into));
     }
 }

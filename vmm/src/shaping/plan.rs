@@ -90,7 +90,7 @@ pub fn ns_to_cycles(ns: u64, tsc_khz: u32) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::shaping::profile::SplitMix64;
+    use crate::stats::SplitMix64;
 
     /// A guest whose TSC is the host's plus an offset, taking exits that cost `residue`
     /// in the kernel and `handler` in userspace, as the VMM's shaping sees them.

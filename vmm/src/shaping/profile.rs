@@ -1,6 +1,7 @@
 //! Latency profiles: a target distribution of guest-visible CPUID cost, drawn per exit
 //! from a seeded generator so that a run can be reproduced exactly.
 
+use crate::stats::SplitMix64;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
@@ -171,35 +172,6 @@ impl Profile {
             why,
         })?;
         Ok(profile)
-    }
-}
-
-/// SplitMix64: tiny, fast, and the same sequence for the same seed on every platform.
-#[derive(Clone, Debug)]
-pub struct SplitMix64(u64);
-
-impl SplitMix64 {
-    pub fn new(seed: u64) -> Self {
-        Self(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in (0, 1].
-    fn unit(&mut self) -> f64 {
-        ((self.next_u64() >> 11) + 1) as f64 / (1u64 << 53) as f64
-    }
-
-    /// Box–Muller.
-    pub fn standard_normal(&mut self) -> f64 {
-        let (u1, u2) = (self.unit(), self.unit());
-        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
     }
 }
 

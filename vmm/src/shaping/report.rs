@@ -1,8 +1,8 @@
 //! What a report says about shaping: requested against achieved, the achieved
 //! distribution, how much of each exit was provably hidden, and the calibration it rests on.
 
-use super::calibration::ShapingOutcome;
-use super::ShapedExits;
+use super::latency::ShapedExits;
+use super::outcome::ShapingOutcome;
 use crate::stats::{self, Summary};
 use crate::vm::tsc::TscMethod;
 use serde::Serialize;
@@ -85,7 +85,7 @@ impl ShapingReport {
             round2(baseline_drift.max(residue_drift))
         });
         let hides = !outcome.additive && outcome.tsc_method.is_some();
-        let hidden: Vec<u64> = exits.moves.iter().map(|&m| m.min(0).unsigned_abs()).collect();
+        let hidden: Vec<u64> = exits.moves().iter().map(|&m| m.min(0).unsigned_abs()).collect();
         let hidden_median = hides.then(|| stats::median(&hidden));
         let ns = |cycles: f64| round2(stats::cycles_to_ns(cycles, tsc_khz));
         Self {
@@ -103,7 +103,7 @@ impl ShapingReport {
             residue_lower_bound_cycles: residues.map(|(r, _)| r.lower),
             hidden_cycles_median: hidden_median,
             hidden_fraction: hidden_median.map(|h| round2(h as f64 / before.baseline.median.max(1) as f64)),
-            handler_cycles_median: stats::median(&exits.handler_cycles),
+            handler_cycles_median: stats::median(&exits.handler_cycles()),
             baseline_after_cycles: after.map(|a| a.baseline.median),
             residue_after_cycles: residues.and_then(|(_, a)| a.map(|a| a.median)),
             calibration_drift: drift,

@@ -5,8 +5,9 @@ use super::ValidationError;
 use crate::detector::Verdict;
 use crate::modes::{Mode, Path as CpuidPath};
 use crate::shaping::evasion::Evasions;
+use crate::shaping::latency::Shaping;
+use crate::shaping::plan;
 use crate::shaping::profile::Profile;
-use crate::shaping::{plan, Shaping};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -233,7 +234,7 @@ impl MatrixConfig {
                             shaping: shaping.clone(),
                             busy,
                             evasion_label: evasions.name(),
-                            evasions,
+                            evasions: evasions.clone(),
                             truth_host,
                         });
                     }
@@ -458,7 +459,7 @@ mod tests {
             .collect();
         assert_eq!(root.len(), 2);
         assert!(root.iter().all(|c| c.truth(true) == Verdict::Native && c.truth_host));
-        let paused = cells.iter().find(|c| c.evasions.pause_counter).unwrap();
+        let paused = cells.iter().find(|c| c.evasions.has("pause-counter")).unwrap();
         assert_eq!(paused.evasion_label, "pause-counter+shared-offset");
         assert!(paused.label().contains("evade pause-counter+shared-offset"));
         assert_eq!(paused.truth(false), Verdict::Virtual);

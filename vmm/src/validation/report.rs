@@ -111,7 +111,7 @@ impl RunRecord {
         (cell, repeat, host): (usize, u32, usize),
         truth: Verdict,
         verdicts: &[RuleVerdict],
-        samples: &crate::vm::ProbeSamples,
+        samples: &crate::results::ProbeSamples,
         tsc_khz: u32,
     ) -> Self {
         let median = |p: Probe| {

@@ -6,21 +6,24 @@
 //! pausing the counter thread with IPIs does).
 //!
 //! The pause is a handshake: vCPU 0's thread numbers its request, raises `pause`, kicks
-//! the counter thread (the watchdog's signal: KVM_RUN returns EINTR) until it has
-//! acknowledged that very request, handles its exit, and lowers `pause`. While paused the counter thread applies any TSC move vCPU 0
-//! shared with it (`--evade shared-offset`), never more backwards than it was paused: its
-//! own clock never runs back.
+//! the counter thread once — `kvm_run.immediate_exit` set, then the watchdog's signal, as
+//! Firecracker kicks a vCPU: whether the signal lands inside KVM_RUN (EINTR) or just
+//! before it (KVM_RUN then returns at once), the counter leaves the guest — and waits
+//! until it has acknowledged that very request. The exit policy then handles its exit and
+//! resumes it. While paused the counter thread applies any TSC move vCPU 0 shared with it
+//! (`shared-offset`), never more backwards than it was paused: its own clock never runs
+//! back. Pauses nest (two policies may each pause it): only the outermost one waits.
 
+use super::exit::Exit;
 use super::tsc::{TscError, TscMover};
-use super::{kvm_err, Exit, VmError};
+use super::{kvm_err, VmError};
 use crate::arch::x86_64::regs as arch_regs;
 use guest_payload::layout;
+use guest_payload::timing::read_tsc;
 use kvm_ioctls::{VcpuFd, VmFd};
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicPtr, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
-/// How long vCPU 0 waits for the counter to stop before it kicks again.
-const KICK_AGAIN: Duration = Duration::from_micros(50);
 /// How long vCPU 0 waits in all for the counter to stop at the end of the run.
 const HANDSHAKE_LIMIT: Duration = Duration::from_secs(2);
 
@@ -36,6 +39,18 @@ pub enum CounterError {
     Tsc(#[from] TscError),
     #[error("cannot pin the counter vCPU's thread to CPU {cpu}: {source}")]
     Pin { cpu: usize, source: std::io::Error },
+}
+
+/// The counter vCPU as an exit policy acts on it, from vCPU 0's thread while vCPU 0 is
+/// stopped in an exit.
+pub trait Counter {
+    /// Stops the counter vCPU until [`Counter::resume`]; returns the host cycles it took
+    /// to stop (0 for a nested pause: it was stopped already). `past_deadline` is the
+    /// run's watchdog.
+    fn pause(&self, past_deadline: &dyn Fn() -> bool) -> Result<u64, CounterError>;
+    /// Undoes one pause, adding `tsc_move` to what its TSC is to be moved by; the
+    /// outermost lets it go on, after making the moves.
+    fn resume(&self, tsc_move: i64);
 }
 
 /// The counter vCPU, created with the VM and run by [`CounterVcpu::run`] on its thread.
@@ -88,17 +103,22 @@ impl CounterVcpu {
         control
             .thread
             .store(unsafe { libc::pthread_self() } as u64, Ordering::Release);
-        control.started.store(true, Ordering::Release);
+        let immediate_exit: *mut u8 = &mut self.fd.get_kvm_run().immediate_exit;
+        control.immediate_exit.store(immediate_exit, Ordering::Release);
+        control.started.store(true, Ordering::SeqCst);
         loop {
-            if control.stop.load(Ordering::Acquire) {
+            // Cleared before the flags are read: a kick that sets it after this point
+            // either finds the flags raised below, or makes the next KVM_RUN return.
+            control.set_immediate_exit(0);
+            if control.stop.load(Ordering::SeqCst) {
                 return Ok(());
             }
-            if control.pause.load(Ordering::Acquire) {
+            if control.pause.load(Ordering::SeqCst) {
                 // Acknowledge this very request (its number), and stand still until it is
                 // lifted or a newer one comes: a stale acknowledgement can never answer
                 // the next pause.
                 let request = control.requests.load(Ordering::Acquire);
-                let paused_at = guest_payload::timing::read_tsc();
+                let paused_at = read_tsc();
                 control.acknowledged.store(request, Ordering::Release);
                 while control.pause.load(Ordering::Acquire)
                     && control.requests.load(Ordering::Acquire) == request
@@ -111,7 +131,7 @@ impl CounterVcpu {
                     if let Some(mover) = self.tsc.as_mut() {
                         // Never back by more than the pause lasted: this vCPU's clock
                         // stood still that long, so it does not run backwards.
-                        let paused = guest_payload::timing::read_tsc().saturating_sub(paused_at);
+                        let paused = read_tsc().saturating_sub(paused_at);
                         let applied = shared.max(-(i64::try_from(paused).unwrap_or(i64::MAX)));
                         mover.move_by(&self.fd, applied)?;
                         control.shared_applied.fetch_add(applied, Ordering::Relaxed);
@@ -144,6 +164,13 @@ pub struct CounterControl {
     started: AtomicBool,
     /// The counter thread's pthread_t, to kick.
     thread: AtomicU64,
+    /// The counter vCPU's `kvm_run.immediate_exit`, set by a kick (null until it runs).
+    immediate_exit: AtomicPtr<u8>,
+    /// Pauses now in force (vCPU 0's thread only), and the TSC moves they gathered.
+    depth: AtomicU32,
+    gathered_move: AtomicI64,
+    /// A pause that could not take hold: the counter's own error says why.
+    pause_failed: AtomicBool,
     /// A TSC move vCPU 0 made, for the counter vCPU to make too while paused.
     shared_move: AtomicI64,
     /// Pauses made, and the TSC moves shared: asked and applied (the difference is what
@@ -151,11 +178,25 @@ pub struct CounterControl {
     pub pauses: AtomicU64,
     pub shared_wanted: AtomicI64,
     pub shared_applied: AtomicI64,
+    /// Host cycles from each pause's request to its acknowledgement: summed and largest.
+    pub hold_cycles_total: AtomicU64,
+    pub hold_cycles_max: AtomicU64,
 }
 
 impl CounterControl {
+    fn set_immediate_exit(&self, value: u8) {
+        let field = self.immediate_exit.load(Ordering::Acquire);
+        if !field.is_null() {
+            // SAFETY: the field lies in the counter vCPU's `kvm_run` mapping, which lives
+            // as long as the vCPU, itself alive until both threads are joined; every access
+            // to it from this process is this atomic one (KVM reads it with READ_ONCE).
+            unsafe { AtomicU8::from_ptr(field) }.store(value, Ordering::SeqCst);
+        }
+    }
+
     fn kick(&self) {
-        if self.started.load(Ordering::Acquire) {
+        if self.started.load(Ordering::SeqCst) {
+            self.set_immediate_exit(1);
             // SAFETY: the counter thread is alive until it is joined, after `stop`; the
             // kick signal has a handler (watchdog::prepare ran before both threads).
             unsafe {
@@ -167,49 +208,67 @@ impl CounterControl {
         }
     }
 
-    /// Stops the counter vCPU and waits until it is out of the guest (vCPU 0's thread),
-    /// for as long as the run may last: `past_deadline` is the run's watchdog (a slow
-    /// host, nested QEMU, can hold a thread off its CPU for seconds).
-    pub fn pause(&self, past_deadline: impl Fn() -> bool) -> Result<(), CounterError> {
-        let request = self.requests.fetch_add(1, Ordering::AcqRel) + 1;
-        self.pause.store(true, Ordering::Release);
-        let paused = || self.acknowledged.load(Ordering::Acquire) == request;
-        while !paused() {
-            // Its thread is gone (the guest stopped it, made it fault or ring done): no
-            // acknowledgement can come; its own error says why.
-            if self.ended.load(Ordering::Acquire) {
-                return Err(CounterError::Ended);
-            }
-            if past_deadline() {
-                return Err(CounterError::NoPause);
-            }
-            self.kick();
-            let kicked = Instant::now();
-            while !paused() && kicked.elapsed() < KICK_AGAIN {
-                std::hint::spin_loop();
-            }
-        }
-        Ok(())
-    }
-
     /// Said by the counter's thread once its loop has returned.
     pub fn mark_ended(&self) {
         self.ended.store(true, Ordering::Release);
     }
 
-    /// Lets the paused counter vCPU go on, after making `shared_move` on its TSC too.
-    pub fn resume(&self, shared_move: i64) {
-        self.shared_move.store(shared_move, Ordering::Release);
-        self.pause.store(false, Ordering::Release);
+    /// Whether a pause failed to take hold (the counter's own error then explains it).
+    pub fn pause_failed(&self) -> bool {
+        self.pause_failed.load(Ordering::Acquire)
     }
 
     /// Ends the counter thread's loop: kicked until it has returned (`finished`).
     pub fn stop(&self, finished: &AtomicBool) {
-        self.stop.store(true, Ordering::Release);
+        self.stop.store(true, Ordering::SeqCst);
         let start = Instant::now();
         while !finished.load(Ordering::Acquire) && start.elapsed() < HANDSHAKE_LIMIT {
             self.kick();
             std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+}
+
+impl Counter for CounterControl {
+    /// One kick, then a wait for the acknowledgement of this very request, for as long
+    /// as the run may last: a slow host, nested QEMU, can hold a thread off its CPU for
+    /// seconds.
+    fn pause(&self, past_deadline: &dyn Fn() -> bool) -> Result<u64, CounterError> {
+        if self.depth.fetch_add(1, Ordering::Relaxed) > 0 {
+            return Ok(0);
+        }
+        let asked = read_tsc();
+        let request = self.requests.fetch_add(1, Ordering::SeqCst) + 1;
+        self.pause.store(true, Ordering::SeqCst);
+        self.kick();
+        while self.acknowledged.load(Ordering::Acquire) != request {
+            // Its thread is gone (the guest stopped it, made it fault or ring done): no
+            // acknowledgement can come; its own error says why.
+            let failed = if self.ended.load(Ordering::Acquire) {
+                Some(CounterError::Ended)
+            } else if past_deadline() {
+                Some(CounterError::NoPause)
+            } else {
+                None
+            };
+            if let Some(error) = failed {
+                self.pause_failed.store(true, Ordering::Release);
+                return Err(error);
+            }
+            std::hint::spin_loop();
+        }
+        let held = read_tsc().saturating_sub(asked);
+        self.hold_cycles_total.fetch_add(held, Ordering::Relaxed);
+        self.hold_cycles_max.fetch_max(held, Ordering::Relaxed);
+        Ok(held)
+    }
+
+    fn resume(&self, tsc_move: i64) {
+        self.gathered_move.fetch_add(tsc_move, Ordering::Relaxed);
+        if self.depth.fetch_sub(1, Ordering::Relaxed) == 1 {
+            let gathered = self.gathered_move.swap(0, Ordering::Relaxed);
+            self.shared_move.store(gathered, Ordering::Release);
+            self.pause.store(false, Ordering::SeqCst);
         }
     }
 }
@@ -227,9 +286,9 @@ pub fn code_and_stack() -> [(u64, Vec<u8>); 3] {
     ]
 }
 
-/// Pins the calling thread to `cpu`.
+/// Pins the calling thread (a vCPU's) to `cpu`.
 pub fn pin_current_thread(cpu: usize) -> Result<(), CounterError> {
-    crate::native::pin_current_thread(cpu).map_err(|source| CounterError::Pin { cpu, source })
+    crate::host::pin_current_thread(cpu).map_err(|source| CounterError::Pin { cpu, source })
 }
 
 #[cfg(test)]

@@ -3,7 +3,8 @@
 //! over [`ExitTrace`]: ordinary runs use [`NoTrace`], which compiles to nothing, so the
 //! lean exit path stays as it is.
 
-use super::exits::{Exit, ExitKind};
+use super::exit::Exit;
+use super::handler::ExitKind;
 use super::tsc::TscMethod;
 use super::vcpu::{Vcpu, VcpuError};
 use guest_payload::timing::read_tsc;
@@ -59,7 +60,8 @@ pub struct TracedExit {
     pub regs_out: Option<kvm_regs>,
     /// TSC moves the handler made (cycles; negative: back).
     pub tsc_moves: Vec<i64>,
-    /// Cycles spent writing registers back after the handler (KVM_SET_REGS; 0 with sync regs).
+    /// Cycles spent writing registers back (KVM_SET_REGS; 0 with sync regs), by the
+    /// handler before it let the exit end and by the run loop after it.
     pub flush_cycles: u64,
     /// When the handler and the write-back were done.
     pub handled: u64,
@@ -129,7 +131,7 @@ impl ExitTrace for Recorder {
         let now = read_tsc();
         if let Some(exit) = self.exits.last_mut() {
             exit.kind = kind;
-            exit.flush_cycles = now.saturating_sub(self.flushing);
+            exit.flush_cycles += now.saturating_sub(self.flushing);
             exit.handled = now;
         }
     }
@@ -188,6 +190,22 @@ impl Vcpu for TracingVcpu<'_, '_> {
 
     fn now(&self) -> u64 {
         self.inner.now()
+    }
+
+    fn take_moved(&mut self) -> i64 {
+        self.inner.take_moved()
+    }
+
+    /// Counted as the write-back it is, not as a call of the handler's.
+    fn flush(&mut self) -> Result<(), VcpuError> {
+        let start = read_tsc();
+        let flushed = self.inner.flush();
+        self.exit.flush_cycles += read_tsc().saturating_sub(start);
+        flushed
+    }
+
+    fn counter(&self) -> Option<&dyn crate::vm::counter::Counter> {
+        self.inner.counter()
     }
 
     fn past_deadline(&self) -> bool {

@@ -7,7 +7,8 @@
 //! `kvm_run` page on every exit and takes them back when marked dirty: no ioctl at all),
 //! else with one KVM_GET_REGS, and one KVM_SET_REGS before re-entry only if they changed.
 
-use super::exits::Exit;
+use super::counter::Counter;
+use super::exit::Exit;
 use super::tsc::{TscError, TscMethod, TscMover};
 use kvm_bindings::{kvm_guest_debug, kvm_regs};
 use kvm_ioctls::{SyncReg, VcpuFd};
@@ -40,6 +41,17 @@ pub trait Vcpu {
     fn move_tsc(&mut self, delta: i64) -> Result<(), VcpuError>;
     /// The host's TSC now: the clock exit handling measures itself with.
     fn now(&self) -> u64;
+    /// TSC moves made since the last call, summed (what a shared offset passes on).
+    fn take_moved(&mut self) -> i64;
+    /// Writes back registers a handler changed, now rather than at the next KVM_RUN: an
+    /// exit's cost is decided once they are back.
+    fn flush(&mut self) -> Result<(), VcpuError> {
+        Ok(())
+    }
+    /// The run's counter vCPU, where it has one.
+    fn counter(&self) -> Option<&dyn Counter> {
+        None
+    }
     /// True once the run's deadline has passed: work inside an exit (an injected spin)
     /// stops, and the run loop reports the guest as hung.
     fn past_deadline(&self) -> bool {
@@ -70,6 +82,8 @@ pub struct KvmVcpu {
     moved: i64,
     /// Set by the watchdog at the run's deadline.
     deadline: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    /// The counter vCPU's controls, for the length of a run with one.
+    counter: Option<std::sync::Arc<super::counter::CounterControl>>,
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
@@ -99,7 +113,13 @@ impl KvmVcpu {
             tsc: None,
             moved: 0,
             deadline: None,
+            counter: None,
         }
+    }
+
+    /// The counter vCPU an exit policy may pause, for this run.
+    pub fn attach_counter(&mut self, counter: Option<std::sync::Arc<super::counter::CounterControl>>) {
+        self.counter = counter;
     }
 
     /// The watchdog's flag for this run (see [`Vcpu::past_deadline`]).
@@ -116,28 +136,11 @@ impl KvmVcpu {
         Ok(super::tsc::guest_offset(&self.fd)?)
     }
 
-    /// Writes back registers a handler changed (ioctl access; sync regs travel with the
-    /// next KVM_RUN). The run loop calls it before it stops timing the exit.
-    pub fn flush(&mut self) -> Result<(), VcpuError> {
-        if self.dirty {
-            if let Some(regs) = self.cached {
-                self.fd.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
-            }
-            self.dirty = false;
-        }
-        Ok(())
-    }
-
     /// Sets the vCPU's TSC rate (KVM_SET_TSC_KHZ; the caller checked KVM_CAP_TSC_CONTROL).
     pub fn set_tsc_khz(&self, khz: u32) -> Result<(), VcpuError> {
         self.fd
             .set_tsc_khz(khz)
             .map_err(kvm_err("the TSC rate (KVM_SET_TSC_KHZ)"))
-    }
-
-    /// The TSC moves made since the last call, summed.
-    pub fn take_moved(&mut self) -> i64 {
-        std::mem::take(&mut self.moved)
     }
 
     /// Enters the guest until the next exit, copied out of `kvm_run`. Registers a handler
@@ -211,6 +214,26 @@ impl Vcpu for KvmVcpu {
         guest_payload::timing::read_tsc()
     }
 
+    fn take_moved(&mut self) -> i64 {
+        std::mem::take(&mut self.moved)
+    }
+
+    /// Ioctl access: one KVM_SET_REGS if a handler changed them (sync regs travel with
+    /// the next KVM_RUN).
+    fn flush(&mut self) -> Result<(), VcpuError> {
+        if self.dirty {
+            if let Some(regs) = self.cached {
+                self.fd.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
+            }
+            self.dirty = false;
+        }
+        Ok(())
+    }
+
+    fn counter(&self) -> Option<&dyn Counter> {
+        self.counter.as_deref().map(|c| c as &dyn Counter)
+    }
+
     fn past_deadline(&self) -> bool {
         self.deadline
             .as_ref()
@@ -238,6 +261,44 @@ pub mod sim {
         pub clock_step: u64,
         pub regs_reads: Cell<u32>,
         pub regs_writes: u32,
+        /// TSC moves since `take_moved` last looked.
+        pub moved: i64,
+        /// A counter vCPU, where the test gives the VM one.
+        pub counter: Option<SimCounter>,
+    }
+
+    /// A counter vCPU for unit tests: it counts pauses, how deep they nest, and the TSC
+    /// moves passed on when the outermost one ends; each pause takes `hold` cycles.
+    #[derive(Default)]
+    pub struct SimCounter {
+        pub depth: Cell<u32>,
+        pub pauses: Cell<u64>,
+        pub tsc_moved: Cell<i64>,
+        pub gathered: Cell<i64>,
+        pub hold: u64,
+        /// Fail every pause, as a counter vCPU that ended would.
+        pub gone: bool,
+    }
+
+    impl Counter for SimCounter {
+        fn pause(&self, _past_deadline: &dyn Fn() -> bool) -> Result<u64, crate::vm::counter::CounterError> {
+            if self.gone {
+                return Err(crate::vm::counter::CounterError::Ended);
+            }
+            self.depth.set(self.depth.get() + 1);
+            if self.depth.get() > 1 {
+                return Ok(0);
+            }
+            self.pauses.set(self.pauses.get() + 1);
+            Ok(self.hold)
+        }
+        fn resume(&self, tsc_move: i64) {
+            self.gathered.set(self.gathered.get() + tsc_move);
+            self.depth.set(self.depth.get() - 1);
+            if self.depth.get() == 0 {
+                self.tsc_moved.set(self.tsc_moved.get() + self.gathered.replace(0));
+            }
+        }
     }
 
     impl Default for SimVcpu {
@@ -259,6 +320,8 @@ pub mod sim {
                 clock_step: 0,
                 regs_reads: Cell::new(0),
                 regs_writes: 0,
+                moved: 0,
+                counter: None,
             }
         }
 
@@ -297,11 +360,18 @@ pub mod sim {
                 return Err(VcpuError::TscMovesNotEnabled);
             }
             self.tsc_offset += delta;
+            self.moved += delta;
             Ok(())
         }
         fn now(&self) -> u64 {
             self.advance(self.clock_step);
             self.host_tsc.get()
+        }
+        fn take_moved(&mut self) -> i64 {
+            std::mem::take(&mut self.moved)
+        }
+        fn counter(&self) -> Option<&dyn Counter> {
+            self.counter.as_ref().map(|c| c as &dyn Counter)
         }
     }
 }
