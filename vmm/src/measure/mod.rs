@@ -343,6 +343,7 @@ impl Measurer {
         self.kvm.as_ref().map_err(|error| match error {
             KvmError::Open(e) => MeasureError::Kvm(KvmError::Open(*e)),
             KvmError::SupportedCpuid(e) => MeasureError::Kvm(KvmError::SupportedCpuid(*e)),
+            KvmError::CpuidTable(e) => MeasureError::Kvm(KvmError::CpuidTable(e.clone())),
         })
     }
 

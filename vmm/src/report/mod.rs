@@ -3,6 +3,7 @@
 pub mod csv;
 pub mod plot;
 pub mod table;
+pub mod trace;
 
 use crate::detector::RuleVerdict;
 use crate::host::{CpuInfo, KvmFlavour, TscFrequency};

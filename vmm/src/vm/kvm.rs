@@ -14,6 +14,8 @@ pub enum KvmError {
     Open(kvm_ioctls::Error),
     #[error("KVM refused KVM_GET_SUPPORTED_CPUID: {0}")]
     SupportedCpuid(kvm_ioctls::Error),
+    #[error("cannot build a vCPU's CPUID table from KVM's: {0}")]
+    CpuidTable(String),
 }
 
 fn open_hint(error: &kvm_ioctls::Error) -> &'static str {
@@ -27,11 +29,14 @@ fn open_hint(error: &kvm_ioctls::Error) -> &'static str {
 /// /dev/kvm, opened once, with what every VM needs from it.
 pub struct KvmContext {
     pub kvm: Kvm,
-    /// KVM_GET_SUPPORTED_CPUID, normalised for a one-vCPU guest: what KVM_SET_CPUID2 gets.
+    /// KVM_GET_SUPPORTED_CPUID, as KVM reports it (the host's topology).
+    supported: CpuidTable,
+    /// The table vCPU 0 of a one-vCPU guest gets with KVM_SET_CPUID2.
     pub(super) cpuid: CpuId,
-    /// The table KVM holds once a vCPU is in long mode (read back from the first VM:
-    /// KVM adds runtime bits such as OSXSAVE, the same for every VM built alike).
-    pub(super) cpuid_in_guest: OnceLock<CpuidTable>,
+    /// The table KVM holds for vCPU 0 once it is in long mode, for one vCPU and for two
+    /// (read back from the first VM of each: KVM adds runtime bits such as OSXSAVE, the
+    /// same for every VM built alike).
+    pub(super) cpuid_in_guest: [OnceLock<CpuidTable>; 2],
     pub registers: RegisterAccess,
     /// The vCPU TSC rate KVM reports (KVM_GET_TSC_KHZ), where it does.
     pub tsc_khz: Option<u32>,
@@ -42,14 +47,11 @@ pub struct KvmContext {
 impl KvmContext {
     pub fn open() -> Result<Self, KvmError> {
         let kvm = Kvm::new().map_err(KvmError::Open)?;
-        let mut cpuid = kvm
+        let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(KvmError::SupportedCpuid)?;
-        let mut table = CpuidTable::from_kvm(&cpuid);
-        table.normalise_for_single_vcpu();
-        for (slot, entry) in cpuid.as_mut_slice().iter_mut().zip(table.entries()) {
-            *slot = *entry;
-        }
+        let supported = CpuidTable::from_kvm(&supported);
+        let cpuid = topology(&supported, 0, 1).map_err(|e| KvmError::CpuidTable(format!("{e:?}")))?;
         let sync_fields = kvm.check_extension_int(Cap::SyncRegs);
         let registers = if sync_fields > 0 && (sync_fields as u32) & KVM_SYNC_X86_REGS != 0 {
             RegisterAccess::SyncRegs
@@ -60,8 +62,9 @@ impl KvmContext {
         let tsc_control = kvm.check_extension(Cap::TscControl);
         Ok(Self {
             kvm,
+            supported,
             cpuid,
-            cpuid_in_guest: OnceLock::new(),
+            cpuid_in_guest: [OnceLock::new(), OnceLock::new()],
             registers,
             tsc_khz,
             tsc_control,
@@ -74,11 +77,26 @@ impl KvmContext {
         CpuidTable::from_kvm(&self.cpuid).lookup(0x8000_0001, 0)[3] & (1 << 27) != 0
     }
 
+    /// The table for vCPU `apic_id` of a guest of `vcpus` (one or two).
+    pub(super) fn cpuid_for(&self, apic_id: u32, vcpus: u32) -> Result<CpuId, KvmError> {
+        match (apic_id, vcpus) {
+            (0, 1) => Ok(self.cpuid.clone()),
+            _ => topology(&self.supported, apic_id, vcpus).map_err(|e| KvmError::CpuidTable(format!("{e:?}"))),
+        }
+    }
+
     /// The same context with register access forced (the exits bench compares both).
     pub fn with_register_access(mut self, registers: RegisterAccess) -> Self {
         self.registers = registers;
         self
     }
+}
+
+/// `table` as vCPU `apic_id` of `vcpus` sees it, for KVM_SET_CPUID2.
+fn topology(table: &CpuidTable, apic_id: u32, vcpus: u32) -> Result<CpuId, vmm_sys_util::fam::Error> {
+    let mut table = table.clone();
+    table.set_topology(apic_id, vcpus);
+    CpuId::from_entries(table.entries())
 }
 
 /// Asks KVM for its TSC rate, with one throwaway vCPU (once per process).

@@ -65,6 +65,8 @@ pub enum VmError {
     Counter(#[from] counter::CounterError),
     #[error(transparent)]
     Affinity(#[from] AffinityError),
+    #[error(transparent)]
+    KvmContext(#[from] kvm::KvmError),
     #[error("the guest hung: it did not ring \"done\" within {timeout:?}; it was at RIP {rip}{} when stopped (a loop that never ends there, or a run longer than --timeout)", .place.as_ref().map_or(String::new(), |p| format!(", in {p}")))]
     GuestHung {
         timeout: Duration,
@@ -227,12 +229,13 @@ impl GuestVm {
             }
             // The config block says where the counter is: written again with the address.
             memory::write_boot_structures(&memory, &config)?;
-            Some(counter::CounterVcpu::create(&vm, &kvm.cpuid)?)
+            Some(counter::CounterVcpu::create(&vm, &kvm.cpuid_for(1, 2)?)?)
         } else {
             None
         };
+        let vcpus = if counter.is_some() { 2 } else { 1 };
         let vcpu = vm.create_vcpu(0).map_err(kvm_err("to create a vCPU"))?;
-        vcpu.set_cpuid2(&kvm.cpuid)
+        vcpu.set_cpuid2(&kvm.cpuid_for(0, vcpus)?)
             .map_err(kvm_err("the CPUID table (KVM_SET_CPUID2)"))?;
         let mut sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
         regs::setup_long_mode(&mut sregs);
@@ -250,13 +253,14 @@ impl GuestVm {
 
         // The table as KVM holds it now that CR4 is set (runtime bits such as OSXSAVE):
         // emulation must answer exactly what KVM would. The same for every VM built alike.
-        let cpuid = match kvm.cpuid_in_guest.get() {
+        let in_guest = &kvm.cpuid_in_guest[vcpus as usize - 1];
+        let cpuid = match in_guest.get() {
             Some(table) => table.clone(),
             None => {
                 let read = vcpu
                     .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
                     .map_err(kvm_err("KVM_GET_CPUID2"))?;
-                kvm.cpuid_in_guest.get_or_init(|| CpuidTable::from_kvm(&read)).clone()
+                in_guest.get_or_init(|| CpuidTable::from_kvm(&read)).clone()
             }
         };
         Ok(Self {

@@ -44,14 +44,14 @@ pub struct VcpuCall {
 }
 
 /// One exit, as the VMM lived it. Times are host TSC.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct TracedExit {
     /// When KVM_RUN was entered for the stretch of guest execution this exit ended.
     pub entered: u64,
     /// When KVM_RUN returned.
     pub exited: u64,
-    /// The exit as KVM reported it (`KVM_EXIT_IO`, …).
-    pub reason: String,
+    /// The exit as KVM reported it.
+    pub exit: Exit,
     /// How the VMM classed it, once handled.
     pub kind: Option<ExitKind>,
     pub calls: Vec<VcpuCall>,
@@ -90,8 +90,16 @@ impl ExitTrace for Recorder {
         self.exits.push(TracedExit {
             entered: self.entering,
             exited: tsc,
-            reason: exit.kvm_name(),
-            ..Default::default()
+            exit: exit.clone(),
+            kind: None,
+            calls: Vec::new(),
+            regs_in: None,
+            regs_out: None,
+            tsc_moves: Vec::new(),
+            flush_cycles: 0,
+            handled: 0,
+            code: Vec::new(),
+            code_addr: 0,
         });
     }
 

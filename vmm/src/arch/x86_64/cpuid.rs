@@ -16,6 +16,8 @@ pub struct CpuidTable {
 
 /// CPUID.1:ECX bit 31, "running under a hypervisor".
 pub const HYPERVISOR_BIT: u32 = 1 << 31;
+/// CPUID.1:EDX bit 28, "more than one logical processor per package" (HTT).
+pub const HTT_BIT: u32 = 1 << 28;
 
 impl CpuidTable {
     pub fn new(entries: Vec<kvm_cpuid_entry2>) -> Self {
@@ -30,14 +32,23 @@ impl CpuidTable {
         &self.entries
     }
 
-    /// Makes the table describe vCPU 0 of a one-vCPU machine: APIC ID 0, one logical
-    /// processor per package. (What KVM reports is the host's view.)
-    pub fn normalise_for_single_vcpu(&mut self) {
+    /// Makes the table describe vCPU `apic_id` of a machine of `vcpus` logical CPUs in
+    /// one package (what KVM reports is the host's view): its initial APIC ID and the
+    /// package's logical processor count in leaf 1, HTT set where there are several, and
+    /// its x2APIC ID in leaves 0xB and 0x1F.
+    pub fn set_topology(&mut self, apic_id: u32, vcpus: u32) {
         for entry in &mut self.entries {
-            if entry.function == 1 {
-                // EBX[31:24] initial APIC ID, EBX[23:16] logical processors per package.
-                entry.ebx &= 0x0000_ffff;
-                entry.ebx |= 1 << 16;
+            match entry.function {
+                1 => {
+                    // EBX[31:24] initial APIC ID, EBX[23:16] logical processors per package.
+                    entry.ebx &= 0x0000_ffff;
+                    entry.ebx |= (apic_id & 0xff) << 24 | (vcpus & 0xff) << 16;
+                    if vcpus > 1 {
+                        entry.edx |= HTT_BIT;
+                    }
+                }
+                0xb | 0x1f => entry.edx = apic_id,
+                _ => {}
             }
         }
     }
@@ -160,10 +171,15 @@ mod tests {
     }
 
     #[test]
-    fn normalising_clears_the_apic_id() {
-        let mut t = table(INTEL);
-        t.normalise_for_single_vcpu();
-        assert_eq!(t.lookup(1, 0)[1], 0x0001_0800);
+    fn the_topology_gives_each_vcpu_its_apic_id_and_counts_the_package() {
+        let mut one = table(INTEL);
+        one.set_topology(0, 1);
+        assert_eq!(one.lookup(1, 0)[1], 0x0001_0800, "APIC ID 0, one logical CPU");
+        assert_eq!(one.lookup(1, 0)[3], 2, "HTT left as KVM gives it");
+        let mut second = table(INTEL);
+        second.set_topology(1, 2);
+        assert_eq!(second.lookup(1, 0)[1], 0x0102_0800, "APIC ID 1 of two");
+        assert_eq!(second.lookup(1, 0)[3] & HTT_BIT, HTT_BIT);
     }
 }
 
