@@ -2,6 +2,7 @@
 //! it and the rules that read it. (Hiding the TSC needs a KVM that honours TSC moves:
 //! `nested_svm.rs` runs those under `SMP=2 ../shared/nested-svm/run`.) Every timing check
 //! compares figures of runs made here and now, never absolute cycle counts.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a panic here fails it, loudly
 
 mod common;
 

@@ -2,6 +2,7 @@
 //!
 //! These boot real VMs. Where /dev/kvm is absent they skip, loudly; in CI (CI=true) a
 //! missing /dev/kvm is a failure, never a skip.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a panic here fails it, loudly
 
 use guest_payload::layout::PAYLOAD_START;
 mod common;

@@ -1,5 +1,6 @@
 //! One timing CPU per run across processes: two `vmm` processes started together never
 //! time on one CPU without saying so (issue 18). Native runs only: no /dev/kvm needed.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a panic here fails it, loudly
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};

@@ -1,4 +1,5 @@
 //! End-to-end tests of the detector, calibrate, compare, validate and plots.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a panic here fails it, loudly
 
 mod common;
 

@@ -1,5 +1,6 @@
 //! End-to-end tests of the CPUID paths and latency shaping, on this machine's KVM.
 //! (What needs a KVM that honours TSC moves is in `nested_svm.rs`.)
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a panic here fails it, loudly
 
 mod common;
 

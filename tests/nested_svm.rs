@@ -13,6 +13,7 @@
 //! runs, dropping runs whose calibration moved by more than half while they ran (5%
 //! tolerance), and the hide tests ask of every one of five runs that no sample ran
 //! backwards, and of their median that it hides at least three quarters of the exit.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a panic here fails it, loudly
 
 mod common;
 

@@ -2,6 +2,7 @@
 //! device, a private file — is written as that, never replaced by a regular file; two
 //! outputs on one file are refused before anything runs; an interrupted run leaves no
 //! temporary file; and a forged report handed to `merge` is refused or shown escaped.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a panic here fails it, loudly
 mod common;
 
 use common::{stderr, vm_test, vmm};

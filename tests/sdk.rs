@@ -2,6 +2,7 @@
 //! on every path, their CPUID sites found by decoding (they have no vmm_site_* symbols),
 //! their native twins run by `--mode native`, their own verdicts reported by `run`,
 //! `compare` and `validate` beside the built-in rules.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a panic here fails it, loudly
 
 mod common;
 

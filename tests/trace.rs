@@ -1,4 +1,5 @@
 //! `vmm trace`: one CPUID followed through every path this KVM offers.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a panic here fails it, loudly
 
 mod common;
 

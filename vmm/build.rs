@@ -9,9 +9,18 @@ use std::path::PathBuf;
 use std::process::Command;
 
 fn main() {
-    let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    // A build script fails by exiting non-zero; cargo shows what it printed to stderr.
+    if let Err(why) = build() {
+        eprintln!("error: {why}");
+        std::process::exit(1);
+    }
+}
+
+fn build() -> Result<(), String> {
+    let cargo_var = |name: &str| env::var_os(name).ok_or_else(|| format!("cargo did not set {name}"));
+    let manifest_dir = PathBuf::from(cargo_var("CARGO_MANIFEST_DIR")?);
     let payload_dir = manifest_dir.join("../guest-payload");
-    let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
+    let out_dir = PathBuf::from(cargo_var("OUT_DIR")?);
     for watched in ["src", "Cargo.toml"] {
         println!("cargo:rerun-if-changed={}", payload_dir.join(watched).display());
     }
@@ -19,7 +28,8 @@ fn main() {
 
     // The load address comes from the ABI, defined once in guest-payload.
     let linker_script = out_dir.join("guest-payload.ld");
-    std::fs::write(&linker_script, linker_script_text()).expect("write the guest linker script");
+    std::fs::write(&linker_script, linker_script_text())
+        .map_err(|e| format!("write the guest linker script {}: {e}", linker_script.display()))?;
 
     let target_dir = out_dir.join("guest-target");
     // No SSE: KVM's instruction emulator (which runs every guest instruction on a software
@@ -76,13 +86,18 @@ fn main() {
             command.env_remove(key);
         }
     }
-    let status = command.status().expect("run cargo to build the guest payload");
-    assert!(status.success(), "building the guest payload failed: {status}");
+    let status = command
+        .status()
+        .map_err(|e| format!("run cargo to build the guest payload: {e}"))?;
+    if !status.success() {
+        return Err(format!("building the guest payload failed: {status}"));
+    }
 
     let elf = target_dir.join("release/guest-payload");
     let embedded = out_dir.join("guest-payload.elf");
-    std::fs::copy(&elf, &embedded).unwrap_or_else(|e| panic!("copy {}: {e}", elf.display()));
+    std::fs::copy(&elf, &embedded).map_err(|e| format!("copy {}: {e}", elf.display()))?;
     println!("cargo:rustc-env=VMM_GUEST_PAYLOAD_ELF={}", embedded.display());
+    Ok(())
 }
 
 /// The payload's linker script, generated from the ABI (the SDK ships the same text).

@@ -16,7 +16,11 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
 /// The C contract: `dest` and `src` valid for `n` bytes and not overlapping.
 #[no_mangle]
 pub unsafe extern "C" fn memcpy(dest: *mut u8, src: *const u8, n: usize) -> *mut u8 {
-    asm!("rep movsb", inout("rcx") n => _, inout("rdi") dest => _, inout("rsi") src => _, options(nostack, preserves_flags));
+    // SAFETY: the caller promises `dest`/`src` valid for `n` bytes and apart; DF is clear
+    // (the ABI's default), so `rep movsb` copies forwards exactly `n` bytes.
+    unsafe {
+        asm!("rep movsb", inout("rcx") n => _, inout("rdi") dest => _, inout("rsi") src => _, options(nostack, preserves_flags));
+    }
     dest
 }
 
@@ -25,16 +29,22 @@ pub unsafe extern "C" fn memcpy(dest: *mut u8, src: *const u8, n: usize) -> *mut
 #[no_mangle]
 pub unsafe extern "C" fn memmove(dest: *mut u8, src: *const u8, n: usize) -> *mut u8 {
     if (dest as usize) <= (src as usize) || (dest as usize) >= (src as usize).wrapping_add(n) {
-        return memcpy(dest, src, n);
+        // SAFETY: the caller's contract, and a forward copy is correct when `dest` lies
+        // below `src` or past the end of the source.
+        return unsafe { memcpy(dest, src, n) };
     }
     // Overlapping with dest above src: copy backwards.
-    asm!(
-        "std", "rep movsb", "cld",
-        inout("rcx") n => _,
-        inout("rdi") dest.add(n - 1) => _,
-        inout("rsi") src.add(n - 1) => _,
-        options(nostack),
-    );
+    // SAFETY: here `dest > src` and they overlap, so `n >= 1` and both `p + n - 1` lie in
+    // the caller's valid ranges; DF is set for the copy and cleared again after it.
+    unsafe {
+        asm!(
+            "std", "rep movsb", "cld",
+            inout("rcx") n => _,
+            inout("rdi") dest.add(n - 1) => _,
+            inout("rsi") src.add(n - 1) => _,
+            options(nostack),
+        );
+    }
     dest
 }
 
@@ -42,7 +52,10 @@ pub unsafe extern "C" fn memmove(dest: *mut u8, src: *const u8, n: usize) -> *mu
 /// The C contract: `dest` valid for `n` bytes.
 #[no_mangle]
 pub unsafe extern "C" fn memset(dest: *mut u8, value: i32, n: usize) -> *mut u8 {
-    asm!("rep stosb", inout("rcx") n => _, inout("rdi") dest => _, in("al") value as u8, options(nostack, preserves_flags));
+    // SAFETY: the caller promises `dest` valid for `n` bytes; DF is clear (the ABI's default).
+    unsafe {
+        asm!("rep stosb", inout("rcx") n => _, inout("rdi") dest => _, in("al") value as u8, options(nostack, preserves_flags));
+    }
     dest
 }
 
@@ -51,7 +64,8 @@ pub unsafe extern "C" fn memset(dest: *mut u8, value: i32, n: usize) -> *mut u8 
 #[no_mangle]
 pub unsafe extern "C" fn memcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
     for i in 0..n {
-        let (x, y) = (*a.add(i), *b.add(i));
+        // SAFETY: `i < n` and the caller promises both valid for `n` bytes.
+        let (x, y) = unsafe { (*a.add(i), *b.add(i)) };
         if x != y {
             return i32::from(x) - i32::from(y);
         }
@@ -63,5 +77,6 @@ pub unsafe extern "C" fn memcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
 /// The C contract: `a` and `b` valid for `n` bytes.
 #[no_mangle]
 pub unsafe extern "C" fn bcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
-    memcmp(a, b, n)
+    // SAFETY: the same contract as `memcmp`'s, passed on unchanged.
+    unsafe { memcmp(a, b, n) }
 }

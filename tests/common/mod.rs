@@ -1,5 +1,6 @@
 //! Helpers shared by the end-to-end tests: run the built `vmm` binary as a user would.
 #![allow(dead_code)] // each test binary uses its own subset
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a panic is a failed test
 
 use serde_json::Value;
 use std::process::{Command, Output};

@@ -10,6 +10,7 @@
 //! - `ratio`: cpuid−floor over bare. Goal on the development host: ≤ 1.1 for every path.
 //!
 //! `cargo bench -p vmm --bench exits` (add `-- -n N` for another sample count).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a bench: a panic here fails it, loudly
 
 use std::time::Duration;
 use vmm::measure::{Measurer, RunSpec};

@@ -5,6 +5,7 @@
 //! Goals on the development host: setup within 1.3x of the bare VM, peak RSS under 30 MiB.
 //!
 //! `cargo bench -p vmm --bench launch` (add `-- --vms N` for another count).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a bench: a panic here fails it, loudly
 
 use std::time::{Duration, Instant};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};

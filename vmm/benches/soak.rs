@@ -3,6 +3,7 @@
 //! the goal: nothing a run leaves behind may accumulate over a long `validate`.
 //!
 //! `cargo bench -p vmm --bench soak` (add `-- --vms N` for another count).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a bench: a panic here fails it, loudly
 
 use vmm::measure::{Measurer, RunSpec};
 use vmm::modes::trap_emulate::Trap;

@@ -64,6 +64,7 @@ impl Stderr {
     pub fn new() -> Self {
         // SAFETY: fstat on fd 2 into a zeroed stat buffer.
         let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: `stat` is a live, writable buffer of the size fstat writes.
         let kind = if unsafe { libc::fstat(2, &mut stat) } == 0 {
             stat.st_mode & libc::S_IFMT
         } else {

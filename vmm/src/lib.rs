@@ -4,7 +4,8 @@
 //!
 //! Architecture, one concern per module:
 //! - [`arch::x86_64`]: GDT, page tables, long-mode registers, the CPUID table;
-//! - [`vm`]: a VM with one vCPU — memory, ELF loading, the run loop, exits, watchdog;
+//! - [`vm`]: a VM with the measuring vCPU and, with `--vcpus 2`, a counter vCPU beside it —
+//!   memory, ELF loading, the run loop, exits, watchdog;
 //! - [`modes`]: the exit handling of each `--mode`;
 //! - [`shaping`]: what a CPUID exit appears to cost (inject, hide, profiles);
 //! - [`native`]: the same timing core in a pinned host thread;

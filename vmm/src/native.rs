@@ -288,6 +288,7 @@ fn twin_identity() -> Result<Option<TwinIdentity>, NativeError> {
         why: "no such user".into(),
     };
     let c_name = std::ffi::CString::new(name.clone()).map_err(|_| unknown())?;
+    // SAFETY: `passwd` is plain C data; all zeroes is a valid (empty) value.
     let mut record: libc::passwd = unsafe { std::mem::zeroed() };
     let mut buffer = vec![0 as libc::c_char; 16 * 1024];
     let mut found: *mut libc::passwd = std::ptr::null_mut();

@@ -218,6 +218,7 @@ pub fn self_test() -> Result<SelfTest, SandboxError> {
             // SAFETY: a zero-length write; an anonymous mapping unmapped if it was made; an
             // ioctl on stdin, which no KVM request can harm.
             let stdout = unsafe { libc::syscall(libc::SYS_write, 1, c"".as_ptr(), 0) };
+            // SAFETY: an anonymous mapping at an address of the kernel's choosing.
             let exec = unsafe {
                 libc::syscall(
                     libc::SYS_mmap,
@@ -233,6 +234,7 @@ pub fn self_test() -> Result<SelfTest, SandboxError> {
                 // SAFETY: the mapping just made.
                 unsafe { libc::munmap(exec as *mut libc::c_void, 4096) };
             }
+            // SAFETY: an ioctl on stdin with a null argument; no KVM request can harm it.
             let foreign = unsafe { libc::syscall(libc::SYS_ioctl, 0, KVM_GET_TSC_KHZ(), 0) };
             [open_errno, socket_errno, errno(stdout), errno(exec), errno(foreign)]
         })
