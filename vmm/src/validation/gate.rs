@@ -3,7 +3,7 @@
 //! per cell × rule, so CI systems show the result natively.
 
 use super::report::{CellResult, Confusion, ValidationReport};
-use crate::detector::{Verdict, PAYLOAD_RULE, RULES};
+use crate::detector::{Verdict, RULES};
 use serde::{Deserialize, Serialize};
 use std::fmt::Write;
 
@@ -32,12 +32,9 @@ impl std::str::FromStr for Requirement {
         let form = "write RULE:tpr>=X or RULE:fpr<=X, e.g. robust:tpr>=0.99";
         let (rule, condition) = text.split_once(':').ok_or_else(|| format!("no `:` ({form})"))?;
         let (rule, condition) = (rule.trim(), condition.trim());
-        let known = RULES.contains(&rule) || rule == PAYLOAD_RULE;
-        if !known {
-            return Err(format!(
-                "unknown rule `{rule}` (rules: {}, {PAYLOAD_RULE})",
-                RULES.join(", ")
-            ));
+        if crate::detector::rule(rule).is_none() {
+            let names: Vec<&str> = RULES.iter().map(|r| r.name).collect();
+            return Err(format!("unknown rule `{rule}` (rules: {})", names.join(", ")));
         }
         let (metric, rest) = if let Some(rest) = condition.strip_prefix("tpr") {
             (Metric::Tpr, rest)
@@ -322,6 +319,43 @@ mod tests {
         ] {
             let error = bad.parse::<Requirement>().unwrap_err();
             assert!(error.contains(why), "{bad}: {error}");
+        }
+    }
+
+    /// Every rule a run can be judged by can be required: each registered name, and each
+    /// name a run with everything (counter ticks, the XOR loop, a payload verdict) gets.
+    #[test]
+    fn every_rule_evaluate_returns_is_requirable() {
+        use crate::detector::{evaluate, Calibration, Evidence};
+        use crate::vm::{PayloadVerdictReport, ProbeSamples};
+        let mut samples = ProbeSamples::new();
+        for probe in guest_payload::Probe::ALL {
+            samples.insert(probe, vec![300; 100]);
+        }
+        let payload = PayloadVerdictReport {
+            verdict: guest_payload::PayloadVerdict::Virtual,
+            score: 1.0,
+            reason: "test".into(),
+        };
+        let evidence = Evidence {
+            samples: &samples,
+            ticks: &samples,
+            counter_rate: Some((10_000, 1_000)),
+            cpuid: &[],
+            site_bytes: &[],
+            tsc_khz: 2_000_000,
+            cpuid_leaf: 0,
+            payload: Some(&payload),
+        };
+        let judged = evaluate(&evidence, &Calibration::uncalibrated());
+        let names = RULES.iter().map(|r| r.name).chain(judged.iter().map(|v| v.rule));
+        for name in names {
+            let text = format!("{name}:tpr>=0");
+            let requirement: Requirement = text.parse().unwrap_or_else(|why| panic!("{text}: {why}"));
+            assert_eq!(requirement.rule, name);
+        }
+        for name in ["vmaware-timer-2.7", "counter-tsc", "xor-rate", "cross-vcpu-tsc"] {
+            assert!(judged.iter().any(|v| v.rule == name), "{name} is judged");
         }
     }
 

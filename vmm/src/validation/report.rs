@@ -5,7 +5,7 @@
 
 use super::gate::{self, Requirement, RequirementResult};
 use super::matrix::{ground_truth, MatrixConfig, Shard};
-use crate::detector::{rule_columns, RuleVerdict, Verdict, RULES};
+use crate::detector::{rule_columns, RuleVerdict, Verdict};
 use crate::escape::{markdown as md, terminal as t};
 use crate::modes::Path as CpuidPath;
 use crate::report::plot::PlotRun;
@@ -582,8 +582,9 @@ impl ValidationReport {
 }
 
 fn confusion_of<'a>(runs: impl Iterator<Item = &'a RunRecord>) -> BTreeMap<String, Confusion> {
-    let mut confusion: BTreeMap<String, Confusion> =
-        RULES.iter().map(|&r| (r.to_owned(), Confusion::default())).collect();
+    let mut confusion: BTreeMap<String, Confusion> = crate::detector::every_run_rules()
+        .map(|r| (r.to_owned(), Confusion::default()))
+        .collect();
     for run in runs {
         for v in &run.verdicts {
             let mut one = VerdictCounts::default();
@@ -949,7 +950,7 @@ pub fn render_table(report: &ValidationReport) -> String {
         .max(66);
     let _ = write!(out, "{:<width$}", "cell");
     for rule in &columns {
-        let _ = write!(out, " {:>9}", short(rule));
+        let _ = write!(out, " {:>9}", heading(rule));
     }
     let _ = writeln!(out);
     for cell in &report.cells {
@@ -1014,15 +1015,9 @@ fn headline(why: &str) -> &str {
     why[..end].trim_end()
 }
 
-fn short(rule: &str) -> &str {
-    match rule {
-        "fixed-threshold" => "fixed",
-        "tsc-lfence-ratio" => "lfence",
-        "hypervisor-bit" => "hv-bit",
-        "code-integrity" => "integrity",
-        "tsc-monotonic" => "monotonic",
-        other => other,
-    }
+/// A rule's heading in the per-cell table's narrow columns.
+fn heading(rule: &str) -> &str {
+    crate::detector::rule(rule).map_or(rule, |r| r.heading)
 }
 
 fn markdown_confusion(out: &mut String, confusion: &BTreeMap<String, Confusion>) {
