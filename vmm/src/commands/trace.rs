@@ -69,7 +69,7 @@ pub struct CpuidLife {
 #[derive(Serialize)]
 struct TraceReport {
     schema_version: u32,
-    host: crate::report::HostReport,
+    host: crate::host::HostInfo,
     register_access: Option<RegisterAccess>,
     paths: Vec<CpuidLife>,
     refused: Vec<(String, String)>,
@@ -344,14 +344,18 @@ fn vmm_steps(exit: &TracedExit, reentered: u64, access: Option<RegisterAccess>, 
     steps
 }
 
-fn render(lives: &[CpuidLife], refused: &[(String, String)], host: &crate::report::HostReport) -> String {
+fn render(lives: &[CpuidLife], refused: &[(String, String)], host: &crate::host::HostInfo) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
         "the life of one CPUID — host: {} | KVM: {}{}\n",
         host.cpu_model,
         host.kvm.flavour.describe(),
-        if host.is_vm { " | the host is itself a VM" } else { "" }
+        if host.host_is_vm {
+            " | the host is itself a VM"
+        } else {
+            ""
+        }
     );
     for life in lives {
         let _ = writeln!(

@@ -148,7 +148,7 @@ pub fn validate(args: &ValidateArgs) -> Result<(), CommandError> {
             probes: crate::measure::default_probes(config.vcpus == 2),
             ..RunSpec::new(cell.path)
         };
-        let truth = cell.truth(host.nested);
+        let truth = cell.truth(host.host_is_vm);
         let mine: Vec<u32> = (0..repeats).filter(|&r| shard.takes(job(index, r))).collect();
         for (nth, &repeat) in mine.iter().enumerate() {
             if crate::interrupt::caught().is_some() {

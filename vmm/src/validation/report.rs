@@ -7,9 +7,9 @@ use super::gate::{self, Requirement, RequirementResult};
 use super::matrix::{ground_truth, MatrixConfig, Shard};
 use crate::detector::{rule_columns, RuleVerdict, Verdict};
 use crate::escape::{markdown as md, terminal as t};
+use crate::host::{HostInfo, KvmFlavour};
 use crate::modes::Path as CpuidPath;
 use crate::report::plot::PlotRun;
-use crate::report::HostReport;
 use guest_payload::{Cycles, Probe};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -18,35 +18,33 @@ use std::fmt::Write;
 /// Order statistics kept per run for histograms (evenly spaced, 0.5% apart).
 pub const SKETCH_POINTS: usize = 200;
 
-/// A host as a validation groups runs by: what makes two hosts' figures differ.
+/// A host as a validation groups runs by: the parts of its [`HostInfo`] that make two
+/// hosts' figures differ, in the flat shape validation reports have always had.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, Hash)]
 pub struct HostIdentity {
     pub cpu_model: String,
     pub microcode: Option<String>,
     pub kernel: Option<String>,
-    /// The KVM flavour detected (`hardware-vt-x`, `hardware-amd-v`, `software`, `unknown`).
-    pub kvm: String,
+    pub kvm: KvmFlavour,
     pub kvm_module: Option<String>,
     /// The host is itself a VM (CPUID.1:ECX[31]): a cloud CI runner, for one. Its figures
     /// are nested figures, and its native runs are virtual ground truth.
-    pub nested: bool,
+    #[serde(rename = "nested")]
+    pub host_is_vm: bool,
     pub tsc_khz: u32,
     /// The detector was calibrated on this host.
     pub calibrated: bool,
 }
 
 impl HostIdentity {
-    pub fn new(host: &HostReport, calibrated: bool) -> Self {
+    pub fn new(host: &HostInfo, calibrated: bool) -> Self {
         Self {
             cpu_model: host.cpu_model.clone(),
             microcode: host.microcode.clone(),
             kernel: host.kernel.clone(),
-            kvm: serde_json::to_value(host.kvm.flavour)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_owned))
-                .unwrap_or_default(),
-            kvm_module: host.kvm.module.map(str::to_owned),
-            nested: host.is_vm,
+            kvm: host.kvm.flavour,
+            kvm_module: host.kvm.module.clone(),
+            host_is_vm: host.host_is_vm,
             tsc_khz: host.tsc_khz,
             calibrated,
         }
@@ -59,9 +57,9 @@ impl HostIdentity {
             self.cpu_model,
             self.microcode.as_deref().unwrap_or("?"),
             self.kernel.as_deref().unwrap_or("?"),
-            self.kvm,
+            self.kvm.name(),
             self.kvm_module.as_deref().map_or(String::new(), |m| format!(" ({m})")),
-            if self.nested {
+            if self.host_is_vm {
                 "nested (the host is a VM)"
             } else {
                 "bare metal"
@@ -603,7 +601,7 @@ fn cell_truth(spec: &CellSpec, host: Option<&HostRecord>) -> Verdict {
         .mode
         .parse::<CpuidPath>()
         .map_or(crate::modes::Mode::HwAssist, CpuidPath::mode);
-    ground_truth(mode, host.is_none_or(|h| h.identity.nested))
+    ground_truth(mode, host.is_none_or(|h| h.identity.host_is_vm))
 }
 
 fn cell_results(inputs: &ValidationInputs) -> Vec<CellResult> {
@@ -831,7 +829,7 @@ fn columns(report: &ValidationReport) -> Vec<&'static str> {
 }
 
 fn truth_note(report: &ValidationReport) -> String {
-    let nested = report.inputs.hosts.iter().filter(|h| h.identity.nested).count();
+    let nested = report.inputs.hosts.iter().filter(|h| h.identity.host_is_vm).count();
     match (nested, report.inputs.hosts.len()) {
         (0, _) => "native cells are native ground truth: the hosts run on bare metal".into(),
         (n, all) if n == all => "native cells are labelled virtual: every host is itself a VM (CPUID.1:ECX[31]), so its native runs are virtualised".into(),
@@ -1057,11 +1055,11 @@ pub fn render_markdown(report: &ValidationReport) -> String {
             md(&host.cpu_model),
             md(host.microcode.as_deref().unwrap_or("?")),
             md(host.kernel.as_deref().unwrap_or("?")),
-            md(&host.kvm),
+            md(host.kvm.name()),
             host.kvm_module
                 .as_deref()
                 .map_or(String::new(), |m| format!(" ({})", md(m))),
-            if host.nested { "yes" } else { "no" },
+            if host.host_is_vm { "yes" } else { "no" },
             if host.calibrated { "calibrated" } else { "uncalibrated" },
             shard_list(&record.shards),
             coverage.split_once(": ").map_or(coverage.as_str(), |(_, c)| c)
