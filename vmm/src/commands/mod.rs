@@ -43,6 +43,8 @@ pub enum CommandError {
     Output { path: String, source: std::io::Error },
     #[error(transparent)]
     Plot(#[from] crate::report::plot::PlotError),
+    #[error(transparent)]
+    Render(#[from] crate::validation::render::RenderError),
     #[error("cannot encode the JSON report: {0}")]
     Json(#[from] serde_json::Error),
     #[error("doctor found a problem that stops vmm from running guests")]
