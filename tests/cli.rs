@@ -207,6 +207,35 @@ fn bad_numbers_and_modes_are_usage_errors() {
     }
 }
 
+/// Every rule a run can be judged by can be required, the counter and XOR rules included;
+/// an unknown one is refused. Requirements are read before anything runs: the bad shard
+/// after them stops `validate` before a VM is booted.
+#[test]
+fn every_rule_is_requirable_and_an_unknown_one_is_refused_before_any_run() {
+    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/validation.json");
+    let validate = |require: &[&str]| {
+        let mut args = vec!["validate", "--config", config, "--shard", "0/2"];
+        for r in require {
+            args.extend(["--require", r]);
+        }
+        vmm(&args)
+    };
+    let output = validate(&["vmaware-timer-2.7:tpr>=0", "counter-tsc:tpr>=0", "xor-rate:fpr<=1"]);
+    assert_eq!(output.status.code(), Some(1));
+    let message = stderr(&output);
+    assert!(
+        message.contains("--shard") && !message.contains("--require"),
+        "the requirements are accepted, the shard is not: {message}"
+    );
+    let output = validate(&["nope:tpr>=0"]);
+    assert_eq!(output.status.code(), Some(1));
+    let message = stderr(&output);
+    assert!(
+        message.contains("--require `nope:tpr>=0`: unknown rule `nope`") && message.contains("cross-vcpu-tsc"),
+        "{message}"
+    );
+}
+
 #[test]
 fn an_unwritable_csv_path_is_refused_before_measuring() {
     let output = vmm(&["run", "--mode", "native", "--csv", "/nonexistent-dir/x.csv"]);

@@ -32,7 +32,7 @@ fn every_run_carries_every_rules_verdict() {
         "io-patch"
     };
     let report = json_run(&["run", "--mode", "trap-emulate", "--trap", trap, "-n", "200", "--json"]);
-    for rule in vmm::detector::RULES {
+    for rule in vmm::detector::every_run_rules() {
         let v = verdict(&report, rule);
         assert!(
             ["virtual", "native", "unsure"].contains(&v["verdict"].as_str().unwrap()),
@@ -213,7 +213,7 @@ fn validation_scores_every_rule_and_the_signals_do_their_job() {
         );
     }
 
-    for rule in vmm::detector::RULES {
+    for rule in vmm::detector::every_run_rules() {
         let c = &report["confusion"][rule];
         assert!(c["tpr"].is_number(), "{rule} has a TPR");
     }

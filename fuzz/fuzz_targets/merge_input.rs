@@ -4,7 +4,8 @@
 //! newline into a Markdown cell, nor a character XML forbids into the SVG.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use vmm::validation::report::{ValidationInputs, ValidationReport};
+use vmm::validation::records::ValidationInputs;
+use vmm::validation::ValidationReport;
 
 const SHARD: &str = include_str!("../seeds/validation_report/shard.json");
 
@@ -24,14 +25,14 @@ fuzz_target!(|text: &str| {
             continue;
         };
         let report = ValidationReport::assemble(merged, &[]);
-        let table = vmm::validation::render_table(&report);
+        let table = vmm::validation::render::table(&report).expect("a report renders");
         assert!(
             !table.chars().any(|c| c.is_control() && c != '\n'),
             "a control character reached the terminal"
         );
-        let markdown = vmm::validation::render_markdown(&report);
+        let markdown = vmm::validation::render::markdown(&report).expect("a report renders");
         assert!(!markdown.chars().any(|c| c.is_control() && c != '\n'));
-        let _ = vmm::validation::gate::junit(&report);
+        let _ = vmm::validation::render::junit(&report);
         if let Ok(svg) = vmm::report::plot::render(&report.plot_runs(), &vmm::detector::Calibration::uncalibrated()) {
             assert!(!svg
                 .chars()

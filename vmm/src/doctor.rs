@@ -121,7 +121,7 @@ pub fn run_checks() -> Vec<Check> {
         cpu_virt.0,
         format!("{} — {}", cpu.model, cpu_virt.1),
     ));
-    checks.push(if cpu.is_vm {
+    checks.push(if cpu.host_is_vm {
         check("host is a VM", Verdict::Warn, "yes (CPUID.1:ECX[31]): native figures include the outer hypervisor's costs, and native CPUID is itself a VM exit")
     } else {
         check("host is a VM", Verdict::Ok, "no: native runs are bare metal")

@@ -3,9 +3,10 @@
 //! `run`, `compare`, `calibrate` and `validate` are all made of these.
 
 use crate::detector::{self, Calibration, Evidence};
+use crate::host::HostInfo;
 use crate::host::{self, TscFrequency};
 use crate::measure::{MeasureError, Measurement, Measurer, RunSpec};
-use crate::report::{HostReport, RunReport};
+use crate::report::RunReport;
 use crate::vm::loader::Payload;
 use std::io::Write;
 
@@ -13,7 +14,7 @@ pub struct Session {
     pub measurer: Measurer,
     pub payload: Payload,
     pub calibration: Calibration,
-    pub host: HostReport,
+    pub host: HostInfo,
     pub tsc: TscFrequency,
 }
 
@@ -23,7 +24,7 @@ impl Session {
         let measurer = Measurer::open();
         let kvm = measurer.kvm().ok();
         let tsc = host::tsc_frequency(kvm.and_then(|k| k.tsc_khz));
-        let host = HostReport::new(&host::cpu_info(), tsc, kvm.map(|k| k.kvm.get_api_version()));
+        let host = HostInfo::new(&host::cpu_info(), tsc, kvm.map(|k| k.kvm.get_api_version()));
         if let Some(differences) = calibration.other_host(&host) {
             eprintln!(
                 "vmm: WARNING: the calibration was measured on another host ({differences}): \

@@ -1,12 +1,13 @@
 //! What this host is: its CPU, its TSC, and which kind of KVM serves `/dev/kvm`.
-//! Everything here is detected at run time, never assumed.
+//! Everything here is detected at run time, never assumed. [`HostInfo`] is the one
+//! description of a host that run reports, calibrations and validation reports keep.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 /// Which implementation answers `/dev/kvm`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum KvmFlavour {
     /// kvm_intel: VT-x.
@@ -21,6 +22,16 @@ pub enum KvmFlavour {
 }
 
 impl KvmFlavour {
+    /// Its name as reports spell it (the JSON's spelling).
+    pub fn name(self) -> &'static str {
+        match self {
+            KvmFlavour::HardwareVtX => "hardware-vt-x",
+            KvmFlavour::HardwareAmdV => "hardware-amd-v",
+            KvmFlavour::Software => "software",
+            KvmFlavour::Unknown => "unknown",
+        }
+    }
+
     pub fn describe(self) -> &'static str {
         match self {
             KvmFlavour::HardwareVtX => "hardware VT-x (kvm_intel)",
@@ -60,7 +71,8 @@ pub struct CpuInfo {
     pub vmx: bool,
     pub svm: bool,
     /// CPUID.1:ECX[31]: the host itself runs under a hypervisor.
-    pub is_vm: bool,
+    #[serde(rename = "is_vm")]
+    pub host_is_vm: bool,
     /// The TSC ticks at a constant rate through P- and C-states.
     pub invariant_tsc: bool,
     /// The microcode revision /proc/cpuinfo reports, where it does.
@@ -87,7 +99,7 @@ pub fn cpu_info() -> CpuInfo {
         model: field("model name").unwrap_or_else(|| "unknown".into()),
         vmx: has("vmx"),
         svm: has("svm"),
-        is_vm: leaf1.ecx & (1 << 31) != 0,
+        host_is_vm: leaf1.ecx & (1 << 31) != 0,
         invariant_tsc: invariant_cpuid || (has("constant_tsc") && has("nonstop_tsc")),
         microcode: field("microcode"),
         kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
@@ -103,7 +115,7 @@ pub struct TscFrequency {
     pub source: TscSource,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum TscSource {
     /// KVM_GET_TSC_KHZ on a vCPU: the rate the guest's TSC ticks at.
@@ -243,6 +255,81 @@ impl Placement {
     }
 }
 
+/// The host as reports and calibrations record it: what makes two hosts' figures differ.
+/// The JSON field names are those run reports have always had.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HostInfo {
+    pub cpu_model: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub microcode: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<String>,
+    /// CPUID.1:ECX[31]: the host itself runs under a hypervisor, so its native runs are
+    /// virtual ground truth.
+    #[serde(rename = "is_vm")]
+    pub host_is_vm: bool,
+    #[serde(default)]
+    pub invariant_tsc: bool,
+    pub tsc_khz: u32,
+    pub tsc_khz_source: TscSource,
+    pub kvm: KvmInfo,
+}
+
+/// The KVM serving `/dev/kvm`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct KvmInfo {
+    pub flavour: KvmFlavour,
+    /// The vendor module that decided the flavour.
+    pub module: Option<String>,
+    /// KVM_GET_API_VERSION, where /dev/kvm opened.
+    pub api_version: Option<i32>,
+}
+
+impl HostInfo {
+    /// This host: its CPU, its TSC rate (`tsc`) and its KVM (`api_version` where
+    /// /dev/kvm opened).
+    pub fn new(cpu: &CpuInfo, tsc: TscFrequency, api_version: Option<i32>) -> Self {
+        let (flavour, module) = kvm_flavour();
+        Self {
+            cpu_model: cpu.model.clone(),
+            microcode: cpu.microcode.clone(),
+            kernel: cpu.kernel.clone(),
+            host_is_vm: cpu.host_is_vm,
+            invariant_tsc: cpu.invariant_tsc,
+            tsc_khz: tsc.khz,
+            tsc_khz_source: tsc.source,
+            kvm: KvmInfo {
+                flavour,
+                module: module.map(str::to_owned),
+                api_version,
+            },
+        }
+    }
+
+    /// How `other` differs from this host, in words; `None` if it is the same host (CPU
+    /// model, KVM flavour, kernel, TSC rate within 1%). `other` is described "there", this
+    /// host "here".
+    pub fn differences_from(&self, other: &HostInfo) -> Option<String> {
+        // Quoted as JSON, as the calibration file has them.
+        let shown = |text: Option<&str>| text.map_or("null".to_owned(), |t| serde_json::Value::from(t).to_string());
+        let mut differences = Vec::new();
+        for (name, then, now) in [
+            ("CPU", Some(other.cpu_model.as_str()), Some(self.cpu_model.as_str())),
+            ("KVM", Some(other.kvm.flavour.name()), Some(self.kvm.flavour.name())),
+            ("kernel", other.kernel.as_deref(), self.kernel.as_deref()),
+        ] {
+            if then != now {
+                differences.push(format!("{name} {} there, {} here", shown(then), shown(now)));
+            }
+        }
+        let (then, now) = (f64::from(other.tsc_khz), f64::from(self.tsc_khz));
+        if (then - now).abs() > now.abs() * 0.01 {
+            differences.push(format!("TSC {then} kHz there, {now} kHz here"));
+        }
+        (!differences.is_empty()).then(|| differences.join("; "))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -299,5 +386,60 @@ mod tests {
         );
         let measured = measure_tsc_khz(Duration::from_millis(20));
         assert!((100_000..10_000_000).contains(&measured), "{measured} kHz");
+    }
+
+    fn host() -> HostInfo {
+        HostInfo {
+            cpu_model: "AMD EPYC".into(),
+            microcode: None,
+            kernel: Some("6.8.0".into()),
+            host_is_vm: true,
+            invariant_tsc: true,
+            tsc_khz: 2_000_000,
+            tsc_khz_source: TscSource::Kvm,
+            kvm: KvmInfo {
+                flavour: KvmFlavour::HardwareAmdV,
+                module: Some("kvm_amd".into()),
+                api_version: Some(12),
+            },
+        }
+    }
+
+    #[test]
+    fn host_info_keeps_the_run_reports_json_and_reads_it_back() {
+        let json = serde_json::to_value(host()).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"cpu_model": "AMD EPYC", "kernel": "6.8.0", "is_vm": true,
+                "invariant_tsc": true, "tsc_khz": 2_000_000, "tsc_khz_source": "kvm",
+                "kvm": {"flavour": "hardware-amd-v", "module": "kvm_amd", "api_version": 12}})
+        );
+        assert_eq!(serde_json::from_value::<HostInfo>(json).unwrap(), host());
+        for flavour in [
+            KvmFlavour::HardwareVtX,
+            KvmFlavour::HardwareAmdV,
+            KvmFlavour::Software,
+            KvmFlavour::Unknown,
+        ] {
+            assert_eq!(serde_json::to_value(flavour).unwrap(), flavour.name());
+        }
+    }
+
+    #[test]
+    fn another_host_is_told_by_its_cpu_kvm_kernel_and_tsc_rate() {
+        let here = host();
+        assert_eq!(here.differences_from(&host()), None);
+        let mut there = host();
+        there.tsc_khz = 2_010_000; // within 1%
+        there.microcode = Some("0x1".into()); // not what figures depend on
+        assert_eq!(here.differences_from(&there), None);
+        there.cpu_model = "Intel(R) Core(TM) i9-13900K".into();
+        there.kernel = None;
+        there.tsc_khz = 3_000_000;
+        assert_eq!(
+            here.differences_from(&there).unwrap(),
+            "CPU \"Intel(R) Core(TM) i9-13900K\" there, \"AMD EPYC\" here; kernel null there, \"6.8.0\" here; \
+             TSC 3000000 kHz there, 2000000 kHz here"
+        );
     }
 }

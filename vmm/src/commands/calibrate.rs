@@ -46,7 +46,7 @@ pub fn calibrate(args: &CalibrateArgs) -> Result<(), CommandError> {
     }
     progress.finish_and_clear();
     let [native, virtual_runs] = points;
-    let host = serde_json::to_value(&session.host)?;
+    let host = session.host.clone();
     let calibration = Calibration::from_runs(host, args.iterations, native, virtual_runs);
     if let Some(output) = output {
         super::commit(output, calibration.to_json()?.as_bytes())?;

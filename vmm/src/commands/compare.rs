@@ -5,9 +5,10 @@ use super::{create_output, load_calibration, load_payload, CommandError};
 use crate::cli::CompareArgs;
 use crate::detector::rule_columns;
 use crate::experiment::Session;
+use crate::host::HostInfo;
 use crate::measure::RunSpec;
 use crate::modes::Path;
-use crate::report::{plot, HostReport, RunReport};
+use crate::report::{plot, RunReport};
 use guest_payload::Probe;
 use serde::Serialize;
 use std::fmt::Write;
@@ -36,7 +37,7 @@ struct Refusal {
 #[derive(Serialize)]
 struct CompareReport<'a> {
     schema_version: u32,
-    host: &'a HostReport,
+    host: &'a HostInfo,
     calibrated: bool,
     runs: Vec<&'a RunReport>,
     refused: Vec<Refusal>,
@@ -141,7 +142,7 @@ pub fn compare(args: &CompareArgs) -> Result<(), CommandError> {
 }
 
 fn render(
-    host: &HostReport,
+    host: &HostInfo,
     columns: &[(&str, RunReport)],
     refused: &[Refusal],
     failed: &[Refusal],
@@ -153,7 +154,11 @@ fn render(
         "host: {} | KVM: {}{} | detector {}\n",
         host.cpu_model,
         host.kvm.flavour.describe(),
-        if host.is_vm { " | the host is itself a VM" } else { "" },
+        if host.host_is_vm {
+            " | the host is itself a VM"
+        } else {
+            ""
+        },
         if calibrated {
             "calibrated"
         } else {

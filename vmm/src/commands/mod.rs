@@ -41,8 +41,10 @@ pub enum CommandError {
     Validation(#[from] ValidationError),
     #[error("cannot write {path}: {source}")]
     Output { path: String, source: std::io::Error },
-    #[error("cannot draw {path}: {why}")]
-    Plot { path: String, why: String },
+    #[error(transparent)]
+    Plot(#[from] crate::report::plot::PlotError),
+    #[error(transparent)]
+    Render(#[from] crate::validation::render::RenderError),
     #[error("cannot encode the JSON report: {0}")]
     Json(#[from] serde_json::Error),
     #[error("doctor found a problem that stops vmm from running guests")]

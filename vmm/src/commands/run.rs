@@ -33,7 +33,7 @@ pub fn run(args: &RunArgs) -> Result<(), CommandError> {
                 .fold(0, |a, b| a | b),
         },
         counter: args.vcpus == 2,
-        evasions: crate::shaping::evasion::Evasions::parse(args.evade.iter().map(String::as_str))
+        evasions: crate::shaping::registry::Evasions::parse(args.evade.iter().map(String::as_str))
             .map_err(crate::measure::MeasureError::from)?,
         guest_flags: match args.misbehave {
             Some(Misbehaviour::Hang) => guest_payload::flags::HANG,

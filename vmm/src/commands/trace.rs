@@ -19,7 +19,7 @@ use serde::Serialize;
 #[derive(Serialize)]
 struct TraceReport {
     schema_version: u32,
-    host: crate::report::HostReport,
+    host: crate::host::HostInfo,
     register_access: Option<RegisterAccess>,
     paths: Vec<CpuidLife>,
     refused: Vec<(String, String)>,
@@ -68,9 +68,7 @@ pub fn trace(args: &TraceArgs) -> Result<(), CommandError> {
                     .unwrap_or_default();
                 let mut life = life(path, &spec, sample, &recorder, measurement.register_access);
                 let asked = shaping(&args.shaping, session.tsc.khz)?;
-                if asked != Shaping::None
-                    && spec.shaping == Shaping::None
-                {
+                if asked != Shaping::None && spec.shaping == Shaping::None {
                     life.note.push_str(&format!(
                         " Ran without the {} shaping asked: no exit of this path reaches the VMM.",
                         asked.kind()
@@ -99,4 +97,3 @@ pub fn trace(args: &TraceArgs) -> Result<(), CommandError> {
     }
     Ok(())
 }
-

@@ -9,9 +9,10 @@ use crate::experiment::Session;
 use crate::measure::RunSpec;
 use crate::output::Output;
 use crate::report::plot;
-use crate::validation::gate::{self, Requirement};
-use crate::validation::report::{CellSpec, Failure, HostIdentity, HostRecord, Refusal, RunRecord, ValidationInputs};
-use crate::validation::{merge, render_markdown, render_table, MatrixConfig, Shard, ValidationReport};
+use crate::validation::records::{CellSpec, Failure, HostIdentity, HostRecord, Refusal, RunRecord, ValidationInputs};
+use crate::validation::render;
+use crate::validation::requirements::Requirement;
+use crate::validation::{merge, MatrixConfig, Shard, ValidationReport};
 
 /// The report's outputs, prepared before anything runs so a bad path costs no run, and
 /// put in place only once written whole (the previous ones stay until then).
@@ -47,13 +48,13 @@ impl Outputs {
         if print_json {
             super::print(&(serde_json::to_string_pretty(report)? + "\n"))?;
         } else {
-            super::print(&render_table(report))?;
+            super::print(&render::table(report)?)?;
         }
         let write = |output: Option<Output>, text: String| -> Result<(), CommandError> {
             output.map_or(Ok(()), |output| super::commit(output, text.as_bytes()))
         };
-        write(self.markdown, render_markdown(report))?;
-        write(self.junit, gate::junit(report))?;
+        write(self.markdown, render::markdown(report)?)?;
+        write(self.junit, render::junit(report)?)?;
         write(self.json, serde_json::to_string_pretty(report)?)?;
         if let Some(output) = self.plot {
             plot::write(output, &report.plot_runs(), calibration)?;
@@ -148,7 +149,7 @@ pub fn validate(args: &ValidateArgs) -> Result<(), CommandError> {
             probes: crate::measure::default_probes(config.vcpus == 2),
             ..RunSpec::new(cell.path)
         };
-        let truth = cell.truth(host.nested);
+        let truth = cell.truth(host.host_is_vm);
         let mine: Vec<u32> = (0..repeats).filter(|&r| shard.takes(job(index, r))).collect();
         for (nth, &repeat) in mine.iter().enumerate() {
             if crate::interrupt::caught().is_some() {

@@ -2,6 +2,7 @@
 //! by the rules (`--calibration FILE`). Without one, the rules use documented defaults and
 //! say that they are uncalibrated.
 
+use crate::host::HostInfo;
 use crate::results::ProbeSamples;
 use crate::stats;
 use guest_payload::{Cycles, Probe};
@@ -140,8 +141,8 @@ impl Line {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Calibration {
     pub schema_version: u32,
-    /// The host it was measured on, as a run report describes it.
-    pub host: serde_json::Value,
+    /// The host it was measured on (`null` for the built-in defaults).
+    pub host: Option<HostInfo>,
     pub iterations: u32,
     pub native_runs: Vec<RunPoint>,
     /// hw-assist runs, where KVM was available: the virtual cluster of the seed line.
@@ -159,7 +160,7 @@ impl Calibration {
     pub fn uncalibrated() -> Self {
         Self {
             schema_version: CALIBRATION_SCHEMA,
-            host: serde_json::Value::Null,
+            host: None,
             iterations: 0,
             native_runs: Vec::new(),
             virtual_runs: Vec::new(),
@@ -171,17 +172,12 @@ impl Calibration {
     }
 
     /// From native runs of this host and, where available, hw-assist runs.
-    pub fn from_runs(
-        host: serde_json::Value,
-        iterations: u32,
-        native: Vec<RunPoint>,
-        virtual_runs: Vec<RunPoint>,
-    ) -> Self {
+    pub fn from_runs(host: HostInfo, iterations: u32, native: Vec<RunPoint>, virtual_runs: Vec<RunPoint>) -> Self {
         let p10: Vec<f64> = native.iter().map(|r| r.excess_p10_ns).collect();
         let median: Vec<f64> = native.iter().map(|r| r.excess_median_ns).collect();
         Self {
             schema_version: CALIBRATION_SCHEMA,
-            host,
+            host: Some(host),
             iterations,
             seed_line: Line::between(&native, &virtual_runs).unwrap_or(Line::DEFAULT),
             robust_excess_p10_ns: Spread::of(&p10),
@@ -254,35 +250,10 @@ impl Calibration {
     }
 
     /// How the host it was measured on differs from `host`, in words; `None` if it is
-    /// the same host (CPU model, KVM flavour, kernel, TSC rate within 1%).
-    pub fn other_host(&self, host: &crate::report::HostReport) -> Option<String> {
-        if !self.calibrated {
-            return None;
-        }
-        let here = serde_json::to_value(host).ok()?;
-        let field = |value: &serde_json::Value, path: &[&str]| {
-            path.iter()
-                .try_fold(value, |v, key| v.get(key))
-                .cloned()
-                .unwrap_or_default()
-        };
-        let mut differences = Vec::new();
-        for (name, path) in [
-            ("CPU", &["cpu_model"][..]),
-            ("KVM", &["kvm", "flavour"]),
-            ("kernel", &["kernel"]),
-        ] {
-            let (then, now) = (field(&self.host, path), field(&here, path));
-            if then != now {
-                differences.push(format!("{name} {then} there, {now} here"));
-            }
-        }
-        let khz = |v: &serde_json::Value| field(v, &["tsc_khz"]).as_f64().unwrap_or(0.0);
-        let (then, now) = (khz(&self.host), khz(&here));
-        if (then - now).abs() > now.abs() * 0.01 {
-            differences.push(format!("TSC {then} kHz there, {now} kHz here"));
-        }
-        (!differences.is_empty()).then(|| differences.join("; "))
+    /// the same host, or the defaults (measured nowhere).
+    pub fn other_host(&self, host: &HostInfo) -> Option<String> {
+        let measured_on = self.host.as_ref().filter(|_| self.calibrated)?;
+        host.differences_from(measured_on)
     }
 
     /// The file's text.
@@ -306,6 +277,24 @@ impl Calibration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn test_host() -> HostInfo {
+        serde_json::from_value(
+            serde_json::json!({"cpu_model": "x", "is_vm": false, "tsc_khz": 2_000_000,
+            "tsc_khz_source": "measured", "kvm": {"flavour": "unknown", "module": null, "api_version": null}}),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn another_hosts_calibration_is_told_and_the_defaults_are_not() {
+        let calibration = Calibration::from_runs(test_host(), 10, vec![point(40, 200)], vec![]);
+        assert_eq!(calibration.other_host(&test_host()), None);
+        let mut here = test_host();
+        here.cpu_model = "y".into();
+        assert_eq!(calibration.other_host(&here).unwrap(), r#"CPU "x" there, "y" here"#);
+        assert_eq!(Calibration::uncalibrated().other_host(&here), None);
+    }
 
     fn point(nop: Cycles, cpuid: Cycles) -> RunPoint {
         RunPoint {
@@ -345,12 +334,7 @@ mod tests {
 
     #[test]
     fn a_calibration_round_trips_through_its_file() {
-        let calibration = Calibration::from_runs(
-            serde_json::json!({"cpu": "x"}),
-            100,
-            vec![point(49, 2_300)],
-            vec![point(11_000, 16_000)],
-        );
+        let calibration = Calibration::from_runs(test_host(), 100, vec![point(49, 2_300)], vec![point(11_000, 16_000)]);
         let path = std::env::temp_dir().join(format!("vmm-calibration-{}.json", std::process::id()));
         calibration.save(&path).unwrap();
         let back = Calibration::load(&path).unwrap();
@@ -364,7 +348,7 @@ mod tests {
 
     #[test]
     fn non_finite_figures_and_negative_spreads_are_refused() {
-        let good = Calibration::from_runs(serde_json::Value::Null, 10, vec![point(40, 200)], vec![]);
+        let good = Calibration::from_runs(test_host(), 10, vec![point(40, 200)], vec![]);
         assert!(good.check_values(Path::new("c.json")).is_ok());
         let mut nan = good.clone();
         nan.robust_excess_median_ns.mean = f64::NAN;

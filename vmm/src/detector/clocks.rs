@@ -8,7 +8,7 @@
 //! before v2.7.0). docs/detector.md says what each rule keeps and what differs.
 
 use super::rules::{confidence_from, verdict};
-use super::{Evidence, RuleVerdict, Verdict};
+use super::verdict::{Evidence, RuleVerdict, Verdict};
 use guest_payload::Probe;
 
 fn unsure(rule: &'static str, why: String) -> RuleVerdict {
@@ -20,33 +20,14 @@ fn confidence_of_ratio(ratio: f64, threshold: f64) -> f64 {
     confidence_from((ratio.max(1e-9) / threshold).ln(), 0.3)
 }
 
-/// Names of the rules here, in report order.
-pub const COUNTER_RULES: [&str; 5] = [
-    "vmaware-timer-2.7",
-    "vmaware-timer-main",
-    "counter-tsc",
-    "counter-stall",
-    "cross-vcpu-tsc",
-];
-pub const XOR_RULE: &str = "xor-rate";
-
-/// The rules of this module that `evidence` has the samples for.
-pub fn evaluate(evidence: &Evidence) -> Vec<RuleVerdict> {
-    let mut verdicts = Vec::new();
-    if !evidence.ticks.is_empty() {
-        verdicts.extend([
-            vmaware_timer_2_7(evidence),
-            vmaware_timer_main(evidence),
-            counter_tsc(evidence),
-            counter_stall(evidence),
-            cross_vcpu_tsc(evidence),
-        ]);
-    }
-    if evidence.samples.contains_key(&Probe::XorLoop) {
-        verdicts.push(xor_rate(evidence));
-    }
-    verdicts
-}
+/// The names of this module's rules, as verdicts, reports and requirements spell them
+/// (each registered once in [`super::RULES`]).
+pub const VMAWARE_TIMER_2_7: &str = "vmaware-timer-2.7";
+pub const VMAWARE_TIMER_MAIN: &str = "vmaware-timer-main";
+pub const COUNTER_TSC: &str = "counter-tsc";
+pub const COUNTER_STALL: &str = "counter-stall";
+pub const CROSS_VCPU_TSC: &str = "cross-vcpu-tsc";
+pub const XOR_RATE: &str = "xor-rate";
 
 /// Median as VMAware computes it (v2.7.0 L5503-5510): the middle of the sorted values, the
 /// truncating mean of the two middle ones for an even count.
@@ -204,7 +185,7 @@ fn pairs_note(kept: usize, dropped: usize) -> String {
 /// 8 × LFENCE, both in counter ticks, pairs interleaved (the timer-cpuid/timer-lfence8
 /// probes); a VM at a ratio of 3.5 (25 with Hyper-V). Score: the ratio.
 pub fn vmaware_timer_2_7(evidence: &Evidence) -> RuleVerdict {
-    const RULE: &str = "vmaware-timer-2.7";
+    const RULE: &str = VMAWARE_TIMER_2_7;
     let (cpuid_l, ref_l, pairs) = match timer_latencies(evidence, RULE, densest_cluster_latency) {
         Ok(found) => found,
         Err(unsure) => return unsure,
@@ -227,7 +208,7 @@ pub fn vmaware_timer_2_7(evidence: &Evidence) -> RuleVerdict {
 /// reference first and keeps the best of three batches; here one batch in v2.7.0's order.
 /// Score: the ratio.
 pub fn vmaware_timer_main(evidence: &Evidence) -> RuleVerdict {
-    const RULE: &str = "vmaware-timer-main";
+    const RULE: &str = VMAWARE_TIMER_MAIN;
     let (cpuid_l, ref_l, pairs) = match timer_latencies(evidence, RULE, interquartile_mean) {
         Ok(found) => found,
         Err(unsure) => return unsure,
@@ -297,7 +278,7 @@ pub const COUNTER_STALLED: f64 = 0.7;
 /// CPUID took less than half what the counter says, time was hidden from the TSC: a VM.
 /// Score: the agreement ratio (counter time / TSC time).
 pub fn counter_tsc(evidence: &Evidence) -> RuleVerdict {
-    const RULE: &str = "counter-tsc";
+    const RULE: &str = COUNTER_TSC;
     let (agreement, rate) = match counter_agreement(evidence) {
         Ok(found) => found,
         Err(why) => return unsure(RULE, why),
@@ -325,7 +306,7 @@ pub fn counter_tsc(evidence: &Evidence) -> RuleVerdict {
 /// stopped the counter's CPU during the exit (an evader's IPI). A VM where the counter
 /// moved 0.7× or less of the ticks the TSC's cycles are worth. Score: 1 / agreement.
 pub fn counter_stall(evidence: &Evidence) -> RuleVerdict {
-    const RULE: &str = "counter-stall";
+    const RULE: &str = COUNTER_STALL;
     let (agreement, rate) = match counter_agreement(evidence) {
         Ok(found) => found,
         Err(why) => return unsure(RULE, why),
@@ -351,7 +332,7 @@ pub const CROSS_TSC_NEGATIVE_SHARE: f64 = 0.01;
 /// stamped its own, can never be behind it where both TSCs agree. A VM where more than 1%
 /// of the samples are (one vCPU's offset moved and not the other's). Score: the share.
 pub fn cross_vcpu_tsc(evidence: &Evidence) -> RuleVerdict {
-    const RULE: &str = "cross-vcpu-tsc";
+    const RULE: &str = CROSS_VCPU_TSC;
     let Some(samples) = evidence.samples.get(&Probe::CrossTsc).filter(|s| !s.is_empty()) else {
         return unsure(RULE, "no cross-tsc samples in this run".into());
     };
@@ -395,7 +376,7 @@ pub fn cross_vcpu_tsc(evidence: &Evidence) -> RuleVerdict {
 /// 150,000,000 iterations once on a thread of its own; here each sample is 256 and the
 /// median sample is taken. Score: cycles per iteration.
 pub fn xor_rate(evidence: &Evidence) -> RuleVerdict {
-    const RULE: &str = XOR_RULE;
+    const RULE: &str = XOR_RATE;
     let Some(samples) = evidence.samples.get(&Probe::XorLoop).filter(|s| !s.is_empty()) else {
         return unsure(RULE, "no xor-loop samples in this run".into());
     };
@@ -425,8 +406,14 @@ pub fn xor_rate(evidence: &Evidence) -> RuleVerdict {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::detector::Calibration;
     use crate::results::ProbeSamples;
     use guest_payload::CpuidRecord;
+
+    /// Every registered rule that applies, as a report gets them.
+    fn evaluate(evidence: &Evidence) -> Vec<RuleVerdict> {
+        crate::detector::evaluate(evidence, &Calibration::uncalibrated())
+    }
 
     fn evidence<'a>(samples: &'a ProbeSamples, ticks: &'a ProbeSamples, cpuid: &'a [CpuidRecord]) -> Evidence<'a> {
         Evidence {

@@ -2,9 +2,19 @@
 //! one), so each can be fed synthetic samples in tests.
 
 use super::calibration::{Calibration, RunPoint};
-use super::{Evidence, RuleVerdict, Verdict};
+use super::verdict::{Evidence, RuleVerdict, Verdict};
 use crate::stats;
 use guest_payload::{Cycles, Probe};
+
+/// The names of this module's rules, as verdicts, reports and requirements spell them
+/// (each registered once in [`super::RULES`]).
+pub const SEED_LINE: &str = "seed-line";
+pub const FIXED_THRESHOLD: &str = "fixed-threshold";
+pub const TSC_LFENCE_RATIO: &str = "tsc-lfence-ratio";
+pub const ROBUST: &str = "robust";
+pub const HYPERVISOR_BIT: &str = "hypervisor-bit";
+pub const CODE_INTEGRITY: &str = "code-integrity";
+pub const TSC_MONOTONIC: &str = "tsc-monotonic";
 
 /// A rule's answer, its score and confidence rounded as reports show them.
 pub(super) fn verdict(rule: &'static str, verdict: Verdict, score: f64, confidence: f64, why: String) -> RuleVerdict {
@@ -44,7 +54,7 @@ fn leaf_note(evidence: &Evidence) -> String {
 /// The seed article: where the run's (NOP, CPUID) medians fall against a dividing line.
 /// Score: height above the line in decades of CPUID cost.
 pub fn seed_line(evidence: &Evidence, calibration: &Calibration) -> RuleVerdict {
-    const RULE: &str = "seed-line";
+    const RULE: &str = SEED_LINE;
     let (Some(cpuid), Some(nop)) = (evidence.samples.get(&Probe::Cpuid), evidence.samples.get(&Probe::Nop)) else {
         return missing(RULE, "CPUID or NOP samples");
     };
@@ -90,7 +100,7 @@ pub const ROBUST_NATIVE_Z: f64 = 2.0;
 /// sum — unless the sum itself is negative, when the mean is huge: both said in words.
 /// Score: mean / 1000.
 pub fn fixed_threshold(evidence: &Evidence) -> RuleVerdict {
-    const RULE: &str = "fixed-threshold";
+    const RULE: &str = FIXED_THRESHOLD;
     const TIMINGS: usize = 10;
     const THRESHOLD: u64 = FIXED_THRESHOLD_CYCLES as u64;
     let Some(first) = evidence
@@ -139,7 +149,7 @@ fn trimmed_mean(samples: &[Cycles]) -> f64 {
 /// TSC, interleaves the two, takes 30–70k pairs, keeps the densest cluster and says VM at
 /// 3.5 (docs/detector.md). Score: the ratio.
 pub fn tsc_lfence_ratio(evidence: &Evidence) -> RuleVerdict {
-    const RULE: &str = "tsc-lfence-ratio";
+    const RULE: &str = TSC_LFENCE_RATIO;
     const THRESHOLD: f64 = LFENCE_RATIO_VIRTUAL;
     let (Some(cpuid), Some(lfence)) = (
         evidence.samples.get(&Probe::Cpuid),
@@ -169,7 +179,7 @@ pub fn tsc_lfence_ratio(evidence: &Evidence) -> RuleVerdict {
 /// what busy hosts and interrupts cannot push down). Virtual from z = 4, native below 2.
 /// Confidence shrinks as the run's own spread grows.
 pub fn robust(evidence: &Evidence, calibration: &Calibration) -> RuleVerdict {
-    const RULE: &str = "robust";
+    const RULE: &str = ROBUST;
     let Some(point) = RunPoint::from_samples(evidence.samples, evidence.tsc_khz) else {
         return missing(RULE, "CPUID samples or a floor (rdtsc/NOP)");
     };
@@ -236,7 +246,7 @@ const HYPERVISOR_VENDORS: &[&[u8; 12]] = &[
 /// CPUID.1:ECX[31] and the vendor signature of leaf 0x40000000, as the guest saw them.
 /// Score: 1 for each that says "virtual".
 pub fn hypervisor_bit(evidence: &Evidence) -> RuleVerdict {
-    const RULE: &str = "hypervisor-bit";
+    const RULE: &str = HYPERVISOR_BIT;
     let leaf = |n: u32| evidence.cpuid.iter().find(|r| r.leaf == n && r.subleaf == 0);
     let Some(leaf1) = leaf(1) else {
         return missing(RULE, "CPUID snapshot");
@@ -278,7 +288,7 @@ pub fn hypervisor_bit(evidence: &Evidence) -> RuleVerdict {
 /// The guest reads its own CPUID sites: anything but `0f a2` means the hypervisor patched
 /// its code (int3-patch), whatever the timing says. Score: patched sites.
 pub fn code_integrity(evidence: &Evidence) -> RuleVerdict {
-    const RULE: &str = "code-integrity";
+    const RULE: &str = CODE_INTEGRITY;
     if evidence.site_bytes.is_empty() {
         return missing(RULE, "record of the CPUID sites' bytes");
     }
@@ -309,7 +319,7 @@ pub fn code_integrity(evidence: &Evidence) -> RuleVerdict {
 /// guest's TSC back by more than an exit cost (careless hiding) leaves exactly this, and
 /// a detector that sees it needs no timing threshold. Score: samples that ran backwards.
 pub fn tsc_monotonic(evidence: &Evidence) -> RuleVerdict {
-    const RULE: &str = "tsc-monotonic";
+    const RULE: &str = TSC_MONOTONIC;
     if evidence.samples.values().all(Vec::is_empty) {
         return missing(RULE, "samples");
     }
@@ -428,7 +438,7 @@ mod tests {
     fn clearly_native_samples_are_native_by_every_rule() {
         // CPUID 200 cycles, NOP/floor 40, 8 LFENCEs 120.
         let verdicts = run(&samples(200, 40, 40, 120, 10), &leaves(false), &INTACT);
-        for rule in super::super::RULES {
+        for rule in super::super::every_run_rules() {
             assert_eq!(verdicts[rule], Verdict::Native, "{rule}");
         }
     }
@@ -553,7 +563,7 @@ mod tests {
     fn runs_without_the_evidence_are_unsure_not_wrong() {
         let only_nop = BTreeMap::from([(Probe::Nop, vec![40; 100])]);
         let verdicts = run(&only_nop, &[], &[]);
-        for rule in super::super::RULES {
+        for rule in super::super::every_run_rules() {
             // Any samples at all are evidence of whether the TSC ran backwards.
             let expected = if rule == "tsc-monotonic" {
                 Verdict::Native

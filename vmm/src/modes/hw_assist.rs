@@ -2,7 +2,7 @@
 //! set with KVM_SET_CPUID2 and re-enters the guest without involving userspace. The VMM
 //! has nothing to answer, which is the point: this is the cost of an ordinary VM.
 
-use super::{Answered, Answerer, ModeError};
+use super::answer::{Answered, Answerer, ModeError};
 use crate::vm::exit::Exit;
 use crate::vm::vcpu::Vcpu;
 

@@ -4,8 +4,8 @@
 //! from the same table KVM would use. KVM completes the OUT (moves RIP past it) on the
 //! next KVM_RUN, so RIP is left as it is.
 
+use super::answer::{answer_cpuid, Answered, Answerer, ModeError};
 use super::trap_emulate::site_at;
-use super::{answer_cpuid, Answered, Answerer, ModeError};
 use crate::arch::x86_64::cpuid::CpuidTable;
 use crate::vm::exit::Exit;
 use crate::vm::handler::ExitKind;

@@ -19,7 +19,8 @@
 //! Both patches are a trace the guest can find by reading its own code: Popek and
 //! Goldberg's equivalence, broken (the `code-integrity` rule looks for it).
 
-use super::{answer_cpuid, Answered, Answerer, ModeError};
+pub use super::answer::TrapDelivery;
+use super::answer::{answer_cpuid, Answered, Answerer, ModeError};
 use crate::arch::x86_64::cpuid::CpuidTable;
 use crate::vm::exit::Exit;
 use crate::vm::handler::ExitKind;
@@ -92,30 +93,6 @@ impl Trap {
 pub fn site_at(sites: &[u64], rip: u64, past: u64) -> Option<u64> {
     let exact = sites.iter().copied().find(|&site| site == rip);
     exact.or_else(|| sites.iter().copied().find(|&site| site.checked_add(past) == Some(rip)))
-}
-
-/// How the trap reached the VMM on this KVM.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum TrapDelivery {
-    /// KVM_EXIT_DEBUG, as hardware KVM delivers breakpoints and `int3`.
-    DebugExit,
-    /// KVM_EXIT_INTERNAL_ERROR (emulation failure) at a patched `int3`: an emulating KVM.
-    EmulationFailure,
-    /// KVM_EXIT_IO at a patched `out`.
-    PortIo,
-}
-
-impl TrapDelivery {
-    pub const fn describe(self) -> &'static str {
-        match self {
-            TrapDelivery::DebugExit => "as debug exits (KVM_EXIT_DEBUG)",
-            TrapDelivery::EmulationFailure => {
-                "as emulation failures at the patched int3 (this KVM emulates guest instructions)"
-            }
-            TrapDelivery::PortIo => "as port I/O exits (KVM_EXIT_IO) at the patched out",
-        }
-    }
 }
 
 pub struct TrapEmulate {

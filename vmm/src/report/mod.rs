@@ -6,7 +6,7 @@ pub mod table;
 pub mod trace;
 
 use crate::detector::RuleVerdict;
-use crate::host::{CpuInfo, KvmFlavour, TscFrequency};
+use crate::host::HostInfo;
 use crate::measure::{Measurement, RunSpec};
 use crate::modes::trap_emulate::{Trap, TrapDelivery};
 use crate::modes::{Mode, Path};
@@ -24,48 +24,6 @@ use std::collections::BTreeMap;
 /// 3: validation reports keep every run as a record (what `vmm merge` adds up), rules are
 ///    keyed by name, and the matrix itself is part of the report.
 pub const SCHEMA_VERSION: u32 = 4;
-
-/// The host as a report describes it.
-#[derive(Clone, Debug, Serialize)]
-pub struct HostReport {
-    pub cpu_model: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub microcode: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub kernel: Option<String>,
-    pub is_vm: bool,
-    pub invariant_tsc: bool,
-    pub tsc_khz: u32,
-    pub tsc_khz_source: crate::host::TscSource,
-    pub kvm: KvmReport,
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct KvmReport {
-    pub flavour: KvmFlavour,
-    pub module: Option<&'static str>,
-    pub api_version: Option<i32>,
-}
-
-impl HostReport {
-    pub fn new(cpu: &CpuInfo, tsc: TscFrequency, api_version: Option<i32>) -> Self {
-        let (flavour, module) = crate::host::kvm_flavour();
-        Self {
-            cpu_model: cpu.model.clone(),
-            microcode: cpu.microcode.clone(),
-            kernel: cpu.kernel.clone(),
-            is_vm: cpu.is_vm,
-            invariant_tsc: cpu.invariant_tsc,
-            tsc_khz: tsc.khz,
-            tsc_khz_source: tsc.source,
-            kvm: KvmReport {
-                flavour,
-                module,
-                api_version,
-            },
-        }
-    }
-}
 
 #[derive(Clone, Debug, Serialize)]
 pub struct ConfigReport {
@@ -176,7 +134,7 @@ pub struct RunReport {
     pub mode: Mode,
     /// The mode and, for trap-emulate, its trap, in the one spelling `validate` takes.
     pub path: Path,
-    pub host: HostReport,
+    pub host: HostInfo,
     pub payload: PayloadReport,
     pub config: ConfigReport,
     pub probes: BTreeMap<&'static str, ProbeReport>,
@@ -217,7 +175,7 @@ impl RunReport {
     pub fn new(
         spec: &RunSpec,
         payload: &Payload,
-        host: HostReport,
+        host: HostInfo,
         measurement: &Measurement,
         verdicts: Vec<RuleVerdict>,
         include_samples: bool,

@@ -2,7 +2,6 @@
 //! timing rule's dividing line — the seed article's graph — and below it a histogram of
 //! CPUID cost per mode on a log axis.
 
-use crate::commands::CommandError;
 use crate::detector::rules::{robust_virtual_excess_ns, FIXED_THRESHOLD_CYCLES, LFENCE_RATIO_VIRTUAL};
 use crate::detector::Calibration;
 use crate::output::Output;
@@ -51,13 +50,24 @@ const PALETTE: [RGBColor; 8] = [
     RGBColor(23, 190, 207),
 ];
 
+#[derive(Debug, thiserror::Error)]
+pub enum PlotError {
+    #[error("cannot draw {path}: {why}")]
+    Draw { path: String, why: String },
+    #[error("cannot write {path}: {source}")]
+    Write { path: String, source: std::io::Error },
+}
+
 /// Writes the SVG to `output` (prepared before any run, so a bad path failed then).
-pub fn write(output: Output, runs: &[PlotRun], calibration: &Calibration) -> Result<(), CommandError> {
-    let svg = render(runs, calibration).map_err(|why| CommandError::Plot {
-        path: output.path().display().to_string(),
-        why,
-    })?;
-    crate::commands::commit(output, svg.as_bytes())
+pub fn write(output: Output, runs: &[PlotRun], calibration: &Calibration) -> Result<(), PlotError> {
+    let path = output.path().display().to_string();
+    let svg = match render(runs, calibration) {
+        Ok(svg) => svg,
+        Err(why) => return Err(PlotError::Draw { path, why }),
+    };
+    output
+        .commit(svg.as_bytes())
+        .map_err(|source| PlotError::Write { path, source })
 }
 
 /// The labels in order of first appearance, each with its colour and its runs (grouped in

@@ -19,7 +19,11 @@ pub fn render(report: &RunReport) -> String {
         host.kvm.flavour.describe(),
         f64::from(host.tsc_khz) / 1e6,
         host.tsc_khz_source.describe(),
-        if host.is_vm { " | the host is itself a VM" } else { "" },
+        if host.host_is_vm {
+            " | the host is itself a VM"
+        } else {
+            ""
+        },
     );
     let asked = format!(
         "{} iterations after {} warm-up, CPUID leaf {:#x} subleaf {:#x}",

@@ -276,14 +276,18 @@ fn vmm_steps(exit: &TracedExit, reentered: u64, access: Option<RegisterAccess>, 
     steps
 }
 
-pub fn render(lives: &[CpuidLife], refused: &[(String, String)], host: &crate::report::HostReport) -> String {
+pub fn render(lives: &[CpuidLife], refused: &[(String, String)], host: &crate::host::HostInfo) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
         "the life of one CPUID — host: {} | KVM: {}{}\n",
         host.cpu_model,
         host.kvm.flavour.describe(),
-        if host.is_vm { " | the host is itself a VM" } else { "" }
+        if host.host_is_vm {
+            " | the host is itself a VM"
+        } else {
+            ""
+        }
     );
     for life in lives {
         let _ = writeln!(

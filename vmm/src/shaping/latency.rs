@@ -8,9 +8,10 @@
 //!
 //! The arithmetic is in [`super::plan`], tested on a simulated clock.
 
+use super::plan;
+use super::policy::{ExitPolicy, PolicyRecord, ShapedExits, ShapingError};
 use super::profile::Profile;
-use super::{plan, ExitPolicy, PolicyRecord, ShapingError};
-use crate::stats::{Reservoir, SplitMix64};
+use crate::stats::SplitMix64;
 use crate::vm::accounting::KEPT_PER_KIND;
 use crate::vm::tsc::TscMethod;
 use crate::vm::vcpu::Vcpu;
@@ -61,46 +62,6 @@ impl Shaping {
     }
 }
 
-/// What the shaper did at each CPUID exit it shaped, in order: pairs of (host cycles from
-/// KVM_RUN's return to the moment the TSC was moved or the spin began — the part of each
-/// exit known exactly —, the TSC move, negative where time was taken back). Beyond what
-/// was reserved (the exits the run expects, at least [`KEPT_PER_KIND`]) a uniform sample
-/// of pairs, so a guest running more CPUIDs than it was asked for cannot grow the VMM's
-/// memory.
-#[derive(Clone, Debug)]
-pub struct ShapedExits {
-    exits: Reservoir<(u64, i64)>,
-}
-
-impl Default for ShapedExits {
-    fn default() -> Self {
-        Self {
-            exits: Reservoir::new(KEPT_PER_KIND, 0, 0x5a9e_d0e1),
-        }
-    }
-}
-
-impl ShapedExits {
-    fn record(&mut self, handler: u64, delta: i64) {
-        self.exits.record((handler, delta));
-    }
-
-    /// Exits shaped in all.
-    pub fn count(&self) -> u64 {
-        self.exits.count()
-    }
-
-    /// The handler cycles of the exits kept.
-    pub fn handler_cycles(&self) -> Vec<u64> {
-        self.exits.kept().iter().map(|&(h, _)| h).collect()
-    }
-
-    /// The TSC moves of the exits kept.
-    pub fn moves(&self) -> Vec<i64> {
-        self.exits.kept().iter().map(|&(_, m)| m).collect()
-    }
-}
-
 /// Applies a [`Shaping`] to each CPUID exit of one vCPU.
 pub struct Latency {
     shaping: Shaping,
@@ -142,7 +103,7 @@ impl Latency {
     /// reallocation inside an exit that hiding must account for).
     pub fn reserve(&mut self, exits: usize) {
         if self.shaping != Shaping::None {
-            self.exits.exits.grow_to(exits.max(KEPT_PER_KIND));
+            self.exits.reserve(exits.max(KEPT_PER_KIND));
         }
     }
 
@@ -200,6 +161,7 @@ mod tests {
 
     #[test]
     fn a_guest_that_runs_more_cpuids_than_expected_cannot_grow_the_records() {
+        use crate::vm::accounting::KEPT_PER_KIND;
         let mut exits = ShapedExits::default();
         for i in 0..(KEPT_PER_KIND as u64 * 3) {
             exits.record(i, -(i as i64));

@@ -4,7 +4,7 @@
 //! looks for exactly that (the TSC runs on while the counter does not).
 
 use super::evasion::{EvasionKind, Needs};
-use super::{ExitPolicy, ShapingError};
+use super::policy::{ExitPolicy, ShapingError};
 use crate::vm::vcpu::Vcpu;
 
 pub const KIND: EvasionKind = EvasionKind {

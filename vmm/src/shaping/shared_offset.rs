@@ -6,7 +6,8 @@
 //! how far the two vCPUs' TSCs now disagree (the `cross-vcpu-tsc` rule's evidence).
 
 use super::evasion::{EvasionKind, Needs};
-use super::{pause_counter, ExitPolicy, ShapingError};
+use super::pause_counter;
+use super::policy::{ExitPolicy, ShapingError};
 use crate::vm::vcpu::Vcpu;
 use crate::vm::VmSetup;
 

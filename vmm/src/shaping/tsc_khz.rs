@@ -3,7 +3,7 @@
 //! before the run; nothing happens per exit.
 
 use super::evasion::{EvasionKind, Needs};
-use super::{ExitPolicy, ShapingError};
+use super::policy::{ExitPolicy, ShapingError};
 use crate::vm::VmSetup;
 
 pub const KIND: EvasionKind = EvasionKind {

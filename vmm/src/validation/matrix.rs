@@ -4,10 +4,10 @@
 use super::ValidationError;
 use crate::detector::Verdict;
 use crate::modes::{Mode, Path as CpuidPath};
-use crate::shaping::evasion::Evasions;
 use crate::shaping::latency::Shaping;
 use crate::shaping::plan;
 use crate::shaping::profile::Profile;
+use crate::shaping::registry::Evasions;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -194,7 +194,7 @@ impl MatrixConfig {
         }
         for requirement in &config.requirements {
             requirement
-                .parse::<super::gate::Requirement>()
+                .parse::<super::requirements::Requirement>()
                 .map_err(|why| invalid(format!("requirement `{requirement}`: {why}")))?;
         }
         Ok(config)
@@ -323,13 +323,13 @@ impl Shard {
         }
         match found.as_slice() {
             [] => Err(
-                "--shard auto found no shard index: set VMM_SHARD_INDEX (0-based) and VMM_SHARD_COUNT, \
+                "`auto` found no shard index: set VMM_SHARD_INDEX (0-based) and VMM_SHARD_COUNT, \
                  or run as a Kubernetes Indexed Job (JOB_COMPLETION_INDEX) or a Slurm array (SLURM_ARRAY_TASK_ID)"
                     .into(),
             ),
             [(_, shard), rest @ ..] if rest.iter().all(|(_, s)| s == shard) => Ok(*shard),
             all => Err(format!(
-                "--shard auto found sources that disagree: {}; unset the one that does not belong (a VMM_SHARD_INDEX left in the submitting shell?)",
+                "`auto` found sources that disagree: {}; unset the one that does not belong (a VMM_SHARD_INDEX left in the submitting shell?)",
                 all.iter()
                     .map(|(name, s)| format!("{name} says shard {}/{}", s.index, s.count))
                     .collect::<Vec<_>>()
@@ -411,6 +411,53 @@ impl std::str::FromStr for Shard {
 impl std::fmt::Display for Shard {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}/{}", self.index, self.count)
+    }
+}
+
+/// The jobs (cell × repeat, numbered cell by cell) a host's shards take: all of one
+/// partition (one count), as a shard at a time runs them.
+#[derive(Clone, Debug, Default)]
+pub struct HostJobs {
+    count: u32,
+    indices: std::collections::HashSet<u32>,
+}
+
+impl HostJobs {
+    /// A host's shards, refused when they are slices of different partitions.
+    pub fn new(shards: &[Shard]) -> Result<Self, String> {
+        let count = shards.first().map_or(1, |s| s.count);
+        if let Some(other) = shards.iter().find(|s| s.count != count) {
+            return Err(format!(
+                "a host ran shards of different partitions ({}/{count} and {other}): merge the shards of one partition K/N",
+                shards[0].index
+            ));
+        }
+        Ok(Self {
+            count,
+            indices: shards.iter().map(|s| s.index).collect(),
+        })
+    }
+
+    pub fn takes(&self, job: u64) -> bool {
+        // job % count < count <= 100000: fits u32.
+        self.indices
+            .contains(&((job % u64::from(self.count.max(1))) as u32 + 1))
+    }
+
+    /// How many of the jobs `0..total` the shards take.
+    pub fn jobs(&self, total: u64) -> u64 {
+        let count = u64::from(self.count.max(1));
+        self.indices
+            .iter()
+            .map(|&index| {
+                let first = u64::from(index) - 1;
+                if first >= total {
+                    0
+                } else {
+                    (total - first).div_ceil(count)
+                }
+            })
+            .sum()
     }
 }
 

@@ -2,8 +2,9 @@
 //! hosts — added up into one. Runs keep their host; the same run (host, cell, repeat)
 //! twice is refused, and so is a report of another matrix, payload or schema version.
 
-use super::report::{HostIdentity, HostRecord, ValidationInputs};
-use super::{Shard, ValidationError};
+use super::matrix::{HostJobs, Shard};
+use super::records::{HostIdentity, HostRecord, ValidationInputs};
+use super::ValidationError;
 use crate::report::SCHEMA_VERSION;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -84,53 +85,6 @@ pub fn read(path: &Path) -> Result<ValidationInputs, ValidationError> {
         why,
     })?;
     Ok(inputs)
-}
-
-/// The jobs (cell × repeat, numbered cell by cell) a host's shards take: all of one
-/// partition (one count), as `--shard` runs them.
-#[derive(Clone, Debug, Default)]
-pub struct HostJobs {
-    count: u32,
-    indices: std::collections::HashSet<u32>,
-}
-
-impl HostJobs {
-    /// A host's shards, refused when they are slices of different partitions.
-    pub fn new(shards: &[Shard]) -> Result<Self, String> {
-        let count = shards.first().map_or(1, |s| s.count);
-        if let Some(other) = shards.iter().find(|s| s.count != count) {
-            return Err(format!(
-                "a host ran shards of different partitions ({}/{count} and {other}): merge the shards of one --shard K/N",
-                shards[0].index
-            ));
-        }
-        Ok(Self {
-            count,
-            indices: shards.iter().map(|s| s.index).collect(),
-        })
-    }
-
-    pub fn takes(&self, job: u64) -> bool {
-        // job % count < count <= 100000: fits u32.
-        self.indices
-            .contains(&((job % u64::from(self.count.max(1))) as u32 + 1))
-    }
-
-    /// How many of the jobs `0..total` the shards take.
-    pub fn jobs(&self, total: u64) -> u64 {
-        let count = u64::from(self.count.max(1));
-        self.indices
-            .iter()
-            .map(|&index| {
-                let first = u64::from(index) - 1;
-                if first >= total {
-                    0
-                } else {
-                    (total - first).div_ceil(count)
-                }
-            })
-            .sum()
-    }
 }
 
 /// What a report read from a file must hold before anything is derived from it: shards

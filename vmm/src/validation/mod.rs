@@ -6,18 +6,26 @@
 //! metal native, on a host that is itself a VM (`doctor` knows), virtual — and the reports
 //! say so, because then a rule flagging native runs is right, not a false positive.
 //!
-//! - `matrix`: the config file, its cells, and the slice of jobs a shard runs;
-//! - `report`: run records and everything derived from them (tables, Markdown, plots);
-//! - `merge`: shard and host reports added up into one;
-//! - `gate`: requirements (`--require`) and JUnit XML.
+//! Its parts import one way, each only those above it in this list:
+//! - `confusion`: a rule's verdicts counted, and its confusion matrix;
+//! - `requirements`: `RULE:tpr>=X` parsed and judged on the confusion matrices;
+//! - `matrix`: the config file (its requirements checked), its cells, and the slice of
+//!   jobs a shard runs;
+//! - `records`: what was measured, every run kept as a record;
+//! - `report`: everything derived from the records, and the requirements judged;
+//! - `render`: the report as a text table, Markdown and JUnit XML;
+//! - `merge`: shard and host reports added up into one.
 
-pub mod gate;
+pub mod confusion;
 pub mod matrix;
 pub mod merge;
+pub mod records;
+pub mod render;
 pub mod report;
+pub mod requirements;
 
 pub use matrix::{ground_truth, Cell, MatrixConfig, Shard};
-pub use report::{render_markdown, render_table, ValidationReport};
+pub use report::ValidationReport;
 
 use crate::shaping::profile::ProfileError;
 use std::path::PathBuf;

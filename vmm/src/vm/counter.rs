@@ -16,7 +16,6 @@
 
 use super::exit::Exit;
 use super::tsc::{TscError, TscMover};
-use super::{kvm_err, VmError};
 use crate::arch::x86_64::regs as arch_regs;
 use guest_payload::layout;
 use guest_payload::timing::read_tsc;
@@ -39,6 +38,15 @@ pub enum CounterError {
     Tsc(#[from] TscError),
     #[error("cannot pin the counter vCPU's thread to CPU {cpu}: {source}")]
     Pin { cpu: usize, source: std::io::Error },
+    #[error("KVM refused {what}: {source}")]
+    Kvm {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> CounterError {
+    move |source| CounterError::Kvm { what, source }
 }
 
 /// The counter vCPU as an exit policy acts on it, from vCPU 0's thread while vCPU 0 is
@@ -62,7 +70,7 @@ pub struct CounterVcpu {
 impl CounterVcpu {
     /// Creates vCPU 1 in long mode at the loop, with its code, halt and stack in guest
     /// memory (written by the caller with [`code_and_stack`]).
-    pub fn create(vm: &VmFd, cpuid: &kvm_bindings::CpuId) -> Result<Self, VmError> {
+    pub fn create(vm: &VmFd, cpuid: &kvm_bindings::CpuId) -> Result<Self, CounterError> {
         let fd = vm.create_vcpu(1).map_err(kvm_err("to create the counter vCPU"))?;
         fd.set_cpuid2(cpuid)
             .map_err(kvm_err("the counter vCPU's CPUID table (KVM_SET_CPUID2)"))?;
@@ -85,7 +93,7 @@ impl CounterVcpu {
     }
 
     /// Sets this vCPU's TSC rate, as vCPU 0's.
-    pub fn set_tsc_khz(&self, khz: u32) -> Result<(), VmError> {
+    pub fn set_tsc_khz(&self, khz: u32) -> Result<(), CounterError> {
         self.fd
             .set_tsc_khz(khz)
             .map_err(kvm_err("the counter vCPU's TSC rate (KVM_SET_TSC_KHZ)"))

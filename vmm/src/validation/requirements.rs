@@ -1,11 +1,10 @@
-//! Validation as a CI gate: requirements on the confusion matrix (`--require
-//! 'robust:tpr>=0.99'`, or `requirements` in the matrix), and JUnit XML with one test case
-//! per cell × rule, so CI systems show the result natively.
+//! Requirements on the confusion matrices (`RULE:tpr>=X`, `RULE:fpr<=X`): parsed from the
+//! matrix's `requirements` or the command line, and judged. Messages name no flag: the
+//! same text comes from a matrix file or a command line, and the caller says which.
 
-use super::report::{CellResult, Confusion, ValidationReport};
-use crate::detector::{Verdict, PAYLOAD_RULE, RULES};
+use super::confusion::Confusion;
+use crate::detector::RULES;
 use serde::{Deserialize, Serialize};
-use std::fmt::Write;
 
 /// What a rule must achieve over the whole validation: `RULE:METRIC OP VALUE`.
 #[derive(Clone, Debug, PartialEq)]
@@ -25,26 +24,47 @@ pub enum Metric {
     Fpr,
 }
 
+/// Why a requirement's text is not one; it names no flag or file: the caller does.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum RequirementError {
+    #[error("no `:` ({FORM})")]
+    NoColon,
+    #[error("unknown rule `{rule}` (rules: {known})")]
+    UnknownRule { rule: String, known: String },
+    #[error("unknown metric in `{condition}` ({FORM})")]
+    UnknownMetric { condition: String },
+    #[error("no >= or <= in `{condition}` ({FORM})")]
+    NoComparison { condition: String },
+    #[error("`{0}` is not a number")]
+    NotANumber(String),
+    #[error("a rate is between 0 and 1, not {0}")]
+    NotARate(f64),
+}
+
+/// How a requirement is written, for the messages.
+const FORM: &str = "write RULE:tpr>=X or RULE:fpr<=X, e.g. robust:tpr>=0.99";
+
 impl std::str::FromStr for Requirement {
-    type Err = String;
+    type Err = RequirementError;
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
-        let form = "write RULE:tpr>=X or RULE:fpr<=X, e.g. robust:tpr>=0.99";
-        let (rule, condition) = text.split_once(':').ok_or_else(|| format!("no `:` ({form})"))?;
+        let (rule, condition) = text.split_once(':').ok_or(RequirementError::NoColon)?;
         let (rule, condition) = (rule.trim(), condition.trim());
-        let known = RULES.contains(&rule) || rule == PAYLOAD_RULE;
-        if !known {
-            return Err(format!(
-                "unknown rule `{rule}` (rules: {}, {PAYLOAD_RULE})",
-                RULES.join(", ")
-            ));
+        if crate::detector::rule(rule).is_none() {
+            let names: Vec<&str> = RULES.iter().map(|r| r.name).collect();
+            return Err(RequirementError::UnknownRule {
+                rule: rule.to_owned(),
+                known: names.join(", "),
+            });
         }
         let (metric, rest) = if let Some(rest) = condition.strip_prefix("tpr") {
             (Metric::Tpr, rest)
         } else if let Some(rest) = condition.strip_prefix("fpr") {
             (Metric::Fpr, rest)
         } else {
-            return Err(format!("unknown metric in `{condition}` ({form})"));
+            return Err(RequirementError::UnknownMetric {
+                condition: condition.to_owned(),
+            });
         };
         let rest = rest.trim_start();
         let (at_least, value) = if let Some(v) = rest.strip_prefix(">=") {
@@ -52,14 +72,16 @@ impl std::str::FromStr for Requirement {
         } else if let Some(v) = rest.strip_prefix("<=") {
             (false, v)
         } else {
-            return Err(format!("no >= or <= in `{condition}` ({form})"));
+            return Err(RequirementError::NoComparison {
+                condition: condition.to_owned(),
+            });
         };
         let value: f64 = value
             .trim()
             .parse()
-            .map_err(|_| format!("`{}` is not a number", value.trim()))?;
+            .map_err(|_| RequirementError::NotANumber(value.trim().to_owned()))?;
         if !(0.0..=1.0).contains(&value) {
-            return Err(format!("a rate is between 0 and 1, not {value}"));
+            return Err(RequirementError::NotARate(value));
         }
         Ok(Self {
             rule: rule.to_owned(),
@@ -155,151 +177,10 @@ pub fn judge(
         .collect()
 }
 
-fn escape(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&apos;"),
-            '\n' => out.push_str("&#10;"),
-            '\t' => out.push_str("&#9;"),
-            // Not characters XML 1.0 allows.
-            c if (c as u32) < 0x20 || c == '\u{fffe}' || c == '\u{ffff}' => {
-                let _ = write!(out, "\\u{{{:x}}}", c as u32);
-            }
-            c => out.push(c),
-        }
-    }
-    out
-}
-
-/// One test case per cell × rule (failed when any run's verdict is not the cell's truth),
-/// a skipped one per refused cell, an error per cell with failed runs, and one per
-/// requirement.
-pub fn junit(report: &ValidationReport) -> String {
-    let mut cases = String::new();
-    let (mut tests, mut failures, mut errors, mut skipped) = (0, 0, 0, 0);
-    let mut case = |classname: &str, name: &str, body: Option<String>| {
-        let _ = write!(
-            cases,
-            "    <testcase classname=\"{}\" name=\"{}\"",
-            escape(classname),
-            escape(name)
-        );
-        match body {
-            None => cases.push_str("/>\n"),
-            Some(body) => {
-                let _ = writeln!(cases, ">\n      {body}\n    </testcase>");
-            }
-        }
-    };
-    for cell in &report.cells {
-        let class = cell_class(cell);
-        if let Some(why) = &cell.refused {
-            tests += 1;
-            skipped += 1;
-            case(
-                &class,
-                "cell",
-                Some(format!("<skipped message=\"refused: {}\"/>", escape(why))),
-            );
-            continue;
-        }
-        if cell.failed_runs > 0 {
-            tests += 1;
-            errors += 1;
-            let message = format!(
-                "{} of the cell's runs failed (see the report's failures)",
-                cell.failed_runs
-            );
-            case(
-                &class,
-                "runs",
-                Some(format!("<error message=\"{}\"/>", escape(&message))),
-            );
-        }
-        for (rule, result) in &cell.rules {
-            tests += 1;
-            let counts = result.counts;
-            let right = match cell.truth {
-                Verdict::Native => counts.native,
-                _ => counts.virtual_,
-            };
-            if right == counts.total() {
-                case(&class, rule, None);
-            } else {
-                failures += 1;
-                let message = format!(
-                    "{right} of {} runs judged {} (truth): {} virtual, {} native, {} unsure",
-                    counts.total(),
-                    cell.truth.name(),
-                    counts.virtual_,
-                    counts.native,
-                    counts.unsure
-                );
-                case(
-                    &class,
-                    rule,
-                    Some(format!("<failure message=\"{}\"/>", escape(&message))),
-                );
-            }
-        }
-    }
-    if report.matrix_coverage.missing > 0 {
-        tests += 1;
-        failures += 1;
-        let c = &report.matrix_coverage;
-        let message = format!(
-            "{} of {} jobs missing (shards not given: {})",
-            c.missing,
-            c.jobs,
-            if c.missing_shards.is_empty() {
-                "none".to_owned()
-            } else {
-                c.missing_shards_text()
-            }
-        );
-        case(
-            "coverage",
-            "matrix",
-            Some(format!("<failure message=\"{}\"/>", escape(&message))),
-        );
-    }
-    for result in &report.requirements {
-        tests += 1;
-        if result.met {
-            case("requirements", &result.requirement, None);
-        } else {
-            failures += 1;
-            case(
-                "requirements",
-                &result.requirement,
-                Some(format!("<failure message=\"{}\"/>", escape(&result.why))),
-            );
-        }
-    }
-    format!(
-        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<testsuites>\n  <testsuite name=\"vmm validate {}\" tests=\"{tests}\" failures=\"{failures}\" errors=\"{errors}\" skipped=\"{skipped}\">\n{cases}  </testsuite>\n</testsuites>\n",
-        escape(&report.inputs.config)
-    )
-}
-
-fn cell_class(cell: &CellResult) -> String {
-    format!(
-        "{} | {} | busy {} | truth {}",
-        cell.mode,
-        cell.shaping,
-        cell.busy,
-        cell.truth.name()
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::detector::Verdict;
 
     #[test]
     fn requirements_parse_and_refuse_with_the_reason() {
@@ -320,8 +201,45 @@ mod tests {
             ("robust:tpr>=lots", "not a number"),
             ("robust:tpr>=1.5", "between 0 and 1"),
         ] {
-            let error = bad.parse::<Requirement>().unwrap_err();
+            let error = bad.parse::<Requirement>().unwrap_err().to_string();
             assert!(error.contains(why), "{bad}: {error}");
+        }
+    }
+
+    /// Every rule a run can be judged by can be required: each registered name, and each
+    /// name a run with everything (counter ticks, the XOR loop, a payload verdict) gets.
+    #[test]
+    fn every_rule_evaluate_returns_is_requirable() {
+        use crate::detector::{evaluate, Calibration, Evidence};
+        use crate::results::{PayloadVerdictReport, ProbeSamples};
+        let mut samples = ProbeSamples::new();
+        for probe in guest_payload::Probe::ALL {
+            samples.insert(probe, vec![300; 100]);
+        }
+        let payload = PayloadVerdictReport {
+            verdict: guest_payload::PayloadVerdict::Virtual,
+            score: 1.0,
+            reason: "test".into(),
+        };
+        let evidence = Evidence {
+            samples: &samples,
+            ticks: &samples,
+            counter_rate: Some((10_000, 1_000)),
+            cpuid: &[],
+            site_bytes: &[],
+            tsc_khz: 2_000_000,
+            cpuid_leaf: 0,
+            payload: Some(&payload),
+        };
+        let judged = evaluate(&evidence, &Calibration::uncalibrated());
+        let names = RULES.iter().map(|r| r.name).chain(judged.iter().map(|v| v.rule));
+        for name in names {
+            let text = format!("{name}:tpr>=0");
+            let requirement: Requirement = text.parse().unwrap_or_else(|why| panic!("{text}: {why}"));
+            assert_eq!(requirement.rule, name);
+        }
+        for name in ["vmaware-timer-2.7", "counter-tsc", "xor-rate", "cross-vcpu-tsc"] {
+            assert!(judged.iter().any(|v| v.rule == name), "{name} is judged");
         }
     }
 
@@ -331,7 +249,7 @@ mod tests {
         let mut robust = Confusion::default();
         robust.add(
             Verdict::Virtual,
-            super::super::report::VerdictCounts {
+            super::super::confusion::VerdictCounts {
                 virtual_: 9,
                 native: 1,
                 unsure: 0,
@@ -365,11 +283,5 @@ mod tests {
         assert!(sliced[0].why.contains("met vacuously"), "{}", sliced[0].why);
         let whole = judge(&reqs, &confusion, false);
         assert!(!whole[0].met);
-    }
-
-    #[test]
-    fn junit_text_is_escaped() {
-        assert_eq!(escape("a<b & \"c\"\u{1b}"), "a&lt;b &amp; &quot;c&quot;\\u{1b}");
-        assert_eq!(escape("one\ntwo\u{fffe}"), "one&#10;two\\u{fffe}");
     }
 }

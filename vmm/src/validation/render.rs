@@ -1,0 +1,546 @@
+//! A validation report rendered: a text table for the terminal, Markdown (what CI writes
+//! into a job summary) and JUnit XML (one test case per cell × rule, so CI systems show the
+//! result natively). Every text from a report is escaped for where it goes.
+
+use super::confusion::Confusion;
+use super::matrix::Shard;
+use super::report::{CellResult, ValidationReport};
+use crate::detector::{rule_columns, Verdict};
+use crate::escape::{markdown as md, terminal as t};
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+/// A renderer that could not format its text (formatting into a `String` fails only
+/// where a value's own formatting does).
+#[derive(Debug, thiserror::Error)]
+pub enum RenderError {
+    #[error("cannot render the validation table: {0}")]
+    Table(std::fmt::Error),
+    #[error("cannot render the validation Markdown: {0}")]
+    Markdown(std::fmt::Error),
+    #[error("cannot render the validation JUnit XML: {0}")]
+    Junit(std::fmt::Error),
+}
+
+fn shard_list(shards: &[Shard]) -> String {
+    shards.iter().map(Shard::to_string).collect::<Vec<_>>().join(", ")
+}
+
+/// TP, FN, FP, TN, unsure on virtual, unsure on native, TPR, FPR: one rule's row.
+fn confusion_row(c: &Confusion) -> [String; 8] {
+    [
+        c.true_positive.to_string(),
+        c.false_negative.to_string(),
+        c.false_positive.to_string(),
+        c.true_negative.to_string(),
+        c.unsure_on_virtual.to_string(),
+        c.unsure_on_native.to_string(),
+        rate(c.tpr),
+        rate(c.fpr),
+    ]
+}
+
+fn rate(rate: Option<f64>) -> String {
+    rate.map_or("—".into(), |r| format!("{:.2}", r))
+}
+
+/// The rules present, in report order.
+fn columns(report: &ValidationReport) -> Vec<&'static str> {
+    rule_columns(report.confusion.keys().map(String::as_str))
+}
+
+fn truth_note(report: &ValidationReport) -> String {
+    let nested = report.inputs.hosts.iter().filter(|h| h.identity.host_is_vm).count();
+    match (nested, report.inputs.hosts.len()) {
+        (0, _) => "native cells are native ground truth: the hosts run on bare metal".into(),
+        (n, all) if n == all => "native cells are labelled virtual: every host is itself a VM (CPUID.1:ECX[31]), so its native runs are virtualised".into(),
+        _ => "native cells are native on bare-metal hosts and virtual on hosts that are themselves VMs (a row each)".into(),
+    }
+}
+
+fn matrix_coverage_line(report: &ValidationReport) -> String {
+    let c = &report.matrix_coverage;
+    if c.missing == 0 {
+        format!("matrix: all {} jobs (cell × repeat) covered — complete", c.jobs)
+    } else {
+        format!(
+            "matrix: PARTIAL — {} of {} jobs covered, {} missing{}",
+            c.covered,
+            c.jobs,
+            c.missing,
+            if c.missing_shards.is_empty() {
+                String::new()
+            } else {
+                format!(" (shards not given: {})", c.missing_shards_text())
+            }
+        )
+    }
+}
+
+fn coverage_lines(report: &ValidationReport) -> Vec<String> {
+    report
+        .coverage
+        .iter()
+        .map(|c| {
+            let state = if c.missing == 0 {
+                "complete".to_owned()
+            } else {
+                format!("PARTIAL: {} jobs missing", c.missing)
+            };
+            format!(
+                "host {}: {} of {} jobs ran, {} refused, {} failed — {state}",
+                c.host, c.ran, c.jobs, c.refused, c.failed
+            )
+        })
+        .collect()
+}
+
+fn confusion_table(out: &mut String, confusion: &BTreeMap<String, Confusion>) -> std::fmt::Result {
+    writeln!(
+        out,
+        "{:<19} {:>5} {:>5} {:>5} {:>5} {:>8} {:>8} {:>6} {:>6}",
+        "rule", "TP", "FN", "FP", "TN", "unsure+", "unsure-", "TPR", "FPR"
+    )?;
+    for (rule, c) in confusion {
+        let [tp, fn_, fp, tn, unsure_v, unsure_n, tpr, fpr] = confusion_row(c);
+        let rule = t(rule);
+        writeln!(
+            out,
+            "{rule:<19} {tp:>5} {fn_:>5} {fp:>5} {tn:>5} {unsure_v:>8} {unsure_n:>8} {tpr:>6} {fpr:>6}"
+        )?;
+    }
+    Ok(())
+}
+
+/// The confusion matrices and the per-cell flagged rates as text tables.
+pub fn table(report: &ValidationReport) -> Result<String, RenderError> {
+    let mut out = String::new();
+    write_table(&mut out, report).map_err(RenderError::Table)?;
+    Ok(out)
+}
+
+fn write_table(out: &mut String, report: &ValidationReport) -> std::fmt::Result {
+    let inputs = &report.inputs;
+    if let Some(why) = &inputs.interrupted {
+        writeln!(out, "PARTIAL REPORT: {}", t(why))?;
+    }
+    writeln!(out, "validation: {} — {}", t(&inputs.config), t(&report.description))?;
+    writeln!(out, "payload: {}", t(&inputs.payload))?;
+    for (i, host) in inputs.hosts.iter().enumerate() {
+        let calibrated = if host.identity.calibrated {
+            "calibrated"
+        } else {
+            "uncalibrated (defaults)"
+        };
+        writeln!(
+            out,
+            "host {i}: {} | detector {calibrated} | shards {}",
+            t(&host.identity.label()),
+            shard_list(&host.shards)
+        )?;
+    }
+    for line in coverage_lines(report) {
+        writeln!(out, "{line}")?;
+    }
+    writeln!(out, "{}", matrix_coverage_line(report))?;
+    writeln!(out, "{}\n", truth_note(report))?;
+    confusion_table(out, &report.confusion)?;
+    if report.per_host.len() > 1 {
+        for host in &report.per_host {
+            writeln!(out, "\nhost {}: {}", host.host, t(&host.label))?;
+            confusion_table(out, &host.confusion)?;
+        }
+    }
+    let columns = columns(report);
+    writeln!(out, "\nshare of runs flagged virtual, per cell (truth in brackets):")?;
+    let label_of = |cell: &CellResult| {
+        let evasion = match cell.evasion.as_str() {
+            "none" => String::new(),
+            evasion => format!(" | evade {}", t(evasion)),
+        };
+        format!(
+            "{} | {}{evasion} | busy {} [{}]",
+            t(&cell.mode),
+            t(&cell.shaping),
+            cell.busy,
+            cell.truth.name()
+        )
+    };
+    let width = report
+        .cells
+        .iter()
+        .map(|c| label_of(c).chars().count())
+        .max()
+        .unwrap_or(0)
+        .max(66);
+    write!(out, "{:<width$}", "cell")?;
+    for rule in &columns {
+        write!(out, " {:>9}", heading(rule))?;
+    }
+    writeln!(out)?;
+    for cell in &report.cells {
+        write!(out, "{:<width$}", label_of(cell))?;
+        match &cell.refused {
+            Some(why) => {
+                writeln!(out, " refused: {}", t(headline(why)))?;
+            }
+            None => {
+                for cell_rate in flagged_rates(cell, &columns) {
+                    write!(out, " {cell_rate:>9}")?;
+                }
+                writeln!(out)?;
+            }
+        }
+    }
+    arms_race_table(out, report, &columns)?;
+    for failure in &inputs.failures {
+        let Some(cell) = inputs.matrix_cells.get(failure.cell) else {
+            continue;
+        };
+        writeln!(
+            out,
+            "\nFAILED: {} | {} | busy {}, run {} on host {}: {}",
+            t(&cell.mode),
+            t(&cell.shaping),
+            cell.busy,
+            failure.repeat + 1,
+            failure.host,
+            t(&failure.why)
+        )?;
+    }
+    if !report.requirements.is_empty() {
+        writeln!(out, "\nrequirements:")?;
+        for r in &report.requirements {
+            writeln!(
+                out,
+                "  [{}] {}: {}",
+                if r.met { "met" } else { "UNMET" },
+                t(&r.requirement),
+                t(&r.why)
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// Each rule's share of the cell's runs flagged virtual, in `columns` order.
+fn flagged_rates<'a>(cell: &'a CellResult, columns: &'a [&'static str]) -> impl Iterator<Item = String> + 'a {
+    columns.iter().map(|rule| {
+        cell.rules
+            .get(*rule)
+            .map_or("—".into(), |r| format!("{:.2}", r.flagged_rate))
+    })
+}
+
+/// The first clause of a refusal, for a table row (the JSON keeps the whole reason).
+/// A refusal's first clause: up to its first ": " (what follows explains), whole where it
+/// has none; never cut inside a parenthesis or a path.
+fn headline(why: &str) -> &str {
+    let end = why.find(": ").unwrap_or(why.len());
+    why[..end].trim_end()
+}
+
+/// A rule's heading in the per-cell table's narrow columns.
+fn heading(rule: &str) -> &str {
+    crate::detector::rule(rule).map_or(rule, |r| r.heading)
+}
+
+fn markdown_confusion(out: &mut String, confusion: &BTreeMap<String, Confusion>) -> std::fmt::Result {
+    writeln!(out, "| rule | TP | FN | FP | TN | unsure (virtual) | unsure (native) | TPR | FPR |\n|---|---|---|---|---|---|---|---|---|")?;
+    for (rule, c) in confusion {
+        writeln!(out, "| {} | {} |", md(rule), confusion_row(c).join(" | "))?;
+    }
+    Ok(())
+}
+
+/// The same as Markdown (also what CI writes into its job summary).
+pub fn markdown(report: &ValidationReport) -> Result<String, RenderError> {
+    let mut out = String::new();
+    write_markdown(&mut out, report).map_err(RenderError::Markdown)?;
+    Ok(out)
+}
+
+fn write_markdown(out: &mut String, report: &ValidationReport) -> std::fmt::Result {
+    let inputs = &report.inputs;
+    writeln!(
+        out,
+        "# Validation: {}\n\n{}\n\nPayload: {}.\n",
+        md(&inputs.config),
+        md(&report.description),
+        md(&inputs.payload)
+    )?;
+    if let Some(why) = &inputs.interrupted {
+        writeln!(out, "**Partial report**: {}.\n", md(why))?;
+    }
+    writeln!(
+        out,
+        "{} repeats of {} iterations per cell. {}.\n",
+        inputs.matrix.repeats,
+        inputs.matrix.iterations,
+        truth_note(report)
+    )?;
+    writeln!(out, "| host | CPU | microcode | kernel | KVM | nested | detector | shards | coverage |\n|---|---|---|---|---|---|---|---|---|")?;
+    for (index, (record, coverage)) in inputs.hosts.iter().zip(coverage_lines(report)).enumerate() {
+        let host = &record.identity;
+        writeln!(
+            out,
+            "| {index} | {} | {} | {} | {}{} | {} | {} | {} | {} |",
+            md(&host.cpu_model),
+            md(host.microcode.as_deref().unwrap_or("?")),
+            md(host.kernel.as_deref().unwrap_or("?")),
+            md(host.kvm.name()),
+            host.kvm_module
+                .as_deref()
+                .map_or(String::new(), |m| format!(" ({})", md(m))),
+            if host.host_is_vm { "yes" } else { "no" },
+            if host.calibrated { "calibrated" } else { "uncalibrated" },
+            shard_list(&record.shards),
+            coverage.split_once(": ").map_or(coverage.as_str(), |(_, c)| c)
+        )?;
+    }
+    writeln!(out, "\n{}.\n\n## Confusion matrices\n", matrix_coverage_line(report))?;
+    markdown_confusion(out, &report.confusion)?;
+    if report.per_host.len() > 1 {
+        for host in &report.per_host {
+            writeln!(out, "\n### Host {}: {}\n", host.host, md(&host.label))?;
+            markdown_confusion(out, &host.confusion)?;
+        }
+    }
+    if !report.requirements.is_empty() {
+        writeln!(out, "\n## Requirements\n\n| requirement | met | why |\n|---|---|---|")?;
+        for r in &report.requirements {
+            writeln!(
+                out,
+                "| {} | {} | {} |",
+                md(&r.requirement),
+                if r.met { "yes" } else { "**no**" },
+                md(&r.why)
+            )?;
+        }
+    }
+    let columns = columns(report);
+    write!(
+        out,
+        "\n## Share of runs flagged virtual, per cell\n\n| mode | shaping | busy | truth |"
+    )?;
+    for rule in &columns {
+        write!(out, " {} |", md(rule))?;
+    }
+    write!(out, "\n|---|---|---|---|")?;
+    for _ in &columns {
+        write!(out, "---|")?;
+    }
+    writeln!(out)?;
+    for cell in &report.cells {
+        write!(
+            out,
+            "| {} | {} | {} | {} |",
+            md(&cell.mode),
+            md(&cell.shaping),
+            cell.busy,
+            cell.truth.name()
+        )?;
+        match &cell.refused {
+            Some(why) => {
+                write!(out, " refused: {} |", md(why))?;
+                for _ in 1..columns.len() {
+                    write!(out, " |")?;
+                }
+            }
+            None => {
+                for cell_rate in flagged_rates(cell, &columns) {
+                    write!(out, " {cell_rate} |")?;
+                }
+            }
+        }
+        writeln!(out)?;
+    }
+    Ok(())
+}
+
+fn arms_race_table(out: &mut String, report: &ValidationReport, rules: &[&'static str]) -> std::fmt::Result {
+    let race = &report.arms_race;
+    if race.columns.len() < 2 {
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "
+detector × what the cells stage: share flagged virtual (sees: caught a VM; fooled: called a VM native or unsure; false+: called a host a VM):"
+    )?;
+    write!(out, "{:<19}", "rule")?;
+    for column in &race.columns {
+        write!(out, " {:>22}", format!("{} [{}]", t(&column.arms), column.truth.name()))?;
+    }
+    writeln!(out)?;
+    for rule in rules {
+        let Some(rates) = race.rules.get(*rule) else { continue };
+        write!(out, "{rule:<19}")?;
+        for (column, rate) in race.columns.iter().zip(rates) {
+            let text = match (rate, column.truth) {
+                (None, _) => "-".to_string(),
+                (Some(r), Verdict::Virtual) => format!("{r:.2} {}", if *r >= 0.5 { "sees" } else { "fooled" }),
+                (Some(r), _) => format!("{r:.2} {}", if *r >= 0.5 { "false+" } else { "ok" }),
+            };
+            write!(out, " {text:>22}")?;
+        }
+        writeln!(out)?;
+    }
+    Ok(())
+}
+
+fn escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&apos;"),
+            '\n' => out.push_str("&#10;"),
+            '\t' => out.push_str("&#9;"),
+            // Not characters XML 1.0 allows.
+            c if (c as u32) < 0x20 || c == '\u{fffe}' || c == '\u{ffff}' => {
+                out.push_str(&format!("\\u{{{:x}}}", c as u32));
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// One test case per cell × rule (failed when any run's verdict is not the cell's truth),
+/// a skipped one per refused cell, an error per cell with failed runs, and one per
+/// requirement.
+pub fn junit(report: &ValidationReport) -> Result<String, RenderError> {
+    write_junit(report).map_err(RenderError::Junit)
+}
+
+fn write_junit(report: &ValidationReport) -> Result<String, std::fmt::Error> {
+    let mut cases = String::new();
+    let (mut tests, mut failures, mut errors, mut skipped) = (0, 0, 0, 0);
+    let mut case = |classname: &str, name: &str, body: Option<String>| -> std::fmt::Result {
+        write!(
+            cases,
+            "    <testcase classname=\"{}\" name=\"{}\"",
+            escape(classname),
+            escape(name)
+        )?;
+        match body {
+            None => cases.push_str("/>\n"),
+            Some(body) => writeln!(cases, ">\n      {body}\n    </testcase>")?,
+        }
+        Ok(())
+    };
+    for cell in &report.cells {
+        let class = cell_class(cell);
+        if let Some(why) = &cell.refused {
+            tests += 1;
+            skipped += 1;
+            case(
+                &class,
+                "cell",
+                Some(format!("<skipped message=\"refused: {}\"/>", escape(why))),
+            )?;
+            continue;
+        }
+        if cell.failed_runs > 0 {
+            tests += 1;
+            errors += 1;
+            let message = format!(
+                "{} of the cell's runs failed (see the report's failures)",
+                cell.failed_runs
+            );
+            case(
+                &class,
+                "runs",
+                Some(format!("<error message=\"{}\"/>", escape(&message))),
+            )?;
+        }
+        for (rule, result) in &cell.rules {
+            tests += 1;
+            let counts = result.counts;
+            let right = match cell.truth {
+                Verdict::Native => counts.native,
+                _ => counts.virtual_,
+            };
+            if right == counts.total() {
+                case(&class, rule, None)?;
+            } else {
+                failures += 1;
+                let message = format!(
+                    "{right} of {} runs judged {} (truth): {} virtual, {} native, {} unsure",
+                    counts.total(),
+                    cell.truth.name(),
+                    counts.virtual_,
+                    counts.native,
+                    counts.unsure
+                );
+                case(
+                    &class,
+                    rule,
+                    Some(format!("<failure message=\"{}\"/>", escape(&message))),
+                )?;
+            }
+        }
+    }
+    if report.matrix_coverage.missing > 0 {
+        tests += 1;
+        failures += 1;
+        let c = &report.matrix_coverage;
+        let message = format!(
+            "{} of {} jobs missing (shards not given: {})",
+            c.missing,
+            c.jobs,
+            if c.missing_shards.is_empty() {
+                "none".to_owned()
+            } else {
+                c.missing_shards_text()
+            }
+        );
+        case(
+            "coverage",
+            "matrix",
+            Some(format!("<failure message=\"{}\"/>", escape(&message))),
+        )?;
+    }
+    for result in &report.requirements {
+        tests += 1;
+        if result.met {
+            case("requirements", &result.requirement, None)?;
+        } else {
+            failures += 1;
+            case(
+                "requirements",
+                &result.requirement,
+                Some(format!("<failure message=\"{}\"/>", escape(&result.why))),
+            )?;
+        }
+    }
+    Ok(format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<testsuites>\n  <testsuite name=\"vmm validate {}\" tests=\"{tests}\" failures=\"{failures}\" errors=\"{errors}\" skipped=\"{skipped}\">\n{cases}  </testsuite>\n</testsuites>\n",
+        escape(&report.inputs.config)
+    ))
+}
+
+fn cell_class(cell: &CellResult) -> String {
+    format!(
+        "{} | {} | busy {} | truth {}",
+        cell.mode,
+        cell.shaping,
+        cell.busy,
+        cell.truth.name()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn junit_text_is_escaped() {
+        assert_eq!(escape("a<b & \"c\"\u{1b}"), "a&lt;b &amp; &quot;c&quot;\\u{1b}");
+        assert_eq!(escape("one\ntwo\u{fffe}"), "one&#10;two\\u{fffe}");
+    }
+}
