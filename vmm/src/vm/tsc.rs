@@ -4,7 +4,7 @@
 //! kvm-ioctls exposes vCPU device attributes on aarch64 only, so the attribute ioctls are
 //! issued on the vCPU fd directly, as Cloud Hypervisor does. Whether a write actually
 //! changes what the guest reads is a separate question (a software KVM may accept and
-//! ignore it): `shaping::calibration::probe_tsc_moves` finds out by asking the guest.
+//! ignore it): `Measurer::probe_tsc_moves` (`measure/probes.rs`) finds out by asking the guest.
 
 use kvm_bindings::{kvm_device_attr, kvm_msr_entry, Msrs, KVMIO, KVM_VCPU_TSC_CTRL, KVM_VCPU_TSC_OFFSET};
 use kvm_ioctls::VcpuFd;
