@@ -1,8 +1,10 @@
 //! Launch benchmark: VMs in a row, each booting the embedded payload for a short run.
-//! Reports setup time (VM creation to the first KVM_RUN) against a bare VM built with
-//! kvm-ioctls calls alone (same memory, same payload bytes, same registers: what a
-//! minimal VMM must do anyway), the ratio of the two, and the process's peak RSS.
-//! Goals on the development host: setup within 1.3x of the bare VM, peak RSS under 30 MiB.
+//! Reports setup time (VM creation to the first KVM_RUN) against two floors measured in
+//! the same run: a bare VM built with kvm-ioctls calls alone (same memory, same payload
+//! bytes, same registers), and a minimal C program (`launch/bare_vm.c`, built here with
+//! `cc -O2`: 4 MiB, one vCPU, KVM_SET_CPUID2, sregs, regs and the first KVM_RUN of a `hlt`).
+//! Also the process's peak RSS. Goals on the development host: setup within 1.3x of the C
+//! floor, peak RSS under 30 MiB.
 //!
 //! `cargo bench -p vmm --bench launch` (add `-- --vms N` for another count).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a bench: a panic here fails it, loudly
@@ -58,6 +60,36 @@ fn bare_vm_setup(kvm: &KvmContext, supported: &kvm_bindings::CpuId, payload: &Pa
     setup
 }
 
+/// The C floor: `bare_vm.c` built with the system's C compiler and run `vms` times, its
+/// setup times in microseconds; `Err` says why not (no compiler, no KVM).
+fn c_floor(vms: usize) -> Result<Vec<i64>, String> {
+    let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/launch/bare_vm.c");
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let binary = dir.path().join("bare_vm");
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    let built = std::process::Command::new(&cc)
+        .args(["-O2", "-o"])
+        .arg(&binary)
+        .arg(&source)
+        .status()
+        .map_err(|e| format!("{cc}: {e}"))?;
+    if !built.success() {
+        return Err(format!("{cc} failed on {}", source.display()));
+    }
+    let out = std::process::Command::new(&binary)
+        .arg(vms.to_string())
+        .output()
+        .map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.trim().parse::<f64>().ok())
+        .map(|us| us.round() as i64)
+        .collect())
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let vms = args
@@ -92,6 +124,8 @@ fn main() {
         run_us.push(m.run.as_micros() as i64);
         bare_us.push(bare_vm_setup(kvm, &supported, &payload, &spec).as_micros() as i64);
     }
+    // The C floor runs after vmm's VMs, in the same process's run of the bench.
+    let c_us = c_floor(vms);
     let setup = stats::summarize(&setup_us).expect("at least one VM");
     let bare = stats::summarize(&bare_us).expect("at least one VM");
     let run = stats::summarize(&run_us).expect("at least one VM");
@@ -109,9 +143,23 @@ fn main() {
         bare.median, bare.p99, bare.max
     );
     println!(
-        "  ratio     {:.2}x   (goal: <= 1.3x)",
+        "  ratio     {:.2}x   (vmm over the kvm-ioctls floor)",
         setup.median as f64 / bare.median.max(1) as f64
     );
+    match c_us.as_deref().map(stats::summarize) {
+        Ok(Some(c)) => {
+            println!(
+                "  c_us      median {:>7}  p99 {:>7}  max {:>7}   (bare_vm.c: the same calls in C, and the first KVM_RUN)",
+                c.median, c.p99, c.max
+            );
+            println!(
+                "  ratio     {:.2}x   (vmm over the C floor; goal: <= 1.3x)",
+                setup.median as f64 / c.median.max(1) as f64
+            );
+        }
+        Ok(None) => println!("  c_us      (the C floor printed nothing)"),
+        Err(why) => println!("  c_us      not measured: {why}"),
+    }
     println!("  run_us    median {:>7}  p99 {:>7}", run.median, run.p99);
     println!("  peak RSS  {rss_mib:.1} MiB   (target: < 30 MiB)");
 }

@@ -219,14 +219,16 @@ fn sandbox_check() -> Check {
                     test.stdout_errno,
                     test.exec_mmap_errno,
                     test.foreign_ioctl_errno,
+                    test.unlisted_ioctl_errno,
                 ]
                 .iter()
-                .all(|&errno| errno == Some(libc::EPERM)) =>
+                .all(|&errno| errno == Some(libc::EPERM))
+                && test.own_ioctl_errno.is_some_and(|errno| errno != libc::EPERM) =>
         {
             check(
                 "sandbox",
                 Verdict::Ok,
-                format!("vCPU threads run under a seccomp filter ({calls} system calls, {ioctls} KVM ioctls on the thread's own vCPU only; a file, a socket, a write other than to stderr and an executable mapping are refused with EPERM, checked now); guest RAM is excluded from core dumps"),
+                format!("vCPU threads run under a seccomp filter ({calls} system calls, {ioctls} KVM ioctls on the thread's own vCPU only, checked both ways; a file, a socket, a write other than to stderr and an executable mapping are refused with EPERM, checked now); guest RAM is excluded from core dumps"),
             )
         }
         Ok(test) => check(
