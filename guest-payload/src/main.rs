@@ -9,7 +9,7 @@
 
 use core::mem::size_of;
 use core::ptr;
-use guest_payload::timing::{self, CpuidPath, MeasureError, Request, TimerOut};
+use guest_payload::timing::{self, CpuidCall, MeasureError, Request, TimerOut};
 use guest_payload::{
     capabilities, PayloadInfo, ABI_VERSION, CONFIG_MAGIC, CPUID_SNAPSHOT_LEAVES, PAYLOAD_INFO_MAGIC, RESULT_MAGIC,
 };
@@ -66,16 +66,16 @@ fn run(config: &Config) -> Status {
     }
     console("guest: measuring\n");
 
-    let cpuid_path = if config.flags & flags::PARAVIRT_CPUID != 0 {
-        CpuidPath::Hypercall
+    let cpuid_call = if config.flags & flags::PARAVIRT_CPUID != 0 {
+        CpuidCall::Hypercall
     } else {
-        CpuidPath::Instruction
+        CpuidCall::Instruction
     };
     let request = Request {
         cpuid_leaf: config.cpuid_leaf,
         cpuid_subleaf: config.cpuid_subleaf,
         warmup: config.warmup,
-        cpuid_path,
+        cpuid_call,
         counter_addr: config.counter_addr,
     };
     let mut header = ResultHeader {
@@ -134,7 +134,7 @@ fn run(config: &Config) -> Status {
 
     if config.flags & flags::CPUID_SNAPSHOT != 0 {
         for (record, &(leaf, subleaf)) in header.cpuid.iter_mut().zip(CPUID_SNAPSHOT_LEAVES.iter()) {
-            *record = timing::query_cpuid(cpuid_path, leaf, subleaf);
+            *record = timing::query_cpuid(cpuid_call, leaf, subleaf);
         }
         header.cpuid_count = CPUID_SNAPSHOT_LEAVES.len() as u32;
         let sites = timing::cpuid_site_bytes();

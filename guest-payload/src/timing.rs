@@ -340,9 +340,10 @@ extern "C" {
     static vmm_counter_loop_end: u8;
 }
 
-/// How CPUID reaches whoever answers it.
+/// How the guest asks for CPUID: the instruction, or a hypercall (not a "path" of
+/// `vmm`'s, which also says who answers the instruction).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CpuidPath {
+pub enum CpuidCall {
     /// Execute the CPUID instruction (native, hardware-assisted, trap-and-emulate).
     Instruction,
     /// Ask the VMM with port I/O on [`ports::HYPERCALL`] (paravirt). Only meaningful
@@ -357,7 +358,7 @@ pub struct Request {
     pub cpuid_subleaf: u32,
     /// Samples taken and dropped first (caches, branch predictors, lazy host paging).
     pub warmup: u32,
-    pub cpuid_path: CpuidPath,
+    pub cpuid_call: CpuidCall,
     /// The [`CounterBlock`] of the counter vCPU (natively, thread), 0 if none.
     pub counter_addr: u64,
 }
@@ -480,14 +481,14 @@ pub fn measure(
         // SAFETY: the routines above only touch registers (rbx is saved and restored) and
         // follow the System V calling convention.
         unsafe {
-            match (probe, request.cpuid_path) {
-                (Probe::Cpuid, CpuidPath::Instruction) => vmm_sample_cpuid(leaf, subleaf),
-                (Probe::Cpuid, CpuidPath::Hypercall) => vmm_sample_hypercall(leaf, subleaf),
+            match (probe, request.cpuid_call) {
+                (Probe::Cpuid, CpuidCall::Instruction) => vmm_sample_cpuid(leaf, subleaf),
+                (Probe::Cpuid, CpuidCall::Hypercall) => vmm_sample_hypercall(leaf, subleaf),
                 (Probe::Nop, _) => vmm_sample_nop(),
                 (Probe::Rdtsc, _) => vmm_sample_rdtsc(),
                 (Probe::Lfence8, _) => vmm_sample_lfence8(),
-                (Probe::CpuidUnfenced, CpuidPath::Instruction) => vmm_sample_cpuid_unfenced(leaf, subleaf),
-                (Probe::CpuidUnfenced, CpuidPath::Hypercall) => vmm_sample_hypercall_unfenced(leaf, subleaf),
+                (Probe::CpuidUnfenced, CpuidCall::Instruction) => vmm_sample_cpuid_unfenced(leaf, subleaf),
+                (Probe::CpuidUnfenced, CpuidCall::Hypercall) => vmm_sample_hypercall_unfenced(leaf, subleaf),
                 (Probe::XorLoop, _) => vmm_sample_xor_loop(),
                 (Probe::TimerCpuid | Probe::TimerLfence8 | Probe::CrossTsc, _) => 0,
             }
@@ -563,9 +564,9 @@ pub fn measure_timer_pairs(request: &Request, out: TimerOut<'_>) -> Result<(), M
     let cpuid = |pair: &mut [Cycles; 2]| {
         // SAFETY: the routines read the counter, write two i64s to `pair` and save rbx.
         unsafe {
-            match request.cpuid_path {
-                CpuidPath::Instruction => vmm_timer_cpuid(counter, pair),
-                CpuidPath::Hypercall => vmm_timer_hypercall(counter, pair),
+            match request.cpuid_call {
+                CpuidCall::Instruction => vmm_timer_cpuid(counter, pair),
+                CpuidCall::Hypercall => vmm_timer_hypercall(counter, pair),
             }
         }
     };
@@ -632,13 +633,13 @@ pub fn counter_loop_bytes() -> &'static [u8] {
 }
 
 /// Asks for one CPUID leaf along `path` and returns what came back.
-pub fn query_cpuid(path: CpuidPath, leaf: u32, subleaf: u32) -> CpuidRecord {
+pub fn query_cpuid(call: CpuidCall, leaf: u32, subleaf: u32) -> CpuidRecord {
     let mut regs = [0u32; 4];
     // SAFETY: the routines write exactly four u32s to a valid, exclusive pointer.
     unsafe {
-        match path {
-            CpuidPath::Instruction => vmm_cpuid_query(leaf, subleaf, &mut regs),
-            CpuidPath::Hypercall => vmm_hypercall_query(leaf, subleaf, &mut regs),
+        match call {
+            CpuidCall::Instruction => vmm_cpuid_query(leaf, subleaf, &mut regs),
+            CpuidCall::Hypercall => vmm_hypercall_query(leaf, subleaf, &mut regs),
         }
     }
     CpuidRecord {
@@ -682,7 +683,7 @@ mod tests {
         cpuid_leaf: 0,
         cpuid_subleaf: 0,
         warmup: 5,
-        cpuid_path: CpuidPath::Instruction,
+        cpuid_call: CpuidCall::Instruction,
         counter_addr: 0,
     };
 
@@ -806,7 +807,7 @@ mod tests {
 
     #[test]
     fn cpuid_query_returns_the_vendor_of_this_cpu() {
-        let leaf0 = query_cpuid(CpuidPath::Instruction, 0, 0);
+        let leaf0 = query_cpuid(CpuidCall::Instruction, 0, 0);
         let expected = core::arch::x86_64::__cpuid_count(0, 0);
         assert_eq!(
             (leaf0.eax, leaf0.ebx, leaf0.ecx, leaf0.edx),

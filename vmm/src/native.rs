@@ -3,7 +3,7 @@
 
 use crate::host::{pin_current_thread, AffinityError, Placement};
 use crate::results::{ProbeSamples, Results, ResultsError};
-use guest_payload::timing::{self, CpuidPath, Request};
+use guest_payload::timing::{self, CpuidCall, Request};
 use guest_payload::{probes_in, Config, Cycles, Probe, CPUID_SNAPSHOT_LEAVES};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -128,7 +128,7 @@ pub fn run(config: &Config, placement: Placement, timeout: Duration) -> Result<N
                 cpuid_leaf: config.cpuid_leaf,
                 cpuid_subleaf: config.cpuid_subleaf,
                 warmup: config.warmup,
-                cpuid_path: CpuidPath::Instruction,
+                cpuid_call: CpuidCall::Instruction,
                 counter_addr: config.counter_addr,
             };
             let with_ticks = config.counter_addr != 0;
@@ -206,7 +206,7 @@ pub fn run(config: &Config, placement: Placement, timeout: Duration) -> Result<N
             let (cpuid, site_bytes) = if snapshot {
                 let cpuid = CPUID_SNAPSHOT_LEAVES
                     .iter()
-                    .map(|&(leaf, sub)| timing::query_cpuid(CpuidPath::Instruction, leaf, sub))
+                    .map(|&(leaf, sub)| timing::query_cpuid(CpuidCall::Instruction, leaf, sub))
                     .collect();
                 (cpuid, timing::cpuid_site_bytes().to_vec())
             } else {

@@ -3,7 +3,7 @@
 
 use super::ValidationError;
 use crate::detector::Verdict;
-use crate::modes::{Mode, Path as CpuidPath};
+use crate::modes::{self, Mode};
 use crate::shaping::latency::Shaping;
 use crate::shaping::plan;
 use crate::shaping::profile::Profile;
@@ -65,7 +65,7 @@ fn default_evasions() -> Vec<String> {
 /// One cell of the matrix.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Cell {
-    pub path: CpuidPath,
+    pub path: modes::Path,
     pub shaping_label: String,
     pub shaping: Shaping,
     pub busy: u16,
@@ -171,7 +171,12 @@ impl MatrixConfig {
         {
             return Err(invalid(format!("evasion `{text}`: {why}")));
         }
-        if let Some(Err(why)) = config.modes.iter().map(|m| m.parse::<CpuidPath>()).find(Result::is_err) {
+        if let Some(Err(why)) = config
+            .modes
+            .iter()
+            .map(|m| m.parse::<modes::Path>())
+            .find(Result::is_err)
+        {
             return Err(invalid(why));
         }
         if let Some(&busy) = config.busy.iter().find(|&&b| b > crate::limits::MAX_BUSY) {
@@ -205,7 +210,7 @@ impl MatrixConfig {
     pub fn cells(&self, tsc_khz: u32, path: &Path) -> Result<Vec<Cell>, ValidationError> {
         let mut cells = Vec::new();
         for mode_text in &self.modes {
-            let cpuid_path: CpuidPath = mode_text.parse().map_err(|why| ValidationError::Invalid {
+            let cell_path: modes::Path = mode_text.parse().map_err(|why| ValidationError::Invalid {
                 path: path.to_owned(),
                 why,
             })?;
@@ -214,7 +219,7 @@ impl MatrixConfig {
                     path: path.to_owned(),
                     why: format!("unknown shaping `{shaping_text}` (none, inject-ns:N, inject-cycles:N, virtual-inject-cycles:N, hide, hide:C, profile:NAME)"),
                 })?;
-                if shaping != Shaping::None && !cpuid_path.vmm_handles_cpuid() {
+                if shaping != Shaping::None && !cell_path.vmm_handles_cpuid() {
                     continue;
                 }
                 let truth_host = matches!(&shaping, Shaping::Profile { profile, .. }
@@ -224,12 +229,12 @@ impl MatrixConfig {
                         path: path.to_owned(),
                         why: format!("evasion `{evasion_text}`: {why}"),
                     })?;
-                    if !evasions.is_none() && !cpuid_path.vmm_handles_cpuid() {
+                    if !evasions.is_none() && !cell_path.vmm_handles_cpuid() {
                         continue;
                     }
                     for &busy in &self.busy {
                         cells.push(Cell {
-                            path: cpuid_path,
+                            path: cell_path,
                             shaping_label: shaping_text.clone(),
                             shaping: shaping.clone(),
                             busy,
@@ -481,7 +486,7 @@ mod tests {
         assert_eq!(cells.len(), 2 + 2 + 6 + 6);
         assert!(cells
             .iter()
-            .filter(|c| c.path == CpuidPath::Native)
+            .filter(|c| c.path == modes::Path::Native)
             .all(|c| c.shaping == Shaping::None));
         assert!(cells.iter().any(|c| c.shaping == Shaping::Inject { cycles: 2_000 }));
     }
@@ -498,7 +503,7 @@ mod tests {
         assert_eq!(cells.len(), 1 + 4);
         assert!(cells
             .iter()
-            .filter(|c| c.path == CpuidPath::Native)
+            .filter(|c| c.path == modes::Path::Native)
             .all(|c| c.evasions.is_none()));
         let root: Vec<_> = cells
             .iter()

@@ -7,7 +7,7 @@ use super::matrix::{ground_truth, HostJobs, Shard};
 use super::records::{CellSpec, HostRecord, Refusal, RunRecord, ValidationInputs};
 use super::requirements::{self, Requirement, RequirementResult};
 use crate::detector::Verdict;
-use crate::modes::Path as CpuidPath;
+use crate::modes;
 use crate::report::plot::PlotRun;
 use guest_payload::Cycles;
 use serde::{Deserialize, Serialize};
@@ -278,8 +278,8 @@ fn cell_truth(spec: &CellSpec, host: Option<&HostRecord>) -> Verdict {
     }
     let mode = spec
         .mode
-        .parse::<CpuidPath>()
-        .map_or(crate::modes::Mode::HwAssist, CpuidPath::mode);
+        .parse::<modes::Path>()
+        .map_or(crate::modes::Mode::HwAssist, modes::Path::mode);
     ground_truth(mode, host.is_none_or(|h| h.identity.host_is_vm))
 }
 
