@@ -23,6 +23,7 @@ pub mod trace;
 pub mod tsc;
 pub mod vcpu;
 pub mod watchdog;
+pub mod worker;
 
 use crate::arch::x86_64::{cpuid::CpuidTable, decode, regs};
 use crate::host::{AffinityError, Placement};
@@ -61,6 +62,8 @@ pub enum VmError {
     Sandbox(#[from] sandbox::SandboxError),
     #[error("cannot start the vCPU thread: {0}")]
     Thread(String),
+    #[error(transparent)]
+    Worker(#[from] worker::WorkerError),
     #[error(transparent)]
     Counter(#[from] counter::CounterError),
     #[error(transparent)]

@@ -8,7 +8,7 @@ use super::counter::{self, CounterControl};
 use super::handler::{ExitHandler, ExitKind, Flow};
 use super::trace::{self, ExitTrace};
 use super::watchdog::{self, Watchdog};
-use super::{sandbox, CounterStats, GuestVm, RunStats, VmError};
+use super::{sandbox, worker, CounterStats, GuestVm, RunStats, VmError};
 use crate::host::Placement;
 use guest_payload::Status;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -75,15 +75,12 @@ impl GuestVm {
                 Ok(thread) => thread,
                 Err(error) => return (Err(RunError::Vm(error)), None),
             };
-            let ran = std::thread::Builder::new()
-                .name("vmm-vcpu0".into())
-                .spawn_scoped(scope, move || {
-                    counter::pin_current_thread(placement.timing).map_err(VmError::from)?;
-                    sandbox::enter(this.vcpu.raw_fd()).map_err(VmError::from)?;
-                    this.run_on_this_thread(handler, timeout, trace)
-                })
-                .map_err(|e| RunError::Vm(VmError::Thread(e.to_string())))
-                .and_then(|thread| thread.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)));
+            // vCPU 0 runs on the kept vCPU thread (`worker.rs`), pinned and sandboxed.
+            let ran = worker::on_vcpu_thread(placement.timing, this.vcpu.raw_fd(), || {
+                this.run_on_this_thread(handler, timeout, trace)
+            })
+            .map_err(|e| RunError::Vm(VmError::from(e)))
+            .and_then(|ran| ran);
             // vCPU 0 is done, however it ended: the counter stops with it.
             if counter_thread.is_some() {
                 control_ref.stop(counter_finished);
