@@ -381,3 +381,28 @@ fn a_native_run_stops_at_its_deadline() {
     );
     assert!(started.elapsed() < std::time::Duration::from_secs(10));
 }
+
+/// A refusal is worded where the run was asked for: `vmm run` names the flag that would
+/// let it run, `vmm validate` the matrix field (a flag means nothing in a JSON matrix).
+#[test]
+fn a_refusal_names_the_flag_on_the_command_line_and_the_field_in_a_matrix() {
+    let output = vmm(&["run", "--mode", "paravirt", "--evade", "pause-counter"]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        stderr(&output).contains("has none: add --vcpus 2"),
+        "{}",
+        stderr(&output)
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let matrix = dir.path().join("matrix.json");
+    std::fs::write(
+        &matrix,
+        r#"{"description":"wording","repeats":1,"iterations":10,"modes":["paravirt"],"evasions":["pause-counter"]}"#,
+    )
+    .unwrap();
+    let report = json_run(&["validate", "--config", matrix.to_str().unwrap(), "--json"]);
+    let why = report["refusals"][0]["why"].as_str().unwrap().to_owned();
+    assert!(why.contains("set \"vcpus\": 2 in the matrix"), "{why}");
+    assert!(!why.contains("--"), "no flag in a matrix's refusal: {why}");
+}

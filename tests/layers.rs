@@ -33,6 +33,7 @@ const LAYERS: &[&[&str]] = &[
         "stats",
         "host",
         "results",
+        "remedy",
         "arch",
     ],
     &["vm"],

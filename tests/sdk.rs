@@ -476,7 +476,7 @@ fn a_verbatim_cpp_detector_builds_unchanged_and_every_path_reports_it() {
             // Not a crash: the VMM's own error, exit 1.
             assert_eq!(output.status.code(), Some(1), "{opt} {path:?}: {message}");
             let no_sse = message.contains("KVM could not run the guest instruction");
-            let hung = message.contains("did not ring \"done\"") || message.contains("ran past --timeout");
+            let hung = message.contains("did not ring \"done\"") || message.contains("ran past its timeout");
             if opt == "-O0" {
                 if path[1] == "native" {
                     panic!("-O0 natively: {message}");

@@ -36,6 +36,7 @@ pub mod measure;
 pub mod modes;
 pub mod native;
 pub mod output;
+pub mod remedy;
 pub mod report;
 pub mod results;
 pub mod shaping;

@@ -27,7 +27,7 @@ fn main() -> ExitCode {
         Err(error) => {
             // Bounded, like the console: a stderr nobody reads does not hold the process;
             // and shown, not obeyed: an error may quote a file's text (a forged report's).
-            let message = error.to_string();
+            let message = error.cli_message();
             vmm::console::say(&format!("vmm: error: {}\n", vmm::escape::terminal(&message)));
             ExitCode::from(error.exit_status())
         }

@@ -20,15 +20,13 @@ pub enum NativeError {
     Panicked,
     #[error("the native timing core stopped: {0}")]
     Measure(&'static str),
-    #[error(
-        "the native run passed its deadline ({timeout:?}) and was stopped; raise --timeout if the run is just long"
-    )]
+    #[error("the native run passed its deadline ({timeout:?}) and was stopped")]
     PastDeadline { timeout: Duration },
     #[error("cannot run the native twin {twin}: {source}")]
     Twin { twin: String, source: std::io::Error },
     #[error("cannot run native twins as user {user} (vmm runs them unprivileged when it runs as root): {why}; name another with --twin-user, or --twin-user root")]
     TwinUser { user: String, why: String },
-    #[error("the native twin {twin} ran past --timeout ({timeout:?}) and was killed")]
+    #[error("the native twin {twin} ran past its timeout ({timeout:?}) and was killed")]
     TwinHung { twin: String, timeout: Duration },
     #[error("the native twin {twin} failed ({status}){stderr}")]
     TwinFailed {

@@ -81,12 +81,12 @@ pub fn compare(args: &CompareArgs) -> Result<(), CommandError> {
             // A path this host cannot take is part of the comparison, not the end of it.
             Err(error) if error.is_refusal() => refused.push(Refusal {
                 path: label,
-                why: error.to_string(),
+                why: super::cli_message(&error),
             }),
             // Nor is a run that failed; it is said, and the command fails after the report.
             Err(error) => failed.push(Refusal {
                 path: label,
-                why: error.to_string(),
+                why: super::cli_message(&error),
             }),
         }
     }

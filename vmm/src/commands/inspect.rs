@@ -92,7 +92,7 @@ fn report(payload: &Payload) -> InspectReport {
         .map(|path| {
             let refusal = measure::preflight(payload, &RunSpec::new(path)).err();
             let what = match (&refusal, path) {
-                (Some(error), _) => format!("refused: {error}"),
+                (Some(error), _) => format!("refused: {}", super::cli_message(error)),
                 (None, Path::Native) => match measure::native_twin(payload) {
                     Ok(Some(twin)) => format!("runs the native twin {} pinned to one host CPU", twin.display()),
                     _ => "runs the embedded timing core in a pinned host thread".to_owned(),

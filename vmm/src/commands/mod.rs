@@ -16,7 +16,20 @@ use crate::validation::ValidationError;
 use crate::vm::loader::{LoaderError, Payload};
 use std::path::Path;
 
+/// A refusal's message as the command line words it: its remedy spelt as a flag.
+pub fn cli_message(error: &MeasureError) -> String {
+    crate::remedy::with_remedy(error.to_string(), error.remedy(), |r| Some(r.flag()))
+}
+
 impl CommandError {
+    /// The message `vmm` prints: a refused run's remedy spelt as a flag.
+    pub fn cli_message(&self) -> String {
+        match self {
+            CommandError::Measure(error) => cli_message(error),
+            other => other.to_string(),
+        }
+    }
+
     /// The process's exit status for this error: 128 + the signal for an interruption (as
     /// a shell reports it), 1 for everything else.
     pub fn exit_status(&self) -> u8 {

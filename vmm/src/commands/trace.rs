@@ -76,7 +76,9 @@ pub fn trace(args: &TraceArgs) -> Result<(), CommandError> {
                 }
                 lives.push(life);
             }
-            Err(error) if args.all && error.is_refusal() => refused.push((path.name().to_owned(), error.to_string())),
+            Err(error) if args.all && error.is_refusal() => {
+                refused.push((path.name().to_owned(), super::cli_message(&error)))
+            }
             Err(error) => return Err(error.into()),
         }
     }

@@ -177,7 +177,11 @@ pub fn validate(args: &ValidateArgs) -> Result<(), CommandError> {
                         cell: index,
                         host: 0,
                         jobs: mine.len() as u32,
-                        why: error.to_string(),
+                        why: crate::remedy::with_remedy(
+                            error.to_string(),
+                            error.remedy(),
+                            crate::remedy::Remedy::matrix,
+                        ),
                     });
                     progress.inc(mine.len() as u64);
                     done += mine.len() as u64 - 1;
@@ -189,7 +193,11 @@ pub fn validate(args: &ValidateArgs) -> Result<(), CommandError> {
                         cell: index,
                         repeat,
                         host: 0,
-                        why: error.to_string(),
+                        why: crate::remedy::with_remedy(
+                            error.to_string(),
+                            error.remedy(),
+                            crate::remedy::Remedy::matrix,
+                        ),
                     });
                     progress.inc(1);
                 }

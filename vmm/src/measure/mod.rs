@@ -64,16 +64,16 @@ pub enum MeasureError {
     Kvm(#[from] KvmError),
     #[error(transparent)]
     Evasion(#[from] crate::shaping::evasion::EvasionError),
-    #[error("probe {0} reads the counter vCPU: add --vcpus 2")]
+    #[error("probe {0} reads the counter vCPU, and the run has none")]
     ProbeNeedsCounter(&'static str),
     #[error(
-        "the payload {payload} ({name}) reads the counter vCPU's clock (it declares VMM_CAP_COUNTER): add --vcpus 2"
+        "the payload {payload} ({name}) reads the counter vCPU's clock (it declares VMM_CAP_COUNTER), and the run has no counter"
     )]
     PayloadNeedsCounter { payload: String, name: String },
     #[error("iterations must be between 1 and {MAX_ITERATIONS}, not {0}")]
     Iterations(u64),
     #[error(
-        "--mode native runs a payload's native twin, and {payload} has none: no executable {twin}. \
+        "a native run executes a payload's native twin, and {payload} has none: no executable {twin}. \
          Build it with the SDK (`make` builds NAME.elf and NAME.native side by side; docs/sdk.md)"
     )]
     NoNativeTwin { payload: String, twin: String },
@@ -82,7 +82,7 @@ pub enum MeasureError {
     #[error("the payload {payload} has a vmm_payload_info whose magic is {found:#x}, not {:#x}: not the SDK's declaration (a symbol of that name from elsewhere, or a damaged file)", guest_payload::PAYLOAD_INFO_MAGIC)]
     PayloadInfoMagic { payload: String, found: u64 },
     #[error(
-        "the payload {payload} ({name}) does not declare {what} in vmm_payload_info, so --mode {mode} cannot run it"
+        "the payload {payload} ({name}) does not declare {what} in vmm_payload_info, so the {mode} path cannot run it"
     )]
     PayloadCannot {
         payload: String,
@@ -108,11 +108,28 @@ pub enum MeasureError {
     Mode(#[from] ModeError),
     #[error(transparent)]
     Shaping(#[from] ShapingError),
-    #[error("cannot start the --busy threads: {0}")]
+    #[error("cannot start the busy threads: {0}")]
     Busy(std::io::Error),
 }
 
 impl MeasureError {
+    /// What the run can be given instead, where something can: the command layer spells
+    /// it as a flag or a matrix field.
+    pub fn remedy(&self) -> Option<crate::remedy::Remedy> {
+        use crate::remedy::Remedy;
+        match self {
+            MeasureError::Evasion(error) => error.remedy(),
+            MeasureError::ProbeNeedsCounter(_) | MeasureError::PayloadNeedsCounter { .. } => Some(Remedy::TwoVcpus),
+            MeasureError::Mode(error) => error.remedy(),
+            MeasureError::Shaping(error) => error.remedy(),
+            MeasureError::Vm(VmError::GuestHung { .. })
+            | MeasureError::Native(NativeError::PastDeadline { .. } | NativeError::TwinHung { .. }) => {
+                Some(Remedy::LongerTimeout)
+            }
+            _ => None,
+        }
+    }
+
     /// "This host, or this payload, cannot take that path", known before anything was
     /// measured: `validate` and `compare` report it as refused, not as a failed run.
     pub fn is_refusal(&self) -> bool {

@@ -20,7 +20,7 @@ pub enum ModeError {
     Vcpu(#[from] VcpuError),
     #[error("the payload's code holds no CPUID instruction: trap-emulate has nothing to trap")]
     NoCpuidSites,
-    #[error("the payload has {sites} CPUID sites but x86 has only {slots} debug address registers (DR0-DR3); use --trap int3-patch or io-patch, which trap any number")]
+    #[error("the payload has {sites} CPUID sites but x86 has only {slots} debug address registers (DR0-DR3)")]
     TooManySites { sites: usize, slots: usize },
     #[error(
         "the bytes at CPUID site {addr:#x} are {found:02x?}, not CPUID (0f a2): the payload does not match its symbols"
@@ -31,7 +31,7 @@ pub enum ModeError {
         addr: u64,
         source: vm_memory::GuestMemoryError,
     },
-    #[error("{trap} traps are not delivered by this KVM: {why}. Use --trap io-patch (port I/O reaches the VMM on every KVM) or --mode paravirt")]
+    #[error("{trap} traps are not delivered by this KVM: {why}")]
     TrapUnavailable { trap: &'static str, why: String },
     #[error("the payload made no paravirtual hypercall (port {port:#x}): it is not enlightened for paravirt, so this run would measure nothing of that path")]
     NoHypercalls { port: u16 },
@@ -39,6 +39,19 @@ pub enum ModeError {
     NoTraps { exits: u64 },
     #[error(transparent)]
     Shaping(#[from] ShapingError),
+}
+
+impl ModeError {
+    /// What the run can be given instead, where something can.
+    pub fn remedy(&self) -> Option<crate::remedy::Remedy> {
+        use crate::remedy::Remedy;
+        match self {
+            ModeError::TooManySites { .. } => Some(Remedy::PatchingTrap),
+            ModeError::TrapUnavailable { .. } => Some(Remedy::PortIoTrap),
+            ModeError::Shaping(error) => error.remedy(),
+            _ => None,
+        }
+    }
 }
 
 /// Answers the CPUID in `regs` (leaf in EAX, subleaf in ECX) from `table`, exactly as KVM

@@ -3,25 +3,38 @@
 //! file of its own; `registry.rs` lists them.
 
 use super::policy::ExitPolicy;
+use crate::remedy::Remedy;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum EvasionError {
     #[error("unknown evasion {given:?}: expected {expected}")]
     Unknown { given: String, expected: String },
-    #[error("--evade {0} acts on the counter vCPU: add --vcpus 2")]
+    #[error("the evasion {0} acts on the counter vCPU, and the run has none")]
     NeedsCounter(&'static str),
-    #[error("--evade {0} acts while the VMM handles CPUID exits, and on this path it never sees them: use --mode trap-emulate or --mode paravirt")]
+    #[error("the evasion {0} acts while the VMM handles CPUID exits, and on this path it never sees them")]
     NeedsVmmExits(&'static str),
-    #[error("--evade {0} shares the TSC moves of --hide, --virtual-inject-cycles or --profile, and none is given")]
+    #[error("the evasion {0} shares the TSC moves of latency shaping, and the run's shaping makes none")]
     NothingToShare(&'static str),
-    #[error("--evade {name}:{value}: {why}")]
+    #[error("the evasion {name}:{value}: {why}")]
     Argument {
         name: &'static str,
         value: u64,
         why: &'static str,
     },
-    #[error("--evade {name} needs TSC scaling, and this KVM ({flavour}) does not offer KVM_CAP_TSC_CONTROL: it cannot run here")]
+    #[error("the evasion {name} needs TSC scaling, and this KVM ({flavour}) does not offer KVM_CAP_TSC_CONTROL: it cannot run here")]
     NoTscControl { name: &'static str, flavour: &'static str },
+}
+
+impl EvasionError {
+    /// What the run can be given instead, where something can.
+    pub fn remedy(&self) -> Option<Remedy> {
+        match self {
+            EvasionError::NeedsCounter(_) => Some(Remedy::TwoVcpus),
+            EvasionError::NeedsVmmExits(_) => Some(Remedy::VmmPath),
+            EvasionError::NothingToShare(_) => Some(Remedy::TscShaping),
+            _ => None,
+        }
+    }
 }
 
 /// What an evasion needs of a run before it can act.

@@ -21,9 +21,9 @@ pub enum ShapingError {
         requested: u64,
         seen: i64,
     },
-    #[error("{0} shapes exits the VMM handles: use --mode trap-emulate or --mode paravirt")]
+    #[error("{0} shapes exits the VMM handles, and on this path it sees none")]
     NeedsVmmExits(&'static str),
-    #[error("{0} shapes the CPUID probe's exits, and --probes leaves it out: add cpuid to --probes")]
+    #[error("{0} shapes the CPUID probe's exits, and the run leaves that probe out")]
     NeedsCpuidProbe(&'static str),
     #[error("{0} acts on the counter vCPU, and this run has none")]
     NoCounter(&'static str),
@@ -34,6 +34,18 @@ pub enum ShapingError {
         policy: &'static str,
         source: Box<crate::vm::VmError>,
     },
+}
+
+impl ShapingError {
+    /// What the run can be given instead, where something can.
+    pub fn remedy(&self) -> Option<crate::remedy::Remedy> {
+        use crate::remedy::Remedy;
+        match self {
+            ShapingError::NeedsVmmExits(_) => Some(Remedy::VmmPath),
+            ShapingError::NeedsCpuidProbe(_) => Some(Remedy::CpuidProbe),
+            _ => None,
+        }
+    }
 }
 
 /// The per-vCPU policy of a hypervisor that wants to look like something it is not: hooks

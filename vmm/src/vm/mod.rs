@@ -70,7 +70,7 @@ pub enum VmError {
     Affinity(#[from] AffinityError),
     #[error(transparent)]
     KvmContext(#[from] kvm::KvmError),
-    #[error("the guest hung: it did not ring \"done\" within {timeout:?}; it was at RIP {rip}{} when stopped (a loop that never ends there, or a run longer than --timeout)", .place.as_ref().map_or(String::new(), |p| format!(", in {p}")))]
+    #[error("the guest hung: it did not ring \"done\" within {timeout:?}; it was at RIP {rip}{} when stopped (a loop that never ends there, or a run longer than its timeout)", .place.as_ref().map_or(String::new(), |p| format!(", in {p}")))]
     GuestHung {
         timeout: Duration,
         rip: Rip,
