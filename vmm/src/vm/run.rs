@@ -38,7 +38,8 @@ impl GuestVm {
         timeout: Duration,
         trace: &mut T,
     ) -> Result<RunStats, RunError<H::Error>> {
-        // The vCPU runs on a thread of its own, sandboxed once the VM is set up; the
+        // The vCPUs run on threads of their own, pinned and sandboxed once the VM is set up
+        // (vCPU 0 on the thread kept from the last VM where it can: `worker.rs`); the
         // caller's thread keeps its privileges (and its signals) for the rest of the work.
         watchdog::prepare().map_err(VmError::from)?;
         let placement = match self.placement {
