@@ -12,7 +12,7 @@ use crate::host::Placement;
 use crate::native;
 use crate::results::ResultsError;
 use crate::shaping::latency::{Latency, Shaping, CALIBRATION_MOVE};
-use crate::shaping::outcome::{CalibrationRound, ShapingOutcome};
+use crate::shaping::outcome::{PathCost, ShapingOutcome};
 use crate::shaping::plan::ResidueBounds;
 use crate::stats::{self, Summary};
 use crate::vm::loader::Payload;
@@ -81,7 +81,7 @@ impl Measurer {
     /// [`CALIBRATION_ROUNDS`] calibration runs. The baseline is the median round's, so one VM
     /// that ran while the host was loaded (or, on nested SVM, in its occasional slow mode)
     /// does not decide it; the residue's lower bound is the lowest of all rounds.
-    pub fn calibration_rounds(&self, spec: &RunSpec) -> Result<CalibrationRound, MeasureError> {
+    pub fn calibration_rounds(&self, spec: &RunSpec) -> Result<PathCost, MeasureError> {
         let payload = &core()?;
         let rounds = (0..CALIBRATION_ROUNDS)
             .map(|_| self.round(payload, spec))
@@ -89,7 +89,7 @@ impl Measurer {
         let mut baselines: Vec<Summary> = rounds.iter().map(|r| r.baseline).collect();
         baselines.sort_by_key(|b| b.median);
         let residues: Vec<ResidueBounds> = rounds.iter().map(|r| r.residue).collect();
-        Ok(CalibrationRound {
+        Ok(PathCost {
             baseline: baselines[baselines.len() / 2],
             residue: ResidueBounds::combine(&residues),
         })
@@ -97,7 +97,7 @@ impl Measurer {
 
     /// One calibration run: the unshaped cost of the path, and the residue's bounds (measured
     /// through the same TSC-write path where the run moves the TSC).
-    fn round(&self, payload: &Payload, spec: &RunSpec) -> Result<CalibrationRound, MeasureError> {
+    fn round(&self, payload: &Payload, spec: &RunSpec) -> Result<PathCost, MeasureError> {
         let shaping = if spec.shaping.moves_tsc() {
             Shaping::CalibrateResidue
         } else {
@@ -122,7 +122,7 @@ impl Measurer {
             .map_or(Vec::new(), |s| s.iter().map(|&c| c.saturating_sub(moved)).collect());
         let baseline = stats::summarize(&guest_seen)
             .ok_or(ResultsError::Invalid("the calibration run returned no CPUID samples"))?;
-        Ok(CalibrationRound {
+        Ok(PathCost {
             baseline,
             residue: ResidueBounds::from_calibration(&guest_seen, &measured.shaped.handler_cycles()),
         })

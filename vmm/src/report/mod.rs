@@ -2,6 +2,7 @@
 
 pub mod csv;
 pub mod plot;
+pub mod shaping;
 pub mod table;
 pub mod trace;
 
@@ -10,13 +11,13 @@ use crate::host::HostInfo;
 use crate::measure::{Measurement, RunSpec};
 use crate::modes::trap_emulate::{Trap, TrapDelivery};
 use crate::modes::{Mode, Path};
-use crate::shaping::report::ShapingReport;
 use crate::stats::{self, Summary};
 use crate::vm::accounting::ExitSummary;
 use crate::vm::loader::Payload;
 use crate::vm::vcpu::RegisterAccess;
 use guest_payload::Probe;
 use serde::Serialize;
+use shaping::ShapingReport;
 use std::collections::BTreeMap;
 
 /// Bumped when a field changes meaning or disappears (adding fields does not bump it).

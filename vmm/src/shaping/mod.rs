@@ -15,8 +15,9 @@
 //!   [`pause_counter`], [`shared_offset`], [`tsc_khz`].
 //!
 //! Adding an evader is a new file here with an [`evasion::EvasionKind`] and one line in
-//! [`registry`]. What a run's shaping was compared with ([`outcome`]) and what its report
-//! says ([`report`]) are data; the calibration runs that produce them are `measure`'s.
+//! [`registry`]. What a run's shaping was compared with ([`outcome`]) is data; the
+//! calibration runs that produce it are `measure`'s, and what a report says of it is
+//! `crate::report::shaping`'s.
 
 pub mod evasion;
 pub mod latency;
@@ -26,7 +27,6 @@ pub mod plan;
 pub mod policy;
 pub mod profile;
 pub mod registry;
-pub mod report;
 pub mod shared_offset;
 pub mod tsc_khz;
 

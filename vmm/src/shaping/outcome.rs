@@ -8,7 +8,7 @@ use crate::vm::tsc::TscMethod;
 /// The unshaped cost of a path, and the residue's bounds measured through the same
 /// TSC-write path the run will take.
 #[derive(Clone, Copy, Debug)]
-pub struct CalibrationRound {
+pub struct PathCost {
     pub baseline: Summary,
     pub residue: ResidueBounds,
 }
@@ -22,10 +22,10 @@ pub struct ShapingOutcome {
     /// it is the guest-seen cost itself (hide, profile).
     pub additive: bool,
     /// The unshaped cost of the path, measured before the shaped run.
-    pub before: CalibrationRound,
+    pub before: PathCost,
     /// The same, measured again after the shaped run: how far the host drifted while it
     /// ran (a loaded host, an emulated one, changes its exit costs over seconds).
-    pub after: Option<CalibrationRound>,
+    pub after: Option<PathCost>,
     /// How the run moved the TSC; `None` for kinds that do not (inject).
     pub tsc_method: Option<TscMethod>,
     pub profile: Option<String>,

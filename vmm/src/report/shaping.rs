@@ -1,8 +1,8 @@
 //! What a report says about shaping: requested against achieved, the achieved
 //! distribution, how much of each exit was provably hidden, and the calibration it rests on.
 
-use super::outcome::ShapingOutcome;
-use super::policy::ShapedExits;
+use crate::shaping::outcome::ShapingOutcome;
+use crate::shaping::ShapedExits;
 use crate::stats::{self, Summary};
 use crate::vm::tsc::TscMethod;
 use serde::Serialize;
