@@ -153,7 +153,7 @@ fn evasions_and_counter_probes_are_refused_where_they_cannot_act() {
     refused(&["run", "--probes", "timer-cpuid"], "add --vcpus 2");
     refused(
         &["run", "--vcpus", "2", "--mode", "paravirt", "--evade", "shared-offset"],
-        "none is given",
+        "makes none: add --hide, --virtual-inject-cycles or --profile",
     );
     refused(&["run", "--evade", "teleport"], "unknown evasion");
     refused(&["run", "--evade", "tsc-khz:5"], "between 100,000 and 10,000,000");
