@@ -99,7 +99,7 @@ pub fn cpu_info() -> CpuInfo {
         model: field("model name").unwrap_or_else(|| "unknown".into()),
         vmx: has("vmx"),
         svm: has("svm"),
-        host_is_vm: leaf1.ecx & (1 << 31) != 0,
+        host_is_vm: leaf1.ecx & crate::arch::x86_64::cpuid::HYPERVISOR_BIT != 0,
         invariant_tsc: invariant_cpuid || (has("constant_tsc") && has("nonstop_tsc")),
         microcode: field("microcode"),
         kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")

@@ -9,6 +9,7 @@
 
 use super::rules::{confidence_from, verdict};
 use super::verdict::{Evidence, RuleVerdict, Verdict};
+use crate::arch::x86_64::cpuid::HYPERVISOR_BIT;
 use guest_payload::Probe;
 
 fn unsure(rule: &'static str, why: String) -> RuleVerdict {
@@ -134,7 +135,7 @@ pub fn interquartile_mean(samples: &[u64]) -> u64 {
 /// IDT base and leaf 0x40000100 and never match here.
 fn hyper_v_detected(evidence: &Evidence) -> bool {
     let leaf = |l: u32| evidence.cpuid.iter().find(|r| r.leaf == l && r.subleaf == 0);
-    let hypervisor_bit = leaf(1).is_some_and(|r| r.ecx & (1 << 31) != 0);
+    let hypervisor_bit = leaf(1).is_some_and(|r| r.ecx & HYPERVISOR_BIT != 0);
     let root = leaf(0x4000_0003).is_some_and(|r| r.ebx & 1 != 0);
     let max_leaf_11 = leaf(0x4000_0000).is_some_and(|r| r.eax & 0xff == 11);
     !root && hypervisor_bit && max_leaf_11
@@ -567,7 +568,7 @@ mod tests {
         let hv = [
             CpuidRecord {
                 leaf: 1,
-                ecx: 1 << 31,
+                ecx: HYPERVISOR_BIT,
                 ..Default::default()
             },
             CpuidRecord {

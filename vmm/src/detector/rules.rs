@@ -3,6 +3,7 @@
 
 use super::calibration::{Calibration, RunPoint};
 use super::verdict::{Evidence, RuleVerdict, Verdict};
+use crate::arch::x86_64::cpuid::HYPERVISOR_BIT as CPUID_HYPERVISOR_BIT;
 use crate::stats;
 use guest_payload::{Cycles, Probe};
 
@@ -251,7 +252,7 @@ pub fn hypervisor_bit(evidence: &Evidence) -> RuleVerdict {
     let Some(leaf1) = leaf(1) else {
         return missing(RULE, "CPUID snapshot");
     };
-    let bit = leaf1.ecx & (1 << 31) != 0;
+    let bit = leaf1.ecx & CPUID_HYPERVISOR_BIT != 0;
     let vendor = leaf(0x4000_0000).map(|r| {
         let mut bytes = [0u8; 12];
         bytes[..4].copy_from_slice(&r.ebx.to_le_bytes());
@@ -387,7 +388,7 @@ mod tests {
     }
 
     fn leaves(hypervisor: bool) -> Vec<CpuidRecord> {
-        let ecx = if hypervisor { 1 << 31 } else { 0 };
+        let ecx = if hypervisor { CPUID_HYPERVISOR_BIT } else { 0 };
         let mut records = vec![CpuidRecord {
             leaf: 1,
             ecx,
