@@ -42,7 +42,7 @@ impl Measurer {
                 let config = spec
                     .cpuid_only(CALIBRATION_ITERATIONS, spec.warmup, Shaping::None)
                     .guest_config();
-                let placement = Placement::choose(spec.cpu, false)?;
+                let placement = Placement::choose(spec.cpu, spec.counter)?;
                 let native = native::run(&config, placement, spec.timeout)?;
                 let median = native
                     .results
