@@ -2,7 +2,8 @@
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 use std::path::Path;
-use vmm::shaping::profile::{Profile, SplitMix64};
+use vmm::shaping::profile::Profile;
+use vmm::stats::SplitMix64;
 
 fuzz_target!(|text: &str| {
     if let Ok(profile) = Profile::parse(text, Path::new("fuzz.json")) {
