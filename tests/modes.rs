@@ -387,6 +387,7 @@ fn the_vcpu_thread_runs_under_a_seccomp_filter_that_refuses_files_and_sockets() 
             ExitPath {
                 answerer: &mut self.inner,
                 policy: &mut Policies::none(),
+                tsc_trap: None,
                 console: None,
             }
             .arm(vcpu)
@@ -400,6 +401,7 @@ fn the_vcpu_thread_runs_under_a_seccomp_filter_that_refuses_files_and_sockets() 
             ExitPath {
                 answerer: &mut self.inner,
                 policy: &mut Policies::none(),
+                tsc_trap: None,
                 console: None,
             }
             .handle(vcpu, exit, tsc)

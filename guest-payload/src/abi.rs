@@ -60,6 +60,12 @@ pub mod ports {
     /// `out imm8, al` (`e6 f7`), two bytes like CPUID, and emulates CPUID on the exit.
     /// An 8-bit port, so that it fits the immediate form.
     pub const CPUID_TRAP: u8 = 0xf7;
+    /// Where an RDTSC-trapping evasion sends a patched RDTSC: `0f 31` becomes `out imm8,
+    /// al` (`e6 f8`), and the VMM answers EDX:EAX from its virtual clock on the exit.
+    pub const RDTSC_TRAP: u8 = 0xf8;
+    /// The same for RDTSCP: `0f 01 f9` becomes `e6 f9 90` (the `out`, then a NOP), and
+    /// the VMM answers EDX:EAX and ECX (TSC_AUX).
+    pub const RDTSCP_TRAP: u8 = 0xf9;
 }
 
 /// One timing sample: the second timestamp minus the first, in TSC cycles, *signed*. A

@@ -302,10 +302,7 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
     pub vcpus: u8,
 
-    /// Evasions beyond the TSC offset, comma-separated: pause-counter (stop the counter
-    /// vCPU while each exit is handled), shared-offset (make --hide's TSC moves on the
-    /// counter vCPU too), tsc-khz:N (TSC scaling, where KVM offers KVM_CAP_TSC_CONTROL).
-    #[arg(long, value_delimiter = ',', value_name = "EVASION")]
+    #[arg(long, value_delimiter = ',', value_name = "EVASION", help = crate::shaping::registry::help())]
     pub evade: Vec<String>,
 
     /// Stop a guest that has not finished after this many seconds.

@@ -311,6 +311,8 @@ pub struct Measurement {
     pub shaped: ShapedExits,
     /// How the run moved the guest TSC, where it did.
     pub tsc_method: Option<TscMethod>,
+    /// What the guest's trapped TSC reads were told, where an evasion trapped them.
+    pub tsc_trap: Option<crate::modes::tsc_trap::TscTrapRecord>,
 }
 
 /// Runs measurements, remembering per process what it probed.

@@ -155,6 +155,7 @@ impl Measurer {
         let handler = &mut ExitPath {
             answerer: &mut HwAssist,
             policy: &mut Policies::none(),
+            tsc_trap: None,
             console: None,
         };
         let end = probe.entry + code.len() as u64;

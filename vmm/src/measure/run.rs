@@ -7,6 +7,7 @@ use crate::host::Placement;
 use crate::modes::hw_assist::HwAssist;
 use crate::modes::paravirt::Paravirt;
 use crate::modes::trap_emulate::TrapEmulate;
+use crate::modes::tsc_trap::TscTrap;
 use crate::modes::{Answerer, ExitPath, ModeError, Path};
 use crate::results::{ProbeSamples, ResultsError};
 use crate::shaping::latency::Latency;
@@ -68,11 +69,16 @@ impl Measurer {
                 Box::new(if spec.bare_exits { handler.bare() } else { handler })
             }
         };
+        let mut tsc_trap = spec
+            .evasions
+            .traps_tsc()
+            .then(|| TscTrap::new(payload.tsc_sites.clone()));
         let stats = vm
             .run_traced(
                 &mut ExitPath {
                     answerer: answerer.as_mut(),
                     policy: &mut policy,
+                    tsc_trap: tsc_trap.as_mut(),
                     console,
                 },
                 spec.timeout,
@@ -95,6 +101,7 @@ impl Measurer {
             shaped: recorded.shaped,
             tsc_method: recorded.tsc_method,
             trap_delivery: answerer.delivery(),
+            tsc_trap: tsc_trap.map(|trap| trap.record().clone()),
             ..Default::default()
         };
         check_path_was_taken(spec, &measurement.exits)?;

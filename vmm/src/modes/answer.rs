@@ -37,6 +37,18 @@ pub enum ModeError {
     NoHypercalls { port: u16 },
     #[error("the payload's timed CPUID never trapped to the VMM ({exits} trap exits): trap-emulate measured nothing of its path")]
     NoTraps { exits: u64 },
+    #[error(
+        "the bytes at {instruction} site {addr:#x} are {found:02x?}, not {instruction}: the payload does not match its decoding"
+    )]
+    NotTscRead {
+        instruction: &'static str,
+        addr: u64,
+        found: Vec<u8>,
+    },
+    #[error("the guest wrote to the RDTSC trap port {port:#x} at RIP {rip:#x}, where this VMM patched no TSC read")]
+    UnexpectedTscTrap { port: u8, rip: u64 },
+    #[error("the evasion traps RDTSC, and the payload's code holds no RDTSC or RDTSCP: there is nothing to trap")]
+    NoTscSites,
     #[error(transparent)]
     Shaping(#[from] ShapingError),
 }

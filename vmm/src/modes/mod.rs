@@ -29,6 +29,7 @@ pub mod answer;
 pub mod hw_assist;
 pub mod paravirt;
 pub mod trap_emulate;
+pub mod tsc_trap;
 
 pub use answer::{answer_cpuid, Answered, Answerer, ModeError};
 use trap_emulate::Trap;
@@ -176,6 +177,8 @@ pub fn write_console_byte(out: &mut dyn Write, byte: u8) -> std::io::Result<()> 
 pub struct ExitPath<'a, 'c> {
     pub answerer: &'a mut dyn Answerer,
     pub policy: &'a mut dyn ExitPolicy,
+    /// The guest's RDTSCs trapped, where an evasion answers them.
+    pub tsc_trap: Option<&'a mut tsc_trap::TscTrap>,
     pub console: Option<&'c mut (dyn Write + Send)>,
 }
 
@@ -194,6 +197,9 @@ impl ExitPath<'_, '_> {
                 }
                 ExitKind::Console
             }
+            Exit::IoOut { .. } if self.tsc_trap.is_some() && self.answer_tsc(vcpu, exit, exit_tsc)? => {
+                ExitKind::TscTrap
+            }
             _ => match self.answerer.answer(vcpu, exit)? {
                 Some(answered) => {
                     if answered.shaped {
@@ -205,6 +211,14 @@ impl ExitPath<'_, '_> {
             },
         };
         Ok(Flow::Continue(kind))
+    }
+
+    /// A trapped TSC read answered through the policy: true if `exit` was one.
+    fn answer_tsc(&mut self, vcpu: &mut dyn Vcpu, exit: &Exit, exit_tsc: u64) -> Result<bool, ModeError> {
+        match self.tsc_trap.as_mut() {
+            Some(trap) => Ok(trap.answer(vcpu, exit, exit_tsc, &mut *self.policy)?.is_some()),
+            None => Ok(false),
+        }
     }
 }
 
@@ -229,6 +243,9 @@ impl ExitHandler for ExitPath<'_, '_> {
 
     fn arm(&mut self, vcpu: &mut dyn Vcpu) -> Result<(), ModeError> {
         self.answerer.arm(vcpu)?;
+        if let Some(trap) = self.tsc_trap.as_mut() {
+            trap.arm(vcpu)?;
+        }
         Ok(self.policy.arm(vcpu)?)
     }
 
@@ -244,7 +261,7 @@ impl ExitHandler for ExitPath<'_, '_> {
         if vcpu.past_deadline() {
             return self.dispatch(vcpu, exit, exit_tsc);
         }
-        self.policy.exit_began(vcpu)?;
+        self.policy.exit_began(vcpu, exit_tsc)?;
         let flow = self.dispatch(vcpu, exit, exit_tsc);
         // The registers go back before the exit ends for the policy (a paused counter
         // then resumes only once nothing of the exit is left).
@@ -297,6 +314,7 @@ mod tests {
         ExitPath {
             answerer,
             policy: &mut Policies::none(),
+            tsc_trap: None,
             console: console.as_mut().map(|c| &mut **c as &mut (dyn Write + Send)),
         }
         .handle(vcpu, exit, exit_tsc)
@@ -355,6 +373,7 @@ mod tests {
         let mut path = ExitPath {
             answerer: &mut mode,
             policy: &mut policy,
+            tsc_trap: None,
             console: None,
         };
         path.arm(&mut vcpu).unwrap();

@@ -104,6 +104,7 @@ mod tests {
             let mut path = ExitPath {
                 answerer: &mut handler,
                 policy: &mut Policies::none(),
+                tsc_trap: None,
                 console: None,
             };
             let flow = path.handle(&mut vcpu, &hypercall, 0).unwrap();

@@ -335,6 +335,7 @@ mod tests {
         ExitPath {
             answerer: handler,
             policy: &mut Policies::none(),
+            tsc_trap: None,
             console: None,
         }
         .handle(vcpu, &exit, 0)

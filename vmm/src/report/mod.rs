@@ -154,6 +154,10 @@ pub struct RunReport {
     pub register_access: Option<RegisterAccess>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub shaping: Option<ShapingReport>,
+    /// An RDTSC-trapping evasion's reads: sites patched, reads answered, and how far the
+    /// clock it answered with was from the guest's real TSC.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tsc_trap: Option<crate::modes::tsc_trap::TscTrapRecord>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub native_cpu: Option<usize>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -266,6 +270,7 @@ impl RunReport {
             }),
             register_access: measurement.register_access,
             shaping,
+            tsc_trap: measurement.tsc_trap.clone(),
             native_cpu: measurement.native_cpu,
             cpuid_snapshot: measurement.results.cpuid.clone(),
             cpuid_site_bytes: measurement.results.site_bytes.clone(),

@@ -87,6 +87,22 @@ pub fn render(report: &RunReport) -> String {
         let delivery = trap.delivery.map_or("not at all", |d| d.describe());
         let _ = writeln!(out, "\ntrap: {}, delivered {delivery}", trap.mechanism.name());
     }
+    if let Some(t) = &report.tsc_trap {
+        let _ = writeln!(
+            out,
+            "\nTSC reads trapped ({}): {} RDTSC and {} RDTSCP sites patched, {} reads answered; \
+             the clock told was up to {} cycles behind and {} ahead of the guest's real TSC, \
+             {} cycles off at the last read; {} reads went backwards",
+            report.config.evasion,
+            t.rdtsc_sites,
+            t.rdtscp_sites,
+            t.reads,
+            t.max_behind,
+            t.max_ahead,
+            t.last_moved,
+            t.backwards
+        );
+    }
     if let Some(shaping) = &report.shaping {
         let achieved = match (
             shaping.achieved_cycles,

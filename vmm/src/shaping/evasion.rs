@@ -21,6 +21,13 @@ pub enum EvasionError {
         value: u64,
         why: &'static str,
     },
+    #[error("the evasion {0} traps the guest's RDTSC, and a native run has no guest: give a VM path (--mode hw-assist, trap-emulate or paravirt)")]
+    NeedsGuest(&'static str),
+    #[error(
+        "the evasion {0} answers the guest's TSC reads from a clock of its own, which TSC offset moves \
+         (--hide, --virtual-inject-cycles, --profile) do not reach: give one or the other"
+    )]
+    ClockAndOffset(&'static str),
     #[error("the evasion {name} needs TSC scaling, and this KVM ({flavour}) does not offer KVM_CAP_TSC_CONTROL: it cannot run here")]
     NoTscControl { name: &'static str, flavour: &'static str },
 }
@@ -48,6 +55,9 @@ pub struct Needs {
     pub tsc_moves: bool,
     /// KVM_CAP_TSC_CONTROL.
     pub tsc_control: bool,
+    /// The guest's RDTSC and RDTSCP trapped to the VMM, which answers them from the
+    /// policy's clock (`modes/tsc_trap.rs`).
+    pub tsc_trap: bool,
 }
 
 /// One evasion, as the registry knows it.

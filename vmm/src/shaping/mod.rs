@@ -12,22 +12,28 @@
 //! - [`latency::Latency`]: inject, virtual inject, hide, profiles (`--inject-*`, `--hide`,
 //!   `--profile`);
 //! - the evasions of [`registry::EVASIONS`] (`--evade NAME`), one file each:
-//!   [`pause_counter`], [`shared_offset`], [`tsc_khz`].
+//!   [`pause_counter`], [`shared_offset`], [`tsc_khz`], and the evaders that trap RDTSC
+//!   and answer it from a clock of their own ([`ExitPolicy::tsc_read`]): [`rdtsc_trap`],
+//!   [`hide_exits`], [`bettertiming`], [`rdtsc_kvm_handler`].
 //!
 //! Adding an evader is a new file here with an [`evasion::EvasionKind`] and one line in
 //! [`registry`]. What a run's shaping was compared with ([`outcome`]) is data; the
 //! calibration runs that produce it are `measure`'s, and what a report says of it is
 //! `crate::report::shaping`'s.
 
+pub mod bettertiming;
 pub mod evasion;
+pub mod hide_exits;
 pub mod latency;
 pub mod outcome;
 pub mod pause_counter;
 pub mod plan;
 pub mod policy;
 pub mod profile;
+pub mod rdtsc_kvm_handler;
+pub mod rdtsc_trap;
 pub mod registry;
 pub mod shared_offset;
 pub mod tsc_khz;
 
-pub use policy::{ExitPolicy, Policies, PolicyRecord, ShapedExits, ShapingError};
+pub use policy::{ExitPolicy, Policies, PolicyRecord, ShapedExits, ShapingError, TscRead};

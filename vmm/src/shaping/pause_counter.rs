@@ -17,6 +17,7 @@ pub const KIND: EvasionKind = EvasionKind {
         vmm_exits: true,
         tsc_moves: false,
         tsc_control: false,
+        tsc_trap: false,
     },
     check: |_| Ok(()),
     build: |_| Box::new(PauseCounter),
@@ -33,7 +34,7 @@ pub(super) fn pause(vcpu: &dyn Vcpu, policy: &'static str) -> Result<(), Shaping
 }
 
 impl ExitPolicy for PauseCounter {
-    fn exit_began(&mut self, vcpu: &mut dyn Vcpu) -> Result<(), ShapingError> {
+    fn exit_began(&mut self, vcpu: &mut dyn Vcpu, _exit_tsc: u64) -> Result<(), ShapingError> {
         pause(vcpu, KIND.name)
     }
 
@@ -56,7 +57,7 @@ mod tests {
         vcpu.counter = Some(SimCounter::default());
         let mut policy = PauseCounter;
         for _ in 0..3 {
-            policy.exit_began(&mut vcpu).unwrap();
+            policy.exit_began(&mut vcpu, 0).unwrap();
             assert_eq!(vcpu.counter.as_ref().unwrap().depth.get(), 1, "paused during the exit");
             policy.exit_ended(&mut vcpu).unwrap();
             assert_eq!(vcpu.counter.as_ref().unwrap().depth.get(), 0, "running again");
@@ -69,7 +70,7 @@ mod tests {
     fn a_run_without_a_counter_or_with_one_that_ended_is_refused() {
         let mut vcpu = SimVcpu::new();
         assert!(matches!(
-            PauseCounter.exit_began(&mut vcpu),
+            PauseCounter.exit_began(&mut vcpu, 0),
             Err(ShapingError::NoCounter("pause-counter"))
         ));
         vcpu.counter = Some(SimCounter {
@@ -77,7 +78,7 @@ mod tests {
             ..Default::default()
         });
         assert!(matches!(
-            PauseCounter.exit_began(&mut vcpu),
+            PauseCounter.exit_began(&mut vcpu, 0),
             Err(ShapingError::Counter(_))
         ));
     }

@@ -48,6 +48,13 @@ impl ShapingError {
     }
 }
 
+/// Which instruction a trapped TSC read was (originals often trap one and not the other).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TscRead {
+    Rdtsc,
+    Rdtscp,
+}
+
 /// The per-vCPU policy of a hypervisor that wants to look like something it is not: hooks
 /// for the exits it may act on, with the clocks it may move. Every hook has a default that
 /// does nothing, so a policy says only what it does.
@@ -63,9 +70,17 @@ pub trait ExitPolicy: Send {
         Ok(())
     }
 
-    /// vCPU 0 has left the guest for this VMM (any exit but the end of the run).
-    fn exit_began(&mut self, _vcpu: &mut dyn Vcpu) -> Result<(), ShapingError> {
+    /// vCPU 0 has left the guest for this VMM (any exit but the end of the run);
+    /// `exit_tsc` is the host TSC when KVM_RUN returned.
+    fn exit_began(&mut self, _vcpu: &mut dyn Vcpu, _exit_tsc: u64) -> Result<(), ShapingError> {
         Ok(())
+    }
+
+    /// A trapped RDTSC or RDTSCP (a run whose evasion traps them): `read` is what the
+    /// guest's TSC would have read as KVM_RUN returned, or what the policy before this one
+    /// made of it; the guest is told what this returns.
+    fn tsc_read(&mut self, _vcpu: &mut dyn Vcpu, read: u64, _instruction: TscRead) -> Result<u64, ShapingError> {
+        Ok(read)
     }
 
     /// A trapped or hypercalled CPUID was answered, its registers set; `exit_tsc` is the
@@ -169,8 +184,14 @@ impl ExitPolicy for Policies {
         self.0.iter_mut().try_for_each(|p| p.arm(vcpu))
     }
 
-    fn exit_began(&mut self, vcpu: &mut dyn Vcpu) -> Result<(), ShapingError> {
-        self.0.iter_mut().try_for_each(|p| p.exit_began(vcpu))
+    fn exit_began(&mut self, vcpu: &mut dyn Vcpu, exit_tsc: u64) -> Result<(), ShapingError> {
+        self.0.iter_mut().try_for_each(|p| p.exit_began(vcpu, exit_tsc))
+    }
+
+    fn tsc_read(&mut self, vcpu: &mut dyn Vcpu, read: u64, instruction: TscRead) -> Result<u64, ShapingError> {
+        self.0
+            .iter_mut()
+            .try_fold(read, |read, p| p.tsc_read(vcpu, read, instruction))
     }
 
     fn cpuid_answered(&mut self, vcpu: &mut dyn Vcpu, exit_tsc: u64) -> Result<(), ShapingError> {

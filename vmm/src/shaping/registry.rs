@@ -6,10 +6,14 @@ use super::evasion::{EvasionError, EvasionKind};
 use super::policy::ExitPolicy;
 
 /// Every evasion, in the order reports name them.
-pub const EVASIONS: [&EvasionKind; 3] = [
+pub const EVASIONS: [&EvasionKind; 7] = [
     &super::pause_counter::KIND,
     &super::shared_offset::KIND,
     &super::tsc_khz::KIND,
+    &super::rdtsc_trap::KIND,
+    &super::hide_exits::KIND,
+    &super::bettertiming::KIND,
+    &super::rdtsc_kvm_handler::KIND,
 ];
 
 fn known_spellings() -> String {
@@ -21,6 +25,21 @@ fn known_spellings() -> String {
         })
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// `--evade`'s help, from the registry: each spelling and what it does.
+pub fn help() -> String {
+    let each: Vec<String> = EVASIONS
+        .iter()
+        .map(|kind| match kind.argument {
+            Some(argument) => format!("{}:N ({}; N: {argument})", kind.name, kind.does),
+            None => format!("{} ({})", kind.name, kind.does),
+        })
+        .collect();
+    format!(
+        "Evasions beyond the TSC offset, comma-separated (docs/evaders.md): {}",
+        each.join("; ")
+    )
 }
 
 /// One evasion chosen for a run, with its argument.
@@ -111,11 +130,12 @@ impl Evasions {
         self.0.iter().map(Evasion::name).collect::<Vec<_>>().join("+")
     }
 
-    /// Refuses what a run of this shape cannot do: `counter` (two vCPUs), whether the
-    /// VMM sees CPUID exits on the path, whether the run moves the TSC, whether this KVM
-    /// can scale the TSC (`Err`: its flavour).
+    /// Refuses what a run of this shape cannot do: `vm` (not a native run), `counter`
+    /// (two vCPUs), whether the VMM sees CPUID exits on the path, whether the run moves the
+    /// TSC, whether this KVM can scale the TSC (`Err`: its flavour).
     pub fn check(
         &self,
+        vm: bool,
         counter: bool,
         vmm_handles_cpuid: bool,
         moves_tsc: bool,
@@ -132,11 +152,22 @@ impl Evasions {
             if needs.tsc_moves && !moves_tsc {
                 return Err(EvasionError::NothingToShare(name));
             }
+            if needs.tsc_trap && !vm {
+                return Err(EvasionError::NeedsGuest(name));
+            }
+            if needs.tsc_trap && moves_tsc {
+                return Err(EvasionError::ClockAndOffset(name));
+            }
             if needs.tsc_control {
                 tsc_control.map_err(|flavour| EvasionError::NoTscControl { name, flavour })?;
             }
         }
         Ok(())
+    }
+
+    /// Whether one of them traps the guest's TSC reads.
+    pub fn traps_tsc(&self) -> bool {
+        self.0.iter().any(|e| e.kind.needs.tsc_trap)
     }
 
     /// The policies they become, in registry order.
@@ -159,7 +190,9 @@ mod tests {
         let unknown = Evasions::parse(["teleport"]).unwrap_err();
         assert!(matches!(&unknown, EvasionError::Unknown { given, .. } if given == "teleport"));
         assert!(
-            unknown.to_string().contains("pause-counter, shared-offset, tsc-khz:N"),
+            unknown.to_string().contains(
+                "pause-counter, shared-offset, tsc-khz:N, rdtsc-trap, hide-exits, bettertiming, rdtsc-kvm-handler:N"
+            ),
             "{unknown}"
         );
         let slow = Evasions::parse(["tsc-khz:5"]).unwrap_err();
@@ -179,31 +212,56 @@ mod tests {
     }
 
     #[test]
+    fn the_help_names_every_evasion() {
+        let help = help();
+        for kind in EVASIONS {
+            assert!(help.contains(kind.name) && help.contains(kind.does), "{}", kind.name);
+        }
+    }
+
+    #[test]
     fn each_evasion_is_refused_where_it_cannot_act() {
         let pause = Evasions::parse(["pause-counter"]).unwrap();
         assert_eq!(
-            pause.check(false, true, false, Ok(())),
+            pause.check(true, false, true, false, Ok(())),
             Err(EvasionError::NeedsCounter("pause-counter"))
         );
         assert_eq!(
-            pause.check(true, false, false, Ok(())),
+            pause.check(true, true, false, false, Ok(())),
             Err(EvasionError::NeedsVmmExits("pause-counter"))
         );
-        assert_eq!(pause.check(true, true, false, Ok(())), Ok(()));
+        assert_eq!(pause.check(true, true, true, false, Ok(())), Ok(()));
         let shared = Evasions::parse(["shared-offset"]).unwrap();
         assert_eq!(
-            shared.check(true, true, false, Ok(())),
+            shared.check(true, true, true, false, Ok(())),
             Err(EvasionError::NothingToShare("shared-offset"))
         );
-        assert_eq!(shared.check(true, true, true, Ok(())), Ok(()));
+        assert_eq!(shared.check(true, true, true, true, Ok(())), Ok(()));
         let scale = Evasions::parse(["tsc-khz:1000000"]).unwrap();
         assert_eq!(
-            scale.check(false, false, false, Err("kvm_pvm")),
+            scale.check(true, false, false, false, Err("kvm_pvm")),
             Err(EvasionError::NoTscControl {
                 name: "tsc-khz",
                 flavour: "kvm_pvm"
             })
         );
-        assert_eq!(scale.check(false, false, false, Ok(())), Ok(()));
+        assert_eq!(scale.check(true, false, false, false, Ok(())), Ok(()));
+        let clock = Evasions::parse(["hide-exits"]).unwrap();
+        assert!(clock.traps_tsc() && !scale.traps_tsc());
+        assert_eq!(
+            clock.check(false, false, false, false, Err("native: no KVM")),
+            Err(EvasionError::NeedsGuest("hide-exits"))
+        );
+        assert_eq!(
+            clock.check(true, false, false, false, Err("kvm_pvm")),
+            Ok(()),
+            "any VM path, any KVM"
+        );
+        assert_eq!(
+            clock.check(true, false, true, true, Ok(())),
+            Err(EvasionError::ClockAndOffset("hide-exits"))
+        );
+        let slow = Evasions::parse(["rdtsc-kvm-handler:0"]).unwrap_err();
+        assert!(matches!(slow, EvasionError::Argument { value: 0, .. }), "{slow}");
     }
 }

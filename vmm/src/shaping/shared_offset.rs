@@ -21,6 +21,7 @@ pub const KIND: EvasionKind = EvasionKind {
         vmm_exits: true,
         tsc_moves: true,
         tsc_control: false,
+        tsc_trap: false,
     },
     check: |_| Ok(()),
     build: |_| Box::new(SharedOffset),
@@ -40,7 +41,7 @@ impl ExitPolicy for SharedOffset {
         })
     }
 
-    fn exit_began(&mut self, vcpu: &mut dyn Vcpu) -> Result<(), ShapingError> {
+    fn exit_began(&mut self, vcpu: &mut dyn Vcpu, _exit_tsc: u64) -> Result<(), ShapingError> {
         pause_counter::pause(vcpu, KIND.name)
     }
 
@@ -72,7 +73,7 @@ mod tests {
         ]);
         policies.arm(&mut vcpu).unwrap();
         for _ in 0..2 {
-            policies.exit_began(&mut vcpu).unwrap();
+            policies.exit_began(&mut vcpu, 0).unwrap();
             policies.cpuid_answered(&mut vcpu, 0).unwrap();
             assert_eq!(vcpu.counter.as_ref().unwrap().tsc_moved.get() % 5_000, 0);
             policies.exit_ended(&mut vcpu).unwrap();

@@ -16,6 +16,7 @@ pub const KIND: EvasionKind = EvasionKind {
         vmm_exits: false,
         tsc_moves: false,
         tsc_control: true,
+        tsc_trap: false,
     },
     check: |khz| match khz {
         100_000..=10_000_000 => Ok(()),

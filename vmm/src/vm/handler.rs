@@ -37,6 +37,8 @@ pub enum ExitKind {
     CpuidQueryTrap,
     /// A hypercall of the guest's CPUID snapshot (not a timed sample).
     CpuidQueryHypercall,
+    /// A trapped RDTSC or RDTSCP, answered from the run's virtual clock.
+    TscTrap,
     /// A byte of console output.
     Console,
     /// The guest rang the done port.
@@ -52,6 +54,7 @@ impl ExitKind {
             ExitKind::CpuidHypercall => "cpuid-hypercall",
             ExitKind::CpuidQueryTrap => "cpuid-query-trap",
             ExitKind::CpuidQueryHypercall => "cpuid-query-hypercall",
+            ExitKind::TscTrap => "tsc-trap",
             ExitKind::Console => "console-io",
             ExitKind::Done => "done-io",
             ExitKind::Signal => "signal",

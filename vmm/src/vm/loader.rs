@@ -100,6 +100,8 @@ pub struct Payload {
     /// Every CPUID instruction (`0f a2`) found by decoding the executable segments, in
     /// address order.
     pub cpuid_sites: Vec<u64>,
+    /// Every RDTSC and RDTSCP, found the same way (for the evasions that trap them).
+    pub tsc_sites: TscSites,
     /// What the payload declares (`vmm_payload_info`), if it declares anything.
     pub info: Option<PayloadInfo>,
 }
@@ -182,6 +184,7 @@ impl Payload {
         }
         let symbols = symbols(b)?;
         let cpuid_sites = decode_cpuid_sites(b, &segments);
+        let tsc_sites = decode_tsc_sites(b, &segments);
         let info = symbols
             .get(PAYLOAD_INFO_SYMBOL)
             .and_then(|&addr| file_bytes_at(b, &segments, addr, std::mem::size_of::<PayloadInfo>()))
@@ -193,6 +196,7 @@ impl Payload {
             segments,
             symbols,
             cpuid_sites,
+            tsc_sites,
             info,
         })
     }
@@ -332,6 +336,29 @@ fn decode_cpuid_sites(b: &[u8], segments: &[Segment]) -> Vec<u64> {
         sites.extend(crate::arch::x86_64::decode::cpuid_sites(code, segment.addr));
     }
     sites.sort_unstable();
+    sites
+}
+
+/// Where a payload reads the TSC, in address order.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TscSites {
+    pub rdtsc: Vec<u64>,
+    pub rdtscp: Vec<u64>,
+}
+
+/// Every RDTSC and RDTSCP in the executable segments, swept as CPUIDs are.
+fn decode_tsc_sites(b: &[u8], segments: &[Segment]) -> TscSites {
+    let mut sites = TscSites::default();
+    for segment in segments.iter().filter(|s| s.executable) {
+        let Some(code) = slice(b, segment.file_offset as usize, segment.file_size as usize).ok() else {
+            continue;
+        };
+        let (rdtsc, rdtscp) = crate::arch::x86_64::decode::tsc_sites(code, segment.addr);
+        sites.rdtsc.extend(rdtsc);
+        sites.rdtscp.extend(rdtscp);
+    }
+    sites.rdtsc.sort_unstable();
+    sites.rdtscp.sort_unstable();
     sites
 }
 
@@ -527,6 +554,18 @@ mod tests {
         let payload = parse(tiny_elf(EM_X86_64, PAYLOAD_START, &code)).unwrap();
         assert_eq!(payload.cpuid_sites, vec![PAYLOAD_START + 1, PAYLOAD_START + 8]);
         assert!(payload.info.is_none(), "no symbol table, no declaration");
+    }
+
+    #[test]
+    fn tsc_reads_are_decoded_too_and_the_embedded_core_has_some() {
+        // rdtsc; mov eax, 0x0031_0f00 (0f 31 in an immediate); rdtscp; ret
+        let code = [0x0f, 0x31, 0xb8, 0x00, 0x0f, 0x31, 0x00, 0x0f, 0x01, 0xf9, 0xc3];
+        let payload = parse(tiny_elf(EM_X86_64, PAYLOAD_START, &code)).unwrap();
+        assert_eq!(payload.tsc_sites.rdtsc, vec![PAYLOAD_START]);
+        assert_eq!(payload.tsc_sites.rdtscp, vec![PAYLOAD_START + 7]);
+        let embedded = Payload::embedded().unwrap();
+        assert!(embedded.tsc_sites.rdtsc.len() >= 4, "{:?}", embedded.tsc_sites);
+        assert!(embedded.tsc_sites.rdtscp.is_empty(), "the core never uses rdtscp");
     }
 
     #[test]

@@ -204,6 +204,10 @@ impl Vcpu for TracingVcpu<'_, '_> {
         self.inner.take_moved()
     }
 
+    fn tsc_offset(&mut self) -> Result<i64, VcpuError> {
+        self.inner.tsc_offset()
+    }
+
     /// Counted as the write-back it is, not as a call of the handler's.
     fn flush(&mut self) -> Result<(), VcpuError> {
         let start = read_tsc();

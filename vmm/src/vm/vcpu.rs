@@ -41,6 +41,9 @@ pub trait Vcpu {
     fn move_tsc(&mut self, delta: i64) -> Result<(), VcpuError>;
     /// The host's TSC now: the clock exit handling measures itself with.
     fn now(&self) -> u64;
+    /// The guest's TSC minus the host's: what the guest's own RDTSC would read, less
+    /// [`Vcpu::now`] (for a VMM that answers trapped RDTSCs).
+    fn tsc_offset(&mut self) -> Result<i64, VcpuError>;
     /// TSC moves made since the last call, summed (what a shared offset passes on).
     fn take_moved(&mut self) -> i64;
     /// Writes back registers a handler changed, now rather than at the next KVM_RUN: an
@@ -214,6 +217,10 @@ impl Vcpu for KvmVcpu {
         guest_payload::timing::read_tsc()
     }
 
+    fn tsc_offset(&mut self) -> Result<i64, VcpuError> {
+        Ok(super::tsc::guest_offset(&self.fd)?.0)
+    }
+
     fn take_moved(&mut self) -> i64 {
         std::mem::take(&mut self.moved)
     }
@@ -369,6 +376,9 @@ pub mod sim {
         }
         fn take_moved(&mut self) -> i64 {
             std::mem::take(&mut self.moved)
+        }
+        fn tsc_offset(&mut self) -> Result<i64, VcpuError> {
+            Ok(self.tsc_offset)
         }
         fn counter(&self) -> Option<&dyn Counter> {
             self.counter.as_ref().map(|c| c as &dyn Counter)

@@ -16,6 +16,20 @@ pub fn cpuid_sites(code: &[u8], addr: u64) -> impl Iterator<Item = u64> + '_ {
         .map(|i| i.ip())
 }
 
+/// The address of every RDTSC (`0f 31`) and every RDTSCP (`0f 01 f9`) in `code`, decoded
+/// as [`cpuid_sites`] are.
+pub fn tsc_sites(code: &[u8], addr: u64) -> (Vec<u64>, Vec<u64>) {
+    let (mut rdtsc, mut rdtscp) = (Vec::new(), Vec::new());
+    for i in Decoder::with_ip(64, code, addr, DecoderOptions::NONE) {
+        match i.code() {
+            Code::Rdtsc => rdtsc.push(i.ip()),
+            Code::Rdtscp => rdtscp.push(i.ip()),
+            _ => {}
+        }
+    }
+    (rdtsc, rdtscp)
+}
+
 /// The first instruction of `bytes`, if they hold a valid one.
 fn first(bytes: &[u8], ip: u64) -> Option<Instruction> {
     let mut decoder = Decoder::with_ip(64, bytes, ip, DecoderOptions::NONE);

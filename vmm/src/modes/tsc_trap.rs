@@ -1,0 +1,268 @@
+//! Trapping the guest's TSC reads, for the evasions that answer RDTSC with a clock of
+//! their own (BetterTiming and its kin trap RDTSC in the kernel; KVM offers no RDTSC exit
+//! to userspace). Each RDTSC (`0f 31`) is patched into `out imm8, al` to the RDTSC trap
+//! port, two bytes like RDTSC, and each RDTSCP (`0f 01 f9`) into the same `out` to its own
+//! port and a NOP; on the port I/O exit the VMM answers EDX:EAX (and ECX, TSC_AUX, for
+//! RDTSCP) with what the run's exit policy makes of the guest's TSC at that moment. KVM
+//! moves RIP past the `out` itself, as for `--trap io-patch`.
+//!
+//! Patching is this testbed's mechanism, not the evader's (a kernel evader traps without
+//! touching guest code): a guest that reads its own code sees the patches.
+
+use super::answer::ModeError;
+use super::trap_emulate::site_at;
+use crate::shaping::{ExitPolicy, TscRead};
+use crate::vm::exit::Exit;
+use crate::vm::loader::TscSites;
+use crate::vm::vcpu::Vcpu;
+use guest_payload::ports;
+use serde::Serialize;
+use vm_memory::{Bytes, GuestAddress};
+
+const RDTSC_OPCODE: [u8; 2] = [0x0f, 0x31];
+const RDTSCP_OPCODE: [u8; 3] = [0x0f, 0x01, 0xf9];
+/// What replaces each RDTSC: `out imm8, al` to the RDTSC trap port.
+pub const RDTSC_PATCH: [u8; 2] = [0xe6, ports::RDTSC_TRAP];
+/// What replaces each RDTSCP: the same `out` to its own port, and a NOP.
+pub const RDTSCP_PATCH: [u8; 3] = [0xe6, ports::RDTSCP_TRAP, 0x90];
+/// Bytes of the `out` a patched site exits after (KVM reports RIP past it).
+const OUT_BYTES: u64 = 2;
+
+/// What the trapped reads were told, against what the guest's own TSC would have read:
+/// the report's "how far the clock was moved from the truth".
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct TscTrapRecord {
+    /// RDTSC and RDTSCP sites patched.
+    pub rdtsc_sites: usize,
+    pub rdtscp_sites: usize,
+    /// Reads answered.
+    pub reads: u64,
+    /// Reads answered with less than the read before (the clock ran backwards).
+    pub backwards: u64,
+    /// The furthest any answer was behind the guest's real TSC, in cycles.
+    pub max_behind: u64,
+    /// The furthest any answer was ahead of it.
+    pub max_ahead: u64,
+    /// The last answer's distance from the real TSC (negative: behind).
+    pub last_moved: i64,
+}
+
+/// The RDTSC/RDTSCP trap of one vCPU.
+pub struct TscTrap {
+    sites: TscSites,
+    /// Guest TSC minus host TSC as armed: what the guest's own RDTSC would read.
+    offset: i64,
+    last: Option<u64>,
+    record: TscTrapRecord,
+}
+
+impl TscTrap {
+    pub fn new(sites: TscSites) -> Self {
+        let record = TscTrapRecord {
+            rdtsc_sites: sites.rdtsc.len(),
+            rdtscp_sites: sites.rdtscp.len(),
+            ..Default::default()
+        };
+        Self {
+            sites,
+            offset: 0,
+            last: None,
+            record,
+        }
+    }
+
+    pub fn record(&self) -> &TscTrapRecord {
+        &self.record
+    }
+
+    /// Patches every site (each checked to hold what the decoder found) and reads the
+    /// guest's TSC offset, before the vCPU first runs.
+    pub fn arm(&mut self, vcpu: &mut dyn Vcpu) -> Result<(), ModeError> {
+        if self.sites.rdtsc.is_empty() && self.sites.rdtscp.is_empty() {
+            return Err(ModeError::NoTscSites);
+        }
+        patch(vcpu, &self.sites.rdtsc, "rdtsc", &RDTSC_OPCODE, &RDTSC_PATCH)?;
+        patch(vcpu, &self.sites.rdtscp, "rdtscp", &RDTSCP_OPCODE, &RDTSCP_PATCH)?;
+        self.offset = vcpu.tsc_offset()?;
+        Ok(())
+    }
+
+    /// A trapped read, answered through `policy`; `None` if `exit` is not one.
+    pub fn answer(
+        &mut self,
+        vcpu: &mut dyn Vcpu,
+        exit: &Exit,
+        exit_tsc: u64,
+        policy: &mut dyn ExitPolicy,
+    ) -> Result<Option<()>, ModeError> {
+        let (port, sites) = match *exit {
+            Exit::IoOut { port, .. } if port == u16::from(ports::RDTSC_TRAP) => (ports::RDTSC_TRAP, &self.sites.rdtsc),
+            Exit::IoOut { port, .. } if port == u16::from(ports::RDTSCP_TRAP) => {
+                (ports::RDTSCP_TRAP, &self.sites.rdtscp)
+            }
+            _ => return Ok(None),
+        };
+        let mut regs = vcpu.regs()?;
+        if site_at(sites, regs.rip, OUT_BYTES).is_none() {
+            return Err(ModeError::UnexpectedTscTrap { port, rip: regs.rip });
+        }
+        let truth = exit_tsc.wrapping_add(self.offset as u64);
+        let instruction = if port == ports::RDTSCP_TRAP {
+            TscRead::Rdtscp
+        } else {
+            TscRead::Rdtsc
+        };
+        let told = policy.tsc_read(vcpu, truth, instruction)?;
+        regs.rax = told & 0xffff_ffff;
+        regs.rdx = told >> 32;
+        if port == ports::RDTSCP_TRAP {
+            // TSC_AUX as KVM leaves it for a vCPU nobody configured.
+            regs.rcx = 0;
+        }
+        vcpu.set_regs(&regs)?;
+        let moved = told.wrapping_sub(truth) as i64;
+        let record = &mut self.record;
+        record.reads += 1;
+        record.backwards += u64::from(self.last.is_some_and(|last| told < last));
+        record.max_behind = record.max_behind.max(moved.min(0).unsigned_abs());
+        record.max_ahead = record.max_ahead.max(moved.max(0).unsigned_abs());
+        record.last_moved = moved;
+        self.last = Some(told);
+        Ok(Some(()))
+    }
+}
+
+fn patch(
+    vcpu: &mut dyn Vcpu,
+    sites: &[u64],
+    name: &'static str,
+    expected: &[u8],
+    with: &[u8],
+) -> Result<(), ModeError> {
+    for &addr in sites {
+        let mut found = vec![0u8; expected.len()];
+        vcpu.memory()
+            .read_slice(&mut found, GuestAddress(addr))
+            .map_err(|source| ModeError::Memory { addr, source })?;
+        if found != expected {
+            return Err(ModeError::NotTscRead {
+                instruction: name,
+                addr,
+                found,
+            });
+        }
+        vcpu.memory()
+            .write_slice(with, GuestAddress(addr))
+            .map_err(|source| ModeError::Memory { addr, source })?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shaping::Policies;
+    use crate::vm::vcpu::sim::SimVcpu;
+
+    const SITE: u64 = 0x10_0200;
+
+    fn armed(vcpu: &mut SimVcpu, rdtscp: bool) -> TscTrap {
+        let (code, sites): (&[u8], _) = if rdtscp {
+            (
+                &RDTSCP_OPCODE,
+                TscSites {
+                    rdtsc: vec![],
+                    rdtscp: vec![SITE],
+                },
+            )
+        } else {
+            (
+                &RDTSC_OPCODE,
+                TscSites {
+                    rdtsc: vec![SITE],
+                    rdtscp: vec![],
+                },
+            )
+        };
+        vcpu.memory.write_slice(code, GuestAddress(SITE)).unwrap();
+        let mut trap = TscTrap::new(sites);
+        trap.arm(vcpu).unwrap();
+        trap
+    }
+
+    #[test]
+    fn a_patched_rdtsc_is_answered_with_the_guests_tsc_split_into_edx_eax() {
+        let mut vcpu = SimVcpu::new();
+        vcpu.tsc_offset = 1 << 36;
+        let mut trap = armed(&mut vcpu, false);
+        let mut code = [0u8; 2];
+        vcpu.memory.read_slice(&mut code, GuestAddress(SITE)).unwrap();
+        assert_eq!(code, RDTSC_PATCH);
+        vcpu.regs.rip = SITE + 2;
+        let exit = Exit::IoOut {
+            port: u16::from(ports::RDTSC_TRAP),
+            value: 0,
+        };
+        let exit_tsc = 0x1234_5678_9abc;
+        let answered = trap.answer(&mut vcpu, &exit, exit_tsc, &mut Policies::none()).unwrap();
+        assert_eq!(answered, Some(()));
+        let truth = exit_tsc + (1 << 36);
+        assert_eq!((vcpu.regs.rdx << 32) | vcpu.regs.rax, truth);
+        assert_eq!(trap.record().reads, 1);
+        assert_eq!(trap.record().last_moved, 0);
+        let console = Exit::IoOut {
+            port: ports::CONSOLE,
+            value: 0,
+        };
+        assert_eq!(
+            trap.answer(&mut vcpu, &console, 0, &mut Policies::none()).unwrap(),
+            None
+        );
+    }
+
+    #[test]
+    fn rdtscp_gets_its_own_port_a_nop_and_ecx() {
+        let mut vcpu = SimVcpu::new();
+        let mut trap = armed(&mut vcpu, true);
+        let mut code = [0u8; 3];
+        vcpu.memory.read_slice(&mut code, GuestAddress(SITE)).unwrap();
+        assert_eq!(code, RDTSCP_PATCH);
+        vcpu.regs.rip = SITE + 2;
+        vcpu.regs.rcx = 77;
+        let exit = Exit::IoOut {
+            port: u16::from(ports::RDTSCP_TRAP),
+            value: 0,
+        };
+        trap.answer(&mut vcpu, &exit, 1 << 40, &mut Policies::none()).unwrap();
+        assert_eq!(vcpu.regs.rcx, 0);
+        assert_eq!((vcpu.regs.rdx << 32) | vcpu.regs.rax, 1 << 40);
+    }
+
+    #[test]
+    fn a_trap_from_an_unpatched_place_or_a_site_that_is_no_rdtsc_is_refused() {
+        let mut vcpu = SimVcpu::new();
+        let mut trap = armed(&mut vcpu, false);
+        vcpu.regs.rip = 0x10_0900;
+        let exit = Exit::IoOut {
+            port: u16::from(ports::RDTSC_TRAP),
+            value: 0,
+        };
+        assert!(matches!(
+            trap.answer(&mut vcpu, &exit, 0, &mut Policies::none()),
+            Err(ModeError::UnexpectedTscTrap { rip: 0x10_0900, .. })
+        ));
+        let mut vcpu = SimVcpu::new();
+        let mut wrong = TscTrap::new(TscSites {
+            rdtsc: vec![SITE],
+            rdtscp: vec![],
+        });
+        assert!(matches!(
+            wrong.arm(&mut vcpu),
+            Err(ModeError::NotTscRead { addr: SITE, .. })
+        ));
+        assert!(matches!(
+            TscTrap::new(TscSites::default()).arm(&mut vcpu),
+            Err(ModeError::NoTscSites)
+        ));
+    }
+}

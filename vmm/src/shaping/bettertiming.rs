@@ -1,0 +1,142 @@
+//! `bettertiming`: SamuelTulach/BetterTiming's clock as its code reads, at
+//! 3d95a8fe8a9e6f072c7732e83c6cca43023aa4a7 (`timing.patch`, an AMD SVM patch for
+//! Linux 5.9.2). RDTSC is intercepted (L8) and marked as a "tagged" exit, like CPUID
+//! (L34), WBINVD (L16), XSETBV (L25), INVD (L42) and reads of MSR 0x10 (L105). A wrapper
+//! round `vcpu_enter_guest` (L122-L138) takes `last_exit_start = rdtsc()` *before* entering
+//! the guest and, where the exit was tagged, adds everything since — entry, the guest's
+//! own run, the exit, its handler — to a per-vCPU `total_exit_time`. RDTSC answers
+//! `rdtsc() - (total_exit_time + rdtsc() - last_exit_start)` (L57-L60), that is the host
+//! TSC as the guest was last entered, less the total. Nothing ever resynchronises it.
+//!
+//! The consequence, which its README's description ("the time it took for the vcpu to
+//! exit") does not say: the guest's own time before a tagged exit vanishes too, so a guest
+//! whose every exit is tagged reads the same TSC again and again; the clock moves only by
+//! the length of the untagged round trips between (here: console output). `hide-exits` is
+//! the clock the README describes.
+//!
+//! Here the tagged exits are those this VMM sees of the list: CPUIDs it answers and the
+//! trapped RDTSCs; the guest's entry is when KVM_RUN is called. Not reproduced: WBINVD,
+//! XSETBV and INVD (KVM handles them in the kernel) and MSR 0x10 reads (KVM answers them
+//! with the real TSC). RDTSCP is not intercepted by the original, so it reads the real TSC
+//! here too, though here it still costs an exit.
+
+use super::evasion::{EvasionKind, Needs};
+use super::policy::{ExitPolicy, ShapingError, TscRead};
+use crate::vm::vcpu::Vcpu;
+
+pub const KIND: EvasionKind = EvasionKind {
+    name: "bettertiming",
+    argument: None,
+    does: "traps RDTSC and answers the host TSC at the last guest entry less the whole of every tagged round trip (CPUID, RDTSC; RDTSCP: the real TSC)",
+    as_in: "SamuelTulach/BetterTiming 3d95a8f timing.patch",
+    needs: Needs {
+        counter: false,
+        vmm_exits: false,
+        tsc_moves: false,
+        tsc_control: false,
+        tsc_trap: true,
+    },
+    check: |_| Ok(()),
+    build: |_| Box::new(BetterTiming::default()),
+};
+
+/// One vCPU's `total_exit_time` and `last_exit_start`.
+#[derive(Debug, Default)]
+pub struct BetterTiming {
+    total_exit_time: u64,
+    /// When the guest was last entered (the end of the exit before): the original's
+    /// `last_exit_start`. `None` before the first exit.
+    last_exit_start: Option<u64>,
+    /// When KVM_RUN returned for the exit under way.
+    exit_tsc: u64,
+    tagged: bool,
+}
+
+impl ExitPolicy for BetterTiming {
+    fn exit_began(&mut self, _vcpu: &mut dyn Vcpu, exit_tsc: u64) -> Result<(), ShapingError> {
+        self.exit_tsc = exit_tsc;
+        self.tagged = false;
+        Ok(())
+    }
+
+    fn cpuid_answered(&mut self, _vcpu: &mut dyn Vcpu, _exit_tsc: u64) -> Result<(), ShapingError> {
+        self.tagged = true;
+        Ok(())
+    }
+
+    /// `read` is the guest's TSC as KVM_RUN returned; the original answers as of the
+    /// last entry, less the total.
+    fn tsc_read(&mut self, _vcpu: &mut dyn Vcpu, read: u64, instruction: TscRead) -> Result<u64, ShapingError> {
+        if instruction == TscRead::Rdtscp {
+            return Ok(read);
+        }
+        self.tagged = true;
+        let since_entry = self
+            .last_exit_start
+            .map_or(0, |entry| self.exit_tsc.saturating_sub(entry));
+        Ok(read.saturating_sub(since_entry).saturating_sub(self.total_exit_time))
+    }
+
+    fn exit_ended(&mut self, vcpu: &mut dyn Vcpu) -> Result<(), ShapingError> {
+        let now = vcpu.now();
+        if self.tagged {
+            if let Some(entry) = self.last_exit_start {
+                self.total_exit_time = self.total_exit_time.saturating_add(now.saturating_sub(entry));
+            }
+        }
+        self.last_exit_start = Some(now);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vm::vcpu::sim::SimVcpu;
+
+    /// One round trip: the guest runs `guest` cycles and exits; the VMM spends `handler`.
+    /// A read returns what the guest was told; any other exit is untagged.
+    fn round_trip(vcpu: &mut SimVcpu, clock: &mut BetterTiming, guest: u64, handler: u64, read: bool) -> Option<u64> {
+        vcpu.advance(guest);
+        let exit_tsc = vcpu.host_tsc.get();
+        clock.exit_began(vcpu, exit_tsc).unwrap();
+        let told = read.then(|| clock.tsc_read(vcpu, exit_tsc, TscRead::Rdtsc).unwrap());
+        vcpu.advance(handler);
+        clock.exit_ended(vcpu).unwrap();
+        told
+    }
+
+    #[test]
+    fn the_guests_own_time_before_a_tagged_exit_vanishes_with_it() {
+        let mut vcpu = SimVcpu::new();
+        let mut clock = BetterTiming::default();
+        round_trip(&mut vcpu, &mut clock, 1_000, 500, false);
+        let first = round_trip(&mut vcpu, &mut clock, 10, 3_000, true).unwrap();
+        // A million cycles of guest work between two reads: the original hides them all.
+        let second = round_trip(&mut vcpu, &mut clock, 1_000_000, 3_000, true).unwrap();
+        assert_eq!(second, first, "tagged round trips leave the clock where it was");
+        // An untagged round trip (console output) is time the clock shows, whole.
+        round_trip(&mut vcpu, &mut clock, 7_000, 2_000, false);
+        let third = round_trip(&mut vcpu, &mut clock, 10, 3_000, true).unwrap();
+        assert_eq!(third - second, 9_000);
+        // RDTSCP is not the original's: the real TSC.
+        let exit_tsc = vcpu.host_tsc.get();
+        assert_eq!(clock.tsc_read(&mut vcpu, exit_tsc, TscRead::Rdtscp).unwrap(), exit_tsc);
+    }
+
+    #[test]
+    fn a_tagged_cpuid_round_trip_is_hidden_like_a_read() {
+        let mut vcpu = SimVcpu::new();
+        let mut clock = BetterTiming::default();
+        round_trip(&mut vcpu, &mut clock, 100, 100, false);
+        let before = round_trip(&mut vcpu, &mut clock, 10, 3_000, true).unwrap();
+        vcpu.advance(20_000);
+        let exit_tsc = vcpu.host_tsc.get();
+        clock.exit_began(&mut vcpu, exit_tsc).unwrap();
+        clock.cpuid_answered(&mut vcpu, exit_tsc).unwrap();
+        vcpu.advance(30_000);
+        clock.exit_ended(&mut vcpu).unwrap();
+        let after = round_trip(&mut vcpu, &mut clock, 10, 3_000, true).unwrap();
+        assert_eq!(after, before);
+    }
+}
