@@ -88,6 +88,19 @@ pub fn run_checks() -> Vec<Check> {
             RegisterAccess::Ioctls => "no KVM_CAP_SYNC_REGS for the general registers: one KVM_GET_REGS (and at most one KVM_SET_REGS) per emulated exit",
         };
         checks.push(check("exit path", Verdict::Ok, access));
+        checks.push(if kvm.check_extension(kvm_ioctls::Cap::X86UserSpaceMsr) {
+            check(
+                "MSR exits",
+                Verdict::Ok,
+                "KVM_CAP_X86_USER_SPACE_MSR: filtered MSR reads reach the VMM (bettertiming and hide-exits answer MSR 0x10)",
+            )
+        } else {
+            check(
+                "MSR exits",
+                Verdict::Warn,
+                "no KVM_CAP_X86_USER_SPACE_MSR: the evasions that answer MSR 0x10 (bettertiming, hide-exits) are refused",
+            )
+        });
     }
 
     let flavour_verdict = match flavour {

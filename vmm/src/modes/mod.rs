@@ -197,27 +197,28 @@ impl ExitPath<'_, '_> {
                 }
                 ExitKind::Console
             }
-            Exit::IoOut { .. } if self.tsc_trap.is_some() && self.answer_tsc(vcpu, exit, exit_tsc)? => {
-                ExitKind::TscTrap
-            }
-            _ => match self.answerer.answer(vcpu, exit)? {
-                Some(answered) => {
-                    if answered.shaped {
-                        self.policy.cpuid_answered(vcpu, exit_tsc)?;
+            _ => match self.answer_tsc(vcpu, exit, exit_tsc)? {
+                Some(kind) => kind,
+                None => match self.answerer.answer(vcpu, exit)? {
+                    Some(answered) => {
+                        if answered.shaped {
+                            self.policy.cpuid_answered(vcpu, exit_tsc)?;
+                        }
+                        answered.kind
                     }
-                    answered.kind
-                }
-                None => return refuse(vcpu, exit),
+                    None => return refuse(vcpu, exit),
+                },
             },
         };
         Ok(Flow::Continue(kind))
     }
 
-    /// A trapped TSC read answered through the policy: true if `exit` was one.
-    fn answer_tsc(&mut self, vcpu: &mut dyn Vcpu, exit: &Exit, exit_tsc: u64) -> Result<bool, ModeError> {
+    /// A trapped TSC read answered through the policy: the kind to count it as, if `exit`
+    /// was one.
+    fn answer_tsc(&mut self, vcpu: &mut dyn Vcpu, exit: &Exit, exit_tsc: u64) -> Result<Option<ExitKind>, ModeError> {
         match self.tsc_trap.as_mut() {
-            Some(trap) => Ok(trap.answer(vcpu, exit, exit_tsc, &mut *self.policy)?.is_some()),
-            None => Ok(false),
+            Some(trap) => trap.answer(vcpu, exit, exit_tsc, &mut *self.policy),
+            None => Ok(None),
         }
     }
 }

@@ -13,6 +13,7 @@ use super::answer::ModeError;
 use super::trap_emulate::site_at;
 use crate::shaping::{ExitPolicy, TscRead};
 use crate::vm::exit::Exit;
+use crate::vm::handler::ExitKind;
 use crate::vm::loader::TscSites;
 use crate::vm::vcpu::Vcpu;
 use guest_payload::ports;
@@ -27,6 +28,9 @@ pub const RDTSC_PATCH: [u8; 2] = [0xe6, ports::RDTSC_TRAP];
 pub const RDTSCP_PATCH: [u8; 3] = [0xe6, ports::RDTSCP_TRAP, 0x90];
 /// Bytes of the `out` a patched site exits after (KVM reports RIP past it).
 const OUT_BYTES: u64 = 2;
+/// The MSR that reads the TSC; an evasion that intercepts it has its reads filtered to
+/// this VMM (`GuestVm::trap_msr_reads`).
+pub const IA32_TSC: u32 = 0x10;
 
 /// What the trapped reads were told, against what the guest's own TSC would have read:
 /// the report's "how far the clock was moved from the truth".
@@ -35,8 +39,10 @@ pub struct TscTrapRecord {
     /// RDTSC and RDTSCP sites patched.
     pub rdtsc_sites: usize,
     pub rdtscp_sites: usize,
-    /// Reads answered.
+    /// Reads answered (RDTSC, RDTSCP and MSR 0x10 together).
     pub reads: u64,
+    /// Of which reads of IA32_TSC (MSR 0x10), where the evasion intercepts them.
+    pub msr_reads: u64,
     /// Reads answered with less than the read before (the clock ran backwards).
     pub backwards: u64,
     /// The furthest any answer was behind the guest's real TSC, in cycles.
@@ -94,7 +100,15 @@ impl TscTrap {
         exit: &Exit,
         exit_tsc: u64,
         policy: &mut dyn ExitPolicy,
-    ) -> Result<Option<()>, ModeError> {
+    ) -> Result<Option<ExitKind>, ModeError> {
+        if let Exit::RdMsr { index: IA32_TSC } = *exit {
+            let truth = exit_tsc.wrapping_add(self.offset as u64);
+            let told = policy.tsc_read(vcpu, truth, TscRead::Msr)?;
+            vcpu.reply_msr(told)?;
+            self.record.msr_reads += 1;
+            self.told(truth, told);
+            return Ok(Some(ExitKind::MsrTrap));
+        }
         let (port, sites) = match *exit {
             Exit::IoOut { port, .. } if port == u16::from(ports::RDTSC_TRAP) => (ports::RDTSC_TRAP, &self.sites.rdtsc),
             Exit::IoOut { port, .. } if port == u16::from(ports::RDTSCP_TRAP) => {
@@ -120,6 +134,12 @@ impl TscTrap {
             regs.rcx = 0;
         }
         vcpu.set_regs(&regs)?;
+        self.told(truth, told);
+        Ok(Some(ExitKind::TscTrap))
+    }
+
+    /// One read answered with `told` where the truth was `truth`.
+    fn told(&mut self, truth: u64, told: u64) {
         let moved = told.wrapping_sub(truth) as i64;
         let record = &mut self.record;
         record.reads += 1;
@@ -128,7 +148,6 @@ impl TscTrap {
         record.max_ahead = record.max_ahead.max(moved.max(0).unsigned_abs());
         record.last_moved = moved;
         self.last = Some(told);
-        Ok(Some(()))
     }
 }
 
@@ -205,7 +224,7 @@ mod tests {
         };
         let exit_tsc = 0x1234_5678_9abc;
         let answered = trap.answer(&mut vcpu, &exit, exit_tsc, &mut Policies::none()).unwrap();
-        assert_eq!(answered, Some(()));
+        assert_eq!(answered, Some(ExitKind::TscTrap));
         let truth = exit_tsc + (1 << 36);
         assert_eq!((vcpu.regs.rdx << 32) | vcpu.regs.rax, truth);
         assert_eq!(trap.record().reads, 1);
@@ -218,6 +237,20 @@ mod tests {
             trap.answer(&mut vcpu, &console, 0, &mut Policies::none()).unwrap(),
             None
         );
+    }
+
+    #[test]
+    fn a_filtered_read_of_msr_0x10_is_answered_from_the_same_clock() {
+        let mut vcpu = SimVcpu::new();
+        vcpu.tsc_offset = 5;
+        let mut trap = armed(&mut vcpu, false);
+        let read = Exit::RdMsr { index: IA32_TSC };
+        let kind = trap.answer(&mut vcpu, &read, 1_000, &mut Policies::none()).unwrap();
+        assert_eq!(kind, Some(ExitKind::MsrTrap));
+        assert_eq!(vcpu.msr_reply, Some(1_005));
+        assert_eq!((trap.record().reads, trap.record().msr_reads), (1, 1));
+        let other = Exit::RdMsr { index: 0xe7 };
+        assert_eq!(trap.answer(&mut vcpu, &other, 0, &mut Policies::none()).unwrap(), None);
     }
 
     #[test]

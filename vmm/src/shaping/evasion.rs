@@ -58,6 +58,9 @@ pub struct Needs {
     /// The guest's RDTSC and RDTSCP trapped to the VMM, which answers them from the
     /// policy's clock (`modes/tsc_trap.rs`).
     pub tsc_trap: bool,
+    /// Reads of IA32_TSC (MSR 0x10) filtered to the VMM and answered from the same clock
+    /// (KVM_CAP_X86_USER_SPACE_MSR); where not, KVM answers them with the real TSC.
+    pub msr_tsc: bool,
 }
 
 /// One evasion, as the registry knows it.

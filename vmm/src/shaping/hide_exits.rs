@@ -9,8 +9,8 @@
 //! stretch seen between one exit and the next, learnt as the run goes and taken off as the
 //! next exit begins, once the stretch after the exit is known: never more than that
 //! stretch, so the clock never runs backwards, and never revised, so it never jumps
-//! forward. MSR 0x10 reads are not intercepted (KVM
-//! answers them with the real TSC: a guest that reads both sees them disagree).
+//! forward. Reads of MSR 0x10 are filtered to the VMM and
+//! answered from the same clock, as BetterTiming's are.
 
 use super::evasion::{EvasionKind, Needs};
 use super::policy::{ExitPolicy, ShapingError, TscRead};
@@ -27,6 +27,7 @@ pub const KIND: EvasionKind = EvasionKind {
         tsc_moves: false,
         tsc_control: false,
         tsc_trap: true,
+        msr_tsc: true,
     },
     check: |_| Ok(()),
     build: |_| Box::new(HideExits::default()),

@@ -18,6 +18,7 @@ pub const KIND: EvasionKind = EvasionKind {
         tsc_moves: false,
         tsc_control: false,
         tsc_trap: false,
+        msr_tsc: false,
     },
     check: |_| Ok(()),
     build: |_| Box::new(PauseCounter),

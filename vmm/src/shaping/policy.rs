@@ -53,6 +53,8 @@ impl ShapingError {
 pub enum TscRead {
     Rdtsc,
     Rdtscp,
+    /// RDMSR of IA32_TSC (0x10), for an evasion whose [`super::evasion::Needs`] intercept it.
+    Msr,
 }
 
 /// The per-vCPU policy of a hypervisor that wants to look like something it is not: hooks
@@ -76,7 +78,7 @@ pub trait ExitPolicy: Send {
         Ok(())
     }
 
-    /// A trapped RDTSC or RDTSCP (a run whose evasion traps them): `read` is what the
+    /// A trapped RDTSC, RDTSCP or read of MSR 0x10 (a run whose evasion traps them): `read` is what the
     /// guest's TSC would have read as KVM_RUN returned, or what the policy before this one
     /// made of it; the guest is told what this returns.
     fn tsc_read(&mut self, _vcpu: &mut dyn Vcpu, read: u64, _instruction: TscRead) -> Result<u64, ShapingError> {

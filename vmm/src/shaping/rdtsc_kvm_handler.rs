@@ -26,6 +26,7 @@ pub const KIND: EvasionKind = EvasionKind {
         tsc_moves: false,
         tsc_control: false,
         tsc_trap: true,
+        msr_tsc: false,
     },
     check: |divider| match divider {
         1..=1_000_000 => Ok(()),

@@ -17,6 +17,7 @@ pub const KIND: EvasionKind = EvasionKind {
         tsc_moves: false,
         tsc_control: false,
         tsc_trap: true,
+        msr_tsc: false,
     },
     check: |_| Ok(()),
     build: |_| Box::new(RdtscTrap),

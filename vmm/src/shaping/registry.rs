@@ -170,6 +170,11 @@ impl Evasions {
         self.0.iter().any(|e| e.kind.needs.tsc_trap)
     }
 
+    /// Whether one of them intercepts reads of IA32_TSC (MSR 0x10).
+    pub fn traps_msr_tsc(&self) -> bool {
+        self.0.iter().any(|e| e.kind.needs.msr_tsc)
+    }
+
     /// The policies they become, in registry order.
     pub fn policies(&self) -> Vec<Box<dyn ExitPolicy>> {
         self.0.iter().map(|e| (e.kind.build)(e.argument)).collect()

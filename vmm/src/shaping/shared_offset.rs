@@ -22,6 +22,7 @@ pub const KIND: EvasionKind = EvasionKind {
         tsc_moves: true,
         tsc_control: false,
         tsc_trap: false,
+        msr_tsc: false,
     },
     check: |_| Ok(()),
     build: |_| Box::new(SharedOffset),

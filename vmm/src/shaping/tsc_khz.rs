@@ -17,6 +17,7 @@ pub const KIND: EvasionKind = EvasionKind {
         tsc_moves: false,
         tsc_control: true,
         tsc_trap: false,
+        msr_tsc: false,
     },
     check: |khz| match khz {
         100_000..=10_000_000 => Ok(()),

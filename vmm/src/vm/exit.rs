@@ -29,6 +29,11 @@ pub enum Exit {
         suberror: u32,
     },
     FailEntry(u64),
+    /// KVM_EXIT_X86_RDMSR: a read of an MSR this VMM filtered (the reply goes back
+    /// through `Vcpu::reply_msr`).
+    RdMsr {
+        index: u32,
+    },
     /// KVM_RUN returned early for a signal (the watchdog's kick).
     Interrupted,
     Other(String),
@@ -60,6 +65,7 @@ impl Exit {
                 }
             ),
             Exit::FailEntry(reason) => format!("KVM_EXIT_FAIL_ENTRY (hardware reason {reason:#x})"),
+            Exit::RdMsr { index } => format!("KVM_EXIT_X86_RDMSR (MSR {index:#x})"),
             Exit::Interrupted => "KVM_EXIT_INTR (KVM_RUN interrupted by a signal)".into(),
             Exit::Other(what) => what.clone(),
         }
@@ -88,6 +94,7 @@ impl Exit {
             Ok(VcpuExit::Shutdown) => Exit::Shutdown,
             Ok(VcpuExit::InternalError) => Exit::InternalError { suberror: 0 },
             Ok(VcpuExit::FailEntry(reason, _)) => Exit::FailEntry(reason),
+            Ok(VcpuExit::X86Rdmsr(msr)) => Exit::RdMsr { index: msr.index },
             Ok(VcpuExit::Intr) => Exit::Interrupted,
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Exit::Interrupted,
             Ok(other) => Exit::Other(format!("{other:?}")),

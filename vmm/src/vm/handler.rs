@@ -39,6 +39,8 @@ pub enum ExitKind {
     CpuidQueryHypercall,
     /// A trapped RDTSC or RDTSCP, answered from the run's virtual clock.
     TscTrap,
+    /// A filtered read of IA32_TSC (MSR 0x10), answered from the same clock.
+    MsrTrap,
     /// A byte of console output.
     Console,
     /// The guest rang the done port.
@@ -55,6 +57,7 @@ impl ExitKind {
             ExitKind::CpuidQueryTrap => "cpuid-query-trap",
             ExitKind::CpuidQueryHypercall => "cpuid-query-hypercall",
             ExitKind::TscTrap => "tsc-trap",
+            ExitKind::MsrTrap => "msr-trap",
             ExitKind::Console => "console-io",
             ExitKind::Done => "done-io",
             ExitKind::Signal => "signal",

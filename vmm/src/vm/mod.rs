@@ -50,6 +50,10 @@ pub enum VmError {
         what: &'static str,
         source: kvm_ioctls::Error,
     },
+    #[error(
+        "this KVM ({flavour}) does not offer userspace MSR exits (KVM_CAP_X86_USER_SPACE_MSR): the evasion cannot answer the guest's reads of MSR {msr:#x}"
+    )]
+    NoUserSpaceMsr { flavour: &'static str, msr: u32 },
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
     #[error(transparent)]
@@ -191,7 +195,7 @@ pub struct GuestVm {
     // Field order is drop order: the vCPUs before the VM that owns them.
     vcpu: KvmVcpu,
     counter: Option<counter::CounterVcpu>,
-    _vm: VmFd,
+    vm: VmFd,
     config: Config,
     cpuid: CpuidTable,
     created: Instant,
@@ -269,7 +273,7 @@ impl GuestVm {
         Ok(Self {
             vcpu: KvmVcpu::new(vcpu, memory, kvm.registers, entry),
             counter,
-            _vm: vm,
+            vm,
             config,
             cpuid,
             created,
@@ -330,6 +334,10 @@ impl GuestVm {
             },
             Exit::FailEntry(reason) => VmError::FailEntry { reason, rip },
             Exit::Other(what) => VmError::UnexpectedExit { what, rip },
+            Exit::RdMsr { .. } => VmError::UnexpectedExit {
+                what: exit.kvm_name(),
+                rip,
+            },
             Exit::Interrupted | Exit::Debug { .. } => VmError::UnexpectedExit {
                 what: format!("{exit:?}"),
                 rip,
@@ -366,6 +374,43 @@ pub trait VmSetup {
     fn set_tsc_khz(&mut self, khz: u32) -> Result<(), VmError>;
     /// Opens TSC moves on the counter vCPU, for moves vCPU 0 shares with it.
     fn enable_counter_tsc_moves(&mut self) -> Result<(), VmError>;
+}
+
+impl GuestVm {
+    /// Makes the guest's reads of `msrs` exit to this VMM: KVM_CAP_X86_USER_SPACE_MSR for
+    /// filtered accesses, and a KVM_X86_SET_MSR_FILTER that denies reading them (every
+    /// other MSR stays KVM's), for an evader that answers them.
+    pub fn trap_msr_reads(&mut self, msrs: &[u32]) -> Result<(), VmError> {
+        use kvm_ioctls::{Cap, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags};
+        if !self.vm.check_extension(Cap::X86UserSpaceMsr) {
+            return Err(VmError::NoUserSpaceMsr {
+                flavour: crate::host::kvm_flavour().0.describe(),
+                msr: msrs.first().copied().unwrap_or_default(),
+            });
+        }
+        let cap = kvm_bindings::kvm_enable_cap {
+            cap: kvm_bindings::KVM_CAP_X86_USER_SPACE_MSR,
+            args: [u64::from(kvm_bindings::KVM_MSR_EXIT_REASON_FILTER), 0, 0, 0],
+            ..Default::default()
+        };
+        self.vm.enable_cap(&cap).map_err(kvm_err(
+            "userspace MSR exits (KVM_ENABLE_CAP(KVM_CAP_X86_USER_SPACE_MSR))",
+        ))?;
+        // One range per MSR, its one bit clear: reads denied, so they exit here.
+        let denied = [0u8; 1];
+        let ranges: Vec<MsrFilterRange<'_>> = msrs
+            .iter()
+            .map(|&base| MsrFilterRange {
+                flags: MsrFilterRangeFlags::READ,
+                base,
+                msr_count: 1,
+                bitmap: &denied,
+            })
+            .collect();
+        self.vm
+            .set_msr_filter(MsrFilterDefaultAction::ALLOW, &ranges)
+            .map_err(kvm_err("the MSR filter (KVM_X86_SET_MSR_FILTER)"))
+    }
 }
 
 impl VmSetup for GuestVm {

@@ -208,6 +208,10 @@ impl Vcpu for TracingVcpu<'_, '_> {
         self.inner.tsc_offset()
     }
 
+    fn reply_msr(&mut self, data: u64) -> Result<(), VcpuError> {
+        self.inner.reply_msr(data)
+    }
+
     /// Counted as the write-back it is, not as a call of the handler's.
     fn flush(&mut self) -> Result<(), VcpuError> {
         let start = read_tsc();

@@ -25,6 +25,8 @@ pub enum VcpuError {
     Tsc(#[from] TscError),
     #[error("the guest TSC was moved before TSC moves were enabled for this vCPU")]
     TscMovesNotEnabled,
+    #[error("an MSR read was answered where the guest read no filtered MSR")]
+    NoMsrRead,
 }
 
 /// What a handler may do to the vCPU while it is stopped in an exit.
@@ -46,6 +48,8 @@ pub trait Vcpu {
     fn tsc_offset(&mut self) -> Result<i64, VcpuError>;
     /// TSC moves made since the last call, summed (what a shared offset passes on).
     fn take_moved(&mut self) -> i64;
+    /// The value the guest's filtered RDMSR reads, at a `Exit::RdMsr`.
+    fn reply_msr(&mut self, data: u64) -> Result<(), VcpuError>;
     /// Writes back registers a handler changed, now rather than at the next KVM_RUN: an
     /// exit's cost is decided once they are back.
     fn flush(&mut self) -> Result<(), VcpuError> {
@@ -221,6 +225,18 @@ impl Vcpu for KvmVcpu {
         Ok(super::tsc::guest_offset(&self.fd)?.0)
     }
 
+    fn reply_msr(&mut self, data: u64) -> Result<(), VcpuError> {
+        let run = self.fd.get_kvm_run();
+        if run.exit_reason != kvm_bindings::KVM_EXIT_X86_RDMSR {
+            return Err(VcpuError::NoMsrRead);
+        }
+        // The last exit was KVM_EXIT_X86_RDMSR: `msr` is the union member KVM filled, and
+        // it reads `data` and `error` back at the next KVM_RUN.
+        run.__bindgen_anon_1.msr.data = data;
+        run.__bindgen_anon_1.msr.error = 0;
+        Ok(())
+    }
+
     fn take_moved(&mut self) -> i64 {
         std::mem::take(&mut self.moved)
     }
@@ -263,6 +279,8 @@ pub mod sim {
         /// Guest TSC minus host TSC.
         pub tsc_offset: i64,
         pub tsc_moves: Option<TscMethod>,
+        /// What the last filtered RDMSR was answered with.
+        pub msr_reply: Option<u64>,
         pub host_tsc: Cell<u64>,
         /// Cycles each reading of the clock costs.
         pub clock_step: u64,
@@ -323,6 +341,7 @@ pub mod sim {
                 debug: None,
                 tsc_offset: 0,
                 tsc_moves: None,
+                msr_reply: None,
                 host_tsc: Cell::new(1 << 40),
                 clock_step: 0,
                 regs_reads: Cell::new(0),
@@ -379,6 +398,10 @@ pub mod sim {
         }
         fn tsc_offset(&mut self) -> Result<i64, VcpuError> {
             Ok(self.tsc_offset)
+        }
+        fn reply_msr(&mut self, data: u64) -> Result<(), VcpuError> {
+            self.msr_reply = Some(data);
+            Ok(())
         }
         fn counter(&self) -> Option<&dyn Counter> {
             self.counter.as_ref().map(|c| c as &dyn Counter)
