@@ -1,5 +1,6 @@
 //! The evaders that trap RDTSC and answer it from a clock of their own (`--evade
-//! rdtsc-trap|hide-exits|bettertiming|rdtsc-kvm-handler:N`, `docs/evaders.md`), on
+//! rdtsc-trap|hide-exits|bettertiming|rdtsc-kvm-handler:N|rdtsc-shield:N`,
+//! `docs/evaders.md`), on
 //! whichever KVM runs the tests: the trap is a patched port I/O, delivered by every KVM,
 //! and it works where TSC offset writes are ignored. Every timing check compares runs
 //! made here and now, never absolute cycle counts.
@@ -51,6 +52,7 @@ fn each_clock_is_what_its_original_computes() {
     let hide = run("hide-exits", IO_PATCH);
     let frozen = run("bettertiming", IO_PATCH);
     let slow = run("rdtsc-kvm-handler:20", IO_PATCH);
+    let shield = run("rdtsc-shield:10", IO_PATCH);
     assert!(none.get("tsc_trap").is_none(), "no evasion, no trap");
     assert_eq!(trap["config"]["evasion"], "rdtsc-trap");
 

@@ -126,8 +126,16 @@ fn trapped_rdtsc(measurer: &Measurer, payload: &Payload, iterations: u32) -> Res
             ..RunSpec::new(io)
         };
         let m = measurer.measure(payload, &spec, None).map_err(|e| e.to_string())?;
-        let samples = m.results.samples.get(&guest_payload::Probe::Rdtsc).cloned().unwrap_or_default();
-        Ok((stats::median(&samples), stats::median(m.exits.handler_cycles(ExitKind::TscTrap))))
+        let samples = m
+            .results
+            .samples
+            .get(&guest_payload::Probe::Rdtsc)
+            .cloned()
+            .unwrap_or_default();
+        Ok((
+            stats::median(&samples),
+            stats::median(m.exits.handler_cycles(ExitKind::TscTrap)),
+        ))
     };
     let (plain, _) = rdtsc_median("none")?;
     let (trapped, handler) = rdtsc_median("rdtsc-trap")?;

@@ -14,7 +14,7 @@
 //! - the evasions of [`registry::EVASIONS`] (`--evade NAME`), one file each:
 //!   [`pause_counter`], [`shared_offset`], [`tsc_khz`], and the evaders that trap RDTSC
 //!   and answer it from a clock of their own ([`ExitPolicy::tsc_read`]): [`rdtsc_trap`],
-//!   [`hide_exits`], [`bettertiming`], [`rdtsc_kvm_handler`].
+//!   [`hide_exits`], [`bettertiming`], [`rdtsc_kvm_handler`], [`rdtsc_shield`].
 //!
 //! Adding an evader is a new file here with an [`evasion::EvasionKind`] and one line in
 //! [`registry`]. What a run's shaping was compared with ([`outcome`]) is data; the
@@ -31,6 +31,7 @@ pub mod plan;
 pub mod policy;
 pub mod profile;
 pub mod rdtsc_kvm_handler;
+pub mod rdtsc_shield;
 pub mod rdtsc_trap;
 pub mod registry;
 pub mod shared_offset;

@@ -6,7 +6,7 @@ use super::evasion::{EvasionError, EvasionKind};
 use super::policy::ExitPolicy;
 
 /// Every evasion, in the order reports name them.
-pub const EVASIONS: [&EvasionKind; 7] = [
+pub const EVASIONS: [&EvasionKind; 8] = [
     &super::pause_counter::KIND,
     &super::shared_offset::KIND,
     &super::tsc_khz::KIND,
@@ -14,6 +14,7 @@ pub const EVASIONS: [&EvasionKind; 7] = [
     &super::hide_exits::KIND,
     &super::bettertiming::KIND,
     &super::rdtsc_kvm_handler::KIND,
+    &super::rdtsc_shield::KIND,
 ];
 
 fn known_spellings() -> String {
