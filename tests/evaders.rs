@@ -96,6 +96,20 @@ fn each_clock_is_what_its_original_computes() {
         (0.025..=0.125).contains(&ratio),
         "rdtsc;rdtsc at /20: {ratio:.3} of the truth"
     );
+
+    // KVM-RDTSC-SHIELD: a tenth of the progress, and a jump to the truth once 500 µs
+    // have passed without a CPUID(0) (the rdtsc probe runs no CPUID for longer than that).
+    trapped(&shield);
+    let ratio = median(&shield, "rdtsc") / trapped_rdtsc;
+    assert!(
+        (0.05..=0.25).contains(&ratio),
+        "rdtsc;rdtsc at /10: {ratio:.3} of the truth"
+    );
+    let jump = shield["probes"]["rdtsc"]["max"].as_f64().unwrap();
+    assert!(
+        jump >= 20.0 * median(&shield, "rdtsc"),
+        "the epoch reset shows as one long sample: max {jump}"
+    );
 }
 
 /// pafish's `cpu_rdtsc` (the SDK example: `rdtsc; rdtsc` ten times, VM unless 0 < mean <
