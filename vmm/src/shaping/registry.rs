@@ -166,6 +166,14 @@ impl Evasions {
         Ok(())
     }
 
+    /// Whether every one of them acts on a path: one that traps the guest's TSC reads on
+    /// any VM path (`vm`), the others where the VMM handles CPUID.
+    pub fn act_on(&self, vm: bool, vmm_handles_cpuid: bool) -> bool {
+        self.0
+            .iter()
+            .all(|e| if e.kind.needs.tsc_trap { vm } else { vmm_handles_cpuid })
+    }
+
     /// Whether one of them traps the guest's TSC reads.
     pub fn traps_tsc(&self) -> bool {
         self.0.iter().any(|e| e.kind.needs.tsc_trap)
@@ -254,6 +262,11 @@ mod tests {
         assert_eq!(scale.check(true, false, false, false, Ok(())), Ok(()));
         let clock = Evasions::parse(["hide-exits"]).unwrap();
         assert!(clock.traps_tsc() && !scale.traps_tsc());
+        assert!(
+            clock.act_on(true, false) && !clock.act_on(false, false),
+            "hw-assist yes, native no"
+        );
+        assert!(!pause.act_on(true, false) && pause.act_on(true, true));
         assert_eq!(
             clock.check(false, false, false, false, Err("native: no KVM")),
             Err(EvasionError::NeedsGuest("hide-exits"))

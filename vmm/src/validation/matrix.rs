@@ -206,7 +206,8 @@ impl MatrixConfig {
     }
 
     /// The cells, in config order; shaping other than `none` only for the modes whose
-    /// exits the VMM handles.
+    /// exits the VMM handles, evasions only where they act (an RDTSC trap on every VM
+    /// path, the others where the VMM handles CPUID).
     pub fn cells(&self, tsc_khz: u32, path: &Path) -> Result<Vec<Cell>, ValidationError> {
         let mut cells = Vec::new();
         for mode_text in &self.modes {
@@ -229,7 +230,9 @@ impl MatrixConfig {
                         path: path.to_owned(),
                         why: format!("evasion `{evasion_text}`: {why}"),
                     })?;
-                    if !evasions.is_none() && !cell_path.vmm_handles_cpuid() {
+                    if !evasions.is_none()
+                        && !evasions.act_on(cell_path != modes::Path::Native, cell_path.vmm_handles_cpuid())
+                    {
                         continue;
                     }
                     for &busy in &self.busy {
