@@ -31,12 +31,9 @@ pub const KIND: EvasionKind = EvasionKind {
     does: "traps RDTSC and answers the host TSC at the last guest entry less the whole of every tagged round trip (CPUID, RDTSC; RDTSCP: the real TSC)",
     as_in: "SamuelTulach/BetterTiming 3d95a8f timing.patch",
     needs: Needs {
-        counter: false,
-        vmm_exits: false,
-        tsc_moves: false,
-        tsc_control: false,
         tsc_trap: true,
         msr_tsc: true,
+        ..Needs::NONE
     },
     check: |_| Ok(()),
     build: |_| Box::new(BetterTiming::default()),

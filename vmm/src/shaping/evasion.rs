@@ -63,6 +63,18 @@ pub struct Needs {
     pub msr_tsc: bool,
 }
 
+impl Needs {
+    /// Nothing: each evasion names only what it does need (`..Needs::NONE`).
+    pub const NONE: Needs = Needs {
+        counter: false,
+        vmm_exits: false,
+        tsc_moves: false,
+        tsc_control: false,
+        tsc_trap: false,
+        msr_tsc: false,
+    };
+}
+
 /// One evasion, as the registry knows it.
 #[derive(Debug)]
 pub struct EvasionKind {

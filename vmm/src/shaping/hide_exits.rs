@@ -22,12 +22,9 @@ pub const KIND: EvasionKind = EvasionKind {
     does: "traps RDTSC/RDTSCP and answers with a clock that stops for exactly each CPUID and TSC-read exit",
     as_in: "the clock SamuelTulach/BetterTiming's README describes; every exit-hiding RDTSC trap",
     needs: Needs {
-        counter: false,
-        vmm_exits: false,
-        tsc_moves: false,
-        tsc_control: false,
         tsc_trap: true,
         msr_tsc: true,
+        ..Needs::NONE
     },
     check: |_| Ok(()),
     build: |_| Box::new(HideExits::default()),
@@ -49,13 +46,6 @@ pub struct HideExits {
     /// The exit under way: when KVM_RUN returned, and whether it is tagged.
     exit_tsc: u64,
     tagging: bool,
-}
-
-impl HideExits {
-    /// Everything taken off the clock so far.
-    pub fn hidden(&self) -> u64 {
-        self.hidden
-    }
 }
 
 impl ExitPolicy for HideExits {

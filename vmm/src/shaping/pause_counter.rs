@@ -15,10 +15,7 @@ pub const KIND: EvasionKind = EvasionKind {
     needs: Needs {
         counter: true,
         vmm_exits: true,
-        tsc_moves: false,
-        tsc_control: false,
-        tsc_trap: false,
-        msr_tsc: false,
+        ..Needs::NONE
     },
     check: |_| Ok(()),
     build: |_| Box::new(PauseCounter),

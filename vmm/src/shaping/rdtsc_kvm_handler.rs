@@ -21,12 +21,8 @@ pub const KIND: EvasionKind = EvasionKind {
     does: "traps RDTSC and answers with a clock that advances by the real TSC's progress / N (RDTSCP: the real TSC)",
     as_in: "WCharacter/RDTSC-KVM-Handler",
     needs: Needs {
-        counter: false,
-        vmm_exits: false,
-        tsc_moves: false,
-        tsc_control: false,
         tsc_trap: true,
-        msr_tsc: false,
+        ..Needs::NONE
     },
     check: |divider| match divider {
         1..=1_000_000 => Ok(()),

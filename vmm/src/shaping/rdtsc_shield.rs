@@ -29,12 +29,9 @@ pub const KIND: EvasionKind = EvasionKind {
     does: "traps RDTSC and MSR 0x10 and answers start + (real - start) / N, start reset to the truth 500 µs after the last CPUID(0)",
     as_in: "zhaodice/KVM-RDTSC-SHIELD d5bc5c5 rdtsc.c",
     needs: Needs {
-        counter: false,
-        vmm_exits: false,
-        tsc_moves: false,
-        tsc_control: false,
         tsc_trap: true,
         msr_tsc: true,
+        ..Needs::NONE
     },
     check: |scale| match scale {
         1..=1_000_000 => Ok(()),
@@ -55,7 +52,9 @@ pub struct RdtscShield {
     /// EAX as the exit under way began: a CPUID's leaf.
     leaf: u64,
     exit_tsc: u64,
-    offset: Option<i64>,
+    /// The guest's TSC minus the host's, read once before the run (`arm`): a CPUID(0)'s
+    /// time in the guest's TSC, which the reads are in.
+    offset: i64,
 }
 
 impl RdtscShield {
@@ -68,7 +67,7 @@ impl RdtscShield {
             last_leaf0: None,
             leaf: u64::MAX,
             exit_tsc: 0,
-            offset: None,
+            offset: 0,
         }
     }
 
@@ -98,19 +97,20 @@ impl ExitPolicy for RdtscShield {
         Ok(())
     }
 
+    fn arm(&mut self, vcpu: &mut dyn Vcpu) -> Result<(), ShapingError> {
+        self.offset = vcpu.tsc_offset()?;
+        Ok(())
+    }
+
     fn exit_began(&mut self, vcpu: &mut dyn Vcpu, exit_tsc: u64) -> Result<(), ShapingError> {
         self.leaf = vcpu.regs()?.rax & 0xffff_ffff;
         self.exit_tsc = exit_tsc;
         Ok(())
     }
 
-    fn cpuid_answered(&mut self, vcpu: &mut dyn Vcpu, _exit_tsc: u64) -> Result<(), ShapingError> {
+    fn cpuid_answered(&mut self, _vcpu: &mut dyn Vcpu, _exit_tsc: u64) -> Result<(), ShapingError> {
         if self.leaf == 0 {
-            let offset = match self.offset {
-                Some(offset) => offset,
-                None => *self.offset.insert(vcpu.tsc_offset()?),
-            };
-            self.last_leaf0 = Some(self.exit_tsc.wrapping_add(offset as u64));
+            self.last_leaf0 = Some(self.exit_tsc.wrapping_add(self.offset as u64));
         }
         Ok(())
     }

@@ -12,12 +12,8 @@ pub const KIND: EvasionKind = EvasionKind {
     does: "traps every RDTSC/RDTSCP and answers with the real TSC as the exit reached the VMM, hiding nothing",
     as_in: "the RDTSC exiting every TSC-trapping evader starts from, before any clock of its own",
     needs: Needs {
-        counter: false,
-        vmm_exits: false,
-        tsc_moves: false,
-        tsc_control: false,
         tsc_trap: true,
-        msr_tsc: false,
+        ..Needs::NONE
     },
     check: |_| Ok(()),
     build: |_| Box::new(RdtscTrap),

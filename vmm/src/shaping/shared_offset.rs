@@ -20,9 +20,7 @@ pub const KIND: EvasionKind = EvasionKind {
         counter: true,
         vmm_exits: true,
         tsc_moves: true,
-        tsc_control: false,
-        tsc_trap: false,
-        msr_tsc: false,
+        ..Needs::NONE
     },
     check: |_| Ok(()),
     build: |_| Box::new(SharedOffset),

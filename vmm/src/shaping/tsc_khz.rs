@@ -12,12 +12,8 @@ pub const KIND: EvasionKind = EvasionKind {
     does: "sets both vCPUs' TSC rate to N kHz (KVM_SET_TSC_KHZ, where KVM_CAP_TSC_CONTROL is offered)",
     as_in: "AutoVirt's TSC scaling",
     needs: Needs {
-        counter: false,
-        vmm_exits: false,
-        tsc_moves: false,
         tsc_control: true,
-        tsc_trap: false,
-        msr_tsc: false,
+        ..Needs::NONE
     },
     check: |khz| match khz {
         100_000..=10_000_000 => Ok(()),
