@@ -1,6 +1,5 @@
-//! The evaders that trap RDTSC and answer it from a clock of their own (`--evade
-//! rdtsc-trap|hide-exits|bettertiming|rdtsc-kvm-handler:N|rdtsc-shield:N`,
-//! `docs/evaders.md`), on
+//! The evaders of the zoo (`configs/evaders/`, `--evade NAME[:N]`) and a user's own
+//! evader file (`--evader FILE`), `docs/evaders.md`, on
 //! whichever KVM runs the tests: the trap is a patched port I/O, delivered by every KVM,
 //! and it works where TSC offset writes are ignored. Every timing check compares runs
 //! made here and now, never absolute cycle counts.
@@ -8,7 +7,9 @@
 
 mod common;
 
-use common::{build_c_payload, build_example, json_run, stderr, two_vcpus_test, verdict_of, vm_test, vmm};
+use common::{
+    build_c_payload, build_example, json_run, kvm_moves_tsc, stderr, two_vcpus_test, verdict_of, vm_test, vmm,
+};
 use guest_payload::layout::PAYLOAD_START;
 use serde_json::Value;
 use vmm::vm::loader::test_support::tiny_elf;
@@ -89,11 +90,13 @@ fn each_clock_is_what_its_original_computes() {
         );
     }
 
-    // RDTSC-KVM-Handler: the real progress divided by 20.
+    // RDTSC-KVM-Handler: the real progress divided by 20, against another run's truth
+    // (nested, the trapped round trip's median moved from 114,300 to 245,260 cycles
+    // between two runs in a row under TCG: the bounds allow twofold either way).
     trapped(&slow);
     let ratio = median(&slow, "rdtsc") / trapped_rdtsc;
     assert!(
-        (0.025..=0.125).contains(&ratio),
+        (0.0125..=0.125).contains(&ratio),
         "rdtsc;rdtsc at /20: {ratio:.3} of the truth"
     );
 
@@ -102,7 +105,7 @@ fn each_clock_is_what_its_original_computes() {
     trapped(&shield);
     let ratio = median(&shield, "rdtsc") / trapped_rdtsc;
     assert!(
-        (0.05..=0.25).contains(&ratio),
+        (0.025..=0.25).contains(&ratio),
         "rdtsc;rdtsc at /10: {ratio:.3} of the truth"
     );
     let jump = shield["probes"]["rdtsc"]["max"].as_f64().unwrap();
@@ -118,14 +121,22 @@ fn each_clock_is_what_its_original_computes() {
 fn pafish_cpu_rdtsc_sees_a_trap_that_does_not_hide_itself_and_a_clock_that_stands_still() {
     let Some(_vm) = vm_test() else { return };
     let elf = build_example("pafish-rdtsc");
+    // pafish's mean of ten takes whatever hiccup the host has: the least of three runs.
     let mean = |evasion: &str| {
-        let report = run(evasion, &["--mode", "hw-assist", "--payload", elf.to_str().unwrap()]);
-        let verdict = verdict_of(&report, "payload").clone();
-        assert!(
-            verdict["why"].as_str().unwrap().contains("rdtsc;rdtsc mean of 10"),
-            "{verdict}"
-        );
-        (verdict["score"].as_f64().unwrap(), verdict["verdict"].clone())
+        let mut least: Option<(f64, Value)> = None;
+        for _ in 0..3 {
+            let report = run(evasion, &["--mode", "hw-assist", "--payload", elf.to_str().unwrap()]);
+            let verdict = verdict_of(&report, "payload").clone();
+            assert!(
+                verdict["why"].as_str().unwrap().contains("rdtsc;rdtsc mean of 10"),
+                "{verdict}"
+            );
+            let score = verdict["score"].as_f64().unwrap();
+            if least.as_ref().is_none_or(|(l, _)| score < *l) {
+                least = Some((score, verdict["verdict"].clone()));
+            }
+        }
+        least.unwrap()
     };
     let (plain, _) = mean("none");
     let (trapped, _) = mean("rdtsc-trap");
@@ -256,11 +267,24 @@ fn what_a_trap_cannot_do_is_refused_by_name() {
     );
     refused(
         &["run", "--evade", "rdtsc-kvm-handler:0", "-n", "10"],
-        "between 1 and 1,000,000",
+        "rdtsc-kvm-handler: clock.divider: 0 is not between 1 and 1000000",
     );
     refused(
-        &["run", "--evade", "rdtsc-kvm-handler", "-n", "10"],
-        "rdtsc-kvm-handler:N",
+        &["run", "--evade", "bettertiming,ophion", "-n", "10"],
+        "one evader per run",
+    );
+    // A user's file: a malformed one is refused naming the field, a missing one its path.
+    let dir = tempfile::tempdir().unwrap();
+    let typo = dir.path().join("typo.json");
+    std::fs::write(
+        &typo,
+        r#"{"description":"x","traps":{"rdtsc":"every"},"clock":{"kind":"slowed","dividr":8}}"#,
+    )
+    .unwrap();
+    refused(&["run", "--evader", typo.to_str().unwrap(), "-n", "10"], "dividr");
+    refused(
+        &["run", "--evader", "/nonexistent/mine.json", "-n", "10"],
+        "/nonexistent/mine.json",
     );
     // A payload with no RDTSC (one `hlt`) has nothing to trap.
     let path = std::env::temp_dir().join(format!("vmm-test-{}-no-rdtsc.elf", std::process::id()));
@@ -278,4 +302,129 @@ fn what_a_trap_cannot_do_is_refused_by_name() {
         "holds no RDTSC",
     );
     std::fs::remove_file(path).unwrap();
+}
+
+/// Ophion's armed read (patched only after a CPUID, undone after the next exit), and
+/// kvm-rdtsc-hack's and hv's clocks: through the RDTSC trap on every KVM, through the TSC
+/// offset where the KVM honours offset writes and refused by name where it does not.
+#[test]
+fn the_armed_and_offset_evaders_do_what_their_originals_do() {
+    let Some(_vm) = vm_test() else { return };
+    let none = run("none", IO_PATCH);
+    let trap = run("rdtsc-trap", IO_PATCH);
+
+    // One arming per CPUID exit; each CPUID sample's closing read answered from it.
+    let ophion = run("ophion:100", IO_PATCH);
+    let record = &ophion["tsc_trap"];
+    let (armed, reads) = (record["armed"].as_u64().unwrap(), record["reads"].as_u64().unwrap());
+    assert!(armed >= 2 * 300 && reads >= 2 * 300, "{record}");
+    assert_eq!(armed, reads + record["disarmed_unread"].as_u64().unwrap(), "{record}");
+    assert_eq!(record["backwards"], 0, "{record}");
+    assert!(
+        median(&ophion, "cpuid") < median(&none, "cpuid"),
+        "the exit is hidden: {} against {}",
+        median(&ophion, "cpuid"),
+        median(&none, "cpuid")
+    );
+    assert!(
+        median(&ophion, "rdtsc") < median(&trap, "rdtsc"),
+        "an unarmed RDTSC is not trapped"
+    );
+
+    // kvm-rdtsc-hack: behind by the constant and the exit after a CPUID(0), ahead by half
+    // the constant after any other entry.
+    let hack = run("kvm-rdtsc-hack-trapped:2000", IO_PATCH);
+    let record = &hack["tsc_trap"];
+    assert_eq!(record["max_ahead"], 1000, "{record}");
+    assert!(record["max_behind"].as_u64().unwrap() > 2000, "{record}");
+    // Its offset is not cumulative: between back-to-back CPUID(0)s (the timing core's
+    // loop, whose reads are no entries to it) each sample's two reads are lowered alike,
+    // and the exit shows whole.
+    let ratio = median(&hack, "cpuid") / median(&trap, "cpuid");
+    assert!(ratio >= 0.75, "the exit hidden after all: {ratio}");
+
+    // hv: behind by whole overheads, never ahead, never backwards.
+    let hv = run("jonomango-hv-trapped:1000", IO_PATCH);
+    let record = &hv["tsc_trap"];
+    assert_eq!(record["max_ahead"], 0, "{record}");
+    assert_eq!(record["max_behind"].as_u64().unwrap() % 1000, 0, "{record}");
+    assert_eq!(record["backwards"], 0, "{record}");
+
+    // Through the offset, as the originals do it.
+    if kvm_moves_tsc() {
+        let offset = run("kvm-rdtsc-hack:2000", IO_PATCH);
+        assert!(offset.get("tsc_trap").is_none(), "nothing trapped");
+        let ratio = median(&offset, "cpuid") / median(&none, "cpuid");
+        assert!(ratio >= 0.75, "not cumulative, as through the trap: {ratio}");
+    } else {
+        let output = vmm(&["run", "--evade", "jonomango-hv", "--mode", "trap-emulate", "-n", "10"]);
+        assert_eq!(output.status.code(), Some(1));
+        assert!(
+            stderr(&output).contains("ignores offset writes")
+                && stderr(&output).contains("jonomango-hv-trapped, the same clock through the RDTSC trap"),
+            "{}",
+            stderr(&output)
+        );
+    }
+}
+
+/// A user's own evader file, with a payload the project did not write: pafish's
+/// `cpu_rdtsc` under a clock slowed eight times reads an eighth of the trapped mean.
+#[test]
+fn a_users_evader_file_runs_with_a_payload_of_their_own() {
+    let Some(_vm) = vm_test() else { return };
+    let elf = build_example("pafish-rdtsc");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("eighth.json");
+    std::fs::write(
+        &file,
+        r#"{"description":"an eighth","traps":{"rdtsc":"every"},"clock":{"kind":"slowed","divider":8}}"#,
+    )
+    .unwrap();
+    // pafish's mean of ten takes whatever hiccup the host has: the least of three runs.
+    let mean = |evasion: &str| {
+        (0..3)
+            .map(|_| {
+                let report = run(evasion, &["--mode", "hw-assist", "--payload", elf.to_str().unwrap()]);
+                assert_eq!(
+                    report["config"]["evasion"],
+                    evasion.rsplit('/').next().unwrap().trim_end_matches(".json")
+                );
+                verdict_of(&report, "payload")["score"].as_f64().unwrap()
+            })
+            .fold(f64::INFINITY, f64::min)
+    };
+    let trapped = mean("rdtsc-trap");
+    let slowed = mean(file.to_str().unwrap());
+    assert!(
+        slowed > 0.0 && slowed <= trapped / 3.0,
+        "an eighth: {slowed} against {trapped}"
+    );
+}
+
+/// `compare --evader`: the evader on every VM path where it acts, the paths where it
+/// cannot refused in the report by name, the native baseline left unshaped.
+#[test]
+fn compare_stages_the_evader_on_each_vm_path_and_says_where_it_cannot() {
+    let Some(_vm) = vm_test() else { return };
+    let report = json_run(&["compare", "--json", "-n", "50", "--warmup", "5", "--evader", "ophion"]);
+    let runs = report["runs"].as_array().unwrap();
+    let evasion_of = |path: &str| {
+        runs.iter()
+            .find(|r| r["mode"].as_str().unwrap_or_default().starts_with(path))
+            .map(|r| r["config"]["evasion"].clone())
+    };
+    assert_eq!(evasion_of("native"), Some(Value::from("none")), "{report}");
+    assert!(
+        runs.iter().any(|r| r["config"]["evasion"] == "ophion"),
+        "a trap-emulate path ran it: {report}"
+    );
+    let refused = report["refused"].as_array().unwrap();
+    assert!(
+        refused.iter().any(|r| r["why"]
+            .as_str()
+            .unwrap()
+            .contains("ophion acts while the VMM handles CPUID exits")),
+        "hw-assist refused by name: {refused:?}"
+    );
 }

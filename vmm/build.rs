@@ -16,6 +16,40 @@ fn main() {
     }
 }
 
+/// The evader zoo: every `configs/evaders/*.json`, by file stem, embedded so that the
+/// directory is the zoo's one list (`shaping/evader.rs` includes what this writes).
+fn write_evader_zoo(manifest_dir: &std::path::Path, out_dir: &std::path::Path) -> Result<(), String> {
+    let dir = manifest_dir.join("../configs/evaders");
+    println!("cargo:rerun-if-changed={}", dir.display());
+    let entries = std::fs::read_dir(&dir).map_err(|e| format!("read {}: {e}", dir.display()))?;
+    let mut members: Vec<(String, PathBuf)> = Vec::new();
+    for entry in entries {
+        let path = entry.map_err(|e| format!("read {}: {e}", dir.display()))?.path();
+        if path.extension().is_some_and(|x| x == "json") {
+            let stem = path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let path = path
+                .canonicalize()
+                .map_err(|e| format!("resolve {}: {e}", path.display()))?;
+            println!("cargo:rerun-if-changed={}", path.display());
+            members.push((stem, path));
+        }
+    }
+    members.sort();
+    let mut text = String::from("&[\n");
+    for (name, path) in members {
+        text.push_str(&format!(
+            "    ({name:?}, include_str!({:?})),\n",
+            path.display().to_string()
+        ));
+    }
+    text.push_str("]\n");
+    let out = out_dir.join("evader_zoo.rs");
+    std::fs::write(&out, text).map_err(|e| format!("write {}: {e}", out.display()))
+}
+
 fn build() -> Result<(), String> {
     let cargo_var = |name: &str| env::var_os(name).ok_or_else(|| format!("cargo did not set {name}"));
     let manifest_dir = PathBuf::from(cargo_var("CARGO_MANIFEST_DIR")?);
@@ -25,6 +59,7 @@ fn build() -> Result<(), String> {
         println!("cargo:rerun-if-changed={}", payload_dir.join(watched).display());
     }
     println!("cargo:rerun-if-changed=build.rs");
+    write_evader_zoo(&manifest_dir, &out_dir)?;
 
     // The load address comes from the ABI, defined once in guest-payload.
     let linker_script = out_dir.join("guest-payload.ld");

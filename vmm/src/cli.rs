@@ -156,6 +156,11 @@ pub struct CompareArgs {
     /// Draw the runs on the NOP/CPUID plane, and CPUID histograms, as SVG.
     #[arg(long, value_name = "FILE.svg")]
     pub plot: Option<PathBuf>,
+
+    /// Stage these evasions on every VM path (a path where one cannot act is refused,
+    /// said in the report); the native run is the baseline, unshaped. As `run --evade`.
+    #[arg(long, visible_alias = "evader", value_delimiter = ',', value_name = "EVASION|FILE")]
+    pub evade: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -302,7 +307,7 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
     pub vcpus: u8,
 
-    #[arg(long, value_delimiter = ',', value_name = "EVASION", help = crate::shaping::registry::help())]
+    #[arg(long, visible_alias = "evader", value_delimiter = ',', value_name = "EVASION|FILE", help = crate::shaping::registry::help())]
     pub evade: Vec<String>,
 
     /// Stop a guest that has not finished after this many seconds.

@@ -92,13 +92,19 @@ pub fn run_checks() -> Vec<Check> {
             check(
                 "MSR exits",
                 Verdict::Ok,
-                "KVM_CAP_X86_USER_SPACE_MSR: filtered MSR reads reach the VMM (bettertiming and hide-exits answer MSR 0x10)",
+                format!(
+                    "KVM_CAP_X86_USER_SPACE_MSR: filtered MSR reads reach the VMM ({} answer MSR 0x10)",
+                    msr_evaders()
+                ),
             )
         } else {
             check(
                 "MSR exits",
                 Verdict::Warn,
-                "no KVM_CAP_X86_USER_SPACE_MSR: the evasions that answer MSR 0x10 (bettertiming, hide-exits) are refused",
+                format!(
+                    "no KVM_CAP_X86_USER_SPACE_MSR: the evaders that answer MSR 0x10 ({}) are refused",
+                    msr_evaders()
+                ),
             )
         });
     }
@@ -336,4 +342,14 @@ pub fn render(checks: &[Check]) -> String {
 
 pub fn all_passed(checks: &[Check]) -> bool {
     checks.iter().all(|c| c.verdict != Verdict::Fail)
+}
+
+/// The zoo members that trap MSR 0x10, from their files.
+fn msr_evaders() -> String {
+    crate::shaping::evader::zoo_names()
+        .filter(|name| {
+            crate::shaping::evader::Evader::find(name).is_some_and(|found| found.is_ok_and(|e| e.traps().msr_tsc()))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }

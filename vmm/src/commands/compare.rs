@@ -50,6 +50,8 @@ struct CompareReport<'a> {
 pub fn compare(args: &CompareArgs) -> Result<(), CommandError> {
     let calibration = load_calibration(args.detector.calibration.as_deref())?;
     let plot_file = create_output(args.plot.as_deref())?;
+    let evasions = crate::shaping::registry::Evasions::parse(args.evade.iter().map(String::as_str))
+        .map_err(crate::measure::MeasureError::from)?;
     let session = Session::open(load_payload(args.payload.as_deref())?, calibration);
     let mut columns = Vec::new();
     let (mut refused, mut failed) = (Vec::new(), Vec::new());
@@ -67,6 +69,11 @@ pub fn compare(args: &CompareArgs) -> Result<(), CommandError> {
             warmup: args.warmup,
             timeout: Duration::from_secs_f64(args.timeout),
             busy: usize::from(args.detector.busy),
+            evasions: if path == Path::Native {
+                Default::default()
+            } else {
+                evasions.clone()
+            },
             ..RunSpec::new(path)
         };
         match session.run(&spec, false, None) {

@@ -400,6 +400,17 @@ impl Measurer {
         }
         // 2. Probes: what this KVM does with the path.
         let trap_delivery = self.probe_path(spec)?;
+        if spec.evasions.moves_offset() {
+            // An evader that moves the TSC offset needs a KVM that honours it.
+            let probed = self.probe_tsc_moves(&RunSpec {
+                evasions: Default::default(),
+                ..spec.clone()
+            });
+            if let Err(MeasureError::Shaping(ShapingError::NotHonoured { flavour, .. })) = probed {
+                return Err(spec.evasions.offset_ignored(flavour).into());
+            }
+            probed?;
+        }
         // 3. Calibration, where the run is shaped.
         let (latency, outcome) = match spec.shaping {
             Shaping::None => (Latency::none(), None),

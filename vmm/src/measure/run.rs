@@ -74,8 +74,8 @@ impl Measurer {
         }
         let mut tsc_trap = spec
             .evasions
-            .traps_tsc()
-            .then(|| TscTrap::new(payload.tsc_sites.clone()));
+            .traps()
+            .map(|traps| TscTrap::new(payload.tsc_sites.clone(), traps.clone()));
         let stats = vm
             .run_traced(
                 &mut ExitPath {

@@ -185,6 +185,7 @@ pub struct ExitPath<'a, 'c> {
 impl ExitPath<'_, '_> {
     /// One exit, answered: the kind to count it as.
     fn dispatch(&mut self, vcpu: &mut dyn Vcpu, exit: &Exit, exit_tsc: u64) -> Result<Flow, ModeError> {
+        let mut cpuid = false;
         let kind = match *exit {
             Exit::Interrupted => ExitKind::Signal,
             Exit::IoOut {
@@ -204,12 +205,17 @@ impl ExitPath<'_, '_> {
                         if answered.shaped {
                             self.policy.cpuid_answered(vcpu, exit_tsc)?;
                         }
+                        cpuid = answered.shaped;
                         answered.kind
                     }
                     None => return refuse(vcpu, exit),
                 },
             },
         };
+        if let Some(trap) = self.tsc_trap.as_mut() {
+            let read = matches!(kind, ExitKind::TscTrap | ExitKind::MsrTrap);
+            trap.exit_handled(vcpu, cpuid, read)?;
+        }
         Ok(Flow::Continue(kind))
     }
 

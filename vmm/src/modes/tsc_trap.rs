@@ -6,11 +6,16 @@
 //! RDTSCP) with what the run's exit policy makes of the guest's TSC at that moment. KVM
 //! moves RIP past the `out` itself, as for `--trap io-patch`.
 //!
+//! Only the instructions the evader traps are patched; one trapped "armed" (Ophion's
+//! design) is patched only after a CPUID exit, and restored after the next exit, the read
+//! or any other.
+//!
 //! Patching is this testbed's mechanism, not the evader's (a kernel evader traps without
 //! touching guest code): a guest that reads its own code sees the patches.
 
 use super::answer::ModeError;
 use super::trap_emulate::site_at;
+use crate::shaping::evader::{Trap, Traps};
 use crate::shaping::{ExitPolicy, TscRead};
 use crate::vm::exit::Exit;
 use crate::vm::handler::ExitKind;
@@ -51,11 +56,18 @@ pub struct TscTrapRecord {
     pub max_ahead: u64,
     /// The last answer's distance from the real TSC (negative: behind).
     pub last_moved: i64,
+    /// Times an armed trap was set after a CPUID exit, and of those, how many were
+    /// disarmed by another exit before the guest read the TSC.
+    pub armed: u64,
+    pub disarmed_unread: u64,
 }
 
 /// The RDTSC/RDTSCP trap of one vCPU.
 pub struct TscTrap {
     sites: TscSites,
+    traps: Traps,
+    /// An armed trap's sites are patched now.
+    patched: bool,
     /// Guest TSC minus host TSC as armed: what the guest's own RDTSC would read.
     offset: i64,
     last: Option<u64>,
@@ -63,7 +75,14 @@ pub struct TscTrap {
 }
 
 impl TscTrap {
-    pub fn new(sites: TscSites) -> Self {
+    /// `traps`: which reads the evader traps; the sites of the others are left alone.
+    pub fn new(mut sites: TscSites, traps: Traps) -> Self {
+        if traps.rdtsc == Trap::None {
+            sites.rdtsc.clear();
+        }
+        if traps.rdtscp == Trap::None {
+            sites.rdtscp.clear();
+        }
         let record = TscTrapRecord {
             rdtsc_sites: sites.rdtsc.len(),
             rdtscp_sites: sites.rdtscp.len(),
@@ -71,6 +90,8 @@ impl TscTrap {
         };
         Self {
             sites,
+            traps,
+            patched: false,
             offset: 0,
             last: None,
             record,
@@ -81,15 +102,69 @@ impl TscTrap {
         &self.record
     }
 
-    /// Patches every site (each checked to hold what the decoder found) and reads the
-    /// guest's TSC offset, before the vCPU first runs.
+    /// Patches every site trapped on every read (each checked to hold what the decoder
+    /// found; the armed ones are checked now and patched later) and reads the guest's TSC
+    /// offset, before the vCPU first runs.
     pub fn arm(&mut self, vcpu: &mut dyn Vcpu) -> Result<(), ModeError> {
-        if self.sites.rdtsc.is_empty() && self.sites.rdtscp.is_empty() {
+        if self.sites.rdtsc.is_empty() && self.sites.rdtscp.is_empty() && self.traps.any_instruction() {
             return Err(ModeError::NoTscSites);
         }
-        patch(vcpu, &self.sites.rdtsc, "rdtsc", &RDTSC_OPCODE, &RDTSC_PATCH)?;
-        patch(vcpu, &self.sites.rdtscp, "rdtscp", &RDTSCP_OPCODE, &RDTSCP_PATCH)?;
         self.offset = vcpu.tsc_offset()?;
+        self.patch(vcpu, Trap::Every, true)?;
+        self.patch(vcpu, Trap::Armed, false)
+    }
+
+    /// Patches (or, `patch` false, checks) the sites trapped `how`.
+    fn patch(&mut self, vcpu: &mut dyn Vcpu, how: Trap, patch: bool) -> Result<(), ModeError> {
+        let (rdtsc, rdtscp) = if patch {
+            (&RDTSC_PATCH[..], &RDTSCP_PATCH[..])
+        } else {
+            (&RDTSC_OPCODE[..], &RDTSCP_OPCODE[..])
+        };
+        if self.traps.rdtsc == how {
+            rewrite(vcpu, &self.sites.rdtsc, "rdtsc", &RDTSC_OPCODE, rdtsc)?;
+        }
+        if self.traps.rdtscp == how {
+            rewrite(vcpu, &self.sites.rdtscp, "rdtscp", &RDTSCP_OPCODE, rdtscp)?;
+        }
+        Ok(())
+    }
+
+    /// An armed trap after each exit: a CPUID exit (`cpuid`) arms it for the next read;
+    /// any exit after that, the read's own included, disarms it first.
+    pub fn exit_handled(&mut self, vcpu: &mut dyn Vcpu, cpuid: bool, read: bool) -> Result<(), ModeError> {
+        if !self.traps.armed() {
+            return Ok(());
+        }
+        if self.patched {
+            self.record.disarmed_unread += u64::from(!read);
+            for (how, sites, name, original, patched) in [
+                (
+                    self.traps.rdtsc,
+                    &self.sites.rdtsc,
+                    "rdtsc",
+                    &RDTSC_OPCODE[..],
+                    &RDTSC_PATCH[..],
+                ),
+                (
+                    self.traps.rdtscp,
+                    &self.sites.rdtscp,
+                    "rdtscp",
+                    &RDTSCP_OPCODE[..],
+                    &RDTSCP_PATCH[..],
+                ),
+            ] {
+                if how == Trap::Armed {
+                    rewrite(vcpu, sites, name, patched, original)?;
+                }
+            }
+            self.patched = false;
+        }
+        if cpuid {
+            self.patch(vcpu, Trap::Armed, true)?;
+            self.patched = true;
+            self.record.armed += 1;
+        }
         Ok(())
     }
 
@@ -151,7 +226,9 @@ impl TscTrap {
     }
 }
 
-fn patch(
+/// Writes `with` over each site, checked to hold `expected` (a site that does not is
+/// refused, named: the decoder and the guest's code disagree).
+fn rewrite(
     vcpu: &mut dyn Vcpu,
     sites: &[u64],
     name: &'static str,
@@ -204,9 +281,69 @@ mod tests {
             )
         };
         vcpu.memory.write_slice(code, GuestAddress(SITE)).unwrap();
-        let mut trap = TscTrap::new(sites);
+        let mut trap = TscTrap::new(sites, every());
         trap.arm(vcpu).unwrap();
         trap
+    }
+
+    fn every() -> Traps {
+        Traps {
+            rdtsc: Trap::Every,
+            rdtscp: Trap::Every,
+            msr: vec![crate::shaping::evader::TrappedMsr::Tsc],
+        }
+    }
+
+    fn code(vcpu: &SimVcpu) -> [u8; 2] {
+        let mut code = [0u8; 2];
+        vcpu.memory.read_slice(&mut code, GuestAddress(SITE)).unwrap();
+        code
+    }
+
+    #[test]
+    fn an_armed_trap_is_patched_after_a_cpuid_and_undone_after_the_next_exit() {
+        let mut vcpu = SimVcpu::new();
+        vcpu.memory.write_slice(&RDTSC_OPCODE, GuestAddress(SITE)).unwrap();
+        let sites = TscSites {
+            rdtsc: vec![SITE],
+            rdtscp: vec![],
+        };
+        let armed = Traps {
+            rdtsc: Trap::Armed,
+            ..Traps::default()
+        };
+        let mut trap = TscTrap::new(sites, armed);
+        trap.arm(&mut vcpu).unwrap();
+        assert_eq!(code(&vcpu), RDTSC_OPCODE, "not patched before a CPUID");
+        trap.exit_handled(&mut vcpu, true, false).unwrap();
+        assert_eq!(code(&vcpu), RDTSC_PATCH);
+        trap.exit_handled(&mut vcpu, false, true).unwrap();
+        assert_eq!(code(&vcpu), RDTSC_OPCODE, "the read disarms it");
+        trap.exit_handled(&mut vcpu, true, false).unwrap();
+        trap.exit_handled(&mut vcpu, false, false).unwrap();
+        assert_eq!(code(&vcpu), RDTSC_OPCODE, "so does any other exit");
+        trap.exit_handled(&mut vcpu, true, false).unwrap();
+        trap.exit_handled(&mut vcpu, true, false).unwrap();
+        assert_eq!(code(&vcpu), RDTSC_PATCH, "a second CPUID re-arms it");
+        assert_eq!((trap.record().armed, trap.record().disarmed_unread), (4, 2));
+    }
+
+    #[test]
+    fn an_untrapped_instruction_is_left_alone() {
+        let mut vcpu = SimVcpu::new();
+        vcpu.memory.write_slice(&RDTSCP_OPCODE, GuestAddress(SITE)).unwrap();
+        let sites = TscSites {
+            rdtsc: vec![],
+            rdtscp: vec![SITE],
+        };
+        let rdtsc_only = Traps {
+            rdtsc: Trap::Every,
+            ..Traps::default()
+        };
+        let mut trap = TscTrap::new(sites, rdtsc_only);
+        assert!(matches!(trap.arm(&mut vcpu), Err(ModeError::NoTscSites)));
+        assert_eq!(code(&vcpu), [0x0f, 0x01]);
+        assert_eq!(trap.record().rdtscp_sites, 0);
     }
 
     #[test]
@@ -285,16 +422,19 @@ mod tests {
             Err(ModeError::UnexpectedTscTrap { rip: 0x10_0900, .. })
         ));
         let mut vcpu = SimVcpu::new();
-        let mut wrong = TscTrap::new(TscSites {
-            rdtsc: vec![SITE],
-            rdtscp: vec![],
-        });
+        let mut wrong = TscTrap::new(
+            TscSites {
+                rdtsc: vec![SITE],
+                rdtscp: vec![],
+            },
+            every(),
+        );
         assert!(matches!(
             wrong.arm(&mut vcpu),
             Err(ModeError::NotTscRead { addr: SITE, .. })
         ));
         assert!(matches!(
-            TscTrap::new(TscSites::default()).arm(&mut vcpu),
+            TscTrap::new(TscSites::default(), every()).arm(&mut vcpu),
             Err(ModeError::NoTscSites)
         ));
     }

@@ -18,26 +18,11 @@
 //! trapped RDTSCs and reads of MSR 0x10 (filtered to the VMM, answered with the same value
 //! as RDTSC, as L99-L105 do; refused where KVM offers no userspace MSR exits); the guest's
 //! entry is when KVM_RUN is called. Not reproduced: WBINVD, XSETBV and INVD (KVM handles
-//! them in the kernel). RDTSCP is not intercepted by the original, so it reads the real
-//! TSC here too, though here it still costs an exit.
+//! them in the kernel). RDTSCP is not intercepted by the original, and its evader file
+//! (`configs/evaders/bettertiming.json`) leaves it untrapped.
 
-use super::evasion::{EvasionKind, Needs};
 use super::policy::{ExitPolicy, ShapingError, TscRead};
 use crate::vm::vcpu::Vcpu;
-
-pub const KIND: EvasionKind = EvasionKind {
-    name: "bettertiming",
-    argument: None,
-    does: "traps RDTSC and answers the host TSC at the last guest entry less the whole of every tagged round trip (CPUID, RDTSC; RDTSCP: the real TSC)",
-    as_in: "SamuelTulach/BetterTiming 3d95a8f timing.patch",
-    needs: Needs {
-        tsc_trap: true,
-        msr_tsc: true,
-        ..Needs::NONE
-    },
-    check: |_| Ok(()),
-    build: |_| Box::new(BetterTiming::default()),
-};
 
 /// One vCPU's `total_exit_time` and `last_exit_start`.
 #[derive(Debug, Default)]
@@ -65,10 +50,7 @@ impl ExitPolicy for BetterTiming {
 
     /// `read` is the guest's TSC as KVM_RUN returned; the original answers as of the
     /// last entry, less the total.
-    fn tsc_read(&mut self, _vcpu: &mut dyn Vcpu, read: u64, instruction: TscRead) -> Result<u64, ShapingError> {
-        if instruction == TscRead::Rdtscp {
-            return Ok(read);
-        }
+    fn tsc_read(&mut self, _vcpu: &mut dyn Vcpu, read: u64, _instruction: TscRead) -> Result<u64, ShapingError> {
         self.tagged = true;
         let since_entry = self
             .last_exit_start
@@ -118,14 +100,12 @@ mod tests {
         round_trip(&mut vcpu, &mut clock, 7_000, 2_000, false);
         let third = round_trip(&mut vcpu, &mut clock, 10, 3_000, true).unwrap();
         assert_eq!(third - second, 9_000);
-        // MSR 0x10 is tagged and answered alike; RDTSCP is not the original's: the real TSC.
+        // MSR 0x10 is tagged and answered alike.
         vcpu.advance(50_000);
         let exit_tsc = vcpu.host_tsc.get();
         clock.exit_began(&mut vcpu, exit_tsc).unwrap();
         assert_eq!(clock.tsc_read(&mut vcpu, exit_tsc, TscRead::Msr).unwrap(), third);
         clock.exit_ended(&mut vcpu).unwrap();
-        let exit_tsc = vcpu.host_tsc.get();
-        assert_eq!(clock.tsc_read(&mut vcpu, exit_tsc, TscRead::Rdtscp).unwrap(), exit_tsc);
     }
 
     #[test]

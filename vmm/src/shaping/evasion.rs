@@ -10,26 +10,40 @@ pub enum EvasionError {
     #[error("unknown evasion {given:?}: expected {expected}")]
     Unknown { given: String, expected: String },
     #[error("the evasion {0} acts on the counter vCPU, and the run has none")]
-    NeedsCounter(&'static str),
+    NeedsCounter(String),
     #[error("the evasion {0} acts while the VMM handles CPUID exits, and on this path it never sees them")]
-    NeedsVmmExits(&'static str),
+    NeedsVmmExits(String),
     #[error("the evasion {0} shares the TSC moves of latency shaping, and the run's shaping makes none")]
-    NothingToShare(&'static str),
+    NothingToShare(String),
     #[error("the evasion {name}:{value}: {why}")]
     Argument {
         name: &'static str,
         value: u64,
         why: &'static str,
     },
-    #[error("the evasion {0} traps the guest's RDTSC, and a native run has no guest: give a VM path (--mode hw-assist, trap-emulate or paravirt)")]
-    NeedsGuest(&'static str),
+    #[error("the evasion {0} acts on the guest's TSC, and a native run has no guest: give a VM path (--mode hw-assist, trap-emulate or paravirt)")]
+    NeedsGuest(String),
     #[error(
         "the evasion {0} answers the guest's TSC reads from a clock of its own, which TSC offset moves \
          (--hide, --virtual-inject-cycles, --profile) do not reach: give one or the other"
     )]
-    ClockAndOffset(&'static str),
+    ClockAndOffset(String),
     #[error("the evasion {name} needs TSC scaling, and this KVM ({flavour}) does not offer KVM_CAP_TSC_CONTROL: it cannot run here")]
-    NoTscControl { name: &'static str, flavour: &'static str },
+    NoTscControl { name: String, flavour: &'static str },
+    #[error(
+        "the evader {name} moves the TSC offset, and this KVM ({flavour}) ignores offset writes: run it on a KVM \
+         that honours them (hardware VT-x/AMD-V, or ../shared/nested-svm/run){trapped}"
+    )]
+    OffsetIgnored {
+        name: String,
+        flavour: &'static str,
+        /// `, or ...`: the zoo's same clock through the RDTSC trap, where it has one.
+        trapped: String,
+    },
+    #[error("one evader per run: {first} and {second} were both given")]
+    TwoEvaders { first: String, second: String },
+    #[error(transparent)]
+    Evader(#[from] super::evader::EvaderError),
 }
 
 impl EvasionError {
@@ -61,6 +75,8 @@ pub struct Needs {
     /// Reads of IA32_TSC (MSR 0x10) filtered to the VMM and answered from the same clock
     /// (KVM_CAP_X86_USER_SPACE_MSR); where not, KVM answers them with the real TSC.
     pub msr_tsc: bool,
+    /// Moves vCPU 0's TSC offset at each entry (a KVM must honour offset writes).
+    pub moves_offset: bool,
 }
 
 impl Needs {
@@ -72,6 +88,7 @@ impl Needs {
         tsc_control: false,
         tsc_trap: false,
         msr_tsc: false,
+        moves_offset: false,
     };
 }
 

@@ -12,23 +12,8 @@
 //! forward. Reads of MSR 0x10 are filtered to the VMM and
 //! answered from the same clock, as BetterTiming's are.
 
-use super::evasion::{EvasionKind, Needs};
 use super::policy::{ExitPolicy, ShapingError, TscRead};
 use crate::vm::vcpu::Vcpu;
-
-pub const KIND: EvasionKind = EvasionKind {
-    name: "hide-exits",
-    argument: None,
-    does: "traps RDTSC/RDTSCP and answers with a clock that stops for exactly each CPUID and TSC-read exit",
-    as_in: "the clock SamuelTulach/BetterTiming's README describes; every exit-hiding RDTSC trap",
-    needs: Needs {
-        tsc_trap: true,
-        msr_tsc: true,
-        ..Needs::NONE
-    },
-    check: |_| Ok(()),
-    build: |_| Box::new(HideExits::default()),
-};
 
 /// One vCPU's clock that stops during tagged exits.
 #[derive(Debug, Default)]

@@ -11,20 +11,26 @@
 //! The policies:
 //! - [`latency::Latency`]: inject, virtual inject, hide, profiles (`--inject-*`, `--hide`,
 //!   `--profile`);
-//! - the evasions of [`registry::EVASIONS`] (`--evade NAME`), one file each:
-//!   [`pause_counter`], [`shared_offset`], [`tsc_khz`], and the evaders that trap RDTSC
-//!   and answer it from a clock of their own ([`ExitPolicy::tsc_read`]): [`rdtsc_trap`],
-//!   [`hide_exits`], [`bettertiming`], [`rdtsc_kvm_handler`], [`rdtsc_shield`].
+//! - the building blocks of [`registry::EVASIONS`] (`--evade NAME`), one file each:
+//!   [`pause_counter`], [`shared_offset`], [`tsc_khz`];
+//! - the clocks an evader file ([`evader`], `--evade FILE` or a zoo member's name)
+//!   answers the guest's TSC reads from ([`ExitPolicy::tsc_read`]) or moves its offset
+//!   with, each faithful to the project it is named after: [`rdtsc_trap`], [`hide_exits`],
+//!   [`bettertiming`], [`rdtsc_kvm_handler`], [`rdtsc_shield`], [`ophion`],
+//!   [`offset_clock`].
 //!
-//! Adding an evader is a new file here with an [`evasion::EvasionKind`] and one line in
-//! [`registry`]. What a run's shaping was compared with ([`outcome`]) is data; the
+//! Adding an evader is a file in `configs/evaders/`; adding a clock is a file here and a
+//! variant of [`evader::Clock`]. What a run's shaping was compared with ([`outcome`]) is data; the
 //! calibration runs that produce it are `measure`'s, and what a report says of it is
 //! `crate::report::shaping`'s.
 
 pub mod bettertiming;
+pub mod evader;
 pub mod evasion;
 pub mod hide_exits;
 pub mod latency;
+pub mod offset_clock;
+pub mod ophion;
 pub mod outcome;
 pub mod pause_counter;
 pub mod plan;

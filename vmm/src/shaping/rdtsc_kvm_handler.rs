@@ -11,25 +11,8 @@
 //! where the guest's CPUID hides it, which its README asks for), and MSR 0x10 reads return
 //! the real TSC.
 
-use super::evasion::{EvasionKind, Needs};
 use super::policy::{ExitPolicy, ShapingError, TscRead};
 use crate::vm::vcpu::Vcpu;
-
-pub const KIND: EvasionKind = EvasionKind {
-    name: "rdtsc-kvm-handler",
-    argument: Some("the divider of the real TSC's progress (16 on Intel, 20 on AMD in the original)"),
-    does: "traps RDTSC and answers with a clock that advances by the real TSC's progress / N (RDTSCP: the real TSC)",
-    as_in: "WCharacter/RDTSC-KVM-Handler",
-    needs: Needs {
-        tsc_trap: true,
-        ..Needs::NONE
-    },
-    check: |divider| match divider {
-        1..=1_000_000 => Ok(()),
-        _ => Err("the divider must be between 1 and 1,000,000"),
-    },
-    build: |divider| Box::new(RdtscKvmHandler::new(divider.unwrap_or(20))),
-};
 
 /// One vCPU's slowed clock.
 #[derive(Debug)]
@@ -49,12 +32,7 @@ impl RdtscKvmHandler {
 }
 
 impl ExitPolicy for RdtscKvmHandler {
-    /// RDTSCP is not trapped by the original (a guest without RDTSCP gets #UD there; its
-    /// README says to turn RDTSCP off): here it gets the real TSC.
-    fn tsc_read(&mut self, _vcpu: &mut dyn Vcpu, read: u64, instruction: TscRead) -> Result<u64, ShapingError> {
-        if instruction == TscRead::Rdtscp {
-            return Ok(read);
-        }
+    fn tsc_read(&mut self, _vcpu: &mut dyn Vcpu, read: u64, _instruction: TscRead) -> Result<u64, ShapingError> {
         let told = match self.last {
             None => read,
             Some((real, fake)) => fake.saturating_add(read.saturating_sub(real) / self.divider).min(read),

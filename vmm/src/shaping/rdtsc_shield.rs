@@ -15,7 +15,6 @@
 //! (here: never); RDTSCP is not the module's (its patch answers the raw TSC: the real one
 //! here); a CPUID(0) only counts where it reaches the VMM (trap-emulate, paravirt).
 
-use super::evasion::{EvasionKind, Needs};
 use super::policy::{ExitPolicy, ShapingError, TscRead};
 use crate::vm::vcpu::Vcpu;
 use crate::vm::VmSetup;
@@ -23,28 +22,12 @@ use crate::vm::VmSetup;
 /// `tsc_reset`'s default, in µs.
 pub const RESET_US: u64 = 500;
 
-pub const KIND: EvasionKind = EvasionKind {
-    name: "rdtsc-shield",
-    argument: Some("tsc_scale, the slowdown near a CPUID(0) (10 in the original)"),
-    does: "traps RDTSC and MSR 0x10 and answers start + (real - start) / N, start reset to the truth 500 µs after the last CPUID(0)",
-    as_in: "zhaodice/KVM-RDTSC-SHIELD d5bc5c5 rdtsc.c",
-    needs: Needs {
-        tsc_trap: true,
-        msr_tsc: true,
-        ..Needs::NONE
-    },
-    check: |scale| match scale {
-        1..=1_000_000 => Ok(()),
-        _ => Err("tsc_scale must be between 1 and 1,000,000"),
-    },
-    build: |scale| Box::new(RdtscShield::new(scale.unwrap_or(10), None)),
-};
-
 /// One vCPU's `blue_pill` state.
 #[derive(Debug)]
 pub struct RdtscShield {
     scale: u64,
-    /// `tsc_reset` in TSC cycles, once measured (`prepare`) or given.
+    /// `tsc_reset` in µs, and in TSC cycles once measured (`prepare`) or given.
+    reset_us: u64,
     reset: Option<u64>,
     start: Option<u64>,
     /// When (in the guest's TSC) the last CPUID leaf 0 reached the VMM.
@@ -58,11 +41,12 @@ pub struct RdtscShield {
 }
 
 impl RdtscShield {
-    /// `reset`: `tsc_reset` in TSC cycles, or `None` to measure 500 µs before the run.
-    pub fn new(scale: u64, reset: Option<u64>) -> Self {
+    /// `reset_us`: `tsc_reset`, its TSC ticks measured before the run.
+    pub fn new(scale: u64, reset_us: u64) -> Self {
         Self {
             scale: scale.max(1),
-            reset,
+            reset_us,
+            reset: None,
             start: None,
             last_leaf0: None,
             leaf: u64::MAX,
@@ -92,7 +76,7 @@ impl ExitPolicy for RdtscShield {
             let before = guest_payload::timing::read_tsc();
             std::thread::sleep(nap);
             let ticks = guest_payload::timing::read_tsc().saturating_sub(before);
-            self.reset = Some(ticks / nap.as_micros() as u64 * RESET_US);
+            self.reset = Some(ticks / nap.as_micros() as u64 * self.reset_us);
         }
         Ok(())
     }
@@ -116,10 +100,8 @@ impl ExitPolicy for RdtscShield {
     }
 
     fn tsc_read(&mut self, _vcpu: &mut dyn Vcpu, read: u64, instruction: TscRead) -> Result<u64, ShapingError> {
-        Ok(match instruction {
-            TscRead::Rdtscp => read,
-            TscRead::Rdtsc | TscRead::Msr => self.blue_pill(read),
-        })
+        let _ = instruction;
+        Ok(self.blue_pill(read))
     }
 }
 
@@ -138,7 +120,8 @@ mod tests {
     fn near_a_cpuid_leaf0_the_clock_runs_slow_and_elsewhere_it_catches_up() {
         let mut vcpu = SimVcpu::new();
         let reset = 1_000_000;
-        let mut clock = RdtscShield::new(10, Some(reset));
+        let mut clock = RdtscShield::new(10, 500);
+        clock.reset = Some(reset);
         let read =
             |clock: &mut RdtscShield, vcpu: &mut SimVcpu, real| clock.tsc_read(vcpu, real, TscRead::Rdtsc).unwrap();
         assert_eq!(
@@ -157,11 +140,7 @@ mod tests {
             6_210_000,
             "slow again until reset passes"
         );
-        // MSR 0x10 reads the same clock; RDTSCP the real TSC.
+        // MSR 0x10 reads the same clock.
         assert_eq!(clock.tsc_read(&mut vcpu, 6_400_000, TscRead::Msr).unwrap(), 6_220_000);
-        assert_eq!(
-            clock.tsc_read(&mut vcpu, 6_400_000, TscRead::Rdtscp).unwrap(),
-            6_400_000
-        );
     }
 }
