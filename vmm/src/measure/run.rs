@@ -69,8 +69,9 @@ impl Measurer {
                 Box::new(if spec.bare_exits { handler.bare() } else { handler })
             }
         };
-        if spec.evasions.traps_msr_tsc() {
-            vm.trap_msr_reads(&[crate::modes::tsc_trap::IA32_TSC])?;
+        let msrs = spec.evasions.trapped_msrs();
+        if !msrs.is_empty() {
+            vm.trap_msr_reads(&msrs)?;
         }
         let mut tsc_trap = spec
             .evasions

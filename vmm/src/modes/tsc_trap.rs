@@ -15,7 +15,7 @@
 
 use super::answer::ModeError;
 use super::trap_emulate::site_at;
-use crate::shaping::evader::{Trap, Traps};
+use crate::shaping::evader::{MsrAnswer, Trap, TrappedMsr, Traps};
 use crate::shaping::{ExitPolicy, TscRead};
 use crate::vm::exit::Exit;
 use crate::vm::handler::ExitKind;
@@ -23,6 +23,7 @@ use crate::vm::loader::TscSites;
 use crate::vm::vcpu::Vcpu;
 use guest_payload::ports;
 use serde::Serialize;
+use std::collections::BTreeMap;
 use vm_memory::{Bytes, GuestAddress};
 
 const RDTSC_OPCODE: [u8; 2] = [0x0f, 0x31];
@@ -37,6 +38,33 @@ const OUT_BYTES: u64 = 2;
 /// this VMM (`GuestVm::trap_msr_reads`).
 pub const IA32_TSC: u32 = 0x10;
 
+/// One clock the guest can read, as the trapped reads of it were told.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ClockRecord {
+    pub reads: u64,
+    /// Answers less than the answer before, on this clock.
+    pub backwards: u64,
+    /// The furthest an answer was behind the truth, and ahead of it, in cycles.
+    pub max_behind: u64,
+    pub max_ahead: u64,
+    /// The last answer's distance from the truth (negative: behind).
+    pub last_moved: i64,
+    #[serde(skip)]
+    last: Option<u64>,
+}
+
+impl ClockRecord {
+    fn told(&mut self, truth: u64, told: u64) {
+        let moved = told.wrapping_sub(truth) as i64;
+        self.reads += 1;
+        self.backwards += u64::from(self.last.is_some_and(|last| told < last));
+        self.max_behind = self.max_behind.max(moved.min(0).unsigned_abs());
+        self.max_ahead = self.max_ahead.max(moved.max(0).unsigned_abs());
+        self.last_moved = moved;
+        self.last = Some(told);
+    }
+}
+
 /// What the trapped reads were told, against what the guest's own TSC would have read:
 /// the report's "how far the clock was moved from the truth".
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -44,11 +72,11 @@ pub struct TscTrapRecord {
     /// RDTSC and RDTSCP sites patched.
     pub rdtsc_sites: usize,
     pub rdtscp_sites: usize,
-    /// Reads answered (RDTSC, RDTSCP and MSR 0x10 together).
+    /// Reads of the TSC answered (RDTSC, RDTSCP and MSR 0x10 together).
     pub reads: u64,
     /// Of which reads of IA32_TSC (MSR 0x10), where the evasion intercepts them.
     pub msr_reads: u64,
-    /// Reads answered with less than the read before (the clock ran backwards).
+    /// TSC reads answered with less than the read before (the clock ran backwards).
     pub backwards: u64,
     /// The furthest any answer was behind the guest's real TSC, in cycles.
     pub max_behind: u64,
@@ -60,6 +88,9 @@ pub struct TscTrapRecord {
     /// disarmed by another exit before the guest read the TSC.
     pub armed: u64,
     pub disarmed_unread: u64,
+    /// Each clock the guest read through a trap (`rdtsc`, `rdtscp`, `msr-tsc`, `aperf`,
+    /// `mperf`, `tsc-aux`), on its own: APERF and MPERF count from the vCPU's start.
+    pub clocks: BTreeMap<&'static str, ClockRecord>,
 }
 
 /// The RDTSC/RDTSCP trap of one vCPU.
@@ -70,6 +101,8 @@ pub struct TscTrap {
     patched: bool,
     /// Guest TSC minus host TSC as armed: what the guest's own RDTSC would read.
     offset: i64,
+    /// The guest's TSC as the vCPU was armed: APERF and MPERF count from there.
+    start: u64,
     last: Option<u64>,
     record: TscTrapRecord,
 }
@@ -92,6 +125,7 @@ impl TscTrap {
             sites,
             traps,
             patched: false,
+            start: 0,
             offset: 0,
             last: None,
             record,
@@ -110,6 +144,7 @@ impl TscTrap {
             return Err(ModeError::NoTscSites);
         }
         self.offset = vcpu.tsc_offset()?;
+        self.start = vcpu.now().wrapping_add(self.offset as u64);
         self.patch(vcpu, Trap::Every, true)?;
         self.patch(vcpu, Trap::Armed, false)
     }
@@ -176,12 +211,30 @@ impl TscTrap {
         exit_tsc: u64,
         policy: &mut dyn ExitPolicy,
     ) -> Result<Option<ExitKind>, ModeError> {
-        if let Exit::RdMsr { index: IA32_TSC } = *exit {
-            let truth = exit_tsc.wrapping_add(self.offset as u64);
-            let told = policy.tsc_read(vcpu, truth, TscRead::Msr)?;
+        if let Exit::RdMsr { index } = *exit {
+            let Some((msr, answer)) = TrappedMsr::at(index).and_then(|m| self.traps.msr.get(&m).map(|a| (m, *a)))
+            else {
+                return Ok(None);
+            };
+            let tsc = exit_tsc.wrapping_add(self.offset as u64);
+            let clock = |policy: &mut dyn ExitPolicy, vcpu: &mut dyn Vcpu| match answer {
+                MsrAnswer::Clock => policy.tsc_read(vcpu, tsc, TscRead::Msr),
+                MsrAnswer::Host => Ok(tsc),
+            };
+            let (truth, told) = match msr {
+                TrappedMsr::Tsc => (tsc, clock(policy, vcpu)?),
+                TrappedMsr::Aperf | TrappedMsr::Mperf => (
+                    tsc.wrapping_sub(self.start),
+                    clock(policy, vcpu)?.wrapping_sub(self.start),
+                ),
+                TrappedMsr::TscAux => (0, 0),
+            };
             vcpu.reply_msr(told)?;
-            self.record.msr_reads += 1;
-            self.told(truth, told);
+            if msr == TrappedMsr::Tsc {
+                self.record.msr_reads += 1;
+                self.told(truth, told);
+            }
+            self.record.clocks.entry(msr.name()).or_default().told(truth, told);
             return Ok(Some(ExitKind::MsrTrap));
         }
         let (port, sites) = match *exit {
@@ -210,6 +263,8 @@ impl TscTrap {
         }
         vcpu.set_regs(&regs)?;
         self.told(truth, told);
+        let name = if port == ports::RDTSCP_TRAP { "rdtscp" } else { "rdtsc" };
+        self.record.clocks.entry(name).or_default().told(truth, told);
         Ok(Some(ExitKind::TscTrap))
     }
 
@@ -290,7 +345,7 @@ mod tests {
         Traps {
             rdtsc: Trap::Every,
             rdtscp: Trap::Every,
-            msr: vec![crate::shaping::evader::TrappedMsr::Tsc],
+            msr: TrappedMsr::ALL.into_iter().map(|m| (m, MsrAnswer::Clock)).collect(),
         }
     }
 
@@ -386,8 +441,33 @@ mod tests {
         assert_eq!(kind, Some(ExitKind::MsrTrap));
         assert_eq!(vcpu.msr_reply, Some(1_005));
         assert_eq!((trap.record().reads, trap.record().msr_reads), (1, 1));
-        let other = Exit::RdMsr { index: 0xe7 };
+        let other = Exit::RdMsr { index: 0xe9 };
         assert_eq!(trap.answer(&mut vcpu, &other, 0, &mut Policies::none()).unwrap(), None);
+        assert_eq!(trap.record().clocks["msr-tsc"].reads, 1);
+    }
+
+    #[test]
+    fn aperf_and_mperf_count_from_the_vcpus_start_and_tsc_aux_is_zero() {
+        let mut vcpu = SimVcpu::new();
+        vcpu.advance(50_000);
+        let mut trap = armed(&mut vcpu, false);
+        let start = vcpu.host_tsc.get();
+        for (index, name) in [(0xe7, "aperf"), (0xe8, "mperf")] {
+            let read = Exit::RdMsr { index };
+            trap.answer(&mut vcpu, &read, start + 9_000, &mut Policies::none())
+                .unwrap();
+            assert_eq!(vcpu.msr_reply, Some(9_000), "{name}");
+            assert_eq!(trap.record().clocks[name].last_moved, 0);
+        }
+        trap.answer(
+            &mut vcpu,
+            &Exit::RdMsr { index: 0xc000_0103 },
+            start,
+            &mut Policies::none(),
+        )
+        .unwrap();
+        assert_eq!(vcpu.msr_reply, Some(0));
+        assert_eq!(trap.record().msr_reads, 0, "not reads of the TSC");
     }
 
     #[test]

@@ -102,6 +102,20 @@ pub fn render(report: &RunReport) -> String {
             t.last_moved,
             t.backwards
         );
+        for (clock, c) in &t.clocks {
+            let _ = writeln!(
+                out,
+                "  {clock:<8} {} reads, up to {} behind and {} ahead, {} at the last, {} backwards",
+                c.reads, c.max_behind, c.max_ahead, c.last_moved, c.backwards
+            );
+        }
+        if t.armed > 0 {
+            let _ = writeln!(
+                out,
+                "  armed after {} CPUID exits; {} of them undone by another exit before a read",
+                t.armed, t.disarmed_unread
+            );
+        }
     }
     if let Some(shaping) = &report.shaping {
         let achieved = match (

@@ -46,11 +46,60 @@ pub enum Trap {
 }
 
 /// An MSR whose reads an evader intercepts.
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
 #[serde(rename_all = "kebab-case")]
 pub enum TrappedMsr {
-    /// IA32_TSC (0x10), answered from the evader's clock.
+    /// IA32_TSC (0x10).
     Tsc,
+    /// IA32_APERF (0xE7): actual cycles, here counted at the TSC's rate from the vCPU's start.
+    Aperf,
+    /// IA32_MPERF (0xE8): reference cycles, at the TSC's rate from the vCPU's start.
+    Mperf,
+    /// IA32_TSC_AUX (0xC0000103): what RDTSCP puts in ECX; 0, as KVM leaves it.
+    TscAux,
+}
+
+impl TrappedMsr {
+    pub const ALL: [TrappedMsr; 4] = [
+        TrappedMsr::Tsc,
+        TrappedMsr::Aperf,
+        TrappedMsr::Mperf,
+        TrappedMsr::TscAux,
+    ];
+
+    pub fn index(self) -> u32 {
+        match self {
+            TrappedMsr::Tsc => 0x10,
+            TrappedMsr::Aperf => 0xe7,
+            TrappedMsr::Mperf => 0xe8,
+            TrappedMsr::TscAux => 0xc000_0103,
+        }
+    }
+
+    /// As reports name the clock it reads.
+    pub fn name(self) -> &'static str {
+        match self {
+            TrappedMsr::Tsc => "msr-tsc",
+            TrappedMsr::Aperf => "aperf",
+            TrappedMsr::Mperf => "mperf",
+            TrappedMsr::TscAux => "tsc-aux",
+        }
+    }
+
+    pub fn at(index: u32) -> Option<TrappedMsr> {
+        Self::ALL.into_iter().find(|msr| msr.index() == index)
+    }
+}
+
+/// What a trapped MSR read is answered with.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum MsrAnswer {
+    /// From the evader's clock (APERF/MPERF: its progress since the vCPU's start).
+    Clock,
+    /// Passed through: the truth (what a hypervisor that lets the guest read the counter
+    /// itself shows), counted here from the guest's real TSC.
+    Host,
 }
 
 /// Which of the guest's TSC reads reach the VMM.
@@ -61,8 +110,9 @@ pub struct Traps {
     pub rdtsc: Trap,
     #[serde(default)]
     pub rdtscp: Trap,
+    /// MSRs whose reads exit to the VMM, and how each is answered; the others are KVM's.
     #[serde(default)]
-    pub msr: Vec<TrappedMsr>,
+    pub msr: std::collections::BTreeMap<TrappedMsr, MsrAnswer>,
 }
 
 impl Traps {
@@ -72,7 +122,12 @@ impl Traps {
     }
 
     pub fn msr_tsc(&self) -> bool {
-        self.msr.contains(&TrappedMsr::Tsc)
+        self.msr.contains_key(&TrappedMsr::Tsc)
+    }
+
+    /// The indices of the MSRs trapped, for KVM's filter.
+    pub fn msr_indices(&self) -> Vec<u32> {
+        self.msr.keys().map(|msr| msr.index()).collect()
     }
 
     /// Whether a read is patched only while armed.
@@ -238,16 +293,16 @@ impl Clock {
             ));
         }
         if self.moves_offset() {
-            if traps.any_instruction() || traps.msr_tsc() {
+            if traps.any_instruction() || !traps.msr.is_empty() {
                 return Err((
                     "traps",
                     "a clock \"via\": \"offset\" moves the TSC offset and traps nothing: leave traps out".into(),
                 ));
             }
-        } else if !traps.any_instruction() {
+        } else if !traps.any_instruction() && !traps.msr_tsc() {
             return Err((
                 "traps",
-                "the clock answers trapped reads, and none is trapped: trap rdtsc or rdtscp".into(),
+                "the clock answers trapped reads, and none is trapped: trap rdtsc, rdtscp or the msr tsc".into(),
             ));
         }
         Ok(())
@@ -378,7 +433,7 @@ impl Evader {
         }
         match &file.clock {
             Some(clock) => clock.check(&file.traps).map_err(|(f, why)| field(f, why))?,
-            None if file.traps.any_instruction() || file.traps.msr_tsc() => {
+            None if file.traps.any_instruction() || !file.traps.msr.is_empty() => {
                 return Err(field(
                     "clock",
                     "reads are trapped and no clock answers them: give a clock".into(),
@@ -485,8 +540,19 @@ mod tests {
         assert!(matches!(offset, EvaderError::Field { field: "traps", .. }));
         let nothing = parse(r#"{"description":"x"}"#).unwrap_err();
         assert!(matches!(nothing, EvaderError::Field { field: "clock", .. }));
-        let msr = parse(r#"{"description":"x","traps":{"msr":["aperf"]},"clock":{"kind":"truth"}}"#).unwrap_err();
-        assert!(msr.to_string().contains("unknown variant `aperf`"), "{msr}");
+        let msr =
+            parse(r#"{"description":"x","traps":{"rdtsc":"every","msr":{"pmc0":"host"}},"clock":{"kind":"truth"}}"#)
+                .unwrap_err();
+        assert!(msr.to_string().contains("unknown variant `pmc0`"), "{msr}");
+        let answer =
+            parse(r#"{"description":"x","traps":{"rdtsc":"every","msr":{"aperf":"guess"}},"clock":{"kind":"truth"}}"#)
+                .unwrap_err();
+        assert!(answer.to_string().contains("unknown variant `guess`"), "{answer}");
+        let msrs = parse(
+            r#"{"description":"x","traps":{"rdtsc":"every","msr":{"tsc":"clock","mperf":"host","tsc-aux":"host"}},"clock":{"kind":"truth"}}"#,
+        )
+        .unwrap();
+        assert_eq!(msrs.traps().msr_indices(), vec![0x10, 0xe8, 0xc000_0103]);
     }
 
     #[test]

@@ -72,9 +72,9 @@ pub struct Needs {
     /// The guest's RDTSC and RDTSCP trapped to the VMM, which answers them from the
     /// policy's clock (`modes/tsc_trap.rs`).
     pub tsc_trap: bool,
-    /// Reads of IA32_TSC (MSR 0x10) filtered to the VMM and answered from the same clock
-    /// (KVM_CAP_X86_USER_SPACE_MSR); where not, KVM answers them with the real TSC.
-    pub msr_tsc: bool,
+    /// MSR reads (IA32_TSC, APERF, MPERF, TSC_AUX) filtered to the VMM
+    /// (KVM_CAP_X86_USER_SPACE_MSR); where not, KVM answers them.
+    pub msr: bool,
     /// Moves vCPU 0's TSC offset at each entry (a KVM must honour offset writes).
     pub moves_offset: bool,
 }
@@ -87,7 +87,7 @@ impl Needs {
         tsc_moves: false,
         tsc_control: false,
         tsc_trap: false,
-        msr_tsc: false,
+        msr: false,
         moves_offset: false,
     };
 }

@@ -223,7 +223,7 @@ impl Evasions {
                 Needs {
                     vmm_exits: clock.is_some_and(|c| c.needs_cpuid_exits()),
                     tsc_trap: evader.traps().any_instruction(),
-                    msr_tsc: evader.traps().msr_tsc(),
+                    msr: !evader.traps().msr.is_empty(),
                     moves_offset: clock.is_some_and(|c| c.moves_offset()),
                     ..Needs::NONE
                 },
@@ -280,7 +280,7 @@ impl Evasions {
         self.evader
             .as_ref()
             .map(Evader::traps)
-            .filter(|traps| traps.any_instruction() || traps.msr_tsc())
+            .filter(|traps| traps.any_instruction() || !traps.msr.is_empty())
     }
 
     /// Whether one of them traps the guest's RDTSC or RDTSCP.
@@ -288,9 +288,9 @@ impl Evasions {
         self.traps().is_some_and(Traps::any_instruction)
     }
 
-    /// Whether one of them intercepts reads of IA32_TSC (MSR 0x10).
-    pub fn traps_msr_tsc(&self) -> bool {
-        self.traps().is_some_and(Traps::msr_tsc)
+    /// The MSRs whose reads the evader intercepts (IA32_TSC, APERF, MPERF, TSC_AUX).
+    pub fn trapped_msrs(&self) -> Vec<u32> {
+        self.traps().map(Traps::msr_indices).unwrap_or_default()
     }
 
     /// Whether the evader moves vCPU 0's TSC offset (a KVM must honour that).
@@ -368,7 +368,8 @@ mod tests {
     fn an_evader_brings_its_clock_its_traps_and_the_blocks_it_asks_for() {
         let e = Evasions::parse(["pause-counter", "rdtsc-kvm-handler:16"]).unwrap();
         assert_eq!(e.name(), "pause-counter+rdtsc-kvm-handler:16");
-        assert!(e.traps_tsc() && !e.traps_msr_tsc() && !e.moves_offset());
+        assert!(e.traps_tsc() && e.trapped_msrs().is_empty() && !e.moves_offset());
+        assert_eq!(Evasions::parse(["bettertiming"]).unwrap().trapped_msrs(), vec![0x10]);
         assert_eq!(e.policies().len(), 2);
         let two = Evasions::parse(["bettertiming", "ophion"]).unwrap_err();
         assert!(matches!(two, EvasionError::TwoEvaders { .. }), "{two}");
