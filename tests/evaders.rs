@@ -503,3 +503,23 @@ fn mperf_passed_through_counts_what_the_tsc_clock_hides() {
         "MPERF passed through ran {host} ahead of the hidden TSC, {clock} from the same clock"
     );
 }
+
+/// Hypervisor-Phantom's VMX patch slows the TSC only outside CPL 0: the embedded core runs
+/// at CPL 0, so every trapped read is the truth, and a trap that hides nothing shows.
+#[test]
+fn hypervisor_phantom_tells_cpl0_the_truth() {
+    let Some(_vm) = vm_test() else { return };
+    let report = run("hypervisor-phantom-vmx", IO_PATCH);
+    let record = trapped(&report);
+    assert_eq!(
+        (record["max_behind"].as_u64(), record["max_ahead"].as_u64()),
+        (Some(0), Some(0)),
+        "{record}"
+    );
+    let nika = run("hypervisor-phantom-nika", IO_PATCH);
+    assert_eq!(
+        median(&nika, "cpuid"),
+        0.0,
+        "BetterTiming's arithmetic: a clock that stands still"
+    );
+}

@@ -14,7 +14,6 @@
 //! touching guest code): a guest that reads its own code sees the patches.
 
 use super::answer::ModeError;
-use super::trap_emulate::site_at;
 use crate::shaping::evader::{MsrAnswer, Trap, TrappedMsr, Traps};
 use crate::shaping::{ExitPolicy, TscRead};
 use crate::vm::exit::Exit;
@@ -23,7 +22,6 @@ use crate::vm::loader::TscSites;
 use crate::vm::vcpu::Vcpu;
 use guest_payload::ports;
 use serde::Serialize;
-use std::collections::BTreeMap;
 use vm_memory::{Bytes, GuestAddress};
 
 const RDTSC_OPCODE: [u8; 2] = [0x0f, 0x31];
@@ -90,7 +88,42 @@ pub struct TscTrapRecord {
     pub disarmed_unread: u64,
     /// Each clock the guest read through a trap (`rdtsc`, `rdtscp`, `msr-tsc`, `aperf`,
     /// `mperf`, `tsc-aux`), on its own: APERF and MPERF count from the vCPU's start.
-    pub clocks: BTreeMap<&'static str, ClockRecord>,
+    pub clocks: Clocks,
+}
+
+/// The clocks a trapped read can be of, in report order.
+const CLOCK_NAMES: [&str; 6] = ["rdtsc", "rdtscp", "msr-tsc", "aperf", "mperf", "tsc-aux"];
+
+/// One record per clock, kept in an array (a trapped read's handler is on the guest's
+/// time) and reported as a map of those read.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Clocks([ClockRecord; 6]);
+
+impl Clocks {
+    fn of(&mut self, name: &str) -> &mut ClockRecord {
+        let at = CLOCK_NAMES.iter().position(|n| *n == name).unwrap_or(0);
+        &mut self.0[at]
+    }
+
+    /// The clocks read, by name.
+    pub fn read(&self) -> impl Iterator<Item = (&'static str, &ClockRecord)> {
+        CLOCK_NAMES.into_iter().zip(self.0.iter()).filter(|(_, c)| c.reads > 0)
+    }
+
+    pub fn get(&self, name: &str) -> Option<&ClockRecord> {
+        self.read().find(|(n, _)| *n == name).map(|(_, c)| c)
+    }
+}
+
+impl Serialize for Clocks {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = serializer.serialize_map(None)?;
+        for (name, clock) in self.read() {
+            map.serialize_entry(name, clock)?;
+        }
+        map.end()
+    }
 }
 
 /// The RDTSC/RDTSCP trap of one vCPU.
@@ -110,6 +143,9 @@ pub struct TscTrap {
 impl TscTrap {
     /// `traps`: which reads the evader traps; the sites of the others are left alone.
     pub fn new(mut sites: TscSites, traps: Traps) -> Self {
+        // Sorted: a trapped read finds its site by binary search.
+        sites.rdtsc.sort_unstable();
+        sites.rdtscp.sort_unstable();
         if traps.rdtsc == Trap::None {
             sites.rdtsc.clear();
         }
@@ -234,7 +270,7 @@ impl TscTrap {
                 self.record.msr_reads += 1;
                 self.told(truth, told);
             }
-            self.record.clocks.entry(msr.name()).or_default().told(truth, told);
+            self.record.clocks.of(msr.name()).told(truth, told);
             return Ok(Some(ExitKind::MsrTrap));
         }
         let (port, sites) = match *exit {
@@ -245,7 +281,9 @@ impl TscTrap {
             _ => return Ok(None),
         };
         let mut regs = vcpu.regs()?;
-        if site_at(sites, regs.rip, OUT_BYTES).is_none() {
+        // KVM reports RIP at the `out` (SVM) or past it (VMX, software KVMs).
+        let at = |rip: u64| sites.binary_search(&rip).is_ok();
+        if !at(regs.rip) && !at(regs.rip.wrapping_sub(OUT_BYTES)) {
             return Err(ModeError::UnexpectedTscTrap { port, rip: regs.rip });
         }
         let truth = exit_tsc.wrapping_add(self.offset as u64);
@@ -263,8 +301,8 @@ impl TscTrap {
         }
         vcpu.set_regs(&regs)?;
         self.told(truth, told);
-        let name = if port == ports::RDTSCP_TRAP { "rdtscp" } else { "rdtsc" };
-        self.record.clocks.entry(name).or_default().told(truth, told);
+        let clock = if port == ports::RDTSCP_TRAP { 1 } else { 0 };
+        self.record.clocks.0[clock].told(truth, told);
         Ok(Some(ExitKind::TscTrap))
     }
 
@@ -421,6 +459,10 @@ mod tests {
         assert_eq!((vcpu.regs.rdx << 32) | vcpu.regs.rax, truth);
         assert_eq!(trap.record().reads, 1);
         assert_eq!(trap.record().last_moved, 0);
+        // SVM's KVM reports RIP at the `out`, not past it: the same site.
+        vcpu.regs.rip = SITE;
+        let again = trap.answer(&mut vcpu, &exit, exit_tsc, &mut Policies::none()).unwrap();
+        assert_eq!(again, Some(ExitKind::TscTrap));
         let console = Exit::IoOut {
             port: ports::CONSOLE,
             value: 0,
@@ -443,7 +485,7 @@ mod tests {
         assert_eq!((trap.record().reads, trap.record().msr_reads), (1, 1));
         let other = Exit::RdMsr { index: 0xe9 };
         assert_eq!(trap.answer(&mut vcpu, &other, 0, &mut Policies::none()).unwrap(), None);
-        assert_eq!(trap.record().clocks["msr-tsc"].reads, 1);
+        assert_eq!(trap.record().clocks.get("msr-tsc").unwrap().reads, 1);
     }
 
     #[test]
@@ -457,7 +499,7 @@ mod tests {
             trap.answer(&mut vcpu, &read, start + 9_000, &mut Policies::none())
                 .unwrap();
             assert_eq!(vcpu.msr_reply, Some(9_000), "{name}");
-            assert_eq!(trap.record().clocks[name].last_moved, 0);
+            assert_eq!(trap.record().clocks.get(name).unwrap().last_moved, 0);
         }
         trap.answer(
             &mut vcpu,

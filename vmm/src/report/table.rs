@@ -102,7 +102,7 @@ pub fn render(report: &RunReport) -> String {
             t.last_moved,
             t.backwards
         );
-        for (clock, c) in &t.clocks {
+        for (clock, c) in t.clocks.read() {
             let _ = writeln!(
                 out,
                 "  {clock:<8} {} reads, up to {} behind and {} ahead, {} at the last, {} backwards",

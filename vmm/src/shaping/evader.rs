@@ -187,6 +187,9 @@ pub enum Clock {
     /// Advances by the real TSC's progress since the last read / `divider`, never past the
     /// truth (`shaping/rdtsc_kvm_handler.rs`).
     Slowed { divider: u64 },
+    /// At CPL 0, the truth; in user mode, the host TSC / `divider` plus the offset
+    /// (`shaping/phantom.rs`).
+    ScaledAtUser { divider: u64 },
     /// `start + (real - start) / divider`, `start` reset to the truth `reset_us` after the
     /// last CPUID(0) (`shaping/rdtsc_shield.rs`).
     SlowedNearCpuid0 {
@@ -223,7 +226,10 @@ impl Clock {
     /// The clock's parameter `NAME:N` sets, where the file names one.
     fn set(&mut self, parameter: &str, value: u64) -> bool {
         match (self, parameter) {
-            (Clock::Slowed { divider } | Clock::SlowedNearCpuid0 { divider, .. }, "divider") => *divider = value,
+            (
+                Clock::Slowed { divider } | Clock::ScaledAtUser { divider } | Clock::SlowedNearCpuid0 { divider, .. },
+                "divider",
+            ) => *divider = value,
             (Clock::SlowedNearCpuid0 { reset_us, .. }, "reset_us") => *reset_us = value,
             (Clock::CpuidCost { cycles }, "cycles") => *cycles = Cycles::Given(value),
             (Clock::OffsetBleed { constant, .. }, "constant") => *constant = value,
@@ -260,7 +266,9 @@ impl Clock {
             }
         };
         match *self {
-            Clock::Slowed { divider } => between("clock.divider", divider, 1, 1_000_000)?,
+            Clock::Slowed { divider } | Clock::ScaledAtUser { divider } => {
+                between("clock.divider", divider, 1, 1_000_000)?
+            }
             Clock::SlowedNearCpuid0 { divider, reset_us } => {
                 between("clock.divider", divider, 1, 1_000_000)?;
                 between("clock.reset_us", reset_us, 1, 10_000_000)?;
@@ -433,7 +441,7 @@ impl Evader {
         }
         match &file.clock {
             Some(clock) => clock.check(&file.traps).map_err(|(f, why)| field(f, why))?,
-            None if file.traps.any_instruction() || !file.traps.msr.is_empty() => {
+            None if file.traps.any_instruction() || file.traps.msr.values().any(|a| *a == MsrAnswer::Clock) => {
                 return Err(field(
                     "clock",
                     "reads are trapped and no clock answers them: give a clock".into(),
@@ -441,10 +449,14 @@ impl Evader {
             }
             None => {}
         }
-        if file.clock.is_none() && file.counter == CounterAct::Runs && file.tsc_khz.is_none() {
+        if file.clock.is_none()
+            && file.counter == CounterAct::Runs
+            && file.tsc_khz.is_none()
+            && file.traps.msr.is_empty()
+        {
             return Err(field(
                 "clock",
-                "the evader does nothing: give a clock, a counter act or a tsc_khz".into(),
+                "the evader does nothing: give a clock, a counter act, a tsc_khz or MSRs to pass through".into(),
             ));
         }
         Ok(Evader { name, file })
@@ -465,6 +477,7 @@ impl Evader {
             Clock::StopsForExits => Box::new(HideExits::default()),
             Clock::HidesRoundTrips => Box::new(BetterTiming::default()),
             Clock::Slowed { divider } => Box::new(RdtscKvmHandler::new(divider)),
+            Clock::ScaledAtUser { divider } => Box::new(super::phantom::ScaledAtUser::new(divider)),
             Clock::SlowedNearCpuid0 { divider, reset_us } => Box::new(RdtscShield::new(divider, reset_us)),
             Clock::CpuidCost { cycles } => Box::new(CpuidCost::new(cycles.given())),
             Clock::OffsetBleed { constant, via } => Box::new(OffsetClock::bleed(constant, via)),
@@ -497,6 +510,9 @@ mod tests {
             "ophion",
             "kvm-rdtsc-hack",
             "jonomango-hv",
+            "hypervisor-phantom-vmx",
+            "hypervisor-phantom-nika",
+            "autovirt-aperfmperf",
         ] {
             assert!(names.contains(&expected), "{expected} in {names:?}");
         }

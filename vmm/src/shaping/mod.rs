@@ -17,7 +17,7 @@
 //!   answers the guest's TSC reads from ([`ExitPolicy::tsc_read`]) or moves its offset
 //!   with, each faithful to the project it is named after: [`rdtsc_trap`], [`hide_exits`],
 //!   [`bettertiming`], [`rdtsc_kvm_handler`], [`rdtsc_shield`], [`ophion`],
-//!   [`offset_clock`].
+//!   [`offset_clock`], [`phantom`].
 //!
 //! Adding an evader is a file in `configs/evaders/`; adding a clock is a file here and a
 //! variant of [`evader::Clock`]. What a run's shaping was compared with ([`outcome`]) is data; the
@@ -33,6 +33,7 @@ pub mod offset_clock;
 pub mod ophion;
 pub mod outcome;
 pub mod pause_counter;
+pub mod phantom;
 pub mod plan;
 pub mod policy;
 pub mod profile;

@@ -208,6 +208,10 @@ impl Vcpu for TracingVcpu<'_, '_> {
         self.inner.tsc_offset()
     }
 
+    fn cpl(&mut self) -> Result<u8, VcpuError> {
+        self.inner.cpl()
+    }
+
     fn reply_msr(&mut self, data: u64) -> Result<(), VcpuError> {
         self.inner.reply_msr(data)
     }

@@ -46,6 +46,9 @@ pub trait Vcpu {
     /// The guest's TSC minus the host's: what the guest's own RDTSC would read, less
     /// [`Vcpu::now`] (for a VMM that answers trapped RDTSCs).
     fn tsc_offset(&mut self) -> Result<i64, VcpuError>;
+    /// The guest's privilege level now (CS's low two bits), for an evader that answers
+    /// user mode differently.
+    fn cpl(&mut self) -> Result<u8, VcpuError>;
     /// TSC moves made since the last call, summed (what a shared offset passes on).
     fn take_moved(&mut self) -> i64;
     /// The value the guest's filtered RDMSR reads, at a `Exit::RdMsr`.
@@ -225,6 +228,11 @@ impl Vcpu for KvmVcpu {
         Ok(super::tsc::guest_offset(&self.fd)?.0)
     }
 
+    fn cpl(&mut self) -> Result<u8, VcpuError> {
+        let sregs = self.fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+        Ok((sregs.cs.selector & 3) as u8)
+    }
+
     fn reply_msr(&mut self, data: u64) -> Result<(), VcpuError> {
         let run = self.fd.get_kvm_run();
         if run.exit_reason != kvm_bindings::KVM_EXIT_X86_RDMSR {
@@ -290,6 +298,8 @@ pub mod sim {
         pub moved: i64,
         /// A counter vCPU, where the test gives the VM one.
         pub counter: Option<SimCounter>,
+        /// The guest's privilege level.
+        pub cpl: u8,
     }
 
     /// A counter vCPU for unit tests: it counts pauses, how deep they nest, and the TSC
@@ -348,6 +358,7 @@ pub mod sim {
                 regs_writes: 0,
                 moved: 0,
                 counter: None,
+                cpl: 0,
             }
         }
 
@@ -398,6 +409,9 @@ pub mod sim {
         }
         fn tsc_offset(&mut self) -> Result<i64, VcpuError> {
             Ok(self.tsc_offset)
+        }
+        fn cpl(&mut self) -> Result<u8, VcpuError> {
+            Ok(self.cpl)
         }
         fn reply_msr(&mut self, data: u64) -> Result<(), VcpuError> {
             self.msr_reply = Some(data);
