@@ -70,18 +70,12 @@ pub struct TscTrapRecord {
     /// RDTSC and RDTSCP sites patched.
     pub rdtsc_sites: usize,
     pub rdtscp_sites: usize,
-    /// Reads of the TSC answered (RDTSC, RDTSCP and MSR 0x10 together).
-    pub reads: u64,
+    /// The TSC's reads (RDTSC, RDTSCP and MSR 0x10 together) on one timeline: how many,
+    /// how far behind and ahead of the truth, how many went backwards.
+    #[serde(flatten)]
+    pub tsc: ClockRecord,
     /// Of which reads of IA32_TSC (MSR 0x10), where the evasion intercepts them.
     pub msr_reads: u64,
-    /// TSC reads answered with less than the read before (the clock ran backwards).
-    pub backwards: u64,
-    /// The furthest any answer was behind the guest's real TSC, in cycles.
-    pub max_behind: u64,
-    /// The furthest any answer was ahead of it.
-    pub max_ahead: u64,
-    /// The last answer's distance from the real TSC (negative: behind).
-    pub last_moved: i64,
     /// Times an armed trap was set after a CPUID exit, and of those, how many were
     /// disarmed by another exit before the guest read the TSC.
     pub armed: u64,
@@ -136,7 +130,6 @@ pub struct TscTrap {
     offset: i64,
     /// The guest's TSC as the vCPU was armed: APERF and MPERF count from there.
     start: u64,
-    last: Option<u64>,
     record: TscTrapRecord,
 }
 
@@ -163,7 +156,6 @@ impl TscTrap {
             patched: false,
             start: 0,
             offset: 0,
-            last: None,
             record,
         }
     }
@@ -306,16 +298,9 @@ impl TscTrap {
         Ok(Some(ExitKind::TscTrap))
     }
 
-    /// One read answered with `told` where the truth was `truth`.
+    /// One read of the TSC answered with `told` where the truth was `truth`.
     fn told(&mut self, truth: u64, told: u64) {
-        let moved = told.wrapping_sub(truth) as i64;
-        let record = &mut self.record;
-        record.reads += 1;
-        record.backwards += u64::from(self.last.is_some_and(|last| told < last));
-        record.max_behind = record.max_behind.max(moved.min(0).unsigned_abs());
-        record.max_ahead = record.max_ahead.max(moved.max(0).unsigned_abs());
-        record.last_moved = moved;
-        self.last = Some(told);
+        self.record.tsc.told(truth, told);
     }
 }
 
@@ -457,8 +442,8 @@ mod tests {
         assert_eq!(answered, Some(ExitKind::TscTrap));
         let truth = exit_tsc + (1 << 36);
         assert_eq!((vcpu.regs.rdx << 32) | vcpu.regs.rax, truth);
-        assert_eq!(trap.record().reads, 1);
-        assert_eq!(trap.record().last_moved, 0);
+        assert_eq!(trap.record().tsc.reads, 1);
+        assert_eq!(trap.record().tsc.last_moved, 0);
         // SVM's KVM reports RIP at the `out`, not past it: the same site.
         vcpu.regs.rip = SITE;
         let again = trap.answer(&mut vcpu, &exit, exit_tsc, &mut Policies::none()).unwrap();
@@ -482,7 +467,7 @@ mod tests {
         let kind = trap.answer(&mut vcpu, &read, 1_000, &mut Policies::none()).unwrap();
         assert_eq!(kind, Some(ExitKind::MsrTrap));
         assert_eq!(vcpu.msr_reply, Some(1_005));
-        assert_eq!((trap.record().reads, trap.record().msr_reads), (1, 1));
+        assert_eq!((trap.record().tsc.reads, trap.record().msr_reads), (1, 1));
         let other = Exit::RdMsr { index: 0xe9 };
         assert_eq!(trap.answer(&mut vcpu, &other, 0, &mut Policies::none()).unwrap(), None);
         assert_eq!(trap.record().clocks.get("msr-tsc").unwrap().reads, 1);

@@ -96,11 +96,11 @@ pub fn render(report: &RunReport) -> String {
             report.config.evasion,
             t.rdtsc_sites,
             t.rdtscp_sites,
-            t.reads,
-            t.max_behind,
-            t.max_ahead,
-            t.last_moved,
-            t.backwards
+            t.tsc.reads,
+            t.tsc.max_behind,
+            t.tsc.max_ahead,
+            t.tsc.last_moved,
+            t.tsc.backwards
         );
         for (clock, c) in t.clocks.read() {
             let _ = writeln!(
