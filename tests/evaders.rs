@@ -148,13 +148,18 @@ fn pafish_cpu_rdtsc_sees_a_trap_that_does_not_hide_itself_and_a_clock_that_stand
     assert_eq!(frozen_verdict, "virtual", "pafish wants 0 < mean: zero is a VM");
 }
 
-/// RDTSC, then RDMSR(0x10) at once, nine times: the median of the second minus the first,
-/// in the verdict's score (thousandths). Natively RDMSR would fault at CPL 3.
-const RDTSC_THEN_MSR: &str = r#"#include "vmm_sdk.h"
-VMM_PAYLOAD("rdtsc then rdmsr 0x10", VMM_CAP_VERDICT);
-static inline uint64_t rdmsr_tsc(void) {
+/// What the RDMSR payloads below share: `rdmsr`, the guest's refusal at CPL 3, and the
+/// median of nine differences.
+macro_rules! rdmsr_payload {
+    ($name:literal, $nine:literal, $verdict:literal) => {
+        concat!(
+            r#"#include "vmm_sdk.h"
+VMM_PAYLOAD("#,
+            $name,
+            r#", VMM_CAP_VERDICT);
+static inline uint64_t rdmsr(uint32_t msr) {
     uint32_t lo, hi;
-    __asm__ volatile("rdmsr" : "=a"(lo), "=d"(hi) : "c"(0x10));
+    __asm__ volatile("rdmsr" : "=a"(lo), "=d"(hi) : "c"(msr));
     return ((uint64_t)hi << 32) | lo;
 }
 int vmm_detect(struct vmm_run *run) {
@@ -164,19 +169,34 @@ int vmm_detect(struct vmm_run *run) {
     }
     int64_t d[9];
     for (int i = 0; i < 9; i++) {
-        uint64_t t = vmm_rdtsc();
-        uint64_t m = rdmsr_tsc();
-        d[i] = (int64_t)(m - t);
+"#,
+            $nine,
+            r#"
     }
     for (int i = 1; i < 9; i++)
         for (int j = i; j > 0 && d[j - 1] > d[j]; j--) {
             int64_t x = d[j]; d[j] = d[j - 1]; d[j - 1] = x;
         }
-    int native = d[4] > 0 && d[4] < 1000;
-    vmm_verdict(run, native ? VMM_VERDICT_NATIVE : VMM_VERDICT_VIRTUAL, d[4] * 1000, "median MSR 0x10 minus RDTSC");
+"#,
+            $verdict,
+            r#"
     return VMM_STATUS_OK;
 }
-"#;
+"#
+        )
+    };
+}
+
+/// RDTSC, then RDMSR(0x10) at once, nine times: the median of the second minus the first,
+/// in the verdict's score (thousandths). Natively RDMSR would fault at CPL 3.
+const RDTSC_THEN_MSR: &str = rdmsr_payload!(
+    r#""rdtsc then rdmsr 0x10""#,
+    r#"        uint64_t t = vmm_rdtsc();
+        uint64_t m = rdmsr(0x10);
+        d[i] = (int64_t)(m - t);"#,
+    r#"    int native = d[4] > 0 && d[4] < 1000;
+    vmm_verdict(run, native ? VMM_VERDICT_NATIVE : VMM_VERDICT_VIRTUAL, d[4] * 1000, "median MSR 0x10 minus RDTSC");"#
+);
 
 /// MSR 0x10 read right after RDTSC: an evader that intercepts it answers from the same
 /// clock (BetterTiming, L99-L105 of its patch; hide-exits), one that does not leaves it to
@@ -438,34 +458,15 @@ fn compare_stages_the_evader_on_each_vm_path_and_says_where_it_cannot() {
 
 /// TSC, MPERF, TSC, MPERF, nine times: the median of MPERF's progress minus the TSC's,
 /// in the verdict's score (thousandths).
-const MPERF_AGAINST_TSC: &str = r#"#include "vmm_sdk.h"
-VMM_PAYLOAD("mperf against the tsc", VMM_CAP_VERDICT);
-static inline uint64_t rdmsr(uint32_t msr) {
-    uint32_t lo, hi;
-    __asm__ volatile("rdmsr" : "=a"(lo), "=d"(hi) : "c"(msr));
-    return ((uint64_t)hi << 32) | lo;
-}
-int vmm_detect(struct vmm_run *run) {
-    if (!vmm_in_guest()) {
-        vmm_verdict(run, VMM_VERDICT_UNSURE, 0, "RDMSR needs CPL 0");
-        return VMM_STATUS_OK;
-    }
-    int64_t d[9];
-    for (int i = 0; i < 9; i++) {
-        uint64_t t0 = vmm_rdtsc();
+const MPERF_AGAINST_TSC: &str = rdmsr_payload!(
+    r#""mperf against the tsc""#,
+    r#"        uint64_t t0 = vmm_rdtsc();
         uint64_t m0 = rdmsr(0xe8);
         uint64_t t1 = vmm_rdtsc();
         uint64_t m1 = rdmsr(0xe8);
-        d[i] = (int64_t)((m1 - m0) - (t1 - t0));
-    }
-    for (int i = 1; i < 9; i++)
-        for (int j = i; j > 0 && d[j - 1] > d[j]; j--) {
-            int64_t x = d[j]; d[j] = d[j - 1]; d[j - 1] = x;
-        }
-    vmm_verdict(run, d[4] > 1000 ? VMM_VERDICT_VIRTUAL : VMM_VERDICT_NATIVE, d[4] * 1000, "median MPERF minus TSC progress");
-    return VMM_STATUS_OK;
-}
-"#;
+        d[i] = (int64_t)((m1 - m0) - (t1 - t0));"#,
+    r#"    vmm_verdict(run, d[4] > 1000 ? VMM_VERDICT_VIRTUAL : VMM_VERDICT_NATIVE, d[4] * 1000, "median MPERF minus TSC progress");"#
+);
 
 /// MPERF trapped and answered from the evader's clock agrees with the hidden TSC; passed
 /// through (as Hypervisor-Phantom's 2026 QEMU patch does), it counts the exits the TSC

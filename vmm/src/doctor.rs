@@ -346,11 +346,9 @@ pub fn all_passed(checks: &[Check]) -> bool {
 
 /// The zoo members that trap MSR reads, from their files.
 fn msr_evaders() -> String {
-    crate::shaping::evader::zoo_names()
-        .filter(|name| {
-            crate::shaping::evader::Evader::find(name)
-                .is_some_and(|found| found.is_ok_and(|e| !e.traps().msr.is_empty()))
-        })
+    crate::shaping::evader::zoo()
+        .filter(|(_, file)| !file.traps.msr.is_empty())
+        .map(|(name, _)| name)
         .collect::<Vec<_>>()
         .join(", ")
 }

@@ -85,23 +85,40 @@ pub struct TscTrapRecord {
     pub clocks: Clocks,
 }
 
-/// The clocks a trapped read can be of, in report order.
-const CLOCK_NAMES: [&str; 6] = ["rdtsc", "rdtscp", "msr-tsc", "aperf", "mperf", "tsc-aux"];
+/// The clock the record at `at` is of: RDTSC, RDTSCP, then the MSRs in
+/// `TrappedMsr::ALL` order (named there).
+fn clock_name(at: usize) -> &'static str {
+    match at {
+        0 => "rdtsc",
+        1 => "rdtscp",
+        n => TrappedMsr::ALL.get(n - 2).map_or("?", |msr| msr.name()),
+    }
+}
 
 /// One record per clock, kept in an array (a trapped read's handler is on the guest's
 /// time) and reported as a map of those read.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Clocks([ClockRecord; 6]);
+pub struct Clocks([ClockRecord; 2 + TrappedMsr::ALL.len()]);
 
 impl Clocks {
-    fn of(&mut self, name: &str) -> &mut ClockRecord {
-        let at = CLOCK_NAMES.iter().position(|n| *n == name).unwrap_or(0);
-        &mut self.0[at]
+    /// RDTSC's record, or RDTSCP's.
+    fn instruction(&mut self, rdtscp: bool) -> &mut ClockRecord {
+        &mut self.0[usize::from(rdtscp)]
+    }
+
+    /// A trapped MSR's record (after the two instructions, in `TrappedMsr::ALL` order).
+    fn msr(&mut self, msr: TrappedMsr) -> &mut ClockRecord {
+        let at = TrappedMsr::ALL.iter().position(|m| *m == msr).unwrap_or_default();
+        &mut self.0[2 + at]
     }
 
     /// The clocks read, by name.
     pub fn read(&self) -> impl Iterator<Item = (&'static str, &ClockRecord)> {
-        CLOCK_NAMES.into_iter().zip(self.0.iter()).filter(|(_, c)| c.reads > 0)
+        self.0
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.reads > 0)
+            .map(|(at, c)| (clock_name(at), c))
     }
 
     pub fn get(&self, name: &str) -> Option<&ClockRecord> {
@@ -262,7 +279,7 @@ impl TscTrap {
                 self.record.msr_reads += 1;
                 self.told(truth, told);
             }
-            self.record.clocks.of(msr.name()).told(truth, told);
+            self.record.clocks.msr(msr).told(truth, told);
             return Ok(Some(ExitKind::MsrTrap));
         }
         let (port, sites) = match *exit {
@@ -293,8 +310,10 @@ impl TscTrap {
         }
         vcpu.set_regs(&regs)?;
         self.told(truth, told);
-        let clock = if port == ports::RDTSCP_TRAP { 1 } else { 0 };
-        self.record.clocks.0[clock].told(truth, told);
+        self.record
+            .clocks
+            .instruction(port == ports::RDTSCP_TRAP)
+            .told(truth, told);
         Ok(Some(ExitKind::TscTrap))
     }
 

@@ -376,6 +376,14 @@ pub fn zoo_text(name: &str) -> Option<&'static str> {
     ZOO.iter().find(|(n, _)| *n == name).map(|(_, text)| *text)
 }
 
+/// Every zoo member's file, parsed as written (its argument not applied): what help
+/// texts and `vmm doctor` describe. A member that does not parse is left out here and
+/// refused by name when asked for (`every_zoo_member_parses...` keeps there being none).
+pub fn zoo() -> impl Iterator<Item = (&'static str, EvaderFile)> {
+    ZOO.iter()
+        .filter_map(|(name, text)| Some((*name, serde_json::from_str::<EvaderFile>(text).ok()?)))
+}
+
 /// Whether `value` names an evader file rather than a zoo member or a building block.
 pub fn is_path(value: &str) -> bool {
     value.ends_with(".json") || value.contains('/')
@@ -427,7 +435,7 @@ impl Evader {
             (Some(text), Some(parameter)) => {
                 let value = text
                     .parse::<u64>()
-                    .map_err(|_| field("argument", format!("{text} is not a whole number")))?;
+                    .map_err(|_| field("argument", format!("{text} is too large a number")))?;
                 let set = file.clock.as_mut().is_some_and(|clock| clock.set(parameter, value));
                 if !set {
                     return Err(field(

@@ -19,7 +19,7 @@ fn known_spellings() -> String {
         Some(_) => format!("{}:N", kind.name),
         None => kind.name.to_owned(),
     });
-    let zoo = super::evader::zoo_names().map(|name| match zoo_argument(name) {
+    let zoo = super::evader::zoo().map(|(name, file)| match file.argument {
         Some(_) => format!("{name}:N"),
         None => name.to_owned(),
     });
@@ -28,24 +28,15 @@ fn known_spellings() -> String {
     all.join(", ")
 }
 
-/// The clock parameter a zoo member's `:N` sets, where it takes one.
-fn zoo_argument(name: &str) -> Option<String> {
-    let text = super::evader::zoo_text(name)?;
-    serde_json::from_str::<super::evader::EvaderFile>(text).ok()?.argument
-}
-
 /// `--evade`'s help, from the registry and the zoo: each spelling and what it does.
 pub fn help() -> String {
     let blocks = EVASIONS.iter().map(|kind| match kind.argument {
         Some(argument) => format!("{}:N ({}; N: {argument})", kind.name, kind.does),
         None => format!("{} ({})", kind.name, kind.does),
     });
-    let zoo = super::evader::zoo_names().filter_map(|name| {
-        let file: super::evader::EvaderFile = serde_json::from_str(super::evader::zoo_text(name)?).ok()?;
-        Some(match file.argument {
-            Some(parameter) => format!("{name}:N ({}; N: the clock's {parameter})", file.description),
-            None => format!("{name} ({})", file.description),
-        })
+    let zoo = super::evader::zoo().map(|(name, file)| match file.argument {
+        Some(parameter) => format!("{name}:N ({}; N: the clock's {parameter})", file.description),
+        None => format!("{name} ({})", file.description),
     });
     format!(
         "Evasions beyond the TSC offset, comma-separated: the building blocks and the evader zoo \
