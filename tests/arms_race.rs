@@ -15,7 +15,7 @@ fn two_vcpu_run(extra: &[&str]) -> Value {
     let mut args = vec!["run", "--json", "--vcpus", "2", "-n", "200", "--warmup", "10"];
     args.extend_from_slice(IO_PATCH);
     args.extend_from_slice(extra);
-    json_run(&args)
+    common::json_run_past_kvm_faults(&args)
 }
 
 /// Under QEMU's TCG (nested SVM) the two vCPUs share the host's CPUs unevenly, and a run
@@ -232,6 +232,46 @@ fn a_single_vcpu_run_has_no_counter_and_no_counter_rules() {
             .any(|r| r.starts_with("vmaware") || r.starts_with("counter")),
         "{rules:?}"
     );
+}
+
+/// A guest that overwrites its counter vCPU's loop with `ud2`: the counter's catch-all
+/// IDT turns the fault into a report naming the exception and where it struck, where
+/// without one the counter would triple-fault and (on SVM) leave no registers to read.
+#[test]
+fn a_counter_vcpu_that_faults_is_reported_with_its_exception_and_rip() {
+    let Some(_vm) = two_vcpus_test() else { return };
+    use vmm::vm::loader::{test_support::tiny_elf, EM_X86_64};
+    #[rustfmt::skip]
+    let code = [
+        0x66, 0xc7, 0x04, 0x25, 0x00, 0x70, 0x00, 0x00, 0x0f, 0x0b, // mov word [0x7000], ud2
+        0x41, 0xb8, 0xe8, 0x03, 0x00, 0x00,                         // mov r8d, 1000
+        0x31, 0xc0, 0x31, 0xc9, 0x0f, 0xa2,                         // 1: xor eax, eax; xor ecx, ecx; cpuid
+        0x41, 0xff, 0xc8, 0x75, 0xf5,                               // dec r8d; jnz 1b
+        0x31, 0xc0, 0xe7, 0xf4, 0xf4,                               // out DONE, 0 (ok); hlt
+    ];
+    assert_eq!(guest_payload::layout::COUNTER_CODE_ADDR, 0x7000);
+    let dir = std::env::temp_dir().join(format!("vmm-test-{}-breaker", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let payload = dir.join("breaker.elf");
+    std::fs::write(
+        &payload,
+        tiny_elf(EM_X86_64, guest_payload::layout::PAYLOAD_START, &code),
+    )
+    .unwrap();
+    let output = vmm(&["run", "--vcpus", "2", "--evade", "pause-counter"]
+        .into_iter()
+        .chain(IO_PATCH.iter().copied())
+        .chain(["--timeout", "30", "--payload", payload.to_str().unwrap()])
+        .collect::<Vec<_>>());
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    let message = stderr(&output);
+    let code_addr = format!("RIP {:#x}", guest_payload::layout::COUNTER_CODE_ADDR);
+    assert!(
+        message.contains("counter vCPU") && message.contains("#UD (vector 6)") && message.contains(&code_addr),
+        "{message}"
+    );
+    assert!(!message.contains("triple fault"), "{message}");
+    std::fs::remove_dir_all(&dir).ok();
 }
 
 /// A guest that stops its own counter vCPU (writes STOP to the counter block) under an

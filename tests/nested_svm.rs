@@ -271,7 +271,7 @@ fn two_vcpu_io_patch_run(extra: &[&str]) -> TwoVcpuRun {
         "io-patch",
     ];
     args.extend_from_slice(extra);
-    let report = json_run(&args);
+    let report = common::json_run_past_kvm_faults(&args);
     let verdict = common::verdict_of(&report, "counter-tsc");
     TwoVcpuRun {
         cpuid_cycles: report["probes"]["cpuid"]["median"].as_f64().unwrap(),
@@ -290,39 +290,41 @@ fn verdict(run: &TwoVcpuRun, rule: &str) -> String {
 
 const TWO_VCPU_RUNS: usize = 3;
 
+fn med(runs: &[TwoVcpuRun], f: fn(&TwoVcpuRun) -> f64) -> f64 {
+    median(runs.iter().map(f).collect())
+}
+
+/// Asserts that `rule` said `expected` in most of `runs`: the counter's agreement with
+/// the TSC wanders in QEMU (0.65-1.4 plain), so the clock rules are judged by majority.
+fn majority(runs: &[TwoVcpuRun], rule: &str, expected: &str) {
+    let agreeing = runs.iter().filter(|run| verdict(run, rule) == expected).count();
+    assert!(
+        agreeing * 2 > runs.len(),
+        "{rule} said {expected} in {agreeing} of {} runs",
+        runs.len()
+    );
+}
+
+/// Unshaped two-vCPU runs, each checked: vCPU 0's TSC and the counter's agree.
+fn plain_two_vcpu_runs() -> Vec<TwoVcpuRun> {
+    let plain: Vec<TwoVcpuRun> = (0..TWO_VCPU_RUNS).map(|_| two_vcpu_io_patch_run(&[])).collect();
+    for run in &plain {
+        assert_eq!(verdict(run, "cross-vcpu-tsc"), "native", "{}", run.report["verdicts"]);
+    }
+    majority(&plain, "counter-stall", "native");
+    plain
+}
+
 /// The arms race on nested SVM. Hiding moves vCPU 0's TSC only: the TSC's CPUID cost
 /// drops, the counter's does not, and vCPU 0's TSC falls behind the counter vCPU's, which
 /// cross-vcpu-tsc sees in every run — while no sample on one vCPU ever runs backwards.
 /// (The TSC rules themselves keep seeing a VM here: hide takes back only what it can
-/// prove an exit took, about half of QEMU's path; docs/shaping.md.) Pausing the counter
-/// for each exit leaves the TSC showing the exit and the counter standing still, which
-/// counter-stall sees in every run. (TIMER here mostly finds no pair whose 8×LFENCE
-/// window saw a tick, and the pause begins only once the exit reaches userspace, after
-/// QEMU's long kernel path: what it makes of a paused run is reported, not asserted; on
-/// this machine's KVM, where the VMM's part dominates, arms_race.rs shows it fooled.)
+/// prove an exit took, about half of QEMU's path; docs/shaping.md.)
 #[test]
 #[ignore = "needs two vCPUs on a KVM that honours TSC moves: SMP=2 ../shared/nested-svm/run (see .ci/run)"]
-fn two_vcpus_hide_shows_across_vcpus_and_a_paused_counter_shows_as_a_stall() {
-    let plain: Vec<TwoVcpuRun> = (0..TWO_VCPU_RUNS).map(|_| two_vcpu_io_patch_run(&[])).collect();
+fn two_vcpus_hide_shows_across_vcpus() {
+    let plain = plain_two_vcpu_runs();
     let hidden: Vec<TwoVcpuRun> = (0..TWO_VCPU_RUNS).map(|_| two_vcpu_io_patch_run(&["--hide"])).collect();
-    let paused: Vec<TwoVcpuRun> = (0..TWO_VCPU_RUNS)
-        .map(|_| two_vcpu_io_patch_run(&["--evade", "pause-counter"]))
-        .collect();
-    let med = |runs: &[TwoVcpuRun], f: fn(&TwoVcpuRun) -> f64| median(runs.iter().map(f).collect());
-    for run in &plain {
-        assert_eq!(verdict(run, "cross-vcpu-tsc"), "native", "{}", run.report["verdicts"]);
-    }
-    let majority = |runs: &[TwoVcpuRun], rule: &str, expected: &str| {
-        let agreeing = runs.iter().filter(|run| verdict(run, rule) == expected).count();
-        assert!(
-            agreeing * 2 > runs.len(),
-            "{rule} said {expected} in {agreeing} of {} runs",
-            runs.len()
-        );
-    };
-    // The counter's agreement with the TSC wanders in QEMU (0.65-1.4 plain): judged by
-    // the majority of runs, as the clock rules are.
-    majority(&plain, "counter-stall", "native");
     for run in &hidden {
         assert_eq!(verdict(run, "cross-vcpu-tsc"), "virtual", "{}", run.report["verdicts"]);
         assert_eq!(
@@ -337,21 +339,13 @@ fn two_vcpus_hide_shows_across_vcpus_and_a_paused_counter_shows_as_a_stall() {
             "hiding the TSC fooled TIMER"
         );
     }
-    for run in &paused {
-        assert_eq!(verdict(run, "fixed-threshold"), "virtual");
-    }
-    // How much of each exit the pause covers varies with QEMU's kernel path.
-    majority(&paused, "counter-stall", "virtual");
     let (tsc_plain, tsc_hidden) = (med(&plain, |r| r.cpuid_cycles), med(&hidden, |r| r.cpuid_cycles));
     let (agree_plain, agree_hidden) = (med(&plain, |r| r.agreement), med(&hidden, |r| r.agreement));
     eprintln!(
         "plain: TSC {tsc_plain}, ticks {}, agreement {agree_plain}; hidden: TSC {tsc_hidden}, ticks {}, \
-         agreement {agree_hidden}; paused: TSC {}, ticks {}, agreement {}",
+         agreement {agree_hidden}",
         med(&plain, |r| r.cpuid_ticks),
         med(&hidden, |r| r.cpuid_ticks),
-        med(&paused, |r| r.cpuid_cycles),
-        med(&paused, |r| r.cpuid_ticks),
-        med(&paused, |r| r.agreement)
     );
     // As the one-vCPU hide tests judge it: against the same run's unhidden calibration.
     let achieved = med(&hidden, |r| {
@@ -363,6 +357,34 @@ fn two_vcpus_hide_shows_across_vcpus_and_a_paused_counter_shows_as_a_stall() {
     assert!(
         agree_hidden > agree_plain * 1.25,
         "agreement {agree_plain} -> {agree_hidden}"
+    );
+}
+
+/// Pausing the counter for each exit leaves the TSC showing the exit and the counter
+/// standing still, which counter-stall sees in most runs. (TIMER here mostly finds no
+/// pair whose 8×LFENCE window saw a tick, and the pause begins only once the exit reaches
+/// userspace, after QEMU's long kernel path: what it makes of a paused run is reported,
+/// not asserted; on this machine's KVM, where the VMM's part dominates, arms_race.rs shows
+/// it fooled.) Apart from the hide test: each pause kicks the counter out of the guest,
+/// and under QEMU's SMP=2 those kicks are what freezes the nested guest now and then.
+#[test]
+#[ignore = "needs two vCPUs on a KVM that honours TSC moves: SMP=2 ../shared/nested-svm/run (see .ci/run)"]
+fn two_vcpus_a_paused_counter_shows_as_a_stall() {
+    let plain = plain_two_vcpu_runs();
+    let paused: Vec<TwoVcpuRun> = (0..TWO_VCPU_RUNS)
+        .map(|_| two_vcpu_io_patch_run(&["--evade", "pause-counter"]))
+        .collect();
+    for run in &paused {
+        assert_eq!(verdict(run, "fixed-threshold"), "virtual");
+    }
+    // How much of each exit the pause covers varies with QEMU's kernel path.
+    majority(&paused, "counter-stall", "virtual");
+    let agree_plain = med(&plain, |r| r.agreement);
+    eprintln!(
+        "plain: agreement {agree_plain}; paused: TSC {}, ticks {}, agreement {}",
+        med(&paused, |r| r.cpuid_cycles),
+        med(&paused, |r| r.cpuid_ticks),
+        med(&paused, |r| r.agreement)
     );
     // The pause lengthens the exit on the TSC while the counter stands still.
     let agree_paused = med(&paused, |r| r.agreement);

@@ -16,15 +16,24 @@
 
 use super::exit::Exit;
 use super::tsc::{TscError, TscMover};
-use crate::arch::x86_64::regs as arch_regs;
+use crate::arch::x86_64::{idt, regs as arch_regs};
 use guest_payload::layout;
 use guest_payload::timing::read_tsc;
 use kvm_ioctls::{VcpuFd, VmFd};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicPtr, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::time::{Duration, Instant};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 /// How long vCPU 0 waits in all for the counter to stop at the end of the run.
 const HANDSHAKE_LIMIT: Duration = Duration::from_secs(2);
+/// Why the counter faulted where the guest did not touch it: the platform's fault, which
+/// a retry may not meet again (tests that run on QEMU's nested SVM retry on this text).
+pub const KVM_FAULTED: &str = "its code, IDT and stack are intact and this VM has no interrupt controller: the KVM \
+                               below (or what runs that KVM) did it (seen under QEMU's emulated nested SVM); run it again";
+/// The counter's catch-all IDT and its stubs, in its code page between the loop and the
+/// halt: VMM-owned memory the guest ABI gives the counter, never read by a payload.
+const IDT_ADDR: u64 = layout::COUNTER_CODE_ADDR + 0x100;
+const STUBS_ADDR: u64 = IDT_ADDR + idt::TABLE_BYTES as u64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CounterError {
@@ -65,17 +74,21 @@ pub trait Counter {
 pub struct CounterVcpu {
     fd: VcpuFd,
     tsc: Option<TscMover>,
+    /// To read the exception frame of a fault.
+    memory: GuestMemoryMmap,
 }
 
 impl CounterVcpu {
-    /// Creates vCPU 1 in long mode at the loop, with its code, halt and stack in guest
-    /// memory (written by the caller with [`code_and_stack`]).
-    pub fn create(vm: &VmFd, cpuid: &kvm_bindings::CpuId) -> Result<Self, CounterError> {
+    /// Creates vCPU 1 in long mode at the loop, with its code, halt, catch-all IDT and
+    /// stack in guest memory (written by the caller with [`code_and_stack`]).
+    pub fn create(vm: &VmFd, cpuid: &kvm_bindings::CpuId, memory: &GuestMemoryMmap) -> Result<Self, CounterError> {
         let fd = vm.create_vcpu(1).map_err(kvm_err("to create the counter vCPU"))?;
         fd.set_cpuid2(cpuid)
             .map_err(kvm_err("the counter vCPU's CPUID table (KVM_SET_CPUID2)"))?;
         let mut sregs = fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
         arch_regs::setup_long_mode(&mut sregs);
+        sregs.idt.base = IDT_ADDR;
+        sregs.idt.limit = (idt::TABLE_BYTES - 1) as u16;
         fd.set_sregs(&sregs)
             .map_err(kvm_err("the counter vCPU's special registers (KVM_SET_SREGS)"))?;
         let mut entry = arch_regs::entry_registers(layout::COUNTER_CODE_ADDR);
@@ -83,7 +96,11 @@ impl CounterVcpu {
         entry.rsp = layout::COUNTER_STACK_TOP;
         fd.set_regs(&entry)
             .map_err(kvm_err("the counter vCPU's registers (KVM_SET_REGS)"))?;
-        Ok(Self { fd, tsc: None })
+        Ok(Self {
+            fd,
+            tsc: None,
+            memory: memory.clone(),
+        })
     }
 
     /// The vCPU's file descriptor, for its thread's sandbox.
@@ -151,9 +168,69 @@ impl CounterVcpu {
             }
             match Exit::from_kvm(self.fd.run()) {
                 Exit::Interrupted => continue,
-                Exit::Hlt => return Err(CounterError::Stopped("it left the loop and halted".into())),
+                Exit::Hlt => return Err(CounterError::Stopped(self.why_halted())),
+                Exit::Shutdown => return Err(CounterError::Stopped(self.why_shut_down())),
                 other => return Err(CounterError::Stopped(other.kvm_name())),
             }
+        }
+    }
+}
+
+impl CounterVcpu {
+    /// Why the counter halted: a fault caught by its IDT, named from its frame, or the
+    /// loop's own `ret`.
+    fn why_halted(&self) -> String {
+        let Ok(regs) = self.fd.get_regs() else {
+            return "it halted (its registers could not be read)".into();
+        };
+        let Some(vector) = idt::vector_at(STUBS_ADDR, regs.rip) else {
+            return format!("it left the loop and halted at RIP {:#x}", regs.rip);
+        };
+        let word = |at: u64| {
+            let mut bytes = [0u8; 8];
+            self.memory
+                .read_slice(&mut bytes, GuestAddress(at))
+                .ok()
+                .map(|()| u64::from_le_bytes(bytes))
+        };
+        let (error_code, rip) = if idt::has_error_code(vector) {
+            (word(regs.rsp), word(regs.rsp + 8))
+        } else {
+            (None, word(regs.rsp))
+        };
+        let Some(rip) = rip else {
+            return format!(
+                "it took {} (vector {vector}); its stack could not be read",
+                idt::name(vector)
+            );
+        };
+        format!(
+            "it took {}; {}",
+            idt::describe(vector, error_code, rip),
+            self.whose_fault()
+        )
+    }
+
+    /// A triple fault although the IDT catches every vector: one of the two candidates.
+    fn why_shut_down(&self) -> String {
+        format!(
+            "KVM_EXIT_SHUTDOWN (triple fault), although its IDT catches every exception; {}",
+            self.whose_fault()
+        )
+    }
+
+    /// Who could have made the loop fault: the guest, by writing over the counter's code,
+    /// IDT or stubs (vCPU 0 shares that memory), or the KVM below, where they are intact
+    /// (the loop touches only its own block, and this VM has no interrupt controller).
+    fn whose_fault(&self) -> &'static str {
+        let intact = code_and_stack().iter().all(|(addr, bytes)| {
+            let mut now = vec![0u8; bytes.len()];
+            self.memory.read_slice(&mut now, GuestAddress(*addr)).is_ok() && now == *bytes
+        });
+        if intact {
+            KVM_FAULTED
+        } else {
+            "its code, IDT or stack was overwritten (vCPU 0's guest shares that memory)"
         }
     }
 }
@@ -281,11 +358,14 @@ impl Counter for CounterControl {
     }
 }
 
-/// The counter vCPU's code at [`layout::COUNTER_CODE_ADDR`], a `hlt` for its `ret`, and
-/// the return address on its stack: (address, bytes) to write into guest RAM.
-pub fn code_and_stack() -> [(u64, Vec<u8>); 3] {
+/// The counter vCPU's code at [`layout::COUNTER_CODE_ADDR`], its catch-all IDT and stubs,
+/// a `hlt` for its `ret`, and the return address on its stack: (address, bytes) to write
+/// into guest RAM.
+pub fn code_and_stack() -> [(u64, Vec<u8>); 5] {
     [
         (layout::COUNTER_CODE_ADDR, guest_payload::counter::LOOP_CODE.to_vec()),
+        (IDT_ADDR, idt::table(STUBS_ADDR)),
+        (STUBS_ADDR, idt::stubs()),
         (layout::COUNTER_HALT_ADDR, guest_payload::counter::HALT_CODE.to_vec()),
         (
             layout::COUNTER_STACK_TOP,
@@ -305,8 +385,10 @@ mod tests {
 
     #[test]
     fn the_counter_vcpus_code_halt_and_return_address_do_not_overlap() {
-        let [(code, loop_code), (halt, halt_code), (stack, ret)] = code_and_stack();
-        assert!(code + loop_code.len() as u64 <= halt);
+        let [(code, loop_code), (table, gates), (stubs, stub_code), (halt, halt_code), (stack, ret)] = code_and_stack();
+        assert!(code + loop_code.len() as u64 <= table);
+        assert!(table + gates.len() as u64 <= stubs);
+        assert!(stubs + stub_code.len() as u64 <= halt);
         assert!(halt + halt_code.len() as u64 <= stack);
         assert_eq!(u64::from_le_bytes(ret.try_into().unwrap()), halt);
         assert!(stack + 8 <= layout::STACK_BOTTOM);

@@ -236,7 +236,7 @@ impl GuestVm {
             }
             // The config block says where the counter is: written again with the address.
             memory::write_boot_structures(&memory, &config)?;
-            Some(counter::CounterVcpu::create(&vm, &kvm.cpuid_for(1, 2)?)?)
+            Some(counter::CounterVcpu::create(&vm, &kvm.cpuid_for(1, 2)?, &memory)?)
         } else {
             None
         };
