@@ -524,3 +524,76 @@ fn hypervisor_phantom_tells_cpl0_the_truth() {
         "BetterTiming's arithmetic: a clock that stands still"
     );
 }
+
+/// The testbed's CPUID patch is not the evader's: code-integrity, which reads the CPUID
+/// sites, is named not applicable where an evader is staged on io-patch (its original
+/// traps in hardware and patches nothing), and still judges the same path unstaged and
+/// the evader staged where the CPUID sites are untouched.
+#[test]
+fn code_integrity_is_not_applicable_where_the_testbed_patched_cpuid_for_an_evader() {
+    let Some(_vm) = vm_test() else { return };
+    let judged = |report: &Value| {
+        report["verdicts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["rule"] == "code-integrity")
+    };
+    let staged = run("rdtsc-trap", IO_PATCH);
+    assert!(!judged(&staged), "{}", staged["verdicts"]);
+    let not_applicable = staged["not_applicable"].as_array().unwrap();
+    assert_eq!(not_applicable.len(), 1, "{not_applicable:?}");
+    assert_eq!(not_applicable[0]["rule"], "code-integrity");
+    assert!(
+        not_applicable[0]["why"].as_str().unwrap().contains("patches nothing"),
+        "{not_applicable:?}"
+    );
+    let text = vmm(&[
+        "run",
+        "-n",
+        "50",
+        "--evade",
+        "rdtsc-trap",
+        "--mode",
+        "trap-emulate",
+        "--trap",
+        "io-patch",
+    ]);
+    assert!(text.status.success(), "{}", stderr(&text));
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("code-integrity") && l.contains("n/a")),
+        "{text}"
+    );
+
+    let unstaged = json_run(&[&["run", "--json", "-n", "50"][..], IO_PATCH].concat());
+    assert_eq!(verdict_of(&unstaged, "code-integrity")["verdict"], "virtual");
+    assert!(unstaged.get("not_applicable").is_none());
+    let untouched = run("rdtsc-trap", &["--mode", "hw-assist"]);
+    assert_eq!(verdict_of(&untouched, "code-integrity")["verdict"], "native");
+}
+
+/// An evader's CPUID answers (`"cpuid": {"hypervisor": "hidden"}`) hold on every VM path:
+/// KVM's own answer (hw-assist), the VMM's trap answer and its hypercall answer, read from
+/// the same table, fool hypervisor-bit alike, while the same path unstaged is caught; a
+/// native run, with no guest to hide from, is refused by name.
+#[test]
+fn a_hidden_hypervisor_fools_hypervisor_bit_on_every_vm_path() {
+    let Some(_vm) = vm_test() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("hidden.json");
+    std::fs::write(&file, r#"{"description":"hides","cpuid":{"hypervisor":"hidden"}}"#).unwrap();
+    let file = file.to_str().unwrap();
+    for path in [&["--mode", "hw-assist"][..], IO_PATCH, &["--mode", "paravirt"]] {
+        let plain = json_run(&[&["run", "--json", "-n", "20"][..], path].concat());
+        assert_eq!(verdict_of(&plain, "hypervisor-bit")["verdict"], "virtual", "{path:?}");
+        let hidden = run(file, path);
+        let verdict = verdict_of(&hidden, "hypervisor-bit");
+        assert_eq!(verdict["verdict"], "native", "{path:?}: {verdict}");
+        assert_eq!(hidden["config"]["evasion"], "hidden");
+    }
+    let native = vmm(&["run", "--mode", "native", "--evader", file]);
+    assert_eq!(native.status.code(), Some(1));
+    assert!(stderr(&native).contains("hidden"), "{}", stderr(&native));
+}

@@ -414,7 +414,7 @@ fn the_vcpu_thread_runs_under_a_seccomp_filter_that_refuses_files_and_sockets() 
     let config = RunSpec::new(Path::HwAssist)
         .cpuid_only(20, 0, vmm::shaping::latency::Shaping::None)
         .guest_config();
-    let mut vm = vmm::vm::GuestVm::create(measurer.kvm().unwrap(), &payload, &config).unwrap();
+    let mut vm = vmm::vm::GuestVm::create(measurer.kvm().unwrap(), &payload, &config, Default::default()).unwrap();
     let mut handler = TriesForbiddenCalls {
         inner: HwAssist,
         open: None,

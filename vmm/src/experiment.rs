@@ -58,9 +58,10 @@ impl Session {
             tsc_khz: self.host.tsc_khz,
             cpuid_leaf: spec.cpuid_leaf,
             payload: measurement.results.verdict.as_ref(),
+            patched_for_an_evader: spec.patched_for_an_evader(),
         };
         let verdicts = detector::evaluate(&evidence, &self.calibration);
-        let report = RunReport::new(
+        let mut report = RunReport::new(
             spec,
             &self.payload,
             self.host.clone(),
@@ -68,6 +69,7 @@ impl Session {
             verdicts,
             include_samples,
         );
+        report.not_applicable = detector::not_applicable(&evidence);
         Ok((report, measurement))
     }
 }

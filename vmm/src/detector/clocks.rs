@@ -426,6 +426,7 @@ mod tests {
             tsc_khz: 2_000_000,
             cpuid_leaf: 0,
             payload: None,
+            patched_for_an_evader: None,
         }
     }
 

@@ -31,6 +31,10 @@ pub enum Applies {
     WithProbe(Probe),
     /// On runs whose payload reported its own verdict.
     WithPayloadVerdict,
+    /// On runs whose code, if patched, was patched by the hypervisor modelled: not where
+    /// the testbed patched it to stage an evader that patches nothing (the report names
+    /// the rule as not applicable, and why).
+    UnlessPatchedForAnEvader,
 }
 
 impl Applies {
@@ -40,6 +44,7 @@ impl Applies {
             Applies::WithCounter => !evidence.ticks.is_empty(),
             Applies::WithProbe(probe) => evidence.samples.contains_key(&probe),
             Applies::WithPayloadVerdict => evidence.payload.is_some(),
+            Applies::UnlessPatchedForAnEvader => evidence.patched_for_an_evader.is_none(),
         }
     }
 }
@@ -114,7 +119,7 @@ pub static RULES: [Rule; 14] = [
     Rule {
         name: rules::CODE_INTEGRITY,
         heading: "integrity",
-        applies: Applies::EveryRun,
+        applies: Applies::UnlessPatchedForAnEvader,
         probes: &[],
         reads: "the bytes of the guest's own CPUID sites",
         origin: "the patching traps' trace",
@@ -199,9 +204,17 @@ pub fn rule(name: &str) -> Option<&'static Rule> {
     RULES.iter().find(|r| r.name == name)
 }
 
+impl Applies {
+    /// Judged on every run but those whose own make-up rules it out: a column of its own
+    /// in every report (empty where not applicable), not one that comes and goes.
+    fn every_run(self) -> bool {
+        matches!(self, Applies::EveryRun | Applies::UnlessPatchedForAnEvader)
+    }
+}
+
 /// The names of the rules judged on every run, in report order.
 pub fn every_run_rules() -> impl Iterator<Item = &'static str> {
-    RULES.iter().filter(|r| r.applies == Applies::EveryRun).map(|r| r.name)
+    RULES.iter().filter(|r| r.applies.every_run()).map(|r| r.name)
 }
 
 /// The rules of a set of runs, in report order: those judged on every run, then the others
@@ -210,7 +223,7 @@ pub fn rule_columns<'a>(verdicts: impl IntoIterator<Item = &'a str>) -> Vec<&'st
     let seen: std::collections::BTreeSet<&str> = verdicts.into_iter().collect();
     RULES
         .iter()
-        .filter(|r| r.applies == Applies::EveryRun || seen.contains(r.name))
+        .filter(|r| r.applies.every_run() || seen.contains(r.name))
         .map(|r| r.name)
         .collect()
 }
@@ -222,6 +235,27 @@ pub fn evaluate(evidence: &Evidence, calibration: &Calibration) -> Vec<RuleVerdi
         .filter(|r| r.applies.to(evidence))
         .map(|r| (r.judge)(evidence, calibration))
         .collect()
+}
+
+/// The rules a run's own make-up rules out, each with why: a report names them rather
+/// than scoring the testbed's mechanism against what it stages. (Rules that lack what
+/// they read, a counter or a probe, are simply absent.)
+pub fn not_applicable(evidence: &Evidence) -> Vec<NotApplicable> {
+    RULES
+        .iter()
+        .filter(|r| r.applies == Applies::UnlessPatchedForAnEvader && !r.applies.to(evidence))
+        .map(|r| NotApplicable {
+            rule: r.name,
+            why: evidence.patched_for_an_evader.unwrap_or_default(),
+        })
+        .collect()
+}
+
+/// A rule a run left out on purpose.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct NotApplicable {
+    pub rule: &'static str,
+    pub why: &'static str,
 }
 
 /// The payload's verdict as a rule's: its own score, full confidence in its own word.
@@ -285,7 +319,36 @@ mod tests {
             tsc_khz: 2_000_000,
             cpuid_leaf: 0,
             payload,
+            patched_for_an_evader: None,
         }
+    }
+
+    #[test]
+    fn code_integrity_is_named_not_applicable_where_the_testbed_patched_for_an_evader() {
+        let (samples, ticks, payload) = everything();
+        let sites = [[0xe6, 0xf7]];
+        let patched = Evidence {
+            site_bytes: &sites,
+            ..evidence(&samples, &ticks, Some(&payload))
+        };
+        let judged = |e: &Evidence| {
+            evaluate(e, &Calibration::uncalibrated())
+                .iter()
+                .any(|v| v.rule == rules::CODE_INTEGRITY)
+        };
+        assert!(judged(&patched) && not_applicable(&patched).is_empty());
+        let staged = Evidence {
+            patched_for_an_evader: Some("why"),
+            ..patched
+        };
+        assert!(!judged(&staged));
+        assert_eq!(
+            not_applicable(&staged),
+            [NotApplicable {
+                rule: rules::CODE_INTEGRITY,
+                why: "why"
+            }]
+        );
     }
 
     #[test]

@@ -426,6 +426,7 @@ mod tests {
             tsc_khz: TSC_KHZ,
             cpuid_leaf: 0,
             payload: None,
+            patched_for_an_evader: None,
         };
         evaluate(&evidence, &bare_metal_calibration())
             .into_iter()
@@ -511,6 +512,7 @@ mod tests {
             tsc_khz: TSC_KHZ,
             cpuid_leaf: 0,
             payload: None,
+            patched_for_an_evader: None,
         };
         fixed_threshold(&evidence)
     }
@@ -593,6 +595,7 @@ mod tests {
             tsc_khz: TSC_KHZ,
             cpuid_leaf: 0,
             payload: None,
+            patched_for_an_evader: None,
         };
         let verdict = tsc_monotonic(&evidence);
         assert_eq!(verdict.verdict, Verdict::Virtual);

@@ -48,4 +48,7 @@ pub struct Evidence<'a> {
     pub cpuid_leaf: u32,
     /// The payload's own verdict, where it reported one.
     pub payload: Option<&'a crate::results::PayloadVerdictReport>,
+    /// Where the testbed patched the guest's code to stage an evader whose original
+    /// patches nothing: why (`RunSpec::patched_for_an_evader`).
+    pub patched_for_an_evader: Option<&'static str>,
 }

@@ -220,6 +220,21 @@ pub fn default_probes(counter: bool) -> u32 {
 }
 
 impl RunSpec {
+    /// Why the guest's CPUID sites read patched for a reason other than the hypervisor
+    /// modelled: an evasion staged on a patching trap. Each public evader traps in
+    /// hardware and patches nothing; here its CPUID exits come through the testbed's patch.
+    /// `None` where nothing is staged or the CPUID sites are untouched (the RDTSC trap's
+    /// patches are not at CPUID sites).
+    pub fn patched_for_an_evader(&self) -> Option<&'static str> {
+        match self.path {
+            Path::TrapEmulate(Trap::IoPatch | Trap::Int3Patch) if !self.evasions.is_none() => Some(
+                "the testbed patched the CPUID sites to trap them (--trap io-patch or int3-patch), \
+                 and the evasion staged on them is modelled on a hypervisor that patches nothing",
+            ),
+            _ => None,
+        }
+    }
+
     pub fn new(path: Path) -> Self {
         Self {
             path,
@@ -452,5 +467,27 @@ impl Measurer {
             native_cpu: Some(run.cpu),
             ..Default::default()
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_an_evasion_staged_on_a_patching_trap_makes_the_patch_the_testbeds() {
+        let staged = |path, evasion: &[&str]| RunSpec {
+            evasions: Evasions::parse(evasion.iter().copied()).unwrap(),
+            ..RunSpec::new(path)
+        };
+        for trap in [Trap::IoPatch, Trap::Int3Patch] {
+            assert!(staged(Path::TrapEmulate(trap), &["pause-counter"])
+                .patched_for_an_evader()
+                .is_some());
+            assert_eq!(staged(Path::TrapEmulate(trap), &[]).patched_for_an_evader(), None);
+        }
+        for path in [Path::TrapEmulate(Trap::HwBreakpoint), Path::HwAssist, Path::Paravirt] {
+            assert_eq!(staged(path, &["rdtsc-trap"]).patched_for_an_evader(), None, "{path:?}");
+        }
     }
 }

@@ -43,7 +43,12 @@ impl Measurer {
         console: Option<&mut (dyn Write + Send)>,
         trace: &mut T,
     ) -> Result<Measurement, MeasureError> {
-        let mut vm = GuestVm::create(self.kvm()?, payload, &self.with_tsc_rate(spec.guest_config()))?;
+        let mut vm = GuestVm::create(
+            self.kvm()?,
+            payload,
+            &self.with_tsc_rate(spec.guest_config()),
+            spec.evasions.hypervisor(),
+        )?;
         vm.place(placement);
         // Sized before the run: no reallocation inside an exit hide must account for.
         let mut latency = latency;

@@ -6,7 +6,7 @@ pub mod shaping;
 pub mod table;
 pub mod trace;
 
-use crate::detector::RuleVerdict;
+use crate::detector::{NotApplicable, RuleVerdict};
 use crate::host::HostInfo;
 use crate::measure::{Measurement, RunSpec};
 use crate::modes::trap_emulate::{Trap, TrapDelivery};
@@ -145,6 +145,9 @@ pub struct RunReport {
     pub exits: BTreeMap<String, ExitSummary>,
     /// Every detector rule's verdict on this run.
     pub verdicts: Vec<RuleVerdict>,
+    /// The rules this run's make-up rules out, each with why (not scored).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub not_applicable: Vec<NotApplicable>,
     pub timings: Timings,
     /// trap-emulate only: the trap mechanism and how this KVM delivered it.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -260,6 +263,7 @@ impl RunReport {
             cpuid_excess_over_nop: excess,
             exits: measurement.exits.summary(),
             verdicts,
+            not_applicable: Vec::new(),
             timings: Timings {
                 setup_us: measurement.setup.map(|d| d.as_micros() as u64),
                 run_us: measurement.run.as_micros() as u64,

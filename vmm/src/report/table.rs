@@ -220,6 +220,9 @@ pub fn render(report: &RunReport) -> String {
                 v.why
             );
         }
+        for n in &report.not_applicable {
+            let _ = writeln!(out, "{:<19} {:<8} {:>8}  {}", n.rule, "n/a", "", n.why);
+        }
     }
     let timings = &report.timings;
     match timings.setup_us {

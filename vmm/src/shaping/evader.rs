@@ -12,6 +12,7 @@ use super::ophion::CpuidCost;
 use super::policy::ExitPolicy;
 use super::rdtsc_kvm_handler::RdtscKvmHandler;
 use super::rdtsc_shield::RdtscShield;
+use crate::arch::x86_64::cpuid::Hypervisor;
 use serde::Deserialize;
 use std::path::Path;
 
@@ -356,6 +357,20 @@ pub struct EvaderFile {
     /// without `:N` the file's own value holds.
     #[serde(default)]
     pub argument: Option<String>,
+    /// What the guest's CPUID answers, on every VM path (KVM's table, and the VMM's
+    /// answers read from it).
+    #[serde(default)]
+    pub cpuid: CpuidAnswers,
+}
+
+/// An evader's CPUID answers.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CpuidAnswers {
+    /// `"shown"` (default): as KVM describes itself; `"hidden"`: CPUID.1:ECX[31] clear and
+    /// no 0x40000000 leaves.
+    #[serde(default)]
+    pub hypervisor: Hypervisor,
 }
 
 /// One evader, loaded, checked and with its argument applied.
@@ -461,10 +476,12 @@ impl Evader {
             && file.counter == CounterAct::Runs
             && file.tsc_khz.is_none()
             && file.traps.msr.is_empty()
+            && file.cpuid == CpuidAnswers::default()
         {
             return Err(field(
                 "clock",
-                "the evader does nothing: give a clock, a counter act, a tsc_khz or MSRs to pass through".into(),
+                "the evader does nothing: give a clock, a counter act, a tsc_khz, MSRs to pass through or CPUID answers"
+                    .into(),
             ));
         }
         Ok(Evader { name, file })
@@ -476,6 +493,11 @@ impl Evader {
 
     pub fn clock(&self) -> Option<&Clock> {
         self.file.clock.as_ref()
+    }
+
+    /// What the guest's CPUID says of the hypervisor under it.
+    pub fn hypervisor(&self) -> Hypervisor {
+        self.file.cpuid.hypervisor
     }
 
     /// The clock's policy, where it has one.
@@ -577,6 +599,20 @@ mod tests {
         )
         .unwrap();
         assert_eq!(msrs.traps().msr_indices(), vec![0x10, 0xe8, 0xc000_0103]);
+    }
+
+    #[test]
+    fn an_evader_may_only_hide_the_hypervisor_and_says_so_in_its_cpuid_field() {
+        let hides = parse(r#"{"description":"x","cpuid":{"hypervisor":"hidden"}}"#).unwrap();
+        assert_eq!(hides.hypervisor(), Hypervisor::Hidden);
+        let shown = parse(r#"{"description":"x","traps":{"rdtsc":"every"},"clock":{"kind":"truth"}}"#).unwrap();
+        assert_eq!(shown.hypervisor(), Hypervisor::Shown, "the default");
+        let bad = parse(r#"{"description":"x","cpuid":{"hypervisor":"gone"}}"#).unwrap_err();
+        assert!(bad.to_string().contains("unknown variant `gone`"), "{bad}");
+        let typo = parse(r#"{"description":"x","cpuid":{"hypervisr":"hidden"}}"#).unwrap_err();
+        assert!(typo.to_string().contains("unknown field `hypervisr`"), "{typo}");
+        let nothing = parse(r#"{"description":"x","cpuid":{"hypervisor":"shown"}}"#).unwrap_err();
+        assert!(nothing.to_string().contains("does nothing"), "{nothing}");
     }
 
     #[test]

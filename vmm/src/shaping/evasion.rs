@@ -21,7 +21,7 @@ pub enum EvasionError {
         value: u64,
         why: &'static str,
     },
-    #[error("the evasion {0} acts on the guest's TSC, and a native run has no guest: give a VM path (--mode hw-assist, trap-emulate or paravirt)")]
+    #[error("the evasion {0} acts on the guest (its TSC or its CPUID), and a native run has no guest: give a VM path (--mode hw-assist, trap-emulate or paravirt)")]
     NeedsGuest(String),
     #[error(
         "the evasion {0} answers the guest's TSC reads from a clock of its own, which TSC offset moves \
@@ -77,6 +77,8 @@ pub struct Needs {
     pub msr: bool,
     /// Moves vCPU 0's TSC offset at each entry (a KVM must honour offset writes).
     pub moves_offset: bool,
+    /// A guest, on any VM path: it changes what KVM's CPUID table says.
+    pub guest: bool,
 }
 
 impl Needs {
@@ -89,6 +91,7 @@ impl Needs {
         tsc_trap: false,
         msr: false,
         moves_offset: false,
+        guest: false,
     };
 }
 

@@ -6,6 +6,7 @@
 use super::evader::{CounterAct, Evader, Traps};
 use super::evasion::{EvasionError, EvasionKind, Needs};
 use super::policy::ExitPolicy;
+use crate::arch::x86_64::cpuid::Hypervisor;
 
 /// The building blocks, in the order reports name them.
 pub const EVASIONS: [&EvasionKind; 3] = [
@@ -216,6 +217,7 @@ impl Evasions {
                     tsc_trap: evader.traps().any_instruction(),
                     msr: !evader.traps().msr.is_empty(),
                     moves_offset: clock.is_some_and(|c| c.moves_offset()),
+                    guest: evader.hypervisor() != Hypervisor::Shown,
                     ..Needs::NONE
                 },
             ));
@@ -238,7 +240,7 @@ impl Evasions {
             if needs.counter && !counter {
                 return Err(EvasionError::NeedsCounter(name));
             }
-            if (needs.tsc_trap || needs.moves_offset) && !vm {
+            if (needs.tsc_trap || needs.moves_offset || needs.guest) && !vm {
                 return Err(EvasionError::NeedsGuest(name));
             }
             if needs.vmm_exits && !vmm_handles_cpuid {
@@ -261,7 +263,7 @@ impl Evasions {
     /// any VM path (`vm`), one that acts on CPUID exits where the VMM handles CPUID.
     pub fn act_on(&self, vm: bool, vmm_handles_cpuid: bool) -> bool {
         self.needs().iter().all(|(_, needs)| {
-            let cpuid = needs.vmm_exits || (!needs.tsc_trap && !needs.moves_offset);
+            let cpuid = needs.vmm_exits || (!needs.tsc_trap && !needs.moves_offset && !needs.guest);
             vm && (!cpuid || vmm_handles_cpuid)
         })
     }
@@ -282,6 +284,11 @@ impl Evasions {
     /// The MSRs whose reads the evader intercepts (IA32_TSC, APERF, MPERF, TSC_AUX).
     pub fn trapped_msrs(&self) -> Vec<u32> {
         self.traps().map(Traps::msr_indices).unwrap_or_default()
+    }
+
+    /// What the guest's CPUID says of the hypervisor: the evader's word, shown without one.
+    pub fn hypervisor(&self) -> Hypervisor {
+        self.evader.as_ref().map_or(Hypervisor::Shown, Evader::hypervisor)
     }
 
     /// Whether the evader moves vCPU 0's TSC offset (a KVM must honour that).

@@ -366,7 +366,7 @@ fn arms_race_table(out: &mut String, report: &ValidationReport, rules: &[&'stati
     writeln!(
         out,
         "
-detector × what the cells stage: share flagged virtual (sees: caught a VM; fooled: called a VM native or unsure; false+: called a host a VM):"
+detector × what the cells stage: share flagged virtual (sees: caught a VM; fooled: called a VM native or unsure; false+: called a host a VM; -: not judged there, for want of a counter vCPU, or code-integrity where the testbed's patch trapped CPUID for an evader that patches nothing):"
     )?;
     write!(out, "{:<19}", "rule")?;
     for column in &race.columns {

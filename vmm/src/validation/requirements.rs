@@ -230,6 +230,7 @@ mod tests {
             tsc_khz: 2_000_000,
             cpuid_leaf: 0,
             payload: Some(&payload),
+            patched_for_an_evader: None,
         };
         let judged = evaluate(&evidence, &Calibration::uncalibrated());
         let names = RULES.iter().map(|r| r.name).chain(judged.iter().map(|v| v.rule));

@@ -3,7 +3,7 @@
 //! context, so nothing that can be done once per process is done per VM.
 
 use super::vcpu::RegisterAccess;
-use crate::arch::x86_64::cpuid::CpuidTable;
+use crate::arch::x86_64::cpuid::{CpuidTable, Hypervisor};
 use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES, KVM_SYNC_X86_REGS};
 use kvm_ioctls::{Cap, Kvm};
 use std::sync::OnceLock;
@@ -33,10 +33,10 @@ pub struct KvmContext {
     supported: CpuidTable,
     /// The table vCPU 0 of a one-vCPU guest gets with KVM_SET_CPUID2.
     pub(super) cpuid: CpuId,
-    /// The table KVM holds for vCPU 0 once it is in long mode, for one vCPU and for two
-    /// (read back from the first VM of each: KVM adds runtime bits such as OSXSAVE, the
-    /// same for every VM built alike).
-    pub(super) cpuid_in_guest: [OnceLock<CpuidTable>; 2],
+    /// The table KVM holds for vCPU 0 once it is in long mode, for one vCPU and for two,
+    /// the hypervisor shown and hidden (read back from the first VM of each: KVM adds
+    /// runtime bits such as OSXSAVE, the same for every VM built alike).
+    pub(super) cpuid_in_guest: [[OnceLock<CpuidTable>; 2]; 2],
     pub registers: RegisterAccess,
     /// The vCPU TSC rate KVM reports (KVM_GET_TSC_KHZ), where it does.
     pub tsc_khz: Option<u32>,
@@ -51,7 +51,8 @@ impl KvmContext {
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(KvmError::SupportedCpuid)?;
         let supported = CpuidTable::from_kvm(&supported);
-        let cpuid = topology(&supported, 0, 1).map_err(|e| KvmError::CpuidTable(format!("{e:?}")))?;
+        let cpuid =
+            topology(&supported, 0, 1, Hypervisor::Shown).map_err(|e| KvmError::CpuidTable(format!("{e:?}")))?;
         let sync_fields = kvm.check_extension_int(Cap::SyncRegs);
         let registers = if sync_fields > 0 && (sync_fields as u32) & KVM_SYNC_X86_REGS != 0 {
             RegisterAccess::SyncRegs
@@ -64,7 +65,7 @@ impl KvmContext {
             kvm,
             supported,
             cpuid,
-            cpuid_in_guest: [OnceLock::new(), OnceLock::new()],
+            cpuid_in_guest: Default::default(),
             registers,
             tsc_khz,
             tsc_control,
@@ -77,12 +78,14 @@ impl KvmContext {
         CpuidTable::from_kvm(&self.cpuid).lookup(0x8000_0001, 0)[3] & (1 << 27) != 0
     }
 
-    /// The table for vCPU `apic_id` of a guest of `vcpus` (one or two).
-    pub(super) fn cpuid_for(&self, apic_id: u32, vcpus: u32) -> Result<CpuId, KvmError> {
-        match (apic_id, vcpus) {
-            (0, 1) => Ok(self.cpuid.clone()),
-            _ => topology(&self.supported, apic_id, vcpus).map_err(|e| KvmError::CpuidTable(format!("{e:?}"))),
-        }
+    /// The table for vCPU `apic_id` of a guest of `vcpus` (one or two), saying what
+    /// `hypervisor` asks.
+    pub(super) fn cpuid_for(&self, apic_id: u32, vcpus: u32, hypervisor: Hypervisor) -> Result<CpuId, KvmError> {
+        let table = match (apic_id, vcpus, hypervisor) {
+            (0, 1, Hypervisor::Shown) => return Ok(self.cpuid.clone()),
+            _ => topology(&self.supported, apic_id, vcpus, hypervisor),
+        };
+        table.map_err(|e| KvmError::CpuidTable(format!("{e:?}")))
     }
 
     /// The same context with register access forced (the exits bench compares both).
@@ -93,9 +96,15 @@ impl KvmContext {
 }
 
 /// `table` as vCPU `apic_id` of `vcpus` sees it, for KVM_SET_CPUID2.
-fn topology(table: &CpuidTable, apic_id: u32, vcpus: u32) -> Result<CpuId, vmm_sys_util::fam::Error> {
+fn topology(
+    table: &CpuidTable,
+    apic_id: u32,
+    vcpus: u32,
+    hypervisor: Hypervisor,
+) -> Result<CpuId, vmm_sys_util::fam::Error> {
     let mut table = table.clone();
     table.set_topology(apic_id, vcpus);
+    table.set_hypervisor(hypervisor);
     CpuId::from_entries(table.entries())
 }
 

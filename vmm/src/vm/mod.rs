@@ -25,7 +25,10 @@ pub mod vcpu;
 pub mod watchdog;
 pub mod worker;
 
-use crate::arch::x86_64::{cpuid::CpuidTable, decode, regs};
+use crate::arch::x86_64::{
+    cpuid::{CpuidTable, Hypervisor},
+    decode, regs,
+};
 use crate::host::{AffinityError, Placement};
 use crate::results::{Results, ResultsError};
 use accounting::ExitStats;
@@ -205,7 +208,13 @@ pub struct GuestVm {
 
 impl GuestVm {
     /// Creates the VM, loads `payload` and writes `config` (its result area is set here).
-    pub fn create(kvm: &KvmContext, payload: &Payload, config: &Config) -> Result<Self, VmError> {
+    /// `hypervisor`: what the guest's CPUID says of it (an evader may hide it).
+    pub fn create(
+        kvm: &KvmContext,
+        payload: &Payload,
+        config: &Config,
+        hypervisor: Hypervisor,
+    ) -> Result<Self, VmError> {
         let created = Instant::now();
         let mut config = *config;
         config.result_addr = layout::RESULT_ADDR;
@@ -236,13 +245,17 @@ impl GuestVm {
             }
             // The config block says where the counter is: written again with the address.
             memory::write_boot_structures(&memory, &config)?;
-            Some(counter::CounterVcpu::create(&vm, &kvm.cpuid_for(1, 2)?, &memory)?)
+            Some(counter::CounterVcpu::create(
+                &vm,
+                &kvm.cpuid_for(1, 2, hypervisor)?,
+                &memory,
+            )?)
         } else {
             None
         };
         let vcpus = if counter.is_some() { 2 } else { 1 };
         let vcpu = vm.create_vcpu(0).map_err(kvm_err("to create a vCPU"))?;
-        vcpu.set_cpuid2(&kvm.cpuid_for(0, vcpus)?)
+        vcpu.set_cpuid2(&kvm.cpuid_for(0, vcpus, hypervisor)?)
             .map_err(kvm_err("the CPUID table (KVM_SET_CPUID2)"))?;
         let mut sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
         regs::setup_long_mode(&mut sregs);
@@ -260,7 +273,7 @@ impl GuestVm {
 
         // The table as KVM holds it now that CR4 is set (runtime bits such as OSXSAVE):
         // emulation must answer exactly what KVM would. The same for every VM built alike.
-        let in_guest = &kvm.cpuid_in_guest[vcpus as usize - 1];
+        let in_guest = &kvm.cpuid_in_guest[vcpus as usize - 1][usize::from(hypervisor == Hypervisor::Hidden)];
         let cpuid = match in_guest.get() {
             Some(table) => table.clone(),
             None => {

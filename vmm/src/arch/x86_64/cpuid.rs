@@ -18,6 +18,20 @@ pub struct CpuidTable {
 pub const HYPERVISOR_BIT: u32 = 1 << 31;
 /// CPUID.1:EDX bit 28, "more than one logical processor per package" (HTT).
 pub const HTT_BIT: u32 = 1 << 28;
+/// The hypervisor leaves' range, where KVM puts its signature (`KVMKVMKVM`) and features.
+pub const HYPERVISOR_LEAVES: std::ops::RangeInclusive<u32> = 0x4000_0000..=0x4000_00ff;
+
+/// What the guest's CPUID says of the hypervisor: as KVM describes itself, or hidden, as
+/// an evader that clears the bit and the signature leaves makes it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Hypervisor {
+    #[default]
+    Shown,
+    /// CPUID.1:ECX[31] clear and no entries in 0x40000000-0x400000FF (read there as a
+    /// CPU without a hypervisor reads them).
+    Hidden,
+}
 
 impl CpuidTable {
     pub fn new(entries: Vec<kvm_cpuid_entry2>) -> Self {
@@ -50,6 +64,17 @@ impl CpuidTable {
                 0xb | 0x1f => entry.edx = apic_id,
                 _ => {}
             }
+        }
+    }
+
+    /// Makes the table say what `hypervisor` asks of it.
+    pub fn set_hypervisor(&mut self, hypervisor: Hypervisor) {
+        if hypervisor == Hypervisor::Shown {
+            return;
+        }
+        self.entries.retain(|e| !HYPERVISOR_LEAVES.contains(&e.function));
+        for entry in self.entries.iter_mut().filter(|e| e.function == 1) {
+            entry.ecx &= !HYPERVISOR_BIT;
         }
     }
 
@@ -180,6 +205,26 @@ mod tests {
         second.set_topology(1, 2);
         assert_eq!(second.lookup(1, 0)[1], 0x0102_0800, "APIC ID 1 of two");
         assert_eq!(second.lookup(1, 0)[3] & HTT_BIT, HTT_BIT);
+    }
+
+    #[test]
+    fn a_hidden_hypervisor_clears_the_bit_and_its_leaves_and_nothing_else() {
+        let mut table = CpuidTable::new(vec![
+            entry(0, 0, false, [0xd, 0x756e_6547, 0x6c65_746e, 0x4965_6e69]),
+            entry(1, 0, false, [0x806f8, 0, HYPERVISOR_BIT | 1, 0]),
+            entry(0xd, 0, true, [7, 0, 0, 0]),
+            entry(0x4000_0000, 0, false, [0x4000_0001, 0x4b4d_564b, 0x564b_4d56, 0x4d]),
+            entry(0x4000_0001, 0, false, [1, 0, 0, 0]),
+        ]);
+        let shown = table.clone();
+        table.set_hypervisor(Hypervisor::Shown);
+        assert_eq!(table.lookup(1, 0), shown.lookup(1, 0));
+        table.set_hypervisor(Hypervisor::Hidden);
+        assert_eq!(table.lookup(1, 0), [0x806f8, 0, 1, 0], "only the bit goes");
+        assert_eq!(table.lookup(0, 0), shown.lookup(0, 0));
+        // Intel semantics: an absent class reads as the highest basic leaf, 0xd here.
+        assert_eq!(table.lookup(0x4000_0000, 0), [7, 0, 0, 0]);
+        assert_eq!(table.entries().len(), 3);
     }
 }
 
