@@ -20,8 +20,9 @@ fn known_spellings() -> String {
         Some(_) => format!("{}:N", kind.name),
         None => kind.name.to_owned(),
     });
+    // A zoo member's argument is optional (the file's own value holds without it).
     let zoo = super::evader::zoo().map(|(name, file)| match file.argument {
-        Some(_) => format!("{name}:N"),
+        Some(_) => format!("{name}[:N]"),
         None => name.to_owned(),
     });
     let mut all: Vec<String> = blocks.chain(zoo).collect();
@@ -36,7 +37,10 @@ pub fn help() -> String {
         None => format!("{} ({})", kind.name, kind.does),
     });
     let zoo = super::evader::zoo().map(|(name, file)| match file.argument {
-        Some(parameter) => format!("{name}:N ({}; N: the clock's {parameter})", file.description),
+        Some(parameter) => format!(
+            "{name}[:N] ({}; N: the clock's {parameter}, the file's own without it)",
+            file.description
+        ),
         None => format!("{name} ({})", file.description),
     });
     format!(
@@ -340,8 +344,8 @@ mod tests {
         for spelling in [
             "pause-counter, shared-offset, tsc-khz:N",
             "bettertiming",
-            "rdtsc-kvm-handler:N",
-            "ophion:N",
+            "rdtsc-kvm-handler[:N]",
+            "ophion[:N]",
             "or an evader file",
         ] {
             assert!(unknown.to_string().contains(spelling), "{spelling}: {unknown}");
