@@ -174,9 +174,7 @@ impl CounterVcpu {
             }
         }
     }
-}
 
-impl CounterVcpu {
     /// Why the counter halted: a fault caught by its IDT, named from its frame, or the
     /// loop's own `ret`.
     fn why_halted(&self) -> String {
@@ -194,7 +192,7 @@ impl CounterVcpu {
                 .map(|()| u64::from_le_bytes(bytes))
         };
         let (error_code, rip) = if idt::has_error_code(vector) {
-            (word(regs.rsp), word(regs.rsp + 8))
+            (word(regs.rsp), regs.rsp.checked_add(8).and_then(word))
         } else {
             (None, word(regs.rsp))
         };

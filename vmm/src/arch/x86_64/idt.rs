@@ -13,8 +13,12 @@ use super::gdt;
 pub const GATES: usize = 32;
 /// Bytes per gate (a 64-bit interrupt gate).
 const GATE_BYTES: usize = 16;
-/// Bytes per stub: `hlt; jmp $-1`, padded.
+/// Bytes per stub: the counter's own `hlt; jmp $-1`, padded with a `nop`.
 pub const STUB_BYTES: usize = 4;
+const STUB: [u8; STUB_BYTES] = {
+    let [hlt, jmp, back] = guest_payload::counter::HALT_CODE;
+    [hlt, jmp, back, 0x90]
+};
 /// Bytes of the table.
 pub const TABLE_BYTES: usize = GATES * GATE_BYTES;
 
@@ -37,7 +41,7 @@ pub fn table(stubs: u64) -> Vec<u8> {
 
 /// The stubs: `hlt; jmp $-1; nop` per vector.
 pub fn stubs() -> Vec<u8> {
-    [0xf4, 0xeb, 0xfd, 0x90].repeat(GATES)
+    STUB.repeat(GATES)
 }
 
 /// Which vector's stub a vCPU halted in, from its RIP after the `hlt`.
