@@ -8,7 +8,8 @@
 mod common;
 
 use common::{
-    build_c_payload, build_example, json_run, kvm_moves_tsc, stderr, two_vcpus_test, verdict_of, vm_test, vmm,
+    build_c_payload, build_example, json_run, kvm_delivers, kvm_moves_tsc, stderr, two_vcpus_test, verdict_of, vm_test,
+    vmm,
 };
 use guest_payload::layout::PAYLOAD_START;
 use serde_json::Value;
@@ -596,4 +597,101 @@ fn a_hidden_hypervisor_fools_hypervisor_bit_on_every_vm_path() {
     let native = vmm(&["run", "--mode", "native", "--evader", file]);
     assert_eq!(native.status.code(), Some(1));
     assert!(stderr(&native).contains("hidden"), "{}", stderr(&native));
+}
+
+/// `rdtsc; cpuid(0); rdtsc` ten times, in one function (two RDTSC sites beside the SDK's
+/// two): the least difference, in the verdict's score (thousandths).
+const RDTSC_CPUID_RDTSC: &str = r#"#include "vmm_sdk.h"
+VMM_PAYLOAD("least rdtsc;cpuid;rdtsc", VMM_CAP_VERDICT);
+static __attribute__((noinline)) uint64_t sample(void) {
+    uint32_t a = 0, b, c = 0, d;
+    uint64_t t0 = vmm_rdtsc();
+    __asm__ volatile("cpuid" : "+a"(a), "=b"(b), "+c"(c), "=d"(d));
+    return vmm_rdtsc() - t0;
+}
+int vmm_detect(struct vmm_run *run) {
+    uint64_t least = ~0ull;
+    for (int i = 0; i < 10; i++) {
+        uint64_t t = sample();
+        if (t < least) least = t;
+    }
+    vmm_verdict(run, VMM_VERDICT_UNSURE, (int64_t)least * 1000, "least rdtsc;cpuid;rdtsc");
+    return VMM_STATUS_OK;
+}
+"#;
+
+/// `--tsc-trap hw-breakpoint`: an evader's clock through execution breakpoints on code
+/// left as it is, for payloads of at most four sites (pafish's `cpu_rdtsc` has four, two
+/// of them the SDK's), and Ophion's armed read as a breakpoint set after each CPUID exit.
+/// Refused by name where the sites outnumber the free debug registers, where no evasion
+/// traps RDTSC, and on a KVM that delivers no debug exits (nested SVM).
+#[test]
+fn breakpoints_trap_the_tsc_reads_of_a_payload_with_few_sites() {
+    let Some(_vm) = vm_test() else { return };
+    let refused = |args: &[&str], words: &str| {
+        let output = vmm(args);
+        assert_eq!(output.status.code(), Some(1), "{args:?}");
+        assert!(stderr(&output).contains(words), "{args:?}: {}", stderr(&output));
+    };
+    let by_breakpoints = ["--tsc-trap", "hw-breakpoint", "-n", "10"];
+    refused(
+        &[&["run", "--evade", "rdtsc-trap"][..], &by_breakpoints].concat(),
+        "of the four debug address registers (DR0-DR3) are free",
+    );
+    refused(
+        &[&["run"][..], &by_breakpoints].concat(),
+        "no evasion of this run traps RDTSC or RDTSCP",
+    );
+    let elf = build_example("pafish-rdtsc");
+    let pafish = [
+        "--mode",
+        "hw-assist",
+        "--tsc-trap",
+        "hw-breakpoint",
+        "--payload",
+        elf.to_str().unwrap(),
+    ];
+    if !kvm_delivers("hw-breakpoint") {
+        refused(
+            &[&["run", "--evade", "bettertiming"][..], &pafish].concat(),
+            "does not deliver debug-register breakpoints",
+        );
+        return;
+    }
+    let frozen = run("bettertiming", &pafish);
+    let record = &frozen["tsc_trap"];
+    assert_eq!(record["by"], "hw-breakpoint", "{record}");
+    assert_eq!(record["rdtsc_sites"], 4, "{record}");
+    assert!(record["reads"].as_u64().unwrap() >= 20, "ten rdtsc;rdtsc: {record}");
+    assert_eq!(record["backwards"], 0, "{record}");
+    let verdict = verdict_of(&frozen, "payload");
+    assert_eq!(
+        (verdict["score"].as_f64(), &verdict["verdict"]),
+        (Some(0.0), &Value::from("virtual"))
+    );
+    let truth = run("rdtsc-trap", &pafish);
+    assert!(verdict_of(&truth, "payload")["score"].as_f64().unwrap() > 0.0);
+    assert_eq!(truth["tsc_trap"]["max_behind"], 0);
+
+    // Ophion: armed at each CPUID exit (the CPUID patched to a port I/O, the RDTSCs not),
+    // the read after it answered as the CPUID's entry plus its cost, behind the truth.
+    let (dir, elf) = build_c_payload("rdtsc-cpuid-rdtsc", RDTSC_CPUID_RDTSC);
+    let ophion = run(
+        "ophion:100",
+        &[
+            IO_PATCH,
+            &["--tsc-trap", "hw-breakpoint", "--payload", elf.to_str().unwrap()],
+        ]
+        .concat(),
+    );
+    let record = &ophion["tsc_trap"];
+    assert_eq!(record["rdtsc_sites"], 4, "{record}");
+    assert!(record["armed"].as_u64().unwrap() >= 10, "{record}");
+    assert_eq!(
+        record["armed"].as_u64().unwrap(),
+        record["reads"].as_u64().unwrap() + record["disarmed_unread"].as_u64().unwrap(),
+        "{record}"
+    );
+    assert!(record["max_behind"].as_u64().unwrap() > 0, "{record}");
+    std::fs::remove_dir_all(dir).unwrap();
 }

@@ -1,6 +1,7 @@
 //! The command line: what each subcommand and option means, in `--help`.
 
 use crate::modes::trap_emulate::Trap;
+use crate::modes::tsc_trap::TscTrapBy;
 use crate::modes::Mode;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use guest_payload::Probe;
@@ -161,6 +162,10 @@ pub struct CompareArgs {
     /// said in the report); the native run is the baseline, unshaped. As `run --evade`.
     #[arg(long, visible_alias = "evader", value_delimiter = ',', value_name = "EVASION|FILE")]
     pub evade: Vec<String>,
+
+    /// How the evasion's RDTSC trap is set on each VM path: as `run --tsc-trap`.
+    #[arg(long, value_enum, default_value_t = TscTrapBy::IoPatch, value_name = "HOW")]
+    pub tsc_trap: TscTrapBy,
 }
 
 #[derive(Debug, Args)]
@@ -309,6 +314,14 @@ pub struct RunArgs {
 
     #[arg(long, visible_alias = "evader", value_delimiter = ',', value_name = "EVASION|FILE", help = crate::shaping::registry::help())]
     pub evade: Vec<String>,
+
+    /// How an evasion that traps RDTSC/RDTSCP traps them: io-patch rewrites each site into
+    /// a port I/O (any number of sites, every KVM; the guest can see the patch);
+    /// hw-breakpoint sets an execution breakpoint on each in DR0-DR3 (at most four, fewer
+    /// beside --trap hw-breakpoint's CPUID sites; the code untouched; a KVM that delivers
+    /// debug exits). Only with such an evasion.
+    #[arg(long, value_enum, default_value_t = TscTrapBy::IoPatch, value_name = "HOW")]
+    pub tsc_trap: TscTrapBy,
 
     /// Stop a guest that has not finished after this many seconds.
     #[arg(long, default_value_t = 60.0, value_parser = parse_timeout)]

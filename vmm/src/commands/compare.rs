@@ -74,6 +74,11 @@ pub fn compare(args: &CompareArgs) -> Result<(), CommandError> {
             } else {
                 evasions.clone()
             },
+            tsc_trap: if path == Path::Native {
+                Default::default()
+            } else {
+                args.tsc_trap
+            },
             ..RunSpec::new(path)
         };
         match session.run(&spec, false, None) {

@@ -53,6 +53,10 @@ struct InspectReport {
     declaration: Option<Declaration>,
     vmm_abi_version: u32,
     cpuid_sites: Vec<SiteReport>,
+    /// The TSC reads an evader's RDTSC trap would trap: more than four, and
+    /// `--tsc-trap hw-breakpoint` cannot.
+    rdtsc_sites: Vec<u64>,
+    rdtscp_sites: Vec<u64>,
     paths: Vec<PathPlan>,
 }
 
@@ -147,6 +151,8 @@ fn report(payload: &Payload) -> InspectReport {
                 symbol: payload.symbol_at(addr).map(str::to_owned),
             })
             .collect(),
+        rdtsc_sites: payload.tsc_sites.rdtsc.clone(),
+        rdtscp_sites: payload.tsc_sites.rdtscp.clone(),
         paths,
     }
 }
@@ -206,6 +212,12 @@ fn render(report: &InspectReport) -> String {
         let symbol = site.symbol.as_deref().map_or(String::new(), |s| format!("  {s}"));
         let _ = writeln!(out, "  {:#010x}{symbol}", site.addr);
     }
+    let (rdtsc, rdtscp) = (report.rdtsc_sites.len(), report.rdtscp_sites.len());
+    let _ = writeln!(
+        out,
+        "\nRDTSC sites: {rdtsc}, RDTSCP sites: {rdtscp} (what an evader's RDTSC trap traps; \
+         --tsc-trap hw-breakpoint takes at most four, io-patch any number)"
+    );
     let _ = writeln!(out, "\nwhat each path would do:");
     for plan in &report.paths {
         let _ = writeln!(out, "  {:<28} {}", plan.path, plan.what);

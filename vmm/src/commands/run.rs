@@ -35,6 +35,7 @@ pub fn run(args: &RunArgs) -> Result<(), CommandError> {
         counter: args.vcpus == 2,
         evasions: crate::shaping::registry::Evasions::parse(args.evade.iter().map(String::as_str))
             .map_err(crate::measure::MeasureError::from)?,
+        tsc_trap: args.tsc_trap,
         guest_flags: match args.misbehave {
             Some(Misbehaviour::Hang) => guest_payload::flags::HANG,
             Some(Misbehaviour::Fault) => guest_payload::flags::FAULT,

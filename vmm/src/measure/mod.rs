@@ -34,6 +34,7 @@ pub mod run;
 use crate::busy::Busy;
 use crate::host::{AffinityError, Placement};
 use crate::modes::trap_emulate::{Trap, TrapDelivery};
+use crate::modes::tsc_trap::TscTrapBy;
 use crate::modes::{ModeError, Path};
 use crate::native::{self, NativeError};
 use crate::results::{Results, ResultsError};
@@ -96,6 +97,8 @@ pub enum MeasureError {
          which runs rdtscp in its guests"
     )]
     RdtscpUnavailable { payload: String, name: String, why: String },
+    #[error("--tsc-trap {0}: no evasion of this run traps RDTSC or RDTSCP (give one that does, e.g. --evade rdtsc-trap, or leave --tsc-trap out)")]
+    TscTrapUnused(&'static str),
     #[error(transparent)]
     Vm(#[from] VmError),
     #[error(transparent)]
@@ -136,7 +139,11 @@ impl MeasureError {
         let mode_refusal = |error: &ModeError| {
             matches!(
                 error,
-                ModeError::TrapUnavailable { .. } | ModeError::TooManySites { .. } | ModeError::NoCpuidSites
+                ModeError::TrapUnavailable { .. }
+                    | ModeError::TooManySites { .. }
+                    | ModeError::NoCpuidSites
+                    | ModeError::TooManyTscSites { .. }
+                    | ModeError::TscBreakpointsUnavailable { .. }
             )
         };
         match self {
@@ -199,6 +206,8 @@ pub struct RunSpec {
     /// A second vCPU spinning a counter in shared memory (natively, a host thread).
     pub counter: bool,
     pub evasions: Evasions,
+    /// How an evasion's RDTSC trap reaches the VMM (`--tsc-trap`).
+    pub tsc_trap: TscTrapBy,
 }
 
 /// The probes a run takes unless told otherwise: all but those that need the counter
@@ -252,6 +261,7 @@ impl RunSpec {
             bare_exits: false,
             counter: false,
             evasions: Default::default(),
+            tsc_trap: TscTrapBy::IoPatch,
         }
     }
 
@@ -290,6 +300,8 @@ impl RunSpec {
             probes: Probe::Cpuid.bit(),
             guest_flags: 0,
             busy: 0,
+            // These runs are of the embedded core, whose TSC reads outnumber DR0-DR3.
+            tsc_trap: TscTrapBy::IoPatch,
             ..self.clone()
         }
     }
@@ -413,8 +425,11 @@ impl Measurer {
         if spec.path == Path::Native {
             return self.run_native(payload, spec, placement, console);
         }
-        // 2. Probes: what this KVM does with the path.
+        // 2. Probes: what this KVM does with the path (and the RDTSC trap's breakpoints).
         let trap_delivery = self.probe_path(spec)?;
+        if spec.tsc_trap == TscTrapBy::HwBreakpoint {
+            self.probe_tsc_breakpoints(spec)?;
+        }
         if spec.evasions.moves_offset() {
             // An evader that moves the TSC offset needs a KVM that honours it.
             let probed = self.probe_tsc_moves(&RunSpec {

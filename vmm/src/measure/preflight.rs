@@ -4,6 +4,7 @@
 use super::{MeasureError, Measurer, RunSpec, MAX_ITERATIONS};
 use crate::host::Placement;
 use crate::modes::trap_emulate;
+use crate::modes::tsc_trap::{self, TscTrapBy};
 use crate::modes::Path;
 use crate::shaping::latency::Shaping;
 use crate::shaping::ShapingError;
@@ -98,6 +99,15 @@ impl Measurer {
 /// the same for every path.
 pub fn preflight(payload: &Payload, spec: &RunSpec) -> Result<(), MeasureError> {
     check_declaration(payload, spec)?;
+    if spec.tsc_trap == TscTrapBy::HwBreakpoint {
+        let traps = spec.evasions.traps().filter(|traps| traps.any_instruction());
+        let traps = traps.ok_or(MeasureError::TscTrapUnused(spec.tsc_trap.name()))?;
+        let cpuid_slots = match spec.path {
+            Path::TrapEmulate(trap_emulate::Trap::HwBreakpoint) => payload.cpuid_sites.len(),
+            _ => 0,
+        };
+        tsc_trap::check_breakpoint_sites(&payload.tsc_sites, traps, cpuid_slots)?;
+    }
     match spec.path {
         Path::Native => native_twin(payload).map(|_| ()),
         Path::TrapEmulate(trap) => Ok(trap_emulate::check_sites(trap, payload.cpuid_sites.len())?),

@@ -93,6 +93,26 @@ impl Measurer {
         Ok(delivery)
     }
 
+    /// Does this KVM deliver the breakpoints `--tsc-trap hw-breakpoint` sets? The same
+    /// debug exits as `--trap hw-breakpoint`'s, probed the same way (once per process).
+    pub(super) fn probe_tsc_breakpoints(&self, spec: &RunSpec) -> Result<(), MeasureError> {
+        let cpuid_trap = RunSpec {
+            path: Path::TrapEmulate(Trap::HwBreakpoint),
+            evasions: Default::default(),
+            tsc_trap: Default::default(),
+            counter: false,
+            probes: guest_payload::Probe::Cpuid.bit(),
+            ..spec.clone()
+        };
+        match self.probe_trap(&cpuid_trap, Trap::HwBreakpoint) {
+            Ok(_) => Ok(()),
+            Err(MeasureError::Mode(ModeError::TrapUnavailable { why, .. })) => {
+                Err(ModeError::TscBreakpointsUnavailable { why }.into())
+            }
+            Err(other) => Err(other),
+        }
+    }
+
     /// Can a guest run `rdtscp` on this KVM? A VM of `rdtscp; out done` finds out, once
     /// per process: `Ok(Err(why))` when the guest stopped at the rdtscp (an emulating KVM
     /// may advertise RDTSCP in CPUID and still fail on it), `Err` when the probe itself

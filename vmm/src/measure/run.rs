@@ -81,7 +81,7 @@ impl Measurer {
         let mut tsc_trap = spec
             .evasions
             .traps()
-            .map(|traps| TscTrap::new(payload.tsc_sites.clone(), traps.clone()));
+            .map(|traps| TscTrap::new(payload.tsc_sites.clone(), traps.clone(), spec.tsc_trap));
         let stats = vm
             .run_traced(
                 &mut ExitPath {

@@ -49,6 +49,18 @@ pub enum ModeError {
     UnexpectedTscTrap { port: u8, rip: u64 },
     #[error("the evasion traps RDTSC, and the payload's code holds no RDTSC or RDTSCP: there is nothing to trap")]
     NoTscSites,
+    #[error(
+        "--tsc-trap hw-breakpoint: the evasion traps {sites} RDTSC/RDTSCP site(s) and {free} of the four debug \
+         address registers (DR0-DR3) are free{cpuid}: use --tsc-trap io-patch, which traps any number"
+    )]
+    TooManyTscSites {
+        sites: usize,
+        free: usize,
+        /// `, after the CPUID trap's N`, where --trap hw-breakpoint took some.
+        cpuid: String,
+    },
+    #[error("--tsc-trap hw-breakpoint: this KVM does not deliver debug-register breakpoints ({why}): use --tsc-trap io-patch, which every KVM delivers")]
+    TscBreakpointsUnavailable { why: String },
     #[error(transparent)]
     Shaping(#[from] ShapingError),
 }
@@ -99,6 +111,12 @@ pub trait Answerer: Send {
 
     /// How this mode's traps reached the VMM, where it traps.
     fn delivery(&self) -> Option<TrapDelivery> {
+        None
+    }
+
+    /// The guest debug state this mode armed (its breakpoints), where it armed one: the
+    /// RDTSC trap's breakpoints share DR0-DR3 with it.
+    fn guest_debug(&self) -> Option<kvm_bindings::kvm_guest_debug> {
         None
     }
 }

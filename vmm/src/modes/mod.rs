@@ -251,7 +251,7 @@ impl ExitHandler for ExitPath<'_, '_> {
     fn arm(&mut self, vcpu: &mut dyn Vcpu) -> Result<(), ModeError> {
         self.answerer.arm(vcpu)?;
         if let Some(trap) = self.tsc_trap.as_mut() {
-            trap.arm(vcpu)?;
+            trap.arm(vcpu, self.answerer.guest_debug())?;
         }
         Ok(self.policy.arm(vcpu)?)
     }

@@ -37,7 +37,8 @@ pub const DEBUG_ADDRESS_REGISTERS: usize = 4;
 pub const INT3_PATCH: [u8; 2] = [0xcc, 0x90];
 /// What replaces CPUID at a site patched for `io-patch`: `out imm8, al` to the trap port.
 pub const IO_PATCH: [u8; 2] = [0xe6, ports::CPUID_TRAP];
-const DEBUG_VECTOR: u32 = 1;
+/// The vector of a debug-register breakpoint's exit (#DB).
+pub const DEBUG_VECTOR: u32 = 1;
 const BREAKPOINT_VECTOR: u32 = 3;
 /// DR7 bit 10 reads as one.
 const DR7_FIXED: u64 = 1 << 10;
@@ -106,6 +107,8 @@ pub struct TrapEmulate {
     bare: bool,
     /// How the traps arrived (the first one decides).
     pub delivery: Option<TrapDelivery>,
+    /// What KVM_SET_GUEST_DEBUG was given at arm, if anything.
+    armed_debug: Option<kvm_guest_debug>,
 }
 
 impl TrapEmulate {
@@ -117,6 +120,7 @@ impl TrapEmulate {
             cpuid,
             bare: false,
             delivery: None,
+            armed_debug: None,
         }
     }
 
@@ -218,6 +222,20 @@ impl TrapEmulate {
     }
 }
 
+/// Arms an execution breakpoint on `site` in debug address register `slot` (0-3).
+pub fn set_breakpoint(debug: &mut kvm_guest_debug, slot: usize, site: u64) {
+    debug.control |= KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP;
+    debug.arch.debugreg[7] |= DR7_FIXED;
+    debug.arch.debugreg[slot] = site;
+    // Global enable for this slot; R/W and LEN zero: break on execution.
+    debug.arch.debugreg[7] |= 1 << (2 * slot + 1);
+}
+
+/// Is debug address register `slot` armed in `debug`?
+pub fn breakpoint_set(debug: &kvm_guest_debug, slot: usize) -> bool {
+    debug.control & KVM_GUESTDBG_USE_HW_BP != 0 && debug.arch.debugreg[7] & (1 << (2 * slot + 1)) != 0
+}
+
 /// Can `trap` trap this many CPUID sites? Checked before any VM exists, and again at arm.
 pub fn check_sites(trap: Trap, sites: usize) -> Result<(), ModeError> {
     if sites == 0 {
@@ -247,14 +265,11 @@ impl Answerer for TrapEmulate {
         let mut debug = kvm_guest_debug::default();
         match self.trap {
             Trap::HwBreakpoint => {
-                debug.control = KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP;
-                debug.arch.debugreg[7] = DR7_FIXED;
                 for (slot, &site) in self.sites.iter().enumerate() {
-                    debug.arch.debugreg[slot] = site;
-                    // Global enable for this slot; R/W and LEN zero: break on execution.
-                    debug.arch.debugreg[7] |= 1 << (2 * slot + 1);
+                    set_breakpoint(&mut debug, slot, site);
                 }
                 vcpu.set_guest_debug(&debug)?;
+                self.armed_debug = Some(debug);
             }
             Trap::Int3Patch | Trap::IoPatch => {
                 let patch = self.trap.patch().unwrap_or(CPUID_OPCODE);
@@ -266,6 +281,7 @@ impl Answerer for TrapEmulate {
                 if self.trap == Trap::Int3Patch {
                     debug.control = KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_SW_BP;
                     vcpu.set_guest_debug(&debug)?;
+                    self.armed_debug = Some(debug);
                 }
             }
         }
@@ -286,6 +302,10 @@ impl Answerer for TrapEmulate {
 
     fn delivery(&self) -> Option<TrapDelivery> {
         self.delivery
+    }
+
+    fn guest_debug(&self) -> Option<kvm_guest_debug> {
+        self.armed_debug
     }
 }
 

@@ -11,9 +11,14 @@
 //! or any other.
 //!
 //! Patching is this testbed's mechanism, not the evader's (a kernel evader traps without
-//! touching guest code): a guest that reads its own code sees the patches.
+//! touching guest code): a guest that reads its own code sees the patches. Where the
+//! payload has few enough sites, `--tsc-trap hw-breakpoint` traps them with execution
+//! breakpoints in DR0-DR3 instead (beside the CPUID trap's, under `--trap hw-breakpoint`):
+//! the code stays untouched, and an armed trap is a breakpoint set after a CPUID exit and
+//! cleared after the next exit, one KVM_SET_GUEST_DEBUG each.
 
 use super::answer::ModeError;
+use super::trap_emulate::{breakpoint_set, set_breakpoint, DEBUG_ADDRESS_REGISTERS, DEBUG_VECTOR};
 use crate::shaping::evader::{MsrAnswer, Trap, TrappedMsr, Traps};
 use crate::shaping::{ExitPolicy, TscRead};
 use crate::vm::exit::Exit;
@@ -21,6 +26,7 @@ use crate::vm::handler::ExitKind;
 use crate::vm::loader::TscSites;
 use crate::vm::vcpu::Vcpu;
 use guest_payload::ports;
+use kvm_bindings::kvm_guest_debug;
 use serde::Serialize;
 use vm_memory::{Bytes, GuestAddress};
 
@@ -35,6 +41,51 @@ const OUT_BYTES: u64 = 2;
 /// The MSR that reads the TSC; an evasion that intercepts it has its reads filtered to
 /// this VMM (`GuestVm::trap_msr_reads`).
 pub const IA32_TSC: u32 = 0x10;
+
+/// How the guest's RDTSCs and RDTSCPs reach the VMM (`--tsc-trap`): the testbed's
+/// mechanism; the evader's clock is the same either way.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TscTrapBy {
+    /// Each site patched into an `out` to the VMM's port: any number of sites, on every
+    /// KVM; a guest that reads its own code sees the patch.
+    #[default]
+    IoPatch,
+    /// An execution breakpoint per site in DR0-DR3 (shared with `--trap hw-breakpoint`'s
+    /// CPUID sites): at most four sites, the code untouched; needs a KVM that delivers
+    /// debug exits.
+    HwBreakpoint,
+}
+
+impl TscTrapBy {
+    pub const fn name(self) -> &'static str {
+        match self {
+            TscTrapBy::IoPatch => "io-patch",
+            TscTrapBy::HwBreakpoint => "hw-breakpoint",
+        }
+    }
+}
+
+/// Can breakpoints trap the sites `traps` traps, in the debug address registers `taken`
+/// leaves free (`cpuid_slots`: how many the CPUID trap took)? Checked before any VM
+/// exists, and again at arm.
+pub fn check_breakpoint_sites(sites: &TscSites, traps: &Traps, cpuid_slots: usize) -> Result<(), ModeError> {
+    let trapped = usize::from(traps.rdtsc != Trap::None) * sites.rdtsc.len()
+        + usize::from(traps.rdtscp != Trap::None) * sites.rdtscp.len();
+    let free = DEBUG_ADDRESS_REGISTERS.saturating_sub(cpuid_slots);
+    if trapped > free {
+        return Err(ModeError::TooManyTscSites {
+            sites: trapped,
+            free,
+            cpuid: if cpuid_slots > 0 {
+                format!(", after the CPUID trap's {cpuid_slots} (--trap hw-breakpoint)")
+            } else {
+                String::new()
+            },
+        });
+    }
+    Ok(())
+}
 
 /// One clock the guest can read, as the trapped reads of it were told.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -67,7 +118,9 @@ impl ClockRecord {
 /// the report's "how far the clock was moved from the truth".
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct TscTrapRecord {
-    /// RDTSC and RDTSCP sites patched.
+    /// How they were trapped: patched (`io-patch`), or breakpoints on untouched code.
+    pub by: TscTrapBy,
+    /// RDTSC and RDTSCP sites trapped.
     pub rdtsc_sites: usize,
     pub rdtscp_sites: usize,
     /// The TSC's reads (RDTSC, RDTSCP and MSR 0x10 together) on one timeline: how many,
@@ -141,7 +194,10 @@ impl Serialize for Clocks {
 pub struct TscTrap {
     sites: TscSites,
     traps: Traps,
-    /// An armed trap's sites are patched now.
+    by: TscTrapBy,
+    /// What the CPUID trap armed in DR0-DR3, kept beside the RDTSC trap's breakpoints.
+    cpuid_debug: kvm_guest_debug,
+    /// An armed trap's sites are patched (or their breakpoints set) now.
     patched: bool,
     /// Guest TSC minus host TSC as armed: what the guest's own RDTSC would read.
     offset: i64,
@@ -152,7 +208,7 @@ pub struct TscTrap {
 
 impl TscTrap {
     /// `traps`: which reads the evader traps; the sites of the others are left alone.
-    pub fn new(mut sites: TscSites, traps: Traps) -> Self {
+    pub fn new(mut sites: TscSites, traps: Traps, by: TscTrapBy) -> Self {
         // Sorted: a trapped read finds its site by binary search.
         sites.rdtsc.sort_unstable();
         sites.rdtscp.sort_unstable();
@@ -163,6 +219,7 @@ impl TscTrap {
             sites.rdtscp.clear();
         }
         let record = TscTrapRecord {
+            by,
             rdtsc_sites: sites.rdtsc.len(),
             rdtscp_sites: sites.rdtscp.len(),
             ..Default::default()
@@ -170,6 +227,8 @@ impl TscTrap {
         Self {
             sites,
             traps,
+            by,
+            cpuid_debug: kvm_guest_debug::default(),
             patched: false,
             start: 0,
             offset: 0,
@@ -182,16 +241,56 @@ impl TscTrap {
     }
 
     /// Patches every site trapped on every read (each checked to hold what the decoder
-    /// found; the armed ones are checked now and patched later) and reads the guest's TSC
-    /// offset, before the vCPU first runs.
-    pub fn arm(&mut self, vcpu: &mut dyn Vcpu) -> Result<(), ModeError> {
+    /// found; the armed ones are checked now and patched later), or sets their
+    /// breakpoints beside `cpuid_debug` (what the CPUID trap armed), and reads the guest's
+    /// TSC offset, before the vCPU first runs.
+    pub fn arm(&mut self, vcpu: &mut dyn Vcpu, cpuid_debug: Option<kvm_guest_debug>) -> Result<(), ModeError> {
         if self.sites.rdtsc.is_empty() && self.sites.rdtscp.is_empty() && self.traps.any_instruction() {
             return Err(ModeError::NoTscSites);
         }
         self.offset = vcpu.tsc_offset()?;
         self.start = vcpu.now().wrapping_add(self.offset as u64);
-        self.patch(vcpu, Trap::Every, true)?;
-        self.patch(vcpu, Trap::Armed, false)
+        match self.by {
+            TscTrapBy::IoPatch => {
+                self.patch(vcpu, Trap::Every, true)?;
+                self.patch(vcpu, Trap::Armed, false)
+            }
+            TscTrapBy::HwBreakpoint => {
+                self.cpuid_debug = cpuid_debug.unwrap_or_default();
+                let taken = (0..DEBUG_ADDRESS_REGISTERS)
+                    .filter(|&slot| breakpoint_set(&self.cpuid_debug, slot))
+                    .count();
+                check_breakpoint_sites(&self.sites, &self.traps, taken)?;
+                // Checked, not patched: the code stays as it is.
+                self.patch(vcpu, Trap::Every, false)?;
+                self.patch(vcpu, Trap::Armed, false)?;
+                if self.traps.rdtsc == Trap::Every || self.traps.rdtscp == Trap::Every {
+                    vcpu.set_guest_debug(&self.breakpoints(false))?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// The CPUID trap's debug state with a breakpoint on each site trapped on every read,
+    /// and (`armed`) on each trapped armed, in the registers it left free.
+    fn breakpoints(&self, armed: bool) -> kvm_guest_debug {
+        let mut debug = self.cpuid_debug;
+        let mut free = (0..DEBUG_ADDRESS_REGISTERS).filter(|&slot| !breakpoint_set(&self.cpuid_debug, slot));
+        for (how, sites) in [
+            (self.traps.rdtsc, &self.sites.rdtsc),
+            (self.traps.rdtscp, &self.sites.rdtscp),
+        ] {
+            if how == Trap::Every || (armed && how == Trap::Armed) {
+                // check_breakpoint_sites counted them against the free registers.
+                for &site in sites {
+                    if let Some(slot) = free.next() {
+                        set_breakpoint(&mut debug, slot, site);
+                    }
+                }
+            }
+        }
+        debug
     }
 
     /// Patches (or, `patch` false, checks) the sites trapped `how`.
@@ -216,34 +315,49 @@ impl TscTrap {
         if !self.traps.armed() {
             return Ok(());
         }
-        if self.patched {
+        let was = self.patched;
+        if was {
             self.record.disarmed_unread += u64::from(!read);
-            for (how, sites, name, original, patched) in [
-                (
-                    self.traps.rdtsc,
-                    &self.sites.rdtsc,
-                    "rdtsc",
-                    &RDTSC_OPCODE[..],
-                    &RDTSC_PATCH[..],
-                ),
-                (
-                    self.traps.rdtscp,
-                    &self.sites.rdtscp,
-                    "rdtscp",
-                    &RDTSCP_OPCODE[..],
-                    &RDTSCP_PATCH[..],
-                ),
-            ] {
-                if how == Trap::Armed {
-                    rewrite(vcpu, sites, name, patched, original)?;
-                }
-            }
-            self.patched = false;
         }
         if cpuid {
-            self.patch(vcpu, Trap::Armed, true)?;
-            self.patched = true;
             self.record.armed += 1;
+        }
+        if was != cpuid {
+            match self.by {
+                TscTrapBy::IoPatch => self.rewrite_armed(vcpu, cpuid)?,
+                TscTrapBy::HwBreakpoint => vcpu.set_guest_debug(&self.breakpoints(cpuid))?,
+            }
+        }
+        self.patched = cpuid;
+        Ok(())
+    }
+
+    /// Patches (`patch`) or restores the sites trapped armed.
+    fn rewrite_armed(&mut self, vcpu: &mut dyn Vcpu, patch: bool) -> Result<(), ModeError> {
+        for (how, sites, name, original, patched) in [
+            (
+                self.traps.rdtsc,
+                &self.sites.rdtsc,
+                "rdtsc",
+                &RDTSC_OPCODE[..],
+                &RDTSC_PATCH[..],
+            ),
+            (
+                self.traps.rdtscp,
+                &self.sites.rdtscp,
+                "rdtscp",
+                &RDTSCP_OPCODE[..],
+                &RDTSCP_PATCH[..],
+            ),
+        ] {
+            if how == Trap::Armed {
+                let (from, to) = if patch {
+                    (original, patched)
+                } else {
+                    (patched, original)
+                };
+                rewrite(vcpu, sites, name, from, to)?;
+            }
         }
         Ok(())
     }
@@ -282,38 +396,54 @@ impl TscTrap {
             self.record.clocks.msr(msr).told(truth, told);
             return Ok(Some(ExitKind::MsrTrap));
         }
-        let (port, sites) = match *exit {
-            Exit::IoOut { port, .. } if port == u16::from(ports::RDTSC_TRAP) => (ports::RDTSC_TRAP, &self.sites.rdtsc),
-            Exit::IoOut { port, .. } if port == u16::from(ports::RDTSCP_TRAP) => {
-                (ports::RDTSCP_TRAP, &self.sites.rdtscp)
+        let (rdtscp, step) = match *exit {
+            Exit::IoOut { port, .. } if port == u16::from(ports::RDTSC_TRAP) && self.by == TscTrapBy::IoPatch => {
+                (false, None)
+            }
+            Exit::IoOut { port, .. } if port == u16::from(ports::RDTSCP_TRAP) && self.by == TscTrapBy::IoPatch => {
+                (true, None)
+            }
+            Exit::Debug {
+                pc,
+                exception: DEBUG_VECTOR,
+            } if self.by == TscTrapBy::HwBreakpoint => {
+                // A breakpoint fires before the instruction: the VMM steps over it.
+                if self.sites.rdtsc.binary_search(&pc).is_ok() {
+                    (false, Some(pc + RDTSC_OPCODE.len() as u64))
+                } else if self.sites.rdtscp.binary_search(&pc).is_ok() {
+                    (true, Some(pc + RDTSCP_OPCODE.len() as u64))
+                } else {
+                    // Another's breakpoint (the CPUID trap's).
+                    return Ok(None);
+                }
             }
             _ => return Ok(None),
         };
         let mut regs = vcpu.regs()?;
-        // KVM reports RIP at the `out` (SVM) or past it (VMX, software KVMs).
-        let at = |rip: u64| sites.binary_search(&rip).is_ok();
-        if !at(regs.rip) && !at(regs.rip.wrapping_sub(OUT_BYTES)) {
-            return Err(ModeError::UnexpectedTscTrap { port, rip: regs.rip });
+        match step {
+            Some(next) => regs.rip = next,
+            None => {
+                // KVM reports RIP at the `out` (SVM) or past it (VMX, software KVMs).
+                let sites = if rdtscp { &self.sites.rdtscp } else { &self.sites.rdtsc };
+                let at = |rip: u64| sites.binary_search(&rip).is_ok();
+                if !at(regs.rip) && !at(regs.rip.wrapping_sub(OUT_BYTES)) {
+                    let port = if rdtscp { ports::RDTSCP_TRAP } else { ports::RDTSC_TRAP };
+                    return Err(ModeError::UnexpectedTscTrap { port, rip: regs.rip });
+                }
+            }
         }
         let truth = exit_tsc.wrapping_add(self.offset as u64);
-        let instruction = if port == ports::RDTSCP_TRAP {
-            TscRead::Rdtscp
-        } else {
-            TscRead::Rdtsc
-        };
+        let instruction = if rdtscp { TscRead::Rdtscp } else { TscRead::Rdtsc };
         let told = policy.tsc_read(vcpu, truth, instruction)?;
         regs.rax = told & 0xffff_ffff;
         regs.rdx = told >> 32;
-        if port == ports::RDTSCP_TRAP {
+        if rdtscp {
             // TSC_AUX as KVM leaves it for a vCPU nobody configured.
             regs.rcx = 0;
         }
         vcpu.set_regs(&regs)?;
         self.told(truth, told);
-        self.record
-            .clocks
-            .instruction(port == ports::RDTSCP_TRAP)
-            .told(truth, told);
+        self.record.clocks.instruction(rdtscp).told(truth, told);
         Ok(Some(ExitKind::TscTrap))
     }
 
@@ -378,8 +508,8 @@ mod tests {
             )
         };
         vcpu.memory.write_slice(code, GuestAddress(SITE)).unwrap();
-        let mut trap = TscTrap::new(sites, every());
-        trap.arm(vcpu).unwrap();
+        let mut trap = TscTrap::new(sites, every(), TscTrapBy::IoPatch);
+        trap.arm(vcpu, None).unwrap();
         trap
     }
 
@@ -409,8 +539,8 @@ mod tests {
             rdtsc: Trap::Armed,
             ..Traps::default()
         };
-        let mut trap = TscTrap::new(sites, armed);
-        trap.arm(&mut vcpu).unwrap();
+        let mut trap = TscTrap::new(sites, armed, TscTrapBy::IoPatch);
+        trap.arm(&mut vcpu, None).unwrap();
         assert_eq!(code(&vcpu), RDTSC_OPCODE, "not patched before a CPUID");
         trap.exit_handled(&mut vcpu, true, false).unwrap();
         assert_eq!(code(&vcpu), RDTSC_PATCH);
@@ -437,8 +567,8 @@ mod tests {
             rdtsc: Trap::Every,
             ..Traps::default()
         };
-        let mut trap = TscTrap::new(sites, rdtsc_only);
-        assert!(matches!(trap.arm(&mut vcpu), Err(ModeError::NoTscSites)));
+        let mut trap = TscTrap::new(sites, rdtsc_only, TscTrapBy::IoPatch);
+        assert!(matches!(trap.arm(&mut vcpu, None), Err(ModeError::NoTscSites)));
         assert_eq!(code(&vcpu), [0x0f, 0x01]);
         assert_eq!(trap.record().rdtscp_sites, 0);
     }
@@ -554,14 +684,139 @@ mod tests {
                 rdtscp: vec![],
             },
             every(),
+            TscTrapBy::IoPatch,
         );
         assert!(matches!(
-            wrong.arm(&mut vcpu),
+            wrong.arm(&mut vcpu, None),
             Err(ModeError::NotTscRead { addr: SITE, .. })
         ));
         assert!(matches!(
-            TscTrap::new(TscSites::default(), every()).arm(&mut vcpu),
+            TscTrap::new(TscSites::default(), every(), TscTrapBy::IoPatch).arm(&mut vcpu, None),
             Err(ModeError::NoTscSites)
         ));
+    }
+
+    /// Two RDTSCs and an RDTSCP at `SITE`, `SITE + 0x10` and `SITE + 0x20`, trapped by
+    /// breakpoints `how`, beside a CPUID trap's breakpoint in DR0.
+    fn by_breakpoints(vcpu: &mut SimVcpu, how: Trap) -> (TscTrap, Result<(), ModeError>) {
+        vcpu.memory.write_slice(&RDTSC_OPCODE, GuestAddress(SITE)).unwrap();
+        vcpu.memory
+            .write_slice(&RDTSC_OPCODE, GuestAddress(SITE + 0x10))
+            .unwrap();
+        vcpu.memory
+            .write_slice(&RDTSCP_OPCODE, GuestAddress(SITE + 0x20))
+            .unwrap();
+        let sites = TscSites {
+            rdtsc: vec![SITE + 0x10, SITE],
+            rdtscp: vec![SITE + 0x20],
+        };
+        let traps = Traps {
+            rdtsc: how,
+            rdtscp: how,
+            ..Traps::default()
+        };
+        let mut cpuid = kvm_guest_debug::default();
+        set_breakpoint(&mut cpuid, 0, CPUID_SITE);
+        let mut trap = TscTrap::new(sites, traps, TscTrapBy::HwBreakpoint);
+        let armed = trap.arm(vcpu, Some(cpuid));
+        (trap, armed)
+    }
+
+    const CPUID_SITE: u64 = 0x10_0100;
+
+    /// The addresses in DR0-DR3 that DR7 enables.
+    fn breakpoints(vcpu: &SimVcpu) -> Vec<u64> {
+        let debug = vcpu.debug.expect("guest debug set");
+        (0..DEBUG_ADDRESS_REGISTERS)
+            .filter(|&slot| breakpoint_set(&debug, slot))
+            .map(|slot| debug.arch.debugreg[slot])
+            .collect()
+    }
+
+    #[test]
+    fn breakpoints_trap_in_the_registers_the_cpuid_trap_left_and_the_code_stays_untouched() {
+        let mut vcpu = SimVcpu::new();
+        vcpu.tsc_offset = 7;
+        let (mut trap, armed) = by_breakpoints(&mut vcpu, Trap::Every);
+        armed.unwrap();
+        assert_eq!(breakpoints(&vcpu), [CPUID_SITE, SITE, SITE + 0x10, SITE + 0x20]);
+        assert_eq!(code(&vcpu), RDTSC_OPCODE, "nothing patched");
+        assert_eq!(trap.record().by, TscTrapBy::HwBreakpoint);
+
+        // A breakpoint fires before the instruction: answered, and stepped over.
+        let at = |pc| Exit::Debug {
+            pc,
+            exception: DEBUG_VECTOR,
+        };
+        let kind = trap.answer(&mut vcpu, &at(SITE + 0x10), 1_000, &mut Policies::none());
+        assert_eq!(kind.unwrap(), Some(ExitKind::TscTrap));
+        assert_eq!(
+            (vcpu.regs.rip, (vcpu.regs.rdx << 32) | vcpu.regs.rax),
+            (SITE + 0x12, 1_007)
+        );
+        vcpu.regs.rcx = 77;
+        trap.answer(&mut vcpu, &at(SITE + 0x20), 2_000, &mut Policies::none())
+            .unwrap();
+        assert_eq!((vcpu.regs.rip, vcpu.regs.rcx), (SITE + 0x23, 0), "RDTSCP: 3 bytes, ECX");
+        assert_eq!(trap.record().clocks.get("rdtscp").unwrap().reads, 1);
+        // The CPUID trap's breakpoint is the CPUID trap's to answer; a patched site's
+        // port is no trap of this one's.
+        assert_eq!(
+            trap.answer(&mut vcpu, &at(CPUID_SITE), 0, &mut Policies::none())
+                .unwrap(),
+            None
+        );
+        let port = Exit::IoOut {
+            port: u16::from(ports::RDTSC_TRAP),
+            value: 0,
+        };
+        assert_eq!(trap.answer(&mut vcpu, &port, 0, &mut Policies::none()).unwrap(), None);
+    }
+
+    #[test]
+    fn breakpoints_are_refused_past_the_free_debug_registers_naming_the_counts() {
+        let mut vcpu = SimVcpu::new();
+        vcpu.memory
+            .write_slice(&RDTSC_OPCODE, GuestAddress(SITE + 0x30))
+            .unwrap();
+        let (_, armed) = by_breakpoints(&mut vcpu, Trap::Every);
+        armed.unwrap();
+        let four = TscSites {
+            rdtsc: vec![1, 2, 3, 4],
+            rdtscp: vec![5],
+        };
+        let rdtsc_only = Traps {
+            rdtsc: Trap::Every,
+            ..Traps::default()
+        };
+        check_breakpoint_sites(&four, &rdtsc_only, 0).unwrap();
+        let error = check_breakpoint_sites(&four, &rdtsc_only, 1).unwrap_err();
+        assert!(matches!(error, ModeError::TooManyTscSites { sites: 4, free: 3, .. }));
+        assert!(error.to_string().contains("after the CPUID trap's 1"), "{error}");
+        assert!(error.to_string().contains("--tsc-trap io-patch"), "{error}");
+        assert!(
+            check_breakpoint_sites(&four, &every(), 0).is_err(),
+            "RDTSCP's site counts too"
+        );
+    }
+
+    #[test]
+    fn an_armed_breakpoint_is_set_after_a_cpuid_and_cleared_after_the_next_exit() {
+        let mut vcpu = SimVcpu::new();
+        let (mut trap, armed) = by_breakpoints(&mut vcpu, Trap::Armed);
+        armed.unwrap();
+        assert!(
+            vcpu.debug.is_none(),
+            "nothing set before a CPUID: the CPUID trap's own stands"
+        );
+        trap.exit_handled(&mut vcpu, true, false).unwrap();
+        assert_eq!(breakpoints(&vcpu), [CPUID_SITE, SITE, SITE + 0x10, SITE + 0x20]);
+        trap.exit_handled(&mut vcpu, false, true).unwrap();
+        assert_eq!(breakpoints(&vcpu), [CPUID_SITE], "the read disarms it");
+        trap.exit_handled(&mut vcpu, true, false).unwrap();
+        trap.exit_handled(&mut vcpu, false, false).unwrap();
+        assert_eq!(breakpoints(&vcpu), [CPUID_SITE], "so does any other exit");
+        assert_eq!(code(&vcpu), RDTSC_OPCODE, "never patched");
+        assert_eq!((trap.record().armed, trap.record().disarmed_unread), (2, 1));
     }
 }

@@ -1,6 +1,7 @@
 //! The human-readable report of a run.
 
 use super::RunReport;
+use crate::modes::tsc_trap::TscTrapBy;
 use std::fmt::Write;
 
 /// Renders the report as aligned text tables.
@@ -90,12 +91,16 @@ pub fn render(report: &RunReport) -> String {
     if let Some(t) = &report.tsc_trap {
         let _ = writeln!(
             out,
-            "\nTSC reads trapped ({}): {} RDTSC and {} RDTSCP sites patched, {} reads answered; \
+            "\nTSC reads trapped ({}): {} RDTSC and {} RDTSCP sites {}, {} reads answered; \
              the clock told was up to {} cycles behind and {} ahead of the guest's real TSC, \
              {} cycles off at the last read; {} reads went backwards",
             report.config.evasion,
             t.rdtsc_sites,
             t.rdtscp_sites,
+            match t.by {
+                TscTrapBy::IoPatch => "patched",
+                TscTrapBy::HwBreakpoint => "trapped by breakpoints (code untouched)",
+            },
             t.tsc.reads,
             t.tsc.max_behind,
             t.tsc.max_ahead,
