@@ -695,3 +695,51 @@ fn breakpoints_trap_the_tsc_reads_of_a_payload_with_few_sites() {
     assert!(record["max_behind"].as_u64().unwrap() > 0, "{record}");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// Does CPUID show RDTSCP, and how far behind an RDTSC does an RDTSCP right after it
+/// read (the verdict's score, thousandths)? It executes RDTSCP either way, as a detector
+/// that distrusts CPUID does.
+const RDTSCP_AFTER_RDTSC: &str = r#"#include "vmm_sdk.h"
+VMM_PAYLOAD("rdtscp after rdtsc", VMM_CAP_VERDICT | VMM_CAP_RDTSCP);
+int vmm_detect(struct vmm_run *run) {
+    int shown = vmm_has_rdtscp(run);
+    uint32_t aux;
+    uint64_t t = vmm_rdtsc();
+    uint64_t p = vmm_rdtscp(&aux);
+    vmm_verdict(run, VMM_VERDICT_UNSURE, ((int64_t)t - (int64_t)p) * 1000,
+                shown ? "RDTSCP shown; rdtsc minus rdtscp" : "RDTSCP hidden; rdtsc minus rdtscp");
+    return VMM_STATUS_OK;
+}
+"#;
+
+/// Hypervisor-Phantom's NIKA patch answers RDTSCP from a clock of its own, which starts at
+/// a tenth of its RDTSC clock; its libvirt example hides RDTSCP from CPUID (SVM's KVM traps
+/// RDTSCP only then). A guest that runs RDTSCP anyway gets an answer far behind RDTSC's.
+#[test]
+fn nikas_rdtscp_is_hidden_from_cpuid_and_answers_a_clock_of_its_own() {
+    let Some(_vm) = vm_test() else { return };
+    let (dir, elf) = build_c_payload("rdtscp-after-rdtsc", RDTSCP_AFTER_RDTSC);
+    let report = run(
+        "hypervisor-phantom-nika",
+        &["--mode", "hw-assist", "--payload", elf.to_str().unwrap()],
+    );
+    let verdict = verdict_of(&report, "payload");
+    assert!(
+        verdict["why"]
+            .as_str()
+            .unwrap()
+            .starts_with("the payload says: RDTSCP hidden"),
+        "{verdict}"
+    );
+    let record = &report["tsc_trap"];
+    assert_eq!(record["rdtscp_sites"], 1, "{record}");
+    assert_eq!(record["clocks"]["rdtscp"]["reads"], 1, "{record}");
+    // Its first answer: a tenth of BetterTiming's clock, which the RDTSC before it read.
+    let rdtscp_behind = verdict["score"].as_f64().unwrap();
+    let behind_truth = record["clocks"]["rdtscp"]["max_behind"].as_f64().unwrap();
+    assert!(
+        rdtscp_behind > 0.0 && behind_truth > rdtscp_behind,
+        "rdtscp {rdtscp_behind} behind rdtsc, {behind_truth} behind the truth: {record}"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -2,6 +2,7 @@
 //! times on. `inspect` asks the same of every path.
 
 use super::{MeasureError, Measurer, RunSpec, MAX_ITERATIONS};
+use crate::arch::x86_64::cpuid::Visibility;
 use crate::host::Placement;
 use crate::modes::trap_emulate;
 use crate::modes::tsc_trap::{self, TscTrapBy};
@@ -45,6 +46,7 @@ impl Measurer {
         // payload runs and answers for itself (VMAware 2.6 calls that a VM).
         if spec.path != Path::Native
             && payload.declares(guest_payload::capabilities::RDTSCP)
+            && spec.evasions.cpuid().rdtscp == Visibility::Shown
             && self.kvm()?.guest_advertises_rdtscp()
         {
             self.rdtscp_in_guest()?.map_err(|why| MeasureError::RdtscpUnavailable {

@@ -3,7 +3,7 @@
 //! floating point, honour TSC moves.
 
 use super::{payload_key, MeasureError, Measurer, RunSpec};
-use crate::arch::x86_64::cpuid::Hypervisor;
+use crate::arch::x86_64::cpuid::CpuidAnswers;
 use crate::modes::hw_assist::HwAssist;
 use crate::modes::trap_emulate::{self, Trap, TrapDelivery};
 use crate::modes::{ExitPath, ModeError, Path};
@@ -172,7 +172,7 @@ impl Measurer {
                 .cpuid_only(1, 0, Shaping::None)
                 .guest_config(),
         );
-        let mut vm = GuestVm::create(self.kvm()?, &probe, &config, Hypervisor::Shown)?;
+        let mut vm = GuestVm::create(self.kvm()?, &probe, &config, CpuidAnswers::KVM)?;
         let handler = &mut ExitPath {
             answerer: &mut HwAssist,
             policy: &mut Policies::none(),

@@ -47,7 +47,7 @@ impl Measurer {
             self.kvm()?,
             payload,
             &self.with_tsc_rate(spec.guest_config()),
-            spec.evasions.hypervisor(),
+            spec.evasions.cpuid(),
         )?;
         vm.place(placement);
         // Sized before the run: no reallocation inside an exit hide must account for.

@@ -20,13 +20,29 @@
 //! entry is when KVM_RUN is called. Not reproduced: WBINVD, XSETBV and INVD (KVM handles
 //! them in the kernel). RDTSCP is not intercepted by the original, and its evader file
 //! (`configs/evaders/bettertiming.json`) leaves it untrapped.
+//!
+//! Hypervisor-Phantom's AMD "NIKA" patch (Scrut1ny/Hypervisor-Phantom 5757bb7,
+//! `Hypervisor-Phantom/patches/Kernel/amd616.mypatch`) keeps this arithmetic for RDTSC
+//! and MSR 0x10 and answers RDTSCP from a clock of its own (L158-L183,
+//! `rdtscp_interception`): function statics `rdtsc_last`, `rdtsc_prev`, `rdtsc_read`
+//! (the host TSC at the last three RDTSCPs) and `data` (the last answer), all starting at
+//! zero. Each RDTSCP sets `data` to BetterTiming's clock where `rdtsc_last != 0` and the
+//! gap since the last read is longer than the gap before it, and otherwise adds a tenth
+//! of the distance (`data += (clock - data) / 10`, u64). [`ClosingByTenths`] is that, in
+//! the guest's TSC domain (the gaps are the same; the first answers, a tenth of the clock,
+//! are smaller than the host's would be). SVM's KVM intercepts RDTSCP only where the
+//! guest's CPUID hides it (`svm_recalc_instruction_intercepts`), as Hypervisor-Phantom's
+//! own libvirt example does (`<feature policy="disable" name="rdtscp"/>`, "Use if using
+//! patched kernel"): its zoo file hides it too.
 
 use super::policy::{ExitPolicy, ShapingError, TscRead};
 use crate::vm::vcpu::Vcpu;
 
-/// One vCPU's `total_exit_time` and `last_exit_start`.
+/// One vCPU's `total_exit_time` and `last_exit_start`, and where RDTSCP reads NIKA's
+/// clock, that clock.
 #[derive(Debug, Default)]
 pub struct BetterTiming {
+    rdtscp: Option<ClosingByTenths>,
     total_exit_time: u64,
     /// When the guest was last entered (the end of the exit before): the original's
     /// `last_exit_start`. `None` before the first exit.
@@ -34,6 +50,44 @@ pub struct BetterTiming {
     /// When KVM_RUN returned for the exit under way.
     exit_tsc: u64,
     tagged: bool,
+}
+
+impl BetterTiming {
+    /// `rdtscp_by_tenths`: RDTSCP reads NIKA's clock, not RDTSC's.
+    pub fn new(rdtscp_by_tenths: bool) -> Self {
+        Self {
+            rdtscp: rdtscp_by_tenths.then(ClosingByTenths::default),
+            ..Self::default()
+        }
+    }
+}
+
+/// NIKA's RDTSCP clock: its four statics, zero until set.
+#[derive(Debug, Default)]
+pub struct ClosingByTenths {
+    last: u64,
+    prev: u64,
+    read: u64,
+    data: u64,
+}
+
+impl ClosingByTenths {
+    /// One RDTSCP at `truth` (the original's `rdtsc()`), where BetterTiming's clock reads
+    /// `clock`. The original's u64 arithmetic, wrapping where it would.
+    pub fn answer(&mut self, truth: u64, clock: u64) -> u64 {
+        self.last = self.prev;
+        self.prev = self.read;
+        self.read = truth;
+        let diff_last = self.prev.wrapping_sub(self.last);
+        let diff_prev = self.read.wrapping_sub(self.prev);
+        let data_diff = clock.wrapping_sub(self.data);
+        if self.last != 0 && diff_last < diff_prev {
+            self.data = clock;
+        } else {
+            self.data = self.data.wrapping_add(data_diff / 10);
+        }
+        self.data
+    }
 }
 
 impl ExitPolicy for BetterTiming {
@@ -50,12 +104,16 @@ impl ExitPolicy for BetterTiming {
 
     /// `read` is the guest's TSC as KVM_RUN returned; the original answers as of the
     /// last entry, less the total.
-    fn tsc_read(&mut self, _vcpu: &mut dyn Vcpu, read: u64, _instruction: TscRead) -> Result<u64, ShapingError> {
+    fn tsc_read(&mut self, _vcpu: &mut dyn Vcpu, read: u64, instruction: TscRead) -> Result<u64, ShapingError> {
         self.tagged = true;
         let since_entry = self
             .last_exit_start
             .map_or(0, |entry| self.exit_tsc.saturating_sub(entry));
-        Ok(read.saturating_sub(since_entry).saturating_sub(self.total_exit_time))
+        let clock = read.saturating_sub(since_entry).saturating_sub(self.total_exit_time);
+        Ok(match (&mut self.rdtscp, instruction) {
+            (Some(tenths), TscRead::Rdtscp) => tenths.answer(read, clock),
+            _ => clock,
+        })
     }
 
     fn exit_ended(&mut self, vcpu: &mut dyn Vcpu) -> Result<(), ShapingError> {
@@ -122,5 +180,38 @@ mod tests {
         clock.exit_ended(&mut vcpu).unwrap();
         let after = round_trip(&mut vcpu, &mut clock, 10, 3_000, true).unwrap();
         assert_eq!(after, before);
+    }
+
+    /// NIKA's RDTSCP, by its arithmetic: a tenth of the way to the clock, then all of it
+    /// once a gap between reads is longer than the one before (and two reads came first).
+    #[test]
+    fn nikas_rdtscp_closes_a_tenth_of_the_distance_unless_the_gap_grew() {
+        let mut nika = ClosingByTenths::default();
+        assert_eq!(nika.answer(1_000, 1_000_000), 100_000, "a tenth of the clock first");
+        assert_eq!(nika.answer(2_000, 1_000_000), 190_000, "the gap grew, but last is 0");
+        // Gaps 1,000 then 1,000: not longer, a tenth.
+        assert_eq!(nika.answer(3_000, 1_190_000), 290_000);
+        // Gaps 1,000 then 5,000: longer, the clock itself.
+        assert_eq!(nika.answer(8_000, 2_000_000), 2_000_000);
+        // Gaps 5,000 then 10: a tenth again (of nothing left, here).
+        assert_eq!(nika.answer(8_010, 2_000_000), 2_000_000);
+        assert_eq!(nika.answer(8_020, 2_000_100), 2_000_010);
+    }
+
+    #[test]
+    fn rdtscp_reads_nikas_clock_and_rdtsc_bettertimings() {
+        let mut vcpu = SimVcpu::new();
+        let mut clock = BetterTiming::new(true);
+        round_trip(&mut vcpu, &mut clock, 1_000, 500, false);
+        vcpu.advance(5_000);
+        let exit_tsc = vcpu.host_tsc.get();
+        clock.exit_began(&mut vcpu, exit_tsc).unwrap();
+        let rdtsc = clock.tsc_read(&mut vcpu, exit_tsc, TscRead::Rdtsc).unwrap();
+        let rdtscp = clock.tsc_read(&mut vcpu, exit_tsc, TscRead::Rdtscp).unwrap();
+        assert_eq!(rdtscp, rdtsc / 10, "{rdtsc} {rdtscp}");
+        let mut plain = BetterTiming::new(false);
+        plain.exit_began(&mut vcpu, exit_tsc).unwrap();
+        let same = plain.tsc_read(&mut vcpu, exit_tsc, TscRead::Rdtscp).unwrap();
+        assert_eq!(same, plain.tsc_read(&mut vcpu, exit_tsc, TscRead::Rdtsc).unwrap());
     }
 }

@@ -12,7 +12,7 @@ use super::ophion::CpuidCost;
 use super::policy::ExitPolicy;
 use super::rdtsc_kvm_handler::RdtscKvmHandler;
 use super::rdtsc_shield::RdtscShield;
-use crate::arch::x86_64::cpuid::Hypervisor;
+use crate::arch::x86_64::cpuid::CpuidAnswers;
 use serde::Deserialize;
 use std::path::Path;
 
@@ -183,8 +183,12 @@ pub enum Clock {
     /// Stops for exactly each CPUID and TSC-read exit (`shaping/hide_exits.rs`).
     StopsForExits,
     /// The host TSC at the last guest entry less every tagged round trip, the guest's own
-    /// run before the exit included (`shaping/bettertiming.rs`).
-    HidesRoundTrips,
+    /// run before the exit included (`shaping/bettertiming.rs`); RDTSCP reads the same,
+    /// or (`rdtscp: closes-by-tenths`) a clock that closes a tenth of its distance to it.
+    HidesRoundTrips {
+        #[serde(default)]
+        rdtscp: RdtscpClock,
+    },
     /// Advances by the real TSC's progress since the last read / `divider`, never past the
     /// truth (`shaping/rdtsc_kvm_handler.rs`).
     Slowed { divider: u64 },
@@ -288,7 +292,15 @@ impl Clock {
                 }
                 between("clock.resync_ticks", resync_ticks, 1, u64::from(u32::MAX))?;
             }
-            Clock::Truth | Clock::StopsForExits | Clock::HidesRoundTrips => {}
+            Clock::HidesRoundTrips {
+                rdtscp: RdtscpClock::ClosesByTenths,
+            } if traps.rdtscp == Trap::None => {
+                return Err((
+                    "clock.rdtscp",
+                    "closes-by-tenths answers RDTSCP, and RDTSCP is not trapped: trap rdtscp".into(),
+                ))
+            }
+            Clock::Truth | Clock::StopsForExits | Clock::HidesRoundTrips { .. } => {}
         }
         let armed = matches!(self, Clock::CpuidCost { .. });
         if traps.armed() != armed {
@@ -316,6 +328,19 @@ impl Clock {
         }
         Ok(())
     }
+}
+
+/// What a trapped RDTSCP reads, beside the clock's RDTSC.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum RdtscpClock {
+    /// What RDTSC reads.
+    #[default]
+    Same,
+    /// Hypervisor-Phantom NIKA's: a tenth of the way to the clock at each read, all of it
+    /// where the gap since the last read is longer than the one before
+    /// (`shaping/bettertiming.rs`).
+    ClosesByTenths,
 }
 
 /// What the evader does to the counter vCPU of `--vcpus 2`.
@@ -361,16 +386,6 @@ pub struct EvaderFile {
     /// answers read from it).
     #[serde(default)]
     pub cpuid: CpuidAnswers,
-}
-
-/// An evader's CPUID answers.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CpuidAnswers {
-    /// `"shown"` (default): as KVM describes itself; `"hidden"`: CPUID.1:ECX[31] clear and
-    /// no 0x40000000 leaves.
-    #[serde(default)]
-    pub hypervisor: Hypervisor,
 }
 
 /// One evader, loaded, checked and with its argument applied.
@@ -495,9 +510,9 @@ impl Evader {
         self.file.clock.as_ref()
     }
 
-    /// What the guest's CPUID says of the hypervisor under it.
-    pub fn hypervisor(&self) -> Hypervisor {
-        self.file.cpuid.hypervisor
+    /// What the guest's CPUID says where the evader changes it.
+    pub fn cpuid(&self) -> CpuidAnswers {
+        self.file.cpuid
     }
 
     /// The clock's policy, where it has one.
@@ -505,7 +520,7 @@ impl Evader {
         Some(match self.file.clock.clone()? {
             Clock::Truth => Box::new(super::rdtsc_trap::RdtscTrap),
             Clock::StopsForExits => Box::new(HideExits::default()),
-            Clock::HidesRoundTrips => Box::new(BetterTiming::default()),
+            Clock::HidesRoundTrips { rdtscp } => Box::new(BetterTiming::new(rdtscp == RdtscpClock::ClosesByTenths)),
             Clock::Slowed { divider } => Box::new(RdtscKvmHandler::new(divider)),
             Clock::ScaledAtUser { divider } => Box::new(super::phantom::ScaledAtUser::new(divider)),
             Clock::SlowedNearCpuid0 { divider, reset_us } => Box::new(RdtscShield::new(divider, reset_us)),
@@ -523,6 +538,7 @@ impl Evader {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::arch::x86_64::cpuid::Visibility;
 
     fn parse(text: &str) -> Result<Evader, EvaderError> {
         Evader::parse("mine", "mine.json", text, None)
@@ -602,11 +618,14 @@ mod tests {
     }
 
     #[test]
-    fn an_evader_may_only_hide_the_hypervisor_and_says_so_in_its_cpuid_field() {
+    fn an_evader_may_only_hide_cpuid_answers_and_says_so_in_its_cpuid_field() {
         let hides = parse(r#"{"description":"x","cpuid":{"hypervisor":"hidden"}}"#).unwrap();
-        assert_eq!(hides.hypervisor(), Hypervisor::Hidden);
+        assert_eq!(hides.cpuid().hypervisor, Visibility::Hidden);
+        assert_eq!(hides.cpuid().rdtscp, Visibility::Shown);
         let shown = parse(r#"{"description":"x","traps":{"rdtsc":"every"},"clock":{"kind":"truth"}}"#).unwrap();
-        assert_eq!(shown.hypervisor(), Hypervisor::Shown, "the default");
+        assert_eq!(shown.cpuid(), CpuidAnswers::KVM, "the default");
+        let rdtscp = parse(r#"{"description":"x","cpuid":{"rdtscp":"hidden"}}"#).unwrap();
+        assert_eq!(rdtscp.cpuid().rdtscp, Visibility::Hidden);
         let bad = parse(r#"{"description":"x","cpuid":{"hypervisor":"gone"}}"#).unwrap_err();
         assert!(bad.to_string().contains("unknown variant `gone`"), "{bad}");
         let typo = parse(r#"{"description":"x","cpuid":{"hypervisr":"hidden"}}"#).unwrap_err();

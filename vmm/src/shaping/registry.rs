@@ -6,7 +6,7 @@
 use super::evader::{CounterAct, Evader, Traps};
 use super::evasion::{EvasionError, EvasionKind, Needs};
 use super::policy::ExitPolicy;
-use crate::arch::x86_64::cpuid::Hypervisor;
+use crate::arch::x86_64::cpuid::CpuidAnswers;
 
 /// The building blocks, in the order reports name them.
 pub const EVASIONS: [&EvasionKind; 3] = [
@@ -221,7 +221,7 @@ impl Evasions {
                     tsc_trap: evader.traps().any_instruction(),
                     msr: !evader.traps().msr.is_empty(),
                     moves_offset: clock.is_some_and(|c| c.moves_offset()),
-                    guest: evader.hypervisor() != Hypervisor::Shown,
+                    guest: evader.cpuid() != CpuidAnswers::KVM,
                     ..Needs::NONE
                 },
             ));
@@ -290,9 +290,9 @@ impl Evasions {
         self.traps().map(Traps::msr_indices).unwrap_or_default()
     }
 
-    /// What the guest's CPUID says of the hypervisor: the evader's word, shown without one.
-    pub fn hypervisor(&self) -> Hypervisor {
-        self.evader.as_ref().map_or(Hypervisor::Shown, Evader::hypervisor)
+    /// What the guest's CPUID says where an evader changes it: KVM's answers without one.
+    pub fn cpuid(&self) -> CpuidAnswers {
+        self.evader.as_ref().map_or(CpuidAnswers::KVM, Evader::cpuid)
     }
 
     /// Whether the evader moves vCPU 0's TSC offset (a KVM must honour that).

@@ -3,7 +3,7 @@
 //! context, so nothing that can be done once per process is done per VM.
 
 use super::vcpu::RegisterAccess;
-use crate::arch::x86_64::cpuid::{CpuidTable, Hypervisor};
+use crate::arch::x86_64::cpuid::{CpuidAnswers, CpuidTable};
 use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES, KVM_SYNC_X86_REGS};
 use kvm_ioctls::{Cap, Kvm};
 use std::sync::OnceLock;
@@ -34,9 +34,9 @@ pub struct KvmContext {
     /// The table vCPU 0 of a one-vCPU guest gets with KVM_SET_CPUID2.
     pub(super) cpuid: CpuId,
     /// The table KVM holds for vCPU 0 once it is in long mode, for one vCPU and for two,
-    /// the hypervisor shown and hidden (read back from the first VM of each: KVM adds
+    /// with each of an evader's CPUID answers (read back from the first VM of each: KVM adds
     /// runtime bits such as OSXSAVE, the same for every VM built alike).
-    pub(super) cpuid_in_guest: [[OnceLock<CpuidTable>; 2]; 2],
+    pub(super) cpuid_in_guest: [[OnceLock<CpuidTable>; CpuidAnswers::COUNT]; 2],
     pub registers: RegisterAccess,
     /// The vCPU TSC rate KVM reports (KVM_GET_TSC_KHZ), where it does.
     pub tsc_khz: Option<u32>,
@@ -52,7 +52,7 @@ impl KvmContext {
             .map_err(KvmError::SupportedCpuid)?;
         let supported = CpuidTable::from_kvm(&supported);
         let cpuid =
-            topology(&supported, 0, 1, Hypervisor::Shown).map_err(|e| KvmError::CpuidTable(format!("{e:?}")))?;
+            topology(&supported, 0, 1, CpuidAnswers::KVM).map_err(|e| KvmError::CpuidTable(format!("{e:?}")))?;
         let sync_fields = kvm.check_extension_int(Cap::SyncRegs);
         let registers = if sync_fields > 0 && (sync_fields as u32) & KVM_SYNC_X86_REGS != 0 {
             RegisterAccess::SyncRegs
@@ -79,11 +79,11 @@ impl KvmContext {
     }
 
     /// The table for vCPU `apic_id` of a guest of `vcpus` (one or two), saying what
-    /// `hypervisor` asks.
-    pub(super) fn cpuid_for(&self, apic_id: u32, vcpus: u32, hypervisor: Hypervisor) -> Result<CpuId, KvmError> {
-        let table = match (apic_id, vcpus, hypervisor) {
-            (0, 1, Hypervisor::Shown) => return Ok(self.cpuid.clone()),
-            _ => topology(&self.supported, apic_id, vcpus, hypervisor),
+    /// what `answers` asks.
+    pub(super) fn cpuid_for(&self, apic_id: u32, vcpus: u32, answers: CpuidAnswers) -> Result<CpuId, KvmError> {
+        let table = match (apic_id, vcpus, answers) {
+            (0, 1, CpuidAnswers::KVM) => return Ok(self.cpuid.clone()),
+            _ => topology(&self.supported, apic_id, vcpus, answers),
         };
         table.map_err(|e| KvmError::CpuidTable(format!("{e:?}")))
     }
@@ -100,11 +100,11 @@ fn topology(
     table: &CpuidTable,
     apic_id: u32,
     vcpus: u32,
-    hypervisor: Hypervisor,
+    answers: CpuidAnswers,
 ) -> Result<CpuId, vmm_sys_util::fam::Error> {
     let mut table = table.clone();
     table.set_topology(apic_id, vcpus);
-    table.set_hypervisor(hypervisor);
+    table.set_answers(answers);
     CpuId::from_entries(table.entries())
 }
 

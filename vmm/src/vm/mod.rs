@@ -26,7 +26,7 @@ pub mod watchdog;
 pub mod worker;
 
 use crate::arch::x86_64::{
-    cpuid::{CpuidTable, Hypervisor},
+    cpuid::{CpuidAnswers, CpuidTable},
     decode, regs,
 };
 use crate::host::{AffinityError, Placement};
@@ -208,12 +208,12 @@ pub struct GuestVm {
 
 impl GuestVm {
     /// Creates the VM, loads `payload` and writes `config` (its result area is set here).
-    /// `hypervisor`: what the guest's CPUID says of it (an evader may hide it).
+    /// `answers`: what the guest's CPUID says where an evader changes it.
     pub fn create(
         kvm: &KvmContext,
         payload: &Payload,
         config: &Config,
-        hypervisor: Hypervisor,
+        answers: CpuidAnswers,
     ) -> Result<Self, VmError> {
         let created = Instant::now();
         let mut config = *config;
@@ -247,7 +247,7 @@ impl GuestVm {
             memory::write_boot_structures(&memory, &config)?;
             Some(counter::CounterVcpu::create(
                 &vm,
-                &kvm.cpuid_for(1, 2, hypervisor)?,
+                &kvm.cpuid_for(1, 2, answers)?,
                 &memory,
             )?)
         } else {
@@ -255,7 +255,7 @@ impl GuestVm {
         };
         let vcpus = if counter.is_some() { 2 } else { 1 };
         let vcpu = vm.create_vcpu(0).map_err(kvm_err("to create a vCPU"))?;
-        vcpu.set_cpuid2(&kvm.cpuid_for(0, vcpus, hypervisor)?)
+        vcpu.set_cpuid2(&kvm.cpuid_for(0, vcpus, answers)?)
             .map_err(kvm_err("the CPUID table (KVM_SET_CPUID2)"))?;
         let mut sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
         regs::setup_long_mode(&mut sregs);
@@ -273,7 +273,7 @@ impl GuestVm {
 
         // The table as KVM holds it now that CR4 is set (runtime bits such as OSXSAVE):
         // emulation must answer exactly what KVM would. The same for every VM built alike.
-        let in_guest = &kvm.cpuid_in_guest[vcpus as usize - 1][usize::from(hypervisor == Hypervisor::Hidden)];
+        let in_guest = &kvm.cpuid_in_guest[vcpus as usize - 1][answers.index()];
         let cpuid = match in_guest.get() {
             Some(table) => table.clone(),
             None => {

@@ -21,16 +21,44 @@ pub const HTT_BIT: u32 = 1 << 28;
 /// The hypervisor leaves' range, where KVM puts its signature (`KVMKVMKVM`) and features.
 pub const HYPERVISOR_LEAVES: std::ops::RangeInclusive<u32> = 0x4000_0000..=0x4000_00ff;
 
-/// What the guest's CPUID says of the hypervisor: as KVM describes itself, or hidden, as
-/// an evader that clears the bit and the signature leaves makes it.
+/// CPUID.80000001H:EDX bit 27, RDTSCP.
+pub const RDTSCP_BIT: u32 = 1 << 27;
+
+/// Whether the guest's CPUID shows a thing as KVM describes it, or hides it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum Hypervisor {
+pub enum Visibility {
     #[default]
     Shown,
-    /// CPUID.1:ECX[31] clear and no entries in 0x40000000-0x400000FF (read there as a
-    /// CPU without a hypervisor reads them).
     Hidden,
+}
+
+/// What an evader makes the guest's CPUID say, on every VM path (KVM's table, and the
+/// VMM's answers read back from it).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CpuidAnswers {
+    /// Hidden: CPUID.1:ECX[31] clear and no entries in 0x40000000-0x400000FF (read there
+    /// as a CPU without a hypervisor reads them).
+    #[serde(default)]
+    pub hypervisor: Visibility,
+    /// Hidden: CPUID.80000001H:EDX[27] clear, as libvirt's `rdtscp` feature disabled
+    /// makes it (SVM's KVM then intercepts RDTSCP to raise #UD: an evader may answer it).
+    #[serde(default)]
+    pub rdtscp: Visibility,
+}
+
+impl CpuidAnswers {
+    /// KVM's own answers.
+    pub const KVM: CpuidAnswers = CpuidAnswers {
+        hypervisor: Visibility::Shown,
+        rdtscp: Visibility::Shown,
+    };
+    /// How many distinct answers there are, and this one's place among them.
+    pub const COUNT: usize = 4;
+    pub fn index(self) -> usize {
+        usize::from(self.hypervisor == Visibility::Hidden) | usize::from(self.rdtscp == Visibility::Hidden) << 1
+    }
 }
 
 impl CpuidTable {
@@ -68,13 +96,17 @@ impl CpuidTable {
     }
 
     /// Makes the table say what `hypervisor` asks of it.
-    pub fn set_hypervisor(&mut self, hypervisor: Hypervisor) {
-        if hypervisor == Hypervisor::Shown {
-            return;
+    pub fn set_answers(&mut self, answers: CpuidAnswers) {
+        if answers.hypervisor == Visibility::Hidden {
+            self.entries.retain(|e| !HYPERVISOR_LEAVES.contains(&e.function));
+            for entry in self.entries.iter_mut().filter(|e| e.function == 1) {
+                entry.ecx &= !HYPERVISOR_BIT;
+            }
         }
-        self.entries.retain(|e| !HYPERVISOR_LEAVES.contains(&e.function));
-        for entry in self.entries.iter_mut().filter(|e| e.function == 1) {
-            entry.ecx &= !HYPERVISOR_BIT;
+        if answers.rdtscp == Visibility::Hidden {
+            for entry in self.entries.iter_mut().filter(|e| e.function == 0x8000_0001) {
+                entry.edx &= !RDTSCP_BIT;
+            }
         }
     }
 
@@ -217,14 +249,42 @@ mod tests {
             entry(0x4000_0001, 0, false, [1, 0, 0, 0]),
         ]);
         let shown = table.clone();
-        table.set_hypervisor(Hypervisor::Shown);
+        table.set_answers(CpuidAnswers::KVM);
         assert_eq!(table.lookup(1, 0), shown.lookup(1, 0));
-        table.set_hypervisor(Hypervisor::Hidden);
+        table.set_answers(CpuidAnswers {
+            hypervisor: Visibility::Hidden,
+            ..CpuidAnswers::KVM
+        });
         assert_eq!(table.lookup(1, 0), [0x806f8, 0, 1, 0], "only the bit goes");
         assert_eq!(table.lookup(0, 0), shown.lookup(0, 0));
         // Intel semantics: an absent class reads as the highest basic leaf, 0xd here.
         assert_eq!(table.lookup(0x4000_0000, 0), [7, 0, 0, 0]);
         assert_eq!(table.entries().len(), 3);
+    }
+
+    #[test]
+    fn a_hidden_rdtscp_clears_its_bit_alone() {
+        let mut table = CpuidTable::new(vec![
+            entry(0x8000_0000, 0, false, [0x8000_0001, 0, 0, 0]),
+            entry(0x8000_0001, 0, false, [0, 0, 0x21, RDTSCP_BIT | 0x2000_0800]),
+        ]);
+        table.set_answers(CpuidAnswers {
+            rdtscp: Visibility::Hidden,
+            ..CpuidAnswers::KVM
+        });
+        assert_eq!(table.lookup(0x8000_0001, 0), [0, 0, 0x21, 0x2000_0800]);
+        let indices: std::collections::HashSet<usize> = [Visibility::Shown, Visibility::Hidden]
+            .into_iter()
+            .flat_map(|h| {
+                [Visibility::Shown, Visibility::Hidden].map(|r| CpuidAnswers {
+                    hypervisor: h,
+                    rdtscp: r,
+                })
+            })
+            .map(CpuidAnswers::index)
+            .collect();
+        assert_eq!(indices.len(), CpuidAnswers::COUNT);
+        assert!(indices.iter().all(|&i| i < CpuidAnswers::COUNT));
     }
 }
 
