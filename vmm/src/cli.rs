@@ -266,8 +266,11 @@ pub struct ReportArgs {
     pub junit: Option<PathBuf>,
 
     /// Fail (exit 1, naming each) unless the requirement holds over the whole validation:
-    /// RULE:tpr>=X or RULE:fpr<=X, e.g. robust:tpr>=0.99. Repeat for more; the matrix's
-    /// `requirements` are judged too.
+    /// RULE:tpr>=X or RULE:fpr<=X, e.g. robust:tpr>=0.99, or on a bound of the rate's exact
+    /// 95% interval: RULE:tpr_lower>=X, RULE:fpr_upper<=X (tpr_upper, fpr_lower too). A
+    /// rate that holds where its interval does not is passed and called unsupported,
+    /// naming the runs it would take. Repeat for more; the matrix's `requirements` are
+    /// judged too.
     #[arg(long, value_name = "RULE:METRIC>=X")]
     pub require: Vec<String>,
 }

@@ -155,6 +155,90 @@ impl<T> Reservoir<T> {
     }
 }
 
+/// A 95% confidence interval of a proportion: exact (Clopper–Pearson), so never narrower
+/// than the runs support — the Wilson interval is shorter and can undercover at the
+/// extremes, where a detector's rates usually are (0 of 10: Wilson's upper bound is 0.28,
+/// the exact one 0.31).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, serde::Deserialize)]
+pub struct Interval {
+    pub lower: f64,
+    pub upper: f64,
+}
+
+impl std::fmt::Display for Interval {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "[{:.2}, {:.2}]", self.lower, self.upper)
+    }
+}
+
+/// Each tail of the 95% interval.
+const TAIL: f64 = 0.025;
+
+/// P(X <= k) for X ~ Binomial(n, p), summed in log space (n up to millions).
+fn binomial_cdf(k: u32, n: u32, p: f64) -> f64 {
+    if p <= 0.0 {
+        return 1.0;
+    }
+    if p >= 1.0 {
+        return if k >= n { 1.0 } else { 0.0 };
+    }
+    let (ln_p, ln_q) = (p.ln(), (1.0 - p).ln());
+    let mut ln_choose = 0.0; // ln C(n, 0)
+    let mut sum = 0.0;
+    for i in 0..=k.min(n) {
+        if i > 0 {
+            ln_choose += f64::from(n - i + 1).ln() - f64::from(i).ln();
+        }
+        sum += (ln_choose + f64::from(i) * ln_p + f64::from(n - i) * ln_q).exp();
+    }
+    sum.min(1.0)
+}
+
+/// The p in (0, 1) where the decreasing `f(p)` crosses `target`, by bisection.
+fn solve_decreasing(f: impl Fn(f64) -> f64, target: f64) -> f64 {
+    let (mut low, mut high) = (0.0_f64, 1.0_f64);
+    for _ in 0..64 {
+        let mid = (low + high) / 2.0;
+        if f(mid) > target {
+            low = mid;
+        } else {
+            high = mid;
+        }
+    }
+    (low + high) / 2.0
+}
+
+/// The exact 95% interval of `successes` in `trials`; `None` without trials.
+pub fn proportion_interval(successes: u32, trials: u32) -> Option<Interval> {
+    if trials == 0 || successes > trials {
+        return None;
+    }
+    let lower = if successes == 0 {
+        0.0
+    } else {
+        solve_decreasing(|p| binomial_cdf(successes - 1, trials, p), 1.0 - TAIL)
+    };
+    let upper = if successes == trials {
+        1.0
+    } else {
+        solve_decreasing(|p| binomial_cdf(successes, trials, p), TAIL)
+    };
+    Some(Interval { lower, upper })
+}
+
+/// How many trials, every one a success, it takes for the interval's lower bound to reach
+/// `rate`: the fewest runs that can support `tpr >= rate` (0.99 takes 368).
+pub fn trials_to_support(rate: f64) -> u64 {
+    if rate <= TAIL {
+        return 1;
+    }
+    if rate >= 1.0 {
+        return u64::MAX;
+    }
+    // All n succeed: the lower bound is TAIL^(1/n).
+    (TAIL.ln() / rate.ln()).ceil() as u64
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -213,5 +297,38 @@ mod tests {
     #[test]
     fn nanoseconds_follow_the_tsc_frequency() {
         assert_eq!(cycles_to_ns(2_000.0, 2_000_000), 1_000.0);
+    }
+
+    #[test]
+    fn exact_intervals_match_known_values() {
+        let none = proportion_interval(0, 10).unwrap();
+        assert_eq!(none.lower, 0.0);
+        assert!((none.upper - 0.3085).abs() < 1e-3, "{none}");
+        let all = proportion_interval(6, 6).unwrap();
+        assert!((all.lower - 0.5407).abs() < 1e-3 && all.upper == 1.0, "{all}");
+        // 8 of 10: R's binom.test gives [0.4439, 0.9748].
+        let eight = proportion_interval(8, 10).unwrap();
+        assert!(
+            (eight.lower - 0.4439).abs() < 1e-3 && (eight.upper - 0.9748).abs() < 1e-3,
+            "{eight}"
+        );
+        // Large n stays finite and tight: 500 of 1000.
+        let half = proportion_interval(500, 1000).unwrap();
+        assert!(
+            (half.lower - 0.4685).abs() < 1e-3 && (half.upper - 0.5315).abs() < 1e-3,
+            "{half}"
+        );
+        assert_eq!(proportion_interval(0, 0), None);
+        assert_eq!(proportion_interval(3, 2), None);
+    }
+
+    #[test]
+    fn trials_to_support_a_rate_are_where_the_lower_bound_reaches_it() {
+        let n = trials_to_support(0.99);
+        assert_eq!(n, 368);
+        let n32 = u32::try_from(n).unwrap();
+        assert!(proportion_interval(n32, n32).unwrap().lower >= 0.99);
+        assert!(proportion_interval(n32 - 1, n32 - 1).unwrap().lower < 0.99);
+        assert_eq!(trials_to_support(0.0), 1);
     }
 }

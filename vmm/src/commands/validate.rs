@@ -82,6 +82,14 @@ impl Outputs {
                 cells: cells.into_iter().collect::<Vec<_>>().join("; "),
             });
         }
+        for r in report.requirements.iter().filter(|r| r.met) {
+            if let Some(caveat) = &r.unsupported {
+                crate::console::say(&format!(
+                    "vmm: warning: the requirement {} holds on the point estimate only: {caveat}\n",
+                    r.requirement
+                ));
+            }
+        }
         let unmet = report.unmet_requirements();
         if !unmet.is_empty() {
             return Err(CommandError::RequirementsUnmet(

@@ -2,6 +2,7 @@
 //! what the reports show. Below every other part of the validation.
 
 use crate::detector::Verdict;
+use crate::stats::{proportion_interval, Interval};
 use serde::{Deserialize, Serialize};
 
 /// Counts of one rule's verdicts.
@@ -41,6 +42,11 @@ pub struct Confusion {
     pub tpr: Option<f64>,
     /// FP / native runs; `None` without native runs (as on a host that is itself a VM).
     pub fpr: Option<f64>,
+    /// Their exact 95% intervals (`stats::proportion_interval`): what the runs support.
+    #[serde(default)]
+    pub tpr_interval: Option<Interval>,
+    #[serde(default)]
+    pub fpr_interval: Option<Interval>,
 }
 
 impl Confusion {
@@ -61,6 +67,8 @@ impl Confusion {
         let negatives = self.false_positive + self.true_negative + self.unsure_on_native;
         self.tpr = (positives > 0).then(|| f64::from(self.true_positive) / f64::from(positives));
         self.fpr = (negatives > 0).then(|| f64::from(self.false_positive) / f64::from(negatives));
+        self.tpr_interval = proportion_interval(self.true_positive, positives);
+        self.fpr_interval = proportion_interval(self.false_positive, negatives);
     }
 }
 
@@ -93,6 +101,12 @@ mod tests {
         );
         assert_eq!(c.tpr, Some(0.8));
         assert_eq!(c.fpr, Some(0.25));
+        let tpr = c.tpr_interval.unwrap();
+        assert!(
+            (tpr.lower - 0.4439).abs() < 1e-3 && (tpr.upper - 0.9748).abs() < 1e-3,
+            "{tpr}"
+        );
+        assert!(c.fpr_interval.unwrap().upper > 0.8, "1 of 4 supports little");
         let mut only_virtual = Confusion::default();
         only_virtual.add(
             Verdict::Virtual,
@@ -102,6 +116,6 @@ mod tests {
                 unsure: 0,
             },
         );
-        assert_eq!(only_virtual.fpr, None);
+        assert_eq!((only_virtual.fpr, only_virtual.fpr_interval), (None, None));
     }
 }

@@ -7,6 +7,7 @@ use super::matrix::Shard;
 use super::report::{CellResult, ValidationReport};
 use crate::detector::{rule_columns, Verdict};
 use crate::escape::{markdown as md, terminal as t};
+use crate::stats::Interval;
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
@@ -26,7 +27,8 @@ fn shard_list(shards: &[Shard]) -> String {
     shards.iter().map(Shard::to_string).collect::<Vec<_>>().join(", ")
 }
 
-/// TP, FN, FP, TN, unsure on virtual, unsure on native, TPR, FPR: one rule's row.
+/// TP, FN, FP, TN, unsure on virtual, unsure on native, TPR, FPR: one rule's row, each
+/// rate with its exact 95% interval.
 fn confusion_row(c: &Confusion) -> [String; 8] {
     [
         c.true_positive.to_string(),
@@ -35,13 +37,33 @@ fn confusion_row(c: &Confusion) -> [String; 8] {
         c.true_negative.to_string(),
         c.unsure_on_virtual.to_string(),
         c.unsure_on_native.to_string(),
-        rate(c.tpr),
-        rate(c.fpr),
+        rate(c.tpr, c.tpr_interval),
+        rate(c.fpr, c.fpr_interval),
     ]
 }
 
-fn rate(rate: Option<f64>) -> String {
-    rate.map_or("—".into(), |r| format!("{:.2}", r))
+/// `0.80 [0.44, 0.97]`: a rate and its interval.
+fn rate(rate: Option<f64>, interval: Option<Interval>) -> String {
+    match (rate, interval) {
+        (Some(r), Some(i)) => format!("{r:.2} {i}"),
+        (Some(r), None) => format!("{r:.2}"),
+        (None, _) => "—".into(),
+    }
+}
+
+/// `0.80 .44-.97`: the same, narrow enough for a column per rule.
+fn short_rate(rate: f64, interval: Option<Interval>) -> String {
+    let bound = |x: f64| {
+        let text = format!("{x:.2}");
+        match text.strip_prefix('0') {
+            Some(rest) => rest.to_owned(),
+            None => "1".to_owned(),
+        }
+    };
+    match interval {
+        Some(i) => format!("{rate:.2} {}-{}", bound(i.lower), bound(i.upper)),
+        None => format!("{rate:.2}"),
+    }
 }
 
 /// The rules present, in report order.
@@ -98,15 +120,15 @@ fn coverage_lines(report: &ValidationReport) -> Vec<String> {
 fn confusion_table(out: &mut String, confusion: &BTreeMap<String, Confusion>) -> std::fmt::Result {
     writeln!(
         out,
-        "{:<19} {:>5} {:>5} {:>5} {:>5} {:>8} {:>8} {:>6} {:>6}",
-        "rule", "TP", "FN", "FP", "TN", "unsure+", "unsure-", "TPR", "FPR"
+        "{:<19} {:>5} {:>5} {:>5} {:>5} {:>8} {:>8} {:>17} {:>17}",
+        "rule", "TP", "FN", "FP", "TN", "unsure+", "unsure-", "TPR [95%, exact]", "FPR [95%, exact]"
     )?;
     for (rule, c) in confusion {
         let [tp, fn_, fp, tn, unsure_v, unsure_n, tpr, fpr] = confusion_row(c);
         let rule = t(rule);
         writeln!(
             out,
-            "{rule:<19} {tp:>5} {fn_:>5} {fp:>5} {tn:>5} {unsure_v:>8} {unsure_n:>8} {tpr:>6} {fpr:>6}"
+            "{rule:<19} {tp:>5} {fn_:>5} {fp:>5} {tn:>5} {unsure_v:>8} {unsure_n:>8} {tpr:>17} {fpr:>17}"
         )?;
     }
     Ok(())
@@ -152,7 +174,10 @@ fn write_table(out: &mut String, report: &ValidationReport) -> std::fmt::Result 
         }
     }
     let columns = columns(report);
-    writeln!(out, "\nshare of runs flagged virtual, per cell (truth in brackets):")?;
+    writeln!(
+        out,
+        "\nshare of runs flagged virtual, per cell (truth in brackets), and its exact 95% interval:"
+    )?;
     let label_of = |cell: &CellResult| {
         let evasion = match cell.evasion.as_str() {
             "none" => String::new(),
@@ -175,7 +200,7 @@ fn write_table(out: &mut String, report: &ValidationReport) -> std::fmt::Result 
         .max(66);
     write!(out, "{:<width$}", "cell")?;
     for rule in &columns {
-        write!(out, " {:>9}", heading(rule))?;
+        write!(out, " {:>13}", heading(rule))?;
     }
     writeln!(out)?;
     for cell in &report.cells {
@@ -185,8 +210,8 @@ fn write_table(out: &mut String, report: &ValidationReport) -> std::fmt::Result 
                 writeln!(out, " refused: {}", t(headline(why)))?;
             }
             None => {
-                for cell_rate in flagged_rates(cell, &columns) {
-                    write!(out, " {cell_rate:>9}")?;
+                for cell_rate in flagged_rates(cell, &columns, short_rate) {
+                    write!(out, " {cell_rate:>13}")?;
                 }
                 writeln!(out)?;
             }
@@ -223,12 +248,17 @@ fn write_table(out: &mut String, report: &ValidationReport) -> std::fmt::Result 
     Ok(())
 }
 
-/// Each rule's share of the cell's runs flagged virtual, in `columns` order.
-fn flagged_rates<'a>(cell: &'a CellResult, columns: &'a [&'static str]) -> impl Iterator<Item = String> + 'a {
-    columns.iter().map(|rule| {
+/// Each rule's share of the cell's runs flagged virtual and its interval, in `columns`
+/// order, as `show` writes them.
+fn flagged_rates<'a>(
+    cell: &'a CellResult,
+    columns: &'a [&'static str],
+    show: fn(f64, Option<Interval>) -> String,
+) -> impl Iterator<Item = String> + 'a {
+    columns.iter().map(move |rule| {
         cell.rules
             .get(*rule)
-            .map_or("—".into(), |r| format!("{:.2}", r.flagged_rate))
+            .map_or("—".into(), |r| show(r.flagged_rate, r.flagged_interval))
     })
 }
 
@@ -246,7 +276,7 @@ fn heading(rule: &str) -> &str {
 }
 
 fn markdown_confusion(out: &mut String, confusion: &BTreeMap<String, Confusion>) -> std::fmt::Result {
-    writeln!(out, "| rule | TP | FN | FP | TN | unsure (virtual) | unsure (native) | TPR | FPR |\n|---|---|---|---|---|---|---|---|---|")?;
+    writeln!(out, "| rule | TP | FN | FP | TN | unsure (virtual) | unsure (native) | TPR [95% exact] | FPR [95% exact] |\n|---|---|---|---|---|---|---|---|---|")?;
     for (rule, c) in confusion {
         writeln!(out, "| {} | {} |", md(rule), confusion_row(c).join(" | "))?;
     }
@@ -321,7 +351,7 @@ fn write_markdown(out: &mut String, report: &ValidationReport) -> std::fmt::Resu
     let columns = columns(report);
     write!(
         out,
-        "\n## Share of runs flagged virtual, per cell\n\n| mode | shaping | busy | truth |"
+        "\n## Share of runs flagged virtual, per cell\n\nEach with its exact (Clopper–Pearson) 95% interval over the cell's runs.\n\n| mode | shaping | busy | truth |"
     )?;
     for rule in &columns {
         write!(out, " {} |", md(rule))?;
@@ -348,7 +378,7 @@ fn write_markdown(out: &mut String, report: &ValidationReport) -> std::fmt::Resu
                 }
             }
             None => {
-                for cell_rate in flagged_rates(cell, &columns) {
+                for cell_rate in flagged_rates(cell, &columns, |r, i| rate(Some(r), i)) {
                     write!(out, " {cell_rate} |")?;
                 }
             }
@@ -465,12 +495,25 @@ fn write_junit(report: &ValidationReport) -> Result<String, std::fmt::Error> {
                 Verdict::Native => counts.native,
                 _ => counts.virtual_,
             };
+            let flagged = format!(
+                "flagged virtual in {} of {} runs: {}",
+                counts.virtual_,
+                counts.total(),
+                rate(Some(result.flagged_rate), result.flagged_interval)
+            );
             if right == counts.total() {
-                case(&class, rule, None)?;
+                case(
+                    &class,
+                    rule,
+                    Some(format!(
+                        "<system-out>{} (exact 95% interval)</system-out>",
+                        escape(&flagged)
+                    )),
+                )?;
             } else {
                 failures += 1;
                 let message = format!(
-                    "{right} of {} runs judged {} (truth): {} virtual, {} native, {} unsure",
+                    "{right} of {} runs judged {} (truth): {} virtual, {} native, {} unsure; {flagged}",
                     counts.total(),
                     cell.truth.name(),
                     counts.virtual_,
@@ -508,7 +551,13 @@ fn write_junit(report: &ValidationReport) -> Result<String, std::fmt::Error> {
     for result in &report.requirements {
         tests += 1;
         if result.met {
-            case("requirements", &result.requirement, None)?;
+            let caveat = result.unsupported.as_ref().map(|caveat| {
+                format!(
+                    "<system-out>holds on the point estimate only: {}</system-out>",
+                    escape(caveat)
+                )
+            });
+            case("requirements", &result.requirement, caveat)?;
         } else {
             failures += 1;
             case(

@@ -19,6 +19,9 @@ pub struct CellRule {
     pub counts: VerdictCounts,
     /// Share of runs flagged virtual: the TPR for a virtual cell, the FPR for a native one.
     pub flagged_rate: f64,
+    /// Its exact 95% interval over the cell's runs.
+    #[serde(default)]
+    pub flagged_interval: Option<crate::stats::Interval>,
     pub score_min: f64,
     pub score_median: f64,
     pub score_max: f64,
@@ -207,6 +210,7 @@ impl ValidationReport {
                     met: false,
                     actual: None,
                     why: format!("`{text}` cannot be judged: {why}"),
+                    unsupported: None,
                 }),
             }
         }
@@ -355,6 +359,7 @@ fn cell_result(spec: &CellSpec, truth: Verdict, runs: &[&RunRecord], failed_runs
             let cell_rule = CellRule {
                 counts,
                 flagged_rate: f64::from(counts.virtual_) / f64::from(counts.total().max(1)),
+                flagged_interval: crate::stats::proportion_interval(counts.virtual_, counts.total()),
                 score_min: at(0),
                 score_median: at(scores.len().saturating_sub(1) / 2),
                 score_max: at(scores.len().saturating_sub(1)),

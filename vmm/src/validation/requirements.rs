@@ -1,5 +1,7 @@
-//! Requirements on the confusion matrices (`RULE:tpr>=X`, `RULE:fpr<=X`): parsed from the
-//! matrix's `requirements` or the command line, and judged. Messages name no flag: the
+//! Requirements on the confusion matrices (`RULE:tpr>=X`, `RULE:fpr<=X`, and on the
+//! bounds of their 95% intervals, `RULE:tpr_lower>=X`, `RULE:fpr_upper<=X`): parsed from
+//! the matrix's `requirements` or the command line, and judged. A requirement on a rate
+//! that holds on the point estimate but not on the interval says it is unsupported. Messages name no flag: the
 //! same text comes from a matrix file or a command line, and the caller says which.
 
 use super::confusion::Confusion;
@@ -22,6 +24,51 @@ pub enum Metric {
     Tpr,
     /// False positives over native runs.
     Fpr,
+    /// The bounds of their exact 95% intervals.
+    TprLower,
+    TprUpper,
+    FprLower,
+    FprUpper,
+}
+
+impl Metric {
+    /// Each metric by its spelling.
+    const ALL: [(&'static str, Metric); 6] = [
+        ("tpr_lower", Metric::TprLower),
+        ("tpr_upper", Metric::TprUpper),
+        ("fpr_lower", Metric::FprLower),
+        ("fpr_upper", Metric::FprUpper),
+        ("tpr", Metric::Tpr),
+        ("fpr", Metric::Fpr),
+    ];
+
+    fn of_tpr(self) -> bool {
+        matches!(self, Metric::Tpr | Metric::TprLower | Metric::TprUpper)
+    }
+
+    /// How a message names it.
+    fn label(self) -> &'static str {
+        match self {
+            Metric::Tpr => "TPR",
+            Metric::Fpr => "FPR",
+            Metric::TprLower => "TPR's 95% lower bound",
+            Metric::TprUpper => "TPR's 95% upper bound",
+            Metric::FprLower => "FPR's 95% lower bound",
+            Metric::FprUpper => "FPR's 95% upper bound",
+        }
+    }
+
+    /// Its figure in `c`.
+    fn of(self, c: &Confusion) -> Option<f64> {
+        match self {
+            Metric::Tpr => c.tpr,
+            Metric::Fpr => c.fpr,
+            Metric::TprLower => c.tpr_interval.map(|i| i.lower),
+            Metric::TprUpper => c.tpr_interval.map(|i| i.upper),
+            Metric::FprLower => c.fpr_interval.map(|i| i.lower),
+            Metric::FprUpper => c.fpr_interval.map(|i| i.upper),
+        }
+    }
 }
 
 /// Why a requirement's text is not one; it names no flag or file: the caller does.
@@ -42,7 +89,7 @@ pub enum RequirementError {
 }
 
 /// How a requirement is written, for the messages.
-const FORM: &str = "write RULE:tpr>=X or RULE:fpr<=X, e.g. robust:tpr>=0.99";
+const FORM: &str = "write RULE:METRIC>=X or <=X, METRIC one of tpr, fpr, tpr_lower, tpr_upper, fpr_lower, fpr_upper (the bounds of the 95% interval), e.g. robust:tpr_lower>=0.95";
 
 impl std::str::FromStr for Requirement {
     type Err = RequirementError;
@@ -57,11 +104,9 @@ impl std::str::FromStr for Requirement {
                 known: names.join(", "),
             });
         }
-        let (metric, rest) = if let Some(rest) = condition.strip_prefix("tpr") {
-            (Metric::Tpr, rest)
-        } else if let Some(rest) = condition.strip_prefix("fpr") {
-            (Metric::Fpr, rest)
-        } else {
+        let name_ends = condition.find(['>', '<', '=']).unwrap_or(condition.len());
+        let (name, rest) = condition.split_at(name_ends);
+        let Some(&(_, metric)) = Metric::ALL.iter().find(|(spelt, _)| *spelt == name.trim()) else {
             return Err(RequirementError::UnknownMetric {
                 condition: condition.to_owned(),
             });
@@ -107,6 +152,10 @@ pub struct RequirementResult {
     /// The figure it was judged on; absent when there was none to judge.
     pub actual: Option<f64>,
     pub why: String,
+    /// A requirement on a rate met by the point estimate, where the 95% interval does not
+    /// support it (too few runs): why, and how many runs would.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unsupported: Option<String>,
 }
 
 /// Judges each requirement on the report's confusion matrices. A rate that cannot be
@@ -123,15 +172,10 @@ pub fn judge(
     requirements
         .iter()
         .map(|req| {
-            let metric_name = match req.metric {
-                Metric::Tpr => "TPR",
-                Metric::Fpr => "FPR",
-            };
-            let actual = confusion.get(&req.rule).and_then(|c| match req.metric {
-                Metric::Tpr => c.tpr,
-                Metric::Fpr => c.fpr,
-            });
-            let truth = if req.metric == Metric::Tpr {
+            let metric_name = req.metric.label();
+            let judged = confusion.get(&req.rule);
+            let actual = judged.and_then(|c| req.metric.of(c));
+            let truth = if req.metric.of_tpr() {
                 "virtual"
             } else {
                 "native (bare-metal)"
@@ -167,14 +211,58 @@ pub fn judge(
                     )
                 }
             };
+            let unsupported = if met { judged.and_then(|c| unsupported(req, c)) } else { None };
             RequirementResult {
                 requirement: req.to_string(),
                 met,
                 actual,
-                why,
+                why: match &unsupported {
+                    Some(caveat) => format!("{why}; UNSUPPORTED: {caveat}"),
+                    None => why,
+                },
+                unsupported,
             }
         })
         .collect()
+}
+
+/// Where a requirement on a rate's point estimate holds and its 95% interval crosses the
+/// line: why the runs do not support it, and how many runs flagged alike would.
+fn unsupported(req: &Requirement, c: &Confusion) -> Option<String> {
+    let (interval, runs) = match req.metric {
+        Metric::Tpr => (
+            c.tpr_interval?,
+            c.true_positive + c.false_negative + c.unsure_on_virtual,
+        ),
+        Metric::Fpr => (c.fpr_interval?, c.false_positive + c.true_negative + c.unsure_on_native),
+        _ => return None,
+    };
+    let (bound, crosses, needed) = if req.at_least {
+        (
+            interval.lower,
+            interval.lower < req.value,
+            crate::stats::trials_to_support(req.value),
+        )
+    } else {
+        (
+            interval.upper,
+            interval.upper > req.value,
+            crate::stats::trials_to_support(1.0 - req.value),
+        )
+    };
+    crosses.then(|| {
+        format!(
+            "{runs} runs give a 95% interval of {interval} (exact), whose {} bound {bound:.4} is past {}; \
+             it takes at least {needed} runs, all {} alike, to support it",
+            if req.at_least { "lower" } else { "upper" },
+            req.value,
+            if req.metric == Metric::Tpr {
+                "flagged"
+            } else {
+                "unflagged"
+            }
+        )
+    })
 }
 
 #[cfg(test)]
@@ -284,5 +372,76 @@ mod tests {
         assert!(sliced[0].why.contains("met vacuously"), "{}", sliced[0].why);
         let whole = judge(&reqs, &confusion, false);
         assert!(!whole[0].met);
+    }
+
+    /// The issue's own case: 6 runs, all flagged, "tpr>=0.99" holds on the point estimate
+    /// and is called unsupported, naming the interval and the runs it would take; a
+    /// requirement on the interval's bound fails on the same runs.
+    #[test]
+    fn a_rate_too_few_runs_support_is_called_unsupported_and_bounds_can_be_required() {
+        let mut confusion = std::collections::BTreeMap::new();
+        let mut robust = Confusion::default();
+        robust.add(
+            Verdict::Virtual,
+            super::super::confusion::VerdictCounts {
+                virtual_: 6,
+                native: 0,
+                unsure: 0,
+            },
+        );
+        robust.add(
+            Verdict::Native,
+            super::super::confusion::VerdictCounts {
+                virtual_: 0,
+                native: 20,
+                unsure: 0,
+            },
+        );
+        confusion.insert("robust".to_owned(), robust);
+        let reqs: Vec<Requirement> = [
+            "robust:tpr>=0.99",
+            "robust:tpr_lower>=0.99",
+            "robust:tpr_lower>=0.5",
+            "robust:fpr<=0.01",
+            "robust:fpr_upper<=0.2",
+            "robust:tpr>=0.5",
+        ]
+        .iter()
+        .map(|r| r.parse().unwrap())
+        .collect();
+        let results = judge(&reqs, &confusion, false);
+        let unsupported = results[0].unsupported.as_deref().unwrap();
+        assert!(
+            results[0].met && results[0].why.contains("UNSUPPORTED"),
+            "{:?}",
+            results[0]
+        );
+        assert!(
+            unsupported.contains("6 runs") && unsupported.contains("[0.54, 1.00]") && unsupported.contains("368 runs"),
+            "{unsupported}"
+        );
+        assert!(!results[1].met, "the lower bound, 0.54, is required: {:?}", results[1]);
+        assert!(
+            results[1].why.contains("TPR's 95% lower bound 0.5407 fails"),
+            "{}",
+            results[1].why
+        );
+        assert!(results[2].met && results[2].unsupported.is_none());
+        // 0 of 20 natives flagged: FPR 0, but its upper bound is 0.17 > 0.01.
+        assert!(
+            results[3].met
+                && results[3]
+                    .unsupported
+                    .as_deref()
+                    .unwrap()
+                    .contains("upper bound 0.1684")
+        );
+        assert!(results[4].met, "{:?}", results[4]);
+        assert!(results[5].met && results[5].unsupported.is_none(), "{:?}", results[5]);
+        let error = "robust:tpr_middle>=0.5".parse::<Requirement>().unwrap_err().to_string();
+        assert!(
+            error.contains("unknown metric") && error.contains("tpr_lower"),
+            "{error}"
+        );
     }
 }
