@@ -488,3 +488,58 @@ fn validate_stages_evasions_and_reports_which_each_rule_sees_through() {
         assert!(timer(plain) >= timer(paused), "{race}");
     }
 }
+
+/// Each cell's CPUID distribution (p50/p95/p99 pooled over its runs) and its
+/// Kolmogorov–Smirnov distance to the native reference: 0 for the native cell itself, 1
+/// for a clock that reads 0 throughout (BetterTiming's, every exit tagged), in the JSON and
+/// the Markdown.
+#[test]
+fn validate_reports_each_cells_distribution_and_its_distance_to_native() {
+    let Some(_vm) = vm_test() else { return };
+    let dir = Scratch::new("distribution");
+    let config = dir.path("matrix.json");
+    std::fs::write(
+        &config,
+        r#"{"description": "distance", "repeats": 2, "iterations": 200, "warmup": 10,
+            "modes": ["native", "hw-assist"], "evasions": ["none", "bettertiming"]}"#,
+    )
+    .unwrap();
+    let json = dir.path("report.json");
+    let markdown = dir.path("report.md");
+    let output = validate(&["--config", &config, "-o", &json, "--markdown", &markdown]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let report = read(&json);
+    let cell = |mode: &str, evasion: &str| {
+        report["cells"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["mode"] == mode && c["evasion"] == evasion)
+            .unwrap_or_else(|| panic!("no {mode} {evasion} cell in {}", report["cells"]))
+            .clone()
+    };
+    let native = &cell("native", "none")["cpuid_distribution"];
+    assert_eq!(native["ks_to_native"], 0.0, "{native}");
+    let (p50, p95, p99) = (
+        native["p50"].as_i64().unwrap(),
+        native["p95"].as_i64().unwrap(),
+        native["p99"].as_i64().unwrap(),
+    );
+    assert!(0 < p50 && p50 <= p95 && p95 <= p99, "{native}");
+    let frozen = &cell("hw-assist", "bettertiming")["cpuid_distribution"];
+    assert_eq!(
+        (frozen["p99"].as_i64(), frozen["ks_to_native"].as_f64()),
+        (Some(0), Some(1.0)),
+        "{frozen}"
+    );
+    let vm = cell("hw-assist", "none")["cpuid_distribution"]["ks_to_native"]
+        .as_f64()
+        .unwrap();
+    assert!((0.0..=1.0).contains(&vm), "{vm}");
+    let text = std::fs::read_to_string(&markdown).unwrap();
+    assert!(text.contains("## CPUID per cell, against native"), "{text}");
+    assert!(
+        text.contains("| hw-assist | none | bettertiming | 0 | virtual | 0 | 0 | 0 | 1.000 |"),
+        "{text}"
+    );
+}

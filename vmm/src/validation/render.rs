@@ -217,6 +217,7 @@ fn write_table(out: &mut String, report: &ValidationReport) -> std::fmt::Result 
             }
         }
     }
+    distribution_table(out, report, &label_of, width)?;
     arms_race_table(out, report, &columns)?;
     for failure in &inputs.failures {
         let Some(cell) = inputs.matrix_cells.get(failure.cell) else {
@@ -244,6 +245,41 @@ fn write_table(out: &mut String, report: &ValidationReport) -> std::fmt::Result 
                 t(&r.why)
             )?;
         }
+    }
+    Ok(())
+}
+
+/// Each cell's CPUID distribution: what an evasion author judges a hide by.
+fn distribution_table(
+    out: &mut String,
+    report: &ValidationReport,
+    label_of: &dyn Fn(&CellResult) -> String,
+    width: usize,
+) -> std::fmt::Result {
+    if report.cells.iter().all(|c| c.cpuid_distribution.is_none()) {
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "\nCPUID cycles per cell (pooled over its runs), and the Kolmogorov–Smirnov distance to native \
+         (every native run, unshaped, idle; 0 alike, 1 apart):"
+    )?;
+    writeln!(
+        out,
+        "{:<width$} {:>10} {:>10} {:>10} {:>8}",
+        "cell", "p50", "p95", "p99", "KS"
+    )?;
+    for cell in &report.cells {
+        let Some(d) = &cell.cpuid_distribution else { continue };
+        let ks = d.ks_to_native.map_or("—".to_owned(), |ks| format!("{ks:.3}"));
+        writeln!(
+            out,
+            "{:<width$} {:>10} {:>10} {:>10} {ks:>8}",
+            label_of(cell),
+            d.p50,
+            d.p95,
+            d.p99
+        )?;
     }
     Ok(())
 }
@@ -384,6 +420,33 @@ fn write_markdown(out: &mut String, report: &ValidationReport) -> std::fmt::Resu
             }
         }
         writeln!(out)?;
+    }
+    markdown_distributions(out, report)
+}
+
+fn markdown_distributions(out: &mut String, report: &ValidationReport) -> std::fmt::Result {
+    if report.cells.iter().all(|c| c.cpuid_distribution.is_none()) {
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "\n## CPUID per cell, against native\n\nCycles pooled over the cell's runs (each run's sketch of 200 order statistics weighing the same), and the two-sample Kolmogorov–Smirnov distance to the native reference (every native run, unshaped, unevaded, idle): 0 alike, 1 no overlap.\n\n| mode | shaping | evasion | busy | truth | p50 | p95 | p99 | KS to native |\n|---|---|---|---|---|---|---|---|---|"
+    )?;
+    for cell in &report.cells {
+        let Some(d) = &cell.cpuid_distribution else { continue };
+        writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            md(&cell.mode),
+            md(&cell.shaping),
+            md(&cell.evasion),
+            cell.busy,
+            cell.truth.name(),
+            d.p50,
+            d.p95,
+            d.p99,
+            d.ks_to_native.map_or("—".to_owned(), |ks| format!("{ks:.3}"))
+        )?;
     }
     Ok(())
 }

@@ -47,6 +47,33 @@ pub struct CellResult {
     /// Median of the runs' CPUID and NOP medians.
     pub cpuid_median: Option<Cycles>,
     pub nop_median: Option<Cycles>,
+    /// The CPUID probe's distribution over the cell's runs, and its distance to native.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpuid_distribution: Option<Distribution>,
+}
+
+/// A probe's samples pooled over a cell's runs (from each run's sketch, every run weighing
+/// the same): the percentiles an evasion author accepts a hide by, and how far the whole
+/// distribution is from the native reference.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Distribution {
+    pub p50: Cycles,
+    pub p95: Cycles,
+    pub p99: Cycles,
+    /// Two-sample Kolmogorov–Smirnov distance to the native reference (every native run of
+    /// the report, unshaped, unevaded, busy 0): 0 alike, 1 no overlap; absent without one.
+    pub ks_to_native: Option<f64>,
+}
+
+impl Distribution {
+    fn of(pooled: &crate::stats::Pooled, native: &crate::stats::Pooled) -> Option<Self> {
+        Some(Self {
+            p50: pooled.percentile(50.0)?,
+            p95: pooled.percentile(95.0)?,
+            p99: pooled.percentile(99.0)?,
+            ks_to_native: pooled.ks_distance(native),
+        })
+    }
 }
 
 /// How much of its share of the matrix a host ran.
@@ -287,7 +314,22 @@ fn cell_truth(spec: &CellSpec, host: Option<&HostRecord>) -> Verdict {
     ground_truth(mode, host.is_none_or(|h| h.identity.host_is_vm))
 }
 
+/// The native reference distributions are drawn against: the CPUID sketches of every
+/// native run, unshaped, unevaded and on an idle host.
+fn native_reference(inputs: &ValidationInputs) -> crate::stats::Pooled {
+    let reference =
+        |cell: &CellSpec| cell.mode == "native" && cell.shaping == "none" && cell.evasion == "none" && cell.busy == 0;
+    crate::stats::Pooled::new(
+        inputs
+            .runs
+            .iter()
+            .filter(|run| inputs.matrix_cells.get(run.cell).is_some_and(reference))
+            .map(|run| run.cpuid_sketch.as_slice()),
+    )
+}
+
 fn cell_results(inputs: &ValidationInputs) -> Vec<CellResult> {
+    let native = native_reference(inputs);
     let cells = inputs.matrix_cells.len();
     // Records grouped by cell in one pass each: linear in runs, not cells × runs.
     let mut runs_of_cell: Vec<Vec<&RunRecord>> = vec![Vec::new(); cells];
@@ -331,18 +373,31 @@ fn cell_results(inputs: &ValidationInputs) -> Vec<CellResult> {
                 rules: BTreeMap::new(),
                 cpuid_median: None,
                 nop_median: None,
+                cpuid_distribution: None,
             });
             continue;
         }
         // Failed runs are told once per cell, on its first row.
         for (row, (truth, runs)) in by_truth.into_iter().enumerate() {
-            results.push(cell_result(spec, truth, &runs, if row == 0 { failed_runs } else { 0 }));
+            results.push(cell_result(
+                spec,
+                truth,
+                &runs,
+                if row == 0 { failed_runs } else { 0 },
+                &native,
+            ));
         }
     }
     results
 }
 
-fn cell_result(spec: &CellSpec, truth: Verdict, runs: &[&RunRecord], failed_runs: u32) -> CellResult {
+fn cell_result(
+    spec: &CellSpec,
+    truth: Verdict,
+    runs: &[&RunRecord],
+    failed_runs: u32,
+    native: &crate::stats::Pooled,
+) -> CellResult {
     let mut verdicts: BTreeMap<String, (VerdictCounts, Vec<f64>)> = BTreeMap::new();
     for run in runs {
         for v in &run.verdicts {
@@ -380,6 +435,10 @@ fn cell_result(spec: &CellSpec, truth: Verdict, runs: &[&RunRecord], failed_runs
         rules,
         cpuid_median: median(runs.iter().filter_map(|r| r.cpuid_median).collect()),
         nop_median: median(runs.iter().filter_map(|r| r.nop_median).collect()),
+        cpuid_distribution: Distribution::of(
+            &crate::stats::Pooled::new(runs.iter().map(|r| r.cpuid_sketch.as_slice())),
+            native,
+        ),
     }
 }
 
