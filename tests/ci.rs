@@ -543,3 +543,52 @@ fn validate_reports_each_cells_distribution_and_its_distance_to_native() {
         "{text}"
     );
 }
+
+/// A sweep (`inject-ns:A..B/S`): a cell per value, read back as a detection curve per rule
+/// with an interval at each point and where each rule starts to detect, in the JSON and
+/// the Markdown.
+#[test]
+fn a_sweep_becomes_a_detection_curve_per_rule() {
+    let Some(_vm) = vm_test() else { return };
+    let dir = Scratch::new("sweep");
+    let config = dir.path("matrix.json");
+    std::fs::write(
+        &config,
+        r#"{"description": "sweep", "repeats": 2, "iterations": 50, "warmup": 5,
+            "modes": ["paravirt"], "shaping": ["inject-ns:2000..6000/2000"]}"#,
+    )
+    .unwrap();
+    let json = dir.path("report.json");
+    let markdown = dir.path("report.md");
+    let output = validate(&["--config", &config, "-o", &json, "--markdown", &markdown]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let report = read(&json);
+    let sweep = &report["sweeps"][0];
+    assert_eq!(sweep["swept"], "inject-ns", "{sweep}");
+    assert_eq!(sweep["cells"], "paravirt | inject-ns:* | busy 0");
+    assert_eq!(sweep["values"], serde_json::json!([2000, 4000, 6000]));
+    let rules = sweep["rules"].as_object().unwrap();
+    assert!(rules.contains_key("fixed-threshold"), "{sweep}");
+    for (rule, curve) in rules {
+        let points = curve["points"].as_array().unwrap();
+        assert_eq!(points.len(), 3, "{rule}");
+        for point in points {
+            assert_eq!(point["runs"], 2, "{rule}: {point}");
+            let (rate, lower, upper) = (
+                point["rate"].as_f64().unwrap(),
+                point["interval"]["lower"].as_f64().unwrap(),
+                point["interval"]["upper"].as_f64().unwrap(),
+            );
+            assert!(lower <= rate && rate <= upper, "{rule}: {point}");
+        }
+        // Where it is flagged at every point, it detects from the first.
+        if points.iter().all(|p| p["rate"] == 1.0) {
+            assert_eq!(curve["half"]["at"], 2000, "{rule}: {curve}");
+        }
+    }
+    let text = std::fs::read_to_string(&markdown).unwrap();
+    assert!(
+        text.contains(r"## Sweep of inject-ns on paravirt \| inject-ns:\* \| busy 0 (virtual)"),
+        "{text}"
+    );
+}

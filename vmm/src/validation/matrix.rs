@@ -27,6 +27,7 @@ pub struct MatrixConfig {
     pub modes: Vec<String>,
     /// `none`, `inject-ns:N`, `inject-cycles:N`, `virtual-inject-cycles:N`, `hide`,
     /// `hide:C`, `profile:NAME`. Shaping applies to trap-emulate and paravirt cells only.
+    /// `KIND:A..B/S` sweeps the value from A to B in steps of S, a cell each.
     #[serde(default = "default_shaping")]
     pub shaping: Vec<String>,
     /// Host threads burning CPU, one cell per value.
@@ -37,7 +38,8 @@ pub struct MatrixConfig {
     pub vcpus: u8,
     /// Evasions, one cell per value: `none`, or evasions joined with `+`
     /// (`pause-counter`, `shared-offset`, `tsc-khz:N`; `vmm run --evade`). Like shaping,
-    /// only for trap-emulate and paravirt cells.
+    /// only for trap-emulate and paravirt cells. `NAME:A..B/S` sweeps an evader's
+    /// argument (`rdtsc-kvm-handler:1..32/1`).
     #[serde(default = "default_evasions")]
     pub evasions: Vec<String>,
     /// What the validation must show to pass, as `RULE:METRIC OP VALUE` (e.g.
@@ -92,6 +94,40 @@ impl Cell {
             ground_truth(self.path.mode(), host_is_vm)
         }
     }
+}
+
+/// Values one sweep may take, at most.
+pub const MAX_SWEEP_POINTS: u64 = 1_000;
+
+/// `NAME:A..B/S` as `NAME:A`, `NAME:A+S`, … up to B; any other text as it is.
+pub fn expand_sweep(text: &str) -> Result<Vec<String>, String> {
+    let Some((name, range)) = text.split_once(':') else {
+        return Ok(vec![text.to_owned()]);
+    };
+    let Some((from, rest)) = range.split_once("..") else {
+        return Ok(vec![text.to_owned()]);
+    };
+    let form = || format!("`{text}`: a sweep is NAME:FROM..TO/STEP, whole numbers, FROM <= TO, STEP >= 1");
+    let (to, step) = rest.split_once('/').ok_or_else(form)?;
+    let number = |t: &str| t.trim().parse::<u64>().map_err(|_| form());
+    let (from, to, step) = (number(from)?, number(to)?, number(step)?);
+    if from > to || step == 0 {
+        return Err(form());
+    }
+    let points = (to - from) / step + 1;
+    if points > MAX_SWEEP_POINTS {
+        return Err(format!("`{text}` sweeps {points} values, more than {MAX_SWEEP_POINTS}"));
+    }
+    Ok((0..points).map(|i| format!("{name}:{}", from + i * step)).collect())
+}
+
+/// Every value of `list`, sweeps expanded.
+fn expanded(list: &[String]) -> Result<Vec<String>, String> {
+    let mut all = Vec::new();
+    for text in list {
+        all.extend(expand_sweep(text)?);
+    }
+    Ok(all)
 }
 
 fn parse_evasions(text: &str) -> Result<Evasions, crate::shaping::evasion::EvasionError> {
@@ -163,8 +199,9 @@ impl MatrixConfig {
             ));
         }
         check_range("vcpus", u64::from(config.vcpus), 1, 2).map_err(invalid)?;
-        if let Some((text, Err(why))) = config
-            .evasions
+        let shaping = expanded(&config.shaping).map_err(|why| invalid(format!("shaping {why}")))?;
+        let evasions = expanded(&config.evasions).map_err(|why| invalid(format!("evasion {why}")))?;
+        if let Some((text, Err(why))) = evasions
             .iter()
             .map(|e| (e, parse_evasions(e)))
             .find(|(_, e)| e.is_err())
@@ -186,9 +223,9 @@ impl MatrixConfig {
             )));
         }
         let cells = (config.modes.len() as u64)
-            .saturating_mul(config.shaping.len() as u64)
+            .saturating_mul(shaping.len() as u64)
             .saturating_mul(config.busy.len() as u64)
-            .saturating_mul(config.evasions.len() as u64);
+            .saturating_mul(evasions.len() as u64);
         let jobs = cells.saturating_mul(u64::from(config.repeats));
         if jobs > crate::limits::MAX_JOBS {
             return Err(invalid(format!(
@@ -209,23 +246,29 @@ impl MatrixConfig {
     /// exits the VMM handles, evasions only where they act (an RDTSC trap on every VM
     /// path, the others where the VMM handles CPUID).
     pub fn cells(&self, tsc_khz: u32, path: &Path) -> Result<Vec<Cell>, ValidationError> {
+        let invalid = |why: String| ValidationError::Invalid {
+            path: path.to_owned(),
+            why,
+        };
+        let shapings = expanded(&self.shaping).map_err(|why| invalid(format!("shaping {why}")))?;
+        let evasion_texts = expanded(&self.evasions).map_err(|why| invalid(format!("evasion {why}")))?;
         let mut cells = Vec::new();
         for mode_text in &self.modes {
             let cell_path: modes::Path = mode_text.parse().map_err(|why| ValidationError::Invalid {
                 path: path.to_owned(),
                 why,
             })?;
-            for shaping_text in &self.shaping {
+            for shaping_text in &shapings {
                 let shaping = parse_shaping(shaping_text, tsc_khz)?.ok_or_else(|| ValidationError::Invalid {
                     path: path.to_owned(),
-                    why: format!("unknown shaping `{shaping_text}` (none, inject-ns:N, inject-cycles:N, virtual-inject-cycles:N, hide, hide:C, profile:NAME)"),
+                    why: format!("unknown shaping `{shaping_text}` (none, inject-ns:N, inject-cycles:N, virtual-inject-cycles:N, hide, hide:C, profile:NAME; KIND:FROM..TO/STEP sweeps N)"),
                 })?;
                 if shaping != Shaping::None && !cell_path.vmm_handles_cpuid() {
                     continue;
                 }
                 let truth_host = matches!(&shaping, Shaping::Profile { profile, .. }
                     if profile.ground_truth == Some(crate::shaping::profile::GroundTruth::Host));
-                for evasion_text in &self.evasions {
+                for evasion_text in &evasion_texts {
                     let evasions = parse_evasions(evasion_text).map_err(|why| ValidationError::Invalid {
                         path: path.to_owned(),
                         why: format!("evasion `{evasion_text}`: {why}"),
@@ -692,5 +735,42 @@ mod tests {
         assert_eq!(ground_truth(Mode::Native, false), Verdict::Native);
         assert_eq!(ground_truth(Mode::Native, true), Verdict::Virtual);
         assert_eq!(ground_truth(Mode::HwAssist, false), Verdict::Virtual);
+    }
+
+    #[test]
+    fn a_sweep_expands_into_a_cell_per_value_and_a_bad_one_is_refused_by_its_form() {
+        assert_eq!(
+            expand_sweep("inject-ns:100..400/150").unwrap(),
+            ["inject-ns:100", "inject-ns:250", "inject-ns:400"]
+        );
+        assert_eq!(expand_sweep("inject-ns:100").unwrap(), ["inject-ns:100"]);
+        assert!(expand_sweep("profile:a..b").unwrap_err().contains("NAME:FROM..TO/STEP"));
+        for bad in [
+            "inject-ns:5..1/1",
+            "inject-ns:1..5/0",
+            "inject-ns:1..5",
+            "inject-ns:x..5/1",
+        ] {
+            assert!(expand_sweep(bad).unwrap_err().contains("FROM <= TO"), "{bad}");
+        }
+        assert!(expand_sweep("inject-ns:1..100000/1")
+            .unwrap_err()
+            .contains("more than 1000"));
+        let c = config(
+            r#"{"description":"t","repeats":2,"iterations":10,"modes":["paravirt"],"shaping":["none","inject-ns:1000..3000/1000"],"evasions":["none","rdtsc-kvm-handler:10..30/10"]}"#,
+        )
+        .unwrap();
+        let cells = c.cells(2_000_000, std::path::Path::new("t.json")).unwrap();
+        // (none + 3 injections) × (none + 3 dividers).
+        assert_eq!(cells.len(), 16);
+        assert!(cells
+            .iter()
+            .any(|c| c.shaping_label == "inject-ns:2000" && c.evasion_label == "rdtsc-kvm-handler:30"));
+        let error = config(
+            r#"{"description":"t","repeats":1,"iterations":10,"modes":["paravirt"],"shaping":["inject-ns:9..1/1"]}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("shaping `inject-ns:9..1/1`"), "{error}");
     }
 }

@@ -12,6 +12,7 @@
 //! - `matrix`: the config file (its requirements checked), its cells, and the slice of
 //!   jobs a shard runs;
 //! - `records`: what was measured, every run kept as a record;
+//! - `sweep`: cells alike but for one number, read as a detection curve per rule;
 //! - `report`: everything derived from the records, and the requirements judged;
 //! - `render`: the report as a text table, Markdown and JUnit XML;
 //! - `merge`: shard and host reports added up into one.
@@ -23,6 +24,7 @@ pub mod records;
 pub mod render;
 pub mod report;
 pub mod requirements;
+pub mod sweep;
 
 pub use matrix::{ground_truth, Cell, MatrixConfig, Shard};
 pub use report::ValidationReport;

@@ -5,6 +5,7 @@
 use super::confusion::Confusion;
 use super::matrix::Shard;
 use super::report::{CellResult, ValidationReport};
+use super::sweep::Crossing;
 use crate::detector::{rule_columns, Verdict};
 use crate::escape::{markdown as md, terminal as t};
 use crate::stats::Interval;
@@ -218,6 +219,7 @@ fn write_table(out: &mut String, report: &ValidationReport) -> std::fmt::Result 
         }
     }
     distribution_table(out, report, &label_of, width)?;
+    sweep_tables(out, report)?;
     arms_race_table(out, report, &columns)?;
     for failure in &inputs.failures {
         let Some(cell) = inputs.matrix_cells.get(failure.cell) else {
@@ -243,6 +245,62 @@ fn write_table(out: &mut String, report: &ValidationReport) -> std::fmt::Result 
                 if r.met { "met" } else { "UNMET" },
                 t(&r.requirement),
                 t(&r.why)
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// Where a curve crosses a rate, in words.
+fn crossing_text(c: &Crossing, falls: bool) -> String {
+    let word = if falls { "up to" } else { "from" };
+    match (c.at, c.earliest, c.surely) {
+        (Some(at), earliest, surely) => format!(
+            "{word} {at} (the 95% intervals: {word} {} at best, {})",
+            earliest.unwrap_or(at),
+            surely.map_or("surely nowhere in the sweep".to_owned(), |s| format!(
+                "{word} {s} surely"
+            ))
+        ),
+        (None, Some(earliest), _) => format!("not in the sweep (the 95% intervals allow {word} {earliest})"),
+        (None, None, _) => "nowhere in the sweep".to_owned(),
+    }
+}
+
+/// Each sweep: the rules' detection rates against the swept value, and where each starts
+/// (or stops) detecting.
+fn sweep_tables(out: &mut String, report: &ValidationReport) -> std::fmt::Result {
+    for sweep in &report.sweeps {
+        writeln!(
+            out,
+            "\nsweep of {} on {} [{}]: share of runs flagged virtual, and its exact 95% interval:",
+            t(&sweep.swept),
+            t(&sweep.cells),
+            sweep.truth.name()
+        )?;
+        let rules: Vec<&String> = sweep.rules.keys().collect();
+        write!(out, "{:>10}", t(&sweep.swept))?;
+        for rule in &rules {
+            write!(out, " {:>13}", heading(rule))?;
+        }
+        writeln!(out)?;
+        for value in &sweep.values {
+            write!(out, "{value:>10}")?;
+            for rule in &rules {
+                let point = sweep.rules[*rule].points.iter().find(|p| p.value == *value);
+                let text = point.map_or("—".to_owned(), |p| short_rate(p.rate, p.interval));
+                write!(out, " {text:>13}")?;
+            }
+            writeln!(out)?;
+        }
+        for rule in &rules {
+            let curve = &sweep.rules[*rule];
+            writeln!(
+                out,
+                "  {:<19} half the time {}; 95% of the time {}",
+                t(rule),
+                crossing_text(&curve.half, curve.falls),
+                crossing_text(&curve.most, curve.falls)
             )?;
         }
     }
@@ -421,7 +479,54 @@ fn write_markdown(out: &mut String, report: &ValidationReport) -> std::fmt::Resu
         }
         writeln!(out)?;
     }
-    markdown_distributions(out, report)
+    markdown_distributions(out, report)?;
+    markdown_sweeps(out, report)
+}
+
+fn markdown_sweeps(out: &mut String, report: &ValidationReport) -> std::fmt::Result {
+    for sweep in &report.sweeps {
+        writeln!(
+            out,
+            "\n## Sweep of {} on {} ({})\n\nShare of runs flagged virtual at each value, with its exact 95% interval.\n",
+            md(&sweep.swept),
+            md(&sweep.cells),
+            sweep.truth.name()
+        )?;
+        let rules: Vec<&String> = sweep.rules.keys().collect();
+        write!(out, "| {} |", md(&sweep.swept))?;
+        for rule in &rules {
+            write!(out, " {} |", md(rule))?;
+        }
+        write!(out, "\n|---|")?;
+        for _ in &rules {
+            write!(out, "---|")?;
+        }
+        writeln!(out)?;
+        for value in &sweep.values {
+            write!(out, "| {value} |")?;
+            for rule in &rules {
+                let point = sweep.rules[*rule].points.iter().find(|p| p.value == *value);
+                let text = point.map_or("—".to_owned(), |p| rate(Some(p.rate), p.interval));
+                write!(out, " {text} |")?;
+            }
+            writeln!(out)?;
+        }
+        writeln!(
+            out,
+            "\n| rule | flagged half the time | 95% of the time |\n|---|---|---|"
+        )?;
+        for rule in &rules {
+            let curve = &sweep.rules[*rule];
+            writeln!(
+                out,
+                "| {} | {} | {} |",
+                md(rule),
+                md(&crossing_text(&curve.half, curve.falls)),
+                md(&crossing_text(&curve.most, curve.falls))
+            )?;
+        }
+    }
+    Ok(())
 }
 
 fn markdown_distributions(out: &mut String, report: &ValidationReport) -> std::fmt::Result {

@@ -6,6 +6,7 @@ use super::confusion::{Confusion, VerdictCounts};
 use super::matrix::{ground_truth, HostJobs, Shard};
 use super::records::{CellSpec, HostRecord, Refusal, RunRecord, ValidationInputs};
 use super::requirements::{self, Requirement, RequirementResult};
+use super::sweep::{self, Sweep, SweptCell};
 use crate::detector::Verdict;
 use crate::modes;
 use crate::report::plot::PlotRun;
@@ -145,6 +146,9 @@ pub struct ValidationReport {
     pub per_host: Vec<HostConfusion>,
     /// Detector × evasion: which of what the cells stage each rule sees through.
     pub arms_race: ArmsRace,
+    /// Cells alike but for one number, as detection curves (`sweep`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sweeps: Vec<Sweep>,
     pub requirements: Vec<RequirementResult>,
 }
 
@@ -226,6 +230,14 @@ impl ValidationReport {
         let coverage = coverage(&inputs);
         let matrix_coverage = matrix_coverage(&inputs);
         let arms_race = arms_race(&inputs);
+        let sweeps = sweep::sweeps(cells.iter().map(|c| SweptCell {
+            mode: &c.mode,
+            shaping: &c.shaping,
+            evasion: &c.evasion,
+            busy: c.busy,
+            truth: c.truth,
+            rules: c.rules.iter().map(|(rule, r)| (rule.as_str(), r.counts)).collect(),
+        }));
         let mut unparsed = Vec::new();
         let mut parsed = Vec::new();
         for text in &inputs.matrix.requirements {
@@ -258,6 +270,7 @@ impl ValidationReport {
             confusion,
             per_host,
             arms_race,
+            sweeps,
             requirements,
             inputs,
         }
