@@ -560,7 +560,19 @@ fn a_sweep_becomes_a_detection_curve_per_rule() {
     .unwrap();
     let json = dir.path("report.json");
     let markdown = dir.path("report.md");
-    let output = validate(&["--config", &config, "-o", &json, "--markdown", &markdown]);
+    let (roc, curves) = (dir.path("roc.svg"), dir.path("curves.svg"));
+    let output = validate(&[
+        "--config",
+        &config,
+        "-o",
+        &json,
+        "--markdown",
+        &markdown,
+        "--roc-plot",
+        &roc,
+        "--sweep-plot",
+        &curves,
+    ]);
     assert!(output.status.success(), "{}", stderr(&output));
     let report = read(&json);
     let sweep = &report["sweeps"][0];
@@ -591,4 +603,37 @@ fn a_sweep_becomes_a_detection_curve_per_rule() {
         text.contains(r"## Sweep of inject-ns on paravirt \| inject-ns:\* \| busy 0 (virtual)"),
         "{text}"
     );
+    // No native truth here (or nested): the ROC puts the sweep's ends against each other,
+    // each rule's AUC in [0, 1]; both figures drawn and linked from the Markdown.
+    let roc_report = &report["roc"];
+    assert!(
+        roc_report["negatives"].as_str().unwrap().contains("at 2000"),
+        "{roc_report}"
+    );
+    for (rule, curve) in roc_report["rules"].as_object().unwrap() {
+        let auc = curve["auc"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&auc), "{rule}: {curve}");
+    }
+    for (svg, words) in [(&roc, "AUC"), (&curves, "share of runs flagged virtual")] {
+        let drawn = std::fs::read_to_string(svg).unwrap();
+        assert!(drawn.starts_with("<svg") && drawn.contains(words), "{svg}");
+    }
+    assert!(
+        text.contains("![ROC per rule](roc.svg)") && text.contains("(curves.svg)"),
+        "{text}"
+    );
+    // A matrix with no sweep has no curves to draw: said, exit 1, the rest written.
+    std::fs::write(
+        &config,
+        r#"{"description": "flat", "repeats": 1, "iterations": 20, "warmup": 5, "modes": ["paravirt"]}"#,
+    )
+    .unwrap();
+    let output = validate(&["--config", &config, "--sweep-plot", &curves, "-o", &json]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        stderr(&output).contains("--sweep-plot: nothing to draw, the matrix has no sweep"),
+        "{}",
+        stderr(&output)
+    );
+    assert_eq!(read(&json)["description"], "flat", "the report was written");
 }

@@ -261,6 +261,17 @@ pub struct ReportArgs {
     #[arg(long, value_name = "FILE.svg")]
     pub plot: Option<PathBuf>,
 
+    /// Draw each rule's ROC curve (its own threshold marked, its AUC named) as SVG: native
+    /// runs against virtual ones, or without native truth a sweep's lowest value against
+    /// its highest. A matrix with neither draws nothing and exits 1, saying so.
+    #[arg(long, value_name = "FILE.svg")]
+    pub roc_plot: Option<PathBuf>,
+
+    /// Draw each sweep's detection curves (share flagged against the swept value, 95%
+    /// intervals as bars) as SVG. A matrix with no sweep draws nothing and exits 1.
+    #[arg(long, value_name = "FILE.svg")]
+    pub sweep_plot: Option<PathBuf>,
+
     /// Write one JUnit test case per cell × rule (and per requirement), for CI systems.
     #[arg(long, value_name = "FILE.xml")]
     pub junit: Option<PathBuf>,

@@ -54,6 +54,8 @@ pub enum CommandError {
     Validation(#[from] ValidationError),
     #[error("cannot write {path}: {source}")]
     Output { path: String, source: std::io::Error },
+    #[error("{option}: nothing to draw, {why}; nothing was written there (the other outputs were)")]
+    NothingToDraw { option: &'static str, why: &'static str },
     #[error(transparent)]
     Plot(#[from] crate::report::plot::PlotError),
     #[error(transparent)]

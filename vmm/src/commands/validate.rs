@@ -10,8 +10,8 @@ use crate::measure::RunSpec;
 use crate::output::Output;
 use crate::report::plot;
 use crate::validation::records::{CellSpec, Failure, HostIdentity, HostRecord, Refusal, RunRecord, ValidationInputs};
-use crate::validation::render;
 use crate::validation::requirements::Requirement;
+use crate::validation::{figures, render};
 use crate::validation::{merge, MatrixConfig, Shard, ValidationReport};
 
 /// The report's outputs, prepared before anything runs so a bad path costs no run, and
@@ -19,6 +19,8 @@ use crate::validation::{merge, MatrixConfig, Shard, ValidationReport};
 struct Outputs {
     markdown: Option<Output>,
     plot: Option<Output>,
+    roc_plot: Option<Output>,
+    sweep_plot: Option<Output>,
     junit: Option<Output>,
     json: Option<Output>,
     /// `merge --allow-partial`.
@@ -30,6 +32,8 @@ impl Outputs {
         Ok(Self {
             markdown: create_output(args.markdown.as_deref())?,
             plot: create_output(args.plot.as_deref())?,
+            roc_plot: create_output(args.roc_plot.as_deref())?,
+            sweep_plot: create_output(args.sweep_plot.as_deref())?,
             junit: create_output(args.junit.as_deref())?,
             json: create_output(args.output.as_deref())?,
             allow_partial: false,
@@ -53,11 +57,53 @@ impl Outputs {
         let write = |output: Option<Output>, text: String| -> Result<(), CommandError> {
             output.map_or(Ok(()), |output| super::commit(output, text.as_bytes()))
         };
-        write(self.markdown, render::markdown(report)?)?;
+        let mut markdown = render::markdown(report)?;
+        let figures = [
+            ("ROC per rule", self.roc_plot.as_ref(), report.roc.is_some()),
+            (
+                "Detection curves of each sweep",
+                self.sweep_plot.as_ref(),
+                !report.sweeps.is_empty(),
+            ),
+        ];
+        if let Some(md) = &self.markdown {
+            let linked: Vec<String> = figures
+                .iter()
+                .filter(|(_, output, drawn)| *drawn && output.is_some())
+                .filter_map(|(title, output, _)| Some(format!("![{title}]({})", figure_link(md, (*output)?))))
+                .collect();
+            if !linked.is_empty() {
+                markdown.push_str(&format!("\n## Figures\n\n{}\n", linked.join("\n\n")));
+            }
+        }
+        write(self.markdown, markdown)?;
         write(self.junit, render::junit(report)?)?;
         write(self.json, serde_json::to_string_pretty(report)?)?;
         if let Some(output) = self.plot {
             plot::write(output, &report.plot_runs(), calibration)?;
+        }
+        let mut nothing_to_draw = None;
+        match (self.roc_plot, &report.roc) {
+            (Some(output), Some(roc)) => write(Some(output), figures::roc_svg(roc).map_err(figure_error)?)?,
+            (Some(_), None) => {
+                nothing_to_draw = Some(CommandError::NothingToDraw {
+                    option: "--roc-plot",
+                    why: "the matrix has no native runs (every host is a VM) and no sweep to put its lowest value against its highest",
+                })
+            }
+            (None, _) => {}
+        }
+        match self.sweep_plot {
+            Some(output) if !report.sweeps.is_empty() => {
+                write(Some(output), figures::sweeps_svg(&report.sweeps).map_err(figure_error)?)?
+            }
+            Some(_) => {
+                nothing_to_draw = Some(CommandError::NothingToDraw {
+                    option: "--sweep-plot",
+                    why: "the matrix has no sweep (a value written KIND:FROM..TO/STEP, three values at least)",
+                })
+            }
+            None => {}
         }
         if let Some(why) = &report.inputs.interrupted {
             // A merge read an interrupted report; it was not interrupted itself.
@@ -108,7 +154,7 @@ impl Outputs {
                 },
             });
         }
-        Ok(())
+        nothing_to_draw.map_or(Ok(()), Err)
     }
 }
 
@@ -252,6 +298,23 @@ pub fn validate(args: &ValidateArgs) -> Result<(), CommandError> {
     match missing_twin {
         Some(twin) if !args.allow_missing_twin => Err(CommandError::MissingTwin(twin)),
         _ => Ok(()),
+    }
+}
+
+/// How the Markdown at `markdown` links the figure at `figure`: by its name where both
+/// are in one folder, else by the path as given.
+fn figure_link(markdown: &Output, figure: &Output) -> String {
+    let (md, svg) = (markdown.path(), figure.path());
+    match (md.parent(), svg.parent(), svg.file_name()) {
+        (Some(a), Some(b), Some(name)) if a == b => name.to_string_lossy().into_owned(),
+        _ => svg.display().to_string(),
+    }
+}
+
+fn figure_error(why: String) -> CommandError {
+    CommandError::Output {
+        path: "the figure".into(),
+        source: std::io::Error::other(why),
     }
 }
 

@@ -13,17 +13,21 @@
 //!   jobs a shard runs;
 //! - `records`: what was measured, every run kept as a record;
 //! - `sweep`: cells alike but for one number, read as a detection curve per rule;
+//! - `roc`: each rule's ROC curve, its AUC and its own threshold's point on it;
 //! - `report`: everything derived from the records, and the requirements judged;
 //! - `render`: the report as a text table, Markdown and JUnit XML;
+//! - `figures`: the ROC and sweep curves as SVG;
 //! - `merge`: shard and host reports added up into one.
 
 pub mod confusion;
+pub mod figures;
 pub mod matrix;
 pub mod merge;
 pub mod records;
 pub mod render;
 pub mod report;
 pub mod requirements;
+pub mod roc;
 pub mod sweep;
 
 pub use matrix::{ground_truth, Cell, MatrixConfig, Shard};

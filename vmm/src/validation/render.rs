@@ -220,6 +220,7 @@ fn write_table(out: &mut String, report: &ValidationReport) -> std::fmt::Result 
     }
     distribution_table(out, report, &label_of, width)?;
     sweep_tables(out, report)?;
+    roc_table(out, report)?;
     arms_race_table(out, report, &columns)?;
     for failure in &inputs.failures {
         let Some(cell) = inputs.matrix_cells.get(failure.cell) else {
@@ -265,6 +266,34 @@ fn crossing_text(c: &Crossing, falls: bool) -> String {
         (None, Some(earliest), _) => format!("not in the sweep (the 95% intervals allow {word} {earliest})"),
         (None, None, _) => "nowhere in the sweep".to_owned(),
     }
+}
+
+/// Each rule's ROC: its AUC and where its own threshold sits.
+fn roc_table(out: &mut String, report: &ValidationReport) -> std::fmt::Result {
+    let Some(roc) = &report.roc else { return Ok(()) };
+    writeln!(
+        out,
+        "\nROC per rule, its threshold moved over the scores: {} against {} (AUC 0.5 a coin, 1 a clean split):",
+        t(&roc.negatives),
+        t(&roc.positives)
+    )?;
+    writeln!(
+        out,
+        "{:<19} {:>6} {:>9} {:>9} {:>22}",
+        "rule", "AUC", "negatives", "positives", "its own threshold at"
+    )?;
+    for (rule, r) in &roc.rules {
+        writeln!(
+            out,
+            "{:<19} {:>6.3} {:>9} {:>9} {:>22}",
+            t(rule),
+            r.auc,
+            r.negatives,
+            r.positives,
+            format!("FPR {:.2}, TPR {:.2}", r.operating[0], r.operating[1])
+        )?;
+    }
+    Ok(())
 }
 
 /// Each sweep: the rules' detection rates against the swept value, and where each starts
@@ -480,7 +509,31 @@ fn write_markdown(out: &mut String, report: &ValidationReport) -> std::fmt::Resu
         writeln!(out)?;
     }
     markdown_distributions(out, report)?;
-    markdown_sweeps(out, report)
+    markdown_sweeps(out, report)?;
+    markdown_roc(out, report)
+}
+
+fn markdown_roc(out: &mut String, report: &ValidationReport) -> std::fmt::Result {
+    let Some(roc) = &report.roc else { return Ok(()) };
+    writeln!(
+        out,
+        "\n## ROC per rule\n\nEach rule's threshold moved over its scores: {} against {}. AUC: the chance a run of the second side scores above one of the first (ties half).\n\n| rule | AUC | negatives | positives | its own threshold (FPR, TPR) |\n|---|---|---|---|---|",
+        md(&roc.negatives),
+        md(&roc.positives)
+    )?;
+    for (rule, r) in &roc.rules {
+        writeln!(
+            out,
+            "| {} | {:.3} | {} | {} | {:.2}, {:.2} |",
+            md(rule),
+            r.auc,
+            r.negatives,
+            r.positives,
+            r.operating[0],
+            r.operating[1]
+        )?;
+    }
+    Ok(())
 }
 
 fn markdown_sweeps(out: &mut String, report: &ValidationReport) -> std::fmt::Result {

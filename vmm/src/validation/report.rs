@@ -6,6 +6,7 @@ use super::confusion::{Confusion, VerdictCounts};
 use super::matrix::{ground_truth, HostJobs, Shard};
 use super::records::{CellSpec, HostRecord, Refusal, RunRecord, ValidationInputs};
 use super::requirements::{self, Requirement, RequirementResult};
+use super::roc::{self, Roc};
 use super::sweep::{self, Sweep, SweptCell};
 use crate::detector::Verdict;
 use crate::modes;
@@ -32,6 +33,9 @@ pub struct CellRule {
 /// virtual on nested ones, and a merge of both shows two rows).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct CellResult {
+    /// Its index among the matrix's cells (derived again on every read, never stored).
+    #[serde(skip)]
+    pub index: usize,
     pub mode: String,
     pub shaping: String,
     pub busy: u16,
@@ -149,6 +153,9 @@ pub struct ValidationReport {
     /// Cells alike but for one number, as detection curves (`sweep`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub sweeps: Vec<Sweep>,
+    /// Each rule's ROC curve, where the matrix has two sides to put against each other.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub roc: Option<Roc>,
     pub requirements: Vec<RequirementResult>,
 }
 
@@ -231,6 +238,7 @@ impl ValidationReport {
         let matrix_coverage = matrix_coverage(&inputs);
         let arms_race = arms_race(&inputs);
         let sweeps = sweep::sweeps(cells.iter().map(|c| SweptCell {
+            index: c.index,
             mode: &c.mode,
             shaping: &c.shaping,
             evasion: &c.evasion,
@@ -238,6 +246,7 @@ impl ValidationReport {
             truth: c.truth,
             rules: c.rules.iter().map(|(rule, r)| (rule.as_str(), r.counts)).collect(),
         }));
+        let roc = roc_of(&inputs, &sweeps);
         let mut unparsed = Vec::new();
         let mut parsed = Vec::new();
         for text in &inputs.matrix.requirements {
@@ -271,6 +280,7 @@ impl ValidationReport {
             per_host,
             arms_race,
             sweeps,
+            roc,
             requirements,
             inputs,
         }
@@ -327,6 +337,40 @@ fn cell_truth(spec: &CellSpec, host: Option<&HostRecord>) -> Verdict {
     ground_truth(mode, host.is_none_or(|h| h.identity.host_is_vm))
 }
 
+/// The ROC's two sides: native runs against virtual ones; without native truth, the first
+/// sweep's lowest value against its highest; `None` with neither.
+fn roc_of(inputs: &ValidationInputs, sweeps: &[Sweep]) -> Option<Roc> {
+    let of_truth = |truth: Verdict| inputs.runs.iter().filter(|r| r.truth == truth).collect::<Vec<_>>();
+    let (natives, virtuals) = (of_truth(Verdict::Native), of_truth(Verdict::Virtual));
+    if !natives.is_empty() && !virtuals.is_empty() {
+        return Some(roc::roc(
+            (
+                "every native run (bare metal, or a profile that stages a real host)".into(),
+                &natives,
+            ),
+            ("every virtual run".into(), &virtuals),
+        ));
+    }
+    let sweep = sweeps.first()?;
+    let (&low, low_cells) = sweep.cells_at.first_key_value()?;
+    let (&high, high_cells) = sweep.cells_at.last_key_value()?;
+    let of_cells = |cells: &[usize]| {
+        inputs
+            .runs
+            .iter()
+            .filter(|r| cells.contains(&r.cell))
+            .collect::<Vec<_>>()
+    };
+    let at = |value| format!("the sweep of {} on {} at {value}", sweep.swept, sweep.cells);
+    Some(roc::roc(
+        (
+            format!("{} (no native truth here: the least staged)", at(low)),
+            &of_cells(low_cells),
+        ),
+        (at(high), &of_cells(high_cells)),
+    ))
+}
+
 /// The native reference distributions are drawn against: the CPUID sketches of every
 /// native run, unshaped, unevaded and on an idle host.
 fn native_reference(inputs: &ValidationInputs) -> crate::stats::Pooled {
@@ -375,6 +419,7 @@ fn cell_results(inputs: &ValidationInputs) -> Vec<CellResult> {
             let host = refusal.map_or(0, |r| r.host);
             let truth = cell_truth(spec, inputs.hosts.get(host));
             results.push(CellResult {
+                index,
                 mode: spec.mode.clone(),
                 shaping: spec.shaping.clone(),
                 busy: spec.busy,
@@ -393,7 +438,7 @@ fn cell_results(inputs: &ValidationInputs) -> Vec<CellResult> {
         // Failed runs are told once per cell, on its first row.
         for (row, (truth, runs)) in by_truth.into_iter().enumerate() {
             results.push(cell_result(
-                spec,
+                (index, spec),
                 truth,
                 &runs,
                 if row == 0 { failed_runs } else { 0 },
@@ -405,7 +450,7 @@ fn cell_results(inputs: &ValidationInputs) -> Vec<CellResult> {
 }
 
 fn cell_result(
-    spec: &CellSpec,
+    (index, spec): (usize, &CellSpec),
     truth: Verdict,
     runs: &[&RunRecord],
     failed_runs: u32,
@@ -437,6 +482,7 @@ fn cell_result(
         .collect();
     let median = |values: Vec<Cycles>| (!values.is_empty()).then(|| crate::stats::median(&values));
     CellResult {
+        index,
         mode: spec.mode.clone(),
         shaping: spec.shaping.clone(),
         busy: spec.busy,

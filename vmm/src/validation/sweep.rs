@@ -16,6 +16,8 @@ const MIN_POINTS: usize = 3;
 
 /// One cell as a sweep reads it.
 pub struct SweptCell<'a> {
+    /// Its index among the matrix's cells.
+    pub index: usize,
     pub mode: &'a str,
     pub shaping: &'a str,
     pub evasion: &'a str,
@@ -67,6 +69,9 @@ pub struct Sweep {
     pub truth: Verdict,
     pub values: Vec<u64>,
     pub rules: BTreeMap<String, SweepCurve>,
+    /// The matrix cells of each value (derived again on every read, never stored).
+    #[serde(skip)]
+    pub cells_at: BTreeMap<u64, Vec<usize>>,
 }
 
 /// `kind:N` as (kind, N).
@@ -79,14 +84,16 @@ fn numbered(label: &str) -> Option<(&str, u64)> {
 /// their shaping, or in their evasion.
 pub fn sweeps<'a>(cells: impl IntoIterator<Item = SweptCell<'a>>) -> Vec<Sweep> {
     type Key = (String, String, Verdict);
-    let mut groups: BTreeMap<Key, BTreeMap<u64, BTreeMap<String, VerdictCounts>>> = BTreeMap::new();
+    type AtValue = (BTreeMap<String, VerdictCounts>, Vec<usize>);
+    let mut groups: BTreeMap<Key, BTreeMap<u64, AtValue>> = BTreeMap::new();
     for cell in cells {
         let mut add = |swept: &str, label: String, value: u64| {
-            let at = groups
+            let (at, indices) = groups
                 .entry((swept.to_owned(), label, cell.truth))
                 .or_default()
                 .entry(value)
                 .or_default();
+            indices.push(cell.index);
             for (rule, counts) in &cell.rules {
                 let sum = at.entry((*rule).to_owned()).or_default();
                 sum.virtual_ += counts.virtual_;
@@ -112,8 +119,9 @@ pub fn sweeps<'a>(cells: impl IntoIterator<Item = SweptCell<'a>>) -> Vec<Sweep> 
         .filter(|(_, by_value)| by_value.len() >= MIN_POINTS)
         .map(|((swept, cells, truth), by_value)| {
             let values: Vec<u64> = by_value.keys().copied().collect();
+            let cells_at = by_value.iter().map(|(&v, (_, cells))| (v, cells.clone())).collect();
             let mut rules: BTreeMap<String, Vec<SweepPoint>> = BTreeMap::new();
-            for (&value, counts) in &by_value {
+            for (&value, (counts, _)) in &by_value {
                 for (rule, c) in counts {
                     rules.entry(rule.clone()).or_default().push(SweepPoint {
                         value,
@@ -146,6 +154,7 @@ pub fn sweeps<'a>(cells: impl IntoIterator<Item = SweptCell<'a>>) -> Vec<Sweep> 
                 truth,
                 values,
                 rules,
+                cells_at,
             }
         })
         .collect()
@@ -177,6 +186,7 @@ mod tests {
 
     fn cell<'a>(shaping: &'a str, flagged: u32, of: u32) -> SweptCell<'a> {
         SweptCell {
+            index: 0,
             mode: "paravirt",
             shaping,
             evasion: "none",
