@@ -231,3 +231,33 @@ fn validation_scores_every_rule_and_the_signals_do_their_job() {
     let runs: u64 = ran.iter().map(|c| c["runs"].as_u64().unwrap()).sum();
     assert_eq!(svg.matches("<circle").count() as u64, runs, "one point per run");
 }
+
+/// `run --samples-to-decision`: per timing rule, the fewest samples (of the run's own,
+/// resampled) from which its verdict stops changing, never more than the run took; the
+/// rules that judge no sample need none.
+#[test]
+fn samples_to_decision_are_counted_from_the_runs_own_samples() {
+    let Some(_vm) = common::vm_test() else { return };
+    let report = common::json_run(&["run", "--json", "-n", "300", "--samples-to-decision"]);
+    let decisions = report["samples_to_decision"].as_array().unwrap();
+    let of = |rule: &str| {
+        decisions
+            .iter()
+            .find(|d| d["rule"] == rule)
+            .unwrap_or_else(|| panic!("no {rule} in {decisions:?}"))
+            .clone()
+    };
+    let ratio = of("tsc-lfence-ratio");
+    assert_eq!(ratio["of"], 300, "{ratio}");
+    if ratio["verdict"] != "unsure" {
+        let needs = ratio["samples"].as_u64();
+        assert!(needs.is_none_or(|n| (5..=300).contains(&n)), "{ratio}");
+    }
+    // pafish's mean of the first ten: never decided from fewer than ten.
+    let fixed = of("fixed-threshold");
+    assert!(fixed["samples"].as_u64().is_none_or(|n| n >= 10), "{fixed}");
+    assert_eq!(of("hypervisor-bit")["samples"], 0, "a CPUID bit, no timing");
+    // Without the option, nothing is computed.
+    let plain = common::json_run(&["run", "--json", "-n", "50"]);
+    assert!(plain.get("samples_to_decision").is_none());
+}

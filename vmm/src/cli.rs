@@ -359,6 +359,12 @@ pub struct RunArgs {
     #[command(flatten)]
     pub output: OutputArgs,
 
+    /// Also find, per timing rule, the fewest samples that decide its verdict: the run's
+    /// samples resampled 20 times at each size from 5 up, the smallest size from which 95%
+    /// of resamples agree with the whole run (seconds on a long run).
+    #[arg(long)]
+    pub samples_to_decision: bool,
+
     /// Make the guest misbehave on purpose, to see the VMM cope.
     #[arg(long, value_enum, help_heading = "Testing the VMM")]
     pub misbehave: Option<Misbehaviour>,

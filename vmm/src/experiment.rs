@@ -41,15 +41,9 @@ impl Session {
         }
     }
 
-    /// One run: measured, judged by every rule, reported.
-    pub fn run(
-        &self,
-        spec: &RunSpec,
-        include_samples: bool,
-        console: Option<&mut (dyn Write + Send)>,
-    ) -> Result<(RunReport, Measurement), MeasureError> {
-        let measurement = self.measurer.measure(&self.payload, spec, console)?;
-        let evidence = Evidence {
+    /// What the rules see of `measurement`.
+    pub fn evidence<'a>(&self, spec: &RunSpec, measurement: &'a Measurement) -> Evidence<'a> {
+        Evidence {
             ticks: &measurement.results.ticks,
             counter_rate: measurement.results.counter_rate,
             samples: &measurement.results.samples,
@@ -59,7 +53,29 @@ impl Session {
             cpuid_leaf: spec.cpuid_leaf,
             payload: measurement.results.verdict.as_ref(),
             patched_for_an_evader: spec.patched_for_an_evader(),
-        };
+        }
+    }
+
+    /// Each timing rule's samples to decision on `measurement` (resampled: seconds on a
+    /// long run, so only where asked).
+    pub fn samples_to_decision(
+        &self,
+        spec: &RunSpec,
+        measurement: &Measurement,
+        report: &RunReport,
+    ) -> Vec<detector::decision::Decision> {
+        detector::decision::samples_to_decision(&self.evidence(spec, measurement), &self.calibration, &report.verdicts)
+    }
+
+    /// One run: measured, judged by every rule, reported.
+    pub fn run(
+        &self,
+        spec: &RunSpec,
+        include_samples: bool,
+        console: Option<&mut (dyn Write + Send)>,
+    ) -> Result<(RunReport, Measurement), MeasureError> {
+        let measurement = self.measurer.measure(&self.payload, spec, console)?;
+        let evidence = self.evidence(spec, &measurement);
         let verdicts = detector::evaluate(&evidence, &self.calibration);
         let mut report = RunReport::new(
             spec,

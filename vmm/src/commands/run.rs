@@ -56,7 +56,10 @@ pub fn run(args: &RunArgs) -> Result<(), CommandError> {
             "vmm: {dropped} console bytes were dropped: stderr did not keep up with the guest\n"
         ));
     }
-    let (report, measurement) = result?;
+    let (mut report, measurement) = result?;
+    if args.samples_to_decision {
+        report.samples_to_decision = session.samples_to_decision(&spec, &measurement, &report);
+    }
 
     if args.output.json {
         super::print(&(serde_json::to_string_pretty(&report)? + "\n"))?;

@@ -9,6 +9,7 @@
 
 pub mod calibration;
 pub mod clocks;
+pub mod decision;
 pub mod rules;
 pub mod verdict;
 

@@ -148,6 +148,9 @@ pub struct RunReport {
     /// The rules this run's make-up rules out, each with why (not scored).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub not_applicable: Vec<NotApplicable>,
+    /// `run --samples-to-decision`: per timing rule, the fewest samples that decide it.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub samples_to_decision: Vec<crate::detector::decision::Decision>,
     pub timings: Timings,
     /// trap-emulate only: the trap mechanism and how this KVM delivered it.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -264,6 +267,7 @@ impl RunReport {
             exits: measurement.exits.summary(),
             verdicts,
             not_applicable: Vec::new(),
+            samples_to_decision: Vec::new(),
             timings: Timings {
                 setup_us: measurement.setup.map(|d| d.as_micros() as u64),
                 run_us: measurement.run.as_micros() as u64,

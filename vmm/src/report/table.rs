@@ -88,6 +88,25 @@ pub fn render(report: &RunReport) -> String {
         let delivery = trap.delivery.map_or("not at all", |d| d.describe());
         let _ = writeln!(out, "\ntrap: {}, delivered {delivery}", trap.mechanism.name());
     }
+    if !report.samples_to_decision.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nsamples to decision (resampled {} times a size; the fewest from which {:.0}% agree with the whole run):",
+            crate::detector::decision::RESAMPLES,
+            crate::detector::decision::AGREEMENT * 100.0
+        );
+        for d in &report.samples_to_decision {
+            let needs = match d.samples {
+                None if d.verdict == crate::detector::Verdict::Unsure => {
+                    "unsure on the whole run: nothing to decide".to_owned()
+                }
+                Some(0) => "none: the same verdict without a sample".to_owned(),
+                Some(n) => format!("{n} of {}", d.of),
+                None => format!("more than the run's {}", d.of),
+            };
+            let _ = writeln!(out, "  {:<19} {needs}", d.rule);
+        }
+    }
     if let Some(t) = &report.tsc_trap {
         let _ = writeln!(
             out,
