@@ -637,3 +637,64 @@ fn a_sweep_becomes_a_detection_curve_per_rule() {
     );
     assert_eq!(read(&json)["description"], "flat", "the report was written");
 }
+
+/// `--precision`: each cell runs until every rule's 95% interval is narrow enough, up to
+/// `--max-repeats`; cells whose verdicts never vary stop early, and the jobs they leave
+/// are covered, not missing. Shards stop each on their own runs and still merge whole.
+#[test]
+fn precision_stops_a_cell_once_its_intervals_are_narrow_and_shards_still_merge() {
+    let Some(_vm) = vm_test() else { return };
+    let dir = Scratch::new("precision");
+    let config = dir.path("matrix.json");
+    std::fs::write(
+        &config,
+        r#"{"description": "precision", "repeats": 1, "iterations": 20, "warmup": 5,
+            "modes": ["hw-assist", "paravirt"]}"#,
+    )
+    .unwrap();
+    let json = dir.path("report.json");
+    // Width 0.5: ten runs all alike give [0.69, 1], 0.31 wide; six give [0.54, 1].
+    let args = ["--config", &config, "--precision", "0.5", "--max-repeats", "30"];
+    let output = validate(&[&args[..], &["-o", &json]].concat());
+    assert!(output.status.success(), "{}", stderr(&output));
+    let report = read(&json);
+    assert_eq!(report["matrix_coverage"]["missing"], 0, "{}", report["matrix_coverage"]);
+    for cell in report["cells"].as_array().unwrap() {
+        let runs = cell["runs"].as_u64().unwrap();
+        let stopped = cell["stopped"][0].as_str().unwrap_or_default();
+        // A rule that flips between runs keeps its cell going; one that never does stops
+        // it at 6 runs, the fewest whose interval is at most 0.5 wide.
+        if stopped.starts_with("stopped after") {
+            assert!((6..30).contains(&runs), "{cell}");
+        } else {
+            assert_eq!(runs, 30, "{cell}");
+            assert!(stopped.contains("the bound of 30 runs was reached first"), "{cell}");
+        }
+    }
+    let coverage = &report["coverage"][0];
+    assert_eq!(
+        coverage["ran"].as_u64().unwrap() + coverage["stopped"].as_u64().unwrap(),
+        coverage["jobs"].as_u64().unwrap(),
+        "{coverage}"
+    );
+    // Two shards, merged: complete, each shard's stop kept.
+    let (one, two) = (dir.path("one.json"), dir.path("two.json"));
+    for (shard, out) in [("1/2", &one), ("2/2", &two)] {
+        let output = validate(&[&args[..], &["--shard", shard, "-o", out]].concat());
+        assert!(output.status.success(), "{shard}: {}", stderr(&output));
+    }
+    let merged = dir.path("merged.json");
+    let output = vmm(&["merge", &one, &two, "-o", &merged]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let merged = read(&merged);
+    assert_eq!(merged["matrix_coverage"]["missing"], 0, "{}", merged["matrix_coverage"]);
+    assert_eq!(merged["stops"].as_array().unwrap().len(), 4, "two cells, two shards");
+    // --max-repeats bounds --precision: alone it is refused.
+    let output = validate(&["--config", &config, "--max-repeats", "10"]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        stderr(&output).contains("--max-repeats bounds the runs of --precision"),
+        "{}",
+        stderr(&output)
+    );
+}

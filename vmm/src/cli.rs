@@ -215,6 +215,19 @@ pub struct ValidateArgs {
     #[arg(long, value_name = "K/N|auto")]
     pub shard: Option<String>,
 
+    /// Repeat each cell until every rule's exact 95% interval of its flagged rate is at
+    /// most this wide (0.1: each rate known to about ±0.05), up to the matrix's `repeats`
+    /// (or --max-repeats) runs; a cell that reaches the bound first is named in the report.
+    /// Cells whose verdicts never vary stop early; coin tosses run to the bound. Overrides
+    /// the matrix's `precision`. Shards stop each on its own runs of a cell, so merged
+    /// cells may hold more runs than one host needed; they still add up exactly.
+    #[arg(long, value_name = "WIDTH")]
+    pub precision: Option<f64>,
+
+    /// With --precision: the most runs a cell may take (the matrix's `repeats` otherwise).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=i64::from(crate::limits::MAX_REPEATS)))]
+    pub max_repeats: Option<u32>,
+
     /// Accept a payload without its native twin (NAME.native beside NAME.elf): its native
     /// cells are refused either way, and without this option the validation then exits 1
     /// after writing its report, since a matrix without native runs has no false-positive

@@ -9,7 +9,9 @@ use crate::experiment::Session;
 use crate::measure::RunSpec;
 use crate::output::Output;
 use crate::report::plot;
-use crate::validation::records::{CellSpec, Failure, HostIdentity, HostRecord, Refusal, RunRecord, ValidationInputs};
+use crate::validation::records::{
+    CellSpec, Failure, HostIdentity, HostRecord, Refusal, RunRecord, Stop, ValidationInputs,
+};
 use crate::validation::requirements::Requirement;
 use crate::validation::{figures, render};
 use crate::validation::{merge, MatrixConfig, Shard, ValidationReport};
@@ -158,6 +160,50 @@ impl Outputs {
     }
 }
 
+/// Each rule's flagged count over `runs` (of one cell).
+fn flagged_counts(runs: &[RunRecord]) -> std::collections::BTreeMap<&str, (u32, u32)> {
+    let mut counts: std::collections::BTreeMap<&str, (u32, u32)> = std::collections::BTreeMap::new();
+    for run in runs {
+        for v in &run.verdicts {
+            let c = counts.entry(v.rule.as_str()).or_default();
+            c.0 += u32::from(v.verdict == crate::detector::Verdict::Virtual);
+            c.1 += 1;
+        }
+    }
+    counts
+}
+
+/// The widest exact 95% interval of a rule's flagged rate over `runs`: (rule, width).
+fn widest_interval(runs: &[RunRecord]) -> Option<(String, f64)> {
+    flagged_counts(runs)
+        .into_iter()
+        .filter_map(|(rule, (flagged, of))| {
+            let i = crate::stats::proportion_interval(flagged, of)?;
+            Some((rule.to_owned(), i.upper - i.lower))
+        })
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+}
+
+/// Why `runs` are enough: every rule's interval at most `width` wide; `None` if not yet.
+fn precise_enough(runs: &[RunRecord], width: f64) -> Option<String> {
+    let (rule, widest) = widest_interval(runs)?;
+    (widest <= width).then(|| {
+        format!(
+            "stopped after {} runs: every rule's 95% interval at most {width} wide (the widest, {rule}'s, {widest:.3})",
+            runs.len()
+        )
+    })
+}
+
+/// Why `runs`, all of the bound, were not enough.
+fn widest(runs: &[RunRecord], width: f64) -> String {
+    let (rule, widest) = widest_interval(runs).unwrap_or_default();
+    format!(
+        "the bound of {} runs was reached first: {rule}'s 95% interval is still {widest:.3} wide, more than {width}",
+        runs.len()
+    )
+}
+
 fn requirements(texts: &[String]) -> Result<Vec<Requirement>, CommandError> {
     texts
         .iter()
@@ -169,7 +215,23 @@ fn requirements(texts: &[String]) -> Result<Vec<Requirement>, CommandError> {
 }
 
 pub fn validate(args: &ValidateArgs) -> Result<(), CommandError> {
-    let config = MatrixConfig::load(&args.config)?;
+    let mut config = MatrixConfig::load(&args.config)?;
+    if let Some(width) = args.precision {
+        config.precision = Some(width);
+    }
+    if let Some(bound) = args.max_repeats {
+        if config.precision.is_none() {
+            return Err(CommandError::Validation(crate::validation::ValidationError::Invalid {
+                path: args.config.clone(),
+                why:
+                    "--max-repeats bounds the runs of --precision, and neither it nor the matrix's `precision` is given"
+                        .into(),
+            }));
+        }
+        config.repeats = bound;
+    }
+    // Checked again as a whole: the options may have made it invalid.
+    let config = MatrixConfig::parse(&serde_json::to_string(&config)?, &args.config)?;
     let extra = requirements(&args.report.require)?;
     let shard = match &args.shard {
         Some(text) => text.parse::<Shard>().map_err(CommandError::Shard)?,
@@ -188,7 +250,8 @@ pub fn validate(args: &ValidateArgs) -> Result<(), CommandError> {
         .count() as u64;
 
     let progress = progress_bar(jobs, "validating");
-    let (mut runs, mut refusals, mut failures) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut runs, mut refusals, mut failures) = (Vec::new(), Vec::new(), Vec::<Failure>::new());
+    let mut stops: Vec<Stop> = Vec::new();
     crate::interrupt::catch();
     let mut done = 0u64;
     let mut missing_twin: Option<String> = None;
@@ -205,9 +268,26 @@ pub fn validate(args: &ValidateArgs) -> Result<(), CommandError> {
         };
         let truth = cell.truth(host.host_is_vm);
         let mine: Vec<u32> = (0..repeats).filter(|&r| shard.takes(job(index, r))).collect();
+        let first_run = runs.len();
         for (nth, &repeat) in mine.iter().enumerate() {
             if crate::interrupt::caught().is_some() {
                 break 'cells;
+            }
+            if let Some(width) = config.precision {
+                if let Some(why) = precise_enough(&runs[first_run..], width) {
+                    let left = (mine.len() - nth) as u32;
+                    stops.push(Stop {
+                        cell: index,
+                        host: 0,
+                        jobs: left,
+                        runs: nth as u32,
+                        reached: true,
+                        why,
+                    });
+                    progress.inc(u64::from(left));
+                    done += u64::from(left);
+                    continue 'cells;
+                }
             }
             done += 1;
             match session.run(&spec, false, None) {
@@ -257,6 +337,22 @@ pub fn validate(args: &ValidateArgs) -> Result<(), CommandError> {
                 }
             }
         }
+        // Every job of the cell ran (none was refused): did it reach the precision?
+        if let Some(width) = config.precision {
+            let ran = &runs[first_run..];
+            let refused = refusals.last().is_some_and(|r: &Refusal| r.cell == index);
+            if !ran.is_empty() && !refused {
+                let reached = precise_enough(ran, width);
+                stops.push(Stop {
+                    cell: index,
+                    host: 0,
+                    jobs: 0,
+                    runs: ran.len() as u32,
+                    reached: reached.is_some(),
+                    why: reached.unwrap_or_else(|| widest(ran, width)),
+                });
+            }
+        }
     }
     progress.finish_and_clear();
     let interrupted_by = crate::interrupt::caught();
@@ -291,6 +387,7 @@ pub fn validate(args: &ValidateArgs) -> Result<(), CommandError> {
         runs,
         refusals,
         failures,
+        stops,
     };
     let report = ValidationReport::assemble(inputs, &extra);
     // A shard's report covers its slice by design: it is the merge that must be whole.

@@ -42,6 +42,10 @@ pub struct MatrixConfig {
     /// argument (`rdtsc-kvm-handler:1..32/1`).
     #[serde(default = "default_evasions")]
     pub evasions: Vec<String>,
+    /// Repeat each cell until every rule's exact 95% interval of its flagged rate is at
+    /// most this wide (`repeats` is then the bound); `--precision` sets it too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub precision: Option<f64>,
     /// What the validation must show to pass, as `RULE:METRIC OP VALUE` (e.g.
     /// `robust:tpr>=0.99`); `--require` adds more.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -199,6 +203,13 @@ impl MatrixConfig {
             ));
         }
         check_range("vcpus", u64::from(config.vcpus), 1, 2).map_err(invalid)?;
+        if let Some(width) = config.precision {
+            if !(width > 0.0 && width < 1.0) {
+                return Err(invalid(format!(
+                    "precision {width}: an interval's width, between 0 and 1 (0.1: every rate known to ±0.05)"
+                )));
+            }
+        }
         let shaping = expanded(&config.shaping).map_err(|why| invalid(format!("shaping {why}")))?;
         let evasions = expanded(&config.evasions).map_err(|why| invalid(format!("evasion {why}")))?;
         if let Some((text, Err(why))) = evasions

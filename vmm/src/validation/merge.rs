@@ -164,6 +164,25 @@ pub fn check(inputs: &ValidationInputs) -> Result<(), String> {
             ));
         }
     }
+    let mut stopped = std::collections::HashSet::new();
+    for stop in &inputs.stops {
+        let (host, cell) = (stop.host, stop.cell);
+        if host >= hosts || cell >= cells {
+            return Err(format!(
+                "a stop names host {host}, cell {cell}, beyond its {hosts} hosts and {cells} cells"
+            ));
+        }
+        if !stopped.insert((host, cell)) {
+            return Err(format!("it stops cell {cell} on host {host} twice"));
+        }
+        let mine = (0..repeats).filter(|&r| taken[host].takes(job(cell, r))).count() as u32;
+        if stop.jobs > mine {
+            return Err(format!(
+                "a stop of cell {cell} on host {host} leaves {} jobs unrun, and that host's shards hold {mine} of the cell",
+                stop.jobs
+            ));
+        }
+    }
     Ok(())
 }
 
@@ -202,6 +221,7 @@ pub fn merge(reports: Vec<(PathBuf, ValidationInputs)>) -> Result<ValidationInpu
         runs: Vec::new(),
         failures: Vec::new(),
         refusals: Vec::new(),
+        stops: Vec::new(),
         interrupted: None,
         interrupted_by: None,
         ..first.clone_header()
@@ -212,6 +232,7 @@ pub fn merge(reports: Vec<(PathBuf, ValidationInputs)>) -> Result<ValidationInpu
     // A cell refused on a host, by the shards that refused it (each shard refuses its own
     // jobs of the cell; the same shard twice is a report given twice).
     let mut refused: HashSet<RefusedBy> = HashSet::new();
+    let mut stopped: HashSet<RefusedBy> = HashSet::new();
     for (path, report) in std::iter::once((first_path.clone(), first)).chain(reports) {
         let mismatch = |why: String| ValidationError::Mismatch {
             path: path.clone(),
@@ -273,6 +294,7 @@ pub fn merge(reports: Vec<(PathBuf, ValidationInputs)>) -> Result<ValidationInpu
             runs,
             failures,
             refusals,
+            stops,
             interrupted,
             interrupted_by,
             ..
@@ -317,6 +339,20 @@ pub fn merge(reports: Vec<(PathBuf, ValidationInputs)>) -> Result<ValidationInpu
             }
             new_refusals.push(refusal);
         }
+        let mut new_stops = Vec::with_capacity(stops.len());
+        for mut stop in stops {
+            let mut by: Vec<(u32, u32)> = report_shards.get(stop.host).cloned().unwrap_or_default();
+            by.sort();
+            stop.host = remap(stop.host)?;
+            if !stopped.insert((stop.host, stop.cell, by)) {
+                return Err(mismatch(format!(
+                    "it stops cell {} on host {} again, for the same shards: a shard given twice?",
+                    stop.cell, stop.host
+                )));
+            }
+            new_stops.push(stop);
+        }
+        merged.stops.append(&mut new_stops);
         merged.runs.append(&mut new_runs);
         merged.failures.append(&mut new_failures);
         merged.refusals.append(&mut new_refusals);

@@ -158,6 +158,21 @@ pub struct Refusal {
     pub why: String,
 }
 
+/// A cell whose runs stopped at the precision asked (`--precision`): its remaining
+/// `jobs` on this host were not run, and need not be; or (`reached` false) every job ran
+/// and the precision was not reached, which the report says.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Stop {
+    pub cell: usize,
+    pub host: usize,
+    /// Jobs of this host's shards left unrun.
+    pub jobs: u32,
+    /// Runs the cell took on this host.
+    pub runs: u32,
+    pub reached: bool,
+    pub why: String,
+}
+
 /// A run that failed.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Failure {
@@ -212,6 +227,9 @@ pub struct ValidationInputs {
     pub runs: Vec<RunRecord>,
     pub refusals: Vec<Refusal>,
     pub failures: Vec<Failure>,
+    /// Cells stopped at the precision asked, or run to the bound without reaching it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stops: Vec<Stop>,
     /// Set when a signal stopped the validation early: the report holds what finished.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub interrupted: Option<String>,
@@ -233,6 +251,7 @@ impl ValidationInputs {
             runs: Vec::new(),
             refusals: Vec::new(),
             failures: Vec::new(),
+            stops: Vec::new(),
             interrupted: self.interrupted.clone(),
             interrupted_by: self.interrupted_by,
         }

@@ -110,8 +110,13 @@ fn coverage_lines(report: &ValidationReport) -> Vec<String> {
             } else {
                 format!("PARTIAL: {} jobs missing", c.missing)
             };
+            let stopped = if c.stopped > 0 {
+                format!(", {} left unrun at the precision asked", c.stopped)
+            } else {
+                String::new()
+            };
             format!(
-                "host {}: {} of {} jobs ran, {} refused, {} failed — {state}",
+                "host {}: {} of {} jobs ran, {} refused, {} failed{stopped} — {state}",
                 c.host, c.ran, c.jobs, c.refused, c.failed
             )
         })
@@ -216,6 +221,16 @@ fn write_table(out: &mut String, report: &ValidationReport) -> std::fmt::Result 
                 }
                 writeln!(out)?;
             }
+        }
+    }
+    if let Some(width) = inputs.matrix.precision {
+        writeln!(
+            out,
+            "\nprecision: each cell ran until every rule's 95% interval was at most {width} wide, at most {} runs:",
+            inputs.matrix.repeats
+        )?;
+        for cell in report.cells.iter().filter(|c| !c.stopped.is_empty()) {
+            writeln!(out, "  {}: {}", label_of(cell), t(&cell.stopped.join("; ")))?;
         }
     }
     distribution_table(out, report, &label_of, width)?;
@@ -507,6 +522,25 @@ fn write_markdown(out: &mut String, report: &ValidationReport) -> std::fmt::Resu
             }
         }
         writeln!(out)?;
+    }
+    if let Some(width) = inputs.matrix.precision {
+        writeln!(
+            out,
+            "\n## Precision\n\nEach cell ran until every rule's exact 95% interval was at most {width} wide, at most {} runs.\n\n| mode | shaping | evasion | busy | runs | stopped |\n|---|---|---|---|---|---|",
+            inputs.matrix.repeats
+        )?;
+        for cell in report.cells.iter().filter(|c| !c.stopped.is_empty()) {
+            writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {} |",
+                md(&cell.mode),
+                md(&cell.shaping),
+                md(&cell.evasion),
+                cell.busy,
+                cell.runs,
+                md(&cell.stopped.join("; "))
+            )?;
+        }
     }
     markdown_distributions(out, report)?;
     markdown_sweeps(out, report)?;

@@ -52,6 +52,9 @@ pub struct CellResult {
     /// Median of the runs' CPUID and NOP medians.
     pub cpuid_median: Option<Cycles>,
     pub nop_median: Option<Cycles>,
+    /// Where the cell ran to a precision (`--precision`): when and why it stopped, per host.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stopped: Vec<String>,
     /// The CPUID probe's distribution over the cell's runs, and its distance to native.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpuid_distribution: Option<Distribution>,
@@ -90,6 +93,9 @@ pub struct HostCoverage {
     pub ran: u64,
     pub refused: u64,
     pub failed: u64,
+    /// Jobs left unrun because their cell reached its precision (`--precision`).
+    #[serde(default)]
+    pub stopped: u64,
     /// Jobs of those shards with no record: a shard missing from a merge, or interrupted.
     pub missing: u64,
 }
@@ -401,6 +407,17 @@ fn cell_results(inputs: &ValidationInputs) -> Vec<CellResult> {
             *failed += 1;
         }
     }
+    let mut stops_of_cell: Vec<Vec<String>> = vec![Vec::new(); cells];
+    for stop in &inputs.stops {
+        if let Some(stops) = stops_of_cell.get_mut(stop.cell) {
+            let host = if inputs.hosts.len() > 1 {
+                format!("host {}: ", stop.host)
+            } else {
+                String::new()
+            };
+            stops.push(format!("{host}{}", stop.why));
+        }
+    }
     let mut refusal_of_cell: Vec<Option<&Refusal>> = vec![None; cells];
     for refusal in &inputs.refusals {
         if let Some(slot @ None) = refusal_of_cell.get_mut(refusal.cell) {
@@ -431,19 +448,24 @@ fn cell_results(inputs: &ValidationInputs) -> Vec<CellResult> {
                 rules: BTreeMap::new(),
                 cpuid_median: None,
                 nop_median: None,
+                stopped: Vec::new(),
                 cpuid_distribution: None,
             });
             continue;
         }
         // Failed runs are told once per cell, on its first row.
         for (row, (truth, runs)) in by_truth.into_iter().enumerate() {
-            results.push(cell_result(
+            let mut result = cell_result(
                 (index, spec),
                 truth,
                 &runs,
                 if row == 0 { failed_runs } else { 0 },
                 &native,
-            ));
+            );
+            if row == 0 {
+                result.stopped = std::mem::take(&mut stops_of_cell[index]);
+            }
+            results.push(result);
         }
     }
     results
@@ -494,6 +516,7 @@ fn cell_result(
         rules,
         cpuid_median: median(runs.iter().filter_map(|r| r.cpuid_median).collect()),
         nop_median: median(runs.iter().filter_map(|r| r.nop_median).collect()),
+        stopped: Vec::new(),
         cpuid_distribution: Distribution::of(
             &crate::stats::Pooled::new(runs.iter().map(|r| r.cpuid_sketch.as_slice())),
             native,
@@ -521,10 +544,17 @@ fn matrix_coverage(inputs: &ValidationInputs) -> MatrixCoverage {
     let mut covered: std::collections::HashSet<u64> = inputs.runs.iter().map(|r| job(r.cell, r.repeat)).collect();
     covered.extend(inputs.failures.iter().map(|f| job(f.cell, f.repeat)));
     let taken: Vec<Option<HostJobs>> = inputs.hosts.iter().map(|h| HostJobs::new(&h.shards).ok()).collect();
-    for refusal in &inputs.refusals {
-        let shards = inputs.hosts.get(refusal.host).map_or(&[][..], |h| h.shards.as_slice());
-        let host = taken.get(refusal.host).and_then(Option::as_ref);
-        covered.extend((0..repeats).map(|r| job(refusal.cell, r)).filter(|&j| match host {
+    // A refused cell, and one stopped at its precision, covers every job of the cell that
+    // its host's shards hold.
+    let whole_cells = inputs
+        .refusals
+        .iter()
+        .map(|r| (r.host, r.cell))
+        .chain(inputs.stops.iter().filter(|s| s.jobs > 0).map(|s| (s.host, s.cell)));
+    for (host_index, cell) in whole_cells {
+        let shards = inputs.hosts.get(host_index).map_or(&[][..], |h| h.shards.as_slice());
+        let host = taken.get(host_index).and_then(Option::as_ref);
+        covered.extend((0..repeats).map(|r| job(cell, r)).filter(|&j| match host {
             Some(host) => host.takes(j),
             None => shards.iter().any(|s| s.takes(j)),
         }));
@@ -579,6 +609,12 @@ fn coverage(inputs: &ValidationInputs) -> Vec<HostCoverage> {
             *n += 1;
         }
     }
+    let mut stopped = vec![0u64; hosts];
+    for stop in &inputs.stops {
+        if let Some(n) = stopped.get_mut(stop.host) {
+            *n += u64::from(stop.jobs);
+        }
+    }
     (0..hosts)
         .map(|host| {
             let jobs = jobs_in(
@@ -586,14 +622,15 @@ fn coverage(inputs: &ValidationInputs) -> Vec<HostCoverage> {
                 inputs.matrix_cells.len(),
                 inputs.matrix.repeats,
             );
-            let (ran, refused, failed) = (ran[host], refused[host], failed[host]);
+            let (ran, refused, failed, stopped) = (ran[host], refused[host], failed[host], stopped[host]);
             HostCoverage {
                 host,
                 jobs,
                 ran,
                 refused,
                 failed,
-                missing: jobs.saturating_sub(ran + refused + failed),
+                stopped,
+                missing: jobs.saturating_sub(ran + refused + failed + stopped),
             }
         })
         .collect()
