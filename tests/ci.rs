@@ -518,7 +518,7 @@ fn validate_reports_each_cells_distribution_and_its_distance_to_native() {
             .unwrap_or_else(|| panic!("no {mode} {evasion} cell in {}", report["cells"]))
             .clone()
     };
-    let native = &cell("native", "none")["cpuid_distribution"];
+    let native = &cell("native", "none")["distributions"]["cpuid"];
     assert_eq!(native["ks_to_native"], 0.0, "{native}");
     let (p50, p95, p99) = (
         native["p50"].as_i64().unwrap(),
@@ -526,18 +526,30 @@ fn validate_reports_each_cells_distribution_and_its_distance_to_native() {
         native["p99"].as_i64().unwrap(),
     );
     assert!(0 < p50 && p50 <= p95 && p95 <= p99, "{native}");
-    let frozen = &cell("hw-assist", "bettertiming")["cpuid_distribution"];
+    let frozen = &cell("hw-assist", "bettertiming")["distributions"]["cpuid"];
     assert_eq!(
         (frozen["p99"].as_i64(), frozen["ks_to_native"].as_f64()),
         (Some(0), Some(1.0)),
         "{frozen}"
     );
-    let vm = cell("hw-assist", "none")["cpuid_distribution"]["ks_to_native"]
+    let vm = cell("hw-assist", "none")["distributions"]["cpuid"]["ks_to_native"]
         .as_f64()
         .unwrap();
     assert!((0.0..=1.0).contains(&vm), "{vm}");
+    // Every probe the runs took, not CPUID alone; the native cell is its own reference.
+    for probe in ["cpuid-unfenced", "nop", "rdtsc", "lfence8"] {
+        let d = &cell("native", "none")["distributions"][probe];
+        assert_eq!(d["ks_to_native"], 0.0, "{probe}: {d}");
+        assert!(
+            cell("hw-assist", "none")["distributions"][probe]["p99"].is_number(),
+            "{probe}"
+        );
+    }
     let text = std::fs::read_to_string(&markdown).unwrap();
-    assert!(text.contains("## CPUID per cell, against native"), "{text}");
+    assert!(
+        text.contains("## Each probe per cell, against native") && text.contains("### lfence8"),
+        "{text}"
+    );
     assert!(
         text.contains("| hw-assist | none | bettertiming | 0 | virtual | 0 | 0 | 0 | 1.000 |"),
         "{text}"

@@ -97,6 +97,10 @@ pub struct RunRecord {
     /// The CPUID probe's samples as [`SKETCH_POINTS`] evenly spaced order statistics (all
     /// of them when fewer): what histograms are drawn from, in bounded memory.
     pub cpuid_sketch: Vec<Cycles>,
+    /// The same of every other probe the run took, by name: what each cell's distance to
+    /// native is measured on.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub probe_sketches: std::collections::BTreeMap<String, Vec<Cycles>>,
 }
 
 impl RunRecord {
@@ -132,7 +136,20 @@ impl RunRecord {
             lfence8_median: median(Probe::Lfence8),
             tsc_khz,
             cpuid_sketch: sketch(samples.get(&Probe::Cpuid).map_or(&[], Vec::as_slice)),
+            probe_sketches: samples
+                .iter()
+                .filter(|(probe, values)| **probe != Probe::Cpuid && !values.is_empty())
+                .map(|(probe, values)| (probe.name().to_owned(), sketch(values)))
+                .collect(),
         }
+    }
+
+    /// The sketch of the probe named `probe`, empty where the run did not take it.
+    pub fn sketch_of(&self, probe: &str) -> &[Cycles] {
+        if probe == Probe::Cpuid.name() {
+            return &self.cpuid_sketch;
+        }
+        self.probe_sketches.get(probe).map_or(&[], Vec::as_slice)
     }
 }
 

@@ -351,37 +351,74 @@ fn sweep_tables(out: &mut String, report: &ValidationReport) -> std::fmt::Result
     Ok(())
 }
 
-/// Each cell's CPUID distribution: what an evasion author judges a hide by.
+/// The probes some cell has a distribution of, in measurement order.
+fn distributed_probes(report: &ValidationReport) -> Vec<&'static str> {
+    guest_payload::Probe::ALL
+        .iter()
+        .map(|p| p.name())
+        .filter(|name| report.cells.iter().any(|c| c.distributions.contains_key(*name)))
+        .collect()
+}
+
+/// Each cell's CPUID distribution (what an evasion author judges a hide by), then every
+/// probe's distance to native.
 fn distribution_table(
     out: &mut String,
     report: &ValidationReport,
     label_of: &dyn Fn(&CellResult) -> String,
     width: usize,
 ) -> std::fmt::Result {
-    if report.cells.iter().all(|c| c.cpuid_distribution.is_none()) {
+    let probes = distributed_probes(report);
+    if probes.is_empty() {
         return Ok(());
+    }
+    let cpuid = guest_payload::Probe::Cpuid.name();
+    if probes.contains(&cpuid) {
+        writeln!(
+            out,
+            "\nCPUID cycles per cell (pooled over its runs), and the Kolmogorov–Smirnov distance to native \
+             (every native run, unshaped, idle; 0 alike, 1 apart):"
+        )?;
+        writeln!(
+            out,
+            "{:<width$} {:>10} {:>10} {:>10} {:>8}",
+            "cell", "p50", "p95", "p99", "KS"
+        )?;
+        for cell in &report.cells {
+            let Some(d) = cell.distributions.get(cpuid) else {
+                continue;
+            };
+            let ks = d.ks_to_native.map_or("—".to_owned(), |ks| format!("{ks:.3}"));
+            writeln!(
+                out,
+                "{:<width$} {:>10} {:>10} {:>10} {ks:>8}",
+                label_of(cell),
+                d.p50,
+                d.p95,
+                d.p99
+            )?;
+        }
     }
     writeln!(
         out,
-        "\nCPUID cycles per cell (pooled over its runs), and the Kolmogorov–Smirnov distance to native \
-         (every native run, unshaped, idle; 0 alike, 1 apart):"
+        "\nKolmogorov–Smirnov distance to native, per probe (p50/p95/p99 of each in the JSON and Markdown):"
     )?;
-    writeln!(
-        out,
-        "{:<width$} {:>10} {:>10} {:>10} {:>8}",
-        "cell", "p50", "p95", "p99", "KS"
-    )?;
-    for cell in &report.cells {
-        let Some(d) = &cell.cpuid_distribution else { continue };
-        let ks = d.ks_to_native.map_or("—".to_owned(), |ks| format!("{ks:.3}"));
-        writeln!(
-            out,
-            "{:<width$} {:>10} {:>10} {:>10} {ks:>8}",
-            label_of(cell),
-            d.p50,
-            d.p95,
-            d.p99
-        )?;
+    write!(out, "{:<width$}", "cell")?;
+    for probe in &probes {
+        write!(out, " {:>14}", probe)?;
+    }
+    writeln!(out)?;
+    for cell in report.cells.iter().filter(|c| !c.distributions.is_empty()) {
+        write!(out, "{:<width$}", label_of(cell))?;
+        for probe in &probes {
+            let ks = cell
+                .distributions
+                .get(*probe)
+                .and_then(|d| d.ks_to_native)
+                .map_or("—".to_owned(), |ks| format!("{ks:.3}"));
+            write!(out, " {ks:>14}")?;
+        }
+        writeln!(out)?;
     }
     Ok(())
 }
@@ -617,28 +654,37 @@ fn markdown_sweeps(out: &mut String, report: &ValidationReport) -> std::fmt::Res
 }
 
 fn markdown_distributions(out: &mut String, report: &ValidationReport) -> std::fmt::Result {
-    if report.cells.iter().all(|c| c.cpuid_distribution.is_none()) {
+    let probes = distributed_probes(report);
+    if probes.is_empty() {
         return Ok(());
     }
     writeln!(
         out,
-        "\n## CPUID per cell, against native\n\nCycles pooled over the cell's runs (each run's sketch of 200 order statistics weighing the same), and the two-sample Kolmogorov–Smirnov distance to the native reference (every native run, unshaped, unevaded, idle): 0 alike, 1 no overlap.\n\n| mode | shaping | evasion | busy | truth | p50 | p95 | p99 | KS to native |\n|---|---|---|---|---|---|---|---|---|"
+        "\n## Each probe per cell, against native\n\nCycles pooled over the cell's runs (each run's sketch of 200 order statistics weighing the same), and the two-sample Kolmogorov–Smirnov distance to the native reference of the same probe (every native run, unshaped, unevaded, idle): 0 alike, 1 no overlap."
     )?;
-    for cell in &report.cells {
-        let Some(d) = &cell.cpuid_distribution else { continue };
+    for probe in probes {
         writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-            md(&cell.mode),
-            md(&cell.shaping),
-            md(&cell.evasion),
-            cell.busy,
-            cell.truth.name(),
-            d.p50,
-            d.p95,
-            d.p99,
-            d.ks_to_native.map_or("—".to_owned(), |ks| format!("{ks:.3}"))
+            "\n### {probe}\n\n| mode | shaping | evasion | busy | truth | p50 | p95 | p99 | KS to native |\n|---|---|---|---|---|---|---|---|---|"
         )?;
+        for cell in &report.cells {
+            let Some(d) = cell.distributions.get(probe) else {
+                continue;
+            };
+            writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                md(&cell.mode),
+                md(&cell.shaping),
+                md(&cell.evasion),
+                cell.busy,
+                cell.truth.name(),
+                d.p50,
+                d.p95,
+                d.p99,
+                d.ks_to_native.map_or("—".to_owned(), |ks| format!("{ks:.3}"))
+            )?;
+        }
     }
     Ok(())
 }

@@ -55,9 +55,10 @@ pub struct CellResult {
     /// Where the cell ran to a precision (`--precision`): when and why it stopped, per host.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub stopped: Vec<String>,
-    /// The CPUID probe's distribution over the cell's runs, and its distance to native.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cpuid_distribution: Option<Distribution>,
+    /// Each probe's distribution over the cell's runs, and its distance to native, by
+    /// probe name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub distributions: BTreeMap<String, Distribution>,
 }
 
 /// A probe's samples pooled over a cell's runs (from each run's sketch, every run weighing
@@ -69,7 +70,8 @@ pub struct Distribution {
     pub p95: Cycles,
     pub p99: Cycles,
     /// Two-sample Kolmogorov–Smirnov distance to the native reference (every native run of
-    /// the report, unshaped, unevaded, busy 0): 0 alike, 1 no overlap; absent without one.
+    /// the report, unshaped, unevaded, busy 0, of the same probe): 0 alike, 1 no overlap;
+    /// absent without one.
     pub ks_to_native: Option<f64>,
 }
 
@@ -377,18 +379,26 @@ fn roc_of(inputs: &ValidationInputs, sweeps: &[Sweep]) -> Option<Roc> {
     ))
 }
 
-/// The native reference distributions are drawn against: the CPUID sketches of every
-/// native run, unshaped, unevaded and on an idle host.
-fn native_reference(inputs: &ValidationInputs) -> crate::stats::Pooled {
+/// The native reference distributions are drawn against, per probe: the sketches of
+/// every native run, unshaped, unevaded and on an idle host.
+fn native_reference(inputs: &ValidationInputs) -> BTreeMap<&'static str, crate::stats::Pooled> {
     let reference =
         |cell: &CellSpec| cell.mode == "native" && cell.shaping == "none" && cell.evasion == "none" && cell.busy == 0;
-    crate::stats::Pooled::new(
-        inputs
-            .runs
-            .iter()
-            .filter(|run| inputs.matrix_cells.get(run.cell).is_some_and(reference))
-            .map(|run| run.cpuid_sketch.as_slice()),
-    )
+    let natives: Vec<&RunRecord> = inputs
+        .runs
+        .iter()
+        .filter(|run| inputs.matrix_cells.get(run.cell).is_some_and(reference))
+        .collect();
+    guest_payload::Probe::ALL
+        .iter()
+        .map(|p| {
+            (
+                p.name(),
+                crate::stats::Pooled::new(natives.iter().map(|r| r.sketch_of(p.name()))),
+            )
+        })
+        .filter(|(_, pooled)| !pooled.is_empty())
+        .collect()
 }
 
 fn cell_results(inputs: &ValidationInputs) -> Vec<CellResult> {
@@ -449,7 +459,7 @@ fn cell_results(inputs: &ValidationInputs) -> Vec<CellResult> {
                 cpuid_median: None,
                 nop_median: None,
                 stopped: Vec::new(),
-                cpuid_distribution: None,
+                distributions: BTreeMap::new(),
             });
             continue;
         }
@@ -476,7 +486,7 @@ fn cell_result(
     truth: Verdict,
     runs: &[&RunRecord],
     failed_runs: u32,
-    native: &crate::stats::Pooled,
+    native: &BTreeMap<&'static str, crate::stats::Pooled>,
 ) -> CellResult {
     let mut verdicts: BTreeMap<String, (VerdictCounts, Vec<f64>)> = BTreeMap::new();
     for run in runs {
@@ -517,10 +527,15 @@ fn cell_result(
         cpuid_median: median(runs.iter().filter_map(|r| r.cpuid_median).collect()),
         nop_median: median(runs.iter().filter_map(|r| r.nop_median).collect()),
         stopped: Vec::new(),
-        cpuid_distribution: Distribution::of(
-            &crate::stats::Pooled::new(runs.iter().map(|r| r.cpuid_sketch.as_slice())),
-            native,
-        ),
+        distributions: guest_payload::Probe::ALL
+            .iter()
+            .filter_map(|p| {
+                let pooled = crate::stats::Pooled::new(runs.iter().map(|r| r.sketch_of(p.name())));
+                let none = crate::stats::Pooled::default();
+                let reference = native.get(p.name()).unwrap_or(&none);
+                Some((p.name().to_owned(), Distribution::of(&pooled, reference)?))
+            })
+            .collect(),
     }
 }
 

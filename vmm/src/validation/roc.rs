@@ -119,6 +119,7 @@ mod tests {
             lfence8_median: None,
             tsc_khz: 1,
             cpuid_sketch: vec![],
+            probe_sketches: Default::default(),
         }
     }
 
