@@ -462,9 +462,9 @@ fn compare_stages_the_evader_on_each_vm_path_and_says_where_it_cannot() {
 const MPERF_AGAINST_TSC: &str = rdmsr_payload!(
     r#""mperf against the tsc""#,
     r#"        uint64_t t0 = vmm_rdtsc();
-        uint64_t m0 = rdmsr(0xe8);
+        uint64_t m0 = rdmsr(0xe7); /* IA32_MPERF */
         uint64_t t1 = vmm_rdtsc();
-        uint64_t m1 = rdmsr(0xe8);
+        uint64_t m1 = rdmsr(0xe7);
         d[i] = (int64_t)((m1 - m0) - (t1 - t0));"#,
     r#"    vmm_verdict(run, d[4] > 1000 ? VMM_VERDICT_VIRTUAL : VMM_VERDICT_NATIVE, d[4] * 1000, "median MPERF minus TSC progress");"#
 );

@@ -628,7 +628,7 @@ mod tests {
         vcpu.advance(50_000);
         let mut trap = armed(&mut vcpu, false);
         let start = vcpu.host_tsc.get();
-        for (index, name) in [(0xe7, "aperf"), (0xe8, "mperf")] {
+        for (index, name) in [(0xe8, "aperf"), (0xe7, "mperf")] {
             let read = Exit::RdMsr { index };
             trap.answer(&mut vcpu, &read, start + 9_000, &mut Policies::none())
                 .unwrap();

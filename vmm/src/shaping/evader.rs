@@ -52,9 +52,9 @@ pub enum Trap {
 pub enum TrappedMsr {
     /// IA32_TSC (0x10).
     Tsc,
-    /// IA32_APERF (0xE7): actual cycles, here counted at the TSC's rate from the vCPU's start.
+    /// IA32_APERF (0xE8): actual cycles, here counted at the TSC's rate from the vCPU's start.
     Aperf,
-    /// IA32_MPERF (0xE8): reference cycles, at the TSC's rate from the vCPU's start.
+    /// IA32_MPERF (0xE7): reference cycles, at the TSC's rate from the vCPU's start.
     Mperf,
     /// IA32_TSC_AUX (0xC0000103): what RDTSCP puts in ECX; 0, as KVM leaves it.
     TscAux,
@@ -71,8 +71,9 @@ impl TrappedMsr {
     pub fn index(self) -> u32 {
         match self {
             TrappedMsr::Tsc => 0x10,
-            TrappedMsr::Aperf => 0xe7,
-            TrappedMsr::Mperf => 0xe8,
+            // Intel SDM vol. 4, table 2-2; Linux msr-index.h: MPERF 0xE7, APERF 0xE8.
+            TrappedMsr::Aperf => 0xe8,
+            TrappedMsr::Mperf => 0xe7,
             TrappedMsr::TscAux => 0xc000_0103,
         }
     }
@@ -614,7 +615,11 @@ mod tests {
             r#"{"description":"x","traps":{"rdtsc":"every","msr":{"tsc":"clock","mperf":"host","tsc-aux":"host"}},"clock":{"kind":"truth"}}"#,
         )
         .unwrap();
-        assert_eq!(msrs.traps().msr_indices(), vec![0x10, 0xe8, 0xc000_0103]);
+        assert_eq!(
+            msrs.traps().msr_indices(),
+            vec![0x10, 0xe7, 0xc000_0103],
+            "MPERF is 0xE7"
+        );
     }
 
     #[test]
