@@ -685,3 +685,40 @@ fn the_console_shows_vmm_print_lines_from_the_guest_and_the_twin() {
         );
     }
 }
+
+/// checkhv_um's TSC noise floor (the SDK example): its verdict natively, and the silence
+/// its code keeps where every delta falls outside (0, 10000) — a frozen clock
+/// (BetterTiming's, every exit tagged) gives only zeros, on every KVM.
+#[test]
+fn checkhv_um_noise_floor_says_nothing_of_a_frozen_clock() {
+    let Some(_vm) = vm_test() else { return };
+    let elf = build_example("checkhv-um-tsc-noise-floor");
+    let payload = elf.to_str().unwrap();
+    let native = json_run(&["run", "--json", "--mode", "native", "--payload", payload]);
+    let why = verdict_of(&native, "payload")["why"].as_str().unwrap().to_owned();
+    assert!(why.contains("rdtsc deltas"), "{why}");
+    let frozen = json_run(&[
+        "run",
+        "--json",
+        "--mode",
+        "hw-assist",
+        "--evade",
+        "bettertiming",
+        "--payload",
+        payload,
+    ]);
+    let verdict = verdict_of(&frozen, "payload");
+    assert_eq!(verdict["verdict"], "unsure", "{verdict}");
+    assert!(
+        verdict["why"]
+            .as_str()
+            .unwrap()
+            .contains("fewer than two rdtsc deltas in (0, 10000)"),
+        "{verdict}"
+    );
+    assert!(
+        frozen["tsc_trap"]["reads"].as_u64().unwrap() >= 100_000,
+        "{}",
+        frozen["tsc_trap"]
+    );
+}
