@@ -695,12 +695,17 @@ fn precision_stops_a_cell_once_its_intervals_are_narrow_and_shards_still_merge()
         let output = validate(&[&args[..], &["--shard", shard, "-o", out]].concat());
         assert!(output.status.success(), "{shard}: {}", stderr(&output));
     }
-    let merged = dir.path("merged.json");
-    let output = vmm(&["merge", &one, &two, "-o", &merged]);
+    let merged_path = dir.path("merged.json");
+    let output = vmm(&["merge", &one, &two, "-o", &merged_path]);
     assert!(output.status.success(), "{}", stderr(&output));
-    let merged = read(&merged);
+    let merged = read(&merged_path);
     assert_eq!(merged["matrix_coverage"]["missing"], 0, "{}", merged["matrix_coverage"]);
     assert_eq!(merged["stops"].as_array().unwrap().len(), 4, "two cells, two shards");
+    // A merged report is read again as it was written (a fleet merges per-host merges).
+    let again = dir.path("again.json");
+    let output = vmm(&["merge", &merged_path, "-o", &again]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(read(&again)["matrix_coverage"]["missing"], 0);
     // --max-repeats bounds --precision: alone it is refused.
     let output = validate(&["--config", &config, "--max-repeats", "10"]);
     assert_eq!(output.status.code(), Some(1));

@@ -221,7 +221,7 @@ pub struct ValidateArgs {
     /// Cells whose verdicts never vary stop early; coin tosses run to the bound. Overrides
     /// the matrix's `precision`. Shards stop each on its own runs of a cell, so merged
     /// cells may hold more runs than one host needed; they still add up exactly.
-    #[arg(long, value_name = "WIDTH")]
+    #[arg(long, value_name = "WIDTH", value_parser = parse_precision)]
     pub precision: Option<f64>,
 
     /// With --precision: the most runs a cell may take (the matrix's `repeats` otherwise).
@@ -508,6 +508,18 @@ pub fn parse_u32(text: &str) -> Result<u32, String> {
         None => text.parse(),
     };
     parsed.map_err(|_| format!("`{text}` is not a 32-bit number (decimal, or hex with 0x)"))
+}
+
+/// An interval's width: a finite number strictly between 0 and 1.
+fn parse_precision(text: &str) -> Result<f64, String> {
+    let width: f64 = text.parse().map_err(|_| format!("`{text}` is not a number"))?;
+    if width.is_finite() && width > 0.0 && width < 1.0 {
+        Ok(width)
+    } else {
+        Err(format!(
+            "{text}: an interval's width, between 0 and 1 exclusive (0.1: every rate known to ±0.05)"
+        ))
+    }
 }
 
 fn parse_timeout(text: &str) -> Result<f64, String> {

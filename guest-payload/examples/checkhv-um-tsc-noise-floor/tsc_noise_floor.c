@@ -47,7 +47,8 @@ int vmm_detect(struct vmm_run *run) {
         if (2ull * kept[i] * n > 3ull * sum)
             high++;
     int peaks = high > n / 10;
-    /* The score: the share of peaks, in thousandths of a whole (1000 = every delta). */
+    /* The score: the share of peaks in per mille (1000 = every delta), given in the
+     * thousandths the SDK's scores are written in. */
     vmm_verdict(run, peaks ? VMM_VERDICT_VIRTUAL : VMM_VERDICT_NATIVE, (int64_t)high * 1000 * 1000 / n,
                 peaks ? "more than 10% of rdtsc deltas above 1.5x their mean (failed)"
                       : "at most 10% of rdtsc deltas above 1.5x their mean (pass)");

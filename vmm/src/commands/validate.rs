@@ -84,7 +84,7 @@ impl Outputs {
         if let Some(output) = self.plot {
             plot::write(output, &report.plot_runs(), calibration)?;
         }
-        let mut nothing_to_draw = None;
+        let mut nothing_to_draw: Option<CommandError> = None;
         match (self.roc_plot, &report.roc) {
             (Some(output), Some(roc)) => write(Some(output), figures::roc_svg(roc).map_err(figure_error)?)?,
             (Some(_), None) => {
@@ -100,10 +100,14 @@ impl Outputs {
                 write(Some(output), figures::sweeps_svg(&report.sweeps).map_err(figure_error)?)?
             }
             Some(_) => {
+                // Both plots empty: both said, one error.
+                if let Some(roc) = nothing_to_draw.take() {
+                    crate::console::say(&format!("vmm: error: {roc}\n"));
+                }
                 nothing_to_draw = Some(CommandError::NothingToDraw {
                     option: "--sweep-plot",
                     why: "the matrix has no sweep (a value written KIND:FROM..TO/STEP, three values at least)",
-                })
+                });
             }
             None => {}
         }
@@ -279,8 +283,9 @@ pub fn validate(args: &ValidateArgs) -> Result<(), CommandError> {
                     stops.push(Stop {
                         cell: index,
                         host: 0,
+                        shard,
                         jobs: left,
-                        runs: nth as u32,
+                        runs: (runs.len() - first_run) as u32,
                         reached: true,
                         why,
                     });
@@ -346,6 +351,7 @@ pub fn validate(args: &ValidateArgs) -> Result<(), CommandError> {
                 stops.push(Stop {
                     cell: index,
                     host: 0,
+                    shard,
                     jobs: 0,
                     runs: ran.len() as u32,
                     reached: reached.is_some(),
@@ -404,7 +410,13 @@ fn figure_link(markdown: &Output, figure: &Output) -> String {
     let (md, svg) = (markdown.path(), figure.path());
     match (md.parent(), svg.parent(), svg.file_name()) {
         (Some(a), Some(b), Some(name)) if a == b => name.to_string_lossy().into_owned(),
-        _ => svg.display().to_string(),
+        // Elsewhere: absolute, as a viewer resolves a relative link from the Markdown's
+        // folder, not from where vmm ran.
+        _ => std::env::current_dir()
+            .map(|dir| dir.join(svg))
+            .unwrap_or_else(|_| svg.to_owned())
+            .display()
+            .to_string(),
     }
 }
 

@@ -15,6 +15,8 @@ use serde::Serialize;
 pub const SIZES: [usize; 13] = [
     5, 10, 20, 50, 100, 200, 500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000,
 ];
+/// The largest size tried: a run of millions is judged on resamples of this many at most.
+pub const LARGEST: usize = 50_000;
 /// Resamples judged at each size.
 pub const RESAMPLES: u32 = 20;
 /// The share of resamples that must agree with the whole run.
@@ -28,7 +30,7 @@ pub struct Decision {
     pub verdict: Verdict,
     /// The fewest samples per probe that decide it: `Some(0)` for a rule whose verdict
     /// needs none (the same with every sample taken away); `None` where even the run's own
-    /// count (`of`) did not.
+    /// count (`of`), or [`LARGEST`] of a longer run, did not.
     pub samples: Option<usize>,
     /// The most samples a probe of the rule had in the run.
     pub of: usize,
@@ -51,7 +53,7 @@ impl Sequence {
     }
 }
 
-/// Each timing rule of `verdicts` (the whole run's), with the samples it took to decide.
+/// Each rule of `verdicts` (the whole run's), with the samples it took to decide.
 pub fn samples_to_decision(evidence: &Evidence, calibration: &Calibration, verdicts: &[RuleVerdict]) -> Vec<Decision> {
     let mut sequence = Sequence(0x5eed_d3c1_5105);
     verdicts
@@ -75,10 +77,11 @@ pub fn samples_to_decision(evidence: &Evidence, calibration: &Calibration, verdi
             }
             // Size 0 first: a rule that gives the same verdict without any sample (the
             // hypervisor bit; tsc-monotonic where nothing ran backwards) needs none.
+            let top = of.min(LARGEST);
             let sizes: Vec<usize> = [0]
                 .into_iter()
-                .chain(SIZES.iter().copied().filter(|&s| s < of))
-                .chain((of > 0).then_some(of))
+                .chain(SIZES.iter().copied().filter(|&s| s < top))
+                .chain((top > 0).then_some(top))
                 .collect();
             let agrees: Vec<bool> = sizes
                 .iter()

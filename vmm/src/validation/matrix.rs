@@ -108,7 +108,11 @@ pub fn expand_sweep(text: &str) -> Result<Vec<String>, String> {
     let Some((name, range)) = text.split_once(':') else {
         return Ok(vec![text.to_owned()]);
     };
-    let Some((from, rest)) = range.split_once("..") else {
+    // A sweep starts with a number: `profile:../mine.json` is a path, not one.
+    let Some((from, rest)) = range
+        .split_once("..")
+        .filter(|(from, _)| !from.is_empty() && from.bytes().all(|b| b.is_ascii_digit()))
+    else {
         return Ok(vec![text.to_owned()]);
     };
     let form = || format!("`{text}`: a sweep is NAME:FROM..TO/STEP, whole numbers, FROM <= TO, STEP >= 1");
@@ -755,12 +759,19 @@ mod tests {
             ["inject-ns:100", "inject-ns:250", "inject-ns:400"]
         );
         assert_eq!(expand_sweep("inject-ns:100").unwrap(), ["inject-ns:100"]);
-        assert!(expand_sweep("profile:a..b").unwrap_err().contains("NAME:FROM..TO/STEP"));
+        assert_eq!(
+            expand_sweep("profile:../profiles/mine.json").unwrap(),
+            ["profile:../profiles/mine.json"],
+            "a path is no sweep"
+        );
+        assert!(expand_sweep("inject-ns:1..x/1")
+            .unwrap_err()
+            .contains("NAME:FROM..TO/STEP"));
         for bad in [
             "inject-ns:5..1/1",
             "inject-ns:1..5/0",
             "inject-ns:1..5",
-            "inject-ns:x..5/1",
+            "inject-ns:1..5/x",
         ] {
             assert!(expand_sweep(bad).unwrap_err().contains("FROM <= TO"), "{bad}");
         }

@@ -164,21 +164,27 @@ pub fn check(inputs: &ValidationInputs) -> Result<(), String> {
             ));
         }
     }
+    // A merged report holds a stop per shard of a cell: one each, within its shard's jobs.
     let mut stopped = std::collections::HashSet::new();
     for stop in &inputs.stops {
-        let (host, cell) = (stop.host, stop.cell);
+        let (host, cell, shard) = (stop.host, stop.cell, stop.shard);
         if host >= hosts || cell >= cells {
             return Err(format!(
                 "a stop names host {host}, cell {cell}, beyond its {hosts} hosts and {cells} cells"
             ));
         }
-        if !stopped.insert((host, cell)) {
-            return Err(format!("it stops cell {cell} on host {host} twice"));
+        if !inputs.hosts[host].shards.contains(&shard) {
+            return Err(format!(
+                "a stop of cell {cell} on host {host} names shard {shard}, which that host did not run"
+            ));
         }
-        let mine = (0..repeats).filter(|&r| taken[host].takes(job(cell, r))).count() as u32;
+        if !stopped.insert((host, cell, shard.count, shard.index)) {
+            return Err(format!("it stops cell {cell} on host {host} twice for shard {shard}"));
+        }
+        let mine = (0..repeats).filter(|&r| shard.takes(job(cell, r))).count() as u32;
         if stop.jobs > mine {
             return Err(format!(
-                "a stop of cell {cell} on host {host} leaves {} jobs unrun, and that host's shards hold {mine} of the cell",
+                "a stop of cell {cell} on host {host} leaves {} jobs unrun, and its shard {shard} holds {mine} of the cell",
                 stop.jobs
             ));
         }
@@ -232,7 +238,7 @@ pub fn merge(reports: Vec<(PathBuf, ValidationInputs)>) -> Result<ValidationInpu
     // A cell refused on a host, by the shards that refused it (each shard refuses its own
     // jobs of the cell; the same shard twice is a report given twice).
     let mut refused: HashSet<RefusedBy> = HashSet::new();
-    let mut stopped: HashSet<RefusedBy> = HashSet::new();
+    let mut stopped: HashSet<(usize, usize, u32, u32)> = HashSet::new();
     for (path, report) in std::iter::once((first_path.clone(), first)).chain(reports) {
         let mismatch = |why: String| ValidationError::Mismatch {
             path: path.clone(),
@@ -341,13 +347,12 @@ pub fn merge(reports: Vec<(PathBuf, ValidationInputs)>) -> Result<ValidationInpu
         }
         let mut new_stops = Vec::with_capacity(stops.len());
         for mut stop in stops {
-            let mut by: Vec<(u32, u32)> = report_shards.get(stop.host).cloned().unwrap_or_default();
-            by.sort();
             stop.host = remap(stop.host)?;
-            if !stopped.insert((stop.host, stop.cell, by)) {
+            // A stop is its shard's: the same shard's stop twice is a report given twice.
+            if !stopped.insert((stop.host, stop.cell, stop.shard.count, stop.shard.index)) {
                 return Err(mismatch(format!(
-                    "it stops cell {} on host {} again, for the same shards: a shard given twice?",
-                    stop.cell, stop.host
+                    "it stops cell {} on host {} again, for shard {}: a shard given twice?",
+                    stop.cell, stop.host, stop.shard
                 )));
             }
             new_stops.push(stop);

@@ -182,6 +182,8 @@ pub struct Refusal {
 pub struct Stop {
     pub cell: usize,
     pub host: usize,
+    /// The shard whose runs stopped: the jobs it leaves are that shard's alone.
+    pub shard: Shard,
     /// Jobs of this host's shards left unrun.
     pub jobs: u32,
     /// Runs the cell took on this host.

@@ -370,12 +370,23 @@ fn roc_of(inputs: &ValidationInputs, sweeps: &[Sweep]) -> Option<Roc> {
             .collect::<Vec<_>>()
     };
     let at = |value| format!("the sweep of {} on {} at {value}", sweep.swept, sweep.cells);
+    // The host-like side is the end that stages least: the low end of a sweep whose
+    // curves rise (latency), the high end of one whose curves fall (an evader's divider).
+    let falling = sweep.rules.values().filter(|c| c.falls).count() * 2 > sweep.rules.len();
+    let (least, most) = if falling {
+        ((high, high_cells), (low, low_cells))
+    } else {
+        ((low, low_cells), (high, high_cells))
+    };
     Some(roc::roc(
         (
-            format!("{} (no native truth here: the least staged)", at(low)),
-            &of_cells(low_cells),
+            format!(
+                "{} (no native truth here: the end its curves call least virtual)",
+                at(least.0)
+            ),
+            &of_cells(least.1),
         ),
-        (at(high), &of_cells(high_cells)),
+        (at(most.0), &of_cells(most.1)),
     ))
 }
 
@@ -559,14 +570,12 @@ fn matrix_coverage(inputs: &ValidationInputs) -> MatrixCoverage {
     let mut covered: std::collections::HashSet<u64> = inputs.runs.iter().map(|r| job(r.cell, r.repeat)).collect();
     covered.extend(inputs.failures.iter().map(|f| job(f.cell, f.repeat)));
     let taken: Vec<Option<HostJobs>> = inputs.hosts.iter().map(|h| HostJobs::new(&h.shards).ok()).collect();
-    // A refused cell, and one stopped at its precision, covers every job of the cell that
-    // its host's shards hold.
-    let whole_cells = inputs
-        .refusals
-        .iter()
-        .map(|r| (r.host, r.cell))
-        .chain(inputs.stops.iter().filter(|s| s.jobs > 0).map(|s| (s.host, s.cell)));
-    for (host_index, cell) in whole_cells {
+    // A cell stopped at its precision covers the jobs of the cell its shard holds.
+    for stop in inputs.stops.iter().filter(|s| s.jobs > 0) {
+        covered.extend((0..repeats).map(|r| job(stop.cell, r)).filter(|&j| stop.shard.takes(j)));
+    }
+    // A refused cell covers every job of the cell that its host's shards hold.
+    for (host_index, cell) in inputs.refusals.iter().map(|r| (r.host, r.cell)) {
         let shards = inputs.hosts.get(host_index).map_or(&[][..], |h| h.shards.as_slice());
         let host = taken.get(host_index).and_then(Option::as_ref);
         covered.extend((0..repeats).map(|r| job(cell, r)).filter(|&j| match host {

@@ -251,16 +251,19 @@ fn unsupported(req: &Requirement, c: &Confusion) -> Option<String> {
         )
     };
     crosses.then(|| {
+        // `>=` is supported by runs all flagged, `<=` by runs all unflagged.
+        let needs = if needed == u64::MAX {
+            "no finite number of runs can support it (an interval never reaches its end)".to_owned()
+        } else {
+            format!(
+                "it takes at least {needed} runs, all {} alike, to support it",
+                if req.at_least { "flagged" } else { "unflagged" }
+            )
+        };
         format!(
-            "{runs} runs give a 95% interval of {interval} (exact), whose {} bound {bound:.4} is past {}; \
-             it takes at least {needed} runs, all {} alike, to support it",
+            "{runs} runs give a 95% interval of {interval} (exact), whose {} bound {bound:.4} is past {}; {needs}",
             if req.at_least { "lower" } else { "upper" },
             req.value,
-            if req.metric == Metric::Tpr {
-                "flagged"
-            } else {
-                "unflagged"
-            }
         )
     })
 }
@@ -428,13 +431,21 @@ mod tests {
         );
         assert!(results[2].met && results[2].unsupported.is_none());
         // 0 of 20 natives flagged: FPR 0, but its upper bound is 0.17 > 0.01.
+        let fpr = results[3].unsupported.as_deref().unwrap();
         assert!(
-            results[3].met
-                && results[3]
-                    .unsupported
-                    .as_deref()
-                    .unwrap()
-                    .contains("upper bound 0.1684")
+            results[3].met && fpr.contains("upper bound 0.1684") && fpr.contains("all unflagged"),
+            "{fpr}"
+        );
+        // A rate of exactly 1 (or 0) is never supported by any finite number of runs.
+        let all: Requirement = "robust:tpr>=1".parse().unwrap();
+        let never = judge(&[all], &confusion, false);
+        assert!(
+            never[0]
+                .unsupported
+                .as_deref()
+                .unwrap()
+                .contains("no finite number of runs"),
+            "{never:?}"
         );
         assert!(results[4].met, "{:?}", results[4]);
         assert!(results[5].met && results[5].unsupported.is_none(), "{:?}", results[5]);
