@@ -706,6 +706,13 @@ fn precision_stops_a_cell_once_its_intervals_are_narrow_and_shards_still_merge()
     let output = vmm(&["merge", &merged_path, "-o", &again]);
     assert!(output.status.success(), "{}", stderr(&output));
     assert_eq!(read(&again)["matrix_coverage"]["missing"], 0);
+    // A bound no cell can stop before is said before anything runs.
+    let output = validate(&["--config", &config, "--precision", "0.1", "--max-repeats", "5"]);
+    assert!(
+        stderr(&output).contains("--precision 0.1 needs at least 36 runs a cell even where every run agrees"),
+        "{}",
+        stderr(&output)
+    );
     // --max-repeats bounds --precision: alone it is refused.
     let output = validate(&["--config", &config, "--max-repeats", "10"]);
     assert_eq!(output.status.code(), Some(1));

@@ -236,6 +236,17 @@ pub fn validate(args: &ValidateArgs) -> Result<(), CommandError> {
     }
     // Checked again as a whole: the options may have made it invalid.
     let config = MatrixConfig::parse(&serde_json::to_string(&config)?, &args.config)?;
+    if let Some(width) = config.precision {
+        // Runs that all agree are the narrowest: 1 - 0.025^(1/n) wide.
+        let fewest = crate::stats::trials_to_support(1.0 - width);
+        if u64::from(config.repeats) < fewest {
+            crate::console::say(&format!(
+                "vmm: warning: --precision {width} needs at least {fewest} runs a cell even where every run \
+                 agrees, and the bound is {}: every cell will run to the bound. Raise --max-repeats\n",
+                config.repeats
+            ));
+        }
+    }
     let extra = requirements(&args.report.require)?;
     let shard = match &args.shard {
         Some(text) => text.parse::<Shard>().map_err(CommandError::Shard)?,

@@ -474,9 +474,12 @@ fn rewrite(
                 found,
             });
         }
-        vcpu.memory()
-            .write_slice(with, GuestAddress(addr))
-            .map_err(|source| ModeError::Memory { addr, source })?;
+        // Checked and left as it is (breakpoints, or an armed site not yet armed).
+        if with != expected {
+            vcpu.memory()
+                .write_slice(with, GuestAddress(addr))
+                .map_err(|source| ModeError::Memory { addr, source })?;
+        }
     }
     Ok(())
 }

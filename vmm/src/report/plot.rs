@@ -39,7 +39,8 @@ impl PlotRun {
     }
 }
 
-const PALETTE: [RGBColor; 8] = [
+/// The colours of plotted series, in order (the validation's figures use them too).
+pub const PALETTE: [RGBColor; 8] = [
     RGBColor(31, 119, 180),
     RGBColor(214, 39, 40),
     RGBColor(44, 160, 44),

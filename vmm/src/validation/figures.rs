@@ -3,20 +3,23 @@
 
 use super::roc::Roc;
 use super::sweep::Sweep;
+use crate::report::plot::PALETTE;
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 
-const PALETTE: [RGBColor; 8] = [
-    RGBColor(31, 119, 180),
-    RGBColor(214, 39, 40),
-    RGBColor(44, 160, 44),
-    RGBColor(255, 127, 14),
-    RGBColor(148, 103, 189),
-    RGBColor(140, 86, 75),
-    RGBColor(227, 119, 194),
-    RGBColor(23, 190, 207),
-];
-
 type DrawResult = Result<(), Box<dyn std::error::Error>>;
+type Chart<'a, 'b> = ChartContext<'a, SVGBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+
+/// Every figure's legend: lower right, over a white ground.
+fn legend<'a, 'b: 'a>(chart: &mut Chart<'a, 'b>) -> DrawResult {
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .background_style(WHITE.mix(0.9))
+        .border_style(BLACK)
+        .draw()?;
+    Ok(())
+}
 
 /// A label as SVG text may hold it.
 fn label(text: &str) -> String {
@@ -68,12 +71,7 @@ fn draw_roc(svg: &mut String, roc: &Roc) -> DrawResult {
         let [x, y] = curve.operating;
         chart.draw_series([Circle::new((x, y), 6, colour.filled())])?;
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
-        .background_style(WHITE.mix(0.9))
-        .border_style(BLACK)
-        .draw()?;
+    legend(&mut chart)?;
     root.present()?;
     Ok(())
 }
@@ -137,12 +135,7 @@ fn draw_sweeps(svg: &mut String, sweeps: &[Sweep]) -> DrawResult {
                 ))
             }))?;
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::LowerRight)
-            .background_style(WHITE.mix(0.9))
-            .border_style(BLACK)
-            .draw()?;
+        legend(&mut chart)?;
     }
     root.present()?;
     Ok(())
