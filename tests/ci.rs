@@ -298,8 +298,12 @@ fn requirements_gate_the_exit_status_and_junit_reports_every_cell_and_rule() {
     );
     assert_eq!(report["requirements"].as_array().unwrap().len(), 2);
     let xml = std::fs::read_to_string(&junit).unwrap();
-    // Every cell that ran × 7 rules, one skipped case per refused cell, 2 requirements.
-    let cases = ran.len() * 7 + refused + 2;
+    // Every cell that ran × its rules (8 on every run, and the 4 clock rules: every run
+    // here reads clocks), one skipped case per refused cell, 2 requirements.
+    for cell in &ran {
+        assert_eq!(cell["rules"].as_object().unwrap().len(), 12, "{cell}");
+    }
+    let cases = ran.len() * 12 + refused + 2;
     assert_eq!(xml.matches("<testcase ").count(), cases, "{xml}");
     assert_eq!(xml.matches("<skipped ").count(), refused, "{xml}");
     assert!(
@@ -721,4 +725,48 @@ fn precision_stops_a_cell_once_its_intervals_are_narrow_and_shards_still_merge()
         "{}",
         stderr(&output)
     );
+}
+
+/// A run that fails is retried once in a fresh VM, and the failed attempt stays in the
+/// report (text, JSON, Markdown), never dropped: a guest that triple-faults fails twice,
+/// and the validation fails, naming both.
+#[test]
+fn a_failed_run_is_retried_in_a_fresh_vm_and_both_attempts_are_reported() {
+    let Some(_vm) = vm_test() else { return };
+    use vmm::vm::loader::{test_support::tiny_elf, EM_X86_64};
+    let dir = Scratch::new("retry");
+    let elf = dir.path("ud2.elf");
+    std::fs::write(
+        &elf,
+        tiny_elf(EM_X86_64, guest_payload::layout::PAYLOAD_START, &[0x0f, 0x0b]),
+    )
+    .unwrap();
+    let config = dir.path("matrix.json");
+    std::fs::write(
+        &config,
+        r#"{"description": "retry", "repeats": 2, "iterations": 20, "modes": ["hw-assist"]}"#,
+    )
+    .unwrap();
+    let (json, md) = (dir.path("report.json"), dir.path("report.md"));
+    let output = validate(&["--config", &config, "--payload", &elf, "-o", &json, "--markdown", &md]);
+    let message = stderr(&output);
+    assert_eq!(output.status.code(), Some(1), "{message}");
+    assert_eq!(message.matches("retrying it in a fresh VM").count(), 2, "{message}");
+    let report = read(&json);
+    assert_eq!(report["retried"].as_array().unwrap().len(), 2, "{}", report["retried"]);
+    assert_eq!(
+        report["failures"].as_array().unwrap().len(),
+        2,
+        "{}",
+        report["failures"]
+    );
+    assert!(
+        report["retried"][0]["why"].as_str().unwrap().contains("triple"),
+        "{}",
+        report["retried"]
+    );
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(text.matches("retried in a fresh VM").count(), 2, "{text}");
+    let markdown = std::fs::read_to_string(&md).unwrap();
+    assert!(markdown.contains("## Runs retried in a fresh VM"), "{markdown}");
 }

@@ -132,7 +132,7 @@ fn compare_puts_every_path_side_by_side_and_plots_one_point_each() {
         6,
         "native, hw-assist, three traps, paravirt"
     );
-    assert!(runs.iter().all(|r| r["verdicts"].as_array().unwrap().len() == 7));
+    assert!(runs.iter().all(|r| r["verdicts"].as_array().unwrap().len() == 12));
     let svg = std::fs::read_to_string(&plot).unwrap();
     std::fs::remove_file(&plot).ok();
     assert_eq!(svg.matches("<circle").count(), runs.len());

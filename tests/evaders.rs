@@ -743,3 +743,59 @@ fn nikas_rdtscp_is_hidden_from_cpuid_and_answers_a_clock_of_its_own() {
     );
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// The clocks an RDTSC trap leaves alone see through it (docs/detector.md, "Clocks against
+/// clocks"): RDTSC-KVM-Handler's divider by MSR 0x10 and by the rate kvmclock states,
+/// the exits hidden by the TSC's rate against the PM timer, BetterTiming's clock that
+/// stands still by the PM timer; with no evader every clock agrees. Each verdict names the
+/// pair and the figure; vmcheck reads the same clocks and is fooled by BetterTiming, as
+/// its figure is the TSC's own.
+#[test]
+fn the_clocks_an_rdtsc_trap_leaves_alone_catch_it_and_say_which_pair() {
+    let Some(_vm) = vm_test() else { return };
+    let with_msr = ["--probes", "cpuid-unfenced,cpuid,nop,rdtsc,lfence8,msr-cpuid"];
+    let args = |extra: &[&'static str]| -> Vec<&'static str> { IO_PATCH.iter().chain(extra).copied().collect() };
+    let none = json_run(&[&["run", "--json", "-n", "300", "--warmup", "50"][..], &args(&with_msr)].concat());
+    for rule in ["tsc-msr", "tsc-pm-cpuid", "tsc-kvmclock-rate"] {
+        let (verdict, why) = verdict_why(&none, rule);
+        assert_eq!(verdict, "native", "{rule} with no evader: {why}");
+    }
+    assert!(
+        none["clocks"]["kvmclock_tsc_khz"].as_u64().unwrap() > 0,
+        "{}",
+        none["clocks"]
+    );
+    let (vmcheck, why) = verdict_why(&none, "vmcheck-msr");
+    assert_eq!(vmcheck, "virtual", "an untouched CPUID exit: {why}");
+
+    let divided = run("rdtsc-kvm-handler:20", &args(&with_msr));
+    let (verdict, why) = verdict_why(&divided, "tsc-msr");
+    assert_eq!(verdict, "virtual", "{why}");
+    assert!(
+        why.contains("MSR 0x10") && why.contains("-95."),
+        "the pair and the figure: {why}"
+    );
+    let (verdict, why) = verdict_why(&divided, "tsc-kvmclock-rate");
+    assert_eq!(verdict, "virtual", "{why}");
+    assert!(why.contains("kvmclock says"), "{why}");
+
+    let hidden = run("hide-exits", &args(&[]));
+    let (verdict, why) = verdict_why(&hidden, "tsc-pm-cpuid");
+    assert_eq!(verdict, "virtual", "{why}");
+    assert!(why.contains("PM timer"), "{why}");
+
+    let frozen = run("bettertiming", &args(&[]));
+    let (verdict, why) = verdict_why(&frozen, "tsc-pm-cpuid");
+    assert_eq!(verdict, "virtual", "{why}");
+    assert!(why.contains("stands still"), "{why}");
+    let (verdict, why) = verdict_why(&frozen, "vmcheck-rdtsc");
+    assert_ne!(verdict, "virtual", "vmcheck's own figure is the frozen TSC's: {why}");
+}
+
+fn verdict_why(report: &Value, rule: &str) -> (String, String) {
+    let v = verdict_of(report, rule);
+    (
+        v["verdict"].as_str().unwrap_or_default().to_owned(),
+        v["why"].as_str().unwrap_or_default().to_owned(),
+    )
+}

@@ -722,3 +722,67 @@ fn checkhv_um_noise_floor_says_nothing_of_a_frozen_clock() {
         frozen["tsc_trap"]
     );
 }
+
+/// vmcheck (the SDK example): a plain VM fails both of its checks; BetterTiming's clock,
+/// which stands still across every tagged exit, passes both with a figure of 0 (the
+/// `tsc-pm-cpuid` rule catches the same run); the native twin cannot rdmsr and says so.
+#[test]
+fn vmcheck_catches_a_plain_vm_and_is_fooled_by_a_clock_that_stands_still() {
+    let Some(_vm) = vm_test() else { return };
+    let elf = build_example("vmcheck");
+    let payload = elf.to_str().unwrap();
+    let native = json_run(&["run", "--json", "--mode", "native", "--payload", payload]);
+    let why = verdict_of(&native, "payload")["why"].as_str().unwrap().to_owned();
+    assert!(why.contains("msr not run (rdmsr needs ring 0"), "{why}");
+    let plain = json_run(&["run", "--json", "--mode", "hw-assist", "--payload", payload]);
+    let verdict = verdict_of(&plain, "payload");
+    assert_eq!(verdict["verdict"], "virtual", "{verdict}");
+    let why = verdict["why"].as_str().unwrap();
+    assert!(
+        why.contains("fail (above 200)") && why.contains("fail (above 300)"),
+        "{why}"
+    );
+    let evaded = json_run(&[
+        "run",
+        "--json",
+        "--mode",
+        "hw-assist",
+        "--evade",
+        "bettertiming",
+        "--payload",
+        payload,
+    ]);
+    let verdict = verdict_of(&evaded, "payload");
+    assert_eq!(verdict["verdict"], "native", "{verdict}");
+    let why = verdict["why"].as_str().unwrap();
+    assert!(why.contains("rdtsc 0 pass") && why.contains("msr 0 pass"), "{why}");
+}
+
+/// The red pill (the SDK example): in a VM the guest kernel runs in ring 0 with its own
+/// tables, so SIDT reads the guest's IDT (none: base 0) and POPF changes IF; the native
+/// twin, in ring 3, loses its IF write without a fault (Popek & Goldberg's failure).
+#[test]
+fn red_pill_reads_the_guests_own_tables_and_popf_drops_if_only_in_ring_3() {
+    let Some(_vm) = vm_test() else { return };
+    let elf = build_example("red-pill");
+    let payload = elf.to_str().unwrap();
+    let native = json_run(&["run", "--json", "--mode", "native", "--payload", payload]);
+    let why = verdict_of(&native, "payload")["why"].as_str().unwrap().to_owned();
+    assert!(why.contains("popf-if dropped"), "{why}");
+    for mode in [
+        &["--mode", "hw-assist"][..],
+        &["--mode", "trap-emulate", "--trap", "io-patch"],
+    ] {
+        if !common::path_runs_here(mode) {
+            continue;
+        }
+        let report = json_run(&[&["run", "--json", "--payload", payload][..], mode].concat());
+        let verdict = verdict_of(&report, "payload");
+        assert_eq!(verdict["verdict"], "unsure", "{mode:?}: {verdict}");
+        let why = verdict["why"].as_str().unwrap();
+        assert!(
+            why.contains("sidt 0x0 ") && why.contains("popf-if ok"),
+            "{mode:?}: {why}"
+        );
+    }
+}

@@ -46,6 +46,22 @@ fn every_path_is_traced_and_each_breakdown_adds_up() {
     for path in [&["--mode", "native"][..], &["--mode", "hw-assist"]] {
         let life = trace(path);
         assert!(life["exit_reason"].is_null(), "{path:?}: no exit reaches the VMM");
+        // No VMM answer to show, but what the guest got is there, from its own CPUIDs.
+        assert!(life["registers_out"].is_null(), "{path:?}");
+        let got = life["guest_got"].as_array().unwrap();
+        let leaf0 = got
+            .iter()
+            .find(|r| r["leaf"] == 0)
+            .expect("leaf 0 in what the guest got");
+        assert_eq!(
+            vendor(
+                leaf0["ebx"].as_u64().unwrap(),
+                leaf0["ecx"].as_u64().unwrap(),
+                leaf0["edx"].as_u64().unwrap()
+            ),
+            kvm_vendor,
+            "{path:?}"
+        );
         let parts = life["breakdown"].as_array().unwrap();
         assert_eq!(parts.len(), 1);
         assert_eq!(cycles(&parts[0]), life["guest_visible_cycles"].as_i64().unwrap());
@@ -145,7 +161,10 @@ fn all_paths_side_by_side_as_text_and_svg() {
     let drawn = std::fs::read_to_string(&svg).unwrap();
     std::fs::remove_file(&svg).ok();
     assert!(drawn.starts_with("<svg") && drawn.trim_end().ends_with("</svg>"));
-    assert!(drawn.contains(">paravirt (") && drawn.contains(">native ("), "{drawn}");
+    assert!(
+        drawn.contains(">paravirt</text>") && drawn.contains(">native</text>"),
+        "{drawn}"
+    );
     // Shaping is done or refused for one path as `run` does or refuses it.
     let output = vmm(&["trace", "--mode", "paravirt", "--hide"]);
     if common::kvm_moves_tsc() {
@@ -164,4 +183,28 @@ fn all_paths_side_by_side_as_text_and_svg() {
     assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
     let output = vmm(&["trace", "--all", "--inject-ns", "1000"]);
     assert!(String::from_utf8_lossy(&output.stdout).contains("Ran without the inject shaping asked"));
+}
+
+/// `trace --all` compares the answers the guest got on every path with the native one,
+/// leaf by leaf, and names what differs: on a VM, leaf 1's hypervisor bit or topology
+/// (resource control), never the vendor.
+#[test]
+fn trace_all_compares_every_paths_cpuid_answers_and_names_the_differences() {
+    let Some(_vm) = vm_test() else { return };
+    let output = vmm(&["trace", "--all"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    let section = text
+        .split("== CPUID answers the guest got, against native")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no comparison: {text}"));
+    assert!(
+        section.contains("leaf 0x0.0") && section.contains("the same on every path"),
+        "{section}"
+    );
+    let leaf1 = section.lines().find(|l| l.starts_with("leaf 0x1.0")).unwrap();
+    // Natively the host's own CPU (itself a VM here, or bare metal); in a VM, KVM's table:
+    // at least the APIC topology or a feature bit differs, and it is named.
+    assert!(leaf1.contains("hw-assist") && leaf1.contains("bits 0x"), "{leaf1}");
+    assert!(text.matches("guest  got ").count() >= 2, "{text}");
 }

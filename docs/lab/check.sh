@@ -4,7 +4,9 @@
 #   "# exits 1: ..."   it must exit 1, with vmm's error message;
 #   "# refused ..."    refused where this KVM cannot (exit 1, a refusal in vmm's words), or
 #                      run (exit 0) where it can;
-# any other command must exit 0 and print something.
+# any other command must exit 0 and print something. A comment may also carry claims the
+# exercise's text makes of the output, each "expect /ERE/" (a line must match; several
+# allowed): the check fails when the tool no longer prints what the text says.
 # Needs a built vmm (target/release/vmm) and /dev/kvm.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -12,8 +14,12 @@ export PATH="$PWD/target/release:$PATH"
 command -v vmm >/dev/null || { echo "lab: build vmm first (cargo build --release)" >&2; exit 1; }
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
+# Commands run in a scratch directory (what they write stays out of the tree) that sees
+# the SDK examples at the paths the exercises give, relative to the repository.
+ln -s "$PWD/guest-payload" "$work/guest-payload"
 failed=0
 ran=0
+claims=0
 for page in docs/lab/[0-9]*.md; do
 	in_block=0
 	while IFS= read -r line; do
@@ -49,8 +55,21 @@ for page in docs/lab/[0-9]*.md; do
 			sed 's/^/    /' "$work/out" | tail -5 >&2
 			failed=$((failed + 1))
 		fi
+		# The claims: each "expect /ERE/" of the comment, where the command ran.
+		rest=$comment
+		[ "$status" = 0 ] || rest=""
+		while [[ $rest =~ expect\ /([^/]*)/(.*) ]]; do
+			claim=${BASH_REMATCH[1]}
+			rest=${BASH_REMATCH[2]}
+			claims=$((claims + 1))
+			if ! grep -Eq -- "$claim" "$work/out"; then
+				echo "lab: FAIL ($page): $line: no line matches /$claim/ (the exercise claims it)" >&2
+				sed 's/^/    /' "$work/out" | tail -5 >&2
+				failed=$((failed + 1))
+			fi
+		done
 	done <"$page"
 done
 [ -s "$work/paths.svg" ] || { echo "lab: FAIL: exercise 5 drew no paths.svg" >&2; failed=$((failed + 1)); }
-echo "lab: $((ran - failed)) passed, $failed failed"
+echo "lab: $ran commands and $claims claims checked, $failed failed"
 [ "$failed" = 0 ]

@@ -7,7 +7,7 @@ use core::mem::size_of;
 use core::sync::atomic::AtomicU64;
 
 /// Bumped whenever a layout or meaning below changes.
-pub const ABI_VERSION: u32 = 6;
+pub const ABI_VERSION: u32 = 7;
 
 /// Guest physical memory map. The VMM identity-maps the first [`layout::IDENTITY_MAP_BYTES`]
 /// with 2 MiB pages, so guest virtual and physical addresses are the same.
@@ -26,6 +26,9 @@ pub mod layout {
     pub const COUNTER_BLOCK_ADDR: u64 = 0x6000;
     /// Where the VMM puts [`super::counter::LOOP_CODE`] for the counter vCPU.
     pub const COUNTER_CODE_ADDR: u64 = 0x7000;
+    /// The guest's kvmclock page (`pvclock_vcpu_time_info`, 32 bytes), between the
+    /// counter's block and its code.
+    pub const KVMCLOCK_ADDR: u64 = 0x6800;
     /// The counter vCPU's stack pointer: the one slot below holds the address of a `hlt`
     /// (at [`COUNTER_HALT_ADDR`]) for the loop's `ret` when asked to stop.
     pub const COUNTER_STACK_TOP: u64 = 0x7ff8;
@@ -66,6 +69,37 @@ pub mod ports {
     /// The same for RDTSCP: `0f 01 f9` becomes `e6 f9 90` (the `out`, then a NOP), and
     /// the VMM answers EDX:EAX and ECX (TSC_AUX).
     pub const RDTSCP_TRAP: u8 = 0xf9;
+    /// An ACPI PM timer, where QEMU's PIIX4/ICH9 put it (PMBASE 0x600 + 8): `in eax, dx`
+    /// reads a 32-bit count at [`super::clocks::PM_TIMER_HZ`], kept by the VMM from the
+    /// host's monotonic clock. The guest's wall clock, a clock no RDTSC trap touches.
+    pub const PM_TIMER: u16 = 0x608;
+}
+
+/// The clocks a guest can read besides RDTSC, as [`ClockReadings`] records them.
+pub mod clocks {
+    /// The ACPI PM timer's rate (ACPI 6.5 §4.8.3.3: 3.579545 MHz).
+    pub const PM_TIMER_HZ: u64 = 3_579_545;
+    /// IA32_TIME_STAMP_COUNTER: the TSC read as an MSR (Intel SDM vol. 4 table 2-2).
+    pub const MSR_IA32_TSC: u32 = 0x10;
+    /// KVM's paravirtual clock: the guest writes its page's address | 1 here and KVM keeps
+    /// a `pvclock_vcpu_time_info` there (Linux Documentation/virt/kvm/x86/msr.rst).
+    pub const MSR_KVM_SYSTEM_TIME_NEW: u32 = 0x4b56_4d01;
+    /// TSC cycles of the quiet span: a loop with no CPUID in it, the clocks read at its
+    /// two ends (vmcheck's one-second calibration, shorter).
+    pub const QUIET_CYCLES: u64 = 1 << 27;
+    /// Register-only iterations between two looks at the TSC in the quiet span.
+    pub const QUIET_LOOP: u64 = 10_000;
+    /// The quiet span also ends after this much of the PM timer (0.1 s), looked at once
+    /// every [`QUIET_WALL_EVERY`] looks at the TSC: a trapped RDTSC answered from a clock
+    /// that hides its own exits barely moves, and some KVMs run a guest's loops far slower
+    /// while its RDTSCs are trapped (~2-20 ms per 10,000 iterations on kvm_pvm).
+    pub const QUIET_MAX_PM_TICKS: u64 = PM_TIMER_HZ / 10;
+    pub const QUIET_WALL_EVERY: u32 = 16;
+    /// [`super::ClockReadings`] fields read, as bits of [`super::ResultHeader::clocks`].
+    pub const TSC: u32 = 1 << 0;
+    pub const MSR_TSC: u32 = 1 << 1;
+    pub const PM_TIMER: u32 = 1 << 2;
+    pub const KVMCLOCK: u32 = 1 << 3;
 }
 
 /// One timing sample: the second timestamp minus the first, in TSC cycles, *signed*. A
@@ -223,6 +257,13 @@ pub mod flags {
     /// Record what CPUID returns for [`super::CPUID_SNAPSHOT_LEAVES`] and read the bytes
     /// of the CPUID sites (the guest's view of its own code).
     pub const CPUID_SNAPSHOT: u32 = 1 << 3;
+    /// Read the clocks a VM offers (MSR 0x10, the PM timer port, kvmclock) at the ends of
+    /// the quiet span and of the probes, and run the probes that need them. Set by the
+    /// VMM for a VM only: a host process has no ports or MSRs.
+    pub const CLOCKS: u32 = 1 << 4;
+    /// With [`CLOCKS`]: ask KVM for kvmclock too (the VMM found that this KVM takes the
+    /// MSR write) and read it with the others.
+    pub const KVMCLOCK: u32 = 1 << 5;
 }
 
 /// A payload's own verdict, in [`ResultHeader::verdict`].
@@ -334,13 +375,16 @@ pub enum Probe {
     /// [`counter::XOR_ITERATIONS`] of a dependent XOR chain on a volatile (`x ^= i;
     /// x = (x << 1) ^ (x >> 3)`): work the TSC is checked against.
     XorLoop = 8,
+    /// `rdmsr(IA32_TSC); cpuid; rdmsr(IA32_TSC)`, no fence: vmcheck's `TimestampTiming`
+    /// window (the TSC read as MSR 0x10). A VM's only ([`flags::CLOCKS`]).
+    MsrCpuid = 9,
 }
 
 impl Probe {
     /// Every probe, in the order they are measured and their samples are laid out in the
     /// result block. The unfenced probe comes first: it takes no warm-up, as the
     /// detectors it reproduces take none.
-    pub const ALL: [Probe; 9] = [
+    pub const ALL: [Probe; 10] = [
         Probe::CpuidUnfenced,
         Probe::Cpuid,
         Probe::Nop,
@@ -350,6 +394,7 @@ impl Probe {
         Probe::TimerLfence8,
         Probe::CrossTsc,
         Probe::XorLoop,
+        Probe::MsrCpuid,
     ];
 
     /// The bit of this probe in [`Config::probes`].
@@ -369,6 +414,7 @@ impl Probe {
             Probe::TimerLfence8 => "timer-lfence8",
             Probe::CrossTsc => "cross-tsc",
             Probe::XorLoop => "xor-loop",
+            Probe::MsrCpuid => "msr-cpuid",
         }
     }
 
@@ -376,6 +422,12 @@ impl Probe {
     /// when there is one).
     pub const fn needs_counter(self) -> bool {
         matches!(self, Probe::TimerCpuid | Probe::TimerLfence8 | Probe::CrossTsc)
+    }
+
+    /// Whether it reads what only a VM offers its guest (an MSR): run where
+    /// [`flags::CLOCKS`] is set, never in a host process.
+    pub const fn needs_clocks(self) -> bool {
+        matches!(self, Probe::MsrCpuid)
     }
 
     /// Warm-up samples taken before this probe's kept ones.
@@ -452,6 +504,21 @@ pub struct CpuidRecord {
     pub edx: u32,
 }
 
+/// Every clock the guest reads, read back to back (PM timer, kvmclock, MSR 0x10, RDTSC;
+/// the reverse at a span's end): zero where [`ResultHeader::clocks`] says it was not read.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClockReadings {
+    /// RDTSC.
+    pub tsc: u64,
+    /// IA32_TSC by RDMSR (MSR 0x10).
+    pub msr_tsc: u64,
+    /// The PM timer's 32-bit count, or natively the host's monotonic clock in its ticks.
+    pub pm_timer: u64,
+    /// kvmclock's nanoseconds (`system_time` + the scaled TSC since `tsc_timestamp`).
+    pub kvmclock_ns: u64,
+}
+
 /// The header the guest writes at [`Config::result_addr`]; the samples follow it, one
 /// [`Cycles`] (a signed 64-bit TSC difference) each, `iterations` per probe, probes in [`Probe::ALL`] order.
 #[repr(C)]
@@ -495,6 +562,16 @@ pub struct ResultHeader {
     /// where nothing hides or pauses anything. Zero without a counter.
     pub rate_cycles: u64,
     pub rate_ticks: u64,
+    /// The clocks read ([`clocks`] bits); zero where none were.
+    pub clocks: u32,
+    /// The TSC's rate kvmclock states (from its `tsc_to_system_mul` and `tsc_shift`, as
+    /// Linux's `pvclock_tsc_khz`), in kHz; zero without kvmclock.
+    pub kvmclock_tsc_khz: u32,
+    /// The clocks at the two ends of the quiet span: a loop of
+    /// [`clocks::QUIET_CYCLES`] with no CPUID, before the probes.
+    pub quiet: [ClockReadings; 2],
+    /// The clocks before the first probe and after the last: around every CPUID window.
+    pub span: [ClockReadings; 2],
 }
 
 impl Default for ResultHeader {
@@ -517,6 +594,10 @@ impl Default for ResultHeader {
             reason: [0; REASON_BYTES],
             rate_cycles: 0,
             rate_ticks: 0,
+            clocks: 0,
+            kvmclock_tsc_khz: 0,
+            quiet: [ClockReadings::default(); 2],
+            span: [ClockReadings::default(); 2],
         }
     }
 }
@@ -531,7 +612,11 @@ const _: () = assert!(layout::COUNTER_CODE_ADDR + counter::LOOP_CODE.len() as u6
 const _: () = assert!(layout::COUNTER_HALT_ADDR + counter::HALT_CODE.len() as u64 <= layout::COUNTER_STACK_TOP);
 const _: () = assert!(layout::COUNTER_STACK_TOP + 8 <= layout::STACK_BOTTOM);
 const _: () = assert!(size_of::<CpuidRecord>() == 24);
-const _: () = assert!(size_of::<ResultHeader>() == 56 + 24 * CPUID_SNAPSHOT_LEAVES.len() + 16 + REASON_BYTES + 16);
+const _: () = assert!(size_of::<ClockReadings>() == 32);
+const _: () =
+    assert!(size_of::<ResultHeader>() == 56 + 24 * CPUID_SNAPSHOT_LEAVES.len() + 16 + REASON_BYTES + 16 + 8 + 4 * 32);
+const _: () = assert!(layout::COUNTER_BLOCK_ADDR + size_of::<CounterBlock>() as u64 <= layout::KVMCLOCK_ADDR);
+const _: () = assert!(layout::KVMCLOCK_ADDR + 32 <= layout::COUNTER_CODE_ADDR);
 const _: () = assert!(size_of::<PayloadInfo>() == 48);
 
 impl Config {
@@ -549,7 +634,7 @@ impl Config {
         let (n, w) = (u64::from(self.iterations), self.warmup);
         let has = |probe: Probe| self.probes & probe.bit() != 0;
         let mut count = 0;
-        for probe in [Probe::Cpuid, Probe::CpuidUnfenced] {
+        for probe in [Probe::Cpuid, Probe::CpuidUnfenced, Probe::MsrCpuid] {
             if has(probe) {
                 count += n + u64::from(probe.warmup(w));
             }

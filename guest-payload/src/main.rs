@@ -13,7 +13,7 @@ use guest_payload::timing::{self, CpuidCall, MeasureError, Request, TimerOut};
 use guest_payload::{
     capabilities, PayloadInfo, ABI_VERSION, CONFIG_MAGIC, CPUID_SNAPSHOT_LEAVES, PAYLOAD_INFO_MAGIC, RESULT_MAGIC,
 };
-use guest_payload::{flags, layout, ports, probes_in, Config, Cycles, Probe, ResultHeader, Status};
+use guest_payload::{clocks, flags, layout, ports, probes_in, Config, Cycles, Probe, ResultHeader, Status};
 
 mod baremetal;
 
@@ -101,10 +101,25 @@ fn run(config: &Config) -> Status {
     };
     let with_ticks = config.counter_addr != 0;
     if with_ticks {
-        match timing::measure_counter_rate(&request) {
+        match timing::measure_counter_rate(&request, timing::read_pm_timer) {
             Ok((cycles, ticks)) => (header.rate_cycles, header.rate_ticks) = (cycles, ticks),
             Err(_) => return Status::CounterStalled,
         }
+    }
+    let with_clocks = config.flags & flags::CLOCKS != 0;
+    let kvmclock = with_clocks
+        && config.flags & flags::KVMCLOCK != 0
+        && match timing::enable_kvmclock() {
+            Some(khz) => {
+                header.kvmclock_tsc_khz = khz;
+                true
+            }
+            None => false,
+        };
+    if with_clocks {
+        header.clocks = clocks::TSC | clocks::MSR_TSC | clocks::PM_TIMER | if kvmclock { clocks::KVMCLOCK } else { 0 };
+        header.quiet = timing::quiet_span(|end| timing::read_vm_clocks(kvmclock, end), timing::read_pm_timer);
+        header.span[0] = timing::read_vm_clocks(kvmclock, false);
     }
     let timer_pair = Probe::TimerCpuid.bit() | Probe::TimerLfence8.bit();
     for probe in probes_in(config.probes) {
@@ -130,6 +145,10 @@ fn run(config: &Config) -> Status {
             Err(MeasureError::NoCounter) => return Status::NoCounter,
             Err(MeasureError::CounterStalled) => return Status::CounterStalled,
         }
+    }
+
+    if with_clocks {
+        header.span[1] = timing::read_vm_clocks(kvmclock, true);
     }
 
     if config.flags & flags::CPUID_SNAPSHOT != 0 {

@@ -127,6 +127,11 @@ pub fn c_header() -> String {
             "The counter block of a run with a counter vCPU (config.counter_addr says).",
         ),
         (
+            "VMM_KVMCLOCK_ADDR",
+            layout::KVMCLOCK_ADDR,
+            "The guest's kvmclock page (32 bytes), where the timing core asks KVM for it.",
+        ),
+        (
             "VMM_COUNTER_CODE_ADDR",
             layout::COUNTER_CODE_ADDR,
             "Reserved: the counter vCPU's code.",
@@ -163,6 +168,18 @@ pub fn c_header() -> String {
         "VMM_PORT_CPUID_TRAP",
         ports::CPUID_TRAP,
         "Reserved for the VMM's io-patch trap: do not use.",
+    );
+    define(
+        &mut out,
+        "VMM_PORT_PM_TIMER",
+        ports::PM_TIMER,
+        "An ACPI PM timer: `in eax, dx` reads a 32-bit count at VMM_PM_TIMER_HZ (a VM's only).",
+    );
+    define_u64(
+        &mut out,
+        "VMM_PM_TIMER_HZ",
+        crate::abi::clocks::PM_TIMER_HZ,
+        "The PM timer's rate, 3.579545 MHz.",
     );
     out.push_str("\n/* Magics (little-endian ASCII). */\n");
     define_u64(&mut out, "VMM_CONFIG_MAGIC", CONFIG_MAGIC, "\"VMMCONF1\"");
@@ -356,6 +373,28 @@ pub fn c_header() -> String {
     emit(
         &mut out,
         &CStruct {
+            name: "vmm_clock_readings",
+            comment: "Every clock read back to back; zero where `clocks` says it was not read.",
+            size: size_of::<crate::abi::ClockReadings>(),
+            fields: &[
+                ("uint64_t {}", "tsc", offset_of!(crate::abi::ClockReadings, tsc)),
+                ("uint64_t {}", "msr_tsc", offset_of!(crate::abi::ClockReadings, msr_tsc)),
+                (
+                    "uint64_t {}",
+                    "pm_timer",
+                    offset_of!(crate::abi::ClockReadings, pm_timer),
+                ),
+                (
+                    "uint64_t {}",
+                    "kvmclock_ns",
+                    offset_of!(crate::abi::ClockReadings, kvmclock_ns),
+                ),
+            ],
+        },
+    );
+    emit(
+        &mut out,
+        &CStruct {
             name: "vmm_result_header",
             comment: "Written by the payload at config.result_addr; int64_t samples follow it \
                       (signed: negative when the TSC ran backwards), `iterations` per probe in \
@@ -388,6 +427,22 @@ pub fn c_header() -> String {
                 ("char {}[VMM_REASON_BYTES]", "reason", offset_of!(ResultHeader, reason)),
                 ("uint64_t {}", "rate_cycles", offset_of!(ResultHeader, rate_cycles)),
                 ("uint64_t {}", "rate_ticks", offset_of!(ResultHeader, rate_ticks)),
+                ("uint32_t {}", "clocks", offset_of!(ResultHeader, clocks)),
+                (
+                    "uint32_t {}",
+                    "kvmclock_tsc_khz",
+                    offset_of!(ResultHeader, kvmclock_tsc_khz),
+                ),
+                (
+                    "struct vmm_clock_readings {}[2]",
+                    "quiet",
+                    offset_of!(ResultHeader, quiet),
+                ),
+                (
+                    "struct vmm_clock_readings {}[2]",
+                    "span",
+                    offset_of!(ResultHeader, span),
+                ),
             ],
         },
     );

@@ -13,7 +13,7 @@
 //! A sample is `end - start` as a signed [`Cycles`]: where a hypervisor moved the guest's
 //! TSC back during the probe, the sample is negative, and says so.
 
-use crate::abi::{counter, ports, CounterBlock, CpuidRecord, Cycles, Probe};
+use crate::abi::{clocks, counter, layout, ports, ClockReadings, CounterBlock, CpuidRecord, Cycles, Probe};
 use core::arch::global_asm;
 use core::sync::atomic::Ordering;
 
@@ -26,6 +26,9 @@ pub const CPUID_SITE_SYMBOLS: [&str; 4] = [
     "vmm_site_cpuid_query",
     "vmm_site_cpuid_timer",
 ];
+/// The CPUID of the `msr-cpuid` window: a fifth site, in the binary only where that probe
+/// runs (`--trap hw-breakpoint` has four debug registers for the other four).
+pub const CPUID_MSR_SITE_SYMBOL: &str = "vmm_site_cpuid_msr";
 /// The CPUID of the guest's snapshot (not a timed sample), counted apart.
 pub const CPUID_QUERY_SITE_SYMBOL: &str = "vmm_site_cpuid_query";
 /// The hypercall (`out`) that answers snapshot queries in paravirt mode, told apart from
@@ -119,6 +122,50 @@ global_asm!(
     vmm_site_hypercall_probe:
         out dx, eax
         TSC_TO_RAX
+        sub rax, r8
+        pop rbx
+        ret
+
+    # i64 vmm_sample_msr_cpuid(u32 leaf, u32 subleaf): vmcheck's TimestampTiming window,
+    # IA32_TSC read by rdmsr around CPUID, no fence (rdmsr of it serialises nothing)
+    .globl vmm_sample_msr_cpuid
+    vmm_sample_msr_cpuid:
+        push rbx
+        mov ecx, {msr_tsc}
+        rdmsr
+        shl rdx, 32
+        or rax, rdx
+        mov r8, rax
+        mov eax, edi
+        mov ecx, esi
+    .globl vmm_site_cpuid_msr
+    vmm_site_cpuid_msr:
+        cpuid
+        mov ecx, {msr_tsc}
+        rdmsr
+        shl rdx, 32
+        or rax, rdx
+        sub rax, r8
+        pop rbx
+        ret
+
+    # i64 vmm_sample_msr_hypercall(u32 leaf, u32 subleaf): the same around the hypercall
+    .globl vmm_sample_msr_hypercall
+    vmm_sample_msr_hypercall:
+        push rbx
+        mov ecx, {msr_tsc}
+        rdmsr
+        shl rdx, 32
+        or rax, rdx
+        mov r8, rax
+        mov eax, edi
+        mov ecx, esi
+        mov dx, {hypercall_port}
+        out dx, eax
+        mov ecx, {msr_tsc}
+        rdmsr
+        shl rdx, 32
+        or rax, rdx
         sub rax, r8
         pop rbx
         ret
@@ -314,6 +361,7 @@ global_asm!(
     .popsection
     "#,
     hypercall_port = const ports::HYPERCALL,
+    msr_tsc = const clocks::MSR_IA32_TSC,
     xor_iterations = const counter::XOR_ITERATIONS,
 );
 
@@ -335,6 +383,8 @@ extern "C" {
     fn vmm_timer_hypercall(counter: *const u64, out: *mut [Cycles; 2]);
     fn vmm_timer_lfence8(counter: *const u64, out: *mut [Cycles; 2]);
     fn vmm_sample_xor_loop() -> Cycles;
+    fn vmm_sample_msr_cpuid(leaf: u32, subleaf: u32) -> Cycles;
+    fn vmm_sample_msr_hypercall(leaf: u32, subleaf: u32) -> Cycles;
     fn vmm_counter_loop(block: *mut CounterBlock);
     static vmm_site_cpuid_timer: u8;
     static vmm_counter_loop_end: u8;
@@ -490,6 +540,8 @@ pub fn measure(
                 (Probe::CpuidUnfenced, CpuidCall::Instruction) => vmm_sample_cpuid_unfenced(leaf, subleaf),
                 (Probe::CpuidUnfenced, CpuidCall::Hypercall) => vmm_sample_hypercall_unfenced(leaf, subleaf),
                 (Probe::XorLoop, _) => vmm_sample_xor_loop(),
+                (Probe::MsrCpuid, CpuidCall::Instruction) => vmm_sample_msr_cpuid(leaf, subleaf),
+                (Probe::MsrCpuid, CpuidCall::Hypercall) => vmm_sample_msr_hypercall(leaf, subleaf),
                 (Probe::TimerCpuid | Probe::TimerLfence8 | Probe::CrossTsc, _) => 0,
             }
         }
@@ -521,13 +573,26 @@ pub fn measure(
 /// ends (a counter polled all along runs slower; an emulating KVM slows the other vCPU
 /// while it emulates a TSC read). Waits for the counter to start first. Returns cycles
 /// and ticks.
-pub fn measure_counter_rate(request: &Request) -> Result<(u64, u64), MeasureError> {
+///
+/// `wall` (the PM timer) bounds the window as it bounds [`quiet_span`]: a trapped TSC
+/// that hides its own exits barely moves, and the window then ends after
+/// [`clocks::QUIET_MAX_PM_TICKS`] with the few cycles it saw (a rate the rules call
+/// unknown, not a hang).
+pub fn measure_counter_rate(request: &Request, mut wall: impl FnMut() -> u32) -> Result<(u64, u64), MeasureError> {
     let block = counter_block(request)? as *const CounterBlock;
     wait_for_tick(block)?;
     let c0 = read_counter(block);
+    let w0 = wall();
     let t0 = read_tsc();
     let mut t = t0;
+    let mut looks = 0u32;
     while t.wrapping_sub(t0) < counter::RATE_CYCLES {
+        if looks % clocks::QUIET_WALL_EVERY == clocks::QUIET_WALL_EVERY - 1
+            && u64::from(wall().wrapping_sub(w0)) >= clocks::QUIET_MAX_PM_TICKS
+        {
+            break;
+        }
+        looks = looks.wrapping_add(1);
         // SAFETY: a register-only countdown.
         unsafe {
             core::arch::asm!(
@@ -675,6 +740,159 @@ pub fn read_tsc() -> u64 {
     unsafe { vmm_read_tsc() }
 }
 
+/// The clocks read by `read` at the two ends of a quiet span: [`clocks::QUIET_CYCLES`]
+/// of the TSC, or [`clocks::QUIET_MAX_PM_TICKS`] of the wall clock `wall` (the PM timer),
+/// whichever comes first, in a register-only loop that looks at the TSC once every
+/// [`clocks::QUIET_LOOP`] iterations and executes no CPUID. vmcheck calibrates the TSC
+/// against one second of sleep; this is the same comparison, shorter and busy.
+/// `read(end)` reads them; `end` is true at the span's end.
+pub fn quiet_span(mut read: impl FnMut(bool) -> ClockReadings, mut wall: impl FnMut() -> u32) -> [ClockReadings; 2] {
+    let start = read(false);
+    let w0 = wall();
+    let t0 = read_tsc();
+    let mut t = t0;
+    let mut looks = 0u32;
+    while t.wrapping_sub(t0) < clocks::QUIET_CYCLES {
+        if looks % clocks::QUIET_WALL_EVERY == clocks::QUIET_WALL_EVERY - 1
+            && u64::from(wall().wrapping_sub(w0)) >= clocks::QUIET_MAX_PM_TICKS
+        {
+            break;
+        }
+        // SAFETY: a register-only countdown.
+        unsafe {
+            core::arch::asm!(
+                "2:",
+                "dec {n}",
+                "jnz 2b",
+                n = inout(reg) clocks::QUIET_LOOP => _,
+                options(nomem, nostack)
+            );
+        }
+        t = read_tsc();
+        looks = looks.wrapping_add(1);
+    }
+    [start, read(true)]
+}
+
+/// Reads an MSR. Ring 0 only: a VM's guest, never a host process (a #GP there).
+fn rdmsr(index: u32) -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: reads one MSR into edx:eax; the caller runs at CPL 0 in a VM whose KVM
+    // knows the MSR (IA32_TSC and kvmclock's always are).
+    unsafe { core::arch::asm!("rdmsr", in("ecx") index, out("eax") lo, out("edx") hi, options(nomem, nostack)) };
+    (u64::from(hi) << 32) | u64::from(lo)
+}
+
+/// The PM timer's count. A VM's guest only (port I/O faults in a host process).
+pub fn read_pm_timer() -> u32 {
+    let value: u32;
+    // SAFETY: a port read the VMM answers; no memory is touched.
+    unsafe { core::arch::asm!("in eax, dx", in("dx") ports::PM_TIMER, out("eax") value, options(nomem, nostack)) };
+    value
+}
+
+/// `pvclock_vcpu_time_info` (Linux arch/x86/include/asm/pvclock-abi.h), as KVM writes it.
+#[repr(C)]
+struct PvclockTimeInfo {
+    version: u32,
+    pad0: u32,
+    tsc_timestamp: u64,
+    system_time: u64,
+    tsc_to_system_mul: u32,
+    tsc_shift: i8,
+    flags: u8,
+    pad: [u8; 2],
+}
+
+const _: () = assert!(core::mem::size_of::<PvclockTimeInfo>() == 32);
+
+fn kvmclock_page() -> *const PvclockTimeInfo {
+    layout::KVMCLOCK_ADDR as *const PvclockTimeInfo
+}
+
+/// Asks KVM for kvmclock at [`layout::KVMCLOCK_ADDR`] and returns the TSC rate it states
+/// in kHz (Linux `pvclock_tsc_khz`), or `None` where KVM never filled the page. A VM's
+/// guest only, where the VMM found that KVM takes the MSR write (`flags::KVMCLOCK`).
+pub fn enable_kvmclock() -> Option<u32> {
+    let page = layout::KVMCLOCK_ADDR as *mut u8;
+    // SAFETY: the kvmclock page is guest RAM the ABI reserves for it; nothing else uses it.
+    unsafe { core::ptr::write_bytes(page, 0, core::mem::size_of::<PvclockTimeInfo>()) };
+    let value = layout::KVMCLOCK_ADDR | 1;
+    // SAFETY: a write of KVM's own clock MSR (the VMM probed that KVM takes it).
+    unsafe {
+        core::arch::asm!("wrmsr", in("ecx") clocks::MSR_KVM_SYSTEM_TIME_NEW, in("eax") value as u32,
+            in("edx") (value >> 32) as u32, options(nostack))
+    };
+    // KVM fills the page before the next entry; an exit (a PM timer read) makes one.
+    read_pm_timer();
+    // SAFETY: the page KVM writes; volatile, since the host does.
+    let info = unsafe { core::ptr::read_volatile(kvmclock_page()) };
+    if info.version == 0 || info.tsc_to_system_mul == 0 {
+        return None;
+    }
+    let mut khz: u64 = (1_000_000u64 << 32) / u64::from(info.tsc_to_system_mul);
+    if info.tsc_shift < 0 {
+        khz <<= -i32::from(info.tsc_shift);
+    } else {
+        khz >>= i32::from(info.tsc_shift);
+    }
+    u32::try_from(khz).ok()
+}
+
+/// kvmclock's time in ns, read as Linux's `pvclock_clocksource_read` does: the page's
+/// system time plus the TSC since its timestamp, scaled, retried while KVM updates it.
+fn read_kvmclock() -> u64 {
+    loop {
+        // SAFETY: the kvmclock page KVM keeps; fields read volatile, version around them.
+        let (version, tsc_timestamp, system_time, mul, shift) = unsafe {
+            let p = kvmclock_page();
+            (
+                core::ptr::read_volatile(&raw const (*p).version),
+                core::ptr::read_volatile(&raw const (*p).tsc_timestamp),
+                core::ptr::read_volatile(&raw const (*p).system_time),
+                core::ptr::read_volatile(&raw const (*p).tsc_to_system_mul),
+                core::ptr::read_volatile(&raw const (*p).tsc_shift),
+            )
+        };
+        let tsc = read_tsc();
+        // SAFETY: as above.
+        let again = unsafe { core::ptr::read_volatile(&raw const (*kvmclock_page()).version) };
+        if version & 1 != 0 || version != again {
+            continue;
+        }
+        let mut delta = tsc.wrapping_sub(tsc_timestamp);
+        if shift < 0 {
+            delta >>= -i32::from(shift);
+        } else {
+            delta <<= i32::from(shift);
+        }
+        return system_time.wrapping_add(((u128::from(delta) * u128::from(mul)) >> 32) as u64);
+    }
+}
+
+/// Every clock a VM offers its guest, back to back: the PM timer outermost, RDTSC
+/// innermost (`end` reverses the order, so each clock's span holds the next one's).
+/// A VM's guest only.
+pub fn read_vm_clocks(kvmclock: bool, end: bool) -> ClockReadings {
+    let mut r = ClockReadings::default();
+    if end {
+        r.tsc = read_tsc();
+        r.msr_tsc = rdmsr(clocks::MSR_IA32_TSC);
+        if kvmclock {
+            r.kvmclock_ns = read_kvmclock();
+        }
+        r.pm_timer = u64::from(read_pm_timer());
+    } else {
+        r.pm_timer = u64::from(read_pm_timer());
+        if kvmclock {
+            r.kvmclock_ns = read_kvmclock();
+        }
+        r.msr_tsc = rdmsr(clocks::MSR_IA32_TSC);
+        r.tsc = read_tsc();
+    }
+    r
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -689,7 +907,8 @@ mod tests {
 
     #[test]
     fn every_native_probe_without_a_counter_fills_its_buffer_with_positive_cycle_counts() {
-        for probe in Probe::ALL {
+        // A VM's probes (an MSR) fault in a host process: the native runner leaves them out.
+        for probe in Probe::ALL.into_iter().filter(|p| !p.needs_clocks()) {
             let mut samples = [0 as Cycles; 64];
             let measured = measure(probe, &NATIVE, &mut samples, None);
             if probe.needs_counter() {
@@ -747,7 +966,7 @@ mod tests {
     fn with_a_counter_every_probe_records_ticks_and_the_counter_probes_run() {
         let counter = CounterThread::start();
         let request = counter.request();
-        for probe in Probe::ALL {
+        for probe in Probe::ALL.into_iter().filter(|p| !p.needs_clocks()) {
             let mut samples = [0 as Cycles; 200];
             let mut ticks = [-1 as Cycles; 200];
             assert_eq!(

@@ -126,12 +126,12 @@ pub fn kvm_check(name: &str) -> (String, String) {
 
 /// Does this KVM honour TSC moves (hide, virtual inject, profiles)? doctor's probe.
 pub fn kvm_moves_tsc() -> bool {
-    kvm_check("TSC moves").0 == "ok"
+    kvm_check("TSC offset writes").0 == "ok"
 }
 
-/// Does this KVM offer TSC scaling (`--evade tsc-khz`)? doctor's "two vCPUs" line.
+/// Does this KVM offer TSC scaling (`--evade tsc-khz`)? doctor's "TSC scaling" line.
 pub fn kvm_scales_tsc() -> bool {
-    !kvm_check("two vCPUs").1.contains("no TSC scaling")
+    kvm_check("TSC scaling").0 == "ok"
 }
 
 /// Does this KVM deliver `--trap NAME` to the VMM? doctor's probe (`trap NAME`).

@@ -76,9 +76,15 @@ pub struct TraceArgs {
     #[arg(long)]
     pub all: bool,
 
-    /// CPUIDs run before the one followed (caches and branch predictors warm).
-    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(0..=10_000))]
+    /// CPUIDs run before the one followed (caches and branch predictors warm); 100, as
+    /// `run` warms up (a colder trace puts thousands of cycles more in the VMM's part).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(0..=10_000))]
     pub warmup: u32,
+
+    /// Trace each path this many times (a fresh VM, or native run, each) and show the trace whose
+    /// guest-visible cost is the median, with the range of all of them: one exit is noisy.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=101))]
+    pub repeat: u32,
 
     /// CPUID leaf (EAX); decimal or 0x-hex.
     #[arg(long, default_value = "0", value_parser = parse_u32)]
@@ -285,6 +291,12 @@ pub struct ReportArgs {
     #[arg(long, value_name = "FILE.svg")]
     pub sweep_plot: Option<PathBuf>,
 
+    /// Draw the detectors × evaders table (a row per rule, a column per thing the cells
+    /// stage: caught, fooled, false alarm, quiet, unsure or not applicable, coloured) as
+    /// SVG. A matrix that stages one thing only draws nothing and exits 1.
+    #[arg(long, value_name = "FILE.svg")]
+    pub matrix_plot: Option<PathBuf>,
+
     /// Write one JUnit test case per cell × rule (and per requirement), for CI systems.
     #[arg(long, value_name = "FILE.xml")]
     pub junit: Option<PathBuf>,
@@ -329,7 +341,9 @@ pub struct RunArgs {
     /// with --vcpus 2 also timer-cpuid,timer-lfence8,cross-tsc]. `cpuid-unfenced` is what
     /// fixed-threshold reads (as pafish and al-khaser time CPUID); `lfence8` is
     /// tsc-lfence-ratio's baseline; the timer pair is VMAware's TIMER; xor-loop is work
-    /// to check the TSC against (slow on an emulating KVM: ask for it).
+    /// to check the TSC against (slow on an emulating KVM: ask for it); msr-cpuid is
+    /// vmcheck's MSR 0x10 window (a VM's only; a fifth CPUID site, which --trap
+    /// hw-breakpoint cannot take with the other four).
     #[arg(long, value_enum, value_delimiter = ',')]
     pub probes: Vec<ProbeArg>,
 
@@ -475,6 +489,8 @@ pub enum ProbeArg {
     CrossTsc,
     /// A dependent XOR chain of 256 iterations: retired work against the TSC.
     XorLoop,
+    /// `rdmsr(0x10); cpuid; rdmsr(0x10)`: vmcheck's TimestampTiming window (a VM's only).
+    MsrCpuid,
 }
 
 impl From<ProbeArg> for Probe {
@@ -489,6 +505,7 @@ impl From<ProbeArg> for Probe {
             ProbeArg::TimerLfence8 => Probe::TimerLfence8,
             ProbeArg::CrossTsc => Probe::CrossTsc,
             ProbeArg::XorLoop => Probe::XorLoop,
+            ProbeArg::MsrCpuid => Probe::MsrCpuid,
         }
     }
 }

@@ -162,7 +162,8 @@ pub fn run_checks() -> Vec<Check> {
     ));
 
     checks.push(sandbox_check());
-    checks.push(two_vcpus_check(kvm.as_ref().and_then(|m| m.kvm().ok())));
+    checks.push(two_vcpus_check());
+    checks.push(tsc_scaling_check(kvm.as_ref().and_then(|m| m.kvm().ok())));
     if let Some(measurer) = &kvm {
         checks.push(boot_check(measurer));
         checks.push(tsc_moves_check(measurer));
@@ -184,6 +185,25 @@ pub fn run_checks() -> Vec<Check> {
             ),
             Err(error) => check("rdtscp in a guest", Verdict::Warn, format!("could not be probed: {error}")),
         });
+        const VMCALL: &str = "vmcall in a guest";
+        checks.push(match measurer.vmcall_in_guest() {
+            Ok(Ok(())) => check(
+                VMCALL,
+                Verdict::Ok,
+                "runs: KVM answers the guest's hypercall instruction (an unknown hypercall returns -KVM_ENOSYS)",
+            ),
+            Ok(Err(why)) => check(
+                VMCALL,
+                Verdict::Warn,
+                format!("fails ({why}): a guest cannot make KVM hypercalls here"),
+            ),
+            Err(error) => check(VMCALL, Verdict::Warn, format!("could not be probed: {error}")),
+        });
+        checks.push(if measurer.kvmclock_in_guest() {
+            check("kvmclock in a guest", Verdict::Ok, "KVM takes MSR_KVM_SYSTEM_TIME_NEW: the timing core reads kvmclock (tsc-kvmclock-rate)")
+        } else {
+            check("kvmclock in a guest", Verdict::Warn, "KVM refused the MSR_KVM_SYSTEM_TIME_NEW write: runs read no kvmclock, and tsc-kvmclock-rate says unsure")
+        });
         const FLOAT: &str = "floating point in a guest";
         checks.push(match measurer.float_in_guest() {
             Ok(Ok(())) => check(FLOAT, Verdict::Ok, "SSE arithmetic runs (payloads may compute in double)"),
@@ -198,21 +218,15 @@ pub fn run_checks() -> Vec<Check> {
     checks
 }
 
-/// What `--vcpus 2` and its evasions need: a second CPU for the counter vCPU, and TSC
-/// scaling for `--evade tsc-khz`.
-fn two_vcpus_check(kvm: Option<&crate::vm::kvm::KvmContext>) -> Check {
+/// What `--vcpus 2` needs: a second CPU for the counter vCPU.
+fn two_vcpus_check() -> Check {
     let cpus = crate::host::allowed_cpus();
-    let scaling = match kvm {
-        Some(k) if k.tsc_control => "TSC scaling offered (KVM_CAP_TSC_CONTROL: --evade tsc-khz can run)",
-        Some(_) => "no TSC scaling (KVM_CAP_TSC_CONTROL not offered: --evade tsc-khz is refused)",
-        None => "TSC scaling unknown (no KVM)",
-    };
     if cpus.len() >= 2 {
         check(
             "two vCPUs",
             Verdict::Ok,
             format!(
-                "{} CPUs for this process: the counter vCPU gets one of its own; {scaling}",
+                "{} CPUs for this process: the counter vCPU gets one of its own",
                 cpus.len()
             ),
         )
@@ -220,8 +234,29 @@ fn two_vcpus_check(kvm: Option<&crate::vm::kvm::KvmContext>) -> Check {
         check(
             "two vCPUs",
             Verdict::Warn,
-            format!("this process may run on CPU {cpus:?} only: --vcpus 2 is refused (the counter needs a CPU of its own); {scaling}"),
+            format!(
+                "this process may run on CPU {cpus:?} only: --vcpus 2 is refused (the counter needs a CPU of its own)"
+            ),
         )
+    }
+}
+
+/// TSC scaling (`KVM_CAP_TSC_CONTROL`): a guest TSC at a rate of the VMM's choosing, what
+/// `--evade tsc-khz` needs.
+fn tsc_scaling_check(kvm: Option<&crate::vm::kvm::KvmContext>) -> Check {
+    const NAME: &str = "TSC scaling";
+    match kvm {
+        Some(k) if k.tsc_control => check(
+            NAME,
+            Verdict::Ok,
+            "offered (KVM_CAP_TSC_CONTROL): --evade tsc-khz can run",
+        ),
+        Some(_) => check(
+            NAME,
+            Verdict::Warn,
+            "not offered (KVM_CAP_TSC_CONTROL absent): --evade tsc-khz is refused",
+        ),
+        None => check(NAME, Verdict::Warn, "unknown (no KVM)"),
     }
 }
 
@@ -264,7 +299,7 @@ fn sandbox_check() -> Check {
 /// `--virtual-inject-cycles` and profiles (paravirt: the one VMM-handled path every KVM
 /// delivers), so what doctor says is what those runs will find.
 fn tsc_moves_check(measurer: &Measurer) -> Check {
-    const NAME: &str = "TSC moves";
+    const NAME: &str = "TSC offset writes";
     let spec = RunSpec {
         timeout: Duration::from_secs(20),
         ..RunSpec::new(Path::Paravirt)

@@ -53,6 +53,7 @@ impl Session {
             cpuid_leaf: spec.cpuid_leaf,
             payload: measurement.results.verdict.as_ref(),
             patched_for_an_evader: spec.patched_for_an_evader(),
+            clocks: measurement.results.clocks,
         }
     }
 

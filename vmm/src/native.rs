@@ -4,7 +4,7 @@
 use crate::host::{pin_current_thread, AffinityError, Placement};
 use crate::results::{ProbeSamples, Results, ResultsError};
 use guest_payload::timing::{self, CpuidCall, Request};
-use guest_payload::{probes_in, Config, Cycles, Probe, CPUID_SNAPSHOT_LEAVES};
+use guest_payload::{probes_in, ClockReadings, Config, Cycles, Probe, CPUID_SNAPSHOT_LEAVES};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -135,14 +135,24 @@ pub fn run(config: &Config, placement: Placement, timeout: Duration) -> Result<N
             let deadline = started + timeout;
             let iterations = config.iterations as usize;
             let counter_rate = if with_ticks {
-                Some(timing::measure_counter_rate(&request).map_err(measure_error)?)
+                Some(timing::measure_counter_rate(&request, crate::vm::pm_timer::count).map_err(measure_error)?)
             } else {
                 None
             };
             let timer_pair = Probe::TimerCpuid.bit() | Probe::TimerLfence8.bit();
             let paired = config.probes & timer_pair == timer_pair;
+            // The quiet span and the run's span on the host's clocks: the TSC and the
+            // monotonic clock in PM timer ticks (no MSR, no kvmclock in a host process).
+            let host_clocks = |_end: bool| ClockReadings {
+                tsc: timing::read_tsc(),
+                pm_timer: u64::from(crate::vm::pm_timer::count()),
+                ..Default::default()
+            };
+            let quiet = timing::quiet_span(host_clocks, crate::vm::pm_timer::count);
+            let span_start = host_clocks(false);
             for probe in probes_in(config.probes) {
-                if paired && probe == Probe::TimerLfence8 {
+                // A VM's clocks (an MSR) are not a host process's: reported unavailable.
+                if (paired && probe == Probe::TimerLfence8) || probe.needs_clocks() {
                     continue;
                 }
                 let mut out: Vec<Cycles> = vec![0; iterations];
@@ -200,6 +210,13 @@ pub fn run(config: &Config, placement: Placement, timeout: Duration) -> Result<N
                     ticks.insert(probe, out_ticks);
                 }
             }
+            let span_end = host_clocks(true);
+            let clocks = Some(crate::results::ClockRecord {
+                read: guest_payload::clocks::TSC | guest_payload::clocks::PM_TIMER,
+                kvmclock_tsc_khz: 0,
+                quiet: quiet.map(Into::into),
+                span: [span_start.into(), span_end.into()],
+            });
             let snapshot = config.flags & guest_payload::flags::CPUID_SNAPSHOT != 0;
             let (cpuid, site_bytes) = if snapshot {
                 let cpuid = CPUID_SNAPSHOT_LEAVES
@@ -218,6 +235,7 @@ pub fn run(config: &Config, placement: Placement, timeout: Duration) -> Result<N
                     cpuid,
                     site_bytes,
                     verdict: None,
+                    clocks,
                 },
                 cpu,
                 run: started.elapsed(),

@@ -29,6 +29,42 @@ pub struct Results {
     pub site_bytes: Vec<[u8; 2]>,
     /// The payload's own verdict, where it reported one.
     pub verdict: Option<PayloadVerdictReport>,
+    /// The clocks read at the ends of the quiet span and around the probes, where any were.
+    pub clocks: Option<ClockRecord>,
+}
+
+/// The clocks a run read (ABI `ResultHeader::clocks` and after): in a VM every clock it
+/// offers, natively the TSC and the host's monotonic clock in PM timer ticks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ClockRecord {
+    /// `guest_payload::clocks` bits: which fields of the readings mean anything.
+    pub read: u32,
+    /// The TSC rate kvmclock states, in kHz (0: no kvmclock).
+    pub kvmclock_tsc_khz: u32,
+    /// At the two ends of a loop with no CPUID in it.
+    pub quiet: [ClockSnapshot; 2],
+    /// Before the first probe and after the last.
+    pub span: [ClockSnapshot; 2],
+}
+
+/// One reading of every clock (`guest_payload::ClockReadings`, serialisable).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ClockSnapshot {
+    pub tsc: u64,
+    pub msr_tsc: u64,
+    pub pm_timer: u64,
+    pub kvmclock_ns: u64,
+}
+
+impl From<guest_payload::ClockReadings> for ClockSnapshot {
+    fn from(r: guest_payload::ClockReadings) -> Self {
+        Self {
+            tsc: r.tsc,
+            msr_tsc: r.msr_tsc,
+            pm_timer: r.pm_timer,
+            kvmclock_ns: r.kvmclock_ns,
+        }
+    }
 }
 
 /// A payload's own verdict, as it reported it.
@@ -118,5 +154,13 @@ pub fn parse_results(
             ))
         }
     };
+    if header.clocks != 0 {
+        results.clocks = Some(ClockRecord {
+            read: header.clocks,
+            kvmclock_tsc_khz: header.kvmclock_tsc_khz,
+            quiet: header.quiet.map(ClockSnapshot::from),
+            span: header.span.map(ClockSnapshot::from),
+        });
+    }
     Ok(results)
 }

@@ -15,7 +15,7 @@
 #endif
 
 /* Bumped whenever a layout or meaning changes. */
-#define VMM_ABI_VERSION 0x6u
+#define VMM_ABI_VERSION 0x7u
 
 /* Guest physical memory map (identity-mapped: virtual == physical). */
 /* The config block the VMM writes before the first instruction. */
@@ -30,6 +30,8 @@
 #define VMM_PAYLOAD_END 0x400000ull
 /* The counter block of a run with a counter vCPU (config.counter_addr says). */
 #define VMM_COUNTER_BLOCK_ADDR 0x6000ull
+/* The guest's kvmclock page (32 bytes), where the timing core asks KVM for it. */
+#define VMM_KVMCLOCK_ADDR 0x6800ull
 /* Reserved: the counter vCPU's code. */
 #define VMM_COUNTER_CODE_ADDR 0x7000ull
 /* The result header, followed by the samples. */
@@ -44,6 +46,10 @@
 #define VMM_PORT_HYPERCALL 0xf6u
 /* Reserved for the VMM's io-patch trap: do not use. */
 #define VMM_PORT_CPUID_TRAP 0xf7u
+/* An ACPI PM timer: `in eax, dx` reads a 32-bit count at VMM_PM_TIMER_HZ (a VM's only). */
+#define VMM_PORT_PM_TIMER 0x608u
+/* The PM timer's rate, 3.579545 MHz. */
+#define VMM_PM_TIMER_HZ 0x369e99ull
 
 /* Magics (little-endian ASCII). */
 /* "VMMCONF1" */
@@ -110,9 +116,11 @@
 #define VMM_PROBE_CROSS_TSC 0x7u
 /* xor-loop */
 #define VMM_PROBE_XOR_LOOP 0x8u
+/* msr-cpuid */
+#define VMM_PROBE_MSR_CPUID 0x9u
 /* The order samples follow in the result block. */
-#define VMM_PROBE_ORDER { 4, 0, 1, 2, 3, 5, 6, 7, 8 }
-#define VMM_PROBE_COUNT 9u
+#define VMM_PROBE_ORDER { 4, 0, 1, 2, 3, 5, 6, 7, 8, 9 }
+#define VMM_PROBE_COUNT 10u
 
 /* What the payload rings on VMM_PORT_DONE. */
 enum vmm_status {
@@ -182,6 +190,19 @@ VMM_STATIC_ASSERT(offsetof(struct vmm_cpuid_record, ebx) == 12, "vmm_cpuid_recor
 VMM_STATIC_ASSERT(offsetof(struct vmm_cpuid_record, ecx) == 16, "vmm_cpuid_record.ecx");
 VMM_STATIC_ASSERT(offsetof(struct vmm_cpuid_record, edx) == 20, "vmm_cpuid_record.edx");
 
+/* Every clock read back to back; zero where `clocks` says it was not read. */
+struct vmm_clock_readings {
+    uint64_t tsc;
+    uint64_t msr_tsc;
+    uint64_t pm_timer;
+    uint64_t kvmclock_ns;
+};
+VMM_STATIC_ASSERT(sizeof(struct vmm_clock_readings) == 32, "vmm_clock_readings size");
+VMM_STATIC_ASSERT(offsetof(struct vmm_clock_readings, tsc) == 0, "vmm_clock_readings.tsc");
+VMM_STATIC_ASSERT(offsetof(struct vmm_clock_readings, msr_tsc) == 8, "vmm_clock_readings.msr_tsc");
+VMM_STATIC_ASSERT(offsetof(struct vmm_clock_readings, pm_timer) == 16, "vmm_clock_readings.pm_timer");
+VMM_STATIC_ASSERT(offsetof(struct vmm_clock_readings, kvmclock_ns) == 24, "vmm_clock_readings.kvmclock_ns");
+
 /* Written by the payload at config.result_addr; int64_t samples follow it (signed: negative when the TSC ran backwards), `iterations` per probe in `probes`, in VMM_PROBE_ORDER; then, where `ticks` is non-zero, as many int64_t counter tick counts in the same order. Write `magic` last. */
 struct vmm_result_header {
     uint64_t magic;
@@ -201,8 +222,12 @@ struct vmm_result_header {
     char reason[VMM_REASON_BYTES];
     uint64_t rate_cycles;
     uint64_t rate_ticks;
+    uint32_t clocks;
+    uint32_t kvmclock_tsc_khz;
+    struct vmm_clock_readings quiet[2];
+    struct vmm_clock_readings span[2];
 };
-VMM_STATIC_ASSERT(sizeof(struct vmm_result_header) == 424, "vmm_result_header size");
+VMM_STATIC_ASSERT(sizeof(struct vmm_result_header) == 560, "vmm_result_header size");
 VMM_STATIC_ASSERT(offsetof(struct vmm_result_header, magic) == 0, "vmm_result_header.magic");
 VMM_STATIC_ASSERT(offsetof(struct vmm_result_header, abi_version) == 8, "vmm_result_header.abi_version");
 VMM_STATIC_ASSERT(offsetof(struct vmm_result_header, status) == 12, "vmm_result_header.status");
@@ -220,6 +245,10 @@ VMM_STATIC_ASSERT(offsetof(struct vmm_result_header, score_milli) == 280, "vmm_r
 VMM_STATIC_ASSERT(offsetof(struct vmm_result_header, reason) == 288, "vmm_result_header.reason");
 VMM_STATIC_ASSERT(offsetof(struct vmm_result_header, rate_cycles) == 408, "vmm_result_header.rate_cycles");
 VMM_STATIC_ASSERT(offsetof(struct vmm_result_header, rate_ticks) == 416, "vmm_result_header.rate_ticks");
+VMM_STATIC_ASSERT(offsetof(struct vmm_result_header, clocks) == 424, "vmm_result_header.clocks");
+VMM_STATIC_ASSERT(offsetof(struct vmm_result_header, kvmclock_tsc_khz) == 428, "vmm_result_header.kvmclock_tsc_khz");
+VMM_STATIC_ASSERT(offsetof(struct vmm_result_header, quiet) == 432, "vmm_result_header.quiet");
+VMM_STATIC_ASSERT(offsetof(struct vmm_result_header, span) == 496, "vmm_result_header.span");
 
 /* At config.counter_addr when the run has a counter vCPU: `counter` goes up by one per loop iteration on another vCPU (natively, another CPU). Volatile. */
 struct vmm_counter_block {

@@ -94,6 +94,13 @@ int vmm_spin_ms(const struct vmm_run *run, uint32_t ms);
 /* Sleeps as a detector's Sleep(ms) does: the native twin gives up the CPU (nanosleep); the
  * guest, which has no OS to sleep in, spins (vmm_spin_ms). Returns 0 if it could not. */
 int vmm_sleep_ms(const struct vmm_run *run, uint32_t ms);
+/* A wall clock the hypervisor cannot hide behind an RDTSC trap: the guest's ACPI PM timer
+ * (VMM_PORT_PM_TIMER, a 32-bit count at VMM_PM_TIMER_HZ, served from the host's monotonic
+ * clock); the native twin's CLOCK_MONOTONIC in the same ticks. An evader could fake it too. */
+uint32_t vmm_pm_timer(void);
+/* Waits `ms` milliseconds of that wall clock (a detector's KeDelayExecutionThread: not the
+ * TSC, which the hypervisor may own); the guest spins on the port, the twin sleeps. */
+void vmm_wall_wait_ms(uint32_t ms);
 /* The counter loop, abi::counter::LOOP_CODE byte for byte: `counter` + 1 per iteration,
  * TSC stamps on request, returns on VMM_COUNTER_STOP in `stamp_request`. The VMM runs
  * those bytes on a guest's counter vCPU; the native twin (lib/start_native.c) runs this

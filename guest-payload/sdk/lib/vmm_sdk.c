@@ -5,6 +5,11 @@
 static inline void outb(uint16_t port, uint8_t value) {
     __asm__ volatile("out %0, %1" : : "a"(value), "Nd"(port));
 }
+static inline uint32_t inl(uint16_t port) {
+    uint32_t value;
+    __asm__ volatile("in %1, %0" : "=a"(value) : "Nd"(port));
+    return value;
+}
 #else
 #include <stdio.h>
 #include <string.h>
@@ -207,6 +212,36 @@ int vmm_sleep_ms(const struct vmm_run *run, uint32_t ms) {
     while ((slept = nanosleep(&left, &left)) != 0 && errno == EINTR)
         ;
     return slept == 0;
+#endif
+}
+
+uint32_t vmm_pm_timer(void) {
+#ifdef VMM_GUEST
+    return inl(VMM_PORT_PM_TIMER);
+#else
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    /* ns * HZ / 1e9, split so that it cannot overflow in 64 bits. */
+    uint64_t ticks = (uint64_t)now.tv_sec * VMM_PM_TIMER_HZ +
+                     (uint64_t)now.tv_nsec * VMM_PM_TIMER_HZ / 1000000000ull;
+    return (uint32_t)ticks;
+#endif
+}
+
+void vmm_wall_wait_ms(uint32_t ms) {
+#ifdef VMM_GUEST
+    /* Differences of a 32-bit count, so a wrap of the timer (every ~20 minutes) is no step. */
+    uint64_t want = (uint64_t)ms * VMM_PM_TIMER_HZ / 1000, waited = 0;
+    uint32_t last = vmm_pm_timer();
+    while (waited < want) {
+        uint32_t now = vmm_pm_timer();
+        waited += (uint32_t)(now - last);
+        last = now;
+    }
+#else
+    struct timespec left = {ms / 1000, (long)(ms % 1000) * 1000000L};
+    while (nanosleep(&left, &left) != 0 && errno == EINTR)
+        ;
 #endif
 }
 

@@ -49,37 +49,60 @@ pub fn trace(args: &TraceArgs) -> Result<(), CommandError> {
             cpuid_leaf: args.leaf,
             cpuid_subleaf: args.subleaf,
             probes: Probe::Cpuid.bit(),
-            snapshot: false,
+            // What the guest got back, on every path (natively too): the snapshot's leaves.
+            snapshot: true,
             timeout: std::time::Duration::from_secs_f64(args.timeout),
             ..RunSpec::new(path)
         };
-        let mut recorder = Recorder::default();
-        match session
-            .measurer
-            .measure_traced(&session.payload, &spec, None, &mut recorder)
-        {
-            Ok(measurement) => {
-                access = access.or(measurement.register_access);
-                let sample = measurement
-                    .results
-                    .samples
-                    .get(&Probe::Cpuid)
-                    .and_then(|s| s.first().copied())
-                    .unwrap_or_default();
-                let mut life = life(path, &spec, sample, &recorder, measurement.register_access);
-                let asked = shaping(&args.shaping, session.tsc.khz)?;
-                if asked != Shaping::None && spec.shaping == Shaping::None {
-                    life.note.push_str(&format!(
-                        " Ran without the {} shaping asked: no exit of this path reaches the VMM.",
-                        asked.kind()
-                    ));
+        // Each repeat a fresh VM; the median trace kept whole (its parts add up).
+        let mut traced: Vec<CpuidLife> = Vec::new();
+        let mut refusal = None;
+        for _ in 0..args.repeat {
+            let mut recorder = Recorder::default();
+            match session
+                .measurer
+                .measure_traced(&session.payload, &spec, None, &mut recorder)
+            {
+                Ok(measurement) => {
+                    access = access.or(measurement.register_access);
+                    let sample = measurement
+                        .results
+                        .samples
+                        .get(&Probe::Cpuid)
+                        .and_then(|s| s.first().copied())
+                        .unwrap_or_default();
+                    let mut life = life(path, &spec, sample, &recorder, measurement.register_access);
+                    life.guest_got = measurement.results.cpuid.clone();
+                    let asked = shaping(&args.shaping, session.tsc.khz)?;
+                    if asked != Shaping::None && spec.shaping == Shaping::None {
+                        life.note.push_str(&format!(
+                            " Ran without the {} shaping asked: no exit of this path reaches the VMM.",
+                            asked.kind()
+                        ));
+                    }
+                    traced.push(life);
                 }
-                lives.push(life);
+                Err(error) if args.all && error.is_refusal() => {
+                    refusal = Some(super::cli_message(&error));
+                    break;
+                }
+                Err(error) => return Err(error.into()),
             }
-            Err(error) if args.all && error.is_refusal() => {
-                refused.push((path.name().to_owned(), super::cli_message(&error)))
-            }
-            Err(error) => return Err(error.into()),
+        }
+        if let Some(why) = refusal {
+            refused.push((path.name().to_owned(), why));
+            continue;
+        }
+        traced.sort_by_key(|l| l.guest_visible_cycles);
+        let range = (
+            traced.first().map_or(0, |l| l.guest_visible_cycles),
+            traced.last().map_or(0, |l| l.guest_visible_cycles),
+        );
+        let count = traced.len();
+        if let Some(mut median) = traced.into_iter().nth(count / 2) {
+            median.traces = count as u32;
+            median.guest_visible_range = range;
+            lives.push(median);
         }
     }
     if args.json {
@@ -95,7 +118,7 @@ pub fn trace(args: &TraceArgs) -> Result<(), CommandError> {
         super::print(&render(&lives, &refused, &session.host))?;
     }
     if let Some(output) = svg_file {
-        super::commit(output, svg(&lives).as_bytes())?;
+        super::commit(output, svg(&lives, &refused).as_bytes())?;
     }
     Ok(())
 }

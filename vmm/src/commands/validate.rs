@@ -23,6 +23,7 @@ struct Outputs {
     plot: Option<Output>,
     roc_plot: Option<Output>,
     sweep_plot: Option<Output>,
+    matrix_plot: Option<Output>,
     junit: Option<Output>,
     json: Option<Output>,
     /// `merge --allow-partial`.
@@ -36,6 +37,7 @@ impl Outputs {
             plot: create_output(args.plot.as_deref())?,
             roc_plot: create_output(args.roc_plot.as_deref())?,
             sweep_plot: create_output(args.sweep_plot.as_deref())?,
+            matrix_plot: create_output(args.matrix_plot.as_deref())?,
             junit: create_output(args.junit.as_deref())?,
             json: create_output(args.output.as_deref())?,
             allow_partial: false,
@@ -67,6 +69,11 @@ impl Outputs {
                 self.sweep_plot.as_ref(),
                 !report.sweeps.is_empty(),
             ),
+            (
+                "Detectors × evaders",
+                self.matrix_plot.as_ref(),
+                report.arms_race.columns.len() >= 2,
+            ),
         ];
         if let Some(md) = &self.markdown {
             let linked: Vec<String> = figures
@@ -94,6 +101,25 @@ impl Outputs {
                 })
             }
             (None, _) => {}
+        }
+        match self.matrix_plot {
+            Some(output) if report.arms_race.columns.len() >= 2 => {
+                let rules = crate::detector::rule_columns(report.confusion.keys().map(String::as_str));
+                write(
+                    Some(output),
+                    figures::arms_race_svg(&report.arms_race, &rules).map_err(figure_error)?,
+                )?
+            }
+            Some(_) => {
+                if let Some(other) = nothing_to_draw.take() {
+                    crate::console::say(&format!("vmm: error: {other}\n"));
+                }
+                nothing_to_draw = Some(CommandError::NothingToDraw {
+                    option: "--matrix-plot",
+                    why: "the matrix stages one thing only (a single shaping and evasion): no columns to put side by side",
+                });
+            }
+            None => {}
         }
         match self.sweep_plot {
             Some(output) if !report.sweeps.is_empty() => {
@@ -256,6 +282,7 @@ pub fn validate(args: &ValidateArgs) -> Result<(), CommandError> {
     let outputs = Outputs::create(&args.report)?;
     let session = Session::open(load_payload(args.payload.as_deref())?, calibration);
     let cells = config.cells(session.tsc.khz, &args.config)?;
+    let probes = config.probe_bits(&args.config)?;
     let host = HostIdentity::new(&session.host, session.calibration.calibrated);
     let repeats = config.repeats;
     let job = |cell: usize, repeat: u32| cell as u64 * u64::from(repeats) + u64::from(repeat);
@@ -266,6 +293,7 @@ pub fn validate(args: &ValidateArgs) -> Result<(), CommandError> {
 
     let progress = progress_bar(jobs, "validating");
     let (mut runs, mut refusals, mut failures) = (Vec::new(), Vec::new(), Vec::<Failure>::new());
+    let mut retried = Vec::<Failure>::new();
     let mut stops: Vec<Stop> = Vec::new();
     crate::interrupt::catch();
     let mut done = 0u64;
@@ -278,7 +306,7 @@ pub fn validate(args: &ValidateArgs) -> Result<(), CommandError> {
             busy: usize::from(cell.busy),
             counter: config.vcpus == 2,
             evasions: cell.evasions.clone(),
-            probes: crate::measure::default_probes(config.vcpus == 2),
+            probes,
             ..RunSpec::new(cell.path)
         };
         let truth = cell.truth(host.host_is_vm);
@@ -306,7 +334,28 @@ pub fn validate(args: &ValidateArgs) -> Result<(), CommandError> {
                 }
             }
             done += 1;
-            match session.run(&spec, false, None) {
+            // A run that fails (a guest that hung, a KVM that stopped it) is retried once
+            // in a fresh VM; the failed attempt is kept in the report as retried.
+            let mut outcome = session.run(&spec, false, None);
+            if let Err(error) = &outcome {
+                if !(nth == 0 && error.is_refusal()) {
+                    progress.suspend(|| {
+                        eprintln!(
+                            "vmm: {}: run {} failed ({error}); retrying it in a fresh VM",
+                            cell.label(),
+                            repeat + 1
+                        )
+                    });
+                    retried.push(Failure {
+                        cell: index,
+                        repeat,
+                        host: 0,
+                        why: error.to_string(),
+                    });
+                    outcome = session.run(&spec, false, None);
+                }
+            }
+            match outcome {
                 Ok((report, measurement)) => {
                     runs.push(RunRecord::new(
                         (index, repeat, 0),
@@ -404,6 +453,7 @@ pub fn validate(args: &ValidateArgs) -> Result<(), CommandError> {
         runs,
         refusals,
         failures,
+        retried,
         stops,
     };
     let report = ValidationReport::assemble(inputs, &extra);

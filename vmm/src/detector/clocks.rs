@@ -25,6 +25,7 @@ fn confidence_of_ratio(ratio: f64, threshold: f64) -> f64 {
 /// (each registered once in [`super::RULES`]).
 pub const VMAWARE_TIMER_2_7: &str = "vmaware-timer-2.7";
 pub const VMAWARE_TIMER_MAIN: &str = "vmaware-timer-main";
+pub const VMAWARE_TIMER_2_8: &str = "vmaware-timer-2.8";
 pub const COUNTER_TSC: &str = "counter-tsc";
 pub const COUNTER_STALL: &str = "counter-stall";
 pub const CROSS_VCPU_TSC: &str = "cross-vcpu-tsc";
@@ -236,6 +237,119 @@ pub fn vmaware_timer_main(evidence: &Evidence) -> RuleVerdict {
     verdict(RULE, v, ratio, confidence_of_ratio(ratio, threshold), why)
 }
 
+/// VMAware 2.8's trials (v2.8.1 1c1ae60 L6150-6763, main 754187b L6786-7305): five.
+const TIMER_2_8_TRIALS: usize = 5;
+/// A latency at or over this many ticks, in either window, is "artificial IPI delivery"
+/// (v2.8.1 L6712-6718; unchanged at 754187b).
+const TIMER_2_8_IPI: u64 = 12_000;
+
+/// Hyper-V's root partition as VMAware 2.8's `hyper_x() == HYPERV_HOST` reads CPUID
+/// (v2.8.1 L4744-4782, 754187b L5337-5384): the hypervisor bit, "Microsoft Hv" and
+/// 0x40000003.EBX[0]. Its HAL (and at 754187b TPM boot-log) checks are not guest-visible
+/// here and are taken as passed.
+fn hyper_v_root(evidence: &Evidence) -> bool {
+    let leaf = |l: u32| evidence.cpuid.iter().find(|r| r.leaf == l && r.subleaf == 0);
+    let vendor = leaf(0x4000_0000).is_some_and(|r| {
+        let bytes: Vec<u8> = [r.ebx, r.ecx, r.edx].iter().flat_map(|w| w.to_le_bytes()).collect();
+        bytes == b"Microsoft Hv"
+    });
+    let hypervisor_bit = leaf(1).is_some_and(|r| r.ecx & HYPERVISOR_BIT != 0);
+    let root = leaf(0x4000_0003).is_some_and(|r| r.ebx & 1 != 0);
+    hypervisor_bit && vendor && root
+}
+
+/// VMAware `TIMER` as of v2.8.1 and main 754187b (identical on the CPUID side): the
+/// run's pairs cut into five trials; per trial the mean of the middle 50% of each window,
+/// over the pairs where both saw the counter move; the least of each over the trials, on
+/// its own. A VM at a ratio of 2.5 (on a Hyper-V root partition 15 at 754187b, 75 at
+/// v2.8.1); else where either latency is 12,000 ticks or more (IPI); and where no trial
+/// had a single valid pair (no 1:1 vCPU pinning). Score: the ratio.
+///
+/// What differs: the original draws 500-1000 pairs per trial and retakes invalid ones
+/// (up to 5,000); here the run's pairs are cut in five and invalid ones dropped. Its
+/// reference is SERIALIZE on an Intel CPU that has it (3× at v2.8.1, 1× at 754187b), else
+/// 8×LFENCE, the probe here; 754187b's #DB comparison is a rule of its own.
+pub fn vmaware_timer_2_8(evidence: &Evidence) -> RuleVerdict {
+    const RULE: &str = VMAWARE_TIMER_2_8;
+    let (Some(cpuid), Some(lfence)) = (
+        evidence.ticks.get(&Probe::TimerCpuid),
+        evidence.ticks.get(&Probe::TimerLfence8),
+    ) else {
+        return unsure(RULE, "no timer-cpuid/timer-lfence8 ticks in this run".into());
+    };
+    let pairs = cpuid.len().min(lfence.len());
+    if pairs < TIMER_2_8_TRIALS {
+        return unsure(RULE, format!("{pairs} pairs: fewer than TIMER's five trials"));
+    }
+    let per_trial = pairs / TIMER_2_8_TRIALS;
+    let (mut best_cpuid, mut best_ref, mut valid) = (u64::MAX, u64::MAX, 0usize);
+    for trial in 0..TIMER_2_8_TRIALS {
+        let range = trial * per_trial..(trial + 1) * per_trial;
+        let (v, r): (Vec<u64>, Vec<u64>) = cpuid[range.clone()]
+            .iter()
+            .zip(&lfence[range])
+            .filter(|&(&c, &l)| c > 0 && l > 0)
+            .map(|(&c, &l)| (c as u64, l as u64))
+            .unzip();
+        if v.is_empty() {
+            continue;
+        }
+        valid += v.len();
+        best_cpuid = best_cpuid.min(interquartile_mean(&v));
+        best_ref = best_ref.min(interquartile_mean(&r));
+    }
+    let batch_note = if (500..=1000).contains(&per_trial) {
+        String::new()
+    } else {
+        "; TIMER draws 500-1000 per trial".into()
+    };
+    let pairs_note = format!(
+        "{valid} valid of {} pairs in 5 trials of {per_trial}{batch_note}",
+        per_trial * TIMER_2_8_TRIALS
+    );
+    if valid == 0 {
+        return verdict(
+            RULE,
+            Verdict::Virtual,
+            0.0,
+            0.5,
+            format!("no trial had a pair where the counter moved in both windows: \"hypervisor with no 1:1 vCPU pinning\" ({pairs_note})"),
+        );
+    }
+    let root = hyper_v_root(evidence);
+    let threshold = if root { 15.0 } else { 2.5 };
+    let ratio = if best_ref == 0 {
+        0.0
+    } else {
+        best_cpuid as f64 / best_ref as f64
+    };
+    let by_ratio = ratio >= threshold;
+    let ipi = !by_ratio && (best_cpuid >= TIMER_2_8_IPI || best_ref >= TIMER_2_8_IPI);
+    let root_note = if root {
+        format!(
+            "; a Hyper-V root partition: v2.8.1's threshold of 75 says {}",
+            if ratio >= 75.0 || ipi { "VM" } else { "not" }
+        )
+    } else {
+        String::new()
+    };
+    let why = format!(
+        "CPUID(0) {best_cpuid} ticks / 8×LFENCE {best_ref} ticks = {ratio:.2} {} {threshold}{}{root_note} ({pairs_note})",
+        if by_ratio { ">=" } else { "<" },
+        if ipi {
+            "; a latency of 12,000 ticks or more: \"artificial IPI delivery\""
+        } else {
+            ""
+        },
+    );
+    let v = if by_ratio || ipi {
+        Verdict::Virtual
+    } else {
+        Verdict::Native
+    };
+    verdict(RULE, v, ratio, confidence_of_ratio(ratio, threshold), why)
+}
+
 /// TSC cycles per counter tick over the run's rate window (`--vcpus 2` runs time
 /// [`guest_payload::counter::RATE_CYCLES`] of a register-only loop before any probe, with no exit in it).
 pub fn cycles_per_tick(rate: Option<(u64, u64)>) -> Option<f64> {
@@ -427,6 +541,7 @@ mod tests {
             cpuid_leaf: 0,
             payload: None,
             patched_for_an_evader: None,
+            clocks: None,
         }
     }
 
@@ -582,6 +697,76 @@ mod tests {
         let timer = vmaware_timer_2_7(&evidence(&s, &t, &hv));
         assert_eq!(timer.verdict, Verdict::Native, "{}", timer.why);
         assert!(timer.why.contains("< 25"));
+    }
+
+    #[test]
+    fn vmaware_2_8_trials_keep_the_least_of_each_window_and_flag_ipi_and_no_valid_pair() {
+        // Clear: CPUID 8 ticks / LFENCE 4 = 2.0 < 2.5.
+        let (s, t) = run(2000, 50, 8, 300);
+        let clear = vmaware_timer_2_8(&evidence(&s, &t, &[]));
+        assert_eq!(clear.verdict, Verdict::Native, "{}", clear.why);
+        assert!(clear.why.contains("5 trials of 200"), "{}", clear.why);
+        // A VM: 50 / 4.
+        let (s, t) = run(2000, 50, 50, 300);
+        assert_eq!(vmaware_timer_2_8(&evidence(&s, &t, &[])).verdict, Verdict::Virtual);
+        // Noisy: one trial quiet (the least is kept), the others slow: native.
+        let (s, mut t) = run(2000, 50, 50, 300);
+        t.get_mut(&Probe::TimerCpuid).unwrap()[400..600]
+            .iter_mut()
+            .for_each(|x| *x = 8);
+        let noisy = vmaware_timer_2_8(&evidence(&s, &t, &[]));
+        assert_eq!(noisy.verdict, Verdict::Native, "{}", noisy.why);
+        // A reference window as slow as 12,000 ticks: the ratio is low, the IPI rule says VM.
+        let (s, mut t) = run(2000, 50, 12_000, 300);
+        t.insert(Probe::TimerLfence8, vec![12_000; 1000]);
+        let ipi = vmaware_timer_2_8(&evidence(&s, &t, &[]));
+        assert_eq!(ipi.verdict, Verdict::Virtual, "{}", ipi.why);
+        assert!(ipi.why.contains("IPI"), "{}", ipi.why);
+        // No pair where both windows saw a tick: VM ("no 1:1 vCPU pinning"), not unsure.
+        let (s, mut t) = run(2000, 50, 0, 300);
+        t.insert(Probe::TimerLfence8, vec![0; 1000]);
+        let none = vmaware_timer_2_8(&evidence(&s, &t, &[]));
+        assert_eq!(none.verdict, Verdict::Virtual, "{}", none.why);
+        assert!(none.why.contains("pinning"), "{}", none.why);
+    }
+
+    #[test]
+    fn vmaware_2_8_raises_its_threshold_on_a_hyper_v_root_partition_only() {
+        let (s, t) = run(2000, 50, 40, 300); // ratio 10
+        let word = |text: &[u8; 12]| -> [u32; 3] {
+            let w = |i: usize| u32::from_le_bytes(text[i..i + 4].try_into().unwrap());
+            [w(0), w(4), w(8)]
+        };
+        let [ebx, ecx, edx] = word(b"Microsoft Hv");
+        let mut root = vec![
+            CpuidRecord {
+                leaf: 1,
+                ecx: HYPERVISOR_BIT,
+                ..Default::default()
+            },
+            CpuidRecord {
+                leaf: 0x4000_0000,
+                eax: 0x4000_000b,
+                ebx,
+                ecx,
+                edx,
+                ..Default::default()
+            },
+            CpuidRecord {
+                leaf: 0x4000_0003,
+                ebx: 1,
+                ..Default::default()
+            },
+        ];
+        let host = vmaware_timer_2_8(&evidence(&s, &t, &root));
+        assert_eq!(host.verdict, Verdict::Native, "{}", host.why);
+        assert!(
+            host.why.contains("< 15") && host.why.contains("75 says not"),
+            "{}",
+            host.why
+        );
+        root[2].ebx = 0; // a guest partition: the plain threshold
+        assert_eq!(vmaware_timer_2_8(&evidence(&s, &t, &root)).verdict, Verdict::Virtual);
     }
 
     #[test]

@@ -157,6 +157,7 @@ mod tests {
             cpuid_leaf: 0,
             payload: None,
             patched_for_an_evader: None,
+            clocks: None,
         }
     }
 

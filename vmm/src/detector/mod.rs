@@ -9,6 +9,7 @@
 
 pub mod calibration;
 pub mod clocks;
+pub mod crossclock;
 pub mod decision;
 pub mod rules;
 pub mod verdict;
@@ -30,6 +31,8 @@ pub enum Applies {
     WithCounter,
     /// On runs with samples of this probe.
     WithProbe(Probe),
+    /// On runs that read clocks besides the TSC (the timing core's quiet span and span).
+    WithClocks,
     /// On runs whose payload reported its own verdict.
     WithPayloadVerdict,
     /// On runs whose code, if patched, was patched by the hypervisor modelled: not where
@@ -44,6 +47,7 @@ impl Applies {
             Applies::EveryRun => true,
             Applies::WithCounter => !evidence.ticks.is_empty(),
             Applies::WithProbe(probe) => evidence.samples.contains_key(&probe),
+            Applies::WithClocks => evidence.clocks.is_some(),
             Applies::WithPayloadVerdict => evidence.payload.is_some(),
             Applies::UnlessPatchedForAnEvader => evidence.patched_for_an_evader.is_none(),
         }
@@ -71,7 +75,7 @@ pub struct Rule {
 
 /// Every rule, in report order: those judged on every run, then those that look past one
 /// TSC, then the payload's own verdict.
-pub static RULES: [Rule; 14] = [
+pub static RULES: [Rule; 21] = [
     Rule {
         name: rules::SEED_LINE,
         heading: rules::SEED_LINE,
@@ -136,6 +140,15 @@ pub static RULES: [Rule; 14] = [
         judge: |evidence, _| rules::tsc_monotonic(evidence),
     },
     Rule {
+        name: rules::CHECKHV_NOISE_FLOOR,
+        heading: "noise-floor",
+        applies: Applies::EveryRun,
+        probes: &[Probe::Rdtsc],
+        reads: "back-to-back RDTSC deltas: over 10% above 1.5 × their mean, or all one value",
+        origin: "checkhv_um `CheckTSCNoiseFloor` (33cf142)",
+        judge: |evidence, _| rules::checkhv_noise_floor(evidence),
+    },
+    Rule {
         name: clocks::VMAWARE_TIMER_2_7,
         heading: clocks::VMAWARE_TIMER_2_7,
         applies: Applies::WithCounter,
@@ -152,6 +165,15 @@ pub static RULES: [Rule; 14] = [
         reads: "interquartile mean CPUID(0) / 8×LFENCE in counter ticks, VM at 2.5, or a latency over 1000 / of 1 tick",
         origin: "VMAware `TIMER` main e6335799",
         judge: |evidence, _| clocks::vmaware_timer_main(evidence),
+    },
+    Rule {
+        name: clocks::VMAWARE_TIMER_2_8,
+        heading: clocks::VMAWARE_TIMER_2_8,
+        applies: Applies::WithCounter,
+        probes: &[Probe::TimerCpuid, Probe::TimerLfence8],
+        reads: "least interquartile mean of five trials, CPUID(0) / 8×LFENCE in counter ticks, VM at 2.5 (15 on a Hyper-V root), at 12,000 ticks, or with no valid pair",
+        origin: "VMAware `TIMER` v2.8.1 (1c1ae60) and main 754187b",
+        judge: |evidence, _| clocks::vmaware_timer_2_8(evidence),
     },
     Rule {
         name: clocks::COUNTER_TSC,
@@ -188,6 +210,51 @@ pub static RULES: [Rule; 14] = [
         reads: "TSC cycles per dependent-XOR iteration, VM at ≤ 2 or ≥ 8",
         origin: "VMAware e3f097fa (removed before v2.7.0)",
         judge: |evidence, _| clocks::xor_rate(evidence),
+    },
+    Rule {
+        name: crossclock::TSC_MSR,
+        heading: crossclock::TSC_MSR,
+        applies: Applies::WithClocks,
+        probes: &[],
+        reads: "RDTSC's advance over the run against MSR 0x10's (one counter), VM beyond 1%",
+        origin: "vmm",
+        judge: |evidence, _| crossclock::tsc_msr(evidence),
+    },
+    Rule {
+        name: crossclock::TSC_PM_CPUID,
+        heading: crossclock::TSC_PM_CPUID,
+        applies: Applies::WithClocks,
+        probes: &[],
+        reads: "the TSC's rate against the PM timer around the CPUID windows vs with none, VM beyond 5%",
+        origin: "vmm, after checkhv_um's TSC-vs-OS-timer checks",
+        judge: |evidence, _| crossclock::tsc_pm_cpuid(evidence),
+    },
+    Rule {
+        name: crossclock::TSC_KVMCLOCK_RATE,
+        heading: "tsc-kvmclock",
+        applies: Applies::WithClocks,
+        probes: &[],
+        reads: "the TSC's rate against the PM timer vs the rate kvmclock states, VM beyond 5%",
+        origin: "vmm, after Linux's pvclock_tsc_khz",
+        judge: |evidence, _| crossclock::tsc_kvmclock_rate(evidence),
+    },
+    Rule {
+        name: crossclock::VMCHECK_RDTSC,
+        heading: crossclock::VMCHECK_RDTSC,
+        applies: Applies::WithClocks,
+        probes: &[Probe::CpuidUnfenced],
+        reads: "100,000 × 25,000 unfenced `rdtsc; cpuid(0); rdtsc` / TSC cycles per second (by the PM timer), VM above 200",
+        origin: "vmcheck b1751e9 RdtscTiming (main.c L21-L71)",
+        judge: |evidence, _| crossclock::vmcheck_rdtsc(evidence),
+    },
+    Rule {
+        name: crossclock::VMCHECK_MSR,
+        heading: crossclock::VMCHECK_MSR,
+        applies: Applies::WithProbe(Probe::MsrCpuid),
+        probes: &[Probe::MsrCpuid],
+        reads: "the same with MSR 0x10 (`rdmsr; cpuid(0); rdmsr`), VM above 300",
+        origin: "vmcheck b1751e9 TimestampTiming (main.c L74-L128)",
+        judge: |evidence, _| crossclock::vmcheck_msr(evidence),
     },
     Rule {
         name: PAYLOAD_RULE,
@@ -321,6 +388,7 @@ mod tests {
             cpuid_leaf: 0,
             payload,
             patched_for_an_evader: None,
+            clocks: Some(crate::results::ClockRecord::default()),
         }
     }
 
@@ -381,10 +449,15 @@ mod tests {
             .collect();
         assert!(judged.contains(&clocks::XOR_RATE));
         assert!(!judged.contains(&clocks::COUNTER_TSC) && !judged.contains(&PAYLOAD_RULE));
+        assert!(judged.contains(&crossclock::TSC_MSR) && judged.contains(&crossclock::VMCHECK_MSR));
         let mut plain = samples.clone();
         plain.remove(&Probe::XorLoop);
+        plain.remove(&Probe::MsrCpuid);
         let judged: Vec<&str> = evaluate(
-            &evidence(&plain, &no_ticks, Some(&payload)),
+            &Evidence {
+                clocks: None,
+                ..evidence(&plain, &no_ticks, Some(&payload))
+            },
             &Calibration::uncalibrated(),
         )
         .iter()

@@ -16,6 +16,7 @@ pub const ROBUST: &str = "robust";
 pub const HYPERVISOR_BIT: &str = "hypervisor-bit";
 pub const CODE_INTEGRITY: &str = "code-integrity";
 pub const TSC_MONOTONIC: &str = "tsc-monotonic";
+pub const CHECKHV_NOISE_FLOOR: &str = "checkhv-noise-floor";
 
 /// A rule's answer, its score and confidence rounded as reports show them.
 pub(super) fn verdict(rule: &'static str, verdict: Verdict, score: f64, confidence: f64, why: String) -> RuleVerdict {
@@ -350,6 +351,75 @@ pub fn tsc_monotonic(evidence: &Evidence) -> RuleVerdict {
     verdict(RULE, Verdict::Virtual, backwards as f64, 1.0, why)
 }
 
+/// checkhv_um `CheckTSCNoiseFloor` (zer0condition/checkhv_um 33cf142, `hv_um.cpp`
+/// L269-L309), on the `rdtsc` probe's back-to-back reads: deltas kept when 0 < d < 10,000;
+/// "peaks" are deltas above 1.5 × their mean; more than 10% peaks fails the check, as the
+/// code does. Its README names a second symptom the code never tests, "unnatural
+/// consistency": a virtual clock that steps by one fixed amount gives every delta the
+/// same value, which no real TSC read between instructions does over a run, so that is
+/// flagged too and said apart. Natively the original reads unfenced pairs 100,000 times;
+/// the probe's pairs are fenced (`lfence; rdtsc`), which only narrows the spread.
+/// Score: the fraction of peaks over 10%.
+pub fn checkhv_noise_floor(evidence: &Evidence) -> RuleVerdict {
+    const RULE: &str = CHECKHV_NOISE_FLOOR;
+    const KEEP_BELOW: Cycles = 10_000;
+    let Some(samples) = evidence.samples.get(&Probe::Rdtsc) else {
+        return missing(RULE, "back-to-back RDTSC samples (the rdtsc probe)");
+    };
+    let kept: Vec<Cycles> = samples.iter().copied().filter(|&d| d > 0 && d < KEEP_BELOW).collect();
+    if kept.len() < 2 {
+        let why = format!(
+            "{} of {} deltas in (0, {KEEP_BELOW}) cycles: too few to judge (the original prints nothing){}",
+            kept.len(),
+            samples.len(),
+            if samples.iter().all(|&d| d == 0) && !samples.is_empty() {
+                "; every delta was 0: the TSC stood still between two reads"
+            } else {
+                ""
+            }
+        );
+        return verdict(RULE, Verdict::Unsure, 0.0, 0.0, why);
+    }
+    let n = kept.len() as f64;
+    let mean = kept.iter().map(|&d| d as f64).sum::<f64>() / n;
+    let peaks = kept.iter().filter(|&&d| d as f64 > 1.5 * mean).count();
+    let fraction = peaks as f64 / n;
+    let (min, max) = (
+        kept.iter().min().copied().unwrap_or(0),
+        kept.iter().max().copied().unwrap_or(0),
+    );
+    let stats = format!(
+        "{peaks} of {} deltas above 1.5 × mean {mean:.0} cycles ({:.1}%)",
+        kept.len(),
+        100.0 * fraction
+    );
+    if fraction > 0.1 {
+        let why = format!("{stats}: more than 10% peaks, the check fails (interfered timing)");
+        return verdict(
+            RULE,
+            Verdict::Virtual,
+            fraction - 0.1,
+            confidence_from(fraction - 0.1, 0.05),
+            why,
+        );
+    }
+    if min == max {
+        let why = format!(
+            "every one of {} deltas was {min} cycles: a clock that steps by a fixed amount (the README's \"unnatural consistency\"; the code itself tests only peaks)",
+            kept.len()
+        );
+        return verdict(RULE, Verdict::Virtual, 0.0, 0.9, why);
+    }
+    let why = format!("{stats}, deltas {min}..{max}: within the noise floor");
+    verdict(
+        RULE,
+        Verdict::Native,
+        fraction - 0.1,
+        confidence_from(0.1 - fraction, 0.05),
+        why,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -427,6 +497,7 @@ mod tests {
             cpuid_leaf: 0,
             payload: None,
             patched_for_an_evader: None,
+            clocks: None,
         };
         evaluate(&evidence, &bare_metal_calibration())
             .into_iter()
@@ -513,6 +584,7 @@ mod tests {
             cpuid_leaf: 0,
             payload: None,
             patched_for_an_evader: None,
+            clocks: None,
         };
         fixed_threshold(&evidence)
     }
@@ -596,6 +668,7 @@ mod tests {
             cpuid_leaf: 0,
             payload: None,
             patched_for_an_evader: None,
+            clocks: None,
         };
         let verdict = tsc_monotonic(&evidence);
         assert_eq!(verdict.verdict, Verdict::Virtual);
@@ -606,5 +679,51 @@ mod tests {
             verdict.why
         );
         assert_eq!(run(&hidden, &leaves(false), &INTACT)["robust"], Verdict::Native);
+    }
+
+    fn noise_floor_of(rdtsc: Vec<Cycles>) -> RuleVerdict {
+        let samples = BTreeMap::from([(Probe::Rdtsc, rdtsc)]);
+        let evidence = Evidence {
+            ticks: &crate::results::ProbeSamples::new(),
+            counter_rate: None,
+            samples: &samples,
+            cpuid: &[],
+            site_bytes: &[],
+            tsc_khz: TSC_KHZ,
+            cpuid_leaf: 0,
+            payload: None,
+            patched_for_an_evader: None,
+            clocks: None,
+        };
+        checkhv_noise_floor(&evidence)
+    }
+
+    #[test]
+    fn the_noise_floor_passes_a_jittery_tsc_and_fails_peaks_a_fixed_step_and_says_which() {
+        let mut rng = SplitMix64::new(7);
+        // Clear: 40 cycles with a few cycles of jitter and 1% interrupts.
+        let clear = noise_floor_of(noisy(40, 4, &mut rng));
+        assert_eq!(clear.verdict, Verdict::Native, "{}", clear.why);
+        // Noisy but below the bar: 9% of reads hit by an exit-sized delay.
+        let nine: Vec<Cycles> = (0..1000).map(|i| if i % 11 == 0 { 400 } else { 40 + i % 3 }).collect();
+        assert_eq!(noise_floor_of(nine).verdict, Verdict::Native);
+        // Evaded badly: one read in five pays an exit; the code's own failure.
+        let peaks: Vec<Cycles> = (0..1000).map(|i| if i % 5 == 0 { 2_000 } else { 40 + i % 3 }).collect();
+        let failed = noise_floor_of(peaks);
+        assert_eq!(failed.verdict, Verdict::Virtual, "{}", failed.why);
+        assert!(failed.why.contains("200 of 1000"), "{}", failed.why);
+        // Evaded well: a virtual clock that adds exactly 25 per read.
+        let fixed = noise_floor_of(vec![25; 1000]);
+        assert_eq!(fixed.verdict, Verdict::Virtual, "{}", fixed.why);
+        assert!(fixed.why.contains("every one of 1000 deltas was 25"), "{}", fixed.why);
+        // Deltas of 10,000 and more are dropped, as the original drops them.
+        let dropped: Vec<Cycles> = (0..1000)
+            .map(|i| if i % 5 == 0 { 20_000 } else { 40 + i % 3 })
+            .collect();
+        assert_eq!(noise_floor_of(dropped).verdict, Verdict::Native);
+        // A TSC that stands still gives nothing to judge; the reason is said.
+        let still = noise_floor_of(vec![0; 1000]);
+        assert_eq!(still.verdict, Verdict::Unsure);
+        assert!(still.why.contains("stood still"), "{}", still.why);
     }
 }

@@ -51,4 +51,6 @@ pub struct Evidence<'a> {
     /// Where the testbed patched the guest's code to stage an evader whose original
     /// patches nothing: why (`RunSpec::patched_for_an_evader`).
     pub patched_for_an_evader: Option<&'static str>,
+    /// The clocks the run read besides the TSC, where it read any.
+    pub clocks: Option<crate::results::ClockRecord>,
 }

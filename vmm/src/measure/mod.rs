@@ -211,7 +211,9 @@ pub struct RunSpec {
 }
 
 /// The probes a run takes unless told otherwise: all but those that need the counter
-/// and the XOR loop; with a counter, the TIMER pair and the cross-vCPU TSC too.
+/// and the XOR loop; with a counter, the TIMER pair and the cross-vCPU TSC too. Not the
+/// MSR window either: its CPUID is a fifth site, one more than `--trap hw-breakpoint`'s
+/// four debug registers (asked for, it is trapped where the trap can).
 pub fn default_probes(counter: bool) -> u32 {
     let base = [
         Probe::CpuidUnfenced,
@@ -242,6 +244,23 @@ impl RunSpec {
             ),
             _ => None,
         }
+    }
+
+    /// The CPUID sites this run executes: the payload's, less the embedded core's MSR
+    /// window where that probe is not asked for (it never runs, and a fifth site would
+    /// not fit `--trap hw-breakpoint`'s four debug registers).
+    pub fn cpuid_sites(&self, payload: &Payload) -> Vec<u64> {
+        let unused = if self.probes & Probe::MsrCpuid.bit() == 0 {
+            payload.symbol(guest_payload::timing::CPUID_MSR_SITE_SYMBOL)
+        } else {
+            None
+        };
+        payload
+            .cpuid_sites
+            .iter()
+            .copied()
+            .filter(|&site| Some(site) != unused)
+            .collect()
     }
 
     pub fn new(path: Path) -> Self {
@@ -275,7 +294,7 @@ impl RunSpec {
         Config {
             magic: CONFIG_MAGIC,
             abi_version: ABI_VERSION,
-            flags: self.guest_flags | paravirt | if self.snapshot { flags::CPUID_SNAPSHOT } else { 0 },
+            flags: self.guest_flags | paravirt | flags::CLOCKS | if self.snapshot { flags::CPUID_SNAPSHOT } else { 0 },
             iterations: self.iterations,
             warmup: self.warmup,
             probes: self.probes,
@@ -351,6 +370,8 @@ pub struct Measurer {
     tsc_moves: RefCell<HashMap<(String, Path), TscMethod>>,
     /// Whether a guest can run `rdtscp` here (`Err`: why not), once probed.
     rdtscp: RefCell<Option<Result<(), String>>>,
+    /// Whether this KVM takes a guest's kvmclock MSR write, once probed.
+    kvmclock: RefCell<Option<bool>>,
     /// The host CPUs this process times on, locked against other vmm processes.
     cpu_locks: RefCell<crate::cpu_lock::CpuLocks>,
 }
@@ -372,6 +393,7 @@ impl Measurer {
             traps: RefCell::default(),
             tsc_moves: RefCell::default(),
             rdtscp: RefCell::default(),
+            kvmclock: RefCell::default(),
             cpu_locks: RefCell::default(),
         }
     }

@@ -105,14 +105,14 @@ pub fn preflight(payload: &Payload, spec: &RunSpec) -> Result<(), MeasureError> 
         let traps = spec.evasions.traps().filter(|traps| traps.any_instruction());
         let traps = traps.ok_or(MeasureError::TscTrapUnused(spec.tsc_trap.name()))?;
         let cpuid_slots = match spec.path {
-            Path::TrapEmulate(trap_emulate::Trap::HwBreakpoint) => payload.cpuid_sites.len(),
+            Path::TrapEmulate(trap_emulate::Trap::HwBreakpoint) => spec.cpuid_sites(payload).len(),
             _ => 0,
         };
         tsc_trap::check_breakpoint_sites(&payload.tsc_sites, traps, cpuid_slots)?;
     }
     match spec.path {
         Path::Native => native_twin(payload).map(|_| ()),
-        Path::TrapEmulate(trap) => Ok(trap_emulate::check_sites(trap, payload.cpuid_sites.len())?),
+        Path::TrapEmulate(trap) => Ok(trap_emulate::check_sites(trap, spec.cpuid_sites(payload).len())?),
         Path::HwAssist | Path::Paravirt => Ok(()),
     }
 }

@@ -128,6 +128,65 @@ impl Measurer {
         Ok(outcome)
     }
 
+    /// Can a guest execute `vmcall` (KVM's hypercall instruction) here? A VM of `mov eax,
+    /// ~0; vmcall; out done` (an unknown hypercall: KVM answers -KVM_ENOSYS in RAX; on AMD
+    /// it rewrites the instruction to `vmmcall` first).
+    pub fn vmcall_in_guest(&self) -> Result<Result<(), String>, MeasureError> {
+        // mov eax, 0xffffffff; vmcall; xor eax, eax; out 0xf4, eax; hlt
+        const CODE: [u8; 13] = [
+            0xb8,
+            0xff,
+            0xff,
+            0xff,
+            0xff,
+            0x0f,
+            0x01,
+            0xc1,
+            0x31,
+            0xc0,
+            0xe7,
+            ports::DONE as u8,
+            0xf4,
+        ];
+        self.runs_in_guest("vmcall probe", &CODE)
+    }
+
+    /// Does this KVM take a guest's kvmclock MSR write (`MSR_KVM_SYSTEM_TIME_NEW`)? A VM
+    /// of `wrmsr; out done` finds out, once per process; a run that could not start
+    /// says nothing of kvmclock and is taken as no.
+    pub fn kvmclock_in_guest(&self) -> bool {
+        if let Some(known) = *self.kvmclock.borrow() {
+            return known;
+        }
+        let msr = guest_payload::clocks::MSR_KVM_SYSTEM_TIME_NEW.to_le_bytes();
+        let page = (guest_payload::layout::KVMCLOCK_ADDR as u32 | 1).to_le_bytes();
+        // mov ecx, msr; mov eax, page | 1; xor edx, edx; wrmsr; xor eax, eax; out 0xf4, eax; hlt
+        let code = [
+            0xb9,
+            msr[0],
+            msr[1],
+            msr[2],
+            msr[3],
+            0xb8,
+            page[0],
+            page[1],
+            page[2],
+            page[3],
+            0x31,
+            0xd2,
+            0x0f,
+            0x30,
+            0x31,
+            0xc0,
+            0xe7,
+            ports::DONE as u8,
+            0xf4,
+        ];
+        let takes = matches!(self.runs_in_guest("kvmclock probe", &code), Ok(Ok(())));
+        *self.kvmclock.borrow_mut() = Some(takes);
+        takes
+    }
+
     /// Runs the embedded core on `spec`'s path for [`TRAP_LOG_BURST`] trapped CPUIDs and
     /// more, so that the kernel's rate-limited log of emulation failures has spent its
     /// burst before the measured run begins.

@@ -43,12 +43,11 @@ impl Measurer {
         console: Option<&mut (dyn Write + Send)>,
         trace: &mut T,
     ) -> Result<Measurement, MeasureError> {
-        let mut vm = GuestVm::create(
-            self.kvm()?,
-            payload,
-            &self.with_tsc_rate(spec.guest_config()),
-            spec.evasions.cpuid(),
-        )?;
+        let mut config = self.with_tsc_rate(spec.guest_config());
+        if self.kvmclock_in_guest() {
+            config.flags |= guest_payload::flags::KVMCLOCK;
+        }
+        let mut vm = GuestVm::create(self.kvm()?, payload, &config, spec.evasions.cpuid())?;
         vm.place(placement);
         // Sized before the run: no reallocation inside an exit hide must account for.
         let mut latency = latency;
@@ -63,7 +62,7 @@ impl Measurer {
             Path::TrapEmulate(trap) => {
                 let handler = TrapEmulate::new(
                     trap,
-                    payload.cpuid_sites.clone(),
+                    spec.cpuid_sites(payload),
                     payload.symbol(CPUID_QUERY_SITE_SYMBOL),
                     cpuid,
                 );

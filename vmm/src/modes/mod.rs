@@ -198,6 +198,10 @@ impl ExitPath<'_, '_> {
                 }
                 ExitKind::Console
             }
+            Exit::IoIn { port: ports::PM_TIMER } => {
+                vcpu.reply_port(crate::vm::pm_timer::count())?;
+                ExitKind::PmTimer
+            }
             _ => match self.answer_tsc(vcpu, exit, exit_tsc)? {
                 Some(kind) => kind,
                 None => match self.answerer.answer(vcpu, exit)? {

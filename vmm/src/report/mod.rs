@@ -168,6 +168,8 @@ pub struct RunReport {
     pub native_cpu: Option<usize>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub cpuid_snapshot: Vec<guest_payload::CpuidRecord>,
+    /// Every clock the run read, at the ends of its quiet span and around its probes.
+    pub clocks: Option<crate::results::ClockRecord>,
     /// The first bytes of each CPUID site as the measured code read them (`[15, 162]` is
     /// `0f a2`, CPUID; anything else was patched).
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -281,6 +283,7 @@ impl RunReport {
             tsc_trap: measurement.tsc_trap.clone(),
             native_cpu: measurement.native_cpu,
             cpuid_snapshot: measurement.results.cpuid.clone(),
+            clocks: measurement.results.clocks,
             cpuid_site_bytes: measurement.results.site_bytes.clone(),
             samples: include_samples.then(|| {
                 measurement

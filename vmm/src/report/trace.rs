@@ -20,6 +20,7 @@ use crate::vm::handler::ExitKind;
 use crate::vm::trace::{Recorder, TracedExit};
 use crate::vm::vcpu::RegisterAccess;
 use guest_payload::timing::FIRST_TIMESTAMP_REGISTER;
+use guest_payload::CpuidRecord;
 use kvm_bindings::kvm_regs;
 use serde::Serialize;
 use std::fmt::Write as _;
@@ -47,6 +48,10 @@ pub struct CpuidLife {
     pub subleaf: u32,
     /// The guest's cost for this CPUID, `lfence; rdtsc; <cpuid>; lfence; rdtsc` (cycles).
     pub guest_visible_cycles: i64,
+    /// How many traces this one is the median of (`--repeat`), and their least and
+    /// greatest guest-visible cost.
+    pub traces: u32,
+    pub guest_visible_range: (i64, i64),
     /// What the guest's two timestamps read (guest TSC), where an exit let the VMM see
     /// the first one (in the guest's r8).
     pub guest_timestamps: Option<[u64; 2]>,
@@ -55,8 +60,11 @@ pub struct CpuidLife {
     pub rip: Option<u64>,
     /// The exit as KVM reported it; `None` where no exit reached the VMM.
     pub exit_reason: Option<String>,
-    /// EAX–EDX the guest got back.
+    /// EAX–EDX the VMM answered (the paths where the VMM handles CPUID).
     pub registers_out: Option<[u32; 4]>,
+    /// What the guest's own CPUIDs returned on this path, every path natively included:
+    /// the timing core's snapshot of a fixed set of leaves (`CPUID_SNAPSHOT_LEAVES`).
+    pub guest_got: Vec<CpuidRecord>,
     /// The VMM's steps between KVM_RUN returning and KVM_RUN entered again.
     pub vmm_steps: Vec<Step>,
     /// Parts that add up to `guest_visible_cycles`.
@@ -117,11 +125,14 @@ pub fn life(path: Path, spec: &RunSpec, sample: i64, recorder: &Recorder, access
         leaf: spec.cpuid_leaf,
         subleaf: spec.cpuid_subleaf,
         guest_visible_cycles: sample,
+        traces: 1,
+        guest_visible_range: (sample, sample),
         guest_timestamps: None,
         guest_instruction: None,
         rip: None,
         exit_reason: None,
         registers_out: None,
+        guest_got: Vec::new(),
         vmm_steps: Vec::new(),
         breakdown: Vec::new(),
         offset_uncertainty: None,
@@ -295,6 +306,13 @@ pub fn render(lives: &[CpuidLife], refused: &[(String, String)], host: &crate::h
             "== {}: CPUID leaf {:#x} subleaf {:#x}",
             life.path, life.leaf, life.subleaf
         );
+        if life.traces > 1 {
+            let _ = writeln!(
+                out,
+                "the median of {} traces (guest-visible {}..{} cycles), each a fresh run",
+                life.traces, life.guest_visible_range.0, life.guest_visible_range.1
+            );
+        }
         if let (Some(rip), Some(instruction)) = (life.rip, &life.guest_instruction) {
             let _ = writeln!(out, "guest  {rip:#010x}  {instruction}");
         }
@@ -318,6 +336,27 @@ pub fn render(lives: &[CpuidLife], refused: &[(String, String)], host: &crate::h
                 "vmm    answered eax={:#010x} ebx={:#010x} ecx={:#010x} edx={:#010x}",
                 regs[0], regs[1], regs[2], regs[3]
             );
+        }
+        match life
+            .guest_got
+            .iter()
+            .find(|r| (r.leaf, r.subleaf) == (life.leaf, life.subleaf))
+        {
+            Some(r) => {
+                let _ = writeln!(
+                    out,
+                    "guest  got      eax={:#010x} ebx={:#010x} ecx={:#010x} edx={:#010x}",
+                    r.eax, r.ebx, r.ecx, r.edx
+                );
+            }
+            None if !life.guest_got.is_empty() => {
+                let _ = writeln!(
+                    out,
+                    "guest  got      (leaf {:#x} is not in the snapshot: see the comparison below)",
+                    life.leaf
+                );
+            }
+            None => {}
         }
         if let Some([_, second]) = life.guest_timestamps {
             let _ = writeln!(out, "guest  second timestamp: {second}");
@@ -356,13 +395,111 @@ pub fn render(lives: &[CpuidLife], refused: &[(String, String)], host: &crate::h
     for (path, why) in refused {
         let _ = writeln!(out, "== {path}: refused — {why}\n");
     }
+    out.push_str(&render_answers(lives));
     out
 }
 
-/// The paths side by side on one time axis: each row a path, each segment a part.
-pub fn svg(lives: &[CpuidLife]) -> String {
+/// What a bit or field of a CPUID answer is, where a path's answer commonly differs
+/// from the host's: the virtual CPU is not the host's (resource control), not a lie.
+fn known_field(leaf: u32, register: usize, mask: u32) -> &'static str {
+    match (leaf, register) {
+        (1, 1) if mask & !0xff00_0000 == 0 => "EBX[31:24]: the initial APIC ID (which CPU ran it)",
+        (1, 1) if mask & !0xffff_0000 == 0 => "EBX[31:16]: the APIC ID and logical-processor count (the VM's topology)",
+        (1, 2) if mask == 1 << 31 => "ECX[31]: the hypervisor bit",
+        (1, 2) if mask & (1 << 27) != 0 => {
+            "ECX: features the VM's CPU lacks or enables otherwise (bit 27 OSXSAVE: the guest's own CR4)"
+        }
+        (1, _) | (7, _) | (0x8000_0001, _) => "feature bits: what KVM lets the virtual CPU offer",
+        (0xd, _) => "XSAVE features and sizes: the guest's own XCR0, what KVM offers",
+        (0x4000_0000, _) | (0x4000_0003, _) => "the hypervisor leaves: who answers (KVM's signature in a VM)",
+        (0, 0) | (0x8000_0000, 0) => "the highest leaf: KVM's table, not the CPU's",
+        _ => "",
+    }
+}
+
+/// The paths' CPUID answers side by side: identical leaves said in one line, each
+/// difference from the native answer (or the first path's) named by register and bits.
+fn render_answers(lives: &[CpuidLife]) -> String {
+    let mut out = String::new();
+    let with: Vec<&CpuidLife> = lives.iter().filter(|l| !l.guest_got.is_empty()).collect();
+    let Some(base) = with.iter().find(|l| l.path == Path::Native.name()).or(with.first()) else {
+        return out;
+    };
+    let _ = writeln!(
+        out,
+        "== CPUID answers the guest got, against {} (equivalence: the same program should see the same machine)",
+        base.path
+    );
+    const NAMES: [&str; 4] = ["EAX", "EBX", "ECX", "EDX"];
+    let regs = |r: &CpuidRecord| [r.eax, r.ebx, r.ecx, r.edx];
+    for record in &base.guest_got {
+        // The paths grouped by the answer they got, in path order.
+        let mut groups: Vec<([u32; 4], Vec<&str>)> = Vec::new();
+        for life in &with {
+            let Some(other) = life
+                .guest_got
+                .iter()
+                .find(|r| (r.leaf, r.subleaf) == (record.leaf, record.subleaf))
+            else {
+                continue;
+            };
+            match groups.iter_mut().find(|(answer, _)| *answer == regs(other)) {
+                Some((_, paths)) => paths.push(&life.path),
+                None => groups.push((regs(other), vec![&life.path])),
+            }
+        }
+        let leaf = format!("leaf {:#x}.{}", record.leaf, record.subleaf);
+        let differs: Vec<String> = groups
+            .iter()
+            .filter(|(answer, _)| *answer != regs(record))
+            .map(|(answer, paths)| {
+                let registers: Vec<String> = (0..4)
+                    .filter(|&i| answer[i] != regs(record)[i])
+                    .map(|i| {
+                        let mask = answer[i] ^ regs(record)[i];
+                        let field = known_field(record.leaf, i, mask);
+                        format!(
+                            "{} {:#010x} (bits {mask:#010x}{}{})",
+                            NAMES[i],
+                            answer[i],
+                            if field.is_empty() { "" } else { ": " },
+                            field
+                        )
+                    })
+                    .collect();
+                format!("{}: {}", paths.join(", "), registers.join(", "))
+            })
+            .collect();
+        if differs.is_empty() {
+            let _ = writeln!(out, "{leaf:<17} the same on every path");
+        } else {
+            let _ = writeln!(out, "{leaf:<17} {}", differs.join("; "));
+        }
+    }
+    let _ = writeln!(
+        out,
+        "A difference is resource control, not a failure of equivalence: the VMM (or KVM) decides what CPU the guest \
+         has, and tells it truthfully. Equivalence asks that the guest behave as it would on that CPU."
+    );
+    out
+}
+
+/// A round step for an axis: 1, 2 or 5 times a power of ten, about `span / 6`.
+fn axis_step(span: f64) -> f64 {
+    let raw = (span / 6.0).max(1.0);
+    let power = 10f64.powf(raw.log10().floor());
+    [1.0, 2.0, 5.0, 10.0]
+        .into_iter()
+        .map(|m| m * power)
+        .find(|step| *step >= raw)
+        .unwrap_or(10.0 * power)
+}
+
+/// The paths side by side on one time axis: each row a path (its name and cost on two
+/// lines, never cut), each segment a part; refused paths as rows that say so.
+pub fn svg(lives: &[CpuidLife], refused: &[(String, String)]) -> String {
     const COLOURS: [&str; 4] = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e"];
-    let (width, left, row, top) = (1000.0, 230.0, 46.0, 40.0);
+    let (width, left, row, top) = (1100.0, 250.0, 46.0, 44.0);
     let longest = lives
         .iter()
         .map(|l| {
@@ -375,20 +512,39 @@ pub fn svg(lives: &[CpuidLife]) -> String {
         .max()
         .unwrap_or(1)
         .max(1) as f64;
-    let scale = (width - left - 20.0) / longest;
-    let height = top + row * lives.len() as f64 + 110.0;
+    let plot_width = width - left - 30.0;
+    let scale = plot_width / longest;
+    let rows = lives.len() + refused.len();
+    let axis_y = top + row * rows as f64 + 4.0;
+    let height = axis_y + 40.0 + 100.0;
+    let repeats = lives.iter().map(|l| l.traces).max().unwrap_or(1);
+    let title = if repeats > 1 {
+        format!("The life of one CPUID, path by path: each the median of {repeats} traces (guest TSC cycles, one axis)")
+    } else {
+        "The life of one CPUID, path by path: one trace each (guest TSC cycles, one axis)".to_owned()
+    };
     let mut out = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"12\">\n\
-         <text x=\"10\" y=\"22\" font-size=\"15\">The life of one CPUID, path by path (guest TSC cycles, one axis)</text>\n"
+         <text x=\"10\" y=\"22\" font-size=\"15\">{}</text>\n",
+        escape(&title)
     );
     for (i, life) in lives.iter().enumerate() {
         let y = top + row * i as f64;
+        let cost = if life.traces > 1 {
+            format!(
+                "{} cycles (of {}..{})",
+                life.guest_visible_cycles, life.guest_visible_range.0, life.guest_visible_range.1
+            )
+        } else {
+            format!("{} cycles", life.guest_visible_cycles)
+        };
         let _ = writeln!(
             out,
-            "<text x=\"10\" y=\"{}\">{} ({} cycles)</text>",
-            y + 18.0,
-            life.path,
-            life.guest_visible_cycles
+            "<text x=\"10\" y=\"{:.1}\">{}</text><text x=\"10\" y=\"{:.1}\" fill=\"#555\">{}</text>",
+            y + 11.0,
+            escape(&life.path),
+            y + 25.0,
+            escape(&cost)
         );
         let mut x = left;
         for (j, part) in life.breakdown.iter().enumerate() {
@@ -407,7 +563,49 @@ pub fn svg(lives: &[CpuidLife]) -> String {
             x += w;
         }
     }
-    let legend_y = top + row * lives.len() as f64 + 10.0;
+    for (k, (path, why)) in refused.iter().enumerate() {
+        let y = top + row * (lives.len() + k) as f64;
+        let short: String = why.chars().take(120).collect();
+        let _ = writeln!(
+            out,
+            "<text x=\"10\" y=\"{:.1}\">{}</text><text x=\"10\" y=\"{:.1}\" fill=\"#555\">refused here</text>\
+             <rect x=\"{left}\" y=\"{y:.1}\" width=\"{plot_width:.1}\" height=\"26\" fill=\"none\" stroke=\"#999\" stroke-dasharray=\"4 3\"/>\
+             <text x=\"{:.1}\" y=\"{:.1}\" fill=\"#555\">refused: {}{}</text>",
+            y + 11.0,
+            escape(path),
+            y + 25.0,
+            left + 8.0,
+            y + 17.0,
+            escape(&short),
+            if why.chars().count() > 120 { "…" } else { "" }
+        );
+    }
+    // The axis: guest TSC cycles from 0, round steps.
+    let step = axis_step(longest);
+    let _ = writeln!(
+        out,
+        "<line x1=\"{left}\" y1=\"{axis_y:.1}\" x2=\"{:.1}\" y2=\"{axis_y:.1}\" stroke=\"#333\"/>",
+        left + plot_width
+    );
+    let mut tick = 0.0;
+    while tick <= longest + 0.5 {
+        let x = left + tick * scale;
+        let _ = writeln!(
+            out,
+            "<line x1=\"{x:.1}\" y1=\"{axis_y:.1}\" x2=\"{x:.1}\" y2=\"{:.1}\" stroke=\"#333\"/><text x=\"{x:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text>",
+            axis_y + 5.0,
+            axis_y + 18.0,
+            tick as i64
+        );
+        tick += step;
+    }
+    let _ = writeln!(
+        out,
+        "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">guest TSC cycles</text>",
+        left + plot_width / 2.0,
+        axis_y + 34.0
+    );
+    let legend_y = axis_y + 46.0;
     for (j, what) in [
         "guest → exit → KVM_RUN returned",
         "in the VMM",
@@ -438,4 +636,84 @@ fn escape(text: &str) -> String {
         .replace('<', "&lt;")
         .replace('>', "&gt;")
         .replace('"', "&quot;")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn life(path: &str, cycles: i64, got: Vec<CpuidRecord>) -> CpuidLife {
+        CpuidLife {
+            path: path.into(),
+            leaf: 0,
+            subleaf: 0,
+            guest_visible_cycles: cycles,
+            traces: 3,
+            guest_visible_range: (cycles - 10, cycles + 10),
+            guest_timestamps: None,
+            guest_instruction: None,
+            rip: None,
+            exit_reason: None,
+            registers_out: None,
+            guest_got: got,
+            vmm_steps: Vec::new(),
+            breakdown: vec![Part {
+                what: "inside one KVM_RUN".into(),
+                cycles,
+            }],
+            offset_uncertainty: None,
+            other_exits: Default::default(),
+            note: String::new(),
+        }
+    }
+
+    fn leaf1(ecx: u32) -> CpuidRecord {
+        CpuidRecord {
+            leaf: 1,
+            ecx,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_picture_keeps_whole_labels_an_axis_and_the_refused_paths() {
+        let lives = [life("trap-emulate:hw-breakpoint", 42_276, Vec::new())];
+        let refused = [(
+            "paravirt".to_owned(),
+            "TSC moves are not honoured by this KVM".to_owned(),
+        )];
+        let picture = svg(&lives, &refused);
+        assert!(picture.contains(">trap-emulate:hw-breakpoint</text>"), "{picture}");
+        assert!(picture.contains("42276 cycles (of 42266..42286)"), "{picture}");
+        assert!(picture.contains("median of 3 traces"), "{picture}");
+        assert!(
+            picture.contains("guest TSC cycles</text>") && picture.contains(">40000</text>"),
+            "{picture}"
+        );
+        assert!(
+            picture.contains("refused: TSC moves are not honoured by this KVM"),
+            "{picture}"
+        );
+        assert_eq!(axis_step(42_276.0), 10_000.0);
+        assert_eq!(axis_step(3.0), 1.0);
+    }
+
+    #[test]
+    fn answers_are_compared_with_natives_and_each_difference_is_named() {
+        let native = life(
+            "native",
+            3000,
+            vec![leaf1(0x8000_0000 | 1 << 27), CpuidRecord::default()],
+        );
+        let vm = life("hw-assist", 20_000, vec![leaf1(0x8000_0000), CpuidRecord::default()]);
+        let text = render_answers(&[native, vm]);
+        assert!(text.contains("against native"), "{text}");
+        let leaf1 = text.lines().find(|l| l.starts_with("leaf 0x1.0")).unwrap();
+        assert!(leaf1.contains("hw-assist: ECX 0x80000000 (bits 0x08000000"), "{leaf1}");
+        assert!(leaf1.contains("OSXSAVE"), "{leaf1}");
+        let leaf0 = text.lines().find(|l| l.starts_with("leaf 0x0.0")).unwrap();
+        assert!(leaf0.ends_with("the same on every path"), "{leaf0}");
+        // Nothing to compare without answers.
+        assert!(render_answers(&[life("native", 1, Vec::new())]).is_empty());
+    }
 }

@@ -42,6 +42,10 @@ pub struct MatrixConfig {
     /// argument (`rdtsc-kvm-handler:1..32/1`).
     #[serde(default = "default_evasions")]
     pub evasions: Vec<String>,
+    /// Probes every run takes, by name (`vmm run --probes`); empty: the defaults (with
+    /// `vcpus: 2` the counter's too). Add `msr-cpuid` for vmcheck's MSR window.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub probes: Vec<String>,
     /// Repeat each cell until every rule's exact 95% interval of its flagged rate is at
     /// most this wide (`repeats` is then the bound); `--precision` sets it too.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -260,6 +264,26 @@ impl MatrixConfig {
     /// The cells, in config order; shaping other than `none` only for the modes whose
     /// exits the VMM handles, evasions only where they act (an RDTSC trap on every VM
     /// path, the others where the VMM handles CPUID).
+    /// The probes of every run, as bits: the named ones, or the defaults.
+    pub fn probe_bits(&self, path: &Path) -> Result<u32, ValidationError> {
+        if self.probes.is_empty() {
+            return Ok(crate::measure::default_probes(self.vcpus == 2));
+        }
+        self.probes.iter().try_fold(0, |bits, name| {
+            let probe = guest_payload::Probe::ALL
+                .into_iter()
+                .find(|p| p.name() == name)
+                .ok_or_else(|| ValidationError::Invalid {
+                    path: path.to_owned(),
+                    why: format!(
+                        "unknown probe `{name}` ({})",
+                        guest_payload::Probe::ALL.map(|p| p.name()).join(", ")
+                    ),
+                })?;
+            Ok(bits | probe.bit())
+        })
+    }
+
     pub fn cells(&self, tsc_khz: u32, path: &Path) -> Result<Vec<Cell>, ValidationError> {
         let invalid = |why: String| ValidationError::Invalid {
             path: path.to_owned(),

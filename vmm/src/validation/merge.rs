@@ -299,6 +299,7 @@ pub fn merge(reports: Vec<(PathBuf, ValidationInputs)>) -> Result<ValidationInpu
         let ValidationInputs {
             runs,
             failures,
+            mut retried,
             refusals,
             stops,
             interrupted,
@@ -360,6 +361,10 @@ pub fn merge(reports: Vec<(PathBuf, ValidationInputs)>) -> Result<ValidationInpu
         merged.stops.append(&mut new_stops);
         merged.runs.append(&mut new_runs);
         merged.failures.append(&mut new_failures);
+        for attempt in &mut retried {
+            attempt.host = remap(attempt.host)?;
+        }
+        merged.retried.append(&mut retried);
         merged.refusals.append(&mut new_refusals);
         // A partial shard keeps the merge partial, and says so, naming its file.
         if let Some(why) = interrupted {

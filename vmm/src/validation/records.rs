@@ -77,6 +77,9 @@ pub struct RunVerdict {
     pub rule: String,
     pub verdict: Verdict,
     pub score: f64,
+    /// The rule's one line of why: the evidence behind the verdict (older reports: empty).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub why: String,
 }
 
 /// One run of the matrix.
@@ -128,6 +131,7 @@ impl RunRecord {
                     rule: v.rule.to_owned(),
                     verdict: v.verdict,
                     score: if v.score.is_finite() { v.score } else { 0.0 },
+                    why: v.why.clone(),
                 })
                 .collect(),
             cpuid_median: median(Probe::Cpuid),
@@ -246,6 +250,10 @@ pub struct ValidationInputs {
     pub runs: Vec<RunRecord>,
     pub refusals: Vec<Refusal>,
     pub failures: Vec<Failure>,
+    /// Attempts that failed and were retried in a fresh VM (the retry is in `runs`, or in
+    /// `failures` where it failed too): reported, never silently dropped.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retried: Vec<Failure>,
     /// Cells stopped at the precision asked, or run to the bound without reaching it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub stops: Vec<Stop>,
@@ -270,6 +278,7 @@ impl ValidationInputs {
             runs: Vec::new(),
             refusals: Vec::new(),
             failures: Vec::new(),
+            retried: Vec::new(),
             stops: Vec::new(),
             interrupted: self.interrupted.clone(),
             interrupted_by: self.interrupted_by,

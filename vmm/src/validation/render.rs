@@ -4,6 +4,7 @@
 
 use super::confusion::Confusion;
 use super::matrix::Shard;
+use super::report::Outcome;
 use super::report::{CellResult, ValidationReport};
 use super::sweep::Crossing;
 use crate::detector::{rule_columns, Verdict};
@@ -237,6 +238,22 @@ fn write_table(out: &mut String, report: &ValidationReport) -> std::fmt::Result 
     sweep_tables(out, report)?;
     roc_table(out, report)?;
     arms_race_table(out, report, &columns)?;
+    for attempt in &inputs.retried {
+        let Some(cell) = inputs.matrix_cells.get(attempt.cell) else {
+            continue;
+        };
+        writeln!(
+            out,
+            "\nretried in a fresh VM: {} | {} | {} | busy {}, run {} on host {}, whose first attempt failed: {}",
+            t(&cell.mode),
+            t(&cell.shaping),
+            t(&cell.evasion),
+            cell.busy,
+            attempt.repeat + 1,
+            attempt.host,
+            t(&attempt.why)
+        )?;
+    }
     for failure in &inputs.failures {
         let Some(cell) = inputs.matrix_cells.get(failure.cell) else {
             continue;
@@ -579,9 +596,97 @@ fn write_markdown(out: &mut String, report: &ValidationReport) -> std::fmt::Resu
             )?;
         }
     }
+    if !inputs.retried.is_empty() {
+        writeln!(
+            out,
+            "\n## Runs retried in a fresh VM\n\nEach failed once and ran again; the retry is among the runs (or the failures).\n\n| mode | shaping | evasion | busy | run | host | the first attempt |\n|---|---|---|---|---|---|---|"
+        )?;
+        for attempt in &inputs.retried {
+            if let Some(cell) = inputs.matrix_cells.get(attempt.cell) {
+                writeln!(
+                    out,
+                    "| {} | {} | {} | {} | {} | {} | {} |",
+                    md(&cell.mode),
+                    md(&cell.shaping),
+                    md(&cell.evasion),
+                    cell.busy,
+                    attempt.repeat + 1,
+                    attempt.host,
+                    md(&attempt.why)
+                )?;
+            }
+        }
+    }
     markdown_distributions(out, report)?;
     markdown_sweeps(out, report)?;
-    markdown_roc(out, report)
+    markdown_roc(out, report)?;
+    markdown_arms_race(out, report)
+}
+
+/// The detectors × evaders table, and under it each cell's evidence in one line.
+fn markdown_arms_race(out: &mut String, report: &ValidationReport) -> std::fmt::Result {
+    let race = &report.arms_race;
+    if race.columns.len() < 2 {
+        return Ok(());
+    }
+    let rules: Vec<&str> = columns(report)
+        .into_iter()
+        .filter(|r| race.cells.contains_key(*r))
+        .collect();
+    write!(
+        out,
+        "\n## Detectors × evaders\n\nWhat each rule made of each column (everything a set of cells stages, every path together) by the majority of its runs: **caught** (a VM called virtual), **fooled** (a VM called native), **false alarm** (a host called virtual), quiet (a host called native), unsure (more than half unsure), or not applicable (the run lacked what the rule reads); with the share of runs flagged virtual.\n\n| rule |"
+    )?;
+    for column in &race.columns {
+        write!(out, " {} [{}] |", md(&column.arms), column.truth.name())?;
+    }
+    write!(out, "\n|---|")?;
+    for _ in &race.columns {
+        write!(out, "---|")?;
+    }
+    writeln!(out)?;
+    for rule in &rules {
+        write!(out, "| {} |", md(rule))?;
+        for cell in &race.cells[*rule] {
+            let text = match cell {
+                Some(c) => {
+                    let rate = f64::from(c.flagged) / f64::from(c.runs.max(1));
+                    match c.outcome {
+                        Outcome::Caught | Outcome::Fooled | Outcome::FalseAlarm => {
+                            format!("**{}** {rate:.2}", c.outcome.name())
+                        }
+                        other => format!("{} {rate:.2}", other.name()),
+                    }
+                }
+                None => "not applicable".into(),
+            };
+            write!(out, " {text} |")?;
+        }
+        writeln!(out)?;
+    }
+    writeln!(out, "\n### The evidence, per column\n\nEach cell's rule in one line, from the first of its runs whose verdict is the cell's outcome.")?;
+    for (c, column) in race.columns.iter().enumerate() {
+        writeln!(
+            out,
+            "\n**{} [{}]**, {} runs:\n",
+            md(&column.arms),
+            column.truth.name(),
+            column.runs
+        )?;
+        for rule in &rules {
+            if let Some(Some(cell)) = race.cells[*rule].get(c) {
+                writeln!(
+                    out,
+                    "- `{rule}`: {} ({} of {} flagged): {}",
+                    cell.outcome.name(),
+                    cell.flagged,
+                    cell.runs,
+                    md(&cell.evidence)
+                )?;
+            }
+        }
+    }
+    Ok(())
 }
 
 fn markdown_roc(out: &mut String, report: &ValidationReport) -> std::fmt::Result {

@@ -183,12 +183,71 @@ pub struct ArmsColumn {
 pub struct ArmsRace {
     pub columns: Vec<ArmsColumn>,
     pub rules: BTreeMap<String, Vec<Option<f64>>>,
+    /// Per rule and column, what the rule made of the column and the evidence (`None`:
+    /// not judged there).
+    #[serde(default)]
+    pub cells: BTreeMap<String, Vec<Option<ArmsCell>>>,
+}
+
+/// What a detector made of what a column stages, by the majority of the column's runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Outcome {
+    /// A VM (evaded or not) called virtual.
+    Caught,
+    /// A VM called native (or unsure in no more than half the runs).
+    Fooled,
+    /// A host called virtual.
+    FalseAlarm,
+    /// A host called native.
+    Quiet,
+    /// Unsure in more than half the runs: the rule could not read what it needs.
+    Unsure,
+}
+
+impl Outcome {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Outcome::Caught => "caught",
+            Outcome::Fooled => "fooled",
+            Outcome::FalseAlarm => "false alarm",
+            Outcome::Quiet => "quiet",
+            Outcome::Unsure => "unsure",
+        }
+    }
+
+    /// By the majority of `runs`: flagged at half or more is virtual, unsure in more than
+    /// half is unsure.
+    fn of(truth: Verdict, flagged: u32, unsure: u32, runs: u32) -> Self {
+        let virtual_ = 2 * flagged >= runs.max(1);
+        match (truth, virtual_) {
+            _ if !virtual_ && 2 * unsure > runs => Outcome::Unsure,
+            (Verdict::Virtual, true) => Outcome::Caught,
+            (Verdict::Virtual, false) => Outcome::Fooled,
+            (_, true) => Outcome::FalseAlarm,
+            (_, false) => Outcome::Quiet,
+        }
+    }
+}
+
+/// One rule over one column of the arms race.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ArmsCell {
+    pub outcome: Outcome,
+    pub flagged: u32,
+    pub unsure: u32,
+    pub runs: u32,
+    /// The why of the first run whose verdict is the outcome's: which clock, which rule.
+    pub evidence: String,
 }
 
 fn arms_race(inputs: &ValidationInputs) -> ArmsRace {
     let mut columns: Vec<ArmsColumn> = Vec::new();
     let mut column_of: std::collections::HashMap<(String, Verdict), usize> = std::collections::HashMap::new();
     let mut flagged: BTreeMap<String, BTreeMap<usize, (u32, u32)>> = BTreeMap::new();
+    let mut unsure: BTreeMap<(String, usize), u32> = BTreeMap::new();
+    // The first why of each verdict kind, per rule and column.
+    let mut whys: BTreeMap<(String, usize, Verdict), String> = BTreeMap::new();
     for run in &inputs.runs {
         let Some(cell) = inputs.matrix_cells.get(run.cell) else {
             continue;
@@ -207,8 +266,41 @@ fn arms_race(inputs: &ValidationInputs) -> ArmsRace {
             let entry = flagged.entry(v.rule.clone()).or_default().entry(column).or_default();
             entry.0 += u32::from(v.verdict == Verdict::Virtual);
             entry.1 += 1;
+            *unsure.entry((v.rule.clone(), column)).or_default() += u32::from(v.verdict == Verdict::Unsure);
+            whys.entry((v.rule.clone(), column, v.verdict))
+                .or_insert_with(|| v.why.clone());
         }
     }
+    let cells = flagged
+        .iter()
+        .map(|(rule, by_column)| {
+            let cells = (0..columns.len())
+                .map(|c| {
+                    let &(flagged, runs) = by_column.get(&c)?;
+                    let unsure = unsure.get(&(rule.clone(), c)).copied().unwrap_or(0);
+                    let outcome = Outcome::of(columns[c].truth, flagged, unsure, runs);
+                    let said = match outcome {
+                        Outcome::Caught | Outcome::FalseAlarm => [Verdict::Virtual, Verdict::Virtual],
+                        Outcome::Unsure => [Verdict::Unsure, Verdict::Native],
+                        Outcome::Fooled | Outcome::Quiet => [Verdict::Native, Verdict::Unsure],
+                    };
+                    let evidence = said
+                        .iter()
+                        .find_map(|v| whys.get(&(rule.clone(), c, *v)))
+                        .cloned()
+                        .unwrap_or_default();
+                    Some(ArmsCell {
+                        outcome,
+                        flagged,
+                        unsure,
+                        runs,
+                        evidence,
+                    })
+                })
+                .collect();
+            (rule.clone(), cells)
+        })
+        .collect();
     let rules = flagged
         .into_iter()
         .map(|(rule, by_column)| {
@@ -218,7 +310,7 @@ fn arms_race(inputs: &ValidationInputs) -> ArmsRace {
             (rule, rates)
         })
         .collect();
-    ArmsRace { columns, rules }
+    ArmsRace { columns, rules, cells }
 }
 
 impl ValidationReport {

@@ -322,6 +322,7 @@ mod tests {
             cpuid_leaf: 0,
             payload: Some(&payload),
             patched_for_an_evader: None,
+            clocks: None,
         };
         let judged = evaluate(&evidence, &Calibration::uncalibrated());
         let names = RULES.iter().map(|r| r.name).chain(judged.iter().map(|v| v.rule));

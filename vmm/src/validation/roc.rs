@@ -120,6 +120,7 @@ mod tests {
                 rule: "robust".into(),
                 verdict: if flagged { Verdict::Virtual } else { Verdict::Native },
                 score,
+                why: String::new(),
             }],
             cpuid_median: None,
             nop_median: None,

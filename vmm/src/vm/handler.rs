@@ -41,6 +41,8 @@ pub enum ExitKind {
     TscTrap,
     /// A filtered read of IA32_TSC (MSR 0x10), answered from the same clock.
     MsrTrap,
+    /// A read of the PM timer port (the guest's wall clock).
+    PmTimer,
     /// A byte of console output.
     Console,
     /// The guest rang the done port.
@@ -58,6 +60,7 @@ impl ExitKind {
             ExitKind::CpuidQueryHypercall => "cpuid-query-hypercall",
             ExitKind::TscTrap => "tsc-trap",
             ExitKind::MsrTrap => "msr-trap",
+            ExitKind::PmTimer => "pm-timer-io",
             ExitKind::Console => "console-io",
             ExitKind::Done => "done-io",
             ExitKind::Signal => "signal",

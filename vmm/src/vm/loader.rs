@@ -530,6 +530,7 @@ mod tests {
         assert_eq!(payload.entry, PAYLOAD_START);
         let mut named: Vec<u64> = guest_payload::timing::CPUID_SITE_SYMBOLS
             .iter()
+            .chain([&guest_payload::timing::CPUID_MSR_SITE_SYMBOL])
             .map(|name| payload.symbol(name).unwrap_or_else(|| panic!("{name} missing")))
             .collect();
         named.sort_unstable();

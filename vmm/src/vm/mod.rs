@@ -17,6 +17,7 @@ pub mod handler;
 pub mod kvm;
 pub mod loader;
 pub mod memory;
+pub mod pm_timer;
 mod run;
 pub mod sandbox;
 pub mod trace;

@@ -216,6 +216,10 @@ impl Vcpu for TracingVcpu<'_, '_> {
         self.inner.reply_msr(data)
     }
 
+    fn reply_port(&mut self, data: u32) -> Result<(), VcpuError> {
+        self.inner.reply_port(data)
+    }
+
     /// Counted as the write-back it is, not as a call of the handler's.
     fn flush(&mut self) -> Result<(), VcpuError> {
         let start = read_tsc();

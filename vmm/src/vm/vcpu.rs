@@ -27,6 +27,8 @@ pub enum VcpuError {
     TscMovesNotEnabled,
     #[error("an MSR read was answered where the guest read no filtered MSR")]
     NoMsrRead,
+    #[error("a port read was answered where the guest read no port")]
+    NoPortRead,
 }
 
 /// What a handler may do to the vCPU while it is stopped in an exit.
@@ -53,6 +55,9 @@ pub trait Vcpu {
     fn take_moved(&mut self) -> i64;
     /// The value the guest's filtered RDMSR reads, at a `Exit::RdMsr`.
     fn reply_msr(&mut self, data: u64) -> Result<(), VcpuError>;
+    /// The value the guest's `in` reads, at an `Exit::IoIn` (its low bytes, as wide as
+    /// the read).
+    fn reply_port(&mut self, data: u32) -> Result<(), VcpuError>;
     /// Writes back registers a handler changed, now rather than at the next KVM_RUN: an
     /// exit's cost is decided once they are back.
     fn flush(&mut self) -> Result<(), VcpuError> {
@@ -245,6 +250,33 @@ impl Vcpu for KvmVcpu {
         Ok(())
     }
 
+    fn reply_port(&mut self, data: u32) -> Result<(), VcpuError> {
+        let run = self.fd.get_kvm_run();
+        if run.exit_reason != kvm_bindings::KVM_EXIT_IO {
+            return Err(VcpuError::NoPortRead);
+        }
+        // SAFETY: the last exit was KVM_EXIT_IO: `io` is the union member KVM filled.
+        let io = unsafe { run.__bindgen_anon_1.io };
+        if u32::from(io.direction) != kvm_bindings::KVM_EXIT_IO_IN {
+            return Err(VcpuError::NoPortRead);
+        }
+        let size = usize::from(io.size).min(4);
+        let offset = usize::try_from(io.data_offset).map_err(|_| VcpuError::NoPortRead)?;
+        // x86 KVM keeps port data in the page after kvm_run (KVM_PIO_PAGE_OFFSET = 1), inside
+        // the vCPU's mapping (at least two pages there).
+        const PIO_PAGE: usize = 4096;
+        if offset < PIO_PAGE || offset + size > 2 * PIO_PAGE {
+            return Err(VcpuError::NoPortRead);
+        }
+        // SAFETY: KVM put the data of this one-count port read at `data_offset`, in the
+        // vCPU's mapping (checked above), and reads it back at the next KVM_RUN.
+        unsafe {
+            let base = (run as *mut kvm_bindings::kvm_run).cast::<u8>().add(offset);
+            std::ptr::copy_nonoverlapping(data.to_le_bytes().as_ptr(), base, size);
+        }
+        Ok(())
+    }
+
     fn take_moved(&mut self) -> i64 {
         std::mem::take(&mut self.moved)
     }
@@ -289,6 +321,7 @@ pub mod sim {
         pub tsc_moves: Option<TscMethod>,
         /// What the last filtered RDMSR was answered with.
         pub msr_reply: Option<u64>,
+        pub port_reply: Option<u32>,
         pub host_tsc: Cell<u64>,
         /// Cycles each reading of the clock costs.
         pub clock_step: u64,
@@ -352,6 +385,7 @@ pub mod sim {
                 tsc_offset: 0,
                 tsc_moves: None,
                 msr_reply: None,
+                port_reply: None,
                 host_tsc: Cell::new(1 << 40),
                 clock_step: 0,
                 regs_reads: Cell::new(0),
@@ -415,6 +449,10 @@ pub mod sim {
         }
         fn reply_msr(&mut self, data: u64) -> Result<(), VcpuError> {
             self.msr_reply = Some(data);
+            Ok(())
+        }
+        fn reply_port(&mut self, data: u32) -> Result<(), VcpuError> {
+            self.port_reply = Some(data);
             Ok(())
         }
         fn counter(&self) -> Option<&dyn Counter> {
