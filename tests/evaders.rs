@@ -746,7 +746,7 @@ fn nikas_rdtscp_is_hidden_from_cpuid_and_answers_a_clock_of_its_own() {
 
 /// The clocks an RDTSC trap leaves alone see through it (docs/detector.md, "Clocks against
 /// clocks"): RDTSC-KVM-Handler's divider by MSR 0x10 and by the rate kvmclock states,
-/// the exits hidden by the TSC's rate against the PM timer, BetterTiming's clock that
+/// the exits hidden by the TSC's rate against the PM timer or kvmclock's, BetterTiming's clock that
 /// stands still by the PM timer; with no evader every clock agrees. Each verdict names the
 /// pair and the figure; vmcheck reads the same clocks and is fooled by BetterTiming, as
 /// its figure is the TSC's own.
@@ -779,10 +779,20 @@ fn the_clocks_an_rdtsc_trap_leaves_alone_catch_it_and_say_which_pair() {
     assert_eq!(verdict, "virtual", "{why}");
     assert!(why.contains("kvmclock says"), "{why}");
 
+    // The exits hidden: the TSC's rate against the PM timer depends on the exits, or (where
+    // exits dominate even the quiet span, as under nested SVM: each trapped RDTSC there
+    // costs ~100,000 cycles) the TSC runs slower than the rate kvmclock states.
     let hidden = run("hide-exits", &args(&[]));
-    let (verdict, why) = verdict_why(&hidden, "tsc-pm-cpuid");
-    assert_eq!(verdict, "virtual", "{why}");
-    assert!(why.contains("PM timer"), "{why}");
+    let caught: Vec<(String, String)> = ["tsc-pm-cpuid", "tsc-kvmclock-rate"]
+        .into_iter()
+        .map(|rule| verdict_why(&hidden, rule))
+        .collect();
+    assert!(
+        caught
+            .iter()
+            .any(|(verdict, why)| verdict == "virtual" && (why.contains("PM timer") || why.contains("kvmclock says"))),
+        "{caught:?}"
+    );
 
     let frozen = run("bettertiming", &args(&[]));
     let (verdict, why) = verdict_why(&frozen, "tsc-pm-cpuid");

@@ -577,22 +577,29 @@ pub fn measure(
 /// `wall` (the PM timer) bounds the window as it bounds [`quiet_span`]: a trapped TSC
 /// that hides its own exits barely moves, and the window then ends after
 /// [`clocks::QUIET_MAX_PM_TICKS`] with the few cycles it saw (a rate the rules call
-/// unknown, not a hang).
+/// unknown, not a hang). It is read only after looks that saw the TSC stand (nearly)
+/// still, so that an honest window has no exit in it.
 pub fn measure_counter_rate(request: &Request, mut wall: impl FnMut() -> u32) -> Result<(u64, u64), MeasureError> {
+    /// A look over which the TSC moved less than this stood (nearly) still.
+    const STILL_CYCLES: u64 = 64;
     let block = counter_block(request)? as *const CounterBlock;
     wait_for_tick(block)?;
     let c0 = read_counter(block);
     let w0 = wall();
     let t0 = read_tsc();
     let mut t = t0;
-    let mut looks = 0u32;
+    let mut still = 0u32;
     while t.wrapping_sub(t0) < counter::RATE_CYCLES {
-        if looks % clocks::QUIET_WALL_EVERY == clocks::QUIET_WALL_EVERY - 1
+        // The wall clock is read (an exit) only once looks have seen the TSC barely move:
+        // an honest TSC advances hundreds of cycles over RATE_LOOP iterations, so the
+        // window has no exit at all (a counter paused at every exit would otherwise be
+        // measured slow here, and every tick over CPUID read as worth more).
+        if still % clocks::QUIET_WALL_EVERY == clocks::QUIET_WALL_EVERY - 1
             && u64::from(wall().wrapping_sub(w0)) >= clocks::QUIET_MAX_PM_TICKS
         {
             break;
         }
-        looks = looks.wrapping_add(1);
+        let before = t;
         // SAFETY: a register-only countdown.
         unsafe {
             core::arch::asm!(
@@ -604,6 +611,9 @@ pub fn measure_counter_rate(request: &Request, mut wall: impl FnMut() -> u32) ->
             );
         }
         t = read_tsc();
+        if t.wrapping_sub(before) < STILL_CYCLES {
+            still = still.wrapping_add(1);
+        }
     }
     let c1 = read_counter(block);
     Ok((t.wrapping_sub(t0), c1.wrapping_sub(c0)))
