@@ -600,16 +600,7 @@ pub fn measure_counter_rate(request: &Request, mut wall: impl FnMut() -> u32) ->
             break;
         }
         let before = t;
-        // SAFETY: a register-only countdown.
-        unsafe {
-            core::arch::asm!(
-                "2:",
-                "dec {n}",
-                "jnz 2b",
-                n = inout(reg) counter::RATE_LOOP => _,
-                options(nomem, nostack)
-            );
-        }
+        countdown(counter::RATE_LOOP);
         t = read_tsc();
         if t.wrapping_sub(before) < STILL_CYCLES {
             still = still.wrapping_add(1);
@@ -750,6 +741,21 @@ pub fn read_tsc() -> u64 {
     unsafe { vmm_read_tsc() }
 }
 
+/// `n` iterations of `dec; jnz`: time passes on the CPU with no memory access, no exit.
+#[inline(always)]
+fn countdown(n: u64) {
+    // SAFETY: a register-only countdown.
+    unsafe {
+        core::arch::asm!(
+            "2:",
+            "dec {n}",
+            "jnz 2b",
+            n = inout(reg) n => _,
+            options(nomem, nostack)
+        );
+    }
+}
+
 /// The clocks read by `read` at the two ends of a quiet span: [`clocks::QUIET_CYCLES`]
 /// of the TSC, or [`clocks::QUIET_MAX_PM_TICKS`] of the wall clock `wall` (the PM timer),
 /// whichever comes first, in a register-only loop that looks at the TSC once every
@@ -768,16 +774,7 @@ pub fn quiet_span(mut read: impl FnMut(bool) -> ClockReadings, mut wall: impl Fn
         {
             break;
         }
-        // SAFETY: a register-only countdown.
-        unsafe {
-            core::arch::asm!(
-                "2:",
-                "dec {n}",
-                "jnz 2b",
-                n = inout(reg) clocks::QUIET_LOOP => _,
-                options(nomem, nostack)
-            );
-        }
+        countdown(clocks::QUIET_LOOP);
         t = read_tsc();
         looks = looks.wrapping_add(1);
     }

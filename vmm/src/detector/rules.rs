@@ -569,15 +569,12 @@ mod tests {
         assert_eq!(verdicts["robust"], Verdict::Native, "p10 ignores the interference");
     }
 
-    fn fixed(unfenced: Option<Vec<Cycles>>, fenced: Vec<Cycles>) -> RuleVerdict {
-        let mut samples = BTreeMap::from([(Probe::Cpuid, fenced)]);
-        if let Some(unfenced) = unfenced {
-            samples.insert(Probe::CpuidUnfenced, unfenced);
-        }
-        let evidence = Evidence {
-            ticks: &crate::results::ProbeSamples::new(),
+    /// A run of these samples and nothing else (no CPUID answers, sites, counter or clocks).
+    fn samples_only(samples: &ProbeSamples) -> Evidence<'_> {
+        Evidence {
+            ticks: &EMPTY,
             counter_rate: None,
-            samples: &samples,
+            samples,
             cpuid: &[],
             site_bytes: &[],
             tsc_khz: TSC_KHZ,
@@ -585,8 +582,17 @@ mod tests {
             payload: None,
             patched_for_an_evader: None,
             clocks: None,
-        };
-        fixed_threshold(&evidence)
+        }
+    }
+
+    static EMPTY: ProbeSamples = ProbeSamples::new();
+
+    fn fixed(unfenced: Option<Vec<Cycles>>, fenced: Vec<Cycles>) -> RuleVerdict {
+        let mut samples = BTreeMap::from([(Probe::Cpuid, fenced)]);
+        if let Some(unfenced) = unfenced {
+            samples.insert(Probe::CpuidUnfenced, unfenced);
+        }
+        fixed_threshold(&samples_only(&samples))
     }
 
     #[test]
@@ -683,19 +689,7 @@ mod tests {
 
     fn noise_floor_of(rdtsc: Vec<Cycles>) -> RuleVerdict {
         let samples = BTreeMap::from([(Probe::Rdtsc, rdtsc)]);
-        let evidence = Evidence {
-            ticks: &crate::results::ProbeSamples::new(),
-            counter_rate: None,
-            samples: &samples,
-            cpuid: &[],
-            site_bytes: &[],
-            tsc_khz: TSC_KHZ,
-            cpuid_leaf: 0,
-            payload: None,
-            patched_for_an_evader: None,
-            clocks: None,
-        };
-        checkhv_noise_floor(&evidence)
+        checkhv_noise_floor(&samples_only(&samples))
     }
 
     #[test]
