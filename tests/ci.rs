@@ -770,3 +770,59 @@ fn a_failed_run_is_retried_in_a_fresh_vm_and_both_attempts_are_reported() {
     let markdown = std::fs::read_to_string(&md).unwrap();
     assert!(markdown.contains("## Runs retried in a fresh VM"), "{markdown}");
 }
+
+#[test]
+fn evidence_keeps_each_runs_samples_and_verdicts_per_cell() {
+    let Some(_vm) = vm_test() else { return };
+    let dir = Scratch::new("evidence");
+    let config = dir.path("matrix.json");
+    std::fs::write(
+        &config,
+        r#"{"description": "evidence", "repeats": 2, "iterations": 40, "warmup": 5,
+            "modes": ["native", "trap-emulate:io-patch"]}"#,
+    )
+    .unwrap();
+    let (json, evidence) = (dir.path("report.json"), dir.path("evidence"));
+    let output = validate(&["--config", &config, "-o", &json, "--evidence", &evidence]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let report = read(&json);
+    let mut cells: Vec<String> = std::fs::read_dir(&evidence)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    cells.sort();
+    assert_eq!(
+        cells,
+        ["000-native_none_busy_0", "001-trap-emulate_io-patch_none_busy_0"],
+        "{cells:?}"
+    );
+    for (index, cell) in cells.iter().enumerate() {
+        for repeat in 0..2u64 {
+            let run = read(&format!("{evidence}/{cell}/run-{}.json", repeat + 1));
+            // Every sample the verdicts rest on, and the verdicts the report counted.
+            assert_eq!(run["samples"]["cpuid"].as_array().map(Vec::len), Some(40), "{cell}");
+            let record = report["runs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|r| r["cell"] == index as u64 && r["repeat"] == repeat)
+                .unwrap_or_else(|| panic!("no run {repeat} of cell {index} in the report"));
+            let counted = record["verdicts"].as_array().unwrap();
+            assert_eq!(run["verdicts"].as_array().unwrap().len(), counted.len(), "{cell}");
+            for verdict in run["verdicts"].as_array().unwrap() {
+                let kept = counted.iter().find(|v| v["rule"] == verdict["rule"]).unwrap();
+                assert_eq!(
+                    kept["verdict"], verdict["verdict"],
+                    "{cell} run {repeat}: {}",
+                    verdict["rule"]
+                );
+            }
+        }
+    }
+    // A directory that cannot be made is an error naming it, after nothing was lost.
+    let blocked = dir.path("a-file");
+    std::fs::write(&blocked, "").unwrap();
+    let output = validate(&["--config", &config, "--evidence", &blocked]);
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    assert!(stderr(&output).contains("cannot write"), "{}", stderr(&output));
+}

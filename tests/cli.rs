@@ -150,6 +150,26 @@ fn a_faulting_guest_is_reported_with_its_rip() {
 }
 
 #[test]
+fn stray_mmio_and_port_io_are_refused_where_the_guest_did_them() {
+    let Some(_vm) = vm_test() else { return };
+    for (what, expected) in [
+        ("mmio", "accessed MMIO address 0x30000000 at RIP 0x"),
+        ("port", "did an OUT on port 0x70 at RIP 0x"),
+    ] {
+        let output = vmm(&["run", "--misbehave", what]);
+        assert_eq!(output.status.code(), Some(1), "{what}: {}", stderr(&output));
+        assert!(stderr(&output).contains(expected), "{what}: {}", stderr(&output));
+    }
+}
+
+#[test]
+fn misbehave_refuses_a_payload_of_ones_own() {
+    let output = vmm(&["run", "--misbehave", "hang", "--payload", "any.elf"]);
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    assert!(stderr(&output).contains("cannot be used with"), "{}", stderr(&output));
+}
+
+#[test]
 fn bad_payloads_are_refused_with_one_clear_line() {
     let cases: [(&str, Vec<u8>, &str); 5] = [
         ("text", b"not an elf at all\n".to_vec(), "not an ELF file"),

@@ -46,6 +46,9 @@ pub mod layout {
     pub const RESULT_ADDR: u64 = 0x40_0000;
     /// How much of guest memory the page tables map.
     pub const IDENTITY_MAP_BYTES: u64 = 1 << 30;
+    /// An address the page tables map (below [`IDENTITY_MAP_BYTES`]) and no RAM backs
+    /// (guest memory is far smaller): where [`super::flags::STRAY_MMIO`] reads.
+    pub const STRAY_MMIO_ADDR: u64 = 0x3000_0000;
     /// Guest RAM is a whole number of these (the page-table granule).
     pub const RAM_GRANULE: u64 = 2 << 20;
 }
@@ -73,6 +76,9 @@ pub mod ports {
     /// reads a 32-bit count at [`super::clocks::PM_TIMER_HZ`], kept by the VMM from the
     /// host's monotonic clock. The guest's wall clock, a clock no RDTSC trap touches.
     pub const PM_TIMER: u16 = 0x608;
+    /// The CMOS/RTC index port, which a PC has and this VMM does not emulate: where
+    /// [`super::flags::STRAY_PORT`] writes.
+    pub const STRAY: u16 = 0x70;
 }
 
 /// The clocks a guest can read besides RDTSC, as [`ClockReadings`] records them.
@@ -264,6 +270,11 @@ pub mod flags {
     /// With [`CLOCKS`]: ask KVM for kvmclock too (the VMM found that this KVM takes the
     /// MSR write) and read it with the others.
     pub const KVMCLOCK: u32 = 1 << 5;
+    /// Read guest-physical [`super::layout::STRAY_MMIO_ADDR`], mapped by the page tables
+    /// but backed by no RAM: an MMIO exit no device answers, which the VMM must refuse.
+    pub const STRAY_MMIO: u32 = 1 << 6;
+    /// Write to port [`super::ports::STRAY`], where no device is: the VMM must refuse it.
+    pub const STRAY_PORT: u32 = 1 << 7;
 }
 
 /// A payload's own verdict, in [`ResultHeader::verdict`].

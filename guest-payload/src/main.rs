@@ -55,6 +55,21 @@ fn run(config: &Config) -> Status {
         // SAFETY: deliberately raises #UD; with no IDT this becomes a triple fault.
         unsafe { core::arch::asm!("ud2", options(noreturn)) }
     }
+    if config.flags & flags::STRAY_MMIO != 0 {
+        console("guest: reading memory no RAM backs\n");
+        // SAFETY: the address is identity-mapped; the read exits to the VMM, which stops
+        // the guest (it never returns here with a value).
+        unsafe { ptr::read_volatile(layout::STRAY_MMIO_ADDR as *const u32) };
+        return Status::BadConfig;
+    }
+    if config.flags & flags::STRAY_PORT != 0 {
+        console("guest: writing to a port with no device\n");
+        // SAFETY: a port write has no effect on guest memory; the VMM stops the guest.
+        unsafe {
+            core::arch::asm!("out dx, al", in("dx") ports::STRAY, in("al") 0u8, options(nostack));
+        }
+        return Status::BadConfig;
+    }
     if config.iterations == 0 || config.probes == 0 {
         return Status::BadConfig;
     }

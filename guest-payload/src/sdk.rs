@@ -206,6 +206,18 @@ pub fn c_header() -> String {
     );
     define(
         &mut out,
+        "VMM_FLAG_STRAY_MMIO",
+        flags::STRAY_MMIO,
+        "Read memory no RAM backs (tests the VMM's refusal of stray MMIO).",
+    );
+    define(
+        &mut out,
+        "VMM_FLAG_STRAY_PORT",
+        flags::STRAY_PORT,
+        "Write to a port with no device (tests the VMM's refusal of stray port I/O).",
+    );
+    define(
+        &mut out,
         "VMM_FLAG_CPUID_SNAPSHOT",
         flags::CPUID_SNAPSHOT,
         "Fill the CPUID snapshot and the site bytes.",

@@ -240,6 +240,13 @@ pub struct ValidateArgs {
     /// rate and no native reference.
     #[arg(long)]
     pub allow_missing_twin: bool,
+
+    /// Keep every run's whole report, its per-sample timings included, in DIR: one
+    /// directory per cell (NNN-label), one run-R.json per run. What a matrix cell's verdict
+    /// rests on, to trace by hand or to feed another tool. DIR is created if missing; a
+    /// file already there is overwritten.
+    #[arg(long, value_name = "DIR")]
+    pub evidence: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -392,8 +399,9 @@ pub struct RunArgs {
     #[arg(long)]
     pub samples_to_decision: bool,
 
-    /// Make the guest misbehave on purpose, to see the VMM cope.
-    #[arg(long, value_enum, help_heading = "Testing the VMM")]
+    /// Make the guest misbehave on purpose, to see the VMM cope. The embedded timing
+    /// core's behaviour: a payload of your own runs as it was written, so the two conflict.
+    #[arg(long, value_enum, help_heading = "Testing the VMM", conflicts_with = "payload")]
     pub misbehave: Option<Misbehaviour>,
 }
 
@@ -516,6 +524,10 @@ pub enum Misbehaviour {
     Hang,
     /// Execute ud2 with no IDT: a triple fault the VMM must report.
     Fault,
+    /// Read memory the page tables map and no RAM backs: an MMIO exit the VMM refuses.
+    Mmio,
+    /// Write to a port with no device behind it (0x70, a PC's CMOS): the VMM refuses it.
+    Port,
 }
 
 /// A u32 in decimal or with a 0x prefix.

@@ -66,6 +66,10 @@
 #define VMM_FLAG_HANG 0x2u
 /* Fault on purpose (tests the VMM's fault handling). */
 #define VMM_FLAG_FAULT 0x4u
+/* Read memory no RAM backs (tests the VMM's refusal of stray MMIO). */
+#define VMM_FLAG_STRAY_MMIO 0x40u
+/* Write to a port with no device (tests the VMM's refusal of stray port I/O). */
+#define VMM_FLAG_STRAY_PORT 0x80u
 /* Fill the CPUID snapshot and the site bytes. */
 #define VMM_FLAG_CPUID_SNAPSHOT 0x8u
 

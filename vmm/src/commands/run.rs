@@ -39,6 +39,8 @@ pub fn run(args: &RunArgs) -> Result<(), CommandError> {
         guest_flags: match args.misbehave {
             Some(Misbehaviour::Hang) => guest_payload::flags::HANG,
             Some(Misbehaviour::Fault) => guest_payload::flags::FAULT,
+            Some(Misbehaviour::Mmio) => guest_payload::flags::STRAY_MMIO,
+            Some(Misbehaviour::Port) => guest_payload::flags::STRAY_PORT,
             None => 0,
         },
         timeout: Duration::from_secs_f64(args.timeout),

@@ -191,6 +191,35 @@ impl Outputs {
 }
 
 /// Each rule's flagged count over `runs` (of one cell).
+/// One run's whole report, samples included, as DIR/NNN-label/run-R.json (`--evidence`).
+fn keep_evidence(
+    dir: &std::path::Path,
+    cell: usize,
+    label: &str,
+    repeat: u32,
+    report: &crate::report::RunReport,
+) -> Result<(), CommandError> {
+    // The cell's label as a file name: "trap-emulate:io-patch | none | busy 0" becomes
+    // trap-emulate_io-patch_none_busy_0 (no separators, nothing to quote in a shell).
+    let mut name = String::new();
+    for c in label.chars() {
+        if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+            name.push(c);
+        } else if !name.is_empty() && !name.ends_with('_') {
+            name.push('_');
+        }
+    }
+    let name = name.trim_end_matches('_');
+    let cell_dir = dir.join(format!("{cell:03}-{name}"));
+    let path = cell_dir.join(format!("run-{}.json", repeat + 1));
+    let output = |source| CommandError::Output {
+        path: path.display().to_string(),
+        source,
+    };
+    std::fs::create_dir_all(&cell_dir).map_err(output)?;
+    std::fs::write(&path, serde_json::to_vec_pretty(report)?).map_err(output)
+}
+
 fn flagged_counts(runs: &[RunRecord]) -> std::collections::BTreeMap<&str, (u32, u32)> {
     let mut counts: std::collections::BTreeMap<&str, (u32, u32)> = std::collections::BTreeMap::new();
     for run in runs {
@@ -336,7 +365,8 @@ pub fn validate(args: &ValidateArgs) -> Result<(), CommandError> {
             done += 1;
             // A run that fails (a guest that hung, a KVM that stopped it) is retried once
             // in a fresh VM; the failed attempt is kept in the report as retried.
-            let mut outcome = session.run(&spec, false, None);
+            let raw = args.evidence.is_some();
+            let mut outcome = session.run(&spec, raw, None);
             if let Err(error) = &outcome {
                 if !(nth == 0 && error.is_refusal()) {
                     progress.suspend(|| {
@@ -352,11 +382,14 @@ pub fn validate(args: &ValidateArgs) -> Result<(), CommandError> {
                         host: 0,
                         why: error.to_string(),
                     });
-                    outcome = session.run(&spec, false, None);
+                    outcome = session.run(&spec, raw, None);
                 }
             }
             match outcome {
                 Ok((report, measurement)) => {
+                    if let Some(dir) = &args.evidence {
+                        keep_evidence(dir, index, &cell.label(), repeat, &report)?;
+                    }
                     runs.push(RunRecord::new(
                         (index, repeat, 0),
                         truth,
@@ -421,6 +454,12 @@ pub fn validate(args: &ValidateArgs) -> Result<(), CommandError> {
         }
     }
     progress.finish_and_clear();
+    if let Some(dir) = &args.evidence {
+        crate::console::say(&format!(
+            "vmm: every run's report, its samples included, is in {}/ (a directory per cell, run-R.json per run)\n",
+            dir.display()
+        ));
+    }
     let interrupted_by = crate::interrupt::caught();
 
     let inputs = ValidationInputs {

@@ -96,6 +96,13 @@ fn bounds(values: impl Iterator<Item = f64>) -> (f64, f64) {
     ((lo / 2.0).max(1.0), (hi * 2.0).max(lo * 4.0).max(10.0))
 }
 
+/// [`bounds`] widened to whole decades, so that a narrow range (NOP at 25–49 cycles under
+/// a nested KVM) still has labelled ticks, and the legend room above the points.
+fn decades(values: impl Iterator<Item = f64>) -> (f64, f64) {
+    let (lo, hi) = bounds(values);
+    (10f64.powf(lo.log10().floor()), 10f64.powf(hi.log10().ceil()))
+}
+
 /// The SVG text. Run points are circles; legend markers are squares, so the points can be
 /// counted.
 pub fn render(runs: &[PlotRun], calibration: &Calibration) -> Result<String, String> {
@@ -115,8 +122,8 @@ type Area<'a> = DrawingArea<SVGBackend<'a>, plotters::coord::Shift>;
 type DrawResult = Result<(), Box<dyn std::error::Error>>;
 
 fn scatter(area: &Area, runs: &[PlotRun], calibration: &Calibration) -> DrawResult {
-    let (x_lo, x_hi) = bounds(runs.iter().map(|r| r.nop_median.max(1) as f64));
-    let (y_lo, y_hi) = bounds(
+    let (x_lo, x_hi) = decades(runs.iter().map(|r| r.nop_median.max(1) as f64));
+    let (y_lo, y_hi) = decades(
         runs.iter()
             .map(|r| r.cpuid_median.max(1) as f64)
             .chain([FIXED_THRESHOLD_CYCLES]),
@@ -317,6 +324,14 @@ mod tests {
             cpuid: vec![cpuid; 50],
             tsc_khz: 2_500_000,
         }
+    }
+
+    #[test]
+    fn a_narrow_range_still_spans_whole_decades() {
+        // NOP 25–49 (nested): 12.5..98 would label no tick; whole decades label two.
+        assert_eq!(decades([25.0, 49.0].into_iter()), (10.0, 100.0));
+        assert_eq!(decades([15_000.0, 230_000.0].into_iter()), (1_000.0, 1_000_000.0));
+        assert_eq!(decades(std::iter::empty()), (1.0, 10.0));
     }
 
     #[test]

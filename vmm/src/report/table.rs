@@ -219,15 +219,17 @@ pub fn render(report: &RunReport) -> String {
         }
     }
     if !report.exits.is_empty() {
+        // As wide as the longest exit kind (cpuid-query-hypercall), so the columns line up.
+        let width = report.exits.keys().map(|k| k.len()).max().unwrap_or(0).max(16);
         let _ = writeln!(
             out,
-            "\n{:<16} {:>10} {:>22}",
+            "\n{:<width$} {:>10} {:>22}",
             "exits to the VMM", "count", "handler cycles (median)"
         );
         for (reason, exit) in &report.exits {
             let _ = writeln!(
                 out,
-                "{reason:<16} {:>10} {:>22}",
+                "{reason:<width$} {:>10} {:>22}",
                 exit.count, exit.handler_cycles_median
             );
         }
