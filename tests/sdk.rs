@@ -786,3 +786,40 @@ fn red_pill_reads_the_guests_own_tables_and_popf_drops_if_only_in_ring_3() {
         );
     }
 }
+
+/// VMAware's #DB check (the SDK example): a trap-flag single step against the same
+/// handler entered by software. A hardware-semantics KVM intercepts every guest #DB (SVM
+/// and VMX alike, since CVE-2015-8104), so each step is a VM exit and the check calls any
+/// KVM virtual; this machine's software KVM delivers the step inside the guest, and the
+/// check is fooled. Under `--trap hw-breakpoint` (where KVM delivers debug exits) the
+/// guest's own steps reach the VMM, which gives them back: the run completes.
+#[test]
+fn vmaware_db_catches_a_kvm_that_intercepts_db_and_a_guest_single_step_survives_the_trap() {
+    let Some(_vm) = vm_test() else { return };
+    let elf = build_example("vmaware-db");
+    let payload = elf.to_str().unwrap();
+    let native = json_run(&["run", "--json", "--mode", "native", "--payload", payload]);
+    let why = verdict_of(&native, "payload")["why"].as_str().unwrap().to_owned();
+    assert!(why.contains("single-step #DB ") && why.contains("ratio "), "{why}");
+    let software_kvm = common::kvm_check("KVM flavour").1.starts_with("software");
+    let plain = json_run(&["run", "--json", "--mode", "hw-assist", "--payload", payload]);
+    let verdict = verdict_of(&plain, "payload");
+    let expected = if software_kvm { "native" } else { "virtual" };
+    assert_eq!(verdict["verdict"], expected, "software KVM: {software_kvm}: {verdict}");
+    let trap = ["--mode", "trap-emulate", "--trap", "hw-breakpoint"];
+    if common::path_runs_here(&trap) {
+        let trapped = json_run(&[&["run", "--json", "--payload", payload][..], &trap].concat());
+        let verdict = verdict_of(&trapped, "payload");
+        // Every step that reached the VMM went back to the guest, and then cost an exit.
+        let reflected = trapped["exits"]["guest-exception-reflected"]["count"]
+            .as_u64()
+            .unwrap_or(0);
+        if reflected > 0 {
+            assert_eq!(verdict["verdict"], "virtual", "{reflected} steps reflected: {verdict}");
+        } else {
+            assert_eq!(verdict["verdict"], expected, "no step reached the VMM: {verdict}");
+        }
+    } else {
+        common::assert_trap_refused(&[&["--payload", payload][..], &trap].concat());
+    }
+}

@@ -182,6 +182,19 @@ impl TrapEmulate {
                 let regs = vcpu.regs()?;
                 self.emulate(vcpu, regs, site, true, TrapDelivery::DebugExit).map(Some)
             }
+            // Not a site: the guest's own single step. With KVM_GUESTDBG_USE_HW_BP a hardware
+            // KVM hands every #DB to the VMM, the guest's own too (VMAware's #DB check sets
+            // TF); it goes back as the guest would have taken it. A trap: RIP is already
+            // past the instruction. DR6 is left as KVM left it (no payload). A guest INT3
+            // under int3-patch is not given back: its RIP and length would need KVM's
+            // soft-exception bookkeeping, and it stays an error naming the exit.
+            None if exception == DEBUG_VECTOR && self.trap == Trap::HwBreakpoint => {
+                vcpu.inject_exception(DEBUG_VECTOR as u8)?;
+                Ok(Some(Answered {
+                    kind: ExitKind::GuestException,
+                    shaped: false,
+                }))
+            }
             _ => Ok(None),
         }
     }
@@ -392,6 +405,39 @@ mod tests {
     }
 
     #[test]
+    fn the_guests_own_single_step_goes_back_to_it_and_nothing_else_does() {
+        let mut vcpu = vcpu_at(QUERY_SITE);
+        let mut handler = armed(Trap::HwBreakpoint, &mut vcpu);
+        // A #DB away from every site: the guest's TF. Given back, RIP and registers alone.
+        let before = vcpu.regs;
+        let own_step = Exit::Debug {
+            pc: PROBE_SITE + 0x40,
+            exception: 1,
+        };
+        assert_eq!(
+            dispatch(&mut handler, &mut vcpu, own_step).unwrap(),
+            Flow::Continue(ExitKind::GuestException)
+        );
+        assert_eq!(vcpu.injected, [1]);
+        assert_eq!(vcpu.regs, before, "nothing emulated");
+        // A #BP away from every site is not ours to give back: it stays an error.
+        let breakpoint = Exit::Debug {
+            pc: PROBE_SITE + 0x40,
+            exception: 3,
+        };
+        assert!(dispatch(&mut handler, &mut vcpu, breakpoint).is_err());
+        // Under int3-patch a stray #DB is not given back either.
+        let mut vcpu = vcpu_at(QUERY_SITE);
+        let mut handler = armed(Trap::Int3Patch, &mut vcpu);
+        let step = Exit::Debug {
+            pc: PROBE_SITE + 0x40,
+            exception: 1,
+        };
+        assert!(dispatch(&mut handler, &mut vcpu, step).is_err());
+        assert!(vcpu.injected.is_empty());
+    }
+
+    #[test]
     fn io_patch_rewrites_each_cpuid_into_an_out_and_leaves_rip_to_kvm() {
         let mut vcpu = vcpu_at(QUERY_SITE);
         let mut handler = armed(Trap::IoPatch, &mut vcpu);
@@ -457,7 +503,9 @@ mod tests {
     }
 
     #[test]
-    fn a_trap_of_the_wrong_kind_or_place_is_refused() {
+    fn a_trap_of_the_wrong_kind_is_refused() {
+        // (A #DB of the right kind in the wrong place is the guest's own: given back, in
+        // the_guests_own_single_step_goes_back_to_it_and_nothing_else_does.)
         let mut vcpu = vcpu_at(PROBE_SITE);
         let mut handler = armed(Trap::HwBreakpoint, &mut vcpu);
         let wrong_vector = Exit::Debug {
@@ -465,8 +513,7 @@ mod tests {
             exception: 3,
         };
         assert!(dispatch(&mut handler, &mut vcpu, wrong_vector).is_err());
-        let wrong_place = Exit::Debug { pc: 0x42, exception: 1 };
-        assert!(dispatch(&mut handler, &mut vcpu, wrong_place).is_err());
+        assert!(vcpu.injected.is_empty());
     }
 
     #[test]

@@ -49,6 +49,9 @@ pub enum ExitKind {
     Done,
     /// KVM_RUN interrupted by a signal (the watchdog's kick).
     Signal,
+    /// The guest's own #DB or #BP (a single step of its own, an INT3 it placed), which
+    /// the VMM's guest debugging caught and gave back to the guest.
+    GuestException,
 }
 
 impl ExitKind {
@@ -64,6 +67,7 @@ impl ExitKind {
             ExitKind::Console => "console-io",
             ExitKind::Done => "done-io",
             ExitKind::Signal => "signal",
+            ExitKind::GuestException => "guest-exception-reflected",
         }
     }
 }

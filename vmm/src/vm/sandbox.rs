@@ -18,7 +18,7 @@
 //! on the thread's own vCPU descriptor, `write` only to stderr (a panic's message), `mmap`
 //! never with PROT_EXEC.
 
-use kvm_bindings::{kvm_device_attr, kvm_guest_debug, kvm_msrs, kvm_regs, kvm_sregs, KVMIO};
+use kvm_bindings::{kvm_device_attr, kvm_guest_debug, kvm_msrs, kvm_regs, kvm_sregs, kvm_vcpu_events, KVMIO};
 use seccompiler::{sock_filter, BpfProgram};
 use std::collections::BTreeMap;
 use std::os::fd::RawFd;
@@ -32,6 +32,8 @@ ioctl_ior_nr!(KVM_GET_SREGS, KVMIO, 0x83, kvm_sregs);
 ioctl_iowr_nr!(KVM_GET_MSRS, KVMIO, 0x88, kvm_msrs);
 ioctl_iow_nr!(KVM_SET_MSRS, KVMIO, 0x89, kvm_msrs);
 ioctl_iow_nr!(KVM_SET_GUEST_DEBUG, KVMIO, 0x9b, kvm_guest_debug);
+ioctl_ior_nr!(KVM_GET_VCPU_EVENTS, KVMIO, 0x9f, kvm_vcpu_events);
+ioctl_iow_nr!(KVM_SET_VCPU_EVENTS, KVMIO, 0xa0, kvm_vcpu_events);
 ioctl_io_nr!(KVM_GET_TSC_KHZ, KVMIO, 0xa3);
 ioctl_iow_nr!(KVM_SET_DEVICE_ATTR, KVMIO, 0xe1, kvm_device_attr);
 ioctl_iow_nr!(KVM_GET_DEVICE_ATTR, KVMIO, 0xe2, kvm_device_attr);
@@ -73,8 +75,9 @@ const ALLOWED: &[(libc::c_long, &str)] = &[
     (libc::SYS_exit_group, "a panic's abort"),
 ];
 
-/// The vCPU ioctls a run makes: running, registers, guest debug, TSC moves and reads.
-fn kvm_ioctls() -> [(u64, &'static str); 11] {
+/// The vCPU ioctls a run makes: running, registers, guest debug (and the guest's own
+/// exceptions it catches, reflected back), TSC moves and reads.
+fn kvm_ioctls() -> [(u64, &'static str); 13] {
     [
         (KVM_RUN(), "KVM_RUN"),
         (KVM_GET_REGS(), "KVM_GET_REGS"),
@@ -83,6 +86,8 @@ fn kvm_ioctls() -> [(u64, &'static str); 11] {
         (KVM_GET_MSRS(), "KVM_GET_MSRS"),
         (KVM_SET_MSRS(), "KVM_SET_MSRS"),
         (KVM_SET_GUEST_DEBUG(), "KVM_SET_GUEST_DEBUG"),
+        (KVM_GET_VCPU_EVENTS(), "KVM_GET_VCPU_EVENTS"),
+        (KVM_SET_VCPU_EVENTS(), "KVM_SET_VCPU_EVENTS"),
         (KVM_GET_TSC_KHZ(), "KVM_GET_TSC_KHZ"),
         (KVM_SET_DEVICE_ATTR(), "KVM_SET_DEVICE_ATTR"),
         (KVM_GET_DEVICE_ATTR(), "KVM_GET_DEVICE_ATTR"),

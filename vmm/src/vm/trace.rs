@@ -212,6 +212,13 @@ impl Vcpu for TracingVcpu<'_, '_> {
         self.inner.cpl()
     }
 
+    fn inject_exception(&mut self, vector: u8) -> Result<(), VcpuError> {
+        self.timed(
+            format!("give exception {vector} back to the guest (KVM_SET_VCPU_EVENTS)"),
+            |v| v.inject_exception(vector),
+        )
+    }
+
     fn reply_msr(&mut self, data: u64) -> Result<(), VcpuError> {
         self.inner.reply_msr(data)
     }

@@ -58,6 +58,10 @@ pub trait Vcpu {
     /// The value the guest's `in` reads, at an `Exit::IoIn` (its low bytes, as wide as
     /// the read).
     fn reply_port(&mut self, data: u32) -> Result<(), VcpuError>;
+    /// Delivers exception `vector` (no error code) to the guest at its next entry: the
+    /// guest's own #DB or #BP that KVM handed to the VMM because the VMM's guest debugging
+    /// intercepts every one, given back as the guest would have taken it.
+    fn inject_exception(&mut self, vector: u8) -> Result<(), VcpuError>;
     /// Writes back registers a handler changed, now rather than at the next KVM_RUN: an
     /// exit's cost is decided once they are back.
     fn flush(&mut self) -> Result<(), VcpuError> {
@@ -238,6 +242,15 @@ impl Vcpu for KvmVcpu {
         Ok((sregs.cs.selector & 3) as u8)
     }
 
+    fn inject_exception(&mut self, vector: u8) -> Result<(), VcpuError> {
+        let mut events = self.fd.get_vcpu_events().map_err(kvm_err("KVM_GET_VCPU_EVENTS"))?;
+        events.exception.injected = 1;
+        events.exception.nr = vector;
+        events.exception.has_error_code = 0;
+        events.exception.error_code = 0;
+        self.fd.set_vcpu_events(&events).map_err(kvm_err("KVM_SET_VCPU_EVENTS"))
+    }
+
     fn reply_msr(&mut self, data: u64) -> Result<(), VcpuError> {
         let run = self.fd.get_kvm_run();
         if run.exit_reason != kvm_bindings::KVM_EXIT_X86_RDMSR {
@@ -333,6 +346,8 @@ pub mod sim {
         pub counter: Option<SimCounter>,
         /// The guest's privilege level.
         pub cpl: u8,
+        /// Exceptions injected, in order.
+        pub injected: Vec<u8>,
     }
 
     /// A counter vCPU for unit tests: it counts pauses, how deep they nest, and the TSC
@@ -393,6 +408,7 @@ pub mod sim {
                 moved: 0,
                 counter: None,
                 cpl: 0,
+                injected: Vec::new(),
             }
         }
 
@@ -446,6 +462,10 @@ pub mod sim {
         }
         fn cpl(&mut self) -> Result<u8, VcpuError> {
             Ok(self.cpl)
+        }
+        fn inject_exception(&mut self, vector: u8) -> Result<(), VcpuError> {
+            self.injected.push(vector);
+            Ok(())
         }
         fn reply_msr(&mut self, data: u64) -> Result<(), VcpuError> {
             self.msr_reply = Some(data);
