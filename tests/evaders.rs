@@ -809,3 +809,45 @@ fn verdict_why(report: &Value, rule: &str) -> (String, String) {
         v["why"].as_str().unwrap_or_default().to_owned(),
     )
 }
+
+/// CAPE's fake RDTSC (capemon): every read one fixed step after the last. A clock with no
+/// noise at all: pafish's fixed threshold and the seed line are fooled, the noise floor's
+/// fixed-step side catches it, and checkhv_um's own code (peaks only) does not.
+#[test]
+fn a_fixed_step_clock_fools_the_thresholds_and_not_the_noise_floor() {
+    let Some(_vm) = vm_test() else { return };
+    for (evasion, step) in [("capemon-fake-rdtsc", 1), ("capemon-fake-rdtsc:5000", 5000)] {
+        let report = run(evasion, &["--mode", "hw-assist"]);
+        trapped(&report);
+        for probe in ["rdtsc", "nop", "cpuid"] {
+            let summary = &report["probes"][probe];
+            assert_eq!(
+                (summary["min"].as_u64(), summary["max"].as_u64()),
+                (Some(step), Some(step)),
+                "{evasion}: every {probe} window one step: {summary}"
+            );
+        }
+        let floor = verdict_of(&report, "checkhv-noise-floor");
+        assert_eq!(floor["verdict"], "virtual", "{evasion}: {floor}");
+        assert!(floor["why"].as_str().unwrap().contains("fixed amount"), "{floor}");
+        let threshold = verdict_of(&report, "fixed-threshold");
+        let fooled = if step < 1000 { "native" } else { "virtual" };
+        assert_eq!(
+            threshold["verdict"], fooled,
+            "{evasion}: pafish's 0 < mean < 1000: {threshold}"
+        );
+    }
+    let elf = build_example("checkhv-um-tsc-noise-floor");
+    let original = json_run(&[
+        "run",
+        "--json",
+        "--mode",
+        "hw-assist",
+        "--evade",
+        "capemon-fake-rdtsc",
+        "--payload",
+        elf.to_str().unwrap(),
+    ]);
+    let verdict = verdict_of(&original, "payload");
+    assert_eq!(verdict["verdict"], "native", "the original tests peaks only: {verdict}");
+}

@@ -196,6 +196,9 @@ pub enum Clock {
     /// At CPL 0, the truth; in user mode, the host TSC / `divider` plus the offset
     /// (`shaping/phantom.rs`).
     ScaledAtUser { divider: u64 },
+    /// The truth at the first read, then the last answer plus `step` at every later one
+    /// (`shaping/fixed_step.rs`).
+    FixedStep { step: u64 },
     /// `start + (real - start) / divider`, `start` reset to the truth `reset_us` after the
     /// last CPUID(0) (`shaping/rdtsc_shield.rs`).
     SlowedNearCpuid0 {
@@ -237,6 +240,7 @@ impl Clock {
                 "divider",
             ) => *divider = value,
             (Clock::SlowedNearCpuid0 { reset_us, .. }, "reset_us") => *reset_us = value,
+            (Clock::FixedStep { step }, "step") => *step = value,
             (Clock::CpuidCost { cycles }, "cycles") => *cycles = Cycles::Given(value),
             (Clock::OffsetBleed { constant, .. }, "constant") => *constant = value,
             (Clock::OffsetResync { overhead, .. }, "overhead") => *overhead = Cycles::Given(value),
@@ -275,6 +279,7 @@ impl Clock {
             Clock::Slowed { divider } | Clock::ScaledAtUser { divider } => {
                 between("clock.divider", divider, 1, 1_000_000)?
             }
+            Clock::FixedStep { step } => between("clock.step", step, 0, 100_000_000)?,
             Clock::SlowedNearCpuid0 { divider, reset_us } => {
                 between("clock.divider", divider, 1, 1_000_000)?;
                 between("clock.reset_us", reset_us, 1, 10_000_000)?;
@@ -523,6 +528,7 @@ impl Evader {
             Clock::StopsForExits => Box::new(HideExits::default()),
             Clock::HidesRoundTrips { rdtscp } => Box::new(BetterTiming::new(rdtscp == RdtscpClock::ClosesByTenths)),
             Clock::Slowed { divider } => Box::new(RdtscKvmHandler::new(divider)),
+            Clock::FixedStep { step } => Box::new(super::fixed_step::FixedStep::new(step)),
             Clock::ScaledAtUser { divider } => Box::new(super::phantom::ScaledAtUser::new(divider)),
             Clock::SlowedNearCpuid0 { divider, reset_us } => Box::new(RdtscShield::new(divider, reset_us)),
             Clock::CpuidCost { cycles } => Box::new(CpuidCost::new(cycles.given())),

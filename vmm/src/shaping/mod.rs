@@ -17,7 +17,7 @@
 //!   answers the guest's TSC reads from ([`ExitPolicy::tsc_read`]) or moves its offset
 //!   with, each faithful to the project it is named after: [`rdtsc_trap`], [`hide_exits`],
 //!   [`bettertiming`], [`rdtsc_kvm_handler`], [`rdtsc_shield`], [`ophion`],
-//!   [`offset_clock`], [`phantom`].
+//!   [`offset_clock`], [`phantom`], [`fixed_step`].
 //!
 //! Adding an evader is a file in `configs/evaders/`; adding a clock is a file here and a
 //! variant of [`evader::Clock`]. What a run's shaping was compared with ([`outcome`]) is data; the
@@ -27,6 +27,7 @@
 pub mod bettertiming;
 pub mod evader;
 pub mod evasion;
+pub mod fixed_step;
 pub mod hide_exits;
 pub mod latency;
 pub mod offset_clock;
