@@ -742,6 +742,30 @@ fn vmcheck_catches_a_plain_vm_and_is_fooled_by_a_clock_that_stands_still() {
         why.contains("fail (above 200)") && why.contains("fail (above 300)"),
         "{why}"
     );
+    // APERF: KVM answers with #GP (caught by the guest's own handler) unless the counters
+    // are passed through, and then they move across CPUID(1): vmcheck's third check passes.
+    assert!(why.contains("aperf #GP"), "{why}");
+    let passed = vmm(&[
+        "run",
+        "--json",
+        "--mode",
+        "hw-assist",
+        "--evade",
+        "autovirt-aperfmperf",
+        "--payload",
+        payload,
+    ]);
+    if passed.status.success() {
+        let report: serde_json::Value = serde_json::from_slice(&passed.stdout).unwrap();
+        let why = verdict_of(&report, "payload")["why"].as_str().unwrap().to_owned();
+        assert!(why.contains("aperf pass ("), "{why}");
+    } else {
+        assert!(
+            stderr(&passed).contains("refused") || stderr(&passed).contains("not offered"),
+            "{}",
+            stderr(&passed)
+        );
+    }
     let evaded = json_run(&[
         "run",
         "--json",

@@ -17,10 +17,10 @@
  * single step pays a VM exit, while the software-raised exception never leaves the guest.
  *
  * What differs here, and why: the original times with its counter thread (no TSC); this
- * times with RDTSC, as the SDK's other examples do. In the guest (ring 0) the payload loads
- * its own IDT, with one gate for vector 1: the single step arrives there as #DB, and the
- * software side enters the same handler through a frame built by hand (no exception, so
- * no hypervisor sees it). The native twin (ring 3) catches SIGTRAP: the single step
+ * times with RDTSC, as the SDK's other examples do. In the guest (ring 0) the payload
+ * loads its own IDT (vmm_idt_set), with one gate for vector 1: the single step arrives
+ * there as #DB, and the software side enters the same handler through a frame built by
+ * hand (no exception, so no hypervisor sees it). The native twin (ring 3) catches SIGTRAP: the single step
  * arrives as #DB through the host kernel, the software side is raise(SIGTRAP), a signal
  * the kernel delivers to the same handler, as ZwRaiseException is dispatched by Windows.
  * The batch is a fixed 500 (the original draws 500-1000). */
@@ -45,17 +45,8 @@ VMM_PAYLOAD("vmaware #DB (754187b)", VMM_CAP_VERDICT | VMM_CAP_PARAVIRT_CPUID);
 static volatile uint64_t db_hits;
 
 #ifdef VMM_GUEST
-/* An interrupt gate (type 0xe, present, DPL 0), 64-bit. */
-struct gate {
-    uint16_t offset_low, selector;
-    uint8_t ist, type;
-    uint16_t offset_mid;
-    uint32_t offset_high, zero;
-} __attribute__((packed));
-static struct gate idt[2] __attribute__((aligned(16)));
-
 /* #DB: count it, clear TF in the frame the CPU pushed (RIP, CS, RFLAGS, RSP, SS), return.
- * The same handler for the single step and for `int 1`. */
+ * The same handler for the single step and for the software-raised side. */
 void db_entry(void);
 __asm__(".text\n.globl db_entry\ndb_entry:\n"
         "  lock incq db_hits(%rip)\n"
@@ -63,15 +54,7 @@ __asm__(".text\n.globl db_entry\ndb_entry:\n"
         "  iretq\n");
 
 static void load_idt(void) {
-    uint16_t cs;
-    __asm__ volatile("mov %%cs, %0" : "=r"(cs));
-    uint64_t entry = (uint64_t)db_entry;
-    idt[1] = (struct gate){(uint16_t)entry, cs, 0, 0x8e, (uint16_t)(entry >> 16), (uint32_t)(entry >> 32), 0};
-    struct {
-        uint16_t limit;
-        uint64_t base;
-    } __attribute__((packed)) idtr = {sizeof idt - 1, (uint64_t)idt};
-    __asm__ volatile("lidt %0" : : "m"(idtr) : "memory");
+    vmm_idt_set(1, db_entry);
 }
 
 /* The exception raised by software: the frame the CPU would push (SS, RSP, RFLAGS, CS,

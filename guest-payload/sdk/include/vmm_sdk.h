@@ -107,6 +107,15 @@ void vmm_wall_wait_ms(uint32_t ms);
  * on a thread of its own on another CPU. A payload never calls it. */
 void vmm_counter_loop(struct vmm_counter_block *block);
 
+#ifdef VMM_GUEST
+/* The guest's own exception handlers: points IDT vector `vector` (0-31) at `entry`, a
+ * 64-bit interrupt gate (ring 0, the guest's code segment), and loads the SDK's IDT (the
+ * guest starts with none: any exception is a triple fault). `entry` is assembly that
+ * ends in `iretq`, dropping the error code first for the vectors that push one (8,
+ * 10-14, 17, 21). Guest build only: the native twin catches signals instead. */
+void vmm_idt_set(unsigned vector, void (*entry)(void));
+#endif
+
 /* One line of text: the guest's serial console, or the native twin's stderr. A newline
  * is added unless the text ends with one (so it never runs into what follows). */
 void vmm_print(const char *text);

@@ -25,6 +25,31 @@ int vmm_in_guest(void) {
 #endif
 }
 
+#ifdef VMM_GUEST
+/* The SDK's IDT: the 32 exception vectors, 64-bit interrupt gates. */
+struct vmm_gate {
+    uint16_t offset_low, selector;
+    uint8_t ist, type;
+    uint16_t offset_mid;
+    uint32_t offset_high, zero;
+} __attribute__((packed));
+static struct vmm_gate vmm_idt[32] __attribute__((aligned(16)));
+
+void vmm_idt_set(unsigned vector, void (*entry)(void)) {
+    if (vector >= 32)
+        return;
+    uint16_t cs;
+    __asm__ volatile("mov %%cs, %0" : "=r"(cs));
+    uint64_t at = (uint64_t)entry;
+    vmm_idt[vector] = (struct vmm_gate){(uint16_t)at, cs, 0, 0x8e, (uint16_t)(at >> 16), (uint32_t)(at >> 32), 0};
+    struct {
+        uint16_t limit;
+        uint64_t base;
+    } __attribute__((packed)) idtr = {sizeof vmm_idt - 1, (uint64_t)vmm_idt};
+    __asm__ volatile("lidt %0" : : "m"(idtr) : "memory");
+}
+#endif
+
 /* Count bits by hand: the SDK's own code needs nothing from libgcc. */
 static unsigned bits(uint32_t mask) {
     unsigned n = 0;
