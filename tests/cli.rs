@@ -426,3 +426,17 @@ fn a_refusal_names_the_flag_on_the_command_line_and_the_field_in_a_matrix() {
     assert!(why.contains("set \"vcpus\": 2 in the matrix"), "{why}");
     assert!(!why.contains("--"), "no flag in a matrix's refusal: {why}");
 }
+
+#[test]
+fn run_and_trace_default_to_the_same_trap() {
+    let default_trap = |command: &str| {
+        let help = String::from_utf8_lossy(&vmm(&[command, "--help"]).stdout).into_owned();
+        let at = help
+            .find("--trap <TRAP>")
+            .unwrap_or_else(|| panic!("{command}: no --trap"));
+        let rest = &help[at..];
+        let default = rest.find("[default: ").expect("a default");
+        rest[default..].lines().next().unwrap().to_owned()
+    };
+    assert_eq!(default_trap("run"), default_trap("trace"));
+}

@@ -62,14 +62,18 @@ pub enum Command {
     Trace(Box<TraceArgs>),
 }
 
+/// The trap `run` and `trace` use when none is named: the debug registers leave the
+/// guest's code as it was (a KVM that delivers no debug exits refuses it, naming the others).
+pub const DEFAULT_TRAP: Trap = Trap::HwBreakpoint;
+
 #[derive(Debug, Args)]
 pub struct TraceArgs {
     /// The path to follow (with --trap for trap-emulate).
     #[arg(long, value_enum, default_value_t = Mode::TrapEmulate)]
     pub mode: Mode,
 
-    /// How trap-emulate traps CPUID.
-    #[arg(long, value_enum, default_value_t = Trap::IoPatch)]
+    /// How trap-emulate traps CPUID (the same default as `run`).
+    #[arg(long, value_enum, default_value_t = DEFAULT_TRAP)]
     pub trap: Trap,
 
     /// Every path, one after the other (paths this host refuses are listed as such).
@@ -325,7 +329,7 @@ pub struct RunArgs {
     pub mode: Mode,
 
     /// How trap-emulate traps CPUID.
-    #[arg(long, value_enum, default_value_t = Trap::HwBreakpoint)]
+    #[arg(long, value_enum, default_value_t = DEFAULT_TRAP)]
     pub trap: Trap,
 
     /// Samples kept per probe.
