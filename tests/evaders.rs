@@ -361,10 +361,12 @@ fn the_armed_and_offset_evaders_do_what_their_originals_do() {
     assert!(record["max_behind"].as_u64().unwrap() > 2000, "{record}");
     // Its offset is not cumulative: between back-to-back CPUID(0)s (the timing core's
     // loop, whose reads are no entries to it) each sample's two reads are lowered alike,
-    // and the exit shows whole.
+    // and the exit shows whole. Hidden, a CPUID sample would read as rdtsc;rdtsc (about
+    // 1); shown, more by the exit: 1.24 under nested SVM on 2026-12-07, where each trapped
+    // read is itself an exit as dear as CPUID's, more on this machine's KVM.
     let ratio = median(&hack, "cpuid") / median(&hack, "rdtsc");
     assert!(
-        ratio >= 1.4,
+        ratio >= 1.15,
         "the CPUID exit hidden after all: CPUID {ratio} times rdtsc;rdtsc"
     );
 

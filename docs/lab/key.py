@@ -5,6 +5,8 @@
                                   make for the KVM kind found here (exit 1 if one fails)
   docs/lab/key.py --regenerate N  measure N times and rewrite the pages' figures for the
                                   KVM kind found here (the range of the N runs)
+  docs/lab/key.py --regenerate N --widen   the same, the range widened to take in what
+                                  the pages quote already (figures from several days or hosts)
   docs/lab/key.py --list          the figures and claims, by id, and where the pages use them
 
 A page quotes a figure as <!--fig:KIND:ID-->~27,000–31,000<!--/fig--> (Markdown hides the
@@ -257,7 +259,7 @@ def fmt(value, unit, exact=False):
     return f"{round(value, -digits):,.0f}"
 
 
-def regenerate(here, runs):
+def regenerate(here, runs, widen=False):
     values = {i: [] for i in FIGURES}
     for n in range(runs):
         m = Measurement()
@@ -273,7 +275,10 @@ def regenerate(here, runs):
             if k != here or not values[i]:
                 return match.group(0)
             unit = FIGURES[i][2]
-            lo, hi = fmt(min(values[i]), unit), fmt(max(values[i]), unit)
+            seen = list(values[i])
+            if widen:
+                seen += list(quoted_range(match.group(3)))
+            lo, hi = fmt(min(seen), unit), fmt(max(seen), unit)
             quoted = lo if lo == hi else f"{lo}–{hi}"
             return f"<!--fig:{k}:{i}-->{'' if unit == 'exits' else '~'}{quoted}<!--/fig-->"
 
@@ -301,7 +306,8 @@ def main():
     here = kind()
     print(f"key: this KVM is {here}")
     if args[:1] == ["--regenerate"]:
-        regenerate(here, int(args[1]) if len(args) > 1 else 5)
+        runs = next((int(a) for a in args[1:] if a.isdigit()), 5)
+        regenerate(here, runs, widen="--widen" in args)
         return 0
     if args:
         print(__doc__, file=sys.stderr)

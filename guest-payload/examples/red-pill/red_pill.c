@@ -82,15 +82,8 @@ static uint64_t timed(const struct vmm_run *run, enum insn which, uint64_t *valu
     return end - start;
 }
 
-/* Insertion sort: 101 samples. */
 static uint64_t median(uint64_t *samples, unsigned n) {
-    for (unsigned i = 1; i < n; i++) {
-        uint64_t x = samples[i];
-        unsigned j = i;
-        for (; j > 0 && samples[j - 1] > x; j--)
-            samples[j] = samples[j - 1];
-        samples[j] = x;
-    }
+    vmm_sort_u64(samples, n);
     return samples[n / 2];
 }
 

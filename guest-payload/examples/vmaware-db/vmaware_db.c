@@ -6,7 +6,8 @@
  * nop`, L6915-6949: the CPU raises #DB after the nop, the handler clears TF) timed against
  * the same exception raised by software (`ZwRaiseException` with EXCEPTION_SINGLE_STEP,
  * L6952-7021, caught by the same kind of handler). A sample is valid when both deltas are
- * positive. Statistic: the interquartile mean of each trial, the minimum over 5 trials,
+ * positive. Statistic: the interquartile mean of each trial (calculate_latency, as TIMER
+ * uses it: vmm_interquartile_mean), the minimum over 5 trials,
  * for each side; `db / api >= 4.0` is a hypervisor that intercepts #DB (L7265-7272); no
  * valid sample at all is an invalid measurement, which the original also calls a VM
  * (L7247).
@@ -104,22 +105,6 @@ static void single_step(void) {
     __asm__ volatile("pushfq; orq $0x100, (%%rsp); popfq; nop" : : : "cc", "memory");
 }
 
-/* Insertion sort, then the mean of the middle half (VMAware's IQM). */
-static uint64_t interquartile_mean(uint64_t *samples, unsigned n) {
-    for (unsigned i = 1; i < n; i++) {
-        uint64_t x = samples[i];
-        unsigned j = i;
-        for (; j > 0 && samples[j - 1] > x; j--)
-            samples[j] = samples[j - 1];
-        samples[j] = x;
-    }
-    unsigned lo = n / 4, hi = n - n / 4;
-    uint64_t sum = 0;
-    for (unsigned i = lo; i < hi; i++)
-        sum += samples[i];
-    return hi > lo ? sum / (hi - lo) : 0;
-}
-
 int vmm_detect(struct vmm_run *run) {
     static uint64_t db[BATCH], api[BATCH];
     uint64_t best_db = UINT64_MAX, best_api = UINT64_MAX;
@@ -151,7 +136,7 @@ int vmm_detect(struct vmm_run *run) {
         if (valid == 0)
             continue;
         valid_trials++;
-        uint64_t d = interquartile_mean(db, valid), a = interquartile_mean(api, valid);
+        uint64_t d = vmm_interquartile_mean(db, valid), a = vmm_interquartile_mean(api, valid);
         if (d < best_db)
             best_db = d;
         if (a < best_api)

@@ -37,7 +37,7 @@
  *      EBX(0xd, 1) - EBX(0xd, 0) != 0x10: an "SVM bypass", a VM (VMAware: KVM, score 150).
  *
  * What differs here. In the measurement, only two things:
- *   - the batch size is drawn from the TSC hashed (fmix64), not std::random_device and
+ *   - the batch size is drawn from the TSC hashed (vmm_mix64), not std::random_device and
  *     mt19937 (uniform over the same inclusive range, up to a bias of 2^-48): the only
  *     deviation besides the bounded waits;
  *   - bounded waits where VMAware waits for ever: each tick-sync gives up after
@@ -634,15 +634,6 @@ static unsigned report_pairs(struct vmm_run *run, unsigned valid) {
     return reported;
 }
 
-static uint64_t fmix64(uint64_t x) {
-    x ^= x >> 33;
-    x *= 0xff51afd7ed558ccdull;
-    x ^= x >> 33;
-    x *= 0xc4ceb9fe1a85ec53ull;
-    x ^= x >> 33;
-    return x;
-}
-
 /* `make EXTRA_CFLAGS=-DTIMER_PHASES`: the TSC cycles each phase took, on the console
  * (`vmm run --console`): where the time goes on a slow (emulating) KVM. */
 #ifdef TIMER_PHASES
@@ -684,7 +675,7 @@ int vmm_detect(struct vmm_run *run) {
     }
     const char *hv = hyper_v(run);
 
-    struct pairs pairs = {BATCH_MIN + (unsigned)(fmix64(vmm_rdtsc() ^ *counter) % (BATCH_MAX - BATCH_MIN + 1)), 0, 0};
+    struct pairs pairs = {BATCH_MIN + (unsigned)(vmm_mix64(vmm_rdtsc() ^ *counter) % (BATCH_MAX - BATCH_MIN + 1)), 0, 0};
     vmm_sleep_ms(run, 0); /* SleepEx(0, FALSE) */
     zero_u64(vm_samples, pairs.batch); /* the vectors, zero-filled and locked */
     zero_u64(ref_samples, pairs.batch);

@@ -30,8 +30,9 @@
  *   - the counter: the counter vCPU of `vmm run --vcpus 2` (or the native twin's counter
  *     thread) runs abi::counter::LOOP_CODE, one `incq` per loop; VMAware's thread makes
  *     4,096 stores per loop from a register. Ticks are the same unit (one increment);
- *   - the batch size is drawn from the TSC hashed (fmix64), uniform over the same 500-1000,
- *     where VMAware uses mt19937 over a compile-time seed; ct_seed is that hash too;
+ *   - the batch size is drawn from the TSC hashed (vmm_mix64), uniform over the same 500-1000,
+ *     where VMAware uses mt19937 over a compile-time seed; ct_seed is that hash too
+ *     (vmm_mix64: MurmurHash3's finalizer, which VMAware's seed goes through as well);
  *   - burn_random_cycles hashes the *addresses* of its seed and of v_post and r_post (not
  *     their values), as the original does: the same count on every call of one run
  *     (the original's comment promises a random count per iteration; its code gives one
@@ -64,15 +65,6 @@ VMM_PAYLOAD("vmaware timer 2.8.1", VMM_CAP_VERDICT | VMM_CAP_COUNTER | VMM_CAP_P
 #endif
 
 static uint64_t vm_samples[BATCH_MAX], ref_samples[BATCH_MAX];
-
-static uint64_t fmix64(uint64_t x) {
-    x ^= x >> 33;
-    x *= 0xff51afd7ed558ccdull;
-    x ^= x >> 33;
-    x *= 0xc4ceb9fe1a85ec53ull;
-    x ^= x >> 33;
-    return x;
-}
 
 /* ---- CPUID as the helpers ask it ---- */
 
@@ -190,7 +182,7 @@ static __attribute__((noinline)) void burn_random_cycles(uint32_t ct_seed, const
     seed ^= (uint64_t)(uintptr_t)&seed_slot;
     seed ^= (uint64_t)(uintptr_t)&v_post << 1;
     seed ^= (uint64_t)(uintptr_t)&r_post << 2;
-    seed = fmix64(seed);
+    seed = vmm_mix64(seed);
     const uint32_t rounds = 64u + (uint32_t)(seed & 0x7ffu);
     volatile uint64_t x = seed | 1ull;
     for (uint32_t i = 0; i < rounds; i++) {
@@ -202,29 +194,6 @@ static __attribute__((noinline)) void burn_random_cycles(uint32_t ct_seed, const
     (void)v_post;
     (void)r_post;
 #endif
-}
-
-/* calculate_latency: the mean of the middle half, rounded half up. */
-static uint64_t interquartile_mean(uint64_t *s, unsigned n) {
-    if (n == 0)
-        return 0;
-    if (n == 1)
-        return s[0];
-    for (unsigned i = 1; i < n; i++) {
-        uint64_t x = s[i];
-        unsigned j = i;
-        for (; j > 0 && s[j - 1] > x; j--)
-            s[j] = s[j - 1];
-        s[j] = x;
-    }
-    unsigned lo = n / 4, hi = (3 * n) / 4;
-    if (hi == lo)
-        return s[n / 2];
-    uint64_t sum = 0;
-    for (unsigned i = lo; i < hi; i++)
-        sum += s[i];
-    uint64_t count = hi - lo;
-    return (2 * sum + count) / (2 * count);
 }
 
 enum trial_end { FULL, CAPPED, STALLED };
@@ -286,7 +255,7 @@ int vmm_detect(struct vmm_run *run) {
 #ifdef VMM_GUEST
     hypercall = (run->config->flags & VMM_FLAG_PARAVIRT_CPUID) != 0;
 #endif
-    const uint64_t hash = fmix64(vmm_rdtsc() ^ *counter);
+    const uint64_t hash = vmm_mix64(vmm_rdtsc() ^ *counter);
     const uint32_t ct_seed = (uint32_t)hash;
     const unsigned batch = BATCH_MIN + (unsigned)((hash >> 32) % (BATCH_MAX - BATCH_MIN + 1));
     warmup(serialize);
@@ -310,7 +279,7 @@ int vmm_detect(struct vmm_run *run) {
         if (valid == 0)
             continue;
         last_valid = valid;
-        uint64_t c = interquartile_mean(vm_samples, valid), r = interquartile_mean(ref_samples, valid);
+        uint64_t c = vmm_interquartile_mean(vm_samples, valid), r = vmm_interquartile_mean(ref_samples, valid);
         if (c < best_cpuid)
             best_cpuid = c;
         if (r < best_ref)

@@ -126,6 +126,17 @@ int vmm_in_guest(void);
  * it (status, what was reported, TSC at start and end; the magic last, on success). */
 int vmm_run_detector(struct vmm_run *run);
 
+/* Sorts `n` values ascending in place (insertion sort: for the few hundred or thousand
+ * samples a check keeps; no libc qsort in the guest). */
+void vmm_sort_u64(uint64_t *values, unsigned n);
+/* The mean of the middle half of `n` values (sorted in place), rounded half up: index
+ * n/4 up to (3n)/4, the median where that is empty, the value itself for one (VMAware
+ * 2.8's calculate_latency, src/vmaware.hpp v2.8.1 L3778-3803, which its TIMER and #DB
+ * checks use). 0 for none. */
+uint64_t vmm_interquartile_mean(uint64_t *values, unsigned n);
+/* MurmurHash3's 64-bit finalizer (fmix64): a seed or a draw from a timestamp. */
+uint64_t vmm_mix64(uint64_t x);
+
 /* Small string helpers (no libc in the guest). */
 void vmm_format_u64(char *out, uint64_t value);
 /* A reason line built piece by piece, never past VMM_REASON_BYTES - 1 characters. */

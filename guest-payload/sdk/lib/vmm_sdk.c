@@ -50,6 +50,41 @@ void vmm_idt_set(unsigned vector, void (*entry)(void)) {
 }
 #endif
 
+void vmm_sort_u64(uint64_t *values, unsigned n) {
+    for (unsigned i = 1; i < n; i++) {
+        uint64_t x = values[i];
+        unsigned j = i;
+        for (; j > 0 && values[j - 1] > x; j--)
+            values[j] = values[j - 1];
+        values[j] = x;
+    }
+}
+
+uint64_t vmm_interquartile_mean(uint64_t *values, unsigned n) {
+    if (n == 0)
+        return 0;
+    if (n == 1)
+        return values[0];
+    vmm_sort_u64(values, n);
+    unsigned lo = n / 4, hi = (3 * n) / 4;
+    if (hi == lo)
+        return values[n / 2];
+    uint64_t sum = 0;
+    for (unsigned i = lo; i < hi; i++)
+        sum += values[i];
+    uint64_t count = hi - lo;
+    return (2 * sum + count) / (2 * count);
+}
+
+uint64_t vmm_mix64(uint64_t x) {
+    x ^= x >> 33;
+    x *= 0xff51afd7ed558ccdull;
+    x ^= x >> 33;
+    x *= 0xc4ceb9fe1a85ec53ull;
+    x ^= x >> 33;
+    return x;
+}
+
 /* Count bits by hand: the SDK's own code needs nothing from libgcc. */
 static unsigned bits(uint32_t mask) {
     unsigned n = 0;
