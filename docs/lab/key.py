@@ -261,10 +261,11 @@ def fmt(value, unit, exact=False):
 
 def regenerate(here, runs, widen=False):
     values = {i: [] for i in FIGURES}
+    quoted_here = {u[2] for u in uses() if u[1] == here}
     for n in range(runs):
         m = Measurement()
         for i, (_, read, _, _) in FIGURES.items():
-            if any(u[1] == here and u[2] == i for u in uses()):
+            if i in quoted_here:
                 values[i].append(read(m))
         print(f"key: measured {n + 1} of {runs}", file=sys.stderr)
     for page in pages():
@@ -288,10 +289,31 @@ def regenerate(here, runs, widen=False):
             print(f"key: rewrote the {here} figures of {os.path.basename(page)}")
 
 
+def parse(args):
+    """(action, runs, widen), or None where the arguments are not one of the usages."""
+    if not args:
+        return "check", 0, False
+    if args == ["--list"]:
+        return "list", 0, False
+    if args[0] == "--regenerate":
+        rest = args[1:]
+        widen = "--widen" in rest
+        rest = [a for a in rest if a != "--widen"]
+        if len(rest) <= 1 and all(a.isdigit() and int(a) > 0 for a in rest):
+            return "regenerate", int(rest[0]) if rest else 5, widen
+    return None
+
+
 def main():
-    args = sys.argv[1:]
+    parsed = parse(sys.argv[1:])
+    if parsed is None:
+        print(__doc__, file=sys.stderr)
+        return 2
+    action, runs, widen = parsed
     errors = registry_errors()
-    if args[:1] == ["--list"]:
+    for e in errors:
+        print(f"key: ERROR: {e}", file=sys.stderr)
+    if action == "list":
         for i, (what, _, unit, tolerance) in FIGURES.items():
             where = sorted({f"{os.path.basename(p)} ({k})" for p, k, u, _ in uses() if u == i})
             print(f"figure {i}: {what} [{unit}, ±{tolerance:.0%}] in {', '.join(where)}")
@@ -299,19 +321,13 @@ def main():
             where = sorted({os.path.basename(p) for p, k, u, _ in uses() if u == i})
             print(f"claim {i}: {what} [{', '.join(kinds)}] in {', '.join(where)}")
         return 1 if errors else 0
-    for e in errors:
-        print(f"key: ERROR: {e}", file=sys.stderr)
     if errors:
         return 1
     here = kind()
     print(f"key: this KVM is {here}")
-    if args[:1] == ["--regenerate"]:
-        runs = next((int(a) for a in args[1:] if a.isdigit()), 5)
-        regenerate(here, runs, widen="--widen" in args)
+    if action == "regenerate":
+        regenerate(here, runs, widen)
         return 0
-    if args:
-        print(__doc__, file=sys.stderr)
-        return 2
     failed = check(here)
     print(f"key: {failed} failed")
     return 1 if failed else 0

@@ -64,7 +64,7 @@ VMM_PAYLOAD("vmaware timer 2.8.1", VMM_CAP_VERDICT | VMM_CAP_COUNTER | VMM_CAP_P
 #define BURN 1
 #endif
 
-static uint64_t vm_samples[BATCH_MAX], ref_samples[BATCH_MAX];
+static uint64_t vm_samples[BATCH_MAX], ref_samples[BATCH_MAX], scratch[BATCH_MAX];
 
 /* ---- CPUID as the helpers ask it ---- */
 
@@ -279,7 +279,13 @@ int vmm_detect(struct vmm_run *run) {
         if (valid == 0)
             continue;
         last_valid = valid;
-        uint64_t c = vmm_interquartile_mean(vm_samples, valid), r = vmm_interquartile_mean(ref_samples, valid);
+        /* The statistic sorts; the pairs stay as measured, for the report. */
+        for (unsigned i = 0; i < valid; i++)
+            scratch[i] = vm_samples[i];
+        uint64_t c = vmm_interquartile_mean(scratch, valid);
+        for (unsigned i = 0; i < valid; i++)
+            scratch[i] = ref_samples[i];
+        uint64_t r = vmm_interquartile_mean(scratch, valid);
         if (c < best_cpuid)
             best_cpuid = c;
         if (r < best_ref)

@@ -190,7 +190,6 @@ impl Outputs {
     }
 }
 
-/// Each rule's flagged count over `runs` (of one cell).
 /// One run's whole report, samples included, as DIR/NNN-label/run-R.json (`--evidence`).
 fn keep_evidence(
     dir: &std::path::Path,
@@ -220,6 +219,7 @@ fn keep_evidence(
     std::fs::write(&path, serde_json::to_vec_pretty(report)?).map_err(output)
 }
 
+/// Each rule's flagged count over `runs` (of one cell).
 fn flagged_counts(runs: &[RunRecord]) -> std::collections::BTreeMap<&str, (u32, u32)> {
     let mut counts: std::collections::BTreeMap<&str, (u32, u32)> = std::collections::BTreeMap::new();
     for run in runs {
@@ -327,6 +327,8 @@ pub fn validate(args: &ValidateArgs) -> Result<(), CommandError> {
     crate::interrupt::catch();
     let mut done = 0u64;
     let mut missing_twin: Option<String> = None;
+    // --evidence keeps each run's samples: the runs must report them.
+    let raw = args.evidence.is_some();
     'cells: for (index, cell) in cells.iter().enumerate() {
         let spec = RunSpec {
             shaping: cell.shaping.clone(),
@@ -365,7 +367,6 @@ pub fn validate(args: &ValidateArgs) -> Result<(), CommandError> {
             done += 1;
             // A run that fails (a guest that hung, a KVM that stopped it) is retried once
             // in a fresh VM; the failed attempt is kept in the report as retried.
-            let raw = args.evidence.is_some();
             let mut outcome = session.run(&spec, raw, None);
             if let Err(error) = &outcome {
                 if !(nth == 0 && error.is_refusal()) {

@@ -9,6 +9,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestM
 pub enum MemoryError {
     #[error("the samples asked for need {needed} bytes of guest RAM, more than the {limit} bytes the page tables map; ask for fewer iterations")]
     TooLarge { needed: u64, limit: u64 },
+    #[error("--misbehave mmio reads guest address {addr:#x}, and this run's {size} bytes of RAM cover it (the read would succeed): ask for fewer iterations")]
+    StrayCovered { addr: u64, size: u64 },
     #[error("cannot allocate {size} bytes of guest RAM: {source}")]
     Allocate {
         size: u64,
@@ -36,6 +38,12 @@ pub fn ram_size_for(config: &Config) -> Result<u64, MemoryError> {
         return Err(MemoryError::TooLarge {
             needed,
             limit: IDENTITY_MAP_BYTES,
+        });
+    }
+    if config.flags & guest_payload::flags::STRAY_MMIO != 0 && size > layout::STRAY_MMIO_ADDR {
+        return Err(MemoryError::StrayCovered {
+            addr: layout::STRAY_MMIO_ADDR,
+            size,
         });
     }
     Ok(size)
@@ -115,6 +123,21 @@ mod tests {
     }
 
     use super::*;
+
+    #[test]
+    fn a_stray_read_is_refused_where_ram_would_answer_it() {
+        let stray = |iterations| Config {
+            probes: 0b11111,
+            iterations,
+            flags: guest_payload::flags::STRAY_MMIO,
+            ..Default::default()
+        };
+        assert!(ram_size_for(&stray(10_000)).unwrap() <= layout::STRAY_MMIO_ADDR);
+        assert!(matches!(
+            ram_size_for(&stray(21_000_000)),
+            Err(MemoryError::StrayCovered { .. })
+        ));
+    }
 
     #[test]
     fn ram_grows_with_samples_in_whole_large_pages() {

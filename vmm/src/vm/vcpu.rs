@@ -59,8 +59,8 @@ pub trait Vcpu {
     /// the read).
     fn reply_port(&mut self, data: u32) -> Result<(), VcpuError>;
     /// Delivers exception `vector` (no error code) to the guest at its next entry: the
-    /// guest's own #DB or #BP that KVM handed to the VMM because the VMM's guest debugging
-    /// intercepts every one, given back as the guest would have taken it.
+    /// guest's own #DB, which KVM hands to the VMM while the VMM's debug registers are
+    /// armed, given back as the guest would have taken it.
     fn inject_exception(&mut self, vector: u8) -> Result<(), VcpuError>;
     /// Writes back registers a handler changed, now rather than at the next KVM_RUN: an
     /// exit's cost is decided once they are back.
