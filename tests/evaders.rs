@@ -804,6 +804,88 @@ fn the_clocks_an_rdtsc_trap_leaves_alone_catch_it_and_say_which_pair() {
     assert_ne!(verdict, "virtual", "vmcheck's own figure is the frozen TSC's: {why}");
 }
 
+/// RDTSCP and MPERF, where they can be read: an RDTSC trap that leaves RDTSCP alone
+/// (RDTSC-KVM-Handler's divider without the `rdtscp=off` its README asks for) disagrees
+/// with it, and the zoo member, which hides RDTSCP as the README says, is not read there;
+/// one whose TSC runs slow while MPERF is passed through (the divider under AutoVirt's
+/// APERF/MPERF patch: a stack no zoo member ships) falls behind MPERF; AutoVirt's
+/// pass-through alone agrees with both.
+#[test]
+fn rdtscp_and_mperf_catch_an_rdtsc_trap_that_leaves_them_alone() {
+    let Some(_vm) = vm_test() else { return };
+    let rdtscp_runs = common::kvm_check("rdtscp in a guest").0 == "ok";
+    let hw_assist: &[&str] = &["--mode", "hw-assist"];
+    let dir = std::env::temp_dir().join(format!("vmm-xclock-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = |name: &str, text: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_owned()
+    };
+    let shown = file(
+        "divider-rdtscp-shown.json",
+        r#"{"description":"RDTSC-KVM-Handler's divider, RDTSCP left in CPUID","traps":{"rdtsc":"every"},"clock":{"kind":"slowed","divider":20}}"#,
+    );
+    let divided = run(&shown, hw_assist);
+    let (verdict, why) = verdict_why(&divided, "tsc-rdtscp");
+    if rdtscp_runs {
+        assert_eq!(verdict, "virtual", "{why}");
+        assert!(
+            why.contains("RDTSCP") && why.contains("-95."),
+            "the pair and the figure: {why}"
+        );
+    } else {
+        eprintln!("\n*** this KVM stops a guest at rdtscp: tsc-rdtscp checked for saying so ***\n");
+        assert_eq!(verdict, "unsure", "{why}");
+        assert!(why.contains("stops a guest at rdtscp"), "{why}");
+    }
+    let (verdict, why) = verdict_why(&divided, "tsc-mperf");
+    assert_eq!(verdict, "unsure", "KVM alone answers MPERF with #GP: {why}");
+    // The zoo member hides RDTSCP from CPUID, as its README asks: not read (a detector
+    // checks CPUID first), where the same clock with RDTSCP shown was.
+    let read_rdtscp =
+        |report: &Value| report["clocks"]["read"].as_u64().unwrap() & u64::from(guest_payload::clocks::RDTSCP) != 0;
+    assert_eq!(read_rdtscp(&divided), rdtscp_runs, "{}", divided["clocks"]);
+    let hidden = run("rdtsc-kvm-handler:20", hw_assist);
+    assert!(
+        !read_rdtscp(&hidden),
+        "RDTSCP hidden from CPUID was read: {}",
+        hidden["clocks"]
+    );
+    let (verdict, why) = verdict_why(&hidden, "tsc-rdtscp");
+    assert_eq!(verdict, "unsure", "{why}");
+    assert!(
+        why.contains("CPUID says it has none"),
+        "the candidates name CPUID: {why}"
+    );
+
+    if common::kvm_check("MSR exits").0 != "ok" {
+        eprintln!("\n*** this KVM has no userspace MSR exits: MPERF cannot be served, the rest skipped ***\n");
+        std::fs::remove_dir_all(&dir).unwrap();
+        return;
+    }
+    let passed_through = run("autovirt-aperfmperf", hw_assist);
+    for rule in ["tsc-mperf", "tsc-rdtscp", "tsc-msr"] {
+        let (verdict, why) = verdict_why(&passed_through, rule);
+        let expected = if rule == "tsc-rdtscp" && !rdtscp_runs {
+            "unsure"
+        } else {
+            "native"
+        };
+        assert_eq!(verdict, expected, "{rule}: the counters passed through agree: {why}");
+    }
+    let stack = file(
+        "divider-and-mperf.json",
+        r#"{"description":"RDTSC-KVM-Handler's divider under AutoVirt's APERF/MPERF pass-through","traps":{"rdtsc":"every","msr":{"aperf":"host","mperf":"host"}},"clock":{"kind":"slowed","divider":20}}"#,
+    );
+    let stacked = run(&stack, hw_assist);
+    std::fs::remove_dir_all(&dir).unwrap();
+    let (verdict, why) = verdict_why(&stacked, "tsc-mperf");
+    assert_eq!(verdict, "virtual", "{why}");
+    let ratio = verdict_of(&stacked, "tsc-mperf")["score"].as_f64().unwrap();
+    assert!(ratio > 10.0, "MPERF ran ~20x the divided TSC, not {ratio}: {why}");
+}
+
 fn verdict_why(report: &Value, rule: &str) -> (String, String) {
     let v = verdict_of(report, rule);
     (

@@ -7,7 +7,7 @@ use core::mem::size_of;
 use core::sync::atomic::AtomicU64;
 
 /// Bumped whenever a layout or meaning below changes.
-pub const ABI_VERSION: u32 = 7;
+pub const ABI_VERSION: u32 = 8;
 
 /// Guest physical memory map. The VMM identity-maps the first [`layout::IDENTITY_MAP_BYTES`]
 /// with 2 MiB pages, so guest virtual and physical addresses are the same.
@@ -106,6 +106,13 @@ pub mod clocks {
     pub const MSR_TSC: u32 = 1 << 1;
     pub const PM_TIMER: u32 = 1 << 2;
     pub const KVMCLOCK: u32 = 1 << 3;
+    pub const RDTSCP: u32 = 1 << 4;
+    pub const APERF_MPERF: u32 = 1 << 5;
+    /// IA32_MPERF and IA32_APERF (Intel SDM vol. 4 table 2-2; AMD APM vol. 2 §17.3): the
+    /// reference and the actual cycles counted while the core runs (MPERF at the TSC's
+    /// rate where the TSC is invariant, stopped outside C0).
+    pub const MSR_IA32_MPERF: u32 = 0xe7;
+    pub const MSR_IA32_APERF: u32 = 0xe8;
 }
 
 /// One timing sample: the second timestamp minus the first, in TSC cycles, *signed*. A
@@ -275,6 +282,12 @@ pub mod flags {
     pub const STRAY_MMIO: u32 = 1 << 6;
     /// Write to port [`super::ports::STRAY`], where no device is: the VMM must refuse it.
     pub const STRAY_PORT: u32 = 1 << 7;
+    /// With [`CLOCKS`]: read the TSC by RDTSCP too (the VMM found that this KVM runs
+    /// `rdtscp` in a guest).
+    pub const RDTSCP_CLOCK: u32 = 1 << 8;
+    /// With [`CLOCKS`]: read APERF and MPERF too (the VMM serves their reads in this run:
+    /// an evader passes them through; KVM alone raises #GP).
+    pub const APERF_MPERF: u32 = 1 << 9;
 }
 
 /// A payload's own verdict, in [`ResultHeader::verdict`].
@@ -515,8 +528,9 @@ pub struct CpuidRecord {
     pub edx: u32,
 }
 
-/// Every clock the guest reads, read back to back (PM timer, kvmclock, MSR 0x10, RDTSC;
-/// the reverse at a span's end): zero where [`ResultHeader::clocks`] says it was not read.
+/// Every clock the guest reads, read back to back (PM timer, kvmclock, MSR 0x10, RDTSCP,
+/// APERF, RDTSC, MPERF; the reverse at a span's end): zero where [`ResultHeader::clocks`]
+/// says it was not read.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ClockReadings {
@@ -528,6 +542,12 @@ pub struct ClockReadings {
     pub pm_timer: u64,
     /// kvmclock's nanoseconds (`system_time` + the scaled TSC since `tsc_timestamp`).
     pub kvmclock_ns: u64,
+    /// The TSC by RDTSCP (the same counter as RDTSC; an evader may trap one and not the
+    /// other).
+    pub rdtscp: u64,
+    /// IA32_APERF and IA32_MPERF.
+    pub aperf: u64,
+    pub mperf: u64,
 }
 
 /// The header the guest writes at [`Config::result_addr`]; the samples follow it, one
@@ -623,9 +643,9 @@ const _: () = assert!(layout::COUNTER_CODE_ADDR + counter::LOOP_CODE.len() as u6
 const _: () = assert!(layout::COUNTER_HALT_ADDR + counter::HALT_CODE.len() as u64 <= layout::COUNTER_STACK_TOP);
 const _: () = assert!(layout::COUNTER_STACK_TOP + 8 <= layout::STACK_BOTTOM);
 const _: () = assert!(size_of::<CpuidRecord>() == 24);
-const _: () = assert!(size_of::<ClockReadings>() == 32);
+const _: () = assert!(size_of::<ClockReadings>() == 56);
 const _: () =
-    assert!(size_of::<ResultHeader>() == 56 + 24 * CPUID_SNAPSHOT_LEAVES.len() + 16 + REASON_BYTES + 16 + 8 + 4 * 32);
+    assert!(size_of::<ResultHeader>() == 56 + 24 * CPUID_SNAPSHOT_LEAVES.len() + 16 + REASON_BYTES + 16 + 8 + 4 * 56);
 const _: () = assert!(layout::COUNTER_BLOCK_ADDR + size_of::<CounterBlock>() as u64 <= layout::KVMCLOCK_ADDR);
 const _: () = assert!(layout::KVMCLOCK_ADDR + 32 <= layout::COUNTER_CODE_ADDR);
 const _: () = assert!(size_of::<PayloadInfo>() == 48);

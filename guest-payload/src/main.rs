@@ -132,9 +132,16 @@ fn run(config: &Config) -> Status {
             None => false,
         };
     if with_clocks {
-        header.clocks = clocks::TSC | clocks::MSR_TSC | clocks::PM_TIMER | if kvmclock { clocks::KVMCLOCK } else { 0 };
-        header.quiet = timing::quiet_span(|end| timing::read_vm_clocks(kvmclock, end), timing::read_pm_timer);
-        header.span[0] = timing::read_vm_clocks(kvmclock, false);
+        let also = |flag: u32, bit: u32| if config.flags & flag != 0 { bit } else { 0 };
+        header.clocks = clocks::TSC
+            | clocks::MSR_TSC
+            | clocks::PM_TIMER
+            | if kvmclock { clocks::KVMCLOCK } else { 0 }
+            | also(flags::RDTSCP_CLOCK, clocks::RDTSCP)
+            | also(flags::APERF_MPERF, clocks::APERF_MPERF);
+        let which = header.clocks;
+        header.quiet = timing::quiet_span(|end| timing::read_vm_clocks(which, end), timing::read_pm_timer);
+        header.span[0] = timing::read_vm_clocks(which, false);
     }
     let timer_pair = Probe::TimerCpuid.bit() | Probe::TimerLfence8.bit();
     for probe in probes_in(config.probes) {
@@ -163,7 +170,7 @@ fn run(config: &Config) -> Status {
     }
 
     if with_clocks {
-        header.span[1] = timing::read_vm_clocks(kvmclock, true);
+        header.span[1] = timing::read_vm_clocks(header.clocks, true);
     }
 
     if config.flags & flags::CPUID_SNAPSHOT != 0 {

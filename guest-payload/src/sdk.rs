@@ -401,6 +401,9 @@ pub fn c_header() -> String {
                     "kvmclock_ns",
                     offset_of!(crate::abi::ClockReadings, kvmclock_ns),
                 ),
+                ("uint64_t {}", "rdtscp", offset_of!(crate::abi::ClockReadings, rdtscp)),
+                ("uint64_t {}", "aperf", offset_of!(crate::abi::ClockReadings, aperf)),
+                ("uint64_t {}", "mperf", offset_of!(crate::abi::ClockReadings, mperf)),
             ],
         },
     );

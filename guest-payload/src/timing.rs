@@ -6,9 +6,10 @@
 //! (`vmm_site_*`) that exists exactly once in the binary, so the VMM can find the CPUID
 //! sites in the guest ELF to trap them (hardware breakpoints, `int3` patches).
 //!
-//! `rdtscp` is not used: some KVMs cannot emulate it in the guest (an emulating KVM fails
-//! on it; see `docs/README.md`); the `lfence` before each `rdtsc` orders it after
-//! everything earlier.
+//! `rdtscp` is not used in a sample: some KVMs cannot emulate it in the guest (an
+//! emulating KVM fails on it; see `docs/README.md`); the `lfence` before each `rdtsc`
+//! orders it after everything earlier. It is read among the clocks
+//! ([`read_vm_clocks`]) only where the VMM found that this KVM runs it.
 //!
 //! A sample is `end - start` as a signed [`Cycles`]: where a hypervisor moved the guest's
 //! TSC back during the probe, the sample is negative, and says so.
@@ -877,25 +878,57 @@ fn read_kvmclock() -> u64 {
     }
 }
 
-/// Every clock a VM offers its guest, back to back: the PM timer outermost, RDTSC
-/// innermost (`end` reverses the order, so each clock's span holds the next one's).
+/// The TSC by RDTSCP (TSC_AUX, in ECX, dropped). In a VM only where the VMM set
+/// `flags::RDTSCP_CLOCK` (an emulating KVM may stop the guest at it); natively where the
+/// CPU has it (CPUID 80000001H:EDX[27]).
+#[inline(never)] // one RDTSCP site in the binary, whatever the callers
+pub fn read_tscp() -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: reads the TSC into edx:eax and TSC_AUX into ecx; touches nothing else.
+    unsafe { core::arch::asm!("rdtscp", out("eax") lo, out("edx") hi, out("ecx") _, options(nomem, nostack)) };
+    (u64::from(hi) << 32) | u64::from(lo)
+}
+
+/// Every clock of `which` ([`clocks`] bits; the TSC, MSR 0x10 and the PM timer always)
+/// a VM offers its guest, back to back: the PM timer outermost, then RDTSC, MPERF
+/// innermost (`end` reverses the order, so each clock's span holds the next one's): the
+/// TSC's span holds MPERF's, which counts at the TSC's rate at most.
 /// A VM's guest only.
-pub fn read_vm_clocks(kvmclock: bool, end: bool) -> ClockReadings {
+pub fn read_vm_clocks(which: u32, end: bool) -> ClockReadings {
     let mut r = ClockReadings::default();
+    let has = |bit: u32| which & bit != 0;
     if end {
+        if has(clocks::APERF_MPERF) {
+            r.mperf = rdmsr(clocks::MSR_IA32_MPERF);
+        }
         r.tsc = read_tsc();
+        if has(clocks::APERF_MPERF) {
+            r.aperf = rdmsr(clocks::MSR_IA32_APERF);
+        }
+        if has(clocks::RDTSCP) {
+            r.rdtscp = read_tscp();
+        }
         r.msr_tsc = rdmsr(clocks::MSR_IA32_TSC);
-        if kvmclock {
+        if has(clocks::KVMCLOCK) {
             r.kvmclock_ns = read_kvmclock();
         }
         r.pm_timer = u64::from(read_pm_timer());
     } else {
         r.pm_timer = u64::from(read_pm_timer());
-        if kvmclock {
+        if has(clocks::KVMCLOCK) {
             r.kvmclock_ns = read_kvmclock();
         }
         r.msr_tsc = rdmsr(clocks::MSR_IA32_TSC);
+        if has(clocks::RDTSCP) {
+            r.rdtscp = read_tscp();
+        }
+        if has(clocks::APERF_MPERF) {
+            r.aperf = rdmsr(clocks::MSR_IA32_APERF);
+        }
         r.tsc = read_tsc();
+        if has(clocks::APERF_MPERF) {
+            r.mperf = rdmsr(clocks::MSR_IA32_MPERF);
+        }
     }
     r
 }

@@ -156,6 +156,12 @@ pub fn tsc_frequency(kvm_khz: Option<u32>) -> TscFrequency {
     }
 }
 
+/// Whether this CPU has RDTSCP (CPUID 80000001H:EDX[27]; AMD APM vol. 3, Intel SDM vol. 2).
+pub fn has_rdtscp() -> bool {
+    std::arch::x86_64::__cpuid(0x8000_0000).eax >= 0x8000_0001
+        && std::arch::x86_64::__cpuid(0x8000_0001).edx & (1 << 27) != 0
+}
+
 fn tsc_khz_from_cpuid() -> Option<u32> {
     let max_basic = std::arch::x86_64::__cpuid(0).eax;
     if max_basic < 0x15 {

@@ -141,12 +141,22 @@ pub fn run(config: &Config, placement: Placement, timeout: Duration) -> Result<N
             };
             let timer_pair = Probe::TimerCpuid.bit() | Probe::TimerLfence8.bit();
             let paired = config.probes & timer_pair == timer_pair;
-            // The quiet span and the run's span on the host's clocks: the TSC and the
-            // monotonic clock in PM timer ticks (no MSR, no kvmclock in a host process).
-            let host_clocks = |_end: bool| ClockReadings {
-                tsc: timing::read_tsc(),
-                pm_timer: u64::from(crate::vm::pm_timer::count()),
-                ..Default::default()
+            // The quiet span and the run's span on the host's clocks: the TSC by RDTSC
+            // and (where the CPU has it) RDTSCP, and the monotonic clock in PM timer
+            // ticks (no MSR, no kvmclock in a host process: reported unavailable).
+            let rdtscp = crate::host::has_rdtscp();
+            let host_clocks = |end: bool| {
+                let mut r = ClockReadings::default();
+                if end {
+                    r.tsc = timing::read_tsc();
+                    r.rdtscp = if rdtscp { timing::read_tscp() } else { 0 };
+                    r.pm_timer = u64::from(crate::vm::pm_timer::count());
+                } else {
+                    r.pm_timer = u64::from(crate::vm::pm_timer::count());
+                    r.rdtscp = if rdtscp { timing::read_tscp() } else { 0 };
+                    r.tsc = timing::read_tsc();
+                }
+                r
             };
             let quiet = timing::quiet_span(host_clocks, crate::vm::pm_timer::count);
             let span_start = host_clocks(false);
@@ -212,7 +222,9 @@ pub fn run(config: &Config, placement: Placement, timeout: Duration) -> Result<N
             }
             let span_end = host_clocks(true);
             let clocks = Some(crate::results::ClockRecord {
-                read: guest_payload::clocks::TSC | guest_payload::clocks::PM_TIMER,
+                read: guest_payload::clocks::TSC
+                    | guest_payload::clocks::PM_TIMER
+                    | if rdtscp { guest_payload::clocks::RDTSCP } else { 0 },
                 kvmclock_tsc_khz: 0,
                 quiet: quiet.map(Into::into),
                 span: [span_start.into(), span_end.into()],

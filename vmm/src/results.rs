@@ -54,6 +54,9 @@ pub struct ClockSnapshot {
     pub msr_tsc: u64,
     pub pm_timer: u64,
     pub kvmclock_ns: u64,
+    pub rdtscp: u64,
+    pub aperf: u64,
+    pub mperf: u64,
 }
 
 impl From<guest_payload::ClockReadings> for ClockSnapshot {
@@ -63,6 +66,9 @@ impl From<guest_payload::ClockReadings> for ClockSnapshot {
             msr_tsc: r.msr_tsc,
             pm_timer: r.pm_timer,
             kvmclock_ns: r.kvmclock_ns,
+            rdtscp: r.rdtscp,
+            aperf: r.aperf,
+            mperf: r.mperf,
         }
     }
 }

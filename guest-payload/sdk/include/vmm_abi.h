@@ -15,7 +15,7 @@
 #endif
 
 /* Bumped whenever a layout or meaning changes. */
-#define VMM_ABI_VERSION 0x7u
+#define VMM_ABI_VERSION 0x8u
 
 /* Guest physical memory map (identity-mapped: virtual == physical). */
 /* The config block the VMM writes before the first instruction. */
@@ -200,12 +200,18 @@ struct vmm_clock_readings {
     uint64_t msr_tsc;
     uint64_t pm_timer;
     uint64_t kvmclock_ns;
+    uint64_t rdtscp;
+    uint64_t aperf;
+    uint64_t mperf;
 };
-VMM_STATIC_ASSERT(sizeof(struct vmm_clock_readings) == 32, "vmm_clock_readings size");
+VMM_STATIC_ASSERT(sizeof(struct vmm_clock_readings) == 56, "vmm_clock_readings size");
 VMM_STATIC_ASSERT(offsetof(struct vmm_clock_readings, tsc) == 0, "vmm_clock_readings.tsc");
 VMM_STATIC_ASSERT(offsetof(struct vmm_clock_readings, msr_tsc) == 8, "vmm_clock_readings.msr_tsc");
 VMM_STATIC_ASSERT(offsetof(struct vmm_clock_readings, pm_timer) == 16, "vmm_clock_readings.pm_timer");
 VMM_STATIC_ASSERT(offsetof(struct vmm_clock_readings, kvmclock_ns) == 24, "vmm_clock_readings.kvmclock_ns");
+VMM_STATIC_ASSERT(offsetof(struct vmm_clock_readings, rdtscp) == 32, "vmm_clock_readings.rdtscp");
+VMM_STATIC_ASSERT(offsetof(struct vmm_clock_readings, aperf) == 40, "vmm_clock_readings.aperf");
+VMM_STATIC_ASSERT(offsetof(struct vmm_clock_readings, mperf) == 48, "vmm_clock_readings.mperf");
 
 /* Written by the payload at config.result_addr; int64_t samples follow it (signed: negative when the TSC ran backwards), `iterations` per probe in `probes`, in VMM_PROBE_ORDER; then, where `ticks` is non-zero, as many int64_t counter tick counts in the same order. Write `magic` last. */
 struct vmm_result_header {
@@ -231,7 +237,7 @@ struct vmm_result_header {
     struct vmm_clock_readings quiet[2];
     struct vmm_clock_readings span[2];
 };
-VMM_STATIC_ASSERT(sizeof(struct vmm_result_header) == 560, "vmm_result_header size");
+VMM_STATIC_ASSERT(sizeof(struct vmm_result_header) == 656, "vmm_result_header size");
 VMM_STATIC_ASSERT(offsetof(struct vmm_result_header, magic) == 0, "vmm_result_header.magic");
 VMM_STATIC_ASSERT(offsetof(struct vmm_result_header, abi_version) == 8, "vmm_result_header.abi_version");
 VMM_STATIC_ASSERT(offsetof(struct vmm_result_header, status) == 12, "vmm_result_header.status");
@@ -252,7 +258,7 @@ VMM_STATIC_ASSERT(offsetof(struct vmm_result_header, rate_ticks) == 416, "vmm_re
 VMM_STATIC_ASSERT(offsetof(struct vmm_result_header, clocks) == 424, "vmm_result_header.clocks");
 VMM_STATIC_ASSERT(offsetof(struct vmm_result_header, kvmclock_tsc_khz) == 428, "vmm_result_header.kvmclock_tsc_khz");
 VMM_STATIC_ASSERT(offsetof(struct vmm_result_header, quiet) == 432, "vmm_result_header.quiet");
-VMM_STATIC_ASSERT(offsetof(struct vmm_result_header, span) == 496, "vmm_result_header.span");
+VMM_STATIC_ASSERT(offsetof(struct vmm_result_header, span) == 544, "vmm_result_header.span");
 
 /* At config.counter_addr when the run has a counter vCPU: `counter` goes up by one per loop iteration on another vCPU (natively, another CPU). Volatile. */
 struct vmm_counter_block {

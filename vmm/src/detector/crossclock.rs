@@ -1,7 +1,8 @@
 //! Rules that compare the clocks a guest can read with one another: RDTSC against IA32_TSC
-//! (MSR 0x10, the same counter), the TSC against the PM timer (a wall clock the VMM keeps
-//! from the host's) and against the rate kvmclock states, and vmcheck's two TSC checks,
-//! which need a wall clock to calibrate. Each reads the clocks at the two ends of the run's
+//! (MSR 0x10) and against RDTSCP (the same counter, read three ways: an evader may trap
+//! one way and not another), against MPERF (reference cycles, never ahead of the TSC), the
+//! TSC against the PM timer (a wall clock the VMM keeps from the host's) and against the
+//! rate kvmclock states, and vmcheck's two TSC checks, which need a wall clock to calibrate. Each reads the clocks at the two ends of the run's
 //! quiet span (no CPUID) and of its probes (every CPUID window), and says which pair
 //! disagreed and by how much.
 //!
@@ -15,14 +16,20 @@ use guest_payload::Probe;
 
 /// The names of this module's rules (each registered once in [`super::RULES`]).
 pub const TSC_MSR: &str = "tsc-msr";
+pub const TSC_RDTSCP: &str = "tsc-rdtscp";
+pub const TSC_MPERF: &str = "tsc-mperf";
 pub const TSC_PM_CPUID: &str = "tsc-pm-cpuid";
 pub const TSC_KVMCLOCK_RATE: &str = "tsc-kvmclock-rate";
 pub const VMCHECK_RDTSC: &str = "vmcheck-rdtsc";
 pub const VMCHECK_MSR: &str = "vmcheck-msr";
 
-/// RDTSC and MSR 0x10 are one counter: over a whole run (seconds) their advances differ
-/// by the cost of one read at each end, far under this share.
+/// RDTSC, RDTSCP and MSR 0x10 are one counter: over a whole run (seconds) their advances
+/// differ by the cost of one read at each end, far under this share.
 pub const TSC_MSR_TOLERANCE: f64 = 0.01;
+/// MPERF counts at the TSC's rate while the core is in C0 and stops outside it (Intel SDM
+/// vol. 3 §15.2; AMD APM vol. 2 §17.3): it may fall behind the TSC, never run ahead of it
+/// (the guest reads MPERF inside the TSC's reads at both ends); this share is rounding.
+pub const MPERF_AHEAD_TOLERANCE: f64 = 0.01;
 /// The TSC's rate against the PM timer over the run (seconds) may differ from kvmclock's
 /// statement by the PM timer's reads at the ends (an exit each) and its 279 ns resolution:
 /// 0.0-0.4% measured on kvm_pvm.
@@ -53,12 +60,24 @@ fn clocks_with(evidence: &Evidence, needed: u32, what: &str) -> Result<ClockReco
     let record = evidence
         .clocks
         .ok_or("the run read no clocks besides the TSC (an SDK payload, or an older guest)")?;
-    if record.read & needed != needed {
-        return Err(format!(
-            "this run could not read {what} (a host process reads the TSC and the monotonic clock only)"
-        ));
+    let missing = needed & !record.read;
+    if missing != 0 {
+        return Err(format!("this run could not read {what}: {}", why_unread(missing)));
     }
     Ok(record)
+}
+
+/// Why a clock of `missing` ([`clocks`] bits) was not read, by the first one missing.
+fn why_unread(missing: u32) -> &'static str {
+    if missing & clocks::RDTSCP != 0 {
+        "this KVM stops a guest at rdtscp (vmm doctor: \"rdtscp in a guest\"), the guest's CPUID says it has none (an evader hid it, or KVM does not advertise it), or this CPU has none"
+    } else if missing & clocks::APERF_MPERF != 0 {
+        "KVM answers a guest's APERF and MPERF reads with #GP; only an evader that serves them (autovirt-aperfmperf) makes them readable, and a host process reads no MSR"
+    } else if missing & clocks::KVMCLOCK != 0 {
+        "KVM did not take the kvmclock MSR write, or a host process, which has no kvmclock"
+    } else {
+        "a host process reads the TSC, RDTSCP and the monotonic clock only"
+    }
 }
 
 /// `counter`'s rate in Hz over `span`, against the PM timer: zero for a counter that
@@ -82,50 +101,121 @@ fn off_by(measured: f64, reference: f64) -> f64 {
 /// that answers from its own clock (BetterTiming, a divider) and leaves the MSR alone
 /// drifts from it. Score: RDTSC's advance / the MSR's.
 pub fn tsc_msr(evidence: &Evidence) -> RuleVerdict {
-    const RULE: &str = TSC_MSR;
-    let record = match clocks_with(evidence, clocks::TSC | clocks::MSR_TSC, "MSR 0x10") {
+    one_counter_two_ways(evidence, TSC_MSR, clocks::MSR_TSC, "MSR 0x10", |c| c.msr_tsc)
+}
+
+/// RDTSC against RDTSCP over the run's span: the same counter. Most RDTSC traps of the
+/// zoo leave RDTSCP alone (BetterTiming, RDTSC-KVM-Handler, KVM-RDTSC-SHIELD: each says
+/// so); one that traps both may answer them from different clocks (Hypervisor-Phantom's
+/// RDTSCP closes a tenth of its gap at a time). Score: RDTSC's advance / RDTSCP's.
+pub fn tsc_rdtscp(evidence: &Evidence) -> RuleVerdict {
+    one_counter_two_ways(evidence, TSC_RDTSCP, clocks::RDTSCP, "RDTSCP", |c| c.rdtscp)
+}
+
+fn one_counter_two_ways(
+    evidence: &Evidence,
+    rule: &'static str,
+    bit: u32,
+    other: &str,
+    read: fn(&ClockSnapshot) -> u64,
+) -> RuleVerdict {
+    let record = match clocks_with(evidence, clocks::TSC | bit, other) {
         Ok(record) => record,
-        Err(why) => return unsure(RULE, why),
+        Err(why) => return unsure(rule, why),
     };
     let [a, b] = record.span;
-    let (tsc, msr) = (
-        b.tsc.wrapping_sub(a.tsc) as i64,
-        b.msr_tsc.wrapping_sub(a.msr_tsc) as i64,
-    );
+    let (tsc, msr) = (b.tsc.wrapping_sub(a.tsc) as i64, read(&b).wrapping_sub(read(&a)) as i64);
     if msr <= 0 && tsc <= 0 {
         return verdict(
-            RULE,
+            rule,
             Verdict::Native,
             1.0,
             0.0,
             format!(
-                "over the run RDTSC advanced {tsc} cycles and MSR 0x10 {msr}: they agree, both standing still over {:.1} ms of the PM timer (one clock answers both; tsc-pm-cpuid judges a clock that stands)",
+                "over the run RDTSC advanced {tsc} cycles and {other} {msr}: they agree, both standing still over {:.1} ms of the PM timer (one clock answers both; tsc-pm-cpuid judges a clock that stands)",
                 pm_ticks(&a, &b) as f64 * 1e3 / PM_TIMER_HZ as f64
             ),
         );
     }
     if msr <= 0 {
         return verdict(
-            RULE,
+            rule,
             Verdict::Virtual,
             tsc as f64,
             1.0,
-            format!("over the run RDTSC advanced {tsc} cycles and MSR 0x10 {msr}: one counter read two ways disagrees"),
+            format!("over the run RDTSC advanced {tsc} cycles and {other} {msr}: one counter read two ways disagrees"),
         );
     }
     let ratio = tsc as f64 / msr as f64;
     let apart = (ratio - 1.0).abs() > TSC_MSR_TOLERANCE;
     let why = format!(
-        "over the run RDTSC advanced {tsc} cycles and MSR 0x10 {msr} ({:+.2}%): {}",
+        "over the run RDTSC advanced {tsc} cycles and {other} {msr} ({:+.2}%): {}",
         (ratio - 1.0) * 100.0,
         if apart {
-            "one counter read two ways disagrees: RDTSC (or the MSR) is answered from another clock"
+            format!("one counter read two ways disagrees: RDTSC (or {other}) is answered from another clock")
         } else {
-            "they agree (one counter; apart from 1%)"
+            "they agree (one counter; apart from 1%)".to_string()
         }
     );
     let v = if apart { Verdict::Virtual } else { Verdict::Native };
     let confidence = confidence_from((ratio - 1.0).abs() / TSC_MSR_TOLERANCE - 1.0, 1.0);
+    verdict(rule, v, ratio, confidence, why)
+}
+
+/// MPERF against RDTSC over the run's span: reference cycles, counted at the TSC's rate
+/// while the core runs and not at all while it sleeps, so never ahead of the TSC. A TSC
+/// slowed or hidden behind an evader's back while MPERF keeps counting (passed through, as
+/// AutoVirt's QEMU patch does) falls behind it. Score: MPERF's advance / RDTSC's.
+pub fn tsc_mperf(evidence: &Evidence) -> RuleVerdict {
+    const RULE: &str = TSC_MPERF;
+    let record = match clocks_with(evidence, clocks::TSC | clocks::APERF_MPERF, "APERF and MPERF") {
+        Ok(record) => record,
+        Err(why) => return unsure(RULE, why),
+    };
+    let [a, b] = record.span;
+    let (tsc, mperf) = (b.tsc.wrapping_sub(a.tsc) as i64, b.mperf.wrapping_sub(a.mperf) as i64);
+    if mperf < 0 {
+        return verdict(
+            RULE,
+            Verdict::Virtual,
+            mperf as f64,
+            1.0,
+            format!(
+                "over the run MPERF went back {} cycles: no core's reference count runs backwards",
+                -mperf
+            ),
+        );
+    }
+    if tsc <= 0 {
+        let v = if mperf > 0 { Verdict::Virtual } else { Verdict::Unsure };
+        return verdict(
+            RULE,
+            v,
+            0.0,
+            if mperf > 0 { 1.0 } else { 0.0 },
+            format!(
+                "over the run RDTSC advanced {tsc} cycles and MPERF {mperf}: {}",
+                if mperf > 0 {
+                    "reference cycles counted while the TSC stood still (a TSC answered from another clock)"
+                } else {
+                    "neither moved: nothing to compare"
+                }
+            ),
+        );
+    }
+    let ratio = mperf as f64 / tsc as f64;
+    let ahead = ratio - 1.0 > MPERF_AHEAD_TOLERANCE;
+    let why = format!(
+        "over the run MPERF advanced {mperf} cycles and RDTSC {tsc} (MPERF {:+.2}%): {}",
+        (ratio - 1.0) * 100.0,
+        if ahead {
+            "reference cycles ran ahead of the TSC they count at: the TSC lost time (hidden exits, a divider)"
+        } else {
+            "MPERF not ahead of the TSC (it may fall behind: it stops while the core sleeps)"
+        }
+    );
+    let v = if ahead { Verdict::Virtual } else { Verdict::Native };
+    let confidence = confidence_from((ratio - 1.0) / MPERF_AHEAD_TOLERANCE - 1.0, 1.0);
     verdict(RULE, v, ratio, confidence, why)
 }
 
@@ -295,6 +385,10 @@ mod tests {
             msr_tsc: 1_000_000 + (seconds * msr_rate * GHZ as f64) as u64,
             pm_timer: (seconds * PM_TIMER_HZ as f64) as u64 % (1 << 32),
             kvmclock_ns: (seconds * 1e9) as u64,
+            // RDTSCP and MPERF: the true counter, at 2 GHz, from the same start.
+            rdtscp: 1_000_000 + (seconds * msr_rate * GHZ as f64) as u64,
+            aperf: 0,
+            mperf: 1_000_000 + (seconds * msr_rate * GHZ as f64) as u64,
         };
         let quiet = [at(0.0, quiet_share, quiet_share), at(0.05, quiet_share, quiet_share)];
         let start = at(0.05, quiet_share, quiet_share);
@@ -303,9 +397,17 @@ mod tests {
             msr_tsc: start.msr_tsc + (2.0 * msr_share * GHZ as f64) as u64,
             pm_timer: (start.pm_timer + 2 * PM_TIMER_HZ) % (1 << 32),
             kvmclock_ns: start.kvmclock_ns + 2_000_000_000,
+            rdtscp: start.rdtscp + 2 * GHZ,
+            aperf: 0,
+            mperf: start.mperf + 2 * GHZ,
         };
         ClockRecord {
-            read: clocks::TSC | clocks::MSR_TSC | clocks::PM_TIMER | clocks::KVMCLOCK,
+            read: clocks::TSC
+                | clocks::MSR_TSC
+                | clocks::PM_TIMER
+                | clocks::KVMCLOCK
+                | clocks::RDTSCP
+                | clocks::APERF_MPERF,
             kvmclock_tsc_khz: stated_khz,
             quiet,
             span: [start, end],
@@ -409,6 +511,78 @@ mod tests {
         assert_eq!(tsc_pm_cpuid(&e).verdict, Verdict::Native);
         let none = Evidence { clocks: None, ..e };
         assert_eq!(tsc_pm_cpuid(&none).verdict, Verdict::Unsure);
+    }
+
+    /// `record`'s clocks with RDTSCP's and MPERF's advance over the run set apart, as
+    /// shares of the true 2 s at 2 GHz.
+    fn with_tscp_and_mperf(mut r: ClockRecord, rdtscp_share: f64, mperf_share: f64) -> ClockRecord {
+        r.span[1].rdtscp = r.span[0].rdtscp + (2.0 * rdtscp_share * GHZ as f64) as u64;
+        r.span[1].mperf = r.span[0]
+            .mperf
+            .wrapping_add((2.0 * mperf_share * GHZ as f64) as i64 as u64);
+        r
+    }
+
+    #[test]
+    fn rdtscp_catches_an_rdtsc_trap_that_leaves_it_alone_and_agrees_where_both_are_one_clock() {
+        let samples = ProbeSamples::new();
+        // Clear: one counter.
+        let clear = tsc_rdtscp(&evidence(&samples, record(1.0, 1.0, 1.0, 2_000_000)));
+        assert_eq!(clear.verdict, Verdict::Native, "{}", clear.why);
+        // RDTSC-KVM-Handler: RDTSC at 1/20, RDTSCP untrapped.
+        let divided = tsc_rdtscp(&evidence(&samples, record(0.05, 1.0, 0.05, 2_000_000)));
+        assert_eq!(divided.verdict, Verdict::Virtual, "{}", divided.why);
+        assert!(
+            divided.why.contains("-95.00%") && divided.why.contains("RDTSCP"),
+            "{}",
+            divided.why
+        );
+        // A trap of both from one clock (hide-exits): the pair agrees; other clocks judge it.
+        let both = with_tscp_and_mperf(record(0.6, 1.0, 1.0, 2_000_000), 0.6, 1.0);
+        assert_eq!(tsc_rdtscp(&evidence(&samples, both)).verdict, Verdict::Native);
+        // Noise: half a percent between the two stays native.
+        let noisy = with_tscp_and_mperf(record(1.0, 1.0, 1.0, 2_000_000), 1.005, 1.0);
+        assert_eq!(tsc_rdtscp(&evidence(&samples, noisy)).verdict, Verdict::Native);
+        // An emulating KVM: RDTSCP not read, and the rule says why.
+        let unread = ClockRecord {
+            read: clocks::TSC | clocks::MSR_TSC | clocks::PM_TIMER,
+            ..record(1.0, 1.0, 1.0, 2_000_000)
+        };
+        let unsure = tsc_rdtscp(&evidence(&samples, unread));
+        assert_eq!(unsure.verdict, Verdict::Unsure);
+        assert!(unsure.why.contains("stops a guest at rdtscp"), "{}", unsure.why);
+    }
+
+    #[test]
+    fn mperf_ahead_of_the_tsc_is_caught_and_mperf_behind_it_is_what_sleep_does() {
+        let samples = ProbeSamples::new();
+        let judge = |r: ClockRecord| tsc_mperf(&evidence(&samples, r));
+        let clear = judge(record(1.0, 1.0, 1.0, 2_000_000));
+        assert_eq!(clear.verdict, Verdict::Native, "{}", clear.why);
+        // The core slept or the vCPU was descheduled for 30% of the run: MPERF behind.
+        let slept = judge(with_tscp_and_mperf(record(1.0, 1.0, 1.0, 2_000_000), 1.0, 0.7));
+        assert_eq!(slept.verdict, Verdict::Native, "{}", slept.why);
+        // BetterTiming's clock under AutoVirt's pass-through: the TSC lost 40%, MPERF none.
+        let hidden = judge(record(0.6, 0.6, 1.0, 2_000_000));
+        assert_eq!(hidden.verdict, Verdict::Virtual, "{}", hidden.why);
+        assert!(hidden.why.contains("+66.67%"), "{}", hidden.why);
+        // Noise: MPERF half a percent ahead (the reads at the ends) stays native.
+        let noisy = judge(with_tscp_and_mperf(record(1.0, 1.0, 1.0, 2_000_000), 1.0, 1.005));
+        assert_eq!(noisy.verdict, Verdict::Native, "{}", noisy.why);
+        // MPERF backwards, or counting while the TSC stands: virtual, never a wrapped figure.
+        let back = judge(with_tscp_and_mperf(record(1.0, 1.0, 1.0, 2_000_000), 1.0, -0.1));
+        assert_eq!(back.verdict, Verdict::Virtual, "{}", back.why);
+        assert!(back.why.contains("went back 400000000"), "{}", back.why);
+        let standing = judge(record(0.0, 0.0, 0.0, 2_000_000));
+        assert_eq!(standing.verdict, Verdict::Virtual, "{}", standing.why);
+        // KVM alone: APERF/MPERF not readable, and the rule says why.
+        let unread = ClockRecord {
+            read: clocks::TSC | clocks::MSR_TSC | clocks::PM_TIMER | clocks::RDTSCP,
+            ..record(1.0, 1.0, 1.0, 2_000_000)
+        };
+        let unsure = judge(unread);
+        assert_eq!(unsure.verdict, Verdict::Unsure);
+        assert!(unsure.why.contains("#GP"), "{}", unsure.why);
     }
 
     #[test]

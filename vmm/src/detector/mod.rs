@@ -75,7 +75,7 @@ pub struct Rule {
 
 /// Every rule, in report order: those judged on every run, then those that look past one
 /// TSC, then the payload's own verdict.
-pub static RULES: [Rule; 21] = [
+pub static RULES: [Rule; 23] = [
     Rule {
         name: rules::SEED_LINE,
         heading: rules::SEED_LINE,
@@ -221,11 +221,29 @@ pub static RULES: [Rule; 21] = [
         judge: |evidence, _| crossclock::tsc_msr(evidence),
     },
     Rule {
+        name: crossclock::TSC_RDTSCP,
+        heading: crossclock::TSC_RDTSCP,
+        applies: Applies::WithClocks,
+        probes: &[],
+        reads: "RDTSC's advance over the run against RDTSCP's (one counter), VM beyond 1%; where the KVM runs rdtscp",
+        origin: "vmm",
+        judge: |evidence, _| crossclock::tsc_rdtscp(evidence),
+    },
+    Rule {
+        name: crossclock::TSC_MPERF,
+        heading: crossclock::TSC_MPERF,
+        applies: Applies::WithClocks,
+        probes: &[],
+        reads: "MPERF's advance over the run against RDTSC's, VM where MPERF runs ahead by over 1%; where APERF/MPERF are readable",
+        origin: "vmm, after vmcheck's AperfTiming (APERF/MPERF as a clock)",
+        judge: |evidence, _| crossclock::tsc_mperf(evidence),
+    },
+    Rule {
         name: crossclock::TSC_PM_CPUID,
         heading: crossclock::TSC_PM_CPUID,
         applies: Applies::WithClocks,
         probes: &[],
-        reads: "the TSC's rate against the PM timer around the CPUID windows vs with none, VM beyond 5%",
+        reads: "the TSC's rate against the PM timer around the CPUID windows vs with none, VM beyond 10%",
         origin: "vmm, after checkhv_um's TSC-vs-OS-timer checks",
         judge: |evidence, _| crossclock::tsc_pm_cpuid(evidence),
     },

@@ -47,6 +47,26 @@ impl Measurer {
         if self.kvmclock_in_guest() {
             config.flags |= guest_payload::flags::KVMCLOCK;
         }
+        // The clocks only some runs can read: RDTSCP where this KVM runs it (an emulating
+        // KVM stops the guest there) and the guest's CPUID says it has it (as a detector
+        // checks first: hidden, SVM's KVM raises #UD), APERF and MPERF where an evader
+        // serves their reads (KVM alone answers them with #GP).
+        if spec.evasions.cpuid().rdtscp != crate::arch::x86_64::cpuid::Visibility::Hidden
+            && self.kvm().is_ok_and(|k| k.guest_advertises_rdtscp())
+            && matches!(self.rdtscp_in_guest(), Ok(Ok(())))
+        {
+            config.flags |= guest_payload::flags::RDTSCP_CLOCK;
+        }
+        let msrs = spec.evasions.trapped_msrs();
+        if [
+            guest_payload::clocks::MSR_IA32_APERF,
+            guest_payload::clocks::MSR_IA32_MPERF,
+        ]
+        .iter()
+        .all(|m| msrs.contains(m))
+        {
+            config.flags |= guest_payload::flags::APERF_MPERF;
+        }
         let mut vm = GuestVm::create(self.kvm()?, payload, &config, spec.evasions.cpuid())?;
         vm.place(placement);
         // Sized before the run: no reallocation inside an exit hide must account for.
@@ -73,7 +93,6 @@ impl Measurer {
                 Box::new(if spec.bare_exits { handler.bare() } else { handler })
             }
         };
-        let msrs = spec.evasions.trapped_msrs();
         if !msrs.is_empty() {
             vm.trap_msr_reads(&msrs)?;
         }

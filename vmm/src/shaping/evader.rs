@@ -70,10 +70,9 @@ impl TrappedMsr {
 
     pub fn index(self) -> u32 {
         match self {
-            TrappedMsr::Tsc => 0x10,
-            // Intel SDM vol. 4, table 2-2; Linux msr-index.h: MPERF 0xE7, APERF 0xE8.
-            TrappedMsr::Aperf => 0xe8,
-            TrappedMsr::Mperf => 0xe7,
+            TrappedMsr::Tsc => guest_payload::clocks::MSR_IA32_TSC,
+            TrappedMsr::Aperf => guest_payload::clocks::MSR_IA32_APERF,
+            TrappedMsr::Mperf => guest_payload::clocks::MSR_IA32_MPERF,
             TrappedMsr::TscAux => 0xc000_0103,
         }
     }
