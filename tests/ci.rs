@@ -298,12 +298,14 @@ fn requirements_gate_the_exit_status_and_junit_reports_every_cell_and_rule() {
     );
     assert_eq!(report["requirements"].as_array().unwrap().len(), 2);
     let xml = std::fs::read_to_string(&junit).unwrap();
-    // Every cell that ran × its rules (8 on every run, and the 4 clock rules: every run
-    // here reads clocks), one skipped case per refused cell, 2 requirements.
+    // Every cell that ran × its rules (those of every run, the clock rules: every run here
+    // reads clocks, and those of the default probes: counted from the registry), one
+    // skipped case per refused cell, 2 requirements.
+    let rules = common::rules_of_a_default_run();
     for cell in &ran {
-        assert_eq!(cell["rules"].as_object().unwrap().len(), 12, "{cell}");
+        assert_eq!(cell["rules"].as_object().unwrap().len(), rules, "{cell}");
     }
-    let cases = ran.len() * 12 + refused + 2;
+    let cases = ran.len() * rules + refused + 2;
     assert_eq!(xml.matches("<testcase ").count(), cases, "{xml}");
     assert_eq!(xml.matches("<skipped ").count(), refused, "{xml}");
     assert!(

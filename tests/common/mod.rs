@@ -197,3 +197,21 @@ pub fn build_c_payload(name: &str, source: &str) -> (std::path::PathBuf, std::pa
     let elf = dir.join(format!("{name}.elf"));
     (dir, elf)
 }
+
+/// How many rules judge a run of the default probes without a counter that reads clocks
+/// (every VM run of the timing core, and a native one): counted from the registry, so a
+/// rule added there is expected here too.
+pub fn rules_of_a_default_run() -> usize {
+    use vmm::detector::Applies;
+    let probes = vmm::measure::default_probes(false);
+    let rules = vmm::detector::RULES
+        .iter()
+        .filter(|r| match r.applies {
+            Applies::EveryRun | Applies::UnlessPatchedForAnEvader | Applies::WithClocks => true,
+            Applies::WithProbe(probe) => probes & probe.bit() != 0,
+            Applies::WithCounter | Applies::WithPayloadVerdict => false,
+        })
+        .count();
+    assert!(rules >= 12, "the registry lost rules: {rules}");
+    rules
+}
