@@ -528,8 +528,8 @@ pub struct CpuidRecord {
     pub edx: u32,
 }
 
-/// Every clock the guest reads, read back to back (PM timer, kvmclock, MSR 0x10, RDTSCP,
-/// APERF, RDTSC, MPERF; the reverse at a span's end): zero where [`ResultHeader::clocks`]
+/// Every clock the guest reads, read back to back (PM timer, kvmclock, APERF, MSR 0x10,
+/// RDTSCP, RDTSC, MPERF; the reverse at a span's end): zero where [`ResultHeader::clocks`]
 /// says it was not read.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

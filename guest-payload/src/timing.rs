@@ -890,10 +890,11 @@ pub fn read_tscp() -> u64 {
 }
 
 /// Every clock of `which` ([`clocks`] bits; the TSC, MSR 0x10 and the PM timer always)
-/// a VM offers its guest, back to back: the PM timer outermost, then RDTSC, MPERF
-/// innermost (`end` reverses the order, so each clock's span holds the next one's): the
-/// TSC's span holds MPERF's, which counts at the TSC's rate at most.
-/// A VM's guest only.
+/// a VM offers its guest, back to back: the PM timer outermost, then kvmclock, APERF, MSR
+/// 0x10, RDTSCP, RDTSC, and MPERF innermost (`end` reverses the order, so each clock's
+/// span holds the next one's). Nothing that exits to the VMM (APERF, served by an evader)
+/// sits between RDTSCP and RDTSC, the pair `tsc-rdtscp` compares to 1%; MPERF, which
+/// counts at the TSC's rate at most, lies inside the TSC's span. A VM's guest only.
 pub fn read_vm_clocks(which: u32, end: bool) -> ClockReadings {
     let mut r = ClockReadings::default();
     let has = |bit: u32| which & bit != 0;
@@ -902,13 +903,13 @@ pub fn read_vm_clocks(which: u32, end: bool) -> ClockReadings {
             r.mperf = rdmsr(clocks::MSR_IA32_MPERF);
         }
         r.tsc = read_tsc();
-        if has(clocks::APERF_MPERF) {
-            r.aperf = rdmsr(clocks::MSR_IA32_APERF);
-        }
         if has(clocks::RDTSCP) {
             r.rdtscp = read_tscp();
         }
         r.msr_tsc = rdmsr(clocks::MSR_IA32_TSC);
+        if has(clocks::APERF_MPERF) {
+            r.aperf = rdmsr(clocks::MSR_IA32_APERF);
+        }
         if has(clocks::KVMCLOCK) {
             r.kvmclock_ns = read_kvmclock();
         }
@@ -918,12 +919,12 @@ pub fn read_vm_clocks(which: u32, end: bool) -> ClockReadings {
         if has(clocks::KVMCLOCK) {
             r.kvmclock_ns = read_kvmclock();
         }
+        if has(clocks::APERF_MPERF) {
+            r.aperf = rdmsr(clocks::MSR_IA32_APERF);
+        }
         r.msr_tsc = rdmsr(clocks::MSR_IA32_TSC);
         if has(clocks::RDTSCP) {
             r.rdtscp = read_tscp();
-        }
-        if has(clocks::APERF_MPERF) {
-            r.aperf = rdmsr(clocks::MSR_IA32_APERF);
         }
         r.tsc = read_tsc();
         if has(clocks::APERF_MPERF) {
