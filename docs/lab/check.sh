@@ -12,6 +12,11 @@
 # shows cycle counts beside their quotes without checking them (they differ by host).
 # Needs a built vmm (target/release/vmm), python3 and /dev/kvm.
 set -euo pipefail
+# Refused before minutes of exercises run, not blamed on the key at the end.
+case "$*" in
+"" | --portable) ;;
+*) echo "lab: usage: docs/lab/check.sh [--portable] (not: $*)" >&2; exit 2 ;;
+esac
 cd "$(dirname "$0")/../.."
 export PATH="$PWD/target/release:$PATH"
 command -v vmm >/dev/null || { echo "lab: build vmm first (cargo build --release)" >&2; exit 1; }

@@ -124,32 +124,34 @@ fn one_counter_two_ways(
         Err(why) => return unsure(rule, why),
     };
     let [a, b] = record.span;
-    let (tsc, msr) = (b.tsc.wrapping_sub(a.tsc) as i64, read(&b).wrapping_sub(read(&a)) as i64);
-    if msr <= 0 && tsc <= 0 {
+    let (tsc, theirs) = (b.tsc.wrapping_sub(a.tsc) as i64, read(&b).wrapping_sub(read(&a)) as i64);
+    if theirs <= 0 && tsc <= 0 {
         return verdict(
             rule,
             Verdict::Native,
             1.0,
             0.0,
             format!(
-                "over the run RDTSC advanced {tsc} cycles and {other} {msr}: they agree, both standing still over {:.1} ms of the PM timer (one clock answers both; tsc-pm-cpuid judges a clock that stands)",
+                "over the run RDTSC advanced {tsc} cycles and {other} {theirs}: they agree, both standing still over {:.1} ms of the PM timer (one clock answers both; tsc-pm-cpuid judges a clock that stands)",
                 pm_ticks(&a, &b) as f64 * 1e3 / PM_TIMER_HZ as f64
             ),
         );
     }
-    if msr <= 0 {
+    if theirs <= 0 {
         return verdict(
             rule,
             Verdict::Virtual,
             tsc as f64,
             1.0,
-            format!("over the run RDTSC advanced {tsc} cycles and {other} {msr}: one counter read two ways disagrees"),
+            format!(
+                "over the run RDTSC advanced {tsc} cycles and {other} {theirs}: one counter read two ways disagrees"
+            ),
         );
     }
-    let ratio = tsc as f64 / msr as f64;
+    let ratio = tsc as f64 / theirs as f64;
     let apart = (ratio - 1.0).abs() > TSC_MSR_TOLERANCE;
     let why = format!(
-        "over the run RDTSC advanced {tsc} cycles and {other} {msr} ({:+.2}%): {}",
+        "over the run RDTSC advanced {tsc} cycles and {other} {theirs} ({:+.2}%): {}",
         (ratio - 1.0) * 100.0,
         if apart {
             format!("one counter read two ways disagrees: RDTSC (or {other}) is answered from another clock")
